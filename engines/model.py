@@ -1,0 +1,209 @@
+"""A lean Whisper in PyTorch: encoder, and a decoder with a static self-attention KV cache.
+
+Parameter names are openai/whisper's, so an OpenAI-format checkpoint loads as it is and every
+other format is mapped onto these names (engines/checkpoints.py). The decoder never grows
+tensors: each sequence owns fixed cache rows of `n_text_ctx` positions, new keys/values are
+scattered in at their positions, and the caller's mask says which positions a query may see.
+That one mechanism serves plain greedy steps, beam search (rows reordered), speculative
+verification of a draft chain or tree (several positions at once, rejected ones simply
+overwritten later) and batching of sequences at different lengths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    n_mels: int
+    n_audio_ctx: int
+    n_audio_state: int
+    n_audio_head: int
+    n_audio_layer: int
+    n_vocab: int
+    n_text_ctx: int
+    n_text_state: int
+    n_text_head: int
+    n_text_layer: int
+
+
+class LayerNorm(nn.LayerNorm):
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.float()).type(x.dtype)
+
+
+class Linear(nn.Linear):
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class Conv1d(nn.Conv1d):
+    def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return super()._conv_forward(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> Tensor:
+    """Whisper's fixed encoder position table (checkpoints store it too; this fills a fresh model)."""
+    log_timescale_increment = torch.log(torch.tensor(max_timescale)) / (channels // 2 - 1)
+    inv_timescales = torch.exp(-log_timescale_increment * torch.arange(channels // 2))
+    scaled_time = torch.arange(length)[:, None] * inv_timescales[None, :]
+    return torch.cat([torch.sin(scaled_time), torch.cos(scaled_time)], dim=1)
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, n_state: int, n_head: int):
+        super().__init__()
+        self.n_head = n_head
+        self.query = Linear(n_state, n_state)
+        self.key = Linear(n_state, n_state, bias=False)
+        self.value = Linear(n_state, n_state)
+        self.out = Linear(n_state, n_state)
+
+    def split_heads(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.n_head, -1).transpose(1, 2)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        b, h, t, d = out.shape
+        return self.out(out.transpose(1, 2).reshape(b, t, h * d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Full self-attention without a cache (the encoder)."""
+        q, k, v = (self.split_heads(p(x)) for p in (self.query, self.key, self.value))
+        return self.attend(q, k, v, None)
+
+    def cross_kv(self, xa: Tensor) -> tuple[Tensor, Tensor]:
+        return self.split_heads(self.key(xa)), self.split_heads(self.value(xa))
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, n_state: int, n_head: int, cross_attention: bool = False):
+        super().__init__()
+        self.attn = MultiHeadAttention(n_state, n_head)
+        self.attn_ln = LayerNorm(n_state)
+        self.cross_attn = MultiHeadAttention(n_state, n_head) if cross_attention else None
+        self.cross_attn_ln = LayerNorm(n_state) if cross_attention else None
+        self.mlp = nn.Sequential(Linear(n_state, 4 * n_state), nn.GELU(), Linear(4 * n_state, n_state))
+        self.mlp_ln = LayerNorm(n_state)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.attn_ln(x))
+        return x + self.mlp(self.mlp_ln(x))
+
+    def decode(self, x: Tensor, cache: tuple[Tensor, Tensor], rows: Tensor | None, cross: tuple[Tensor, Tensor],
+               positions: Tensor, mask: Tensor, cross_mask: Tensor | None) -> Tensor:
+        """One decoder layer over new tokens at `positions` [B, T]: their keys/values go into the
+        cache rows `rows` (None: rows 0..B-1) of `cache` ([rows, H, n_ctx, D] each), and each query
+        attends to what `mask` [B, 1, T, n_ctx] allows."""
+        attn = self.attn
+        h = self.attn_ln(x)
+        q, k, v = (attn.split_heads(p(h)) for p in (attn.query, attn.key, attn.value))
+        k_cache, v_cache = cache
+        batch = x.shape[0]
+        index = (torch.arange(batch, device=x.device) if rows is None else rows)[:, None]
+        k_cache[index, :, positions] = k.transpose(1, 2).to(k_cache.dtype)
+        v_cache[index, :, positions] = v.transpose(1, 2).to(v_cache.dtype)
+        keys, values = (k_cache[:batch], v_cache[:batch]) if rows is None else (k_cache[rows], v_cache[rows])
+        x = x + attn.attend(q, keys.to(q.dtype), values.to(q.dtype), mask)
+        h = self.cross_attn_ln(x)
+        x = x + self.cross_attn.attend(self.cross_attn.split_heads(self.cross_attn.query(h)), *cross, cross_mask)
+        return x + self.mlp(self.mlp_ln(x))
+
+
+class AudioEncoder(nn.Module):
+    def __init__(self, n_mels: int, n_ctx: int, n_state: int, n_head: int, n_layer: int):
+        super().__init__()
+        self.conv1 = Conv1d(n_mels, n_state, kernel_size=3, padding=1)
+        self.conv2 = Conv1d(n_state, n_state, kernel_size=3, stride=2, padding=1)
+        self.register_buffer("positional_embedding", sinusoids(n_ctx, n_state))
+        self.blocks = nn.ModuleList(ResidualAttentionBlock(n_state, n_head) for _ in range(n_layer))
+        self.ln_post = LayerNorm(n_state)
+
+    def forward(self, mel: Tensor) -> Tensor:
+        """mel [B, n_mels, 2 * n] -> features [B, n, n_state]; n may be shorter than n_ctx
+        (a shortened window), the positions used are the first n."""
+        x = F.gelu(self.conv1(mel))
+        x = F.gelu(self.conv2(x)).permute(0, 2, 1)
+        x = (x + self.positional_embedding[: x.shape[1]]).to(x.dtype)
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_post(x)
+
+
+class TextDecoder(nn.Module):
+    def __init__(self, n_vocab: int, n_ctx: int, n_state: int, n_head: int, n_layer: int):
+        super().__init__()
+        self.token_embedding = nn.Embedding(n_vocab, n_state)
+        self.positional_embedding = nn.Parameter(torch.empty(n_ctx, n_state))
+        self.blocks = nn.ModuleList(
+            ResidualAttentionBlock(n_state, n_head, cross_attention=True) for _ in range(n_layer)
+        )
+        self.ln = LayerNorm(n_state)
+
+    def cross_kv(self, features: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Cross-attention keys/values of every layer: computed once per segment."""
+        return [block.cross_attn.cross_kv(features) for block in self.blocks]
+
+    def hidden(self, tokens: Tensor, positions: Tensor, cache: KVCache, rows: Tensor | None,
+               cross: list[tuple[Tensor, Tensor]], mask: Tensor, cross_mask: Tensor | None = None) -> Tensor:
+        """Last hidden states [B, T, n_state] of `tokens` [B, T] placed at `positions` [B, T].
+
+        `rows` picks the cache rows of these sequences (None: rows 0..B-1)."""
+        x = self.token_embedding(tokens) + self.positional_embedding[positions]
+        x = x.to(cache.dtype)
+        for layer, block in enumerate(self.blocks):
+            x = block.decode(x, (cache.k[layer], cache.v[layer]), rows, cross[layer], positions, mask, cross_mask)
+        return self.ln(x)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return (hidden @ self.token_embedding.weight.to(hidden.dtype).T).float()
+
+
+class KVCache:
+    """Preallocated self-attention keys/values: [layers, rows, heads, n_ctx, head_dim].
+
+    Rows are sequences (segments or beams). Nothing is ever appended: a step scatters its keys and
+    values at its positions, so rolling back a rejected draft is free (the mask hides it until
+    it is overwritten)."""
+
+    def __init__(self, dims: ModelDims, rows: int, dtype: torch.dtype, device: torch.device | str):
+        shape = (dims.n_text_layer, rows, dims.n_text_head, dims.n_text_ctx, dims.n_text_state // dims.n_text_head)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.dtype = dtype
+
+    def reorder(self, source_rows: Tensor) -> None:
+        """Beam search: row i takes the contents of row source_rows[i]."""
+        self.k[:, : len(source_rows)] = self.k[:, source_rows]
+        self.v[:, : len(source_rows)] = self.v[:, source_rows]
+
+
+def causal_mask(positions: Tensor, n_ctx: int) -> Tensor:
+    """Boolean mask [B, 1, T, n_ctx]: a token at position p sees cache positions 0..p."""
+    keys = torch.arange(n_ctx, device=positions.device)
+    return (keys[None, None, :] <= positions[:, :, None])[:, None]
+
+
+class Whisper(nn.Module):
+    def __init__(self, dims: ModelDims):
+        super().__init__()
+        self.dims = dims
+        self.encoder = AudioEncoder(dims.n_mels, dims.n_audio_ctx, dims.n_audio_state, dims.n_audio_head, dims.n_audio_layer)
+        self.decoder = TextDecoder(dims.n_vocab, dims.n_text_ctx, dims.n_text_state, dims.n_text_head, dims.n_text_layer)
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.token_embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.token_embedding.weight.dtype
+
+    def new_cache(self, rows: int) -> KVCache:
+        return KVCache(self.dims, rows, self.dtype, self.device)

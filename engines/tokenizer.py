@@ -1,0 +1,77 @@
+"""Whisper's vocabulary: special token ids and byte-level BPE decoding.
+
+The engine only ever turns ids into text (it never encodes text), so a token list is all it
+needs: each checkpoint format ships one (CTranslate2 vocabulary.txt, tokenizer.json) and
+special ids are looked up by name, which keeps large-v3's shifted ids right too.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+LANGUAGES = (
+    "en zh de es ru ko fr ja pt tr pl ca nl ar sv it id hi fi vi he uk el ms cs ro da hu ta no th ur hr bg lt la "
+    "mi ml cy sk te fa lv bn sr az sl kn et mk br eu is hy ne mn bs kk sq sw gl mr pa si km sn yo so af oc ka be "
+    "tg sd gu am yi lo uz fo ht ps tk nn mt sa lb my bo tl mg as tt haw ln ha ba jw su yue"
+).split()
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode: printable stand-ins back to raw bytes."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(printable, codes)}
+
+
+_BYTES = _byte_decoder()
+
+
+class Tokenizer:
+    def __init__(self, vocabulary: list[str]):
+        self.vocabulary = vocabulary
+        self.ids = {token: i for i, token in enumerate(vocabulary)}
+        self.eot = self.ids["<|endoftext|>"]
+        self.sot = self.ids["<|startoftranscript|>"]
+        self.translate = self.ids["<|translate|>"]
+        self.transcribe = self.ids["<|transcribe|>"]
+        self.sot_lm = self.ids["<|startoflm|>"]
+        self.sot_prev = self.ids["<|startofprev|>"]
+        self.no_speech = self.ids.get("<|nospeech|>", self.ids.get("<|nocaptions|>"))
+        self.no_timestamps = self.ids["<|notimestamps|>"]
+        self.timestamp_begin = self.no_timestamps + 1
+
+    @cached_property
+    def language_ids(self) -> dict[str, int]:
+        return {lang: self.ids[f"<|{lang}|>"] for lang in LANGUAGES if f"<|{lang}|>" in self.ids}
+
+    def language_id(self, language: str) -> int:
+        if language not in self.language_ids:
+            raise ValueError(f"unknown language {language!r}; use one of: {', '.join(self.language_ids)}")
+        return self.language_ids[language]
+
+    def prompt(self, language: str | None, task: str = "transcribe", timestamps: bool = False) -> list[int]:
+        """<|startoftranscript|> <|lang|> <|task|> [<|notimestamps|>]; language None = detect first."""
+        tokens = [self.sot]
+        if language is not None:
+            tokens.append(self.language_id(language))
+        tokens.append(self.transcribe if task == "transcribe" else self.translate)
+        if not timestamps:
+            tokens.append(self.no_timestamps)
+        return tokens
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of the ordinary tokens in `ids` (special and timestamp tokens are left out)."""
+        data = bytearray()
+        for i in ids:
+            if i < self.eot:
+                data.extend(_BYTES[c] for c in self.vocabulary[i])
+        return data.decode("utf-8", errors="ignore")  # a character cut between tokens is left out
+
+    def timestamp(self, token: int) -> float:
+        return (token - self.timestamp_begin) * 0.02
