@@ -1,0 +1,35 @@
+"""Text stage: Chinese script conversion with OpenCC.
+
+whisper-base often writes Simplified Chinese; the service answers in Taiwan Traditional
+(`s2twp`: Taiwan standard characters and Taiwan phrasing, e.g. 软件 -> 軟體).
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import lru_cache
+
+import opencc
+
+_lock = threading.Lock()
+
+
+@lru_cache(maxsize=None)
+def _converter(config: str) -> opencc.OpenCC:
+    """One converter per config: loading its dictionaries costs milliseconds, converting microseconds."""
+    return opencc.OpenCC(config)
+
+
+def convert(text: str, config: str) -> str:
+    """`text` converted with the OpenCC config `config` (e.g. "s2twp", "t2s").
+
+    Calls are serialised: the binding does not document its converters as thread-safe, the
+    engine converts from worker threads, and a conversion is far cheaper than contention.
+    """
+    with _lock:
+        return _converter(config).convert(text)
+
+
+def to_traditional(text: str) -> str:
+    """Taiwan Traditional Chinese (OpenCC s2twp); text already in Traditional is left as it is."""
+    return convert(text, "s2twp")

@@ -1,0 +1,219 @@
+"""Audio input decoding: wire encodings of the native protocol and audio files, to 16 kHz float32.
+
+Everything downstream (VAD, Whisper) works on mono float32 at 16 kHz in [-1, 1]; this module is
+the one place that knows about byte layouts, G.711 companding and resampling.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import soxr
+
+SAMPLE_RATE = 16000
+"""The rate every decoded array has: Whisper's."""
+
+MIN_SAMPLE_RATE = 8000
+MAX_SAMPLE_RATE = 48000
+
+_SAMPLE_WIDTH = {"pcm_s16le": 2, "pcm_f32le": 4, "mulaw": 1, "alaw": 1}
+ENCODINGS = tuple(_SAMPLE_WIDTH)
+"""Wire encodings the native protocol accepts (little-endian PCM, G.711 mu-law and A-law)."""
+
+
+class AudioFormatError(ValueError):
+    """A stream's declared format can't be decoded; `code` is the protocol's error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class AudioFileError(Exception):
+    """A file can't be read as audio (missing, unreadable, empty or not audio)."""
+
+
+# --- G.711 (ITU-T G.711, the classic Sun/CCITT reference algorithms) -------------------------
+# Decoding is a 256-entry table lookup; the tables hold the 16-bit linear values the reference
+# decoders produce (mu-law: +-32124 full scale, A-law: +-32256), so results match audioop's.
+
+
+def _mulaw_table() -> np.ndarray:
+    u = ~np.arange(256, dtype=np.int32) & 0xFF
+    exponent = (u >> 4) & 0x07
+    mantissa = u & 0x0F
+    magnitude = (((mantissa << 3) + 0x84) << exponent) - 0x84
+    return np.where(u & 0x80, -magnitude, magnitude).astype(np.int16)
+
+
+def _alaw_table() -> np.ndarray:
+    a = np.arange(256, dtype=np.int32) ^ 0x55
+    exponent = (a >> 4) & 0x07
+    mantissa = a & 0x0F
+    magnitude = np.where(
+        exponent == 0,
+        (mantissa << 4) + 8,
+        ((mantissa << 4) + 0x108) << np.maximum(exponent - 1, 0),
+    )
+    return np.where(a & 0x80, magnitude, -magnitude).astype(np.int16)
+
+
+MULAW_TO_PCM16 = _mulaw_table()
+"""Linear 16-bit value of each mu-law byte."""
+ALAW_TO_PCM16 = _alaw_table()
+"""Linear 16-bit value of each A-law byte."""
+
+_MULAW_SEGMENT_END = np.array([0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF, 0x1FFF])
+_ALAW_SEGMENT_END = np.array([0x1F, 0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF])
+
+
+def _as_pcm16(samples: np.ndarray) -> np.ndarray:
+    """int16-range values as int32; floats are taken as [-1, 1] full scale (clients hold either)."""
+    x = np.asarray(samples)
+    if np.issubdtype(x.dtype, np.floating):
+        x = np.round(np.clip(x, -1.0, 1.0) * 32768.0)
+    return np.clip(x, -32768, 32767).astype(np.int32).ravel()
+
+
+def encode_mulaw(samples: np.ndarray) -> bytes:
+    """mu-law bytes of int16 (or float in [-1, 1]) samples, as the G.711 reference encoder."""
+    pcm = _as_pcm16(samples) >> 2
+    mask = np.where(pcm < 0, 0x7F, 0xFF)
+    magnitude = np.minimum(np.abs(pcm), 8159) + (0x84 >> 2)
+    segment = np.searchsorted(_MULAW_SEGMENT_END, magnitude)
+    code = (np.minimum(segment, 7) << 4) | ((magnitude >> (np.minimum(segment, 7) + 1)) & 0x0F)
+    code = np.where(segment >= 8, 0x7F, code)
+    return (code ^ mask).astype(np.uint8).tobytes()
+
+
+def encode_alaw(samples: np.ndarray) -> bytes:
+    """A-law bytes of int16 (or float in [-1, 1]) samples, as the G.711 reference encoder."""
+    pcm = _as_pcm16(samples) >> 3
+    mask = np.where(pcm >= 0, 0xD5, 0x55)
+    magnitude = np.where(pcm >= 0, pcm, -pcm - 1)
+    segment = np.searchsorted(_ALAW_SEGMENT_END, magnitude)  # 13-bit magnitudes: never past 7
+    code = (segment << 4) | ((magnitude >> np.maximum(segment, 1)) & 0x0F)
+    return (code ^ mask).astype(np.uint8).tobytes()
+
+
+_MULAW_TO_FLOAT = MULAW_TO_PCM16.astype(np.float32) / 32768.0
+_ALAW_TO_FLOAT = ALAW_TO_PCM16.astype(np.float32) / 32768.0
+
+
+def _decode_samples(encoding: str, data: bytes) -> np.ndarray:
+    """Float32 samples of whole-sample bytes (no resampling)."""
+    if encoding == "pcm_s16le":
+        return np.frombuffer(data, "<i2").astype(np.float32) / np.float32(32768.0)
+    if encoding == "pcm_f32le":
+        # NaN/inf would poison the resampler state and the model for the rest of the stream.
+        samples = np.frombuffer(data, "<f4").astype(np.float32)
+        return np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0)
+    table = _MULAW_TO_FLOAT if encoding == "mulaw" else _ALAW_TO_FLOAT
+    return table[np.frombuffer(data, np.uint8)]
+
+
+class AudioDecoder:
+    """Turns a stream of binary frames in one wire format into 16 kHz float32 audio.
+
+    Frames may split samples anywhere: a trailing partial sample is kept for the next frame.
+    Resampling uses soxr's streaming resampler, so frame boundaries leave no clicks; the
+    resampler holds back a few ms of output that `flush` releases at the end of the stream.
+    """
+
+    def __init__(
+        self, encoding: str = "pcm_s16le", sample_rate: int = SAMPLE_RATE, channels: int = 1
+    ) -> None:
+        if encoding not in _SAMPLE_WIDTH:
+            raise AudioFormatError(
+                "unsupported_encoding",
+                f"encoding {encoding!r} is not supported; use one of {', '.join(ENCODINGS)}",
+            )
+        numeric = isinstance(sample_rate, (int, float)) and not isinstance(sample_rate, bool)
+        if not numeric or not float(sample_rate).is_integer():
+            raise AudioFormatError(
+                "bad_request", f"sample_rate must be an integer in Hz, got {sample_rate!r}"
+            )
+        if not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
+            raise AudioFormatError(
+                "bad_request",
+                f"sample_rate {sample_rate} is out of range; send audio at {MIN_SAMPLE_RATE} to "
+                f"{MAX_SAMPLE_RATE} Hz (16000 avoids resampling)",
+            )
+        if channels != 1 or isinstance(channels, bool):
+            raise AudioFormatError(
+                "bad_request", f"channels must be 1, got {channels!r}; down-mix to mono before sending"
+            )
+        self.encoding = encoding
+        self.sample_rate = int(sample_rate)
+        self._width = _SAMPLE_WIDTH[encoding]
+        self._partial = b""
+        self._resampler = (
+            soxr.ResampleStream(self.sample_rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+            if self.sample_rate != SAMPLE_RATE
+            else None
+        )
+
+    def decode(self, frame: bytes) -> np.ndarray:
+        """The 16 kHz samples this frame completes (possibly none while the resampler fills)."""
+        data = self._partial + bytes(frame) if self._partial else bytes(frame)
+        whole = len(data) - len(data) % self._width
+        self._partial = data[whole:]
+        samples = _decode_samples(self.encoding, data[:whole])
+        if self._resampler is None:
+            return samples
+        return self._resampler.resample_chunk(samples)
+
+    def flush(self) -> np.ndarray:
+        """The resampler's tail at end of stream; resets the decoder for a new stream.
+
+        An incomplete last sample can't be decoded and is dropped.
+        """
+        self._partial = b""
+        if self._resampler is None:
+            return np.zeros(0, np.float32)
+        tail = self._resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+        self._resampler.clear()
+        return tail
+
+
+def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Mono float32 samples of an audio file at `sample_rate`.
+
+    soundfile reads WAV/FLAC/OGG (and whatever else its libsndfile knows); other formats go
+    through ffmpeg when it is installed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AudioFileError(f"{path}: no such file")
+    try:
+        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except soundfile.LibsndfileError as exc:
+        audio = _load_with_ffmpeg(path, sample_rate, reason=str(exc))
+    else:
+        audio = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+        if rate != sample_rate and audio.size:
+            audio = soxr.resample(audio, rate, sample_rate, quality="HQ")
+    if audio.size == 0:
+        raise AudioFileError(f"{path}: the file holds no audio samples")
+    return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def _load_with_ffmpeg(path: Path, sample_rate: int, reason: str) -> np.ndarray:
+    """Decode with the ffmpeg binary (mono float32 at `sample_rate`), for what libsndfile can't read."""
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
+        raise AudioFileError(
+            f"{path}: not readable as WAV/FLAC/OGG ({reason}); install ffmpeg to read other formats"
+        )
+    command = [ffmpeg, "-nostdin", "-v", "error", "-i", str(path)]
+    command += ["-f", "f32le", "-ac", "1", "-ar", str(sample_rate), "-"]
+    result = subprocess.run(command, capture_output=True, check=False)
+    if result.returncode != 0:
+        lines = result.stderr.decode(errors="replace").strip().splitlines()
+        reason = lines[-1] if lines else f"exit status {result.returncode}"
+        raise AudioFileError(f"{path}: not an audio file ffmpeg can read ({reason})")
+    return np.frombuffer(result.stdout, "<f4").astype(np.float32)
