@@ -48,12 +48,28 @@ class DecodingResult:
     draft_accepted: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass
+class Draft:
+    """Proposed continuation: a chain or a tree. Node i holds `tokens[i]` and follows node
+    `parents[i]` (-1: it follows the last generated token)."""
+
+    tokens: list[int]
+    parents: list[int]
+    source: str
+
+    @classmethod
+    def chain(cls, tokens: list[int], source: str) -> Draft:
+        return cls(list(tokens), list(range(-1, len(tokens) - 1)), source)
+
+
 class Drafter(Protocol):
-    """Proposes the next tokens of a segment given what has been generated so far."""
+    """Proposes the next tokens of a segment given what has been generated so far. A drafter
+    that also has `observe(hidden)` is shown the decoder's last hidden state [n_state] at the
+    position that predicted the newest token (Medusa heads draft from it)."""
 
     source: str
 
-    def propose(self, generated: list[int], limit: int) -> list[int]: ...
+    def propose(self, generated: list[int], limit: int) -> Draft | None: ...
 
 
 class LogitFilter:
@@ -154,8 +170,8 @@ class Decoder:
             return [self._beam(cross, b, languages[b], options) for b in range(batch)]
         return self._greedy(cross, languages, options, drafters or [[] for _ in range(batch)])
 
-    def _prompt_forward(self, cross, prompts: list[list[int]], cache) -> tuple[Tensor, Tensor]:
-        """Feeds the prompts; returns (logits at the last prompt position, no-speech probs)."""
+    def _prompt_forward(self, cross, prompts: list[list[int]], cache) -> tuple[Tensor, Tensor, Tensor]:
+        """Feeds the prompts; returns (logits and hidden state at the last prompt position, no-speech probs)."""
         device = self.model.device
         tokens = torch.tensor(prompts, device=device)
         positions = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
@@ -165,7 +181,7 @@ class Decoder:
             no_speech = torch.zeros(tokens.shape[0])
         else:
             no_speech = logits[:, 0].softmax(-1)[:, self.tokenizer.no_speech]
-        return logits[:, 1], no_speech
+        return logits[:, 1], hidden[:, -1], no_speech
 
     def _greedy(self, cross, languages: list[str], options: DecodingOptions, drafters: list[list[Drafter]]) -> list[DecodingResult]:
         tok, model = self.tokenizer, self.model
@@ -176,7 +192,7 @@ class Decoder:
         max_new = min(options.max_new_tokens, n_ctx - prompt_len)
         filt = LogitFilter(tok, self.suppress_tokens, model.dims.n_vocab, options, device)
         cache = model.new_cache(batch)
-        logits, no_speech = self._prompt_forward(cross, prompts, cache)
+        logits, hidden, no_speech = self._prompt_forward(cross, prompts, cache)
 
         generated: list[list[int]] = [[] for _ in range(batch)]
         logprob_sum = [0.0] * batch
@@ -186,42 +202,55 @@ class Decoder:
         proposed = [dict.fromkeys((d.source for d in ds), 0) for ds in drafters]
         accepted = [dict(p) for p in proposed]
 
-        # first token of every segment from the prompt's logits
+        # the first token of every segment comes from the prompt's logits
         logprobs = filt.apply(logits, [[] for _ in range(batch)]).log_softmax(-1)
-        first = logprobs.argmax(-1).tolist()
-        for b, t in enumerate(first):
+        for b, t in enumerate(logprobs.argmax(-1).tolist()):
             self._push(b, t, logprobs[b, t].item(), generated, logprob_sum, done, looped, max_new)
+            self._observe(drafters[b], hidden[b])
 
         while not all(done):
             active = [b for b in range(batch) if not done[b]]
-            feeds, sources = [], []
-            for b in active:
-                draft, source = self._draft(drafters[b], generated[b], min(options.max_draft, max_new - len(generated[b]) - 1))
-                feeds.append([generated[b][-1]] + draft)
-                sources.append(source)
-                if source:
-                    proposed[b][source] += len(draft)
-            width = max(len(f) for f in feeds)
-            start = [prompt_len + len(generated[b]) - 1 for b in active]
-            tokens = torch.tensor([f + [tok.eot] * (width - len(f)) for f in feeds], device=device)
-            positions = (torch.tensor(start, device=device)[:, None] + torch.arange(width, device=device)).clamp(max=n_ctx - 1)
+            trees = [_Tree.build(generated[b][-1], self._draft(drafters[b], generated[b], min(options.max_draft, max_new - len(generated[b]) - 1)))
+                     for b in active]
+            for b, tree in zip(active, trees):
+                if tree.source:
+                    proposed[b][tree.source] += len(tree.tokens) - 1
+            width = max(len(t.tokens) for t in trees)
+            start = torch.tensor([prompt_len + len(generated[b]) - 1 for b in active], device=device)[:, None]
+            tokens = torch.tensor([t.tokens + [tok.eot] * (width - len(t.tokens)) for t in trees], device=device)
+            depth = torch.tensor([t.depth + list(range(len(t.depth), width)) for t in trees], device=device)
+            positions = (start + depth).clamp(max=n_ctx - 1)
+            slots = (start + torch.arange(width, device=device)).clamp(max=n_ctx - 1)
+            keys = torch.arange(n_ctx, device=device)
+            mask = (keys < start)[:, None, :].repeat(1, width, 1)
+            for i, t in enumerate(trees):
+                for node, ancestors in enumerate(t.ancestors(width)):
+                    mask[i, node, slots[i, ancestors]] = True
             rows = torch.tensor(active, device=device)
             sub_cross = cross if len(active) == batch else [(k[rows], v[rows]) for k, v in cross]
-            hidden = model.decoder.hidden(tokens, positions, cache, None if len(active) == batch else rows, sub_cross, causal_mask(positions, n_ctx))
-            # filter every fed position with the prefix it assumes, then verify the drafts
-            prefixes = [generated[b] + feeds[i][1:j + 1] for i, b in enumerate(active) for j in range(width)]
+            hidden = model.decoder.hidden(tokens, positions, cache, None if len(active) == batch else rows, sub_cross,
+                                          mask[:, None], slots=slots)
+            # filter every node with the prefix it assumes, then walk the tree along the argmax
+            prefixes = [generated[b] + t.path(node) for b, t in zip(active, trees) for node in range(width)]
             flat = filt.apply(model.decoder.logits(hidden).reshape(len(active) * width, -1), prefixes).log_softmax(-1)
             best = flat.argmax(-1).view(len(active), width).tolist()
             flat = flat.view(len(active), width, -1)
-            for i, b in enumerate(active):
+            for i, (b, tree) in enumerate(zip(active, trees)):
                 forwards[b] += 1
-                draft = feeds[i][1:]
-                for j in range(len(feeds[i])):
-                    t = best[i][j]
-                    self._push(b, t, flat[i, j, t].item(), generated, logprob_sum, done, looped, max_new)
-                    if done[b] or j == len(draft) or t != draft[j]:
+                node, path = 0, []
+                while True:
+                    t = best[i][node]
+                    self._push(b, t, flat[i, node, t].item(), generated, logprob_sum, done, looped, max_new)
+                    child = tree.child(node, t)
+                    if done[b] or child is None:
                         break
-                    accepted[b][sources[i]] += 1
+                    accepted[b][tree.source] += 1
+                    path.append(child)
+                    node = child
+                if any(tree.depth[c] != c for c in path):  # tree slots: move the accepted path to its positions
+                    s0 = int(start[i])
+                    cache.move(b, [s0 + c for c in path], [s0 + tree.depth[c] for c in path])
+                self._observe(drafters[b], hidden[i, node])
 
         results = []
         for b in range(batch):
@@ -235,12 +264,20 @@ class Decoder:
         return results
 
     @staticmethod
-    def _draft(drafters: list[Drafter], generated: list[int], limit: int) -> tuple[list[int], str]:
+    def _draft(drafters: list[Drafter], generated: list[int], limit: int) -> Draft | None:
+        """The first non-empty proposal of the segment's drafters, in their order."""
+        for drafter in drafters if limit > 0 else []:
+            draft = drafter.propose(generated, limit)
+            if draft and draft.tokens:
+                keep = [i for i in range(len(draft.tokens)) if i < limit]
+                return Draft(draft.tokens[:limit], draft.parents[: len(keep)], draft.source)
+        return None
+
+    @staticmethod
+    def _observe(drafters: list[Drafter], hidden: Tensor) -> None:
         for drafter in drafters:
-            draft = drafter.propose(generated, limit) if limit > 0 else []
-            if draft:
-                return draft[:limit], drafter.source
-        return [], ""
+            if hasattr(drafter, "observe"):
+                drafter.observe(hidden)
 
     def _push(self, b, token, logprob, generated, logprob_sum, done, looped, max_new) -> None:
         """Appends a chosen token; ends the segment at <|endoftext|>, the length cap or a loop."""
@@ -263,7 +300,7 @@ class Decoder:
         filt = LogitFilter(tok, self.suppress_tokens, model.dims.n_vocab, options, device)
         cross = [(k[b : b + 1].expand(beams, -1, -1, -1), v[b : b + 1].expand(beams, -1, -1, -1)) for k, v in cross]
         cache = model.new_cache(beams)
-        logits, no_speech = self._prompt_forward(cross, [prompt] * beams, cache)
+        logits, _, no_speech = self._prompt_forward(cross, [prompt] * beams, cache)
         sequences: list[list[int]] = [[]]  # start with a single live beam
         scores = [0.0]
         finished: dict[tuple[int, ...], float] = {}
@@ -314,3 +351,47 @@ class Decoder:
         return DecodingResult(tokens=toks, text=tok.decode(toks).strip(), language=language,
                               avg_logprob=score / (len(seq) + 1), no_speech_prob=float(no_speech[0]),
                               looped=looped, forwards=forwards)
+
+
+@dataclass
+class _Tree:
+    """The nodes one segment feeds in a forward: node 0 is its last generated token, the rest a
+    draft (nodes come after their parents). Node i sits at position start + depth[i] and in
+    cache slot start + i."""
+
+    tokens: list[int]
+    parents: list[int]
+    depth: list[int]
+    source: str
+
+    @classmethod
+    def build(cls, last: int, draft: Draft | None) -> _Tree:
+        if draft is None:
+            return cls([last], [-1], [0], "")
+        parents = [-1] + [p + 1 for p in draft.parents]
+        depth = [0]
+        for p in parents[1:]:
+            depth.append(depth[p] + 1)
+        return cls([last] + draft.tokens, parents, depth, draft.source)
+
+    def child(self, node: int, token: int) -> int | None:
+        return next((i for i in range(node + 1, len(self.tokens)) if self.parents[i] == node and self.tokens[i] == token), None)
+
+    def path(self, node: int) -> list[int]:
+        """Draft tokens from the root to `node` (what that node's prediction assumes); none for padding."""
+        out = []
+        while 0 < node < len(self.tokens):
+            out.append(self.tokens[node])
+            node = self.parents[node]
+        return out[::-1]
+
+    def ancestors(self, width: int) -> list[list[int]]:
+        """For each of `width` nodes (padding nodes see only themselves), the nodes it may attend to."""
+        out = []
+        for node in range(width):
+            chain = [node]
+            while node < len(self.tokens) and self.parents[node] >= 0:
+                node = self.parents[node]
+                chain.append(node)
+            out.append(chain)
+        return out

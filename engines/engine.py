@@ -72,7 +72,7 @@ class Transcript:
         return len(data) / len(zlib.compress(data)) <= COMPRESSION_RATIO_THRESHOLD or len(data) < 32
 
 
-@dataclass
+@dataclass(eq=False)  # requests are compared by identity (they hold arrays)
 class Request:
     audio: np.ndarray  # float32 mono 16 kHz
     options: DecodingOptions

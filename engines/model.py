@@ -97,18 +97,18 @@ class ResidualAttentionBlock(nn.Module):
         return x + self.mlp(self.mlp_ln(x))
 
     def decode(self, x: Tensor, cache: tuple[Tensor, Tensor], rows: Tensor | None, cross: tuple[Tensor, Tensor],
-               positions: Tensor, mask: Tensor, cross_mask: Tensor | None) -> Tensor:
-        """One decoder layer over new tokens at `positions` [B, T]: their keys/values go into the
-        cache rows `rows` (None: rows 0..B-1) of `cache` ([rows, H, n_ctx, D] each), and each query
-        attends to what `mask` [B, 1, T, n_ctx] allows."""
+               slots: Tensor, mask: Tensor, cross_mask: Tensor | None) -> Tensor:
+        """One decoder layer over new tokens: their keys/values go into cache slots `slots` [B, T]
+        of the cache rows `rows` (None: rows 0..B-1) of `cache` ([rows, H, n_ctx, D] each), and each
+        query attends to what `mask` [B, 1, T, n_ctx] allows."""
         attn = self.attn
         h = self.attn_ln(x)
         q, k, v = (attn.split_heads(p(h)) for p in (attn.query, attn.key, attn.value))
         k_cache, v_cache = cache
         batch = x.shape[0]
         index = (torch.arange(batch, device=x.device) if rows is None else rows)[:, None]
-        k_cache[index, :, positions] = k.transpose(1, 2).to(k_cache.dtype)
-        v_cache[index, :, positions] = v.transpose(1, 2).to(v_cache.dtype)
+        k_cache[index, :, slots] = k.transpose(1, 2).to(k_cache.dtype)
+        v_cache[index, :, slots] = v.transpose(1, 2).to(v_cache.dtype)
         keys, values = (k_cache[:batch], v_cache[:batch]) if rows is None else (k_cache[rows], v_cache[rows])
         x = x + attn.attend(q, keys.to(q.dtype), values.to(q.dtype), mask)
         h = self.cross_attn_ln(x)
@@ -151,14 +151,18 @@ class TextDecoder(nn.Module):
         return [block.cross_attn.cross_kv(features) for block in self.blocks]
 
     def hidden(self, tokens: Tensor, positions: Tensor, cache: KVCache, rows: Tensor | None,
-               cross: list[tuple[Tensor, Tensor]], mask: Tensor, cross_mask: Tensor | None = None) -> Tensor:
-        """Last hidden states [B, T, n_state] of `tokens` [B, T] placed at `positions` [B, T].
+               cross: list[tuple[Tensor, Tensor]], mask: Tensor, cross_mask: Tensor | None = None,
+               slots: Tensor | None = None) -> Tensor:
+        """Last hidden states [B, T, n_state] of `tokens` [B, T] at `positions` [B, T].
 
-        `rows` picks the cache rows of these sequences (None: rows 0..B-1)."""
+        `rows` picks the cache rows of these sequences (None: rows 0..B-1). Keys/values go to
+        cache slot = position unless `slots` says otherwise: the nodes of a draft tree share
+        positions but each needs a slot of its own."""
         x = self.token_embedding(tokens) + self.positional_embedding[positions]
         x = x.to(cache.dtype)
+        slots = positions if slots is None else slots
         for layer, block in enumerate(self.blocks):
-            x = block.decode(x, (cache.k[layer], cache.v[layer]), rows, cross[layer], positions, mask, cross_mask)
+            x = block.decode(x, (cache.k[layer], cache.v[layer]), rows, cross[layer], slots, mask, cross_mask)
         return self.ln(x)
 
     def logits(self, hidden: Tensor) -> Tensor:
@@ -177,6 +181,12 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.dtype = dtype
+
+    def move(self, row: int, source_slots: list[int], target_slots: list[int]) -> None:
+        """Copies keys/values between slots of one row (an accepted tree path to its positions)."""
+        src, dst = torch.tensor(source_slots, device=self.k.device), torch.tensor(target_slots, device=self.k.device)
+        self.k[:, row, :, dst] = self.k[:, row, :, src]
+        self.v[:, row, :, dst] = self.v[:, row, :, src]
 
     def reorder(self, source_rows: Tensor) -> None:
         """Beam search: row i takes the contents of row source_rows[i]."""

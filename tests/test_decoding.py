@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engines.checkpoints import default_suppress_ids, default_vocabulary
-from engines.decoding import Decoder, DecodingOptions, LogitFilter, repetition_period
+from engines.decoding import Decoder, DecodingOptions, Draft, LogitFilter, repetition_period
 from engines.model import ModelDims, Whisper, causal_mask
 from engines.tokenizer import Tokenizer
 
@@ -54,7 +54,7 @@ class ListDrafter:
         self.source, self.fn = source, fn
 
     def propose(self, generated, limit):
-        return self.fn(generated)[:limit]
+        return Draft.chain(self.fn(generated)[:limit], self.source)
 
 
 @pytest.mark.parametrize("timestamps", [False, True])

@@ -1,0 +1,77 @@
+"""Draft sources for speculative decoding: the previous hypothesis and Medusa heads.
+
+A streaming segment is decoded again and again as it grows, and each new hypothesis mostly
+repeats the last one: the previous hypothesis is a nearly free draft. Where the new text
+diverges, the draft re-synchronises by finding the newest generated n-gram in the old
+hypothesis (prompt-lookup) and proposing what followed it there. Past the end of the old
+hypothesis, Medusa heads guess the next tokens from the decoder's last hidden state, as a
+small tree of top-k candidates verified in the same forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .decoding import Draft
+from .model import Whisper
+
+
+class HypothesisDrafter:
+    source = "hypothesis"
+
+    def __init__(self, previous: list[int], max_ngram: int = 3):
+        self.previous = list(previous)
+        self.max_ngram = max_ngram
+
+    def propose(self, generated: list[int], limit: int) -> Draft | None:
+        prev, n = self.previous, len(generated)
+        if prev[:n] == generated:  # still on the old hypothesis: continue it
+            return Draft.chain(prev[n : n + limit], self.source) if n < len(prev) else None
+        for size in range(min(self.max_ngram, n), 0, -1):
+            tail = generated[n - size :]
+            # the newest occurrence whose continuation is not empty
+            for start in range(len(prev) - size - 1, -1, -1):
+                if prev[start : start + size] == tail:
+                    return Draft.chain(prev[start + size : start + size + limit], self.source)
+        return None
+
+
+# Medusa candidate tree: each path lists the rank (0 = top-1) of the token taken from heads
+# 0, 1, ...; 8 nodes: the top-1 chain four deep plus the runner-up at the first two depths.
+DEFAULT_TREE: tuple[tuple[int, ...], ...] = ((0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 0, 0), (2,))
+
+
+class MedusaDrafter:
+    """Proposes a tree of the heads' top-k tokens from the hidden state `observe` last saw.
+
+    The heads run only when a proposal is asked for, so with the hypothesis drafter in front
+    they cost nothing while the old hypothesis still drafts."""
+
+    source = "medusa"
+
+    def __init__(self, model: Whisper, heads, tree: tuple[tuple[int, ...], ...] = DEFAULT_TREE):
+        self.model, self.heads = model, heads
+        self.tree = [path for path in tree if len(path) <= heads.n_heads]
+        self.top_k = 1 + max(rank for path in self.tree for rank in path)
+        self.hidden: Tensor | None = None
+
+    def observe(self, hidden: Tensor) -> None:
+        self.hidden = hidden
+
+    def propose(self, generated: list[int], limit: int) -> Draft | None:
+        if self.hidden is None:
+            return None
+        with torch.inference_mode():
+            logits = self.model.decoder.logits(self.heads(self.hidden))  # [K, V]
+        candidates = logits.topk(self.top_k, dim=-1).indices.tolist()
+        self.hidden = None
+        tokens, parents, index = [], [], {(): -1}
+        for path in self.tree:
+            if len(tokens) == limit:
+                break
+            if path[:-1] in index:
+                index[path] = len(tokens)
+                parents.append(index[path[:-1]])
+                tokens.append(candidates[len(path) - 1][path[-1]])
+        return Draft(tokens, parents, self.source)

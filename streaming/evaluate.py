@@ -1,0 +1,89 @@
+"""`breeze-stream eval`: offline accuracy and speed of the engine over a manifest.
+
+Scoring follows ../shared/eval/README.md (streaming/scoring.py): corpus CER over zh and mix
+clips, WER over en clips, real-time factor = processing seconds / audio seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from engines.decoding import DecodingOptions
+from engines.engine import Engine
+from engines.text import convert
+
+from .codecs import load_audio
+from .offline import transcribe_audio
+from .scoring import Score, corpus_score, score
+
+
+@dataclass(frozen=True)
+class Clip:
+    audio: Path
+    text: str
+    lang: str  # zh | en | mix
+
+
+def read_manifest(path: Path) -> list[Clip]:
+    """Manifest lines (JSON objects with audio, text, lang); audio paths relative to its folder."""
+    clips = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            clips.append(Clip(path.parent / item["audio"], item["text"], item.get("lang", "zh")))
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise ValueError(f"{path}:{n}: not a manifest line with 'audio' and 'text' ({exc})") from exc
+    return clips
+
+
+def is_traditional(text: str) -> bool:
+    """No character of `text` changes when Simplified is converted to Traditional."""
+    return convert(text, "s2t") == text
+
+
+def run_eval(engine: Engine, manifest: Path, options: DecodingOptions, limit: int | None = None) -> dict:
+    clips = read_manifest(manifest)[:limit]
+    results, cer_scores, wer_scores = [], [], []
+    stats = {"decoder_forwards": 0, "tokens": 0, "encoder_seconds": 0.0, "decoder_seconds": 0.0}
+    audio_seconds = wall = 0.0
+    for clip in tqdm(clips, desc="eval", unit="clip"):
+        audio = load_audio(clip.audio)
+        clip_options = options if clip.lang != "en" or options.language is None else DecodingOptions(
+            **{**options.__dict__, "language": "en"})
+        start = time.perf_counter()
+        segments = transcribe_audio(engine, audio, clip_options)
+        elapsed = time.perf_counter() - start
+        hyp = "".join(s.text for s in segments) if clip.lang != "en" else " ".join(s.text for s in segments)
+        clip_score: Score = score(clip.text, hyp, clip.lang)
+        (wer_scores if clip.lang == "en" else cer_scores).append(clip_score)
+        for s in segments:
+            t = s.transcript
+            stats["decoder_forwards"] += t.forwards
+            stats["tokens"] += len(t.tokens)
+            stats["encoder_seconds"] += t.encoder_seconds
+            stats["decoder_seconds"] += t.decoder_seconds
+        audio_seconds += len(audio) / 16000
+        wall += elapsed
+        results.append({"audio": clip.audio.name, "lang": clip.lang, "ref": clip.text, "hyp": hyp,
+                        "errors": clip_score.errors, "ref_tokens": clip_score.ref_tokens,
+                        "traditional": is_traditional(hyp) if clip.lang != "en" else None,
+                        "seconds": round(elapsed, 3), "duration": round(len(audio) / 16000, 3)})
+    cer, wer = corpus_score(cer_scores), corpus_score(wer_scores)
+    report = {"model": engine.name, "cer": cer.rate if cer.ref_tokens else None,
+              "wer_en": wer.rate if wer.ref_tokens else None, "rtf": wall / audio_seconds if audio_seconds else None,
+              "audio_seconds": round(audio_seconds, 3), "clips": results, "stats": stats}
+    print(f"clips {len(results)}  CER(zh+mix) {_pct(report['cer'])}  WER(en) {_pct(report['wer_en'])}  "
+          f"RTF {report['rtf']:.3f}  all zh hypotheses Traditional: "
+          f"{all(r['traditional'] for r in results if r['traditional'] is not None)}")
+    return report
+
+
+def _pct(rate: float | None) -> str:
+    return "n/a" if rate is None else f"{100 * rate:.1f}%"

@@ -1,0 +1,42 @@
+"""Offline transcription of whole files: one window for short clips, VAD segments for long ones.
+
+A clip that fits Whisper's 30 s window is decoded as it is (like faster-whisper without VAD,
+so results compare clip for clip). A longer file is cut by the same webrtcvad segmenter the
+server uses (segments never reach 30 s) and all its segments go to the engine at once, so
+they are batched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from engines.audio import N_SAMPLES, SAMPLE_RATE
+from engines.decoding import DecodingOptions
+from engines.engine import Engine, Transcript
+
+from .segmenter import SegmentClosed, Segmenter
+
+
+@dataclass
+class Segment:
+    start: float  # seconds
+    end: float
+    text: str
+    transcript: Transcript
+
+
+def speech_spans(audio: np.ndarray) -> list[tuple[int, int]]:
+    """Sample spans of the speech segments webrtcvad finds (each shorter than 30 s)."""
+    segmenter = Segmenter()
+    events = segmenter.feed(audio) + segmenter.flush()
+    return [(e.start, e.end) for e in events if isinstance(e, SegmentClosed)]
+
+
+def transcribe_audio(engine: Engine, audio: np.ndarray, options: DecodingOptions) -> list[Segment]:
+    """Segments with text; segments the model finds no speech in are left out."""
+    spans = [(0, len(audio))] if len(audio) <= N_SAMPLES else speech_spans(audio)
+    futures = [engine.submit(audio[a:b], options) for a, b in spans]
+    segments = [Segment(a / SAMPLE_RATE, b / SAMPLE_RATE, f.result().text, f.result()) for (a, b), f in zip(spans, futures)]
+    return [s for s in segments if s.transcript.has_speech]

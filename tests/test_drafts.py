@@ -1,0 +1,53 @@
+"""Draft sources: previous-hypothesis lookup and Medusa trees, verified exactly."""
+
+import torch
+
+from engines.decoding import DecodingOptions
+from engines.drafts import HypothesisDrafter, MedusaDrafter
+from engines.medusa import MedusaHeads
+
+from test_decoding import decoder, features  # noqa: F401  (module fixture and helper)
+
+
+def test_hypothesis_draft_continues_the_old_hypothesis():
+    d = HypothesisDrafter([5, 6, 7, 8, 9])
+    assert d.propose([], 3).tokens == [5, 6, 7]
+    assert d.propose([5, 6], 8).tokens == [7, 8, 9]
+    assert d.propose([5, 6, 7, 8, 9], 4) is None
+
+
+def test_hypothesis_draft_resynchronises_on_the_newest_ngram():
+    d = HypothesisDrafter([1, 2, 3, 4, 2, 3, 9, 10])
+    draft = d.propose([7, 2, 3], 3)  # diverged at the start; "2 3" last occurs before 9
+    assert draft.tokens == [9, 10]
+    assert draft.parents == [-1, 0]
+    assert d.propose([42], 3) is None  # nothing to match
+
+
+def test_medusa_tree_shape():
+    heads = MedusaHeads(64, 4)
+    drafter = MedusaDrafter(decoder_model := torch.nn.Module(), heads)  # noqa: F841
+    assert drafter.top_k == 3
+    assert drafter.propose([1], 8) is None  # nothing observed yet
+
+
+def test_speculation_with_every_source_is_exact(decoder):  # noqa: F811
+    torch.manual_seed(7)
+    heads = MedusaHeads(decoder.model.dims.n_text_state, 4)
+    with torch.no_grad():
+        for block in heads.blocks:
+            block.linear.weight.normal_(0, 0.05)
+    options = DecodingOptions(max_new_tokens=60)
+    feats = features(decoder, 3, seed=11)
+    plain = decoder.decode(feats, options)
+    half = [r.tokens[: len(r.tokens) // 2] + [11, 12] for r in plain]
+    drafters = [
+        [MedusaDrafter(decoder.model, heads)],
+        [HypothesisDrafter(half[1]), MedusaDrafter(decoder.model, heads)],
+        [HypothesisDrafter(plain[2].tokens)],
+    ]
+    spec = decoder.decode(feats, options, drafters)
+    assert [r.tokens for r in spec] == [r.tokens for r in plain]
+    assert spec[0].draft_proposed["medusa"] > 0
+    assert spec[1].draft_accepted["hypothesis"] >= len(half[1]) - 3
+    assert spec[2].forwards < plain[2].forwards
