@@ -1,10 +1,10 @@
 """The engine: one model per process, shared by every session, run off the event loop.
 
-Requests from all sessions go into one queue; a worker thread takes whatever is waiting,
-finals first, drops partial work that a newer partial of the same stream has superseded,
-batches segments that share decoding options and window length through one encoder call and
-one lockstep decode, and resolves each request's future. Model code never runs on the
-asyncio loop: callers await `asyncio.wrap_future`.
+Requests from all sessions go into one queue. A worker thread runs the in-flight batch
+(engines/batching.py): between decoder steps it admits waiting requests (finals first, partials
+that a newer partial of the same stream superseded are dropped, even mid-decode), runs their
+encoder together, and each step advances every admitted segment by one verification forward.
+Model code never runs on the asyncio loop: callers await `asyncio.wrap_future`.
 """
 
 from __future__ import annotations
@@ -17,14 +17,18 @@ import threading
 import time
 import zlib
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from .audio import FRAMES_PER_SECOND, N_FRAMES, clip_mel, pad_mel
 from .checkpoints import Checkpoint, load_checkpoint
-from .decoding import Decoder, DecodingOptions, DecodingResult, Drafter
+from .batching import Batch, Decoder, Sequence
+from .decoding import DecodingOptions, DecodingResult, detect_language
+from .drafts import HypothesisDrafter, MedusaDrafter
+from .medusa import SHIPPED_HEADS, MedusaHeads, load_heads
 from .model import Whisper
 from .text import to_traditional
 from .tokenizer import Tokenizer
@@ -77,28 +81,38 @@ class Request:
     audio: np.ndarray  # float32 mono 16 kHz
     options: DecodingOptions
     window: float | None  # seconds of silence margin after the clip; None = the full 30 s window
-    drafters: list[Drafter]
+    previous: list[int] | None  # the segment's previous hypothesis: a draft
+    speculative: str  # off | hypothesis | medusa | both
     final: bool  # finals go before partials and are never dropped
     stream: object | None  # partials of one stream supersede each other
     future: Future
     seq: int = 0
+    encoder_seconds: float = 0.0
+    decoder_seconds: float = 0.0
+    forwards: int = 0  # spent on an earlier attempt (a short window that looped)
+
+
+SPECULATIVE_MODES = ("off", "hypothesis", "medusa", "both")
 
 
 class Engine:
     def __init__(self, checkpoint: Checkpoint, device: str = "auto", dtype: torch.dtype | None = None,
-                 script: str = "traditional", max_batch: int = 16, threads: int | None = None):
+                 script: str = "traditional", max_batch: int = 16, speculative: str = "both",
+                 medusa: str | Path | None = None):
         self.device = resolve_device(device)
-        if self.device.type == "cpu" and threads:
-            torch.set_num_threads(threads)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.name = checkpoint.name
         self.model = Whisper(checkpoint.dims)
         self.model.load_state_dict(checkpoint.state_dict)
         self.model.to(self.device, self.dtype).eval()
         self.tokenizer = Tokenizer(checkpoint.vocabulary)
-        self.decoder = Decoder(self.model, self.tokenizer, checkpoint.suppress_tokens)
+        self.suppress_tokens = checkpoint.suppress_tokens
+        self.heads = self._load_heads(checkpoint, medusa)
+        if speculative not in SPECULATIVE_MODES:
+            raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE_MODES)}, got {speculative!r}")
+        self.speculative = speculative
         self.script = script
-        self.max_batch = max_batch
+        self.batch = Batch(self.model, self.tokenizer, self.suppress_tokens, rows=max_batch)
         self._queue: list[Request] = []
         self._cv = threading.Condition()
         self._seq = itertools.count()
@@ -110,13 +124,34 @@ class Engine:
     def load(cls, spec: str = "default", device: str = "auto", **kwargs) -> Engine:
         return cls(load_checkpoint(spec), device=device, **kwargs)
 
+    def _load_heads(self, checkpoint: Checkpoint, medusa: str | Path | None) -> MedusaHeads | None:
+        """Medusa heads from `medusa`, else the shipped ones when they fit this model, else none."""
+        if medusa is None:
+            if not SHIPPED_HEADS.exists() or checkpoint.dims.n_text_state != 512 or "whisper-base" not in checkpoint.name:
+                return None
+            medusa = SHIPPED_HEADS
+        return load_heads(medusa, checkpoint.dims).to(self.device, self.dtype).eval()
+
+    def drafters(self, previous: list[int] | None, speculative: str) -> list:
+        """The draft sources of one request: the previous hypothesis first, Medusa past its end."""
+        out = []
+        if speculative in ("hypothesis", "both") and previous:
+            out.append(HypothesisDrafter(previous))
+        if speculative in ("medusa", "both") and self.heads is not None:
+            out.append(MedusaDrafter(self.model, self.heads))
+        return out
+
     # -- submitting work ---------------------------------------------------------------
 
     def submit(self, audio: np.ndarray, options: DecodingOptions = DecodingOptions(), *, window: float | None = None,
-               drafters: list[Drafter] | None = None, final: bool = True, stream: object | None = None) -> Future:
+               previous: list[int] | None = None, speculative: str | None = None, final: bool = True,
+               stream: object | None = None) -> Future:
         """Queues one segment; the future gets a Transcript, or None when a newer partial of the
-        same stream superseded this one before it ran."""
-        request = Request(np.asarray(audio, dtype=np.float32), options, window, drafters or [], final, stream, Future())
+        same stream superseded this one."""
+        speculative = speculative or self.speculative
+        if speculative not in SPECULATIVE_MODES:
+            raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE_MODES)}, got {speculative!r}")
+        request = Request(np.asarray(audio, dtype=np.float32), options, window, previous, speculative, final, stream, Future())
         with self._cv:
             if self._closed:
                 raise RuntimeError("engine is closed")
@@ -139,43 +174,113 @@ class Engine:
 
     # -- the worker ----------------------------------------------------------------------
 
-    def _take(self) -> list[Request] | None:
-        """Waits for work; returns one batch (same options and window), finals first."""
-        with self._cv:
-            while not self._queue and not self._closed:
-                self._cv.wait()
-            if not self._queue:
-                return None
-            latest: dict[object, int] = {}
-            for r in self._queue:
-                if not r.final and r.stream is not None:
-                    latest[r.stream] = max(latest.get(r.stream, -1), r.seq)
-            keep = []
-            for r in self._queue:
-                if not r.final and r.stream is not None and r.seq != latest[r.stream]:
-                    r.future.set_result(None)  # superseded partial: never run stale work
-                else:
-                    keep.append(r)
-            keep.sort(key=lambda r: (not r.final, r.seq))
-            head = keep[0]
-            key = (head.options, self._frames(head))
-            batch = [r for r in keep if (r.options, self._frames(r)) == key][: self.max_batch]
-            self._queue = [r for r in keep if r not in batch]
-            return batch
-
     def _run(self) -> None:
-        while (batch := self._take()) is not None:
-            live = [r for r in batch if r.future.set_running_or_notify_cancel()]
-            if not live:
-                continue
+        while True:
+            with self._cv:
+                while not self._queue and not self.batch.active and not self._closed:
+                    self._cv.wait()
+                if self._closed and not self._queue and not self.batch.active:
+                    return
+                admitted = self._admit()
+            live = [r for r in admitted if r.future.set_running_or_notify_cancel()]
+            running = [s.tag for s in self.batch.active]
             try:
-                for request, transcript in zip(live, self._transcribe_batch(live)):
-                    request.future.set_result(transcript)
-            except Exception as exc:  # one bad batch must not kill the worker
-                log.exception("engine batch of %d failed", len(live))
-                for request in live:
+                if live:
+                    self._start(live)
+                if self.batch.active:
+                    self._step()
+            except Exception as exc:  # one bad batch must not kill the worker: fail what it held
+                log.exception("engine step failed")
+                for request in live + running + [s.tag for s in self.batch.active]:
                     if not request.future.done():
                         request.future.set_exception(exc)
+                self.batch = Batch(self.model, self.tokenizer, self.suppress_tokens, rows=self.batch.rows)
+
+    def _admit(self) -> list[Request]:
+        """Takes the requests that start now (caller holds the lock): finals first, then partials;
+        a partial superseded by a newer one of its stream is answered None, queued or running."""
+        latest: dict[object, int] = {}
+        for r in self._queue:
+            if not r.final and r.stream is not None:
+                latest[r.stream] = max(latest.get(r.stream, -1), r.seq)
+        for s in list(self.batch.active):
+            r = s.tag
+            if not r.final and r.seq < latest.get(r.stream, -1):
+                self.batch.remove(s)
+                r.future.set_result(None)
+        queue = []
+        for r in self._queue:
+            if not r.final and r.stream is not None and r.seq != latest[r.stream]:
+                r.future.set_result(None)
+            else:
+                queue.append(r)
+        queue.sort(key=lambda r: (not r.final, r.seq))
+        taken = queue[: self.batch.free]
+        self._queue = queue[len(taken):]
+        return taken
+
+    def _start(self, requests: list[Request]) -> None:
+        """Encodes new requests (grouped by window length) and admits them to the batch."""
+        groups: dict[int, list[Request]] = {}
+        for r in requests:
+            groups.setdefault(self._frames(r), []).append(r)
+        for frames, group in groups.items():
+            t0 = time.perf_counter()
+            mel = torch.stack([pad_mel(clip_mel(r.audio, self.model.dims.n_mels), frames) for r in group])
+            with torch.inference_mode():
+                features = self.model.encoder(mel.to(self.device, self.dtype))
+            self._sync()
+            for r in group:
+                r.encoder_seconds += (time.perf_counter() - t0) / len(group)
+            beams = [(r, f) for r, f in zip(group, features) if r.options.beam_size > 1]
+            for r, f in beams:  # beam search runs on its own, outside the greedy batch
+                t1 = time.perf_counter()
+                res = Decoder(self.model, self.tokenizer, self.suppress_tokens).decode(f[None], r.options)[0]
+                r.decoder_seconds += time.perf_counter() - t1
+                r.future.set_result(self._transcript(r, res, frames))
+            greedy = [(r, f) for r, f in zip(group, features) if r.options.beam_size == 1]
+            if not greedy:
+                continue
+            feats = torch.stack([f for _, f in greedy])
+            languages = [r.options.language for r, _ in greedy]
+            if None in languages:
+                detected = detect_language(self.model, self.tokenizer, self.model.decoder.cross_kv(feats))
+                languages = [lang or d for lang, d in zip(languages, detected)]
+            seqs = [Sequence(self.tokenizer.prompt(lang, r.options.task, r.options.timestamps), lang, r.options,
+                             self.drafters(r.previous, r.speculative), frames=feats.shape[1], tag=r)
+                    for (r, _), lang in zip(greedy, languages)]
+            t1 = time.perf_counter()
+            self.batch.admit(feats, seqs)
+            self._sync()
+            for r, _ in greedy:
+                r.decoder_seconds += (time.perf_counter() - t1) / len(greedy)
+            self._finish([s for s in seqs if s.done])
+
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        active = list(self.batch.active)
+        finished = self.batch.step()
+        self._sync()
+        share = (time.perf_counter() - t0) / len(active)
+        for s in active:
+            s.tag.decoder_seconds += share
+        self._finish(finished)
+
+    def _finish(self, finished: list[Sequence]) -> None:
+        for s in finished:
+            if s.row >= 0:
+                self.batch.remove(s)
+            request = s.tag
+            result = s.result(self.tokenizer)
+            frames = self._frames(request)
+            if result.looped and frames < N_FRAMES:  # short windows can loop: redo on the full window
+                log.info("repetition loop on a %d-frame window; retrying with the full window", frames)
+                request.window = None
+                request.forwards += result.forwards
+                with self._cv:
+                    self._queue.insert(0, request)
+                continue
+            request.future.set_result(self._transcript(request, result, frames))
 
     def _frames(self, request: Request) -> int:
         if request.window is None:
@@ -183,37 +288,14 @@ class Engine:
         frames = len(request.audio) // 160 + int(request.window * FRAMES_PER_SECOND)
         return min(N_FRAMES, math.ceil(frames / 100) * 100)  # 1 s buckets so segments batch together
 
-    def _transcribe_batch(self, batch: list[Request]) -> list[Transcript]:
-        frames = self._frames(batch[0])
-        options = batch[0].options
-        t0 = time.perf_counter()
-        mel = torch.stack([pad_mel(clip_mel(r.audio, self.model.dims.n_mels), frames) for r in batch])
-        with torch.inference_mode():
-            features = self.model.encoder(mel.to(self.device, self.dtype))
-        self._sync()
-        t1 = time.perf_counter()
-        results = self.decoder.decode(features, options, [r.drafters for r in batch])
-        self._sync()
-        t2 = time.perf_counter()
-        transcripts = [self._transcript(res, frames, (t1 - t0) / len(batch), (t2 - t1) / len(batch)) for res in results]
-        for i, (request, transcript) in enumerate(zip(batch, transcripts)):
-            if transcript.looped and frames < N_FRAMES:  # short windows can loop: redo on the full window
-                log.info("repetition loop on a %d-frame window; retrying with the full window", frames)
-                retry = replace(request, window=None)
-                again = self._transcribe_batch([retry])[0]
-                again.encoder_seconds += transcript.encoder_seconds
-                again.decoder_seconds += transcript.decoder_seconds
-                again.forwards += transcript.forwards
-                transcripts[i] = again
-        return transcripts
-
-    def _transcript(self, res: DecodingResult, frames: int, enc: float, dec: float) -> Transcript:
+    def _transcript(self, request: Request, res: DecodingResult, frames: int) -> Transcript:
         text = res.text
         if self.script == "traditional" and res.language in ("zh", "yue"):
             text = to_traditional(text)
         return Transcript(text=text, tokens=res.tokens, language=res.language, no_speech_prob=res.no_speech_prob,
                           avg_logprob=res.avg_logprob, looped=res.looped, window_frames=frames,
-                          encoder_seconds=enc, decoder_seconds=dec, forwards=res.forwards,
+                          encoder_seconds=request.encoder_seconds, decoder_seconds=request.decoder_seconds,
+                          forwards=res.forwards + request.forwards,
                           draft_proposed=res.draft_proposed, draft_accepted=res.draft_accepted)
 
     def _sync(self) -> None:

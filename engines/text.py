@@ -30,6 +30,14 @@ def convert(text: str, config: str) -> str:
         return _converter(config).convert(text)
 
 
+def is_traditional(text: str) -> bool:
+    """No character of `text` changes when Simplified is converted to Traditional."""
+    return convert(text, "s2t") == text
+
+
 def to_traditional(text: str) -> str:
-    """Taiwan Traditional Chinese (OpenCC s2twp); text already in Traditional is left as it is."""
-    return convert(text, "s2twp")
+    """Taiwan Traditional Chinese: OpenCC s2twp when the text holds Simplified characters.
+
+    Text that is already Traditional is left as it is: s2twp also rewrites phrases to Taiwan
+    usage (對象 -> 物件), which is right for Mainland text and wrong for a Taiwanese speaker's."""
+    return text if is_traditional(text) else convert(text, "s2twp")

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from engines.decoding import DecodingOptions
 from engines.engine import Engine
-from engines.text import convert
+from engines.text import is_traditional
 
 from .codecs import load_audio
 from .offline import transcribe_audio
@@ -41,11 +41,6 @@ def read_manifest(path: Path) -> list[Clip]:
         except (json.JSONDecodeError, KeyError) as exc:
             raise ValueError(f"{path}:{n}: not a manifest line with 'audio' and 'text' ({exc})") from exc
     return clips
-
-
-def is_traditional(text: str) -> bool:
-    """No character of `text` changes when Simplified is converted to Traditional."""
-    return convert(text, "s2t") == text
 
 
 def run_eval(engine: Engine, manifest: Path, options: DecodingOptions, limit: int | None = None) -> dict:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from engines.checkpoints import default_suppress_ids, default_vocabulary
-from engines.decoding import Decoder, DecodingOptions, Draft, LogitFilter, repetition_period
+from engines.batching import Decoder
+from engines.decoding import DecodingOptions, Draft, LogitFilter, repetition_period
 from engines.model import ModelDims, Whisper, causal_mask
 from engines.tokenizer import Tokenizer
 

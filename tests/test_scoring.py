@@ -17,6 +17,7 @@ def test_to_traditional_uses_taiwan_characters_and_phrases():
     assert to_traditional("打印机的信息") == "印表機的資訊"
     assert to_traditional("我們今天去公園散步") == "我們今天去公園散步"  # Traditional stays
     assert to_traditional("") == ""
+    assert to_traditional("擁有解密方法的對象") == "擁有解密方法的對象"  # no Taiwan phrasing forced on Traditional text
 
 
 def test_to_traditional_from_many_threads():

@@ -1,0 +1,293 @@
+"""In-flight batching of greedy decoding: sequences join and leave the running batch at step
+boundaries, and every step verifies each sequence's draft (exact speculative decoding).
+
+The batch owns a fixed pool of rows: self-attention cache rows and cross-attention key/value
+rows. Active sequences always occupy rows 0..n-1 (a leaving sequence's row is refilled by the
+last one), so a step reads plain leading slices of the pools and never gathers: the shapes a
+step sees depend only on the number of sequences and the width of their drafts, which is what
+lets a GPU capture steps as graphs per batch size.
+
+Per step and per sequence, the fed nodes are the last chosen token plus its draft (a chain or
+a tree). The logits at every node are filtered with Whisper's rules for the prefix that node
+assumes and argmax-ed; the walk from the root follows children whose token equals the argmax
+(accepted draft tokens) and ends with the first argmax no child matches (the bonus token). The
+output is therefore the plain greedy output; rejected nodes' cache slots are just overwritten
+later, and an accepted tree path is moved to the slots of its positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .decoding import (DecodingOptions, DecodingResult, Draft, Drafter, LogitFilter, beam_search, detect_language,
+                       repetition_period)
+from .model import Whisper
+from .tokenizer import Tokenizer
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One segment being decoded, and what it cost so far."""
+
+    prompt: list[int]
+    language: str
+    options: DecodingOptions
+    drafters: list[Drafter]
+    frames: int  # encoder frames this segment's cross-attention may see
+    tag: object = None  # the caller's handle (the engine's request)
+    row: int = -1
+    generated: list[int] = field(default_factory=list)
+    logprob_sum: float = 0.0
+    no_speech_prob: float = 0.0
+    done: bool = False
+    looped: bool = False
+    forwards: int = 0
+    proposed: dict[str, int] = field(default_factory=dict)
+    accepted: dict[str, int] = field(default_factory=dict)
+
+    cap: int = 0  # most tokens it may generate (the option, within the decoder's context)
+
+    def push(self, token: int, logprob: float, eot: int) -> None:
+        """Appends a chosen token; ends at <|endoftext|>, the length cap or a repetition loop."""
+        self.generated.append(token)
+        self.logprob_sum += logprob
+        if token == eot or len(self.generated) >= self.cap:
+            self.done = True
+            return
+        period = repetition_period(self.generated)
+        if period:
+            del self.generated[-period * (max(3, -(-24 // period)) - 1):]
+            self.looped = self.done = True
+
+    def result(self, tokenizer: Tokenizer) -> DecodingResult:
+        toks = self.generated[:-1] if self.generated and self.generated[-1] == tokenizer.eot else self.generated
+        return DecodingResult(
+            tokens=toks, text=tokenizer.decode(toks).strip(), language=self.language,
+            avg_logprob=self.logprob_sum / (len(self.generated) + 1) if self.generated else 0.0,
+            no_speech_prob=self.no_speech_prob, looped=self.looped, forwards=self.forwards,
+            draft_proposed=self.proposed, draft_accepted=self.accepted,
+        )
+
+
+@dataclass
+class _Tree:
+    """The nodes one sequence feeds in a step: node 0 is its last chosen token, the rest its draft
+    (nodes after their parents). Node i sits at position start + depth[i] and slot start + i."""
+
+    tokens: list[int]
+    parents: list[int]
+    depth: list[int]
+    source: str
+
+    @classmethod
+    def build(cls, last: int, draft: Draft | None) -> _Tree:
+        if draft is None:
+            return cls([last], [-1], [0], "")
+        parents = [-1] + [p + 1 for p in draft.parents]
+        depth = [0]
+        for p in parents[1:]:
+            depth.append(depth[p] + 1)
+        return cls([last] + draft.tokens, parents, depth, draft.source)
+
+    def child(self, node: int, token: int) -> int | None:
+        return next((i for i in range(node + 1, len(self.tokens)) if self.parents[i] == node and self.tokens[i] == token), None)
+
+    def path(self, node: int) -> list[int]:
+        """Draft tokens from the root to `node` (what that node's prediction assumes); none for padding."""
+        out = []
+        while 0 < node < len(self.tokens):
+            out.append(self.tokens[node])
+            node = self.parents[node]
+        return out[::-1]
+
+    def ancestors(self, node: int) -> list[int]:
+        """The nodes `node` attends to among the fed ones: itself and its ancestors (padding: itself)."""
+        chain = [node]
+        while node < len(self.tokens) and self.parents[node] >= 0:
+            node = self.parents[node]
+            chain.append(node)
+        return chain
+
+
+class Batch:
+    """The running batch: up to `rows` sequences decoded together, one forward per step."""
+
+    def __init__(self, model: Whisper, tokenizer: Tokenizer, suppress_tokens: list[int], rows: int):
+        self.model, self.tokenizer, self.suppress_tokens = model, tokenizer, suppress_tokens
+        dims = model.dims
+        self.rows = rows
+        self.cache = model.new_cache(rows)
+        head_dim = dims.n_text_state // dims.n_text_head
+        shape = (dims.n_text_layer, rows, dims.n_text_head, dims.n_audio_ctx, head_dim)
+        self.cross_k = torch.zeros(shape, dtype=model.dtype, device=model.device)
+        self.cross_v = torch.zeros(shape, dtype=model.dtype, device=model.device)
+        self.active: list[Sequence] = []
+        self._filters: dict[DecodingOptions, LogitFilter] = {}
+
+    @property
+    def free(self) -> int:
+        return self.rows - len(self.active)
+
+    def _filter(self, options: DecodingOptions) -> LogitFilter:
+        if options not in self._filters:
+            self._filters[options] = LogitFilter(self.tokenizer, self.suppress_tokens, self.model.dims.n_vocab, options, self.model.device)
+        return self._filters[options]
+
+    @torch.inference_mode()
+    def admit(self, features: Tensor, sequences: list[Sequence]) -> None:
+        """Adds sequences whose encoder output is `features` [n, frames, D]: stores their
+        cross-attention keys/values, feeds their prompts and picks each one's first token."""
+        if len(sequences) > self.free:
+            raise ValueError(f"{len(sequences)} sequences do not fit in {self.free} free rows")
+        sequences = sorted(sequences, key=lambda s: len(s.prompt))  # equal prompt lengths on adjacent rows
+        first = len(self.active)
+        rows = slice(first, first + len(sequences))
+        frames = features.shape[1]
+        for layer, (k, v) in enumerate(self.model.decoder.cross_kv(features)):
+            self.cross_k[layer, rows, :, :frames] = k
+            self.cross_v[layer, rows, :, :frames] = v
+        for i, seq in enumerate(sequences):
+            seq.row = first + i
+            seq.cap = min(seq.options.max_new_tokens, self.model.dims.n_text_ctx - len(seq.prompt))
+            seq.proposed = dict.fromkeys((d.source for d in seq.drafters), 0)
+            seq.accepted = dict(seq.proposed)
+        self.active.extend(sequences)
+        # prompts, grouped by length (timestamps on or off), each group in one forward
+        for length in sorted({len(s.prompt) for s in sequences}):
+            group = [s for s in sequences if len(s.prompt) == length]
+            tokens = torch.tensor([s.prompt for s in group], device=self.model.device)
+            positions = torch.arange(length, device=self.model.device).expand_as(tokens)
+            tree = [_Tree(s.prompt, list(range(-1, length - 1)), list(range(length)), "") for s in group]
+            hidden = self._forward(group, tokens, positions, positions, tree, width=length)
+            logits = self.model.decoder.logits(hidden[:, [0, -1]])
+            no_speech = self.tokenizer.no_speech
+            for s, p in zip(group, logits[:, 0].softmax(-1)[:, no_speech].tolist() if no_speech is not None else [0.0] * len(group)):
+                s.no_speech_prob = p
+                s.forwards = 1
+            self._choose(group, logits[:, 1:], hidden[:, -1:], [_Tree([s.prompt[-1]], [-1], [0], "") for s in group])
+
+    def _forward(self, seqs: list[Sequence], tokens: Tensor, positions: Tensor, slots: Tensor,
+                 trees: list[_Tree], width: int) -> Tensor:
+        """One decoder forward over `seqs` (which must be rows 0..n-1 or a run of rows)."""
+        model, n_ctx = self.model, self.model.dims.n_text_ctx
+        device = model.device
+        lo, hi = seqs[0].row, seqs[-1].row + 1
+        assert [s.row for s in seqs] == list(range(lo, hi)), "sequences must occupy consecutive rows"
+        keys = torch.arange(n_ctx, device=device)
+        mask = (keys < slots[:, :1])[:, None, :].repeat(1, width, 1)  # everything before the first fed node
+        sees = [[[j in anc for j in range(width)] for anc in (set(t.ancestors(n)) for n in range(width))] for t in trees]
+        mask.scatter_(2, slots[:, None, :].expand(-1, width, -1), torch.tensor(sees, device=device))
+        frames = max(s.frames for s in seqs)
+        cross = [(self.cross_k[layer, lo:hi, :, :frames], self.cross_v[layer, lo:hi, :, :frames]) for layer in range(model.dims.n_text_layer)]
+        cross_mask = None
+        if any(s.frames != frames for s in seqs):
+            visible = torch.arange(frames, device=device)[None, :] < torch.tensor([s.frames for s in seqs], device=device)[:, None]
+            cross_mask = visible[:, None, None, :]
+        rows = None if lo == 0 else torch.arange(lo, hi, device=device)
+        return model.decoder.hidden(tokens, positions, self.cache, rows, cross, mask[:, None], cross_mask, slots=slots)
+
+    @torch.inference_mode()
+    def step(self) -> list[Sequence]:
+        """One forward for every active sequence; returns the sequences that finished."""
+        if not self.active:
+            return []
+        device, n_ctx = self.model.device, self.model.dims.n_text_ctx
+        seqs = self.active
+        trees = []
+        for s in seqs:
+            limit = min(s.options.max_draft, s.cap - len(s.generated) - 1)
+            trees.append(_Tree.build(s.generated[-1], _draft(s.drafters, s.generated, limit)))
+            if trees[-1].source:
+                s.proposed[trees[-1].source] += len(trees[-1].tokens) - 1
+        width = max(len(t.tokens) for t in trees)
+        start = torch.tensor([len(s.prompt) + len(s.generated) - 1 for s in seqs], device=device)[:, None]
+        tokens = torch.tensor([t.tokens + [self.tokenizer.eot] * (width - len(t.tokens)) for t in trees], device=device)
+        depth = torch.tensor([t.depth + list(range(len(t.depth), width)) for t in trees], device=device)
+        positions = (start + depth).clamp(max=n_ctx - 1)
+        slots = (start + torch.arange(width, device=device)).clamp(max=n_ctx - 1)
+        hidden = self._forward(seqs, tokens, positions, slots, trees, width)
+        for s in seqs:
+            s.forwards += 1
+        self._choose(seqs, self.model.decoder.logits(hidden), hidden, trees)
+        finished = [s for s in seqs if s.done]
+        for s in finished:
+            self.remove(s)
+        return finished
+
+    def _choose(self, seqs: list[Sequence], logits: Tensor, hidden: Tensor, trees: list[_Tree]) -> None:
+        """Filters the logits of every node, then walks each tree along the argmax."""
+        width = logits.shape[1]
+        logprobs = torch.empty_like(logits)
+        for options in {s.options for s in seqs}:
+            idx = [i for i, s in enumerate(seqs) if s.options == options]
+            prefixes = [seqs[i].generated + trees[i].path(node) for i in idx for node in range(width)]
+            flat = logits[idx].reshape(len(idx) * width, -1)
+            logprobs[idx] = self._filter(options).apply(flat, prefixes).log_softmax(-1).view(len(idx), width, -1)
+        best = logprobs.argmax(-1).tolist()
+        eot = self.tokenizer.eot
+        for i, (s, tree) in enumerate(zip(seqs, trees)):
+            root = len(s.prompt) + len(s.generated) - 1  # slot of node 0
+            node, path = 0, []
+            while True:
+                token = best[i][node]
+                s.push(token, logprobs[i, node, token].item(), eot)
+                child = tree.child(node, token)
+                if s.done or child is None:
+                    break
+                s.accepted[tree.source] += 1
+                path.append(child)
+                node = child
+            if not s.done and any(tree.depth[c] != c for c in path):  # a tree path: move it to its positions
+                self.cache.move(s.row, [root + c for c in path], [root + tree.depth[c] for c in path])
+            for drafter in s.drafters:
+                if hasattr(drafter, "observe"):
+                    drafter.observe(hidden[i, node])
+
+    def remove(self, seq: Sequence) -> None:
+        """Takes `seq` out; the last active sequence moves into its row so rows stay 0..n-1."""
+        last = self.active.pop()
+        if last is not seq:
+            i = self.active.index(seq)
+            self.active[i] = last
+            for pool in (self.cache.k, self.cache.v, self.cross_k, self.cross_v):
+                pool[:, seq.row] = pool[:, last.row]
+            last.row = seq.row
+        seq.row = -1
+
+
+def _draft(drafters: list[Drafter], generated: list[int], limit: int) -> Draft | None:
+    """The first non-empty proposal of a sequence's drafters, in their order, cut to `limit`."""
+    for drafter in drafters if limit > 0 else []:
+        draft = drafter.propose(generated, limit)
+        if draft and draft.tokens:
+            return Draft(draft.tokens[:limit], draft.parents[:limit], draft.source)
+    return None
+
+
+class Decoder:
+    """Decodes a batch of encoded segments to the end: the offline path, and the tests'."""
+
+    def __init__(self, model: Whisper, tokenizer: Tokenizer, suppress_tokens: list[int]):
+        self.model, self.tokenizer, self.suppress_tokens = model, tokenizer, suppress_tokens
+
+    @torch.inference_mode()
+    def decode(self, features: Tensor, options: DecodingOptions, drafters: list[list[Drafter]] | None = None) -> list[DecodingResult]:
+        """features [B, frames, D] -> one result per segment; `drafters[b]` draft for segment b
+        in their order (greedy only)."""
+        batch = features.shape[0]
+        languages = [options.language] * batch
+        if options.language is None:
+            languages = detect_language(self.model, self.tokenizer, self.model.decoder.cross_kv(features))
+        if options.beam_size > 1:
+            return [beam_search(self.model, self.tokenizer, self.suppress_tokens, features[b : b + 1], languages[b], options)
+                    for b in range(batch)]
+        running = Batch(self.model, self.tokenizer, self.suppress_tokens, rows=batch)
+        seqs = [Sequence(self.tokenizer.prompt(lang, options.task, options.timestamps), lang, options,
+                         (drafters or [[]] * batch)[b], frames=features.shape[1]) for b, lang in enumerate(languages)]
+        running.admit(features, seqs)
+        while running.active:
+            running.step()
+        return [s.result(self.tokenizer) for s in seqs]
