@@ -17,11 +17,12 @@ later, and an accepted tree path is moved to the slots of its positions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
+from .cuda_graphs import GraphOptions, StepRunner, step_inputs
 from .decoding import (DecodingOptions, DecodingResult, Draft, Drafter, LogitFilter, beam_search, detect_language,
                        repetition_period)
 from .model import Whisper
@@ -115,7 +116,11 @@ class _Tree:
 class Batch:
     """The running batch: up to `rows` sequences decoded together, one forward per step."""
 
-    def __init__(self, model: Whisper, tokenizer: Tokenizer, suppress_tokens: list[int], rows: int):
+    def __init__(self, model: Whisper, tokenizer: Tokenizer, suppress_tokens: list[int], rows: int,
+                 graphs: GraphOptions | bool | None = None):
+        """`graphs` (engines/cuda_graphs.py): run steps through a StepRunner, bucketed and, on CUDA,
+        replayed as CUDA graphs; prompts then join the next step instead of a forward of their own.
+        None/False: plain eager forwards (the reference path)."""
         self.model, self.tokenizer, self.suppress_tokens = model, tokenizer, suppress_tokens
         dims = model.dims
         self.rows = rows
@@ -126,6 +131,11 @@ class Batch:
         self.cross_v = torch.zeros(shape, dtype=model.dtype, device=model.device)
         self.active: list[Sequence] = []
         self._filters: dict[DecodingOptions, LogitFilter] = {}
+        self.runner: StepRunner | None = None
+        if graphs:
+            self.runner = StepRunner(model, self.cache, self.cross_k, self.cross_v,
+                                     graphs if isinstance(graphs, GraphOptions) else GraphOptions())
+        self._pending: dict[Sequence, None] = {}  # admitted, prompt not fed yet (runner path)
 
     @property
     def free(self) -> int:
@@ -136,25 +146,39 @@ class Batch:
             self._filters[options] = LogitFilter(self.tokenizer, self.suppress_tokens, self.model.dims.n_vocab, options, self.model.device)
         return self._filters[options]
 
+    @staticmethod
+    def _filter_key(options: DecodingOptions) -> DecodingOptions:
+        """The options with the fields that do not change the token rules zeroed: sequences that
+        differ only in their length cap or draft size are filtered together."""
+        return replace(options, max_new_tokens=0, max_draft=0)
+
     @torch.inference_mode()
     def admit(self, features: Tensor, sequences: list[Sequence]) -> None:
         """Adds sequences whose encoder output is `features` [n, frames, D]: stores their
         cross-attention keys/values, feeds their prompts and picks each one's first token."""
         if len(sequences) > self.free:
             raise ValueError(f"{len(sequences)} sequences do not fit in {self.free} free rows")
-        sequences = sorted(sequences, key=lambda s: len(s.prompt))  # equal prompt lengths on adjacent rows
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i].prompt))  # equal prompt lengths on adjacent rows
+        sequences = [sequences[i] for i in order]
+        features = features[order] if order != list(range(len(order))) else features
         first = len(self.active)
         rows = slice(first, first + len(sequences))
         frames = features.shape[1]
-        for layer, (k, v) in enumerate(self.model.decoder.cross_kv(features)):
-            self.cross_k[layer, rows, :, :frames] = k
-            self.cross_v[layer, rows, :, :frames] = v
+        if self.runner is not None:
+            self.runner.store_cross(features, first)
+        else:
+            for layer, (k, v) in enumerate(self.model.decoder.cross_kv(features)):
+                self.cross_k[layer, rows, :, :frames] = k
+                self.cross_v[layer, rows, :, :frames] = v
         for i, seq in enumerate(sequences):
             seq.row = first + i
             seq.cap = min(seq.options.max_new_tokens, self.model.dims.n_text_ctx - len(seq.prompt))
             seq.proposed = dict.fromkeys((d.source for d in seq.drafters), 0)
             seq.accepted = dict(seq.proposed)
         self.active.extend(sequences)
+        if self.runner is not None:  # the prompts ride along with the next step
+            self._pending.update(dict.fromkeys(sequences))
+            return
         # prompts, grouped by length (timestamps on or off), each group in one forward
         for length in sorted({len(s.prompt) for s in sequences}):
             group = [s for s in sequences if len(s.prompt) == length]
@@ -194,6 +218,8 @@ class Batch:
         """One forward for every active sequence; returns the sequences that finished."""
         if not self.active:
             return []
+        if self.runner is not None:
+            return self._step_runner()
         device, n_ctx = self.model.device, self.model.dims.n_text_ctx
         seqs = self.active
         trees = []
@@ -217,23 +243,82 @@ class Batch:
             self.remove(s)
         return finished
 
+    def _step_runner(self) -> list[Sequence]:
+        """step() through the StepRunner: inputs built on the host, one bucketed (graphed) forward;
+        sequences admitted since the last step feed their prompts in it (no-speech probability
+        from the first prompt node, first token from the last)."""
+        n_ctx = self.model.dims.n_text_ctx
+        seqs = self.active
+        trees, starts = [], []
+        for s in seqs:
+            if s in self._pending:
+                length = len(s.prompt)
+                trees.append(_Tree(list(s.prompt), list(range(-1, length - 1)), list(range(length)), ""))
+                starts.append(0)
+                continue
+            limit = min(s.options.max_draft, s.cap - len(s.generated) - 1)
+            trees.append(_Tree.build(s.generated[-1], _draft(s.drafters, s.generated, limit)))
+            if trees[-1].source:
+                s.proposed[trees[-1].source] += len(trees[-1].tokens) - 1
+            starts.append(len(s.prompt) + len(s.generated) - 1)
+        width = self.runner.width(max(len(t.tokens) for t in trees))
+        tokens, positions, slots, mask = step_inputs(trees, starts, width, n_ctx, self.tokenizer.eot)
+        logits, hidden = self.runner.forward(tokens, positions, slots, mask, [s.frames for s in seqs])
+        for s in seqs:
+            s.forwards += 1
+        fresh = [i for i, s in enumerate(seqs) if s in self._pending]
+        if not fresh:
+            self._choose(seqs, logits, hidden, trees)
+        else:
+            rest = [i for i in range(len(seqs)) if seqs[i] not in self._pending]
+            if rest:
+                index = torch.tensor(rest, device=logits.device)
+                self._choose([seqs[i] for i in rest], logits[index], hidden[index], [trees[i] for i in rest])
+            no_speech = self.tokenizer.no_speech
+            for length in sorted({len(seqs[i].prompt) for i in fresh}):
+                group = [i for i in fresh if len(seqs[i].prompt) == length]
+                index = torch.tensor(group, device=logits.device)
+                last = logits[index, length - 1 : length]
+                if no_speech is not None:
+                    probs = logits[index, 0].softmax(-1)[:, no_speech].tolist()
+                    for i, p in zip(group, probs):
+                        seqs[i].no_speech_prob = p
+                self._choose([seqs[i] for i in group], last, hidden[index, length - 1 : length],
+                             [_Tree([seqs[i].prompt[-1]], [-1], [0], "") for i in group])
+            for i in fresh:
+                del self._pending[seqs[i]]
+        finished = [s for s in seqs if s.done]
+        for s in finished:
+            self.remove(s)
+        return finished
+
     def _choose(self, seqs: list[Sequence], logits: Tensor, hidden: Tensor, trees: list[_Tree]) -> None:
         """Filters the logits of every node, then walks each tree along the argmax."""
         width = logits.shape[1]
-        logprobs = torch.empty_like(logits)
-        for options in {s.options for s in seqs}:
-            idx = [i for i, s in enumerate(seqs) if s.options == options]
+        groups: dict[DecodingOptions, list[int]] = {}
+        for i, s in enumerate(seqs):
+            groups.setdefault(self._filter_key(s.options), []).append(i)
+        if len(groups) == 1:
+            (options, idx), = groups.items()
             prefixes = [seqs[i].generated + trees[i].path(node) for i in idx for node in range(width)]
-            flat = logits[idx].reshape(len(idx) * width, -1)
-            logprobs[idx] = self._filter(options).apply(flat, prefixes).log_softmax(-1).view(len(idx), width, -1)
-        best = logprobs.argmax(-1).tolist()
+            flat = logits.reshape(len(idx) * width, -1)
+            logprobs = self._filter(options).apply(flat, prefixes).log_softmax(-1).view(len(idx), width, -1)
+        else:
+            logprobs = torch.empty_like(logits)
+            for options, idx in groups.items():
+                prefixes = [seqs[i].generated + trees[i].path(node) for i in idx for node in range(width)]
+                flat = logits[idx].reshape(len(idx) * width, -1)
+                logprobs[idx] = self._filter(options).apply(flat, prefixes).log_softmax(-1).view(len(idx), width, -1)
+        chosen = logprobs.argmax(-1, keepdim=True)
+        best = chosen[..., 0].tolist()
+        best_logprob = logprobs.gather(-1, chosen)[..., 0].tolist()  # one transfer, not one .item() per token
         eot = self.tokenizer.eot
         for i, (s, tree) in enumerate(zip(seqs, trees)):
             root = len(s.prompt) + len(s.generated) - 1  # slot of node 0
             node, path = 0, []
             while True:
                 token = best[i][node]
-                s.push(token, logprobs[i, node, token].item(), eot)
+                s.push(token, best_logprob[i][node], eot)
                 child = tree.child(node, token)
                 if s.done or child is None:
                     break
@@ -248,6 +333,7 @@ class Batch:
 
     def remove(self, seq: Sequence) -> None:
         """Takes `seq` out; the last active sequence moves into its row so rows stay 0..n-1."""
+        self._pending.pop(seq, None)
         last = self.active.pop()
         if last is not seq:
             i = self.active.index(seq)

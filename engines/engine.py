@@ -16,7 +16,7 @@ import math
 import threading
 import time
 import zlib
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +26,7 @@ import torch
 from .audio import FRAMES_PER_SECOND, N_FRAMES, clip_mel, pad_mel
 from .checkpoints import Checkpoint, load_checkpoint
 from .batching import Batch, Decoder, Sequence
+from .cuda_graphs import GraphOptions
 from .decoding import DecodingOptions, DecodingResult, detect_language
 from .drafts import HypothesisDrafter, MedusaDrafter
 from .medusa import SHIPPED_HEADS, MedusaHeads, load_heads
@@ -98,7 +99,8 @@ SPECULATIVE_MODES = ("off", "hypothesis", "medusa", "both")
 class Engine:
     def __init__(self, checkpoint: Checkpoint, device: str = "auto", dtype: torch.dtype | None = None,
                  script: str = "traditional", max_batch: int = 16, speculative: str = "both",
-                 medusa: str | Path | None = None):
+                 medusa: str | Path | None = None, cuda_graphs: bool | GraphOptions = True,
+                 window_bucket: float = 1.0, encoder=None):
         self.device = resolve_device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.name = checkpoint.name
@@ -106,13 +108,21 @@ class Engine:
         self.model.load_state_dict(checkpoint.state_dict)
         self.model.to(self.device, self.dtype).eval()
         self.tokenizer = Tokenizer(checkpoint.vocabulary)
+        self.encoder = self.model.encoder if encoder is None else encoder  # mel -> features; engines.trtllm swaps in a TensorRT-LLM engine
         self.suppress_tokens = checkpoint.suppress_tokens
         self.heads = self._load_heads(checkpoint, medusa)
         if speculative not in SPECULATIVE_MODES:
             raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE_MODES)}, got {speculative!r}")
         self.speculative = speculative
         self.script = script
-        self.batch = Batch(self.model, self.tokenizer, self.suppress_tokens, rows=max_batch)
+        # shortened encoder windows are rounded up to multiples of this many seconds, so that
+        # segments of similar length share one encoder call (one call per distinct window)
+        self.window_bucket = window_bucket
+        # decoder steps as CUDA graphs per batch-size bucket (engines/cuda_graphs.py); eager on the CPU
+        self.graphs = None
+        if self.device.type == "cuda" and cuda_graphs:
+            self.graphs = cuda_graphs if isinstance(cuda_graphs, GraphOptions) else GraphOptions()
+        self.batch = Batch(self.model, self.tokenizer, self.suppress_tokens, rows=max_batch, graphs=self.graphs)
         self._queue: list[Request] = []
         self._cv = threading.Condition()
         self._seq = itertools.count()
@@ -151,7 +161,7 @@ class Engine:
         speculative = speculative or self.speculative
         if speculative not in SPECULATIVE_MODES:
             raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE_MODES)}, got {speculative!r}")
-        request = Request(np.asarray(audio, dtype=np.float32), options, window, previous, speculative, final, stream, Future())
+        request = Request(np.array(audio, dtype=np.float32), options, window, previous, speculative, final, stream, Future())
         with self._cv:
             if self._closed:
                 raise RuntimeError("engine is closed")
@@ -182,7 +192,8 @@ class Engine:
                 if self._closed and not self._queue and not self.batch.active:
                     return
                 admitted = self._admit()
-            live = [r for r in admitted if r.future.set_running_or_notify_cancel()]
+            # a request retried on the full window is already running; others may have been cancelled
+            live = [r for r in admitted if r.future.running() or r.future.set_running_or_notify_cancel()]
             running = [s.tag for s in self.batch.active]
             try:
                 if live:
@@ -194,7 +205,7 @@ class Engine:
                 for request in live + running + [s.tag for s in self.batch.active]:
                     if not request.future.done():
                         request.future.set_exception(exc)
-                self.batch = Batch(self.model, self.tokenizer, self.suppress_tokens, rows=self.batch.rows)
+                self.batch = Batch(self.model, self.tokenizer, self.suppress_tokens, rows=self.batch.rows, graphs=self.graphs)
 
     def _admit(self) -> list[Request]:
         """Takes the requests that start now (caller holds the lock): finals first, then partials;
@@ -207,11 +218,13 @@ class Engine:
             r = s.tag
             if not r.final and r.seq < latest.get(r.stream, -1):
                 self.batch.remove(s)
-                r.future.set_result(None)
+                _resolve(r.future, None)
         queue = []
         for r in self._queue:
+            if r.future.cancelled():
+                continue
             if not r.final and r.stream is not None and r.seq != latest[r.stream]:
-                r.future.set_result(None)
+                _resolve(r.future, None)
             else:
                 queue.append(r)
         queue.sort(key=lambda r: (not r.final, r.seq))
@@ -228,7 +241,7 @@ class Engine:
             t0 = time.perf_counter()
             mel = torch.stack([pad_mel(clip_mel(r.audio, self.model.dims.n_mels), frames) for r in group])
             with torch.inference_mode():
-                features = self.model.encoder(mel.to(self.device, self.dtype))
+                features = self.encoder(mel.to(self.device, self.dtype))
             self._sync()
             for r in group:
                 r.encoder_seconds += (time.perf_counter() - t0) / len(group)
@@ -286,7 +299,8 @@ class Engine:
         if request.window is None:
             return N_FRAMES
         frames = len(request.audio) // 160 + int(request.window * FRAMES_PER_SECOND)
-        return min(N_FRAMES, math.ceil(frames / 100) * 100)  # 1 s buckets so segments batch together
+        step = 2 * max(1, round(self.window_bucket * FRAMES_PER_SECOND / 2))  # buckets so segments batch together
+        return min(N_FRAMES, math.ceil(frames / step) * step)
 
     def _transcript(self, request: Request, res: DecodingResult, frames: int) -> Transcript:
         text = res.text
@@ -301,3 +315,11 @@ class Engine:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _resolve(future: Future, value: object) -> None:
+    """Sets a result unless the caller cancelled the future meanwhile (a client that left)."""
+    try:
+        future.set_result(value)
+    except InvalidStateError:
+        pass

@@ -68,8 +68,13 @@ class MultiHeadAttention(nn.Module):
         b, t, _ = x.shape
         return x.view(b, t, self.n_head, -1).transpose(1, 2)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
+        """`mask`: None, a boolean mask for SDPA, or a callable attention (q, k, v) -> out that
+        applies its own masking (engines/cuda_graphs.py KeyLengths: per-row key counts)."""
+        if mask is not None and not isinstance(mask, Tensor):
+            out = mask(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         b, h, t, d = out.shape
         return self.out(out.transpose(1, 2).reshape(b, t, h * d))
 
@@ -100,7 +105,8 @@ class ResidualAttentionBlock(nn.Module):
                slots: Tensor, mask: Tensor, cross_mask: Tensor | None) -> Tensor:
         """One decoder layer over new tokens: their keys/values go into cache slots `slots` [B, T]
         of the cache rows `rows` (None: rows 0..B-1) of `cache` ([rows, H, n_ctx, D] each), and each
-        query attends to what `mask` [B, 1, T, n_ctx] allows."""
+        query attends to what `mask` [B, 1, T, K] allows among the first K slots (K <= n_ctx; a
+        graphed step passes K < n_ctx when no sequence reaches further, to read fewer keys)."""
         attn = self.attn
         h = self.attn_ln(x)
         q, k, v = (attn.split_heads(p(h)) for p in (attn.query, attn.key, attn.value))
@@ -109,7 +115,11 @@ class ResidualAttentionBlock(nn.Module):
         index = (torch.arange(batch, device=x.device) if rows is None else rows)[:, None]
         k_cache[index, :, slots] = k.transpose(1, 2).to(k_cache.dtype)
         v_cache[index, :, slots] = v.transpose(1, 2).to(v_cache.dtype)
-        keys, values = (k_cache[:batch], v_cache[:batch]) if rows is None else (k_cache[rows], v_cache[rows])
+        n_keys = mask.shape[-1]  # the cache slots a query may see: a mask narrower than n_ctx reads fewer keys
+        if rows is None:
+            keys, values = k_cache[:batch, :, :n_keys], v_cache[:batch, :, :n_keys]
+        else:
+            keys, values = k_cache[rows, :, :n_keys], v_cache[rows, :, :n_keys]
         x = x + attn.attend(q, keys.to(q.dtype), values.to(q.dtype), mask)
         h = self.cross_attn_ln(x)
         x = x + self.cross_attn.attend(self.cross_attn.split_heads(self.cross_attn.query(h)), *cross, cross_mask)

@@ -9,14 +9,16 @@ from __future__ import annotations
 import threading
 from functools import lru_cache
 
-import opencc
-
 _lock = threading.Lock()
 
 
 @lru_cache(maxsize=None)
-def _converter(config: str) -> opencc.OpenCC:
-    """One converter per config: loading its dictionaries costs milliseconds, converting microseconds."""
+def _converter(config: str):
+    """One converter per config: loading its dictionaries costs milliseconds, converting microseconds.
+    opencc is imported here, not at module load, so the engine imports where it is absent (a GPU
+    benchmark box) as long as no text is converted."""
+    import opencc
+
     return opencc.OpenCC(config)
 
 

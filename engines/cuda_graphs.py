@@ -1,0 +1,458 @@
+"""Decoder steps replayed as CUDA graphs, one graph per shape bucket.
+
+A decoder step of the Breeze shape (32 layers) launches about a thousand small kernels; at
+batch 1 the GPU then waits on Python far longer than it computes (17 ms eager against a
+0.6 ms memory floor on an H100). A CUDA graph records those launches once and replays them
+in one call, but it bakes in every shape and every address. What makes that possible here:
+
+- the running batch (engines/batching.py) keeps its sequences on rows 0..n-1 of fixed pools
+  (self-attention cache, cross-attention keys/values), so a step reads the leading slices
+  `pool[:B]`, whose addresses never change;
+- a step's inputs (tokens, positions, cache slots, masks) are copied into static buffers
+  allocated once per shape, and the outputs (hidden states, logits) land in static buffers;
+- shapes are bucketed: the batch n is padded up to a batch bucket B (1, 2, 4, ... rows) with
+  no-op rows, the draft width to a width bucket, the cross-attention frames to a frame bucket
+  (rows with fewer frames are masked), and the self-attention keys read to a context bucket
+  (no sequence in the step reaches further).
+
+A no-op row sits on a free row of the pools (rows n..B-1 hold no sequence), writes its keys
+and values into slot n_ctx - 1 and attends to slot 0 and to its cross frames: finite garbage
+nobody reads. Slot n_ctx - 1 is never visible to a real node (a sequence's nodes end at slot
+n_ctx - 2, see Sequence.cap), so even a clamped padding node writing there is harmless.
+
+Three modes share the same static-buffer step, so they compute the same function:
+`graph` (torch.cuda.CUDAGraph, captured lazily per bucket into one shared memory pool),
+`compile` (torch.compile mode="reduce-overhead", which also fuses kernels; it compiles once per
+bucket, which costs a minute or more on the Breeze shape), and `eager` (the same step run
+directly: the reference, and the only mode on the CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .model import KVCache, Whisper
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+WIDTH_BUCKETS = (1, 4, 9)  # a plain step; a prompt (sot, language, task, notimestamps); last token + 8 draft nodes
+FRAME_BUCKETS = (256, 512, 768, 1024, 1500)  # encoder frames (50 per second): 5.1, 10.2, 15.4, 20.5, 30 s
+CONTEXT_BUCKETS = (64, 128, 256, 448)  # self-attention cache slots read
+MODES = ("graph", "compile", "eager")
+CROSS_ATTENTION = ("auto", "sdpa", "efficient", "flash")
+
+
+def bucket(n: int, buckets: tuple[int, ...] | list[int]) -> int:
+    """The smallest bucket >= n; n itself past the largest (a shape of its own)."""
+    return next((b for b in buckets if b >= n), n)
+
+
+@dataclass(frozen=True)
+class GraphOptions:
+    mode: str = "graph"
+    batch_buckets: tuple[int, ...] = BATCH_BUCKETS
+    width_buckets: tuple[int, ...] = WIDTH_BUCKETS
+    frame_buckets: tuple[int, ...] = FRAME_BUCKETS
+    context_buckets: tuple[int, ...] = CONTEXT_BUCKETS
+    fused_cross_kv: bool = True  # one matrix product for every layer's cross keys/values at admission
+    # cross-attention over rows of different window lengths: "sdpa" (a frame bucket, shorter rows
+    # masked: every row reads the bucket's frames), "efficient" / "flash" (variable-length kernels
+    # that read each row's own frames from the full-window pools), "auto" (the fastest of those
+    # that pass a check on this GPU; sdpa on the CPU)
+    cross_attention: str = "auto"
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"graph mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.cross_attention not in CROSS_ATTENTION:
+            raise ValueError(f"cross_attention must be one of {', '.join(CROSS_ATTENTION)}, got {self.cross_attention!r}")
+
+
+@dataclass
+class _Buffers:
+    """Static inputs and outputs of one (batch, width) bucket."""
+
+    tokens: Tensor  # [B, W] int64
+    positions: Tensor  # [B, W] int64
+    slots: Tensor  # [B, W] int64
+    hidden: Tensor  # [B, W, D] model dtype
+    logits: Tensor  # [B, W, V] model dtype (made float32 outside the graph)
+    masks: dict[int, Tensor] = field(default_factory=dict)  # context bucket -> [B, 1, W, C] bool
+    cross_masks: dict[int, Tensor] = field(default_factory=dict)  # frame bucket -> [B, 1, 1, F] bool
+    key_lengths: KeyLengths | None = None  # variable-length cross-attention (full-window pools)
+
+
+@dataclass
+class RunnerStats:
+    captures: int = 0
+    capture_seconds: float = 0.0
+    replays: int = 0
+    eager: int = 0
+    keys: set = field(default_factory=set)
+
+
+class StepRunner:
+    """Runs decoder steps over rows 0..n-1 of a batch's pools, bucketed and (on CUDA) graphed."""
+
+    def __init__(self, model: Whisper, cache: KVCache, cross_k: Tensor, cross_v: Tensor,
+                 options: GraphOptions = GraphOptions()):
+        self.model, self.cache, self.cross_k, self.cross_v = model, cache, cross_k, cross_v
+        self.device = cache.k.device
+        mode = options.mode
+        if mode != "eager" and self.device.type != "cuda":
+            mode = "eager"  # graphs need CUDA; the same bucketed step still runs (and is tested) on the CPU
+        self.mode = mode
+        self.options = options
+        dims = model.dims
+        self.rows = cache.k.shape[1]
+        self.n_ctx = dims.n_text_ctx
+        self.n_frames = cross_k.shape[3]
+        self.batch_buckets = tuple(sorted({b for b in options.batch_buckets if b < self.rows} | {self.rows}))
+        self.width_buckets = tuple(sorted(options.width_buckets))
+        self.frame_buckets = tuple(sorted({f for f in options.frame_buckets if f < self.n_frames} | {self.n_frames}))
+        self.context_buckets = tuple(sorted({c for c in options.context_buckets if c < self.n_ctx} | {self.n_ctx}))
+        self._buffers: dict[tuple[int, int], _Buffers] = {}
+        self._steps: dict[tuple, object] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.mode == "graph" else None
+        self._cross_weight: Tensor | None = None
+        self.stats = RunnerStats()
+        self.cross_attention = options.cross_attention
+        if self.device.type != "cuda":
+            self.cross_attention = "sdpa"
+        elif self.cross_attention == "auto":
+            self.cross_attention = choose_cross_attention(dims.n_text_head, dims.n_text_state // dims.n_text_head,
+                                                          self.n_frames, cache.dtype, self.device)
+        if self.mode == "compile":
+            for t in (cache.k, cache.v, cross_k, cross_v):
+                torch._dynamo.mark_static_address(t)
+
+    # -- shapes ---------------------------------------------------------------------------------
+
+    def width(self, width: int) -> int:
+        return bucket(width, self.width_buckets)
+
+    def key(self, n: int, width: int, max_slot: int, frames: list[int]) -> tuple[int, int, int, int, bool]:
+        """(batch, width, frames, context, masked) of a step over n rows."""
+        f = self.n_frames if self.cross_attention != "sdpa" else bucket(max(frames), self.frame_buckets)
+        return (bucket(n, self.batch_buckets), width, f, bucket(max_slot + 1, self.context_buckets),
+                any(x != f for x in frames))
+
+    def _io(self, batch: int, width: int) -> _Buffers:
+        io = self._buffers.get((batch, width))
+        if io is None:
+            dims, dev = self.model.dims, self.device
+            dtype = self.cache.dtype
+            io = _Buffers(
+                tokens=torch.zeros((batch, width), dtype=torch.long, device=dev),
+                positions=torch.zeros((batch, width), dtype=torch.long, device=dev),
+                slots=torch.full((batch, width), self.n_ctx - 1, dtype=torch.long, device=dev),
+                hidden=torch.zeros((batch, width, dims.n_text_state), dtype=dtype, device=dev),
+                logits=torch.zeros((batch, width, dims.n_vocab), dtype=dtype, device=dev),
+            )
+            if self.mode == "compile":
+                for t in (io.tokens, io.positions, io.slots, io.hidden, io.logits):
+                    torch._dynamo.mark_static_address(t)
+            self._buffers[(batch, width)] = io
+        return io
+
+    def _masks(self, key) -> tuple[Tensor, Tensor | None]:
+        batch, width, frames, context, masked = key
+        io = self._io(batch, width)
+        mask = io.masks.get(context)
+        if mask is None:
+            mask = io.masks[context] = torch.zeros((batch, 1, width, context), dtype=torch.bool, device=self.device)
+            mask[:, :, :, 0] = True
+            if self.mode == "compile":
+                torch._dynamo.mark_static_address(mask)
+        cross_mask = None
+        if masked and self.cross_attention != "sdpa":
+            if io.key_lengths is None:
+                io.key_lengths = KeyLengths(self.cross_attention, batch, self.model.dims.n_text_head, width, frames, self.device)
+                if self.mode == "compile":
+                    torch._dynamo.mark_static_address(io.key_lengths.lengths)
+            cross_mask = io.key_lengths
+        elif masked:
+            cross_mask = io.cross_masks.get(frames)
+            if cross_mask is None:
+                cross_mask = io.cross_masks[frames] = torch.ones((batch, 1, 1, frames), dtype=torch.bool, device=self.device)
+                if self.mode == "compile":
+                    torch._dynamo.mark_static_address(cross_mask)
+        return mask, cross_mask
+
+    # -- the step ---------------------------------------------------------------------------------
+
+    def body(self, key) -> None:
+        """The step itself over the static buffers of `key` (what a graph records)."""
+        batch, width, frames, context, masked = key
+        io = self._io(batch, width)
+        mask, cross_mask = self._masks(key)
+        decoder = self.model.decoder
+        cross = [(self.cross_k[layer, :batch, :, :frames], self.cross_v[layer, :batch, :, :frames])
+                 for layer in range(self.model.dims.n_text_layer)]
+        hidden = decoder.hidden(io.tokens, io.positions, self.cache, None, cross, mask, cross_mask, slots=io.slots)
+        io.hidden.copy_(hidden)
+        torch.matmul(hidden, decoder.token_embedding.weight.to(hidden.dtype).T, out=io.logits)
+
+    def _step_fn(self, key):
+        fn = self._steps.get(key)
+        if fn is not None:
+            return fn
+        t0 = time.perf_counter()
+        body = functools.partial(self.body, key)
+        if self.mode == "eager":
+            fn = body
+        elif self.mode == "compile":
+            compiled = torch.compile(self.body, mode="reduce-overhead", dynamic=False, fullgraph=False)
+            fn = functools.partial(compiled, key)
+            self._reset(key)
+            for _ in range(3):  # compile, then record (cudagraph trees record on the second call)
+                fn()
+            torch.cuda.synchronize(self.device)
+        else:
+            self._reset(key)  # warm-up runs execute: keep their writes on slot n_ctx - 1
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    body()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                body()
+            fn = graph.replay
+        if self.mode != "eager":
+            self.stats.captures += 1
+            self.stats.capture_seconds += time.perf_counter() - t0
+        self._steps[key] = fn
+        return fn
+
+    def _reset(self, key) -> None:
+        """Every row of the bucket a no-op row (before warm-up runs that really execute)."""
+        batch, width = key[:2]
+        io = self._io(batch, width)
+        mask, cross_mask = self._masks(key)
+        io.tokens.zero_()
+        io.positions.zero_()
+        io.slots.fill_(self.n_ctx - 1)
+        mask.zero_()
+        mask[:, :, :, 0] = True
+        if isinstance(cross_mask, KeyLengths):
+            cross_mask.lengths.fill_(1)
+        elif cross_mask is not None:
+            cross_mask.fill_(True)
+
+    def prepare(self, tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray, mask: np.ndarray,
+                frames: list[int]) -> tuple:
+        """Copies one step's inputs (rows 0..n-1; mask [n, W, n_ctx]) into the static buffers of
+        its bucket, no-op rows after them; returns the bucket key."""
+        n, width = tokens.shape
+        key = self.key(n, width, int(slots.max()), frames)
+        batch, _, n_frames, context, masked = key
+        io = self._io(batch, width)
+        mask_buf, cross_buf = self._masks(key)
+        pad = batch - n
+        t = np.zeros((3, batch, width), dtype=np.int64)
+        t[0, :n], t[1, :n], t[2, :n] = tokens, positions, slots
+        t[2, n:] = self.n_ctx - 1
+        m = np.zeros((batch, 1, width, context), dtype=bool)
+        m[:n, 0] = mask[:, :, :context]
+        if pad:
+            m[n:, :, :, 0] = True
+        staged = torch.from_numpy(t)
+        io.tokens.copy_(staged[0])
+        io.positions.copy_(staged[1])
+        io.slots.copy_(staged[2])
+        mask_buf.copy_(torch.from_numpy(m))
+        if isinstance(cross_buf, KeyLengths):
+            lengths = np.ones(batch, dtype=np.int32)
+            lengths[:n] = frames
+            cross_buf.lengths.copy_(torch.from_numpy(lengths))
+        elif masked:
+            cm = np.ones((batch, 1, 1, n_frames), dtype=bool)
+            cm[:n, 0, 0] = np.arange(n_frames)[None, :] < np.asarray(frames)[:, None]
+            cross_buf.copy_(torch.from_numpy(cm))
+        return key
+
+    def launch(self, key) -> None:
+        fn = self._step_fn(key)
+        fn()
+        if self.mode == "eager":
+            self.stats.eager += 1
+        else:
+            self.stats.replays += 1
+        self.stats.keys.add(key)
+
+    def outputs(self, key, n: int) -> tuple[Tensor, Tensor]:
+        """(logits float32 [n, W, V], hidden [n, W, D]) of the last launch of `key`; the hidden
+        states are a view of a static buffer, valid until the next step of that bucket."""
+        io = self._io(key[0], key[1])
+        return io.logits[:n].float(), io.hidden[:n]
+
+    def forward(self, tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray, mask: np.ndarray,
+                frames: list[int]) -> tuple[Tensor, Tensor]:
+        key = self.prepare(tokens, positions, slots, mask, frames)
+        self.launch(key)
+        return self.outputs(key, tokens.shape[0])
+
+    # -- admission ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def store_cross(self, features: Tensor, first: int) -> None:
+        """Cross-attention keys/values of `features` [k, frames, D] into rows first..first+k-1 of
+        the pools: with `fused_cross_kv`, one matrix product for all layers instead of two per layer."""
+        decoder, dims = self.model.decoder, self.model.dims
+        k, frames = features.shape[:2]
+        if not self.options.fused_cross_kv:
+            for layer, (key, value) in enumerate(decoder.cross_kv(features)):
+                self.cross_k[layer, first:first + k, :, :frames] = key
+                self.cross_v[layer, first:first + k, :, :frames] = value
+            return
+        if self._cross_weight is None:
+            weights, biases = [], []
+            for block in decoder.blocks:
+                attn = block.cross_attn
+                weights += [attn.key.weight, attn.value.weight]
+                biases += [torch.zeros_like(attn.value.bias), attn.value.bias]
+            self._cross_weight = torch.cat(weights).to(self.cache.dtype)
+            self._cross_bias = torch.cat(biases).to(self.cache.dtype)
+        heads = dims.n_text_head
+        chunk = max(1, (1 << 30) // (frames * self._cross_weight.shape[0] * self._cross_weight.element_size()))
+        for lo in range(0, k, chunk):  # about 1 GB of keys/values at a time
+            hi = min(k, lo + chunk)
+            out = torch.nn.functional.linear(features[lo:hi].to(self.cache.dtype), self._cross_weight, self._cross_bias)
+            out = out.view(hi - lo, frames, dims.n_text_layer, 2, heads, -1).permute(3, 2, 0, 4, 1, 5)  # [2, L, k, H, F, Dh]
+            self.cross_k[:, first + lo:first + hi, :, :frames] = out[0]
+            self.cross_v[:, first + lo:first + hi, :, :frames] = out[1]
+
+    def capture(self, keys) -> None:
+        """Records the steps of `keys` ahead of use (a server's warm-up)."""
+        for key in keys:
+            self._step_fn(key)
+
+
+@functools.lru_cache(maxsize=4096)
+def tree_visibility(parents: tuple[int, ...], width: int) -> np.ndarray:
+    """[width, width] bool: node j sees node i (itself and its ancestors; padding nodes only themselves)."""
+    sees = np.eye(width, dtype=bool)
+    for j in range(1, len(parents)):
+        if parents[j] >= 0:
+            sees[j] |= sees[parents[j]]
+    sees.setflags(write=False)
+    return sees
+
+
+def step_inputs(trees, starts: list[int], width: int, n_ctx: int, pad_token: int):
+    """Host-side inputs of one step: node i of row r sits at slot start + i and position
+    start + depth (padding nodes past the tree at the next positions); it sees every slot before
+    start and the slots of its tree ancestors. Returns numpy (tokens, positions, slots, mask)."""
+    n = len(trees)
+    start = np.asarray(starts, dtype=np.int64)
+    tokens = np.full((n, width), pad_token, dtype=np.int64)
+    depth = np.tile(np.arange(width, dtype=np.int64), (n, 1))
+    slots = np.minimum(start[:, None] + np.arange(width), n_ctx - 1)
+    mask = np.broadcast_to((np.arange(n_ctx)[None, :] < start[:, None])[:, None, :], (n, width, n_ctx)).copy()
+    for i, tree in enumerate(trees):
+        k = len(tree.tokens)
+        tokens[i, :k] = tree.tokens
+        depth[i, :k] = tree.depth
+        mask[i][:, slots[i]] = tree_visibility(tuple(tree.parents), width)
+    positions = np.minimum(start[:, None] + depth, n_ctx - 1)
+    return tokens, positions, slots, mask
+
+
+class KeyLengths:
+    """Cross-attention in which row b sees only its first `lengths[b]` frames of full-window pools.
+
+    The pools hold [rows, H, F, D] per layer; folding heads into the batch makes every (row, head)
+    a variable-length sequence of the memory-efficient (or flash) kernel: queries
+    [B*H*W, D] with starts every W, keys [B*H*F, D] with starts every F (a view, no copy) and
+    `seqlen_k` / `seqused_k` = the row's frames, so the kernel reads only those frames instead
+    of a masked frame bucket. Called by MultiHeadAttention.attend in place of a mask."""
+
+    def __init__(self, kernel: str, batch: int, heads: int, width: int, frames: int, device: torch.device):
+        self.kernel, self.heads = kernel, heads
+        self.lengths = torch.full((batch,), frames, dtype=torch.int32, device=device)  # static: set each step
+        self.seq_q = torch.arange(0, batch * heads * width + 1, width, dtype=torch.int32, device=device)
+        self.seq_k = torch.arange(0, batch * heads * frames + 1, frames, dtype=torch.int32, device=device)
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return varlen_attention(self.kernel, q, k, v, self.lengths, self.seq_q, self.seq_k)
+
+
+def varlen_attention(kernel: str, q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, seq_q: Tensor, seq_k: Tensor) -> Tensor:
+    """q [B, H, W, D] over k, v [B, H, F, D] (contiguous), row b limited to lengths[b] keys."""
+    batch, heads, width, dim = q.shape
+    frames = k.shape[2]
+    used = lengths.repeat_interleave(heads)
+    if kernel == "efficient":
+        out = torch.ops.aten._efficient_attention_forward(
+            q.reshape(1, batch * heads * width, 1, dim), k.reshape(1, batch * heads * frames, 1, dim),
+            v.reshape(1, batch * heads * frames, 1, dim), None, seq_q, seq_k, width, frames, 0.0, 0, False,
+            seqlen_k=used)[0]
+    else:
+        out = torch.ops.aten._flash_attention_forward(
+            q.reshape(batch * heads * width, 1, dim), k.reshape(batch * heads * frames, 1, dim),
+            v.reshape(batch * heads * frames, 1, dim), seq_q, seq_k, width, frames, 0.0, False, False,
+            seqused_k=used)[0]
+    return out.reshape(batch, heads, width, dim)
+
+
+_CHOICE: dict = {}
+
+
+def choose_cross_attention(heads: int, dim: int, frames: int, dtype: torch.dtype, device: torch.device,
+                           batch: int = 32) -> str:
+    """The fastest cross-attention for rows of mixed window lengths among the variable-length
+    kernels that match masked SDPA on this GPU (checked on random data), else "sdpa"."""
+    key = (heads, dim, frames, dtype, str(device))
+    if key in _CHOICE:
+        return _CHOICE[key]
+    report = cross_attention_report(heads, dim, frames, dtype, device, batch)
+    valid = {k: r["ms"] for k, r in report.items() if r.get("ok")}
+    _CHOICE[key] = min(valid, key=valid.get) if valid else "sdpa"
+    return _CHOICE[key]
+
+
+@torch.inference_mode()
+def cross_attention_report(heads: int, dim: int, frames: int, dtype: torch.dtype, device: torch.device,
+                           batch: int = 32, width: int = 1) -> dict:
+    """Per kernel: max |difference| against masked SDPA, ms per call (one layer), ok."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(batch, width, heads, dim, device=device, dtype=dtype, generator=gen).transpose(1, 2)
+    k = torch.randn(batch, heads, frames, dim, device=device, dtype=dtype, generator=gen)
+    v = torch.randn(batch, heads, frames, dim, device=device, dtype=dtype, generator=gen)
+    lengths = torch.randint(100, frames + 1, (batch,), device=device, generator=gen, dtype=torch.int32)
+    lengths[0] = frames
+    mask = (torch.arange(frames, device=device)[None, :] < lengths[:, None])[:, None, None, :]
+    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out: dict = {}
+
+    def timing(fn) -> float:
+        for _ in range(3):
+            fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 20
+
+    out["sdpa"] = {"ok": True, "max_abs_diff": 0.0, "ms": timing(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))}
+    for kernel in ("efficient", "flash"):
+        keys = KeyLengths(kernel, batch, heads, width, frames, device)
+        keys.lengths.copy_(lengths)
+        try:
+            got = keys(q, k, v)
+            diff = (got.float() - reference.float()).abs().max().item()
+            out[kernel] = {"ok": diff < 2e-2, "max_abs_diff": diff, "ms": timing(lambda: keys(q, k, v))}
+        except Exception as exc:  # an op missing or refusing these shapes on this build
+            out[kernel] = {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    return out

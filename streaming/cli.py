@@ -1,0 +1,138 @@
+"""`breeze-stream` command line: serve, transcribe, eval, replay and the benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="default",
+                        help="'default' (embedded whisper-base), a local path (HF dir, CTranslate2 dir, OpenAI .pt) or a hub id")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+
+
+def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--language", default="zh", help="zh | en | auto (detect) | any Whisper language code")
+    parser.add_argument("--beam-size", type=int, default=1, help="1 = greedy (default)")
+    parser.add_argument("--timestamps", action="store_true", help="decode with timestamp tokens")
+    parser.add_argument("--script", choices=["traditional", "as-is"], default="traditional",
+                        help="convert Chinese output to Taiwan Traditional with OpenCC s2twp (default) or keep it as the model writes it")
+
+
+def decoding_options(args: argparse.Namespace):
+    from engines.decoding import DecodingOptions
+
+    language = None if args.language == "auto" else args.language
+    return DecodingOptions(language=language, beam_size=args.beam_size, timestamps=args.timestamps)
+
+
+def load_engine(args: argparse.Namespace):
+    from engines.engine import Engine
+
+    return Engine.load(args.model, device=args.device, script=getattr(args, "script", "traditional"))
+
+
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    from streaming.codecs import AudioFileError, load_audio
+    from streaming.offline import transcribe_audio
+
+    engine = load_engine(args)
+    options = decoding_options(args)
+    failures = 0
+    out = []
+    for path in args.files:
+        try:
+            audio = load_audio(path)
+        except AudioFileError as exc:
+            print(f"error: {path}: {exc}", file=sys.stderr)
+            failures += 1
+            continue
+        segments = transcribe_audio(engine, audio, options)
+        if args.json:
+            out.append({"file": path, "segments": [{"start": round(s.start, 2), "end": round(s.end, 2), "text": s.text} for s in segments]})
+        else:
+            print(f"# {path}")
+            for s in segments:
+                print(f"[{s.start:7.2f} -> {s.end:7.2f}] {s.text}")
+    if args.json:
+        print(json.dumps(out, ensure_ascii=False, indent=2))
+    engine.close()
+    return 1 if failures else 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from streaming.evaluate import run_eval
+
+    engine = load_engine(args)
+    report = run_eval(engine, Path(args.manifest), decoding_options(args), limit=args.limit)
+    engine.close()
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, ensure_ascii=False, indent=2))
+    return 0
+
+
+def cmd_bench_offline(args: argparse.Namespace) -> int:
+    from streaming.bench_offline import run_bench_offline
+
+    return run_bench_offline(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="breeze-stream", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the WebSocket server (native /v1/stream, metrics, demo page)")
+    add_model_arguments(p)
+    from streaming.server import add_serve_arguments, run_serve
+    add_serve_arguments(p)
+    p.set_defaults(func=run_serve)
+
+    p = sub.add_parser("transcribe", help="transcribe audio files (WAV/FLAC, other formats through ffmpeg)")
+    add_model_arguments(p)
+    add_decoding_arguments(p)
+    p.add_argument("files", nargs="+")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_transcribe)
+
+    p = sub.add_parser("eval", help="offline accuracy and speed on a manifest (scoring of ../shared/eval/README.md)")
+    add_model_arguments(p)
+    add_decoding_arguments(p)
+    p.add_argument("manifest")
+    p.add_argument("--json", metavar="OUT", help="write the full report here")
+    p.add_argument("--limit", type=int, default=None, help="only the first N clips")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("replay", help="replay clips to a server at real-time pace and measure latency")
+    from streaming.replay import add_replay_arguments, run_replay
+    add_replay_arguments(p)
+    p.set_defaults(func=run_replay)
+
+    p = sub.add_parser("bench-offline", help="our engine and faster-whisper on the same weights over a manifest")
+    add_model_arguments(p)
+    p.add_argument("manifest")
+    p.add_argument("--json", metavar="OUT")
+    p.add_argument("--limit", type=int, default=None)
+    p.set_defaults(func=cmd_bench_offline)
+
+    p = sub.add_parser("bench-engine", help="encoder/decoder speed on random weights of a model shape (CUDA graphs, HF baseline)")
+    from engines.bench import add_bench_arguments, run_bench
+    add_bench_arguments(p)
+    p.set_defaults(func=run_bench)
+
+    p = sub.add_parser("bench-capacity", help="N simulated real-time streams through the engine scheduler (random weights)")
+    from engines.capacity import add_capacity_arguments, run_capacity
+    add_capacity_arguments(p)
+    p.set_defaults(func=run_capacity)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
