@@ -33,8 +33,11 @@ def convert(text: str, config: str) -> str:
 
 
 def is_traditional(text: str) -> bool:
-    """No character of `text` changes when Simplified is converted to Traditional."""
-    return convert(text, "s2t") == text
+    """No character of `text` changes when Simplified is converted to Taiwan Traditional.
+
+    (`s2tw`, not `s2t`: plain s2t also swaps standard Traditional characters for variants,
+    such as 吃 -> 喫.)"""
+    return convert(text, "s2tw") == text
 
 
 def to_traditional(text: str) -> str:

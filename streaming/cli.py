@@ -13,12 +13,29 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default",
                         help="'default' (embedded whisper-base), a local path (HF dir, CTranslate2 dir, OpenAI .pt) or a hub id")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    from engines.trtllm.backend import add_backend_arguments
+    add_backend_arguments(parser)  # --backend torch|trtllm-encoder|trtllm, --trtllm-engine-dir
+
+
+def window_argument(value: str) -> float | None:
+    """`--window`-style values: seconds of silence after the audio, or 'full' for Whisper's 30 s."""
+    if value == "full":
+        return None
+    seconds = float(value)
+    if not 0 <= seconds <= 30:
+        raise argparse.ArgumentTypeError("a window margin is 0-30 seconds, or 'full'")
+    return seconds
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--language", default="zh", help="zh | en | auto (detect) | any Whisper language code")
     parser.add_argument("--beam-size", type=int, default=1, help="1 = greedy (default)")
     parser.add_argument("--timestamps", action="store_true", help="decode with timestamp tokens")
+    parser.add_argument("--window", type=window_argument, default=None, metavar="SECONDS|full",
+                        help="encoder window: the audio plus this much silence (falls back to the full window on a "
+                             "repetition loop), or 'full' for Whisper's 30 s window (default)")
+    parser.add_argument("--speculative", choices=["off", "hypothesis", "medusa", "both"], default="both",
+                        help="draft sources for exact speculative decoding (default both; medusa needs heads)")
     parser.add_argument("--script", choices=["traditional", "as-is"], default="traditional",
                         help="convert Chinese output to Taiwan Traditional with OpenCC s2twp (default) or keep it as the model writes it")
 
@@ -31,9 +48,9 @@ def decoding_options(args: argparse.Namespace):
 
 
 def load_engine(args: argparse.Namespace):
-    from engines.engine import Engine
+    from engines.trtllm.backend import load_backend  # --backend torch is engines.engine.Engine.load
 
-    return Engine.load(args.model, device=args.device, script=getattr(args, "script", "traditional"))
+    return load_backend(args, speculative=getattr(args, "speculative", "both"))
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
@@ -51,7 +68,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
             print(f"error: {path}: {exc}", file=sys.stderr)
             failures += 1
             continue
-        segments = transcribe_audio(engine, audio, options)
+        segments = transcribe_audio(engine, audio, options, window=args.window)
         if args.json:
             out.append({"file": path, "segments": [{"start": round(s.start, 2), "end": round(s.end, 2), "text": s.text} for s in segments]})
         else:
@@ -68,7 +85,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from streaming.evaluate import run_eval
 
     engine = load_engine(args)
-    report = run_eval(engine, Path(args.manifest), decoding_options(args), limit=args.limit)
+    report = run_eval(engine, Path(args.manifest), decoding_options(args), limit=args.limit, window=args.window)
     engine.close()
     if args.json:
         Path(args.json).write_text(json.dumps(report, ensure_ascii=False, indent=2))
@@ -111,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     from streaming.replay import add_replay_arguments, run_replay
     add_replay_arguments(p)
     p.set_defaults(func=run_replay)
+
+    p = sub.add_parser("build-trtllm", help="TensorRT-LLM 1.2.x engines for a Whisper checkpoint (--dry-run prints the commands)")
+    from engines.trtllm.build import add_build_arguments, run_build
+    add_build_arguments(p)
+    p.set_defaults(func=run_build)
 
     p = sub.add_parser("bench-offline", help="our engine and faster-whisper on the same weights over a manifest")
     add_model_arguments(p)

@@ -43,7 +43,8 @@ def read_manifest(path: Path) -> list[Clip]:
     return clips
 
 
-def run_eval(engine: Engine, manifest: Path, options: DecodingOptions, limit: int | None = None) -> dict:
+def run_eval(engine: Engine, manifest: Path, options: DecodingOptions, limit: int | None = None,
+             window: float | None = None) -> dict:
     clips = read_manifest(manifest)[:limit]
     results, cer_scores, wer_scores = [], [], []
     stats = {"decoder_forwards": 0, "tokens": 0, "encoder_seconds": 0.0, "decoder_seconds": 0.0}
@@ -53,7 +54,7 @@ def run_eval(engine: Engine, manifest: Path, options: DecodingOptions, limit: in
         clip_options = options if clip.lang != "en" or options.language is None else DecodingOptions(
             **{**options.__dict__, "language": "en"})
         start = time.perf_counter()
-        segments = transcribe_audio(engine, audio, clip_options)
+        segments = transcribe_audio(engine, audio, clip_options, window=window)
         elapsed = time.perf_counter() - start
         hyp = "".join(s.text for s in segments) if clip.lang != "en" else " ".join(s.text for s in segments)
         clip_score: Score = score(clip.text, hyp, clip.lang)

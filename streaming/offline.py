@@ -34,9 +34,10 @@ def speech_spans(audio: np.ndarray) -> list[tuple[int, int]]:
     return [(e.start, e.end) for e in events if isinstance(e, SegmentClosed)]
 
 
-def transcribe_audio(engine: Engine, audio: np.ndarray, options: DecodingOptions) -> list[Segment]:
-    """Segments with text; segments the model finds no speech in are left out."""
+def transcribe_audio(engine: Engine, audio: np.ndarray, options: DecodingOptions, window: float | None = None) -> list[Segment]:
+    """Segments with text; segments the model finds no speech in are left out. `window`: the
+    encoder sees each segment plus this many seconds of silence (None: the full 30 s window)."""
     spans = [(0, len(audio))] if len(audio) <= N_SAMPLES else speech_spans(audio)
-    futures = [engine.submit(audio[a:b], options) for a, b in spans]
+    futures = [engine.submit(audio[a:b], options, window=window) for a, b in spans]
     segments = [Segment(a / SAMPLE_RATE, b / SAMPLE_RATE, f.result().text, f.result()) for (a, b), f in zip(spans, futures)]
     return [s for s in segments if s.transcript.has_speech]

@@ -35,6 +35,7 @@ from websockets.http11 import Request, Response
 
 from engines.engine import Engine
 
+from .cli import window_argument
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .segmenter import SegmenterConfig
@@ -246,10 +247,6 @@ _SEGMENTER_FLAGS = {
 }
 
 
-def _window(value: str) -> float | None:
-    return None if value == "full" else float(value)
-
-
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `serve` besides --model and --device (streaming.cli adds those)."""
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on, 0.0.0.0 for all (default %(default)s)")
@@ -261,7 +258,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default %(default)s)")
     parser.add_argument("--partial-interval", type=float, default=TranscriberConfig.partial_interval, metavar="SECONDS",
                         help="new audio between partial hypotheses, 0 for none (default %(default)s)")
-    parser.add_argument("--partial-window", type=_window, default=TranscriberConfig.partial_window, metavar="SECONDS|full",
+    parser.add_argument("--partial-window", type=window_argument, default=TranscriberConfig.partial_window, metavar="SECONDS|full",
                         help="encoder window of partials: the segment plus this much silence, or 'full' for 30 s "
                              "(default %(default)s)")
     parser.add_argument("--max-frame-bytes", type=int, default=SessionConfig.max_frame_bytes, metavar="BYTES",

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engines.text import to_traditional
+from engines.text import is_traditional, to_traditional
 from streaming.scoring import Score, corpus_score, edit_distance, score, tokens
 
 
@@ -18,6 +18,7 @@ def test_to_traditional_uses_taiwan_characters_and_phrases():
     assert to_traditional("我們今天去公園散步") == "我們今天去公園散步"  # Traditional stays
     assert to_traditional("") == ""
     assert to_traditional("擁有解密方法的對象") == "擁有解密方法的對象"  # no Taiwan phrasing forced on Traditional text
+    assert is_traditional("吃燕窩就選燕之屋") and not is_traditional("吃燕窝")
 
 
 def test_to_traditional_from_many_threads():
