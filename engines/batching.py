@@ -204,6 +204,7 @@ class Batch:
         mask = (keys < slots[:, :1])[:, None, :].repeat(1, width, 1)  # everything before the first fed node
         sees = [[[j in anc for j in range(width)] for anc in (set(t.ancestors(n)) for n in range(width))] for t in trees]
         mask.scatter_(2, slots[:, None, :].expand(-1, width, -1), torch.tensor(sees, device=device))
+        mask = mask[..., : int(slots.max()) + 1]  # read only the cache slots in use
         frames = max(s.frames for s in seqs)
         cross = [(self.cross_k[layer, lo:hi, :, :frames], self.cross_v[layer, lo:hi, :, :frames]) for layer in range(model.dims.n_text_layer)]
         cross_mask = None

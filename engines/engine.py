@@ -106,7 +106,7 @@ class Engine:
         self.name = checkpoint.name
         self.model = Whisper(checkpoint.dims)
         self.model.load_state_dict(checkpoint.state_dict)
-        self.model.to(self.device, self.dtype).eval()
+        self.model.to(self.device, self.dtype).eval().fuse()
         self.tokenizer = Tokenizer(checkpoint.vocabulary)
         self.encoder = self.model.encoder if encoder is None else encoder  # mel -> features; engines.trtllm swaps in a TensorRT-LLM engine
         self.suppress_tokens = checkpoint.suppress_tokens

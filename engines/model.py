@@ -63,6 +63,28 @@ class MultiHeadAttention(nn.Module):
         self.key = Linear(n_state, n_state, bias=False)
         self.value = Linear(n_state, n_state)
         self.out = Linear(n_state, n_state)
+        self.fused: tuple[Tensor, Tensor] | None = None
+
+    @torch.no_grad()
+    def fuse_qkv(self) -> None:
+        """Query, key and value in one matrix product (the key's missing bias is zeros): one
+        larger product instead of three small ones, which a decoder step at batch 1 feels. The
+        three weights become views into the fused matrix, so memory and parameter names stay."""
+        n = self.query.weight.shape[0]
+        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
+        bias = torch.cat([self.query.bias, torch.zeros_like(self.query.bias), self.value.bias])
+        for i, linear in enumerate((self.query, self.key, self.value)):
+            linear.weight = nn.Parameter(weight[i * n : (i + 1) * n], requires_grad=False)
+        self.query.bias = nn.Parameter(bias[:n], requires_grad=False)
+        self.value.bias = nn.Parameter(bias[2 * n :], requires_grad=False)
+        self.fused = (weight, bias)
+
+    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Query, key and value of `x`, split into heads."""
+        if self.fused is None:
+            return tuple(self.split_heads(p(x)) for p in (self.query, self.key, self.value))
+        weight, bias = self.fused
+        return tuple(self.split_heads(t) for t in F.linear(x, weight.to(x.dtype), bias.to(x.dtype)).chunk(3, dim=-1))
 
     def split_heads(self, x: Tensor) -> Tensor:
         b, t, _ = x.shape
@@ -80,8 +102,7 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Full self-attention without a cache (the encoder)."""
-        q, k, v = (self.split_heads(p(x)) for p in (self.query, self.key, self.value))
-        return self.attend(q, k, v, None)
+        return self.attend(*self.qkv(x), None)
 
     def cross_kv(self, xa: Tensor) -> tuple[Tensor, Tensor]:
         return self.split_heads(self.key(xa)), self.split_heads(self.value(xa))
@@ -108,8 +129,7 @@ class ResidualAttentionBlock(nn.Module):
         query attends to what `mask` [B, 1, T, K] allows among the first K slots (K <= n_ctx; a
         graphed step passes K < n_ctx when no sequence reaches further, to read fewer keys)."""
         attn = self.attn
-        h = self.attn_ln(x)
-        q, k, v = (attn.split_heads(p(h)) for p in (attn.query, attn.key, attn.value))
+        q, k, v = attn.qkv(self.attn_ln(x))
         k_cache, v_cache = cache
         batch = x.shape[0]
         index = (torch.arange(batch, device=x.device) if rows is None else rows)[:, None]
@@ -224,6 +244,12 @@ class Whisper(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.decoder.token_embedding.weight.dtype
+
+    def fuse(self) -> Whisper:
+        """Fuses the self-attention projections (after loading and moving the weights)."""
+        for block in [*self.encoder.blocks, *self.decoder.blocks]:
+            block.attn.fuse_qkv()
+        return self
 
     def new_cache(self, rows: int) -> KVCache:
         return KVCache(self.dims, rows, self.dtype, self.device)

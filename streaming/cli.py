@@ -99,6 +99,8 @@ def cmd_bench_offline(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import engines  # noqa: F401  (sets the OpenMP wait policy before torch loads)
+
     parser = argparse.ArgumentParser(prog="breeze-stream", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -261,6 +261,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--partial-window", type=window_argument, default=TranscriberConfig.partial_window, metavar="SECONDS|full",
                         help="encoder window of partials: the segment plus this much silence, or 'full' for 30 s "
                              "(default %(default)s)")
+    parser.add_argument("--final-window", type=window_argument, default=TranscriberConfig.final_window, metavar="SECONDS|full",
+                        help="encoder window of finals, as --partial-window (default full)")
+    parser.add_argument("--speculative", choices=["off", "hypothesis", "medusa", "both"], default="both",
+                        help="draft sources for exact speculative decoding; medusa needs heads (default %(default)s)")
     parser.add_argument("--max-frame-bytes", type=int, default=SessionConfig.max_frame_bytes, metavar="BYTES",
                         help="largest WebSocket frame a client may send (default %(default)s)")
     parser.add_argument("--idle-timeout", type=float, default=SessionConfig.idle_timeout, metavar="SECONDS",
@@ -275,7 +279,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     segmenter = SegmenterConfig(**{name: getattr(args, f"segmenter_{name}") for name, _ in _SEGMENTER_FLAGS.values()})
     transcriber = TranscriberConfig(partial_interval=args.partial_interval, partial_window=args.partial_window,
-                                    segmenter=segmenter)
+                                    final_window=args.final_window, speculative=args.speculative, segmenter=segmenter)
     session = SessionConfig(max_frame_bytes=args.max_frame_bytes, idle_timeout=args.idle_timeout,
                             language=args.language, transcriber=transcriber)
     return ServerConfig(host=args.host, port=args.port, model=args.model, device=args.device, script=args.script,

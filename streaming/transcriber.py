@@ -59,6 +59,10 @@ class TranscriberConfig:
     """Partials run the encoder on the segment plus this many seconds of silence (None: the full
     30 s window). DESIGN.md, Encoder window: 2 s cost 0.2 CER points and saved 3.75x encoder time;
     the engine falls back to the full window when a short window makes the decoder loop."""
+    final_window: float | None = None
+    """The encoder window of finals, as for partials (None: the full 30 s window)."""
+    speculative: str | None = None
+    """Draft sources (off | hypothesis | medusa | both); None: the engine's default."""
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
 
 
@@ -232,7 +236,7 @@ class StreamingTranscriber:
         try:
             transcript = await self._engine.transcribe_async(
                 audio, self._options, window=self.config.partial_window, previous=segment.tokens or None,
-                final=False, stream=self)
+                speculative=self.config.speculative, final=False, stream=self)
         except Exception as exc:
             self._fail(exc, f"partial decode of segment {segment.index}")
             return
@@ -265,7 +269,8 @@ class StreamingTranscriber:
     async def _final(self, segment: _Segment, arrival: float, before: asyncio.Task[None] | None) -> None:
         try:
             transcript = await self._engine.transcribe_async(
-                segment.audio, self._options, window=None, previous=segment.tokens or None, final=True, stream=self)
+                segment.audio, self._options, window=self.config.final_window, previous=segment.tokens or None,
+                speculative=self.config.speculative, final=True, stream=self)
         except Exception as exc:
             self._fail(exc, f"final decode of segment {segment.index}")
             return

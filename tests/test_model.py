@@ -91,3 +91,21 @@ def test_cache_rows_let_sequences_sit_at_different_lengths():
         pos = torch.arange(6)[chunk][None]
         out = ours.decoder.logits(ours.decoder.hidden(tokens[1:2, chunk], pos, cache, rows, sub, causal_mask(pos, 448)))
     assert (out[0] - full[1, 4:6]).abs().max() < 1e-4
+
+
+@torch.inference_mode()
+def test_fused_qkv_keeps_outputs_and_parameter_names():
+    ours = ours_from_hf(tiny_hf_model(4))
+    mel = torch.randn(1, 80, 3000)
+    tokens = torch.tensor([[50258, 50260, 50359, 50363, 11, 12]])
+    positions = torch.arange(6)[None]
+
+    def run(model):
+        cross = model.decoder.cross_kv(model.encoder(mel))
+        return model.decoder.logits(model.decoder.hidden(tokens, positions, model.new_cache(1), None, cross, causal_mask(positions, 448)))
+
+    names = set(ours.state_dict())
+    before = run(ours)
+    ours.fuse()
+    assert set(ours.state_dict()) == names
+    assert (run(ours) - before).abs().max() < 1e-4
