@@ -33,8 +33,10 @@ class ModelDims:
 
 
 class LayerNorm(nn.LayerNorm):
+    """Normalises in float32 whatever the model's dtype: fp16 statistics lose too much."""
+
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps).type(x.dtype)
 
 
 class Linear(nn.Linear):

@@ -13,6 +13,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default",
                         help="'default' (embedded whisper-base), a local path (HF dir, CTranslate2 dir, OpenAI .pt) or a hub id")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--medusa", metavar="HEADS", default=None,
+                        help="Medusa heads file (breeze-stream train-medusa); default: the shipped heads where they fit the model")
     from engines.trtllm.backend import add_backend_arguments
     add_backend_arguments(parser)  # --backend torch|trtllm-encoder|trtllm, --trtllm-engine-dir
 
@@ -50,7 +52,7 @@ def decoding_options(args: argparse.Namespace):
 def load_engine(args: argparse.Namespace):
     from engines.trtllm.backend import load_backend  # --backend torch is engines.engine.Engine.load
 
-    return load_backend(args, speculative=getattr(args, "speculative", "both"))
+    return load_backend(args, speculative=getattr(args, "speculative", "both"), medusa=args.medusa)
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:

@@ -3,7 +3,10 @@
 `process_request` answers the HTTP side before any WebSocket handshake: `GET /healthz` (200 once
 the model is loaded, 503 before), `GET /metrics` (Prometheus text), and the files of `web/`
 (`/` is `index.html`). WebSocket paths are looked up in `Server.routes` (`/v1/stream` is the
-native protocol; other adapters register theirs there); anything else is 404.
+native protocol, `/v1/realtime` OpenAI Realtime transcription, `/v1/twilio` Twilio Media Streams,
+`/v1/calls/{callSid}` the transcripts of calls; a key ending in "/" matches every path under
+it); anything else is 404. A WhisperLive-compatible listener runs on a port of its own when
+`ServerConfig.whisperlive.port` is set.
 
 The socket listens before the model is loaded (loading takes seconds to minutes), so health
 checks see 503 rather than a refused connection; WebSocket handshakes get 503 until then too.
@@ -34,13 +37,17 @@ from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from engines.engine import Engine
+from engines.trtllm.backend import create_engine
 
 from .cli import window_argument
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
+from .realtime import realtime_session
 from .segmenter import SegmenterConfig
 from .session import LANGUAGES, NativeSession, SessionConfig
 from .transcriber import TranscriberConfig
+from .twilio import CALLS_PREFIX, CallConfig, CallHub, call_subscriber_session, twilio_session
+from .whisperlive import WhisperLiveConfig, WhisperLiveListener
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +75,14 @@ class ServerConfig:
     model: str = "default"
     device: str = "auto"
     script: str = "traditional"
+    backend: str = "torch"  # torch | trtllm-encoder | trtllm (engines/trtllm/backend.py)
+    trtllm_engine_dir: str | None = None
+    self_test: bool = True
+    medusa: str | None = None  # Medusa heads file; None: the shipped heads where they fit the model
     session: SessionConfig = field(default_factory=SessionConfig)
     web_root: Path = WEB_ROOT
+    whisperlive: WhisperLiveConfig = field(default_factory=WhisperLiveConfig)
+    calls: CallConfig = field(default_factory=CallConfig)
 
 
 class Session(Protocol):
@@ -95,7 +108,10 @@ class Server:
         self.config = config
         self.engine = engine
         self.metrics = Metrics()
-        self.routes: dict[str, SessionFactory] = {"/v1/stream": native_session}
+        self.routes: dict[str, SessionFactory] = {"/v1/stream": native_session, "/v1/realtime": realtime_session,
+                                                  "/v1/twilio": twilio_session, CALLS_PREFIX: call_subscriber_session}
+        self.calls = CallHub(config.calls)  # transcripts of Twilio calls, to subscribers, webhook and log
+        self.whisperlive: WhisperLiveListener | None = None
         self._sessions: set[Session] = set()
         self._loading: asyncio.Future[Engine] | None = None
         self._load_error: Exception | None = None
@@ -113,13 +129,22 @@ class Server:
         max_size = FRAME_SLACK * self.config.session.max_frame_bytes
         self._ws = await serve(self._handle, self.config.host, self.config.port, process_request=self._http,
                                max_size=max_size, compression=None)  # PCM barely compresses; deflate costs CPU
+        if self.config.whisperlive.port is not None:
+            self.whisperlive = WhisperLiveListener(self)
+            try:
+                await self.whisperlive.start()
+            except OSError:
+                self._ws.close()
+                raise
         if self.engine is None:
             self._loading = asyncio.ensure_future(asyncio.to_thread(self._load))
 
     def _load(self) -> Engine:
         started = time.perf_counter()
         try:
-            engine = Engine.load(self.config.model, device=self.config.device, script=self.config.script)
+            engine = create_engine(self.config.backend, model=self.config.model, device=self.config.device,
+                                   engine_dir=self.config.trtllm_engine_dir, script=self.config.script,
+                                   self_test=self.config.self_test, medusa=self.config.medusa)
         except Exception as exc:
             log.error("loading the model %r failed: %s", self.config.model, exc)
             self._load_error = exc
@@ -139,13 +164,19 @@ class Server:
         if self._ws is None:
             return
         self._ws.close(close_connections=False)
+        if self.whisperlive is not None:
+            self.whisperlive.close()
         try:
             await asyncio.wait_for(self._drain(), SHUTDOWN_GRACE)
         except asyncio.TimeoutError:
+            connections = list(self._ws.connections) + (self.whisperlive.connections() if self.whisperlive else [])
             log.warning("sessions did not finish within %g s of shutdown; closing %d connections",
-                        SHUTDOWN_GRACE, len(self._ws.connections))
-            await asyncio.gather(*(c.close(CloseCode.GOING_AWAY, "server shutting down") for c in self._ws.connections))
+                        SHUTDOWN_GRACE, len(connections))
+            await asyncio.gather(*(c.close(CloseCode.GOING_AWAY, "server shutting down") for c in connections))
             await self._ws.wait_closed()
+            if self.whisperlive is not None:
+                await self.whisperlive.wait_closed()
+        await self.calls.aclose()  # webhook posts still queued get a few seconds
         if self._loading is not None:  # we loaded the engine, so we stop it
             engine = await asyncio.gather(self._loading, return_exceptions=True)
             if isinstance(engine[0], Engine):
@@ -154,6 +185,8 @@ class Server:
     async def _drain(self) -> None:
         await asyncio.gather(*(session.shutdown() for session in list(self._sessions)))
         await self._ws.wait_closed()
+        if self.whisperlive is not None:
+            await self.whisperlive.wait_closed()
 
     async def __aenter__(self) -> Server:
         await self.start()
@@ -164,8 +197,18 @@ class Server:
 
     # --- WebSocket ------------------------------------------------------------------------------
 
+    def route(self, path: str) -> SessionFactory | None:
+        """The session factory of a WebSocket path: an exact key, or the longest key ending in "/" above it."""
+        if path in self.routes:
+            return self.routes[path]
+        prefixes = [key for key in self.routes if key.endswith("/") and path.startswith(key)]
+        return self.routes[max(prefixes, key=len)] if prefixes else None
+
     async def _handle(self, connection: ServerConnection) -> None:
-        session = self.routes[urlsplit(connection.request.path).path](connection, self)
+        await self.run_session(self.route(urlsplit(connection.request.path).path)(connection, self))
+
+    async def run_session(self, session: Session) -> None:
+        """Runs a session to its end; shutdown flushes it (the WhisperLive listener's too)."""
         self._sessions.add(session)
         try:
             await session.run()
@@ -176,7 +219,7 @@ class Server:
 
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
-        if path in self.routes:
+        if self.route(path) is not None:
             if self.engine is None:
                 why = ("failed to load (see the server log)" if self._load_error is not None
                        else "is still loading; connect again when GET /healthz answers 200")
@@ -228,7 +271,8 @@ def respond(status: http.HTTPStatus, body: str | bytes, content_type: str = "tex
 
 
 def not_found(path: str) -> Response:
-    return respond(http.HTTPStatus.NOT_FOUND, f"{path} not found: WebSocket at /v1/stream; HTTP at /, /healthz, /metrics\n")
+    return respond(http.HTTPStatus.NOT_FOUND, f"{path} not found: WebSocket at /v1/stream, /v1/realtime, /v1/twilio, "
+                   "/v1/calls/{callSid}; HTTP at /, /healthz, /metrics\n")
 
 
 # --- `breeze-stream serve` -------------------------------------------------------------------------
@@ -269,6 +313,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest WebSocket frame a client may send (default %(default)s)")
     parser.add_argument("--idle-timeout", type=float, default=SessionConfig.idle_timeout, metavar="SECONDS",
                         help="a session without frames this long flushes its finals and ends, 0 for never (default %(default)s)")
+    compat = parser.add_argument_group("compatible protocols (OpenAI Realtime at /v1/realtime is always on)")
+    compat.add_argument("--whisperlive-port", type=int, default=None, metavar="PORT",
+                        help="also listen for WhisperLive clients on this port, any path (default: off)")
+    compat.add_argument("--whisperlive-max-clients", type=int, default=WhisperLiveConfig.max_clients, metavar="N",
+                        help="WhisperLive sessions at once; more get WAIT (default %(default)s)")
+    compat.add_argument("--whisperlive-max-connection-time", type=float, default=WhisperLiveConfig.max_connection_time,
+                        metavar="SECONDS", help="WhisperLive session limit, then DISCONNECT (default %(default)s)")
+    compat.add_argument("--call-webhook", default=None, metavar="URL",
+                        help="POST each final of Twilio calls (/v1/twilio) to this URL as JSON (default: off)")
+    compat.add_argument("--call-log", type=Path, default=None, metavar="DIR",
+                        help="append the finals of each Twilio call to DIR/{callSid}.jsonl (default: off)")
     vad = parser.add_argument_group("segmenter (webrtcvad)")
     defaults = SegmenterConfig()
     for flag, (name, text) in _SEGMENTER_FLAGS.items():
@@ -282,8 +337,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                                     final_window=args.final_window, speculative=args.speculative, segmenter=segmenter)
     session = SessionConfig(max_frame_bytes=args.max_frame_bytes, idle_timeout=args.idle_timeout,
                             language=args.language, transcriber=transcriber)
+    whisperlive = WhisperLiveConfig(port=args.whisperlive_port, max_clients=args.whisperlive_max_clients,
+                                    max_connection_time=args.whisperlive_max_connection_time)
+    calls = CallConfig(webhook=args.call_webhook, log_dir=args.call_log)
     return ServerConfig(host=args.host, port=args.port, model=args.model, device=args.device, script=args.script,
-                        session=session)
+                        backend=args.backend, trtllm_engine_dir=args.trtllm_engine_dir, self_test=args.self_test,
+                        medusa=args.medusa, session=session, whisperlive=whisperlive, calls=calls)
 
 
 async def serve_until_stopped(config: ServerConfig) -> int:
@@ -299,8 +358,10 @@ async def serve_until_stopped(config: ServerConfig) -> int:
         log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror or exc)
         return 1
     try:
-        log.info("listening on ws://%s:%d/v1/stream (demo page http://%s:%d/); loading model %r",
-                 config.host, server.port, config.host, server.port, config.model)
+        log.info("listening on ws://%s:%d/v1/stream, /v1/realtime, /v1/twilio, /v1/calls/{callSid} (demo page "
+                 "http://%s:%d/); loading model %r", config.host, server.port, config.host, server.port, config.model)
+        if server.whisperlive is not None:
+            log.info("WhisperLive clients: ws://%s:%d", config.host, server.whisperlive.port)
         ready = asyncio.ensure_future(server.wait_ready())
         stopping = asyncio.ensure_future(stop.wait())
         await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -318,8 +379,8 @@ async def serve_until_stopped(config: ServerConfig) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
-    except ValueError as exc:  # SegmenterConfig checks its ranges
-        log.error("bad segmenter option: %s", exc)
+    except ValueError as exc:  # SegmenterConfig and WhisperLiveConfig check their ranges
+        log.error("bad option: %s", exc)
         return 2
     if not getattr(args, "verbose", False):
         logging.getLogger("websockets").setLevel(logging.WARNING)  # one INFO line per HTTP request otherwise
