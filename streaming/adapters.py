@@ -1,0 +1,138 @@
+"""Pieces the protocol adapters share (OpenAI Realtime, WhisperLive, Twilio and its subscribers).
+
+Every adapter follows the native session's rules (streaming.session): one writer task per
+connection, so events, errors and the close go out in the order they were queued; nothing is
+sent after a close is queued; a vanished client just ends the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from engines.decoding import DecodingOptions
+from engines.tokenizer import LANGUAGES as WHISPER_LANGUAGES
+
+from .transcriber import StreamingTranscriber
+
+__all__ = ["Outbox", "Complaints", "ItemTranscriber", "join_text", "WHISPER_LANGUAGES"]
+
+
+@dataclass(frozen=True)
+class _Close:
+    code: int
+    reason: str
+
+
+class Outbox:
+    """The single writer of one connection: `send` queues a message, `close` queues the close."""
+
+    def __init__(self, connection: ServerConnection) -> None:
+        self._ws = connection
+        self._queue: asyncio.Queue[str | _Close] = asyncio.Queue()
+        self.closing = False  # a close is queued: nothing more goes out
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def send(self, message: str | dict) -> None:
+        if not self.closing:
+            self._queue.put_nowait(message if isinstance(message, str) else json.dumps(message, ensure_ascii=False))
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Queues the close (the first one wins); `reason` must fit a close frame (123 bytes)."""
+        if not self.closing:
+            self.closing = True
+            self._queue.put_nowait(_Close(code, reason.encode()[:120].decode(errors="ignore")))
+
+    @property
+    def backlog(self) -> int:
+        return self._queue.qsize()
+
+    async def wait(self) -> None:
+        """Until the close went out (or the client vanished)."""
+        if self._task is not None:
+            await self._task
+
+    async def _run(self) -> None:
+        try:
+            while not isinstance(item := await self._queue.get(), _Close):
+                await self._ws.send(item)
+            await self._ws.close(item.code, item.reason)
+        except ConnectionClosed:
+            pass
+
+
+class Complaints:
+    """Logs the first few bad messages of each kind on a connection, then only counts them.
+
+    Peers that ignore replies (Twilio) can repeat one mistake 50 times a second; the log gets
+    the first `limit` of each kind and a summary line at the end of the session.
+    """
+
+    def __init__(self, logger: logging.Logger, prefix: str, limit: int = 3) -> None:
+        self._log = logger
+        self._prefix = prefix
+        self._limit = limit
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, kind: str, message: str) -> None:
+        n = self.counts[kind] = self.counts.get(kind, 0) + 1
+        if n <= self._limit:
+            more = " (further ones are counted, not logged)" if n == self._limit else ""
+            self._log.warning("%s: ignored %s: %s%s", self._prefix, kind, message, more)
+
+    def summary(self) -> None:
+        if any(n > self._limit for n in self.counts.values()):
+            self._log.warning("%s: ignored messages by kind: %s", self._prefix,
+                              ", ".join(f"{kind} x{n}" for kind, n in sorted(self.counts.items())))
+
+
+def _spaced(c: str) -> bool:
+    return c.isascii() and c.isalnum()
+
+
+def join_text(parts: list[str]) -> str:
+    """Segment texts as one transcript: a space only between two Latin words or numbers."""
+    out = ""
+    for part in parts:
+        part = part.strip()
+        if not part:
+            continue
+        if out and _spaced(out[-1]) and _spaced(part[0]):
+            out += " "
+        out += part
+    return out
+
+
+class ItemTranscriber(StreamingTranscriber):
+    """The streaming transcriber with what the adapters need besides: `cut` closes the open segment
+    now (an OpenAI commit, an idle WhisperLive client) without waiting for its final, `set_options`
+    changes the decoding options of later decodes, and `on_resolved(index)` is called once a
+    segment's final is resolved (its `Final` emitted, or found to hold no speech: OpenAI items
+    need a `.completed` either way).
+
+    It reaches into StreamingTranscriber's internals (`_handle`, `_segmenter`, `_options`,
+    `_final`); tests/test_realtime.py covers each hook, so a change there shows up as a failure.
+    """
+
+    def __init__(self, *args, on_resolved=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_resolved = on_resolved
+
+    def cut(self) -> None:
+        self._handle(self._segmenter.flush())
+
+    def set_options(self, options: DecodingOptions) -> None:
+        self._options = options  # later decodes use them
+
+    async def _final(self, segment, arrival, before) -> None:
+        await super()._final(segment, arrival, before)
+        if self._on_resolved is not None and not self._failed and not self._closed:
+            self._on_resolved(segment.index)

@@ -1,0 +1,335 @@
+"""A WhisperLive-compatible listener (collabora/WhisperLive's WebSocket protocol) on its own port.
+
+Off by default; `breeze-stream serve --whisperlive-port 9090` turns it on. Any path is accepted
+(WhisperLive clients connect to `ws://HOST:PORT` with no path). Per connection:
+
+- the first frame is a JSON object with `uid` (required, echoed in every server message);
+  `language` (null or "auto" to detect; any Whisper language code), `task` (transcribe or
+  translate), `audio_format` (float32, the default; int16; uint8) and `send_last_n_segments` (10)
+  are read; every other key (model, use_vad, vad_parameters, max_clients, max_connection_time,
+  ...) is accepted and ignored;
+- a full listener answers `{"uid", "status": "WAIT", "message": <minutes until a slot frees>}` and
+  closes (1013, try again later);
+- otherwise `{"uid", "message": "SERVER_READY", "backend": "faster_whisper"}`. The stock clients
+  keep completed segments only from a backend named faster_whisper, whose segment shape this is;
+  `server` and `model` name the real one;
+- binary frames are mono 16 kHz audio in that format, any size;
+- the server sends `{"uid", "segments": [...]}` on every partial and final: the last
+  `send_last_n_segments` completed segments, then the open one with `completed: false`; times are
+  strings with three decimals, seconds from the start of the stream;
+- `END_OF_AUDIO`, as a binary or a text frame, flushes the open segment, sends its final
+  segments, and closes normally (1000);
+- at the session time limit (`--whisperlive-max-connection-time`) the open segment is flushed,
+  its segments sent, then `{"uid", "message": "DISCONNECT"}`, and the connection closes (1000);
+- with `language` null, `{"uid", "language", "language_prob": null}` is sent once, with the
+  language of the first final.
+
+Bad input (a first frame that is not a JSON object with a uid, an unknown language, task or
+audio_format, a text frame other than END_OF_AUDIO, a frame over the limit) gets
+`{"uid", "status": "ERROR", "message": ...}`, a log line, and a close (1008 or 1003, 1009 for size);
+the listener keeps serving the others. A client that disconnects ends its session at once; on
+server shutdown open segments are flushed and sent, then DISCONNECT and a close with 1001.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+from websockets.asyncio.server import Server as WebSocketServer
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
+from websockets.http11 import Request, Response
+
+from engines.decoding import DecodingOptions
+
+from .adapters import WHISPER_LANGUAGES, ItemTranscriber, Outbox
+from .codecs import AudioDecoder
+from .transcriber import Event, Failure, Final, Partial
+
+if TYPE_CHECKING:
+    from .server import Server
+
+log = logging.getLogger(__name__)
+
+END_OF_AUDIO = "END_OF_AUDIO"
+AUDIO_FORMATS = ("float32", "int16", "uint8")
+CLOSE_TIMEOUT = 2.0
+FIRST_EXAMPLE = '{"uid": "<uuid>", "language": "zh", "task": "transcribe", "model": "small", "use_vad": true}'
+
+
+@dataclass(frozen=True)
+class WhisperLiveConfig:
+    port: int | None = None
+    """Port of the listener; None: off."""
+    max_clients: int = 4
+    """Sessions at once; more get WAIT (WhisperLive's default is 4)."""
+    max_connection_time: float = 600.0
+    """Seconds a session may last before DISCONNECT (WhisperLive's default is 600)."""
+
+    def __post_init__(self) -> None:
+        if self.max_clients < 1 or self.max_connection_time <= 0:
+            raise ValueError("the WhisperLive listener needs max_clients >= 1 and max_connection_time > 0")
+
+
+class WhisperLiveListener:
+    """The listener's socket and its bookkeeping of sessions (for WAIT)."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.config: WhisperLiveConfig = server.config.whisperlive
+        self.active: dict[WhisperLiveSession, float] = {}  # session -> start time (monotonic)
+        self._ws: WebSocketServer | None = None
+
+    @property
+    def port(self) -> int:
+        return self._ws.sockets[0].getsockname()[1]
+
+    async def start(self) -> None:
+        max_size = 4 * self.server.config.session.max_frame_bytes
+        # close_timeout: websocket-client (the stock clients) answers the closing handshake but keeps
+        # its TCP socket open, which would hold each finished session (and shutdown) for 10 s
+        self._ws = await serve(self._handle, self.server.config.host, self.config.port, process_request=self._http,
+                               max_size=max_size, compression=None, close_timeout=CLOSE_TIMEOUT)
+
+    def close(self) -> None:
+        """Stops accepting; the server's shutdown flushes the sessions."""
+        if self._ws is not None:
+            self._ws.close(close_connections=False)
+
+    async def wait_closed(self) -> None:
+        if self._ws is not None:
+            await self._ws.wait_closed()
+
+    def connections(self) -> list[ServerConnection]:
+        return list(self._ws.connections) if self._ws is not None else []
+
+    def wait_minutes(self) -> float:
+        """Minutes until the oldest session reaches its time limit (WhisperLive's estimate)."""
+        now = time.monotonic()
+        remaining = [self.config.max_connection_time - (now - started) for started in self.active.values()]
+        return max(0.0, min(remaining)) / 60 if remaining else 0.0
+
+    def _http(self, connection: ServerConnection, request: Request) -> Response | None:
+        if self.server.engine is None:
+            from .server import respond
+            return respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "the model is still loading; connect again when "
+                           "GET /healthz on the main port answers 200\n")
+        return None
+
+    async def _handle(self, connection: ServerConnection) -> None:
+        await self.server.run_session(WhisperLiveSession(connection, self))
+
+
+class _Refused(Exception):
+    def __init__(self, message: str, close_code: int, metric: str = "bad_request") -> None:
+        super().__init__(message)
+        self.close_code = close_code
+        self.metric = metric
+
+
+def _fmt(seconds: float) -> str:
+    return f"{seconds:.3f}"
+
+
+class WhisperLiveSession:
+    def __init__(self, connection: ServerConnection, listener: WhisperLiveListener) -> None:
+        self.id = secrets.token_hex(6)
+        self._ws = connection
+        self._listener = listener
+        server = listener.server
+        self._engine = server.engine
+        self._metrics = server.metrics
+        self.config = server.config.session
+        self._out = Outbox(connection)
+        self._uid: object = None
+        self._format = "float32"
+        self._decoder: AudioDecoder | None = None
+        self._transcriber: ItemTranscriber | None = None
+        self._last_n = 10
+        self._completed: list[dict] = []
+        self._detect_language = False
+        self._finishing: asyncio.Future | None = None
+        self._started = time.monotonic()
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self._out.start()
+        try:
+            await self._serve()
+        except ConnectionClosed as exc:
+            if self._finishing is None:
+                log.info("whisperlive %s: client closed (%s)", self.id, exc)
+        except _Refused as exc:
+            log.warning("whisperlive %s: %s", self.id, exc)
+            self._metrics.errors.labels(exc.metric).inc()
+            self._send({"status": "ERROR", "message": str(exc)})
+            self._out.close(exc.close_code, "bad request")
+        except Exception:
+            log.exception("whisperlive %s: internal error", self.id)
+            self._metrics.errors.labels("internal").inc()
+            self._send({"status": "ERROR", "message": "the server failed on this session (the failure is logged)"})
+            self._out.close(CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            self._listener.active.pop(self, None)
+            if self._transcriber is not None:
+                await self._transcriber.aclose()
+                self._metrics.sessions_active.dec()
+            self._out.close(CloseCode.NORMAL_CLOSURE)
+            await self._out.wait()
+
+    async def shutdown(self) -> None:
+        if self._transcriber is None:
+            self._out.close(CloseCode.GOING_AWAY, "server shutting down")
+            return
+        await self._finish(disconnect=True)
+        self._out.close(CloseCode.GOING_AWAY, "server shutting down")
+
+    async def _finish(self, disconnect: bool) -> None:
+        if self._finishing is None:
+            self._finishing = asyncio.ensure_future(self._flush(disconnect))
+        await asyncio.shield(self._finishing)
+
+    async def _flush(self, disconnect: bool) -> None:
+        self._transcriber.feed(self._decoder.flush())
+        await self._transcriber.finish()
+        if disconnect:
+            self._send({"message": "DISCONNECT"})
+        log.info("whisperlive %s: ended after %.1f s of audio", self.id, self._transcriber.seconds)
+
+    # --- receiving ----------------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        try:
+            first = await asyncio.wait_for(self._ws.recv(), self.config.idle_timeout or None)
+        except asyncio.TimeoutError:
+            raise _Refused(f"no options message within {self.config.idle_timeout:g} s; send {FIRST_EXAMPLE} right "
+                           "after connecting", CloseCode.POLICY_VIOLATION) from None
+        options = self._options(first)
+        limits = self._listener.config
+        if len(self._listener.active) >= limits.max_clients:
+            wait = self._listener.wait_minutes()
+            log.info("whisperlive %s: full (%d sessions); WAIT %.1f min", self.id, len(self._listener.active), wait)
+            self._metrics.errors.labels("overloaded").inc()
+            self._send({"status": "WAIT", "message": wait})
+            self._out.close(CloseCode.TRY_AGAIN_LATER, "server full")
+            return
+        self._listener.active[self] = self._started
+        self._begin(options)
+        deadline = self._started + limits.max_connection_time
+        while True:
+            timeout = deadline - time.monotonic()
+            if self.config.idle_timeout:
+                timeout = min(timeout, self.config.idle_timeout)
+            try:
+                message = await asyncio.wait_for(self._ws.recv(), max(timeout, 0.001))
+            except asyncio.TimeoutError:
+                if time.monotonic() >= deadline:
+                    log.info("whisperlive %s: reached the session limit of %g s", self.id, limits.max_connection_time)
+                    await self._finish(disconnect=True)
+                    self._out.close(CloseCode.NORMAL_CLOSURE, "session time limit")
+                    return
+                self._transcriber.cut()  # idle: the open segment gets its final; the session goes on
+                continue
+            if self._finishing is not None:
+                continue
+            if len(message) > self.config.max_frame_bytes:
+                raise _Refused(f"a frame of {len(message)} bytes is over this server's limit of "
+                               f"{self.config.max_frame_bytes} bytes; send 4096-sample frames", CloseCode.MESSAGE_TOO_BIG,
+                               "frame_too_large")
+            if message in (END_OF_AUDIO, END_OF_AUDIO.encode()):
+                await self._finish(disconnect=False)
+                self._out.close(CloseCode.NORMAL_CLOSURE)
+                return
+            if isinstance(message, str):
+                raise _Refused(f"expected binary audio frames or END_OF_AUDIO, got the text frame {message[:60]!r}",
+                               CloseCode.UNSUPPORTED_DATA)
+            self._transcriber.feed(self._decode(message))
+
+    def _options(self, first: str | bytes) -> dict:
+        if isinstance(first, bytes):
+            try:
+                first = first.decode()
+            except UnicodeDecodeError:
+                raise _Refused(f"the first frame must be the JSON options, {FIRST_EXAMPLE}; got audio",
+                               CloseCode.UNSUPPORTED_DATA) from None
+        try:
+            options = json.loads(first)
+        except ValueError as exc:
+            raise _Refused(f"the first frame is not valid JSON ({exc}); send {FIRST_EXAMPLE}", CloseCode.INVALID_DATA) from None
+        if not isinstance(options, dict) or options.get("uid") in (None, ""):
+            raise _Refused(f"the first frame must be a JSON object with a \"uid\", {FIRST_EXAMPLE}",
+                           CloseCode.POLICY_VIOLATION)
+        self._uid = options["uid"]
+        language = options.get("language")
+        if language not in (None, "", "auto") and (not isinstance(language, str) or language.lower() not in WHISPER_LANGUAGES):
+            raise _Refused(f"language {language!r} is not a Whisper language code; use for example \"zh\" or \"en\", or "
+                           "null to detect it", CloseCode.POLICY_VIOLATION)
+        task = options.get("task") or "transcribe"
+        if task not in ("transcribe", "translate"):
+            raise _Refused(f"task must be \"transcribe\" or \"translate\", got {task!r}", CloseCode.POLICY_VIOLATION)
+        audio_format = options.get("audio_format") or "float32"
+        if audio_format not in AUDIO_FORMATS:
+            raise _Refused(f"audio_format must be one of {', '.join(AUDIO_FORMATS)}, got {audio_format!r}",
+                           CloseCode.POLICY_VIOLATION, "unsupported_encoding")
+        last_n = options.get("send_last_n_segments", 10)
+        if not isinstance(last_n, int) or isinstance(last_n, bool) or last_n < 0:
+            raise _Refused(f"send_last_n_segments must be a non-negative integer, got {last_n!r}", CloseCode.POLICY_VIOLATION)
+        return {"language": None if language in (None, "", "auto") else language.lower(), "task": task,
+                "audio_format": audio_format, "send_last_n_segments": last_n}
+
+    def _begin(self, options: dict) -> None:
+        self._format = options["audio_format"]
+        self._last_n = options["send_last_n_segments"]
+        self._detect_language = options["language"] is None
+        self._decoder = AudioDecoder("pcm_s16le" if self._format == "int16" else "pcm_f32le", 16000)
+        decoding = DecodingOptions(language=options["language"], task=options["task"])
+        self._transcriber = ItemTranscriber(self._engine, decoding, self._on_event, config=self.config.transcriber,
+                                                 metrics=self._metrics)
+        self._metrics.sessions.inc()
+        self._metrics.sessions_active.inc()
+        log.info("whisperlive %s: started from %s, uid %s, %s, language %s, task %s", self.id, self._ws.remote_address,
+                 self._uid, self._format, options["language"] or "auto", options["task"])
+        self._send({"message": "SERVER_READY", "backend": "faster_whisper", "server": "breeze-stream",
+                    "model": self._engine.name})
+
+    def _decode(self, frame: bytes) -> np.ndarray:
+        if self._format == "uint8":
+            return (np.frombuffer(frame, np.uint8).astype(np.float32) - 128.0) / 128.0
+        return self._decoder.decode(frame)
+
+    # --- sending ------------------------------------------------------------------------------
+
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, Failure):
+            self._metrics.errors.labels("internal").inc()
+            self._send({"status": "ERROR", "message": "transcription failed on the server (the failure is logged)"})
+            self._out.close(CloseCode.INTERNAL_ERROR, "transcription failed")
+            return
+        segment = {"start": _fmt(event.start), "end": _fmt(event.end), "text": event.text}
+        if isinstance(event, Final):
+            self._completed.append({**segment, "completed": True})
+            if self._detect_language:
+                self._detect_language = False
+                self._send({"language": event.transcript.language, "language_prob": None})
+            self._send({"segments": self._recent()})
+        elif isinstance(event, Partial):
+            recent = self._recent()
+            if event.text or not recent:  # an empty text retracts the partial (never an empty list)
+                recent.append({**segment, "completed": False})
+            self._send({"segments": recent})
+
+    def _recent(self) -> list[dict]:
+        return self._completed[-max(self._last_n, 1):]  # clients read segments[-1]: never an empty list
+
+    def _send(self, message: dict) -> None:
+        self._out.send({"uid": self._uid, **message})
