@@ -1,9 +1,10 @@
 """Medusa heads: cheap draft tokens from the decoder's own last hidden state (Medusa-1).
 
 K heads (default 4) sit on the decoder's last hidden state (after its final layer norm). Head k
-is one residual block, ``h + SiLU(W_k h + b_k)``, followed by the model's own (tied) output
-projection, ``model.decoder.logits``; nothing else is added, so heads for whisper-base are
-K x (512 x 512 + 512) parameters (about 2 MB in fp16).
+is a residual block, ``h + SiLU(W_k h + b_k)`` (or a stack of ``n_layers`` of them, Medusa-1's
+``medusa_num_layers``), followed by the model's own (tied) output projection,
+``model.decoder.logits``; nothing else is added, so single-block heads for whisper-base are
+K x (512 x 512 + 512) parameters (about 2 MB in fp16), and each extra layer adds as much.
 
 Convention (the one thing a caller must get right). Let ``x_0 .. x_t`` be the tokens fed so far
 (prompt and generated) and ``h_t`` the decoder's last hidden state at the position of input ``x_t``:
@@ -57,8 +58,15 @@ class ResidualBlock(nn.Module):
         return h + F.silu(F.linear(h, w.to(h.dtype), b.to(h.dtype)))
 
 
+def _head(n_state: int, n_layers: int) -> nn.Module:
+    if n_layers == 1:
+        return ResidualBlock(n_state)
+    return nn.Sequential(*(ResidualBlock(n_state) for _ in range(n_layers)))
+
+
 class MedusaHeads(nn.Module):
-    """K residual blocks on the decoder's last hidden state.
+    """K heads on the decoder's last hidden state, each ``n_layers`` residual blocks (Medusa-1's
+    ``medusa_num_layers``; 1 is the classic single block, ``blocks[k].linear``).
 
     ``heads(hidden)``: hidden ``[..., n_state]`` -> per-head hidden ``[..., K, n_state]``; feed it
     to ``model.decoder.logits`` for ``[..., K, n_vocab]`` (see the module docstring for which
@@ -66,13 +74,14 @@ class MedusaHeads(nn.Module):
     they are cast to the hidden state's dtype on the fly.
     """
 
-    def __init__(self, n_state: int, n_heads: int = DEFAULT_HEADS):
+    def __init__(self, n_state: int, n_heads: int = DEFAULT_HEADS, n_layers: int = 1):
         super().__init__()
-        if n_heads < 1:
-            raise ValueError(f"n_heads must be at least 1, got {n_heads}")
+        if n_heads < 1 or n_layers < 1:
+            raise ValueError(f"n_heads and n_layers must be at least 1, got {n_heads} and {n_layers}")
         self.n_state = n_state
         self.n_heads = n_heads
-        self.blocks = nn.ModuleList(ResidualBlock(n_state) for _ in range(n_heads))
+        self.n_layers = n_layers
+        self.blocks = nn.ModuleList(_head(n_state, n_layers) for _ in range(n_heads))
         self.meta: dict[str, str] = {}  # what load_heads read from the file
 
     def forward(self, hidden: Tensor) -> Tensor:
@@ -104,14 +113,14 @@ def save_heads(path: str | Path, heads: MedusaHeads, meta: Mapping[str, object] 
                dtype: torch.dtype = torch.float16) -> Path:
     """Write the heads as safetensors (fp16 by default) with string metadata.
 
-    Always recorded: format, n_state, n_heads. Expected from the caller: base_model (the model
+    Always recorded: format, n_state, n_heads, n_layers. Expected from the caller: base_model (the model
     the heads were trained on), data_recipe (an id of the training data); anything else in
     ``meta`` is kept too (non-strings as JSON)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: p.detach().to("cpu", dtype).contiguous() for name, p in heads.state_dict().items()}
     info = {k: v if isinstance(v, str) else json.dumps(v, ensure_ascii=False) for k, v in (meta or {}).items()}
-    info.update(format=FORMAT, n_state=str(heads.n_state), n_heads=str(heads.n_heads))
+    info.update(format=FORMAT, n_state=str(heads.n_state), n_heads=str(heads.n_heads), n_layers=str(heads.n_layers))
     info.setdefault("base_model", "unknown")
     info.setdefault("data_recipe", "unknown")
     tmp = path.with_name(path.name + ".tmp")
@@ -149,7 +158,7 @@ def load_heads(path: str | Path, model_dims, *, device: torch.device | str = "cp
         raise ValueError(f"{path}: these Medusa heads were trained for a decoder of width {n_state} "
                          f"(base model {meta.get('base_model', 'unknown')!r}), but the model's decoder width is "
                          f"{want}; train heads for this model with `breeze-stream train-medusa`")
-    heads = MedusaHeads(n_state, n_heads)
+    heads = MedusaHeads(n_state, n_heads, int(meta.get("n_layers", "1")))
     missing, unexpected = heads.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: damaged heads file (missing {sorted(missing)}, unexpected {sorted(unexpected)})")

@@ -145,6 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None)
     p.set_defaults(func=cmd_bench_offline)
 
+    p = sub.add_parser("train-medusa", help="train Medusa draft heads by self-distillation (labels: the model's own greedy output)")
+    from engines.medusa_train import add_train_arguments, run_train
+    add_train_arguments(p)
+    p.set_defaults(func=run_train)
+
     p = sub.add_parser("bench-engine", help="encoder/decoder speed on random weights of a model shape (CUDA graphs, HF baseline)")
     from engines.bench import add_bench_arguments, run_bench
     add_bench_arguments(p)

@@ -24,11 +24,24 @@ def test_hypothesis_draft_resynchronises_on_the_newest_ngram():
     assert d.propose([42], 3) is None  # nothing to match
 
 
-def test_medusa_tree_shape():
-    heads = MedusaHeads(64, 4)
-    drafter = MedusaDrafter(decoder_model := torch.nn.Module(), heads)  # noqa: F841
-    assert drafter.top_k == 3
+def test_medusa_tree_takes_top_two_of_head_0_and_top_one_of_head_1():
+    class Identity:
+        n_heads = 4
+
+        def __call__(self, hidden):  # per-head "hidden" = per-head logits here
+            return hidden
+
+    model = torch.nn.Module()
+    model.decoder = type("D", (), {"logits": staticmethod(lambda h: h)})()
+    drafter = MedusaDrafter(model, Identity())
     assert drafter.propose([1], 8) is None  # nothing observed yet
+    logits = torch.zeros(4, 10)
+    logits[0, 7], logits[0, 3] = 2.0, 1.0  # head 0: 7 then 3
+    logits[1, 5] = 1.0  # head 1: 5
+    drafter.observe(logits)
+    draft = drafter.propose([1], 8)
+    assert draft.tokens == [7, 3, 5] and draft.parents == [-1, -1, 0]
+    assert drafter.propose([1], 8) is None  # a hidden state drafts once
 
 
 def test_speculation_with_every_source_is_exact(decoder):  # noqa: F811
