@@ -48,21 +48,32 @@ class MedusaDrafter:
     """Proposes a tree of the heads' top-k tokens from the hidden state `observe` last saw.
 
     The heads run only when a proposal is asked for, so with the hypothesis drafter in front
-    they cost nothing while the old hypothesis still drafts."""
+    they cost nothing while the old hypothesis still drafts. Drafts are not free (every node
+    costs an output projection, which a CPU feels), so a segment whose Medusa drafts keep
+    missing stops asking: after `probation` proposals with fewer than `min_hit_rate` of them
+    followed by at least their first token, this drafter proposes nothing more."""
 
     source = "medusa"
 
-    def __init__(self, model: Whisper, heads, tree: tuple[tuple[int, ...], ...] = DEFAULT_TREE):
+    def __init__(self, model: Whisper, heads, tree: tuple[tuple[int, ...], ...] = DEFAULT_TREE,
+                 probation: int = 6, min_hit_rate: float = 0.25):
         self.model, self.heads = model, heads
         self.tree = [path for path in tree if len(path) <= heads.n_heads]
         self.top_k = 1 + max(rank for path in self.tree for rank in path)
+        self.probation, self.min_hit_rate = probation, min_hit_rate
         self.hidden: Tensor | None = None
+        self.firsts: set[int] = set()  # the depth-1 tokens of the last proposal
+        self.at = -1  # len(generated) when it was made
+        self.proposals = self.hits = 0
 
     def observe(self, hidden: Tensor) -> None:
         self.hidden = hidden
 
     def propose(self, generated: list[int], limit: int) -> Draft | None:
-        if self.hidden is None:
+        if self.at >= 0 and len(generated) > self.at:
+            self.hits += generated[self.at] in self.firsts
+            self.at = -1
+        if self.hidden is None or (self.proposals >= self.probation and self.hits < self.min_hit_rate * self.proposals):
             return None
         depth = max(len(path) for path in self.tree)
         with torch.inference_mode():
@@ -77,4 +88,7 @@ class MedusaDrafter:
                 index[path] = len(tokens)
                 parents.append(index[path[:-1]])
                 tokens.append(candidates[len(path) - 1][path[-1]])
+        self.firsts = {t for t, p in zip(tokens, parents) if p == -1}
+        self.at = len(generated)
+        self.proposals += 1
         return Draft(tokens, parents, self.source)

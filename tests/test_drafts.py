@@ -64,3 +64,24 @@ def test_speculation_with_every_source_is_exact(decoder):  # noqa: F811
     assert spec[0].draft_proposed["medusa"] > 0
     assert spec[1].draft_accepted["hypothesis"] >= len(half[1]) - 3
     assert spec[2].forwards < plain[2].forwards
+
+
+def test_medusa_drafter_stops_proposing_after_repeated_misses():
+    class Identity:
+        n_heads = 2
+
+        def __call__(self, hidden):
+            return hidden
+
+    model = torch.nn.Module()
+    model.decoder = type("D", (), {"logits": staticmethod(lambda h: h)})()
+    drafter = MedusaDrafter(model, Identity(), probation=3, min_hit_rate=0.5)
+    logits = torch.zeros(2, 10)
+    logits[0, 7] = 1.0
+    generated = [1]
+    for _ in range(3):  # three proposals of 7, and the decoder goes another way each time
+        drafter.observe(logits)
+        assert drafter.propose(generated, 4).tokens[0] == 7
+        generated.append(2)
+    drafter.observe(logits)
+    assert drafter.propose(generated, 4) is None
