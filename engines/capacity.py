@@ -125,6 +125,7 @@ class SimConfig:
     draft_noise: float = 0.0
     pause: tuple[float, float] = (0.3, 1.0)
     max_segment: float = 28.0
+    drain: float = 20.0  # seconds to wait for outstanding requests after the last submission
     seed: int = 0
 
 
@@ -214,6 +215,13 @@ async def _simulate(engine, config: SimConfig, probe: _EngineProbe) -> dict:
     def now() -> float:
         return loop.time() - t0
 
+    def post(fn, *args) -> None:
+        """From the engine's thread onto the loop (a late result after the run is dropped)."""
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: the run is over
+            pass
+
     def options(seconds: float) -> DecodingOptions:
         return DecodingOptions(language="zh", max_new_tokens=max(1, math.ceil(config.rate * seconds)))
 
@@ -241,7 +249,7 @@ async def _simulate(engine, config: SimConfig, probe: _EngineProbe) -> dict:
             stats.partials_submitted += 1
             sent = now()
             fut = submit(s, available, final=False)
-            fut.add_done_callback(lambda f: loop.call_soon_threadsafe(partial_done, s, f, sent))
+            fut.add_done_callback(lambda f: post(partial_done, s, f, sent))
         else:
             at = s.seg_start + s.decoded + config.partial_interval
             if at < s.seg_start + s.seg_len:
@@ -250,7 +258,9 @@ async def _simulate(engine, config: SimConfig, probe: _EngineProbe) -> dict:
     def partial_done(s: _Stream, fut, sent: float) -> None:
         outstanding.discard(fut)
         s.partial_busy = False
-        if fut.exception() is not None:
+        if fut.cancelled():
+            pass
+        elif fut.exception() is not None:
             stats.errors.append(repr(fut.exception()))
         else:
             result = fut.result()
@@ -277,13 +287,15 @@ async def _simulate(engine, config: SimConfig, probe: _EngineProbe) -> dict:
         s.final_busy = True
         sent = now()
         fut = submit(s, s.seg_len, final=True)
-        fut.add_done_callback(lambda f: loop.call_soon_threadsafe(final_done, s, f, sent, s.seg_len))
+        fut.add_done_callback(lambda f, seconds=s.seg_len: post(final_done, s, f, sent, seconds))
         loop.call_at(t0 + sent + s.rng.uniform(*config.pause), start_segment, s)
 
     def final_done(s: _Stream, fut, sent: float, seconds: float) -> None:
         outstanding.discard(fut)
         s.final_busy = False
-        if fut.exception() is not None:
+        if fut.cancelled():
+            pass
+        elif fut.exception() is not None:
             stats.errors.append(repr(fut.exception()))
         else:
             t = fut.result()
@@ -307,9 +319,15 @@ async def _simulate(engine, config: SimConfig, probe: _EngineProbe) -> dict:
     wall = time.perf_counter() - measure_start
     engine_summary = probe.summary(wall)
     try:
-        await asyncio.wait_for(done_event.wait(), timeout=120)
-    except asyncio.TimeoutError:
-        stats.errors.append(f"{len(outstanding)} requests still outstanding 120 s after the end")
+        await asyncio.wait_for(done_event.wait(), timeout=config.drain)
+    except asyncio.TimeoutError:  # overloaded: drop the backlog so the next run starts clean
+        stats.errors.append(f"{len(outstanding)} requests still outstanding {config.drain:.0f} s after the end")
+        for fut in list(outstanding):
+            fut.cancel()
+        for _ in range(100):
+            if not engine.batch.active and not engine._queue:
+                break
+            await asyncio.sleep(0.1)
     finals = [f for f in stats.finals if config.warmup <= f["sent"] < end_submit]
     lat = [f["latency"] for f in finals]
     tokens = sum(f["tokens"] for f in finals)
@@ -354,6 +372,9 @@ def add_capacity_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-noise", type=float, default=0.0)
     parser.add_argument("--no-graphs", action="store_true", help="eager decoder steps")
     parser.add_argument("--cross-attention", default=None, help="GraphOptions.cross_attention (sdpa | efficient | flash)")
+    parser.add_argument("--prewarm", default="300:12",
+                        help="STREAMS:SECONDS of an unmeasured run first, so that CUDA graphs are recorded before "
+                             "measuring (a server records them once, at start); 0:0 = none")
     parser.add_argument("--json", metavar="OUT")
     parser.add_argument("--measure-rate", metavar="MANIFEST", help="only print the token rate of a manifest's references")
 
@@ -379,13 +400,25 @@ def run_capacity(args: argparse.Namespace) -> int:
               "torch": torch.__version__, "shape": args.shape, "dtype": str(dtype).replace("torch.", ""),
               "max_batch": args.max_batch, "speculative": args.speculative, "graphs": not args.no_graphs,
               "build_s": round(time.perf_counter() - t0, 1), "runs": []}
+    warm_streams, warm_seconds = (float(x) for x in args.prewarm.split(":"))
+    if warm_streams and warm_seconds:
+        t1 = time.perf_counter()
+        simulate(engine, SimConfig(streams=int(warm_streams), duration=warm_seconds, warmup=2.0, rate=args.rate,
+                                   partial_window=args.partial_window, final_window=args.final_window, drain=10.0))
+        report["prewarm"] = {"streams": int(warm_streams), "seconds": warm_seconds, "wall_s": round(time.perf_counter() - t1, 1)}
+        print(f"prewarm: {report['prewarm']}", flush=True)
     for n in [int(x) for x in args.streams.split(",")]:
         config = SimConfig(streams=n, duration=args.duration, warmup=args.warmup, rate=args.rate,
                            partial_window=args.partial_window, final_window=args.final_window, draft_noise=args.draft_noise)
         result = simulate(engine, config)
         if engine.batch.runner is not None:
             st = engine.batch.runner.stats
-            result["graphs"] = {"captured": st.captures, "capture_s": round(st.capture_seconds, 2), "replays": st.replays}
+            result["graphs"] = {"captured": st.captures, "capture_s": round(st.capture_seconds, 2), "replays": st.replays,
+                                "cross_attention": engine.batch.runner.cross_attention}
+        if hasattr(engine.encoder, "stats"):
+            st = engine.encoder.stats
+            result["encoder_graphs"] = {"captured": st.captures, "capture_s": round(st.capture_seconds, 2),
+                                        "replays": st.replays, "eager": st.eager}
         report["runs"].append(result)
         lat = result["final_latency_s"]
         e = result["engine"]
@@ -396,6 +429,9 @@ def run_capacity(args: argparse.Namespace) -> int:
               f"  errors {result['error_count']}", flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2))
+        if result["error_count"] and not result["finals"]:
+            print("stopping: the engine fails:", result["errors"][:2], flush=True)
+            break
     engine.close()
     return 0
 

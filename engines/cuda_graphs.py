@@ -30,6 +30,7 @@ directly: the reference, and the only mode on the CPU).
 from __future__ import annotations
 
 import functools
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -65,6 +66,7 @@ class GraphOptions:
     # that read each row's own frames from the full-window pools), "auto" (the fastest of those
     # that pass a check on this GPU; sdpa on the CPU)
     cross_attention: str = "auto"
+    encoder: bool = True  # the engine also replays its encoder as CUDA graphs (GraphedEncoder)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -82,8 +84,8 @@ class _Buffers:
     slots: Tensor  # [B, W] int64
     hidden: Tensor  # [B, W, D] model dtype
     logits: Tensor  # [B, W, V] model dtype (made float32 outside the graph)
-    masks: dict[int, Tensor] = field(default_factory=dict)  # context bucket -> [B, 1, W, C] bool
-    cross_masks: dict[int, Tensor] = field(default_factory=dict)  # frame bucket -> [B, 1, 1, F] bool
+    masks: dict[int, Tensor] = field(default_factory=dict)  # context bucket -> [B, 1, W, C] additive (0 / -inf)
+    cross_masks: dict[int, Tensor] = field(default_factory=dict)  # frame bucket -> [B, 1, 1, F] additive
     key_lengths: KeyLengths | None = None  # variable-length cross-attention (full-window pools)
 
 
@@ -130,6 +132,7 @@ class StepRunner:
         if self.mode == "compile":
             for t in (cache.k, cache.v, cross_k, cross_v):
                 torch._dynamo.mark_static_address(t)
+        float32_layer_norms(model.decoder)
 
     # -- shapes ---------------------------------------------------------------------------------
 
@@ -164,9 +167,9 @@ class StepRunner:
         batch, width, frames, context, masked = key
         io = self._io(batch, width)
         mask = io.masks.get(context)
-        if mask is None:
-            mask = io.masks[context] = torch.zeros((batch, 1, width, context), dtype=torch.bool, device=self.device)
-            mask[:, :, :, 0] = True
+        if mask is None:  # additive (0 / -inf) in the model's dtype: SDPA would convert a boolean one in every layer
+            mask = io.masks[context] = torch.full((batch, 1, width, context), -math.inf, dtype=self.cache.dtype, device=self.device)
+            mask[:, :, :, 0] = 0
             if self.mode == "compile":
                 torch._dynamo.mark_static_address(mask)
         cross_mask = None
@@ -179,7 +182,7 @@ class StepRunner:
         elif masked:
             cross_mask = io.cross_masks.get(frames)
             if cross_mask is None:
-                cross_mask = io.cross_masks[frames] = torch.ones((batch, 1, 1, frames), dtype=torch.bool, device=self.device)
+                cross_mask = io.cross_masks[frames] = torch.zeros((batch, 1, 1, frames), dtype=self.cache.dtype, device=self.device)
                 if self.mode == "compile":
                     torch._dynamo.mark_static_address(cross_mask)
         return mask, cross_mask
@@ -239,12 +242,12 @@ class StepRunner:
         io.tokens.zero_()
         io.positions.zero_()
         io.slots.fill_(self.n_ctx - 1)
-        mask.zero_()
-        mask[:, :, :, 0] = True
+        mask.fill_(-math.inf)
+        mask[:, :, :, 0] = 0
         if isinstance(cross_mask, KeyLengths):
             cross_mask.lengths.fill_(1)
         elif cross_mask is not None:
-            cross_mask.fill_(True)
+            cross_mask.zero_()
 
     def prepare(self, tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray, mask: np.ndarray,
                 frames: list[int]) -> tuple:
@@ -255,6 +258,8 @@ class StepRunner:
         batch, _, n_frames, context, masked = key
         io = self._io(batch, width)
         mask_buf, cross_buf = self._masks(key)
+        if key not in self._steps:
+            self._step_fn(key)  # record first: recording resets the static inputs (its warm-up runs execute)
         pad = batch - n
         t = np.zeros((3, batch, width), dtype=np.int64)
         t[0, :n], t[1, :n], t[2, :n] = tokens, positions, slots
@@ -267,7 +272,7 @@ class StepRunner:
         io.tokens.copy_(staged[0])
         io.positions.copy_(staged[1])
         io.slots.copy_(staged[2])
-        mask_buf.copy_(torch.from_numpy(m))
+        mask_buf.copy_(torch.from_numpy(np.where(m, 0.0, -np.inf).astype(np.float32)))
         if isinstance(cross_buf, KeyLengths):
             lengths = np.ones(batch, dtype=np.int32)
             lengths[:n] = frames
@@ -275,7 +280,7 @@ class StepRunner:
         elif masked:
             cm = np.ones((batch, 1, 1, n_frames), dtype=bool)
             cm[:n, 0, 0] = np.arange(n_frames)[None, :] < np.asarray(frames)[:, None]
-            cross_buf.copy_(torch.from_numpy(cm))
+            cross_buf.copy_(torch.from_numpy(np.where(cm, 0.0, -np.inf).astype(np.float32)))
         return key
 
     def launch(self, key) -> None:
@@ -452,7 +457,84 @@ def cross_attention_report(heads: int, dim: int, frames: int, dtype: torch.dtype
         try:
             got = keys(q, k, v)
             diff = (got.float() - reference.float()).abs().max().item()
-            out[kernel] = {"ok": diff < 2e-2, "max_abs_diff": diff, "ms": timing(lambda: keys(q, k, v))}
+            ms = timing(lambda: keys(q, k, v))
+            # it must also record into a CUDA graph (no host synchronisation inside)
+            static = torch.empty_like(got)
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                static.copy_(keys(q, k, v))
+            torch.cuda.current_stream(device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                static.copy_(keys(q, k, v))
+            static.zero_()
+            graph.replay()
+            torch.cuda.synchronize(device)
+            graphed = (static.float() - reference.float()).abs().max().item()
+            out[kernel] = {"ok": diff < 2e-2 and graphed < 2e-2, "max_abs_diff": diff, "graph_max_abs_diff": graphed, "ms": ms}
         except Exception as exc:  # an op missing or refusing these shapes on this build
             out[kernel] = {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
     return out
+
+
+def float32_layer_norms(module: torch.nn.Module) -> None:
+    """Keeps the layer norms' weights in float32: they normalise in float32 anyway (model.LayerNorm),
+    and an fp16 weight costs two cast kernels per call (about 200 of a Breeze decoder step's
+    kernels). The values are unchanged (fp16 -> fp32 is exact)."""
+    from .model import LayerNorm
+
+    for m in module.modules():
+        if isinstance(m, LayerNorm) and m.weight.dtype != torch.float32:
+            m.float()
+
+
+class GraphedEncoder:
+    """The encoder replayed as CUDA graphs per (batch bucket, mel frames): at batch 1 an eager
+    Breeze encoder call costs about 12 ms whatever the window (launch-bound: ~500 kernels),
+    which an engine admitting requests of several window lengths pays once per length.
+
+    Inputs are copied into a static [B, n_mels, frames] buffer (rows past n keep stale, finite
+    values; their outputs are ignored); the output is cloned, so callers may keep it."""
+
+    def __init__(self, encoder: torch.nn.Module, batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32), max_graphs: int = 64):
+        self.encoder = encoder
+        self.batch_buckets = tuple(sorted(batch_buckets))
+        self.max_graphs = max_graphs
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
+        self._pool = torch.cuda.graph_pool_handle()
+        self.stats = RunnerStats()
+        float32_layer_norms(encoder)
+
+    def __call__(self, mel: Tensor) -> Tensor:
+        n, _, frames = mel.shape
+        batch = bucket(n, self.batch_buckets)
+        key = (batch, frames)
+        entry = self._graphs.get(key)
+        if entry is None:
+            if batch > self.batch_buckets[-1] or len(self._graphs) >= self.max_graphs:
+                self.stats.eager += 1
+                return self.encoder(mel)
+            entry = self._graphs[key] = self._capture(batch, mel)
+        graph, static_in, static_out = entry
+        static_in[:n].copy_(mel)
+        graph.replay()
+        self.stats.replays += 1
+        return static_out[:n].clone()
+
+    def _capture(self, batch: int, mel: Tensor):
+        t0 = time.perf_counter()
+        static_in = torch.zeros((batch, *mel.shape[1:]), dtype=mel.dtype, device=mel.device)
+        static_in[: mel.shape[0]].copy_(mel)
+        stream = torch.cuda.Stream(mel.device)
+        stream.wait_stream(torch.cuda.current_stream(mel.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.encoder(static_in)
+        torch.cuda.current_stream(mel.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            static_out = self.encoder(static_in)
+        self.stats.captures += 1
+        self.stats.capture_seconds += time.perf_counter() - t0
+        return graph, static_in, static_out

@@ -125,7 +125,7 @@ def repetition_period(tokens: list[int], min_span: int = 24, max_period: int = 4
     for period in range(1, min(max_period, n // 3) + 1):
         repeats = max(3, -(-min_span // period))
         span = period * repeats
-        if span > n:
+        if span > n or tokens[-1] != tokens[-1 - period]:  # cheap rejection first: this runs for every token
             continue
         tail = tokens[n - span :]
         if tail[period:] == tail[:-period]:

@@ -5,6 +5,10 @@ Requests from all sessions go into one queue. A worker thread runs the in-flight
 that a newer partial of the same stream superseded are dropped, even mid-decode), runs their
 encoder together, and each step advances every admitted segment by one verification forward.
 Model code never runs on the asyncio loop: callers await `asyncio.wrap_future`.
+
+Faults stay with the request that caused them: when a batch raises, its requests are retried
+one at a time, so only a request that fails by itself gets the exception; a crash of the worker
+loop itself fails the requests it held and the loop starts again (`health()` counts restarts).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 from .audio import FRAMES_PER_SECOND, N_FRAMES, clip_mel, pad_mel
 from .checkpoints import Checkpoint, load_checkpoint
 from .batching import Batch, Decoder, Sequence
-from .cuda_graphs import GraphOptions
+from .cuda_graphs import GraphedEncoder, GraphOptions
 from .decoding import DecodingOptions, DecodingResult, detect_language
 from .drafts import HypothesisDrafter, MedusaDrafter
 from .medusa import SHIPPED_HEADS, MedusaHeads, load_heads
@@ -91,6 +95,7 @@ class Request:
     encoder_seconds: float = 0.0
     decoder_seconds: float = 0.0
     forwards: int = 0  # spent on an earlier attempt (a short window that looped)
+    alone: bool = False  # its batch failed: it is retried by itself, so that only a bad request fails
 
 
 SPECULATIVE_MODES = ("off", "hypothesis", "medusa", "both")
@@ -123,11 +128,16 @@ class Engine:
         if self.device.type == "cuda" and cuda_graphs:
             self.graphs = cuda_graphs if isinstance(cuda_graphs, GraphOptions) else GraphOptions()
         self.batch = Batch(self.model, self.tokenizer, self.suppress_tokens, rows=max_batch, graphs=self.graphs)
+        if self.graphs is not None and self.graphs.encoder and encoder is None:
+            self.encoder = GraphedEncoder(self.model.encoder)  # launch-bound at small batches without graphs
         self._queue: list[Request] = []
         self._cv = threading.Condition()
         self._seq = itertools.count()
         self._closed = False
-        self._worker = threading.Thread(target=self._run, name="breeze-engine", daemon=True)
+        self._held: list[Request] = []  # taken from the queue by the worker, not yet in the batch
+        self.restarts = 0  # times the worker loop crashed and was started again
+        self.last_error: str | None = None
+        self._worker = threading.Thread(target=self._supervise, name="breeze-engine", daemon=True)
         self._worker.start()
 
     @classmethod
@@ -162,6 +172,7 @@ class Engine:
         if speculative not in SPECULATIVE_MODES:
             raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE_MODES)}, got {speculative!r}")
         request = Request(np.array(audio, dtype=np.float32), options, window, previous, speculative, final, stream, Future())
+        self._ensure_worker()
         with self._cv:
             if self._closed:
                 raise RuntimeError("engine is closed")
@@ -176,22 +187,60 @@ class Engine:
     def transcribe(self, audio: np.ndarray, options: DecodingOptions = DecodingOptions(), **kwargs) -> Transcript:
         return self.submit(audio, options, **kwargs).result()
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> None:
         with self._cv:
             self._closed = True
             self._cv.notify_all()
-        self._worker.join(timeout=30)
+        self._worker.join(timeout=timeout)
+
+    def health(self) -> dict:
+        """The worker's state, for /healthz: alive, restarts after crashes, the last crash."""
+        self._ensure_worker()
+        return {"alive": self._worker.is_alive(), "restarts": self.restarts, "last_error": self.last_error,
+                "queued": len(self._queue), "running": len(self.batch.active)}
 
     # -- the worker ----------------------------------------------------------------------
 
+    def _supervise(self) -> None:
+        """The worker thread. One failed batch is handled in `_run`; a crash of the loop itself
+        fails the requests it held, and the loop starts again (with a growing pause if it keeps crashing)."""
+        while True:
+            try:
+                self._run()
+                return
+            except BaseException as exc:  # noqa: BLE001 - the worker must outlive any bug
+                self.restarts += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.critical("engine worker crashed (%s); restarting it (restart %d)", self.last_error, self.restarts,
+                             exc_info=True)
+                error = RuntimeError(f"the engine worker crashed: {self.last_error}")
+                for request in self._held + [s.tag for s in self.batch.active]:
+                    _fail(request.future, error)
+                self._held = []
+                self.batch = Batch(self.model, self.tokenizer, self.suppress_tokens, rows=self.batch.rows, graphs=self.graphs)
+                time.sleep(min(1.0, 0.01 * 2 ** min(self.restarts, 7)))
+
+    def _ensure_worker(self) -> None:
+        """Starts a new worker thread if the last one is gone (its recovery failed)."""
+        if self._worker.is_alive() or self._closed:
+            return
+        with self._cv:
+            if self._worker.is_alive() or self._closed:
+                return
+            self.restarts += 1
+            log.critical("the engine worker thread is gone; starting a new one")
+            self._worker = threading.Thread(target=self._supervise, name="breeze-engine", daemon=True)
+            self._worker.start()
+
     def _run(self) -> None:
         while True:
+            self._held = []
             with self._cv:
                 while not self._queue and not self.batch.active and not self._closed:
                     self._cv.wait()
                 if self._closed and not self._queue and not self.batch.active:
                     return
-                admitted = self._admit()
+                admitted = self._held = self._admit()
             # a request retried on the full window is already running; others may have been cancelled
             live = [r for r in admitted if r.future.running() or r.future.set_running_or_notify_cancel()]
             running = [s.tag for s in self.batch.active]
@@ -200,12 +249,23 @@ class Engine:
                     self._start(live)
                 if self.batch.active:
                     self._step()
-            except Exception as exc:  # one bad batch must not kill the worker: fail what it held
+            except Exception as exc:  # one bad batch must not kill the worker, nor fail every request in it
                 log.exception("engine step failed")
-                for request in live + running + [s.tag for s in self.batch.active]:
-                    if not request.future.done():
-                        request.future.set_exception(exc)
+                held = list({id(r): r for r in live + running + [s.tag for s in self.batch.active]}.values())
                 self.batch = Batch(self.model, self.tokenizer, self.suppress_tokens, rows=self.batch.rows, graphs=self.graphs)
+                self._isolate([r for r in held if not r.future.done()], exc)
+
+    def _isolate(self, held: list[Request], exc: Exception) -> None:
+        """The requests of a failed batch: one that failed by itself gets the exception; several are
+        retried one at a time (from the start), so only the one that fails again gets it."""
+        if len(held) <= 1 or any(r.alone for r in held):
+            for r in held:
+                _fail(r.future, exc)
+            return
+        for r in held:
+            r.alone = True
+        with self._cv:
+            self._queue[:0] = held
 
     def _admit(self) -> list[Request]:
         """Takes the requests that start now (caller holds the lock): finals first, then partials;
@@ -228,8 +288,12 @@ class Engine:
             else:
                 queue.append(r)
         queue.sort(key=lambda r: (not r.final, r.seq))
-        taken = queue[: self.batch.free]
-        self._queue = queue[len(taken):]
+        alone = [r for r in queue if r.alone]
+        if alone:  # retried after a failed batch: one at a time, in an empty batch
+            taken = [] if self.batch.active else alone[:1]
+        else:
+            taken = queue[: self.batch.free]
+        self._queue = [r for r in queue if r not in taken]
         return taken
 
     def _start(self, requests: list[Request]) -> None:
@@ -239,7 +303,8 @@ class Engine:
             groups.setdefault(self._frames(r), []).append(r)
         for frames, group in groups.items():
             t0 = time.perf_counter()
-            mel = torch.stack([pad_mel(clip_mel(r.audio, self.model.dims.n_mels), frames) for r in group])
+            # on a GPU the log-mel is computed there too: on the host it costs ~10 ms per 10 s of audio
+            mel = torch.stack([pad_mel(clip_mel(self._samples(r), self.model.dims.n_mels), frames) for r in group])
             with torch.inference_mode():
                 features = self.encoder(mel.to(self.device, self.dtype))
             self._sync()
@@ -268,6 +333,11 @@ class Engine:
             for r, _ in greedy:
                 r.decoder_seconds += (time.perf_counter() - t1) / len(greedy)
             self._finish([s for s in seqs if s.done])
+
+    def _samples(self, request: Request):
+        if self.device.type == "cuda":
+            return torch.from_numpy(request.audio).to(self.device)
+        return request.audio
 
     def _step(self) -> None:
         t0 = time.perf_counter()
@@ -315,6 +385,15 @@ class Engine:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _fail(future: Future, error: BaseException) -> None:
+    """Sets an exception unless the future is settled (or its caller cancelled it) meanwhile."""
+    try:
+        if not future.done():
+            future.set_exception(error)
+    except InvalidStateError:
+        pass
 
 
 def _resolve(future: Future, value: object) -> None:
