@@ -14,11 +14,14 @@ from dataclasses import dataclass
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
 
 from engines.decoding import DecodingOptions
 from engines.tokenizer import LANGUAGES as WHISPER_LANGUAGES
 
 from .transcriber import StreamingTranscriber
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Outbox", "Complaints", "ItemTranscriber", "join_text", "WHISPER_LANGUAGES"]
 
@@ -30,20 +33,33 @@ class _Close:
 
 
 class Outbox:
-    """The single writer of one connection: `send` queues a message, `close` queues the close."""
+    """The single writer of one connection: `send` queues a message, `close` queues the close.
 
-    def __init__(self, connection: ServerConnection) -> None:
+    With a `limit`, a client that lets that many messages wait (it stopped reading) is cut off:
+    nothing can reach it any more, and its queue must not grow the server's memory."""
+
+    def __init__(self, connection: ServerConnection, limit: int | None = None) -> None:
         self._ws = connection
         self._queue: asyncio.Queue[str | _Close] = asyncio.Queue()
         self.closing = False  # a close is queued: nothing more goes out
         self._task: asyncio.Task[None] | None = None
+        self._limit = limit
+        self.overflowed = False
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def send(self, message: str | dict) -> None:
-        if not self.closing:
-            self._queue.put_nowait(message if isinstance(message, str) else json.dumps(message, ensure_ascii=False))
+        if self.closing:
+            return
+        if self._limit is not None and self._queue.qsize() >= self._limit:
+            log.warning("%d messages wait for a client (%s) that does not read them; disconnecting it",
+                        self._queue.qsize(), self._ws.remote_address)
+            self.overflowed = True
+            self.close(CloseCode.TRY_AGAIN_LATER, "overloaded")
+            self._ws.transport.abort()  # the writer's send and the session's recv end with ConnectionClosed
+            return
+        self._queue.put_nowait(message if isinstance(message, str) else json.dumps(message, ensure_ascii=False))
 
     def close(self, code: int, reason: str = "") -> None:
         """Queues the close (the first one wins); `reason` must fit a close frame (123 bytes)."""

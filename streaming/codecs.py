@@ -109,9 +109,10 @@ def _decode_samples(encoding: str, data: bytes) -> np.ndarray:
     if encoding == "pcm_s16le":
         return np.frombuffer(data, "<i2").astype(np.float32) / np.float32(32768.0)
     if encoding == "pcm_f32le":
-        # NaN/inf would poison the resampler state and the model for the rest of the stream.
+        # NaN/inf would poison the resampler state and the model for the rest of the stream, and
+        # values past full scale (1e30 is four valid bytes) the log-mel: clip to [-1, 1].
         samples = np.frombuffer(data, "<f4").astype(np.float32)
-        return np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0)
+        return np.clip(np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0), -1.0, 1.0)
     table = _MULAW_TO_FLOAT if encoding == "mulaw" else _ALAW_TO_FLOAT
     return table[np.frombuffer(data, np.uint8)]
 

@@ -14,6 +14,7 @@ from engines.engine import Transcript
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 ERROR_CODES = ("bad_request", "unsupported_encoding", "frame_too_large", "unauthorized", "overloaded", "internal")
 DRAFT_SOURCES = ("hypothesis", "medusa")
+REJECT_REASONS = ("unauthorized", "origin", "overloaded", "per_client", "draining", "loading")
 # final latency includes the silence hangover (about 0.5 s by default), so buckets start there
 LATENCY_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 30.0)
 
@@ -43,11 +44,18 @@ class Metrics:
             "breeze_final_latency_seconds", "From the audio at a segment's end reaching the server to its final being sent.",
             buckets=LATENCY_BUCKETS, registry=r)
         self.errors = Counter("breeze_errors", "Error events sent to clients, by code.", ["code"], registry=r)
+        self.rejected = Counter(  # streaming.limits: refusals before a session starts
+            "breeze_connections_rejected", "WebSocket upgrades refused, by reason.", ["reason"], registry=r)
+        self.engine_restarts = Gauge("breeze_engine_restarts", "Times the engine worker was restarted after a crash.",
+                                     registry=r)
+        self.draining = Gauge("breeze_draining", "1 while the server drains (SIGTERM/SIGINT), else 0.", registry=r)
         for source in DRAFT_SOURCES:  # export zeros, so rates work before the first draft
             self.draft_proposed.labels(source)
             self.draft_accepted.labels(source)
         for code in ERROR_CODES:
             self.errors.labels(code)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
 
     def count_decode(self, transcript: Transcript) -> None:
         """Engine work of one decode, partial or final, whether or not its text was sent."""

@@ -415,7 +415,7 @@ class RealtimeSession:
         self._metrics = metrics
         self.config = config
         self._base = config.transcriber.segmenter
-        self._out = Outbox(connection)
+        self._out = Outbox(connection, config.max_send_queue)
         self._beta = "realtime=v1" in connection.request.headers.get("OpenAI-Beta", "")
         query = parse_qs(urlsplit(connection.request.path).query)
         self._extension_partials = query.get("partials", ["false"])[-1].lower() in ("1", "true", "yes")
@@ -499,6 +499,8 @@ class RealtimeSession:
                 self._client_error(exc, event_id)
             if self._failed:
                 return
+            if self._transcriber is not None:
+                await self._transcriber.room()  # the engine is far behind: stop reading until it catches up
 
     def _parse(self, message: str | bytes) -> dict:
         if isinstance(message, bytes):

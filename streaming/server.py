@@ -10,8 +10,20 @@ it); anything else is 404. A WhisperLive-compatible listener runs on a port of i
 
 The socket listens before the model is loaded (loading takes seconds to minutes), so health
 checks see 503 rather than a refused connection; WebSocket handshakes get 503 until then too.
-Shutdown (SIGINT/SIGTERM) stops accepting connections, then every session flushes its open
-segment, sends its final and `end`, and closes with 1001.
+`GET /readyz` is 200 while the server takes new sessions, 503 while loading, draining, at
+`--max-sessions` or with the engine worker down (load balancers route by it); `GET /healthz`
+reports the engine worker (alive, restarts after crashes, the last error) and is 503 only when
+the process should be replaced.
+
+Every WebSocket upgrade, on every endpoint, goes through `Gate` (streaming.limits): API keys,
+allowed origins, and the session and per-client limits; sessions then get the session limits
+(duration, idle, frame size, queued audio, send queue; streaming.session). Optional TLS:
+`--certfile`/`--keyfile` (the WhisperLive listener too).
+
+Shutdown (SIGINT/SIGTERM) drains: new upgrades get 503 and `/readyz` 503 (the listener stays up
+for probes), every session flushes its open segment, sends its final and `end` (`"reason":
+"shutdown"`), and closes with 1001; whatever is still open at `--drain-timeout` is closed then,
+so the process exits within it. A second signal closes everything at once.
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ import http
 import json
 import logging
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,7 +52,10 @@ from websockets.http11 import Request, Response
 from engines.engine import Engine
 from engines.trtllm.backend import create_engine
 
+from .auth import NATIVE, REALTIME, SUBSCRIBER, TWILIO, Endpoint, parse_origins, read_keys
+from .auth import select_subprotocol, tls_context
 from .cli import window_argument
+from .limits import AuthConfig, Gate, Limits
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .realtime import realtime_session
@@ -64,7 +80,7 @@ CONTENT_TYPES = {
     ".wasm": "application/wasm",
     ".txt": "text/plain; charset=utf-8",
 }
-SHUTDOWN_GRACE = 30.0  # seconds sessions get to flush their finals before connections are cut
+FORCE_CLOSE_TIMEOUT = 1.0  # seconds a connection still open at the drain timeout gets for its close handshake
 FRAME_SLACK = 4  # the WebSocket layer cuts frames over FRAME_SLACK x the limit without reading them
 
 
@@ -83,6 +99,11 @@ class ServerConfig:
     web_root: Path = WEB_ROOT
     whisperlive: WhisperLiveConfig = field(default_factory=WhisperLiveConfig)
     calls: CallConfig = field(default_factory=CallConfig)
+    limits: Limits = field(default_factory=Limits)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    certfile: str | None = None
+    """TLS certificate chain (PEM); with keyfile, the server speaks wss:// and https://."""
+    keyfile: str | None = None
 
 
 class Session(Protocol):
@@ -110,6 +131,14 @@ class Server:
         self.metrics = Metrics()
         self.routes: dict[str, SessionFactory] = {"/v1/stream": native_session, "/v1/realtime": realtime_session,
                                                   "/v1/twilio": twilio_session, CALLS_PREFIX: call_subscriber_session}
+        # how each route takes a key in its first message and words a refusal (streaming.auth)
+        self.endpoints: dict[str, Endpoint] = {"/v1/stream": NATIVE, "/v1/realtime": REALTIME, "/v1/twilio": TWILIO,
+                                               CALLS_PREFIX: SUBSCRIBER}
+        self.gate = Gate(config.limits, config.auth, self.metrics)
+        self.ssl_context = tls_context(config.certfile, config.keyfile)
+        self._expiring: dict[Session, asyncio.Task] = {}
+        self._closing: asyncio.Future | None = None
+        self._force = asyncio.Event()
         self.calls = CallHub(config.calls)  # transcripts of Twilio calls, to subscribers, webhook and log
         self.whisperlive: WhisperLiveListener | None = None
         self._sessions: set[Session] = set()
@@ -125,10 +154,15 @@ class Server:
     def session_count(self) -> int:
         return len(self._sessions)
 
+    @property
+    def draining(self) -> bool:
+        return self.gate.draining
+
     async def start(self) -> None:
         max_size = FRAME_SLACK * self.config.session.max_frame_bytes
         self._ws = await serve(self._handle, self.config.host, self.config.port, process_request=self._http,
-                               max_size=max_size, compression=None)  # PCM barely compresses; deflate costs CPU
+                               max_size=max_size, compression=None,  # PCM barely compresses; deflate costs CPU
+                               ssl=self.ssl_context, select_subprotocol=select_subprotocol)
         if self.config.whisperlive.port is not None:
             self.whisperlive = WhisperLiveListener(self)
             try:
@@ -137,7 +171,7 @@ class Server:
                 self._ws.close()
                 raise
         if self.engine is None:
-            self._loading = asyncio.ensure_future(asyncio.to_thread(self._load))
+            self._loading = _in_daemon_thread(self._load, "breeze-load")  # exit never waits for a load
 
     def _load(self) -> Engine:
         started = time.perf_counter()
@@ -160,31 +194,50 @@ class Server:
         return self.engine
 
     async def close(self) -> None:
-        """Stop accepting, let sessions flush their finals (up to SHUTDOWN_GRACE), then close."""
+        """Drain: refuse new sessions, let open ones flush their finals and close (up to the drain
+        timeout), then close what is left, the listener and the engine (if this server loaded it)."""
         if self._ws is None:
             return
-        self._ws.close(close_connections=False)
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
+
+    def force_close(self) -> None:
+        """Stop waiting for sessions to flush (a second SIGINT/SIGTERM)."""
+        self._force.set()
+
+    async def _close(self) -> None:
+        timeout = self.config.limits.drain_timeout
+        deadline = time.monotonic() + timeout
+        self.gate.start_draining()
+        self.metrics.draining.set(1)
         if self.whisperlive is not None:
             self.whisperlive.close()
-        try:
-            await asyncio.wait_for(self._drain(), SHUTDOWN_GRACE)
-        except asyncio.TimeoutError:
+        drain = asyncio.ensure_future(self._drain())
+        force = asyncio.ensure_future(self._force.wait())
+        budget = max(timeout / 2, timeout - 2 * FORCE_CLOSE_TIMEOUT)  # room left to cut what is still open
+        await asyncio.wait({drain, force}, timeout=budget, return_when=asyncio.FIRST_COMPLETED)
+        force.cancel()
+        if not drain.done():
+            drain.cancel()
+            await asyncio.gather(drain, return_exceptions=True)
             connections = list(self._ws.connections) + (self.whisperlive.connections() if self.whisperlive else [])
-            log.warning("sessions did not finish within %g s of shutdown; closing %d connections",
-                        SHUTDOWN_GRACE, len(connections))
-            await asyncio.gather(*(c.close(CloseCode.GOING_AWAY, "server shutting down") for c in connections))
-            await self._ws.wait_closed()
-            if self.whisperlive is not None:
-                await self.whisperlive.wait_closed()
-        await self.calls.aclose()  # webhook posts still queued get a few seconds
+            log.warning("%d connections still open %.1f s into the drain; closing them", len(connections), budget)
+            await asyncio.gather(*(_close_now(c) for c in connections))
+        self._ws.close()
+        await _within(self._ws.wait_closed(), deadline)
+        if self.whisperlive is not None:
+            await _within(self.whisperlive.wait_closed(), deadline)
+        await self.calls.aclose(timeout=max(0.5, min(10.0, deadline - time.monotonic())))  # queued webhook posts
         if self._loading is not None:  # we loaded the engine, so we stop it
-            engine = await asyncio.gather(self._loading, return_exceptions=True)
-            if isinstance(engine[0], Engine):
-                await asyncio.to_thread(engine[0].close)
+            if not self._loading.done():
+                log.warning("shutting down while the model is still loading")
+            elif self._loading.exception() is None:
+                await _within(_in_daemon_thread(self._loading.result().close, "breeze-engine-close"), deadline)
 
     async def _drain(self) -> None:
-        await asyncio.gather(*(session.shutdown() for session in list(self._sessions)))
-        await self._ws.wait_closed()
+        await asyncio.gather(*(session.shutdown() for session in list(self._sessions)), return_exceptions=True)
+        await self.gate.wait_idle()  # every connection's handler is done: its close went out
         if self.whisperlive is not None:
             await self.whisperlive.wait_closed()
 
@@ -197,49 +250,125 @@ class Server:
 
     # --- WebSocket ------------------------------------------------------------------------------
 
-    def route(self, path: str) -> SessionFactory | None:
-        """The session factory of a WebSocket path: an exact key, or the longest key ending in "/" above it."""
+    def route_key(self, path: str) -> str | None:
+        """The key of `routes` a WebSocket path goes to: itself, or the longest key ending in "/" above it."""
         if path in self.routes:
-            return self.routes[path]
+            return path
         prefixes = [key for key in self.routes if key.endswith("/") and path.startswith(key)]
-        return self.routes[max(prefixes, key=len)] if prefixes else None
+        return max(prefixes, key=len) if prefixes else None
+
+    def route(self, path: str) -> SessionFactory | None:
+        """The session factory of a WebSocket path."""
+        key = self.route_key(path)
+        return None if key is None else self.routes[key]
 
     async def _handle(self, connection: ServerConnection) -> None:
-        await self.run_session(self.route(urlsplit(connection.request.path).path)(connection, self))
+        key = self.route_key(urlsplit(connection.request.path).path)
+        await self.serve_connection(connection, self.endpoints.get(key, NATIVE), lambda c: self.routes[key](c, self))
+
+    def check_upgrade(self, connection: ServerConnection, request: Request, endpoint: Endpoint) -> Response | None:
+        """None to go on with a WebSocket handshake, else the HTTP refusal (the WhisperLive listener's too)."""
+        if self.engine is None:
+            self.metrics.rejected.labels("loading").inc()
+            why = ("failed to load (see the server log)" if self._load_error is not None
+                   else "is still loading; connect again when GET /healthz answers 200")
+            return respond(http.HTTPStatus.SERVICE_UNAVAILABLE, f"the model {why}\n")
+        return self.gate.check(connection, request, endpoint)
+
+    async def serve_connection(self, connection: ServerConnection, endpoint: Endpoint,
+                               factory: Callable[[ServerConnection], Session]) -> None:
+        """Admits a connection (limits, a key in its first message) and runs its session."""
+        await self.gate.serve(connection, endpoint, lambda c: self.run_session(factory(c)))
 
     async def run_session(self, session: Session) -> None:
-        """Runs a session to its end; shutdown flushes it (the WhisperLive listener's too)."""
+        """Runs a session to its end, within the maximum duration; shutdown flushes it."""
         self._sessions.add(session)
+        limit = self.config.limits.max_session_seconds
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(limit, self._expire, session, limit) if limit else None
+        if self.draining:  # it got in as the drain began
+            loop.call_soon(self._expire, session, 0.0)
         try:
             await session.run()
         finally:
             self._sessions.discard(session)
+            if timer is not None:
+                timer.cancel()
+            task = self._expiring.pop(session, None)
+            if task is not None and not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    def _expire(self, session: Session, limit: float) -> None:
+        """The session reached the maximum duration (0: the server is draining): flush it and end it."""
+        if session not in self._sessions or session in self._expiring:
+            return
+        expire = getattr(session, "expire", None)
+        if limit and expire is not None:
+            log.info("a session reached the maximum duration of %g s; ending it", limit)
+            ending = expire(limit)
+        else:
+            ending = session.shutdown()
+        self._expiring[session] = asyncio.ensure_future(ending)
 
     # --- HTTP -----------------------------------------------------------------------------------
 
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
-        if self.route(path) is not None:
-            if self.engine is None:
-                why = ("failed to load (see the server log)" if self._load_error is not None
-                       else "is still loading; connect again when GET /healthz answers 200")
-                return respond(http.HTTPStatus.SERVICE_UNAVAILABLE, f"the model {why}\n")
-            return None  # go on with the WebSocket handshake
+        key = self.route_key(path)
+        if key is not None:
+            return self.check_upgrade(connection, request, self.endpoints.get(key, NATIVE))
         if path == "/healthz":
             return self._health()
+        if path == "/readyz":
+            return self._ready()
         if path == "/metrics":
+            health = self.engine_health()
+            if health is not None:
+                self.metrics.engine_restarts.set(health.get("restarts", 0))
             return respond(http.HTTPStatus.OK, self.metrics.render(), METRICS_CONTENT_TYPE)
         return self._static(path)
 
+    def engine_health(self) -> dict | None:
+        """The engine worker's state (engines.engine.Engine.health), where the engine reports one."""
+        health = getattr(self.engine, "health", None)
+        return health() if callable(health) else None
+
     def _health(self) -> Response:
+        """Liveness: 503 while loading, after a failed load, or with the engine worker dead."""
         if self.engine is not None:
-            body = {"status": "ok", "model": self.engine.name, "sessions": self.session_count}
-            return respond(http.HTTPStatus.OK, json.dumps(body) + "\n", "application/json")
+            engine = self.engine_health()
+            alive = engine is None or engine.get("alive", True)
+            status = "ok" if alive else "engine_down"
+            if alive and engine and engine.get("restarts"):
+                status = "ok_restarted"  # serving, after the engine worker recovered from a crash
+            body = {"status": status, "model": self.engine.name, "sessions": self.session_count,
+                    "draining": self.draining, "engine": engine}
+            code = http.HTTPStatus.OK if alive else http.HTTPStatus.SERVICE_UNAVAILABLE
+            return respond(code, json.dumps(body) + "\n", "application/json")
         if self._load_error is not None:
             body = {"status": "failed", "error": f"loading the model failed: {self._load_error}"}
         else:
             body = {"status": "loading"}
         return respond(http.HTTPStatus.SERVICE_UNAVAILABLE, json.dumps(body) + "\n", "application/json")
+
+    def _ready(self) -> Response:
+        """Readiness: 200 while new sessions are taken; 503 loading, draining, full or engine down."""
+        engine = self.engine_health() if self.engine is not None else None
+        if self.engine is None:
+            status = "failed" if self._load_error is not None else "loading"
+        elif self.draining:
+            status = "draining"
+        elif engine is not None and not engine.get("alive", True):
+            status = "engine_down"
+        elif self.gate.full:
+            status = "full"
+        else:
+            status = "ready"
+        body = {"status": status, "sessions": self.session_count, "connections": self.gate.active,
+                "max_sessions": self.config.limits.max_sessions or None}
+        code = http.HTTPStatus.OK if status == "ready" else http.HTTPStatus.SERVICE_UNAVAILABLE
+        return respond(code, json.dumps(body) + "\n", "application/json")
 
     def _static(self, path: str) -> Response:
         """A file under web_root; nothing outside it, no dotfiles, no directory listings."""
@@ -272,7 +401,47 @@ def respond(status: http.HTTPStatus, body: str | bytes, content_type: str = "tex
 
 def not_found(path: str) -> Response:
     return respond(http.HTTPStatus.NOT_FOUND, f"{path} not found: WebSocket at /v1/stream, /v1/realtime, /v1/twilio, "
-                   "/v1/calls/{callSid}; HTTP at /, /healthz, /metrics\n")
+                   "/v1/calls/{callSid}; HTTP at /, /healthz, /readyz, /metrics\n")
+
+
+def _in_daemon_thread(function: Callable[[], object], name: str) -> asyncio.Future:
+    """Runs `function` in a daemon thread (an exiting process does not wait for it); a future of its result."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(result: object, error: BaseException | None) -> None:
+        if not future.done():
+            future.set_exception(error) if error is not None else future.set_result(result)
+
+    def target() -> None:
+        try:
+            result, error = function(), None
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting side
+            result, error = None, exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop is gone: nobody waits any more
+            pass
+
+    threading.Thread(target=target, name=name, daemon=True).start()
+    return future
+
+
+async def _within(awaitable, deadline: float) -> None:
+    """Awaits until `deadline` (time.monotonic) at most; what is left over is logged, not raised."""
+    try:
+        await asyncio.wait_for(awaitable, max(0.1, deadline - time.monotonic()))
+    except asyncio.TimeoutError:
+        log.warning("shutdown: gave up waiting at the drain timeout")
+    except Exception as exc:  # noqa: BLE001 - shutting down: report and go on
+        log.warning("shutdown: %s", exc)
+
+
+async def _close_now(connection: ServerConnection) -> None:
+    try:
+        await asyncio.wait_for(connection.close(CloseCode.GOING_AWAY, "server shutting down"), FORCE_CLOSE_TIMEOUT)
+    except Exception:  # noqa: BLE001 - a timeout or a broken socket: cut it
+        connection.transport.abort()
 
 
 # --- `breeze-stream serve` -------------------------------------------------------------------------
@@ -313,6 +482,31 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest WebSocket frame a client may send (default %(default)s)")
     parser.add_argument("--idle-timeout", type=float, default=SessionConfig.idle_timeout, metavar="SECONDS",
                         help="a session without frames this long flushes its finals and ends, 0 for never (default %(default)s)")
+    guard = parser.add_argument_group("auth, limits and shutdown (every WebSocket endpoint)")
+    guard.add_argument("--api-key-file", type=Path, default=None, metavar="FILE",
+                       help="require one of the keys in FILE (one a line; re-read when it changes): Authorization: Bearer, "
+                            "?token=, or a token in the first message (default: no auth)")
+    guard.add_argument("--allowed-origins", default=None, metavar="LIST",
+                       help="comma-separated browser origins allowed to connect, e.g. https://app.example.com; list this "
+                            "server's own for its demo page (default: any)")
+    guard.add_argument("--certfile", default=None, metavar="PEM", help="TLS certificate chain: serve wss:// and https://")
+    guard.add_argument("--keyfile", default=None, metavar="PEM", help="TLS private key (if not in --certfile)")
+    limits = Limits()
+    guard.add_argument("--max-sessions", type=int, default=limits.max_sessions, metavar="N",
+                       help="WebSocket connections at once; more get HTTP 503 (default %(default)s, 0: no limit)")
+    guard.add_argument("--max-connections-per-client", type=int, default=limits.max_per_client, metavar="N",
+                       help="connections at once from one client address; more get HTTP 429 (default %(default)s, 0: no limit)")
+    guard.add_argument("--max-session-seconds", type=float, default=limits.max_session_seconds, metavar="SECONDS",
+                       help="longest session; then its finals are flushed and it ends (default %(default)s, 0: no limit)")
+    guard.add_argument("--max-queued-audio", type=float, default=TranscriberConfig.max_queued_audio, metavar="SECONDS",
+                       help="a session's audio waiting for finals before the server stops reading its frames "
+                            "(default %(default)s, 0: no limit)")
+    guard.add_argument("--max-send-queue", type=int, default=SessionConfig.max_send_queue, metavar="EVENTS",
+                       help="events waiting for a client that does not read them before it is disconnected "
+                            "(default %(default)s)")
+    guard.add_argument("--drain-timeout", type=float, default=limits.drain_timeout, metavar="SECONDS",
+                       help="on SIGTERM/SIGINT, time sessions get to flush their finals; the server exits within it "
+                            "(default %(default)s)")
     compat = parser.add_argument_group("compatible protocols (OpenAI Realtime at /v1/realtime is always on)")
     compat.add_argument("--whisperlive-port", type=int, default=None, metavar="PORT",
                         help="also listen for WhisperLive clients on this port, any path (default: off)")
@@ -334,34 +528,56 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     segmenter = SegmenterConfig(**{name: getattr(args, f"segmenter_{name}") for name, _ in _SEGMENTER_FLAGS.values()})
     transcriber = TranscriberConfig(partial_interval=args.partial_interval, partial_window=args.partial_window,
-                                    final_window=args.final_window, speculative=args.speculative, segmenter=segmenter)
+                                    final_window=args.final_window, speculative=args.speculative,
+                                    max_queued_audio=args.max_queued_audio, segmenter=segmenter)
+    if args.max_send_queue < 1 or args.max_frame_bytes < 1 or args.max_queued_audio < 0 or args.idle_timeout < 0:
+        raise ValueError("--max-send-queue and --max-frame-bytes must be >= 1, --max-queued-audio and --idle-timeout >= 0")
     session = SessionConfig(max_frame_bytes=args.max_frame_bytes, idle_timeout=args.idle_timeout,
-                            language=args.language, transcriber=transcriber)
+                            language=args.language, max_send_queue=args.max_send_queue, transcriber=transcriber)
+    limits = Limits(max_sessions=args.max_sessions, max_per_client=args.max_connections_per_client,
+                    max_session_seconds=args.max_session_seconds, drain_timeout=args.drain_timeout)
+    if args.api_key_file is not None:
+        read_keys(args.api_key_file)  # AuthConfigError (a ValueError) now, not at the first connection
+    auth = AuthConfig(api_key_file=None if args.api_key_file is None else str(args.api_key_file),
+                      allowed_origins=parse_origins(args.allowed_origins))
+    tls_context(args.certfile, args.keyfile)  # the same: refuse to start with unusable TLS files
     whisperlive = WhisperLiveConfig(port=args.whisperlive_port, max_clients=args.whisperlive_max_clients,
                                     max_connection_time=args.whisperlive_max_connection_time)
     calls = CallConfig(webhook=args.call_webhook, log_dir=args.call_log)
     return ServerConfig(host=args.host, port=args.port, model=args.model, device=args.device, script=args.script,
                         backend=args.backend, trtllm_engine_dir=args.trtllm_engine_dir, self_test=args.self_test,
-                        medusa=args.medusa, session=session, whisperlive=whisperlive, calls=calls)
+                        medusa=args.medusa, session=session, whisperlive=whisperlive, calls=calls, limits=limits,
+                        auth=auth, certfile=args.certfile, keyfile=args.keyfile)
 
 
 async def serve_until_stopped(config: ServerConfig) -> int:
     """Serves until SIGINT/SIGTERM; 1 when the port is taken or the model cannot be loaded."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     server = Server(config)
+
+    def on_signal() -> None:
+        if not stop.is_set():
+            stop.set()
+        else:
+            log.warning("second signal: closing every connection now")
+            server.force_close()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
     try:
         await server.start()
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror or exc)
         return 1
     try:
-        log.info("listening on ws://%s:%d/v1/stream, /v1/realtime, /v1/twilio, /v1/calls/{callSid} (demo page "
-                 "http://%s:%d/); loading model %r", config.host, server.port, config.host, server.port, config.model)
+        ws, web = ("wss", "https") if server.ssl_context is not None else ("ws", "http")
+        log.info("listening on %s://%s:%d/v1/stream, /v1/realtime, /v1/twilio, /v1/calls/{callSid} (demo page "
+                 "%s://%s:%d/); loading model %r", ws, config.host, server.port, web, config.host, server.port, config.model)
+        if server.gate.keys is not None:
+            log.info("API keys required (%d keys in %s)", len(server.gate.keys), config.auth.api_key_file)
         if server.whisperlive is not None:
-            log.info("WhisperLive clients: ws://%s:%d", config.host, server.whisperlive.port)
+            log.info("WhisperLive clients: %s://%s:%d", ws, config.host, server.whisperlive.port)
         ready = asyncio.ensure_future(server.wait_ready())
         stopping = asyncio.ensure_future(stop.wait())
         await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -369,8 +585,9 @@ async def serve_until_stopped(config: ServerConfig) -> int:
             stopping.cancel()
             return 1
         await stopping
-        ready.cancel()  # still loading: close() waits for the load, then stops the engine
-        log.info("shutting down: flushing the finals of %d sessions", server.session_count)
+        ready.cancel()  # still loading: close() does not wait for it
+        log.info("shutting down: flushing the finals of %d sessions (at most %g s)", server.session_count,
+                 config.limits.drain_timeout)
         return 0
     finally:
         await server.close()
@@ -379,7 +596,7 @@ async def serve_until_stopped(config: ServerConfig) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
-    except ValueError as exc:  # SegmenterConfig and WhisperLiveConfig check their ranges
+    except ValueError as exc:  # SegmenterConfig, WhisperLiveConfig, Limits check their ranges; unusable key/TLS files
         log.error("bad option: %s", exc)
         return 2
     if not getattr(args, "verbose", False):

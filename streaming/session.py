@@ -18,7 +18,16 @@ fix it, then a close with the matching WebSocket close code (RFC 6455, 7.4.1):
 - frame over the limit: frame_too_large, 1009 (message too big); past 4 times (server.FRAME_SLACK) the
   limit the WebSocket layer refuses the frame unread, with 1009 and no event;
 - no start message within the idle timeout: bad_request, 1008;
-- the engine failed on this session's audio: internal, 1011 (internal error).
+- the engine failed on this session's audio: internal, 1011 (internal error);
+- the client reads events so slowly that `max_send_queue` of them wait: the connection is
+  dropped (nothing can reach such a client; logged and counted as overloaded).
+
+`ServerConfig.limits` (streaming.limits) adds what happens before a session starts: keys, the
+session and per-client limits (HTTP 401/403/429/503 before the upgrade, or an `unauthorized` /
+`overloaded` error event and close 1008 / 1013 after it). A session that reaches the server's
+maximum duration flushes its finals, then gets `end` with `"reason": "max_duration"` and a
+close 1008. While the engine is behind by more than `max_queued_audio` seconds of this session's
+audio, the session stops reading frames (TCP pushes back on the client) rather than queue more.
 
 Without errors the session closes with 1000 after `end` (on `stop`; on the idle timeout with
 `"reason": "idle_timeout"` in `end`), or with 1001 after `end` with `"reason": "shutdown"` when
@@ -59,6 +68,9 @@ class SessionConfig:
     """Seconds without any frame after which the session flushes and ends (0: never)."""
     language: str = "zh"
     """Language of sessions whose start message names none."""
+    max_send_queue: int = 1024
+    """Events queued for a client that does not read them; past it the client is disconnected
+    (error code overloaded, logged), so a stalled reader cannot grow the server's memory."""
     transcriber: TranscriberConfig = field(default_factory=TranscriberConfig)
 
 
@@ -166,6 +178,14 @@ class NativeSession:
         else:
             await self._finish(CloseCode.GOING_AWAY, "server shutting down", "shutdown")
 
+    async def expire(self, seconds: float) -> None:
+        """The session reached the server's maximum duration: flush finals, `end`, close 1008."""
+        if self._transcriber is None:
+            self._close(CloseCode.POLICY_VIOLATION, "max duration")
+        else:
+            await self._finish(CloseCode.POLICY_VIOLATION, "max duration", "max_duration",
+                               f"this server ends sessions after {seconds:g} s; connect again to go on")
+
     # --- receiving ----------------------------------------------------------------------------
 
     async def _serve(self) -> None:
@@ -187,6 +207,7 @@ class NativeSession:
                 continue  # shutting down: audio after the flush has nowhere to go
             if isinstance(message, bytes):
                 self._transcriber.feed(self._decoder.decode(message))
+                await self._transcriber.room()  # the engine is far behind: stop reading until it catches up
             elif is_stop(message):
                 await self._finish(CloseCode.NORMAL_CLOSURE, "", None)
                 return
@@ -214,16 +235,18 @@ class NativeSession:
         self._send({"type": "ready", "session": self.id, "model": self._engine.name, "sample_rate": start.decoder.sample_rate,
                     "encoding": start.decoder.encoding, "language": start.language})
 
-    async def _finish(self, code: int, reason: str, end_reason: str | None) -> None:
+    async def _finish(self, code: int, reason: str, end_reason: str | None, message: str | None = None) -> None:
         """Flush once, whoever asks (stop, idle timeout, shutdown); every caller waits for it."""
         if self._finishing is None:
-            self._finishing = asyncio.ensure_future(self._flush(code, reason, end_reason))
+            self._finishing = asyncio.ensure_future(self._flush(code, reason, end_reason, message))
         await asyncio.shield(self._finishing)
 
-    async def _flush(self, code: int, reason: str, end_reason: str | None) -> None:
+    async def _flush(self, code: int, reason: str, end_reason: str | None, message: str | None) -> None:
         self._transcriber.feed(self._decoder.flush())
         await self._transcriber.finish()
         end = {"type": "end"} if end_reason is None else {"type": "end", "reason": end_reason}
+        if message is not None:
+            end["message"] = message
         self._send(end)
         self._close(code, reason)
         log.info("session %s: ended (%s) after %.1f s of audio", self.id, end_reason or "stop", self._transcriber.seconds)
@@ -250,8 +273,21 @@ class NativeSession:
         self._close(close_code, code)
 
     def _send(self, event: dict) -> None:
-        if not self._closing:
-            self._outbox.put_nowait(json.dumps(event, ensure_ascii=False))
+        if self._closing:
+            return
+        if self._outbox.qsize() >= self.config.max_send_queue:
+            self._drop_slow_client()
+            return
+        self._outbox.put_nowait(json.dumps(event, ensure_ascii=False))
+
+    def _drop_slow_client(self) -> None:
+        """The client stopped reading: no event can reach it, so the connection is cut."""
+        log.warning("session %s: %d events wait for a client that does not read them; disconnecting it", self.id,
+                    self._outbox.qsize())
+        self._metrics.errors.labels("overloaded").inc()
+        self._closing = True
+        self._outbox.put_nowait(_Close(CloseCode.TRY_AGAIN_LATER, "overloaded"))  # the sender ends either way
+        self._ws.transport.abort()  # the sender's send and the receiver's recv end with ConnectionClosed
 
     def _close(self, code: int, reason: str) -> None:
         if not self._closing:

@@ -13,7 +13,10 @@ The transcriber owns a session's `Segmenter` and turns its segments into engine 
 - every decode gets the segment's last partial tokens as `previous`: the engine verifies them
   as a draft (speculative decoding), so an unchanged prefix costs one forward, not one per token;
 - a final whose transcript holds no speech is not sent; if partials with text were sent for
-  that segment, a blank partial retracts them, so no hallucinated text is left on screen.
+  that segment, a blank partial retracts them, so no hallucinated text is left on screen;
+- a slow engine costs partials, never finals: no partial starts while a final of the session is
+  outstanding, and the audio of segments waiting for finals is bounded by `max_queued_audio`:
+  sessions `await room()` after feeding, which waits while the bound is exceeded.
 
 Events come out in an order a client can rely on: all partials of a segment before its final,
 finals in segment order, nothing of a segment after its final, and no partial of a segment
@@ -63,6 +66,9 @@ class TranscriberConfig:
     """The encoder window of finals, as for partials (None: the full 30 s window)."""
     speculative: str | None = None
     """Draft sources (off | hypothesis | medusa | both); None: the engine's default."""
+    max_queued_audio: float = 60.0
+    """Seconds of closed segments' audio waiting for their finals; past it `room()` holds the
+    session's reading until the engine catches up (finals are never dropped; 0: no limit)."""
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
 
 
@@ -148,6 +154,9 @@ class StreamingTranscriber:
         self._arrivals: deque[tuple[int, float]] = deque()  # (samples fed after a chunk, its arrival time)
         self._failed = False
         self._closed = False
+        self._queued = 0  # samples of closed segments whose finals are not resolved yet
+        self._room = asyncio.Event()
+        self._room.set()
 
     @property
     def seconds(self) -> float:
@@ -174,9 +183,28 @@ class StreamingTranscriber:
             self._partial.cancel()  # its segment is closed: the result would be dropped anyway
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    @property
+    def queued_seconds(self) -> float:
+        """Audio of closed segments waiting for their finals."""
+        return self._queued / SAMPLE_RATE
+
+    async def room(self) -> None:
+        """Returns once the audio waiting for finals is within `max_queued_audio` (at once, mostly)."""
+        while not self._room.is_set():
+            await self._room.wait()
+
+    def _account(self, samples: int) -> None:
+        self._queued += samples
+        limit = self.config.max_queued_audio
+        if not limit or self._queued <= limit * SAMPLE_RATE or self._failed or self._closed:
+            self._room.set()
+        else:
+            self._room.clear()
+
     async def aclose(self) -> None:
         """The client is gone: cancels outstanding decodes without waiting for the engine."""
         self._closed = True
+        self._room.set()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -197,7 +225,10 @@ class StreamingTranscriber:
                 segment.end, segment.audio, segment.closed = event.end, event.audio, True
                 self._open = None
                 arrival = self._arrival(event.end)
-                self._last_final = self._spawn(self._final(segment, arrival, self._last_final))
+                self._account(segment.end - segment.start)
+                task = self._spawn(self._final(segment, arrival, self._last_final))
+                task.add_done_callback(lambda _, n=segment.end - segment.start: self._account(-n))
+                self._last_final = task
             elif isinstance(event, SegmentDiscarded):
                 log.debug("discarded a %d ms voiced blip at %.2f s", event.voiced_ms, event.start / SAMPLE_RATE)
 
@@ -294,4 +325,5 @@ class StreamingTranscriber:
         log.error("%s failed: %s", what, exc, exc_info=exc)
         if not self._failed:
             self._failed = True
+            self._room.set()
             self._emit(Failure(exc))

@@ -6,7 +6,7 @@ Off by default; `breeze-stream serve --whisperlive-port 9090` turns it on. Any p
 - the first frame is a JSON object with `uid` (required, echoed in every server message);
   `language` (null or "auto" to detect; any Whisper language code), `task` (transcribe or
   translate), `audio_format` (float32, the default; int16; uint8) and `send_last_n_segments` (10)
-  are read; every other key (model, use_vad, vad_parameters, max_clients, max_connection_time,
+  are read (with `--api-key-file`, also `token`: streaming.auth); every other key (model, use_vad, vad_parameters, max_clients, max_connection_time,
   ...) is accepted and ignored;
 - a full listener answers `{"uid", "status": "WAIT", "message": <minutes until a slot frees>}` and
   closes (1013, try again later);
@@ -34,7 +34,6 @@ server shutdown open segments are flushed and sent, then DISCONNECT and a close 
 from __future__ import annotations
 
 import asyncio
-import http
 import json
 import logging
 import secrets
@@ -52,6 +51,7 @@ from websockets.http11 import Request, Response
 from engines.decoding import DecodingOptions
 
 from .adapters import WHISPER_LANGUAGES, ItemTranscriber, Outbox
+from .auth import WHISPERLIVE
 from .codecs import AudioDecoder
 from .transcriber import Event, Failure, Final, Partial
 
@@ -98,7 +98,8 @@ class WhisperLiveListener:
         # close_timeout: websocket-client (the stock clients) answers the closing handshake but keeps
         # its TCP socket open, which would hold each finished session (and shutdown) for 10 s
         self._ws = await serve(self._handle, self.server.config.host, self.config.port, process_request=self._http,
-                               max_size=max_size, compression=None, close_timeout=CLOSE_TIMEOUT)
+                               max_size=max_size, compression=None, close_timeout=CLOSE_TIMEOUT,
+                               ssl=self.server.ssl_context)
 
     def close(self) -> None:
         """Stops accepting; the server's shutdown flushes the sessions."""
@@ -119,14 +120,11 @@ class WhisperLiveListener:
         return max(0.0, min(remaining)) / 60 if remaining else 0.0
 
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
-        if self.server.engine is None:
-            from .server import respond
-            return respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "the model is still loading; connect again when "
-                           "GET /healthz on the main port answers 200\n")
-        return None
+        """The server's checks (model loaded, keys, origins, limits; streaming.limits)."""
+        return self.server.check_upgrade(connection, request, WHISPERLIVE)
 
     async def _handle(self, connection: ServerConnection) -> None:
-        await self.server.run_session(WhisperLiveSession(connection, self))
+        await self.server.serve_connection(connection, WHISPERLIVE, lambda c: WhisperLiveSession(c, self))
 
 
 class _Refused(Exception):
@@ -149,7 +147,7 @@ class WhisperLiveSession:
         self._engine = server.engine
         self._metrics = server.metrics
         self.config = server.config.session
-        self._out = Outbox(connection)
+        self._out = Outbox(connection, self.config.max_send_queue)
         self._uid: object = None
         self._format = "float32"
         self._decoder: AudioDecoder | None = None
@@ -254,6 +252,7 @@ class WhisperLiveSession:
                 raise _Refused(f"expected binary audio frames or END_OF_AUDIO, got the text frame {message[:60]!r}",
                                CloseCode.UNSUPPORTED_DATA)
             self._transcriber.feed(self._decode(message))
+            await self._transcriber.room()  # the engine is far behind: stop reading until it catches up
 
     def _options(self, first: str | bytes) -> dict:
         if isinstance(first, bytes):

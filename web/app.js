@@ -88,6 +88,17 @@ function streamUrl() {
   return url;
 }
 
+// The address as shown on the page: the key of ?token= is not put on screen (or in screenshots).
+function shownUrl(url) {
+  try {
+    const u = new URL(url);
+    if (u.searchParams.has("token")) u.searchParams.set("token", "…");
+    return u.toString();
+  } catch (err) {
+    return url;
+  }
+}
+
 function fmtSec(s, digits = 2) {
   return Number.isFinite(s) ? `${s.toFixed(digits)}` : "?";
 }
@@ -233,7 +244,7 @@ class Session {
   async start() {
     setState("connecting", this.source === "file" ? "audio file" : "microphone");
     demo.url = streamUrl();
-    ui.endpoint.textContent = demo.url;
+    ui.endpoint.textContent = shownUrl(demo.url);
 
     // Audio context first, while the click's user activation is fresh.
     try {
@@ -275,13 +286,13 @@ class Session {
       try {
         ws = new WebSocket(demo.url);
       } catch (err) {
-        reject(new UserError("Bad server address", `${demo.url}: ${err.message || err}`));
+        reject(new UserError("Bad server address", `${shownUrl(demo.url)}: ${err.message || err}`));
         return;
       }
       ws.binaryType = "arraybuffer";
       this.ws = ws;
       const timer = setTimeout(() => {
-        reject(new UserError("Server did not answer", `No "ready" from ${demo.url} within ${READY_TIMEOUT_MS / 1000} s.`));
+        reject(new UserError("Server did not answer", `No "ready" from ${shownUrl(demo.url)} within ${READY_TIMEOUT_MS / 1000} s.`));
       }, READY_TIMEOUT_MS);
       this.waiters.ready = { resolve: () => { clearTimeout(timer); resolve(); }, reject: (e) => { clearTimeout(timer); reject(e); } };
       ws.onopen = () => {
@@ -551,7 +562,7 @@ class Session {
       if (this.serverError) {
         err = new UserError(`Server error: ${this.serverError.code}`, `${this.serverError.message} (${detail})`);
       } else if (e.code === 1006) {
-        err = new UserError("Connection failed", `Cannot reach the server at ${demo.url}. Is breeze-stream running ` +
+        err = new UserError("Connection failed", `Cannot reach the server at ${shownUrl(demo.url)}. Is breeze-stream running ` +
           "(and done loading its model: GET /healthz answers 200), and is this the right address?");
       } else {
         err = new UserError("Connection failed", `The server closed the connection (${detail}).`);
@@ -671,5 +682,5 @@ ui.audible.addEventListener("change", () => {
 
 ui.alertClose.addEventListener("click", hideError);
 
-ui.endpoint.textContent = streamUrl();
+ui.endpoint.textContent = shownUrl(streamUrl());
 setState("idle");

@@ -1,0 +1,274 @@
+"""Admission control: authentication and the limits on connections, in front of every session.
+
+Two steps, for every WebSocket endpoint (native, OpenAI Realtime, Twilio, call subscribers and
+the WhisperLive listener):
+
+- `Gate.check` runs on the HTTP upgrade request, before any WebSocket handshake, and answers
+  with an HTTP status where it can: 503 while the model loads, while draining, or at
+  `max_sessions` (with Retry-After); 429 past `max_per_client` connections from one address;
+  403 for an Origin not in `--allowed-origins`; 401 for a missing or wrong key (streaming.auth
+  says when a browser is upgraded instead, to be told by an error event).
+- `Gate.serve` runs the connection after the upgrade: it counts it, checks the limits again (a
+  burst of upgrades can pass the HTTP check together; the loser gets the protocol's `overloaded`
+  error and close 1013), takes the token from the first message where the endpoint waits for
+  one, and then runs the session.
+
+The counts are of connections that hold a handler (sessions and connections still waiting for
+their first message), per server and per client address. `/readyz` reports 503 while draining
+or at capacity, so a load balancer sends new streams elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import json
+import logging
+import weakref
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
+
+from .auth import FIRST_MESSAGES, Endpoint, KeyRing, NeedMore, Replay, handshake_token, origin_allowed, without_token
+
+log = logging.getLogger(__name__)
+
+REFUSAL_TIMEOUT = 2.0  # seconds a refused client gets to read its error event before the close
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_sessions: int = 256
+    """WebSocket connections at once, all endpoints together (0: no limit)."""
+    max_per_client: int = 32
+    """Connections at once from one client address (0: no limit; behind a proxy every client
+    has the proxy's address)."""
+    max_session_seconds: float = 4 * 3600.0
+    """A session's longest life; then its finals are flushed and it ends (0: no limit)."""
+    auth_timeout: float = 10.0
+    """Seconds a client that owes its token in the first message has to send it."""
+    drain_timeout: float = 30.0
+    """On SIGTERM/SIGINT: seconds open sessions get to flush their finals before the server exits."""
+
+    def __post_init__(self) -> None:
+        if min(self.max_sessions, self.max_per_client, self.max_session_seconds) < 0:
+            raise ValueError("session limits must be >= 0 (0: no limit)")
+        if self.auth_timeout <= 0 or self.drain_timeout <= 0:
+            raise ValueError("--drain-timeout and the auth timeout must be > 0")
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    api_key_file: str | None = None
+    """One key per line; None: no authentication."""
+    allowed_origins: tuple[str, ...] | None = None
+    """Browser origins allowed to open WebSockets (normalised, see auth.parse_origins); None: any."""
+
+
+@dataclass
+class _Admission:
+    authorized: bool
+    reason: str = ""  # why not, for the client
+
+
+def client_address(connection) -> str:
+    address = connection.remote_address
+    return str(address[0]) if address else "?"
+
+
+def http_response(status: http.HTTPStatus, body: dict, headers: dict[str, str] | None = None):
+    """A JSON HTTP response (the server's `respond`, plus extra headers)."""
+    from .server import respond
+
+    response = respond(status, json.dumps(body) + "\n", "application/json")
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+class Gate:
+    """The auth and connection limits of one server; `metrics.rejected` counts refusals by reason."""
+
+    def __init__(self, limits: Limits, auth: AuthConfig, metrics) -> None:
+        self.limits = limits
+        self.auth = auth
+        self.keys = KeyRing(auth.api_key_file) if auth.api_key_file else None
+        self._metrics = metrics
+        self.active = 0
+        self._per_client: Counter[str] = Counter()
+        self._admissions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._waiting: set = set()  # connections waiting for a first message with their token
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.draining = False
+
+    @property
+    def full(self) -> bool:
+        return bool(self.limits.max_sessions) and self.active >= self.limits.max_sessions
+
+    def _refuse_http(self, reason: str, status: http.HTTPStatus, message: str, headers: dict | None = None):
+        self._metrics.rejected.labels(reason).inc()
+        log.info("refused an upgrade (%s): %s", reason, message)
+        return http_response(status, {"error": reason, "message": message}, headers)
+
+    # --- before the upgrade ------------------------------------------------------------------------
+
+    def check(self, connection, request, endpoint: Endpoint):
+        """None to go on with the handshake, or the HTTP response that refuses it."""
+        if self.draining:
+            return self._refuse_http("draining", http.HTTPStatus.SERVICE_UNAVAILABLE,
+                                     "the server is shutting down; connect to another instance or retry shortly",
+                                     {"Retry-After": "5"})
+        origin = request.headers.get("Origin")
+        if not origin_allowed(origin, self.auth.allowed_origins):
+            return self._refuse_http("origin", http.HTTPStatus.FORBIDDEN,
+                                     f"the origin {origin} is not allowed to connect (see --allowed-origins)")
+        if self.full:
+            return self._refuse_http("overloaded", http.HTTPStatus.SERVICE_UNAVAILABLE,
+                                     f"the server is at its limit of {self.limits.max_sessions} sessions; retry later "
+                                     "or connect to another instance", {"Retry-After": "5"})
+        limit = self.limits.max_per_client
+        if limit and self._per_client[client_address(connection)] >= limit:
+            return self._refuse_http("per_client", http.HTTPStatus.TOO_MANY_REQUESTS,
+                                     f"{limit} connections from your address are open already; close one first",
+                                     {"Retry-After": "5"})
+        if self.keys is None:
+            return None
+        token = handshake_token(request.headers, request.path)
+        browser = origin is not None
+        if token is not None:
+            if self.keys.check(token):
+                request.path = without_token(request.path)  # sessions and logs never see it
+                return None
+            if not browser:
+                return self._unauthorized("the API key is not valid")
+            self._admissions[connection] = _Admission(False, "the API key in the request is not valid")
+            return None
+        if endpoint.takes_first_message(browser) or browser:
+            self._admissions[connection] = _Admission(False)  # the first message must carry it
+            return None
+        return self._unauthorized("this server needs an API key: send the header Authorization: Bearer KEY "
+                                  "or add ?token=KEY to the URL")
+
+    def _unauthorized(self, message: str):
+        return self._refuse_http("unauthorized", http.HTTPStatus.UNAUTHORIZED, message,
+                                 {"WWW-Authenticate": 'Bearer realm="breeze-stream"'})
+
+    # --- after the upgrade ---------------------------------------------------------------------------
+
+    async def serve(self, connection, endpoint: Endpoint, run: Callable[[object], Awaitable[None]]) -> None:
+        """Counts the connection while `run(connection)` serves it, unless limits or auth refuse it."""
+        address = client_address(connection)
+        self.active += 1
+        self._per_client[address] += 1
+        self._idle.clear()
+        try:
+            refusal = self._over_limits(address)
+            if refusal is not None:
+                await self._refuse(connection, endpoint, *refusal)
+                return
+            admission = self._admissions.pop(connection, None)
+            if admission is not None and not admission.authorized:
+                connection = await self._first_message(connection, endpoint, admission)
+                if connection is None:
+                    return
+            await run(connection)
+        finally:
+            self.active -= 1
+            self._per_client[address] -= 1
+            if not self._per_client[address]:
+                del self._per_client[address]
+            if not self.active:
+                self._idle.set()
+
+    def _over_limits(self, address: str) -> tuple[str, str, int] | None:
+        if self.draining:
+            return "overloaded", "the server is shutting down; connect to another instance", CloseCode.GOING_AWAY
+        limits = self.limits
+        if limits.max_sessions and self.active > limits.max_sessions:
+            self._metrics.rejected.labels("overloaded").inc()
+            return ("overloaded", f"the server is at its limit of {limits.max_sessions} sessions; retry later or "
+                    "connect to another instance", CloseCode.TRY_AGAIN_LATER)
+        if limits.max_per_client and self._per_client[address] > limits.max_per_client:
+            self._metrics.rejected.labels("per_client").inc()
+            return ("overloaded", f"{limits.max_per_client} connections from your address are open already; close "
+                    "one first", CloseCode.TRY_AGAIN_LATER)
+        return None
+
+    async def _first_message(self, connection, endpoint: Endpoint, admission: _Admission):
+        """The connection (replaying what was read) once its first message carried a valid key, else None."""
+        browser = connection.request.headers.get("Origin") is not None
+        if admission.reason or not endpoint.takes_first_message(browser):
+            await self._refuse(connection, endpoint, "unauthorized", admission.reason or "this server needs an API "
+                               "key: add ?token=KEY to the URL", CloseCode.POLICY_VIOLATION)
+            return None
+        read: list[str | bytes] = []
+        self._waiting.add(connection)
+        try:
+            token = await asyncio.wait_for(self._read_token(connection, endpoint, read), self.limits.auth_timeout)
+        except asyncio.TimeoutError:
+            await self._refuse(connection, endpoint, "unauthorized", f"no API key within {self.limits.auth_timeout:g} s "
+                               "of connecting; send it in the first message", CloseCode.POLICY_VIOLATION)
+            return None
+        except ConnectionClosed:
+            return None
+        finally:
+            self._waiting.discard(connection)
+        if token is None or not self.keys.check(token):
+            first = None
+            try:
+                first = json.loads(read[0]) if read else None
+            except (ValueError, UnicodeDecodeError):
+                pass
+            why = "the API key in the first message is not valid" if token else (
+                "this server needs an API key: add \"token\": \"KEY\" to the first message, or ?token=KEY to the URL")
+            await self._refuse(connection, endpoint, "unauthorized", why, CloseCode.POLICY_VIOLATION,
+                               first if isinstance(first, dict) else None)
+            return None
+        return Replay(connection, read)
+
+    @staticmethod
+    async def _read_token(connection, endpoint: Endpoint, read: list[str | bytes]) -> str | None:
+        """Reads messages (into `read`, the key taken out) until the one that should carry the key."""
+        while len(read) < FIRST_MESSAGES:
+            message = await connection.recv()
+            try:
+                token, message = endpoint.token(message)
+            except NeedMore:
+                read.append(message)
+                continue
+            read.append(message)
+            return token
+        return None
+
+    async def _refuse(self, connection, endpoint: Endpoint, code: str, message: str, close_code: int,
+                      first: dict | None = None) -> None:
+        log.info("refused a %s connection from %s (%s): %s", endpoint.name, client_address(connection), code, message)
+        if close_code != CloseCode.GOING_AWAY:
+            self._metrics.errors.labels(code).inc()
+        text = endpoint.error(code, message, first)
+        try:
+            await asyncio.wait_for(self._say_and_close(connection, text, close_code, code), REFUSAL_TIMEOUT)
+        except (asyncio.TimeoutError, ConnectionClosed):
+            connection.transport.abort()
+
+    @staticmethod
+    async def _say_and_close(connection, text: str | None, close_code: int, reason: str) -> None:
+        if text is not None:
+            await connection.send(text)
+        await connection.close(close_code, reason)
+
+    # --- drain ---------------------------------------------------------------------------------------
+
+    def start_draining(self) -> None:
+        """New upgrades get 503 from now on; connections still waiting for their key are closed."""
+        self.draining = True
+        for connection in list(self._waiting):
+            connection.transport.abort()
+
+    async def wait_idle(self) -> None:
+        """Until no connection holds a handler."""
+        await self._idle.wait()
