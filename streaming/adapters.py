@@ -19,6 +19,7 @@ from websockets.frames import CloseCode
 from engines.decoding import DecodingOptions
 from engines.tokenizer import LANGUAGES as WHISPER_LANGUAGES
 
+from .limits import closing
 from .transcriber import StreamingTranscriber
 
 log = logging.getLogger(__name__)
@@ -72,9 +73,10 @@ class Outbox:
         return self._queue.qsize()
 
     async def wait(self) -> None:
-        """Until the close went out (or the client vanished)."""
+        """Until the close went out (or the client vanished); what the client still sends meanwhile
+        is read and dropped (streaming.limits.discard_incoming), so the close is not held up."""
         if self._task is not None:
-            await self._task
+            await closing(self._ws, self._task)
 
     async def _run(self) -> None:
         try:

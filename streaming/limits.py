@@ -39,6 +39,30 @@ log = logging.getLogger(__name__)
 REFUSAL_TIMEOUT = 2.0  # seconds a refused client gets to read its error event before the close
 
 
+async def discard_incoming(connection) -> None:
+    """Reads and drops what a client still sends after its session stopped reading.
+
+    The WebSocket library stops reading the socket once `max_queue` frames wait unread (that is
+    what pushes back on fast senders), so a client that goes on sending after an error would hold
+    its close frame behind them and keep the connection for the whole close timeout. Run this
+    while the close goes out; it ends with the connection (or at once if someone else reads)."""
+    try:
+        while True:
+            await connection.recv()
+    except Exception:  # noqa: BLE001 - ConnectionClosed, or ConcurrencyError when the session still reads
+        pass
+
+
+async def closing(connection, close: Awaitable[None]) -> None:
+    """Awaits `close` (a close handshake under way) while discarding what the client still sends."""
+    discard = asyncio.ensure_future(discard_incoming(connection))
+    try:
+        await close
+    finally:
+        discard.cancel()
+        await asyncio.gather(discard, return_exceptions=True)
+
+
 @dataclass(frozen=True)
 class Limits:
     max_sessions: int = 256
@@ -251,7 +275,8 @@ class Gate:
             self._metrics.errors.labels(code).inc()
         text = endpoint.error(code, message, first)
         try:
-            await asyncio.wait_for(self._say_and_close(connection, text, close_code, code), REFUSAL_TIMEOUT)
+            await asyncio.wait_for(closing(connection, self._say_and_close(connection, text, close_code, code)),
+                                   REFUSAL_TIMEOUT)
         except (asyncio.TimeoutError, ConnectionClosed):
             connection.transport.abort()
 

@@ -51,6 +51,7 @@ from engines.decoding import DecodingOptions
 from engines.engine import Engine
 
 from .codecs import AudioDecoder, AudioFormatError
+from .limits import closing
 from .metrics import Metrics
 from .transcriber import Event, Failure, Final, Partial, StreamingTranscriber, TranscriberConfig
 
@@ -169,7 +170,7 @@ class NativeSession:
                 await self._transcriber.aclose()  # nothing left to flush after a finish
                 self._metrics.sessions_active.dec()
             self._close(CloseCode.NORMAL_CLOSURE, "")  # unless an earlier close is queued
-            await sender
+            await closing(self._ws, sender)  # frames the client still sends must not hold up the close
 
     async def shutdown(self) -> None:
         """The server is stopping: flush finals, send `end`, close with 1001 (going away)."""

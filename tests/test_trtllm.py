@@ -261,7 +261,7 @@ def test_preflight_names_everything_missing(tmp_path):
     ok = options(out=tmp_path / "e", examples=examples)
     assert build.preflight(ok, version="1.2.1", which=lambda name: "/usr/bin/" + name, gpus=gpus) == []
     newer = build.preflight(ok, version="1.3.0rc14", which=lambda name: "/usr/bin/" + name, gpus=gpus)
-    assert len(newer) == 1 and "pinned to 1.2.x" in newer[0] and "docs/trtllm.md" in newer[0]
+    assert len(newer) == 1 and "pinned to 1.2.x" in newer[0] and "README" in newer[0]
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / "manifest.json").write_text("{}")
     assert "--force" in build.preflight(ok, version="1.2.1", which=lambda n: n, gpus=gpus)[0]
