@@ -221,7 +221,7 @@ class Server:
         if not drain.done():
             drain.cancel()
             await asyncio.gather(drain, return_exceptions=True)
-            connections = list(self._ws.connections) + (self.whisperlive.connections() if self.whisperlive else [])
+            connections = list(self._ws.all_connections) + (self.whisperlive.connections() if self.whisperlive else [])
             log.warning("%d connections still open %.1f s into the drain; closing them", len(connections), budget)
             await asyncio.gather(*(_close_now(c) for c in connections))
         self._ws.close()

@@ -111,7 +111,8 @@ class WhisperLiveListener:
             await self._ws.wait_closed()
 
     def connections(self) -> list[ServerConnection]:
-        return list(self._ws.connections) if self._ws is not None else []
+        """Every connection, those whose close handshake has begun too (a drain must cut those)."""
+        return list(self._ws.all_connections) if self._ws is not None else []
 
     def wait_minutes(self) -> float:
         """Minutes until the oldest session reaches its time limit (WhisperLive's estimate)."""
