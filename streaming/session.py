@@ -259,8 +259,13 @@ class NativeSession:
             self._send({"type": "partial", "segment": event.segment, "start": round(event.start, 3),
                         "end": round(event.end, 3), "text": event.text, "stable": event.stable})
         elif isinstance(event, Final):
+            t = event.transcript
             self._send({"type": "final", "segment": event.segment, "start": round(event.start, 3),
-                        "end": round(event.end, 3), "text": event.text})
+                        "end": round(event.end, 3), "text": event.text,
+                        "stats": {"decoder_forwards": t.forwards, "tokens": len(t.tokens),
+                                  "encoder_seconds": round(t.encoder_seconds, 4),
+                                  "decoder_seconds": round(t.decoder_seconds, 4),
+                                  "draft_accepted": t.draft_accepted}})
         elif isinstance(event, Failure):
             self._error("internal", "transcription failed on the server; reconnect and start again (the failure is logged)",
                         CloseCode.INTERNAL_ERROR)
