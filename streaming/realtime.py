@@ -47,8 +47,9 @@ the transcription session does not support) get an OpenAI-style `error` event
 logged, and the session goes on; nothing already accepted is lost.
 
 Idle (no event for the idle timeout) closes the open turn under server VAD. On server shutdown
-the buffer is committed and transcribed before the close (1001); a client that disconnects ends
-its session at once.
+the buffer is committed and transcribed before the close (1001); at the server's maximum session
+duration the same, then an `error` (`session_expired`) and a close (1008). A client that
+disconnects ends its session at once.
 """
 
 from __future__ import annotations
@@ -461,6 +462,15 @@ class RealtimeSession:
         """Server stopping: commit the buffer, wait for its transcript, close with 1001."""
         await self._finish()
         self._out.close(CloseCode.GOING_AWAY, "server shutting down")
+
+    async def expire(self, seconds: float) -> None:
+        """The server's maximum session duration (streaming.limits): commit and transcribe the buffer,
+        then OpenAI's `session_expired` error and a close (1008)."""
+        await self._finish()
+        self._event("error", error={"type": "invalid_request_error", "code": "session_expired", "param": None,
+                                    "message": f"Your session hit the maximum duration of {seconds:g} seconds; "
+                                               "connect again to go on.", "event_id": None})
+        self._out.close(CloseCode.POLICY_VIOLATION, "session expired")
 
     async def _finish(self) -> None:
         if self._finishing is None:

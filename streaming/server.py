@@ -339,9 +339,7 @@ class Server:
         if self.engine is not None:
             engine = self.engine_health()
             alive = engine is None or engine.get("alive", True)
-            status = "ok" if alive else "engine_down"
-            if alive and engine and engine.get("restarts"):
-                status = "ok_restarted"  # serving, after the engine worker recovered from a crash
+            status = "ok" if alive else "engine_down"  # engine.restarts counts recoveries from crashes
             body = {"status": status, "model": self.engine.name, "sessions": self.session_count,
                     "draining": self.draining, "engine": engine}
             code = http.HTTPStatus.OK if alive else http.HTTPStatus.SERVICE_UNAVAILABLE
