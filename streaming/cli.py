@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("bench-offline", help="our engine and faster-whisper on the same weights over a manifest")
     add_model_arguments(p)
     p.add_argument("manifest")
+    p.add_argument("--window", type=window_argument, default=2.0, metavar="SECONDS",
+                   help="the shortened encoder window of the fourth pass (default %(default)s)")
     p.add_argument("--json", metavar="OUT")
     p.add_argument("--limit", type=int, default=None)
     p.set_defaults(func=cmd_bench_offline)
