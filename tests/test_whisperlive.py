@@ -79,11 +79,11 @@ async def session(server: Server, audio: bytes, options: dict = OPTIONS, frame: 
     return messages, ws.close_code
 
 
-def check_segments(messages: list[dict], uid: str = "c0ffee") -> list[dict]:
+def check_segments(messages: list[dict], uid: str = "c0ffee", model: str = "tiny-random") -> list[dict]:
     """WhisperLive's shapes: uid everywhere, SERVER_READY first, segment times as 3-decimal strings,
     completed segments that never change or overlap; returns the completed segments."""
     assert messages[0] == {"uid": uid, "message": "SERVER_READY", "backend": "faster_whisper",
-                           "server": "breeze-stream", "model": "tiny-random"}
+                           "server": "breeze-stream", "model": model}
     done: dict[str, dict] = {}
     for message in messages[1:]:
         assert message["uid"] == uid
@@ -258,7 +258,7 @@ async def test_dev_clip(default_engine):
             committed, _ = await asyncio.to_thread(run_stock_client, srv.whisperlive.port, audio, "zh", 0.05)
         else:
             messages, code = await session(srv, float32(audio), frame=16384, pace=0.05)
-            committed = [s["text"] for s in check_segments(messages)]
+            committed = [s["text"] for s in check_segments(messages, model=default_engine.name)]
     finally:
         await srv.close()
     text = "".join(committed)
