@@ -21,9 +21,8 @@ TINY_TEXT = "好"
 """What the tiny model says for any audio."""
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint() -> Checkpoint:
-    """Random weights of a tiny Whisper with the real vocabulary, rigged to answer TINY_TEXT.
+def tiny_model() -> Whisper:
+    """Random weights of a tiny Whisper for the real vocabulary, rigged to answer TINY_TEXT.
 
     A purely random decoder writes up to the 224-token cap or loops, which makes tests slow and
     their finals depend on the hallucination filter. Here the decoder's final layer norm outputs
@@ -45,8 +44,14 @@ def tiny_checkpoint() -> Checkpoint:
         model.decoder.ln.bias.copy_(v)
         model.decoder.token_embedding.weight[eot] = 30 * v
         model.decoder.token_embedding.weight[token] = 20 * v
-    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    return Checkpoint(name="tiny-random", dims=TINY_DIMS, state_dict=state, vocabulary=vocabulary,
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint() -> Checkpoint:
+    """tiny_model() as a checkpoint with the embedded model's vocabulary and suppress list."""
+    state = {name: tensor.clone() for name, tensor in tiny_model().state_dict().items()}
+    return Checkpoint(name="tiny-random", dims=TINY_DIMS, state_dict=state, vocabulary=default_vocabulary(),
                       suppress_tokens=default_suppress_ids(), alignment_heads=None)
 
 

@@ -36,25 +36,10 @@ RATE = 16000
 
 
 def tiny_pt(path: Path) -> Path:
-    """conftest.tiny_checkpoint's weights (same seed, same rig) saved as an OpenAI-format .pt."""
-    from conftest import TINY_DIMS, TINY_TEXT
-    from engines.checkpoints import default_vocabulary
-    from engines.model import Whisper
+    """conftest.tiny_model() (it answers TINY_TEXT for any segment) saved as an OpenAI-format .pt."""
+    from conftest import TINY_DIMS, tiny_model
 
-    torch.manual_seed(0)
-    model = Whisper(TINY_DIMS)
-    vocabulary = default_vocabulary()
-    eot = vocabulary.index("<|endoftext|>")
-    token = vocabulary.index(TINY_TEXT.encode().decode("latin-1"))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-        v = torch.nn.functional.normalize(torch.randn(TINY_DIMS.n_text_state), dim=0)
-        model.decoder.ln.weight.zero_()
-        model.decoder.ln.bias.copy_(v)
-        model.decoder.token_embedding.weight[eot] = 30 * v
-        model.decoder.token_embedding.weight[token] = 20 * v
-    torch.save({"dims": asdict(TINY_DIMS), "model_state_dict": model.state_dict()}, path)
+    torch.save({"dims": asdict(TINY_DIMS), "model_state_dict": tiny_model().state_dict()}, path)
     return path
 
 
