@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
 
 from engines.checkpoints import Checkpoint, default_suppress_ids, default_vocabulary
 from engines.engine import Engine
@@ -69,3 +72,13 @@ def default_engine():
     yield engine
     engine.close()
 
+
+async def receive_all(ws: ClientConnection) -> list[dict]:
+    """Every JSON event the server sends until it closes the connection."""
+    events = []
+    try:
+        async for message in ws:
+            events.append(json.loads(message))
+    except ConnectionClosed:
+        pass
+    return events

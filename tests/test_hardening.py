@@ -26,7 +26,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import engines.engine as engine_module
-from conftest import TINY_TEXT
+from conftest import TINY_TEXT, receive_all
 from engines.engine import Engine
 from hardening_helpers import CliServer, FakeConnection, pcm16, phrases, silence, tiny_pt, voiced
 from streaming import auth
@@ -54,16 +54,6 @@ def key_file(tmp_path: Path) -> Path:
 
 def url(server: Server, path: str = "/v1/stream", port: int | None = None, scheme: str = "ws") -> str:
     return f"{scheme}://127.0.0.1:{port or server.port}{path}"
-
-
-async def receive_all(ws: ClientConnection) -> list[dict]:
-    events = []
-    try:
-        async for message in ws:
-            events.append(json.loads(message))
-    except ConnectionClosed:
-        pass
-    return events
 
 
 async def native(server: Server, audio: np.ndarray = TWO_PHRASES, *, path: str = "/v1/stream", start: dict | None = None,

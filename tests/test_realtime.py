@@ -17,7 +17,7 @@ import soxr
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from conftest import DEV_DIR, TINY_TEXT
+from conftest import DEV_DIR, TINY_TEXT, receive_all
 from protocol_audio import RATE, dev_manifest, pcm16, silence, two_phrases, voiced
 from streaming.codecs import encode_alaw, encode_mulaw, load_audio
 from streaming.realtime import segmenter_config
@@ -329,12 +329,7 @@ async def test_shutdown_commits_the_open_turn(tiny_engine):
         while srv.metrics.registry.get_sample_value("breeze_audio_seconds_total") < 1.4:
             await asyncio.sleep(0.01)
         closing = asyncio.ensure_future(srv.close())
-        events = []
-        try:
-            async for message in ws:
-                events.append(json.loads(message))
-        except ConnectionClosed:
-            pass
+        events = await receive_all(ws)
         await closing
     assert ws.close_code == 1001
     kinds = [e["type"] for e in events]

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soxr
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
-from conftest import DEV_DIR, TINY_TEXT
+from conftest import DEV_DIR, TINY_TEXT, receive_all
 from engines.engine import Engine
 from engines.text import convert
 from streaming.codecs import encode_mulaw, load_audio
@@ -60,16 +60,6 @@ async def server(tiny_engine):
 
 def url(server: Server, path: str = "/v1/stream") -> str:
     return f"ws://127.0.0.1:{server.port}{path}"
-
-
-async def receive_all(ws: ClientConnection) -> list[dict]:
-    events = []
-    try:
-        async for message in ws:
-            events.append(json.loads(message))
-    except ConnectionClosed:
-        pass
-    return events
 
 
 async def stream(server: Server, audio: bytes, *, start: dict | None = None, frame_bytes: int = 3200,
