@@ -117,13 +117,16 @@ class Batch:
     """The running batch: up to `rows` sequences decoded together, one forward per step."""
 
     def __init__(self, model: Whisper, tokenizer: Tokenizer, suppress_tokens: list[int], rows: int,
-                 graphs: GraphOptions | bool | None = None):
+                 graphs: GraphOptions | bool | None = None, node_budget: int | None = None):
         """`graphs` (engines/cuda_graphs.py): run steps through a StepRunner, bucketed and, on CUDA,
         replayed as CUDA graphs; prompts then join the next step instead of a forward of their own.
-        None/False: plain eager forwards (the reference path)."""
+        None/False: plain eager forwards (the reference path). `node_budget`: draft nodes a step
+        feeds at most over all rows; a full batch verifies shorter drafts, since wide trees over
+        many rows cost more than the tokens they save (None: each sequence's own max_draft)."""
         self.model, self.tokenizer, self.suppress_tokens = model, tokenizer, suppress_tokens
         dims = model.dims
         self.rows = rows
+        self.node_budget = node_budget
         self.cache = model.new_cache(rows)
         head_dim = dims.n_text_state // dims.n_text_head
         shape = (dims.n_text_layer, rows, dims.n_text_head, dims.n_audio_ctx, head_dim)
@@ -223,9 +226,10 @@ class Batch:
             return self._step_runner()
         device, n_ctx = self.model.device, self.model.dims.n_text_ctx
         seqs = self.active
+        share = self._draft_share(len(seqs))
         trees = []
         for s in seqs:
-            limit = min(s.options.max_draft, s.cap - len(s.generated) - 1)
+            limit = min(s.options.max_draft, s.cap - len(s.generated) - 1, share)
             trees.append(_Tree.build(s.generated[-1], _draft(s.drafters, s.generated, limit)))
             if trees[-1].source:
                 s.proposed[trees[-1].source] += len(trees[-1].tokens) - 1
@@ -244,12 +248,17 @@ class Batch:
             self.remove(s)
         return finished
 
+    def _draft_share(self, n: int) -> int:
+        """Draft tokens each of n sequences may feed in this step."""
+        return self.model.dims.n_text_ctx if self.node_budget is None else max(0, self.node_budget // n - 1)
+
     def _step_runner(self) -> list[Sequence]:
         """step() through the StepRunner: inputs built on the host, one bucketed (graphed) forward;
         sequences admitted since the last step feed their prompts in it (no-speech probability
         from the first prompt node, first token from the last)."""
         n_ctx = self.model.dims.n_text_ctx
         seqs = self.active
+        share = self._draft_share(len(seqs))
         trees, starts = [], []
         for s in seqs:
             if s in self._pending:
@@ -257,7 +266,7 @@ class Batch:
                 trees.append(_Tree(list(s.prompt), list(range(-1, length - 1)), list(range(length)), ""))
                 starts.append(0)
                 continue
-            limit = min(s.options.max_draft, s.cap - len(s.generated) - 1)
+            limit = min(s.options.max_draft, s.cap - len(s.generated) - 1, share)
             trees.append(_Tree.build(s.generated[-1], _draft(s.drafters, s.generated, limit)))
             if trees[-1].source:
                 s.proposed[trees[-1].source] += len(trees[-1].tokens) - 1

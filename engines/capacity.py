@@ -91,7 +91,7 @@ def rig_decoder(model) -> None:
 
 
 def random_engine(shape: str, device: str, dtype: torch.dtype, max_batch: int, speculative: str,
-                  graphs=True, window_bucket: float = 1.0, seed: int = 0):
+                  graphs=True, window_bucket: float = 1.0, seed: int = 0, **engine_options):
     """An Engine on random weights of `shape`, the synthetic vocabulary, <|endoftext|> suppressed."""
     from .checkpoints import Checkpoint
     from .engine import Engine, resolve_device
@@ -106,7 +106,8 @@ def random_engine(shape: str, device: str, dtype: torch.dtype, max_batch: int, s
                             suppress_tokens=sorted(set(WHISPER_SUPPRESS) | {eot}), alignment_heads=None)
     with torch.device(dev):  # build the engine's copy on the device, not 1.5 G parameters on the host
         engine = Engine(checkpoint, device=str(dev), dtype=dtype, script="as-is", max_batch=max_batch,
-                        speculative=speculative, cuda_graphs=graphs, window_bucket=window_bucket)
+                        speculative=speculative, cuda_graphs=graphs, window_bucket=window_bucket,
+                        **engine_options)
     del checkpoint, model
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -363,6 +364,10 @@ def add_capacity_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, default=30.0, help="seconds measured per run")
     parser.add_argument("--warmup", type=float, default=8.0, help="seconds before measuring (streams start, graphs record)")
     parser.add_argument("--max-batch", type=int, default=128, help="rows of the running batch")
+    parser.add_argument("--max-partials", type=int, default=None, help="rows partials may hold (default: 1/16 of the rows on CUDA, all on the CPU)")
+    parser.add_argument("--partials-per-round", type=int, default=None,
+                        help="partials started between two decoder steps (default: 2 on CUDA)")
+    parser.add_argument("--node-budget", type=int, default=None, help="draft nodes per step over all rows (default 256 on CUDA)")
     parser.add_argument("--speculative", default="hypothesis", choices=["off", "hypothesis", "medusa", "both"])
     parser.add_argument("--rate", type=float, default=TOKENS_PER_SECOND, help="tokens per second of speech")
     parser.add_argument("--final-window", type=float, default=None,
@@ -392,13 +397,17 @@ def run_capacity(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     graphs = False if args.no_graphs else (GraphOptions(cross_attention=args.cross_attention) if args.cross_attention else True)
     t0 = time.perf_counter()
-    engine = random_engine(args.shape, str(device), dtype, args.max_batch, args.speculative, graphs, args.window_bucket)
+    engine = random_engine(args.shape, str(device), dtype, args.max_batch, args.speculative, graphs, args.window_bucket,
+                           max_partials=args.max_partials, partials_per_round=args.partials_per_round,
+                           node_budget=args.node_budget)
     report = {"what": "engine scheduler (engines/engine.py), simulated real-time streams; not the socket server",
               "command": "python -m engines.capacity " + " ".join(sys.argv[1:]),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "shape": args.shape, "dtype": str(dtype).replace("torch.", ""),
               "max_batch": args.max_batch, "speculative": args.speculative, "graphs": not args.no_graphs,
+              "max_partials": engine.max_partials, "partials_per_round": engine.partials_per_round,
+              "node_budget": engine.node_budget,
               "build_s": round(time.perf_counter() - t0, 1), "runs": []}
     warm_streams, warm_seconds = (float(x) for x in args.prewarm.split(":"))
     if warm_streams and warm_seconds:

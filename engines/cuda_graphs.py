@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .model import KVCache, Whisper
 
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 WIDTH_BUCKETS = (1, 4, 9)  # a plain step; a prompt (sot, language, task, notimestamps); last token + 8 draft nodes
 FRAME_BUCKETS = (256, 512, 768, 1024, 1500)  # encoder frames (50 per second): 5.1, 10.2, 15.4, 20.5, 30 s
 CONTEXT_BUCKETS = (64, 128, 256, 448)  # self-attention cache slots read
@@ -120,7 +120,7 @@ class StepRunner:
         self.context_buckets = tuple(sorted({c for c in options.context_buckets if c < self.n_ctx} | {self.n_ctx}))
         self._buffers: dict[tuple[int, int], _Buffers] = {}
         self._steps: dict[tuple, object] = {}
-        self._pool = torch.cuda.graph_pool_handle() if self.mode == "graph" else None
+        self._pool = torch.cuda.graph_pool_handle() if self.mode != "eager" else None
         self._cross_weight: Tensor | None = None
         self.stats = RunnerStats()
         self.cross_attention = options.cross_attention
@@ -130,9 +130,9 @@ class StepRunner:
             self.cross_attention = choose_cross_attention(dims.n_text_head, dims.n_text_state // dims.n_text_head,
                                                           self.n_frames, cache.dtype, self.device)
         if self.mode == "compile":
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 1024)  # one entry per bucket
             for t in (cache.k, cache.v, cross_k, cross_v):
                 torch._dynamo.mark_static_address(t)
-        float32_layer_norms(model.decoder)
 
     # -- shapes ---------------------------------------------------------------------------------
 
@@ -209,14 +209,9 @@ class StepRunner:
         body = functools.partial(self.body, key)
         if self.mode == "eager":
             fn = body
-        elif self.mode == "compile":
-            compiled = torch.compile(self.body, mode="reduce-overhead", dynamic=False, fullgraph=False)
-            fn = functools.partial(compiled, key)
-            self._reset(key)
-            for _ in range(3):  # compile, then record (cudagraph trees record on the second call)
-                fn()
-            torch.cuda.synchronize(self.device)
         else:
+            if self.mode == "compile":  # Inductor's fused kernels, recorded into our own graph below
+                body = functools.partial(torch.compile(self.body, dynamic=False), key)
             self._reset(key)  # warm-up runs execute: keep their writes on slot n_ctx - 1
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -478,17 +473,6 @@ def cross_attention_report(heads: int, dim: int, frames: int, dtype: torch.dtype
     return out
 
 
-def float32_layer_norms(module: torch.nn.Module) -> None:
-    """Keeps the layer norms' weights in float32: they normalise in float32 anyway (model.LayerNorm),
-    and an fp16 weight costs two cast kernels per call (about 200 of a Breeze decoder step's
-    kernels). The values are unchanged (fp16 -> fp32 is exact)."""
-    from .model import LayerNorm
-
-    for m in module.modules():
-        if isinstance(m, LayerNorm) and m.weight.dtype != torch.float32:
-            m.float()
-
-
 class GraphedEncoder:
     """The encoder replayed as CUDA graphs per (batch bucket, mel frames): at batch 1 an eager
     Breeze encoder call costs about 12 ms whatever the window (launch-bound: ~500 kernels),
@@ -504,7 +488,6 @@ class GraphedEncoder:
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle()
         self.stats = RunnerStats()
-        float32_layer_norms(encoder)
 
     def __call__(self, mel: Tensor) -> Tensor:
         n, _, frames = mel.shape

@@ -35,6 +35,7 @@ from .decoding import DecodingOptions, DecodingResult, detect_language
 from .drafts import HypothesisDrafter, MedusaDrafter
 from .medusa import SHIPPED_HEADS, MedusaHeads, load_heads
 from .model import Whisper
+from .fp16_weights import available as fp16_available, pack_fp16_weights
 from .text import to_traditional
 from .tokenizer import Tokenizer
 
@@ -105,13 +106,20 @@ class Engine:
     def __init__(self, checkpoint: Checkpoint, device: str = "auto", dtype: torch.dtype | None = None,
                  script: str = "traditional", max_batch: int = 16, speculative: str = "both",
                  medusa: str | Path | None = None, cuda_graphs: bool | GraphOptions = True,
-                 window_bucket: float = 1.0, encoder=None):
+                 window_bucket: float = 1.0, encoder=None, max_partials: int | None = None,
+                 partials_per_round: int | None = None, node_budget: int | None = None, fp16_weights: bool | None = None):
         self.device = resolve_device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.name = checkpoint.name
         self.model = Whisper(checkpoint.dims)
         self.model.load_state_dict(checkpoint.state_dict)
         self.model.to(self.device, self.dtype).eval().fuse()
+        # on the CPU, matrix products through fbgemm's fp16 GEMM (engines/fp16_weights.py); None: where available
+        if fp16_weights is None:
+            fp16_weights = self.device.type == "cpu" and fp16_available()
+        self.fp16_weights = fp16_weights
+        if fp16_weights:
+            pack_fp16_weights(self.model)
         self.tokenizer = Tokenizer(checkpoint.vocabulary)
         self.encoder = self.model.encoder if encoder is None else encoder  # mel -> features; engines.trtllm swaps in a TensorRT-LLM engine
         self.suppress_tokens = checkpoint.suppress_tokens
@@ -123,11 +131,22 @@ class Engine:
         # shortened encoder windows are rounded up to multiples of this many seconds, so that
         # segments of similar length share one encoder call (one call per distinct window)
         self.window_bucket = window_bucket
+        # partials are optional work: they may hold at most `max_partials` rows of the batch, and at most
+        # `partials_per_round` start between two decoder steps, so that their encoder calls and rows
+        # never stall the finals (a stream's newest partial waits; an older one is answered None)
+        # (BENCHMARKS.md, capacity: on an H200 at 200 streams, 8 of 128 rows and 2 per round cut the p95 by 2/3)
+        cuda = self.device.type == "cuda"
+        self.max_partials = max_partials if max_partials is not None else (max(4, max_batch // 16) if cuda else max_batch)
+        self.partials_per_round = partials_per_round or (2 if cuda else max_batch)
+        # on the CPU a row costs a step about as much as the final's own row: no partial starts beside a final
+        self.partials_beside_finals = cuda
         # decoder steps as CUDA graphs per batch-size bucket (engines/cuda_graphs.py); eager on the CPU
         self.graphs = None
         if self.device.type == "cuda" and cuda_graphs:
             self.graphs = cuda_graphs if isinstance(cuda_graphs, GraphOptions) else GraphOptions()
-        self.batch = Batch(self.model, self.tokenizer, self.suppress_tokens, rows=max_batch, graphs=self.graphs)
+        # on a GPU a step over many rows verifies shorter drafts (engines/batching.py, node_budget)
+        self.node_budget = node_budget or (128 if cuda else None)
+        self.batch = self._new_batch(max_batch)
         if self.graphs is not None and self.graphs.encoder and encoder is None:
             self.encoder = GraphedEncoder(self.model.encoder)  # launch-bound at small batches without graphs
         self._queue: list[Request] = []
@@ -139,6 +158,10 @@ class Engine:
         self.last_error: str | None = None
         self._worker = threading.Thread(target=self._supervise, name="breeze-engine", daemon=True)
         self._worker.start()
+
+    def _new_batch(self, rows: int) -> Batch:
+        return Batch(self.model, self.tokenizer, self.suppress_tokens, rows=rows, graphs=self.graphs,
+                     node_budget=self.node_budget)
 
     @classmethod
     def load(cls, spec: str = "default", device: str = "auto", **kwargs) -> Engine:
@@ -217,7 +240,7 @@ class Engine:
                 for request in self._held + [s.tag for s in self.batch.active]:
                     _fail(request.future, error)
                 self._held = []
-                self.batch = Batch(self.model, self.tokenizer, self.suppress_tokens, rows=self.batch.rows, graphs=self.graphs)
+                self.batch = self._new_batch(self.batch.rows)
                 time.sleep(min(1.0, 0.01 * 2 ** min(self.restarts, 7)))
 
     def _ensure_worker(self) -> None:
@@ -252,7 +275,7 @@ class Engine:
             except Exception as exc:  # one bad batch must not kill the worker, nor fail every request in it
                 log.exception("engine step failed")
                 held = list({id(r): r for r in live + running + [s.tag for s in self.batch.active]}.values())
-                self.batch = Batch(self.model, self.tokenizer, self.suppress_tokens, rows=self.batch.rows, graphs=self.graphs)
+                self.batch = self._new_batch(self.batch.rows)
                 self._isolate([r for r in held if not r.future.done()], exc)
 
     def _isolate(self, held: list[Request], exc: Exception) -> None:
@@ -292,7 +315,13 @@ class Engine:
         if alone:  # retried after a failed batch: one at a time, in an empty batch
             taken = [] if self.batch.active else alone[:1]
         else:
-            taken = queue[: self.batch.free]
+            finals = [r for r in queue if r.final]
+            taken = finals[: self.batch.free]
+            running = sum(not s.tag.final for s in self.batch.active)
+            room = min(self.batch.free - len(taken), self.max_partials - running, self.partials_per_round)
+            if not self.partials_beside_finals and (finals or any(s.tag.final for s in self.batch.active)):
+                room = 0
+            taken += [r for r in queue if not r.final][: max(0, room)]
         self._queue = [r for r in queue if r not in taken]
         return taken
 
@@ -356,7 +385,10 @@ class Engine:
             request = s.tag
             result = s.result(self.tokenizer)
             frames = self._frames(request)
-            if result.looped and frames < N_FRAMES:  # short windows can loop: redo on the full window
+            # short windows can loop: a final is redone on the full window; a partial keeps its
+            # hypothesis without the repeated tail (Sequence.push cut it), since a full-window
+            # partial would cost a 30 s encoder pass and stall the stream's next partials
+            if result.looped and frames < N_FRAMES and (request.final or request.stream is None):
                 log.info("repetition loop on a %d-frame window; retrying with the full window", frames)
                 request.window = None
                 request.forwards += result.forwards

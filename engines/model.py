@@ -36,6 +36,9 @@ class LayerNorm(nn.LayerNorm):
     """Normalises in float32 whatever the model's dtype: fp16 statistics lose too much."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == self.weight.dtype and (x.dtype == torch.float32 or x.is_cuda):
+            # one kernel: CUDA's layer norm keeps fp16/bf16 statistics in float32 itself
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps).type(x.dtype)
 
 
@@ -65,7 +68,7 @@ class MultiHeadAttention(nn.Module):
         self.key = Linear(n_state, n_state, bias=False)
         self.value = Linear(n_state, n_state)
         self.out = Linear(n_state, n_state)
-        self.fused: tuple[Tensor, Tensor] | None = None
+        self.fused: tuple[Tensor, Tensor] | nn.Module | None = None  # engines/fp16_weights.py makes it a module
 
     @torch.no_grad()
     def fuse_qkv(self) -> None:
@@ -85,8 +88,12 @@ class MultiHeadAttention(nn.Module):
         """Query, key and value of `x`, split into heads."""
         if self.fused is None:
             return tuple(self.split_heads(p(x)) for p in (self.query, self.key, self.value))
-        weight, bias = self.fused
-        return tuple(self.split_heads(t) for t in F.linear(x, weight.to(x.dtype), bias.to(x.dtype)).chunk(3, dim=-1))
+        if isinstance(self.fused, nn.Module):
+            qkv = self.fused(x)
+        else:
+            weight, bias = self.fused
+            qkv = F.linear(x, weight.to(x.dtype), bias.to(x.dtype))
+        return tuple(self.split_heads(t) for t in qkv.chunk(3, dim=-1))
 
     def split_heads(self, x: Tensor) -> Tensor:
         b, t, _ = x.shape
@@ -177,6 +184,7 @@ class TextDecoder(nn.Module):
             ResidualAttentionBlock(n_state, n_head, cross_attention=True) for _ in range(n_layer)
         )
         self.ln = LayerNorm(n_state)
+        self.output: nn.Module | None = None  # the vocabulary projection, when packed (engines/fp16_weights.py)
 
     def cross_kv(self, features: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Cross-attention keys/values of every layer: computed once per segment."""
@@ -198,6 +206,8 @@ class TextDecoder(nn.Module):
         return self.ln(x)
 
     def logits(self, hidden: Tensor) -> Tensor:
+        if self.output is not None:
+            return self.output(hidden).float()
         return (hidden @ self.token_embedding.weight.to(hidden.dtype).T).float()
 
 

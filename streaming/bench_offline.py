@@ -5,7 +5,9 @@ Three passes over the manifest in one process, so the machine's noise hits all a
    and accuracy baseline;
 2. faster-whisper float32, plain greedy without timestamps (the settings of
    ../shared/reference/ctranslate2-whisper.md): the token-for-token reference;
-3. our engine, greedy, language zh, full window, compared clip by clip with pass 2;
+3. our engine, greedy, language zh, full window, compared clip by clip with pass 2 (on the CPU
+   with fp16-packed weights, the engine's default there: float32 arithmetic on the model's own
+   fp16 weights, engines/fp16_weights.py);
 4. our engine with a shortened encoder window (`--window`, default 2 s of silence after the
    clip, falling back to the full window on a repetition loop): the faster setting.
 faster-whisper is an optional benchmark dependency (`pip install -e '.[bench]'`).
@@ -113,15 +115,15 @@ def run_bench_offline(args: argparse.Namespace) -> int:
         "audio_seconds": round(seconds, 2),
         "faster_whisper_int8_default": {**_cer(clips, [r["text"] for r in int8_rows]), "rtf": int8_time / seconds},
         "faster_whisper_fp32_greedy": {**_cer(clips, [r["text"] for r in fp32_rows]), "rtf": fp32_time / seconds},
-        "ours_fp32_greedy": {**_cer(clips, [r["text"] for r in ours_rows]), "rtf": ours_time / seconds},
-        "ours_fp32_greedy_short_window": {**_cer(clips, [r["text"] for r in short_rows]), "rtf": short_time / seconds,
+        "ours_greedy": {**_cer(clips, [r["text"] for r in ours_rows]), "rtf": ours_time / seconds},
+        "ours_greedy_short_window": {**_cer(clips, [r["text"] for r in short_rows]), "rtf": short_time / seconds,
                                           "window_seconds": args.window},
         "rtf_ratio_ours_vs_fw_int8": ours_time / int8_time,
         "rtf_ratio_ours_short_window_vs_fw_int8": short_time / int8_time,
         "clips_token_identical_to_fw_fp32": sum(c["same_tokens_as_fw_fp32"] for c in per_clip),
         "clips": per_clip,
     }
-    for name in ("faster_whisper_int8_default", "faster_whisper_fp32_greedy", "ours_fp32_greedy", "ours_fp32_greedy_short_window"):
+    for name in ("faster_whisper_int8_default", "faster_whisper_fp32_greedy", "ours_greedy", "ours_greedy_short_window"):
         r = report[name]
         print(f"{name:30s} CER {100 * r['cer']:5.1f}%  RTF {r['rtf']:.3f}")
     print(f"ours / faster-whisper int8 time: {report['rtf_ratio_ours_vs_fw_int8']:.2f}x (full window), "

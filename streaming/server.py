@@ -95,6 +95,7 @@ class ServerConfig:
     trtllm_engine_dir: str | None = None
     self_test: bool = True
     medusa: str | None = None  # Medusa heads file; None: the shipped heads where they fit the model
+    fp32_weights: bool = False  # CPU: float32 products instead of fbgemm's fp16-packed weights (engines/fp16_weights.py)
     session: SessionConfig = field(default_factory=SessionConfig)
     web_root: Path = WEB_ROOT
     whisperlive: WhisperLiveConfig = field(default_factory=WhisperLiveConfig)
@@ -178,7 +179,8 @@ class Server:
         try:
             engine = create_engine(self.config.backend, model=self.config.model, device=self.config.device,
                                    engine_dir=self.config.trtllm_engine_dir, script=self.config.script,
-                                   self_test=self.config.self_test, medusa=self.config.medusa)
+                                   self_test=self.config.self_test, medusa=self.config.medusa,
+                                   **({"fp16_weights": False} if self.config.fp32_weights else {}))
         except Exception as exc:
             log.error("loading the model %r failed: %s", self.config.model, exc)
             self._load_error = exc
@@ -544,7 +546,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     calls = CallConfig(webhook=args.call_webhook, log_dir=args.call_log)
     return ServerConfig(host=args.host, port=args.port, model=args.model, device=args.device, script=args.script,
                         backend=args.backend, trtllm_engine_dir=args.trtllm_engine_dir, self_test=args.self_test,
-                        medusa=args.medusa, session=session, whisperlive=whisperlive, calls=calls, limits=limits,
+                        medusa=args.medusa, fp32_weights=args.fp32_weights, session=session, whisperlive=whisperlive, calls=calls, limits=limits,
                         auth=auth, certfile=args.certfile, keyfile=args.keyfile)
 
 

@@ -1,0 +1,72 @@
+"""The engine's scheduling policy: partials are optional work, finals are never held back."""
+
+import numpy as np
+import pytest
+import torch
+
+from engines.audio import N_FRAMES
+from engines.checkpoints import Checkpoint, default_suppress_ids, default_vocabulary
+from engines.decoding import DecodingOptions
+from engines.engine import Engine
+
+from conftest import TINY_DIMS, TINY_TEXT, tiny_model
+
+OPTIONS = DecodingOptions(language="zh")
+
+
+def checkpoint(model) -> Checkpoint:
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    return Checkpoint(name="tiny", dims=TINY_DIMS, state_dict=state, vocabulary=default_vocabulary(),
+                      suppress_tokens=default_suppress_ids(), alignment_heads=None)
+
+
+@pytest.fixture(scope="module")
+def looping_engine():
+    """The rigged tiny model with <|endoftext|> pushed away: it says TINY_TEXT forever (a loop)."""
+    model = tiny_model()
+    eot = default_vocabulary().index("<|endoftext|>")
+    with torch.no_grad():
+        model.decoder.token_embedding.weight[eot] *= -1
+    engine = Engine(checkpoint(model), device="cpu")
+    yield engine
+    engine.close()
+
+
+def audio(seconds: float, seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(int(16000 * seconds)) * 0.1).astype(np.float32)
+
+
+def test_a_looping_final_is_redone_on_the_full_window(looping_engine):
+    t = looping_engine.transcribe(audio(2.0), OPTIONS, window=2.0, final=True)
+    assert t.looped and t.window_frames == N_FRAMES
+    assert t.text == TINY_TEXT  # the repeated tail is cut
+
+
+def test_a_looping_partial_keeps_its_short_window(looping_engine):
+    t = looping_engine.transcribe(audio(2.0), OPTIONS, window=2.0, final=False, stream=object())
+    assert t.looped and t.window_frames < N_FRAMES
+    assert t.text == TINY_TEXT
+
+
+def test_partials_respect_their_row_cap_and_wait_for_finals(tiny_checkpoint):
+    engine = Engine(tiny_checkpoint, device="cpu", max_partials=1, partials_per_round=1)
+    seen = []
+    admit = engine.batch.admit
+
+    def recording_admit(features, sequences):
+        admit(features, sequences)
+        active = [s.tag for s in engine.batch.active]
+        seen.append((sum(not r.final for r in active), sum(r.final for r in active),
+                     sum(not s.tag.final for s in sequences)))
+
+    engine.batch.admit = recording_admit
+    try:
+        futures = [engine.submit(audio(1.5, i), OPTIONS, window=2.0, final=False, stream=i) for i in range(4)]
+        futures += [engine.submit(audio(3.0, 9), OPTIONS, final=True)]
+        results = [f.result(timeout=60) for f in futures]
+    finally:
+        engine.close()
+    assert all(r is not None and r.text == TINY_TEXT for r in results)  # every partial served, none dropped
+    assert max(partials for partials, _, _ in seen) <= 1
+    # on the CPU no partial starts while a final is in the batch
+    assert all(new == 0 for _, finals, new in seen if finals)

@@ -1,0 +1,70 @@
+"""fp16-packed weights on the CPU (engines/fp16_weights.py): float32 results, exact speculation."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engines.batching import Decoder
+from engines.checkpoints import default_suppress_ids, default_vocabulary
+from engines.decoding import DecodingOptions
+from engines.drafts import HypothesisDrafter
+from engines.fp16_weights import PackedLinear, pack_fp16_weights
+from engines.model import Linear, Whisper
+from engines.tokenizer import Tokenizer
+
+from test_decoding import DIMS
+
+
+def random_model(seed: int = 0) -> Whisper:
+    torch.manual_seed(seed)
+    model = Whisper(DIMS)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+            p.copy_(p.half().float())  # as the embedded model's weights: exactly representable in fp16
+    return model.eval().fuse()
+
+
+def test_packed_linear_equals_float32_for_fp16_weights():
+    torch.manual_seed(1)
+    weight, bias, x = torch.randn(96, 64).half().float(), torch.randn(96), torch.randn(3, 5, 64)
+    got = PackedLinear(weight, bias)(x)
+    assert got.shape == (3, 5, 96)
+    torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+    # each output row depends on its own input row only (what keeps verification exact)
+    assert torch.equal(PackedLinear(weight, bias)(x[:1, :1]), got[:1, :1])
+
+
+def test_packing_swaps_every_product_and_keeps_the_logits():
+    reference, model = random_model(), pack_fp16_weights(random_model())
+    assert isinstance(model.decoder.output, PackedLinear)
+    for stack in (model.encoder, model.decoder):
+        assert all(isinstance(b.attn.fused, PackedLinear) for b in stack.blocks)
+        # what stays Linear are the fused projections' unused query/key/value views
+        assert sum(isinstance(m, Linear) for m in stack.modules()) == 3 * len(stack.blocks)
+    torch.manual_seed(2)
+    mel = torch.randn(1, 80, 400)
+    with torch.inference_mode():
+        features = [m.encoder(mel) for m in (reference, model)]
+        torch.testing.assert_close(features[1], features[0], rtol=1e-4, atol=1e-4)
+        hidden = torch.randn(2, 3, DIMS.n_text_state)
+        torch.testing.assert_close(model.decoder.logits(hidden), reference.decoder.logits(hidden), rtol=1e-4, atol=1e-4)
+
+
+@torch.inference_mode()
+def test_speculation_is_exact_with_packed_weights():
+    model = pack_fp16_weights(random_model(3))
+    decoder = Decoder(model, Tokenizer(default_vocabulary()), default_suppress_ids())
+    torch.manual_seed(5)
+    feats = model.encoder(torch.randn(2, 80, 400))
+    options = DecodingOptions(max_new_tokens=40)
+    plain = decoder.decode(feats, options)
+    drafts = [[HypothesisDrafter(r.tokens[: len(r.tokens) // 2] + [11, 12] + r.tokens[len(r.tokens) // 2:])] for r in plain]
+    spec = decoder.decode(feats, options, drafts)
+    assert [r.tokens for r in spec] == [r.tokens for r in plain]
+    assert sum(r.forwards for r in spec) < sum(r.forwards for r in plain)
+
+
+def test_packing_refuses_a_gpu_model():
+    with pytest.raises(ValueError, match="CPU"):
+        pack_fp16_weights(random_model().to("meta"))
