@@ -41,7 +41,7 @@ def test_shapes_and_zero_init_equals_base_head(tiny_model):
     assert logits.shape == (2, 5, 4, TINY.n_vocab)
     for k in range(4):
         assert torch.equal(out[..., k, :], hidden)
-        assert torch.allclose(logits[..., k, :], base)
+        torch.testing.assert_close(logits[..., k, :], base)  # float32 tolerance: GEMM blocking varies with the row count
     assert heads.topk(tiny_model, hidden, 3).shape == (2, 5, 4, 3)
     # fp16 hidden states with fp32 parameters (the engine on CUDA)
     assert heads(hidden.half()).dtype == torch.float16
