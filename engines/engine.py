@@ -138,8 +138,10 @@ class Engine:
         cuda = self.device.type == "cuda"
         self.max_partials = max_partials if max_partials is not None else (max(4, max_batch // 16) if cuda else max_batch)
         self.partials_per_round = partials_per_round or (2 if cuda else max_batch)
-        # on the CPU a row costs a step about as much as the final's own row: no partial starts beside a final
-        self.partials_beside_finals = cuda
+        # on the CPU batching buys little (an encoder call for 3 windows costs what 3 calls cost) while every
+        # row slows the others' steps: finals run one at a time, each as soon as possible, and no partial
+        # starts beside a final; a GPU batches them all
+        self.partials_beside_finals = self.concurrent_finals = cuda
         # decoder steps as CUDA graphs per batch-size bucket (engines/cuda_graphs.py); eager on the CPU
         self.graphs = None
         if self.device.type == "cuda" and cuda_graphs:
@@ -316,10 +318,11 @@ class Engine:
             taken = [] if self.batch.active else alone[:1]
         else:
             finals = [r for r in queue if r.final]
-            taken = finals[: self.batch.free]
+            final_active = any(s.tag.final for s in self.batch.active)
+            taken = finals[: min(self.batch.free, self.batch.free if self.concurrent_finals else int(not final_active))]
             running = sum(not s.tag.final for s in self.batch.active)
             room = min(self.batch.free - len(taken), self.max_partials - running, self.partials_per_round)
-            if not self.partials_beside_finals and (finals or any(s.tag.final for s in self.batch.active)):
+            if not self.partials_beside_finals and (finals or final_active):
                 room = 0
             taken += [r for r in queue if not r.final][: max(0, room)]
         self._queue = [r for r in queue if r not in taken]

@@ -48,7 +48,7 @@ def test_a_looping_partial_keeps_its_short_window(looping_engine):
     assert t.text == TINY_TEXT
 
 
-def test_partials_respect_their_row_cap_and_wait_for_finals(tiny_checkpoint):
+def test_cpu_partials_respect_their_row_cap_and_finals_run_one_at_a_time(tiny_checkpoint):
     engine = Engine(tiny_checkpoint, device="cpu", max_partials=1, partials_per_round=1)
     seen = []
     admit = engine.batch.admit
@@ -62,11 +62,12 @@ def test_partials_respect_their_row_cap_and_wait_for_finals(tiny_checkpoint):
     engine.batch.admit = recording_admit
     try:
         futures = [engine.submit(audio(1.5, i), OPTIONS, window=2.0, final=False, stream=i) for i in range(4)]
-        futures += [engine.submit(audio(3.0, 9), OPTIONS, final=True)]
+        futures += [engine.submit(audio(3.0, 9 + i), OPTIONS, final=True) for i in range(3)]
         results = [f.result(timeout=60) for f in futures]
     finally:
         engine.close()
     assert all(r is not None and r.text == TINY_TEXT for r in results)  # every partial served, none dropped
     assert max(partials for partials, _, _ in seen) <= 1
-    # on the CPU no partial starts while a final is in the batch
+    # on the CPU finals run one at a time, and no partial starts while a final is in the batch
+    assert max(finals for _, finals, _ in seen) == 1
     assert all(new == 0 for _, finals, new in seen if finals)
