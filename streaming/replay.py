@@ -22,8 +22,8 @@ each frame was handed to the socket and the arrival time of every event, and com
   WER for en);
 - server real-time factor from ``GET /metrics`` before and after the run:
   (encoder + decoder seconds) / audio seconds;
-- contract checks: finals per clip (each clip needs one), lost finals (a segment with a
-  non-blank partial and no final), finals arriving after ``end``, duplicate finals, errors.
+- contract checks: finals per clip (each clip needs one), lost finals (a segment whose last
+  partial left text on screen and that got no final; a blank partial retracts), finals arriving after ``end``, duplicate finals, errors.
 
 "Audio at time t": sample index ``round(t * 16000)`` for a ``start`` and ``round(t * 16000) - 1``
 (the last sample before t) for an ``end``; its send time is the send time of the frame holding it.
@@ -541,7 +541,7 @@ def analyze_stream(log: StreamLog, spans: list[ClipSpan]) -> dict[str, Any]:
             audio_gaps += seg_audio_gaps.tolist()
             row["max_partial_gap"] = float(seg_gaps.max())
             row["max_partial_gap_audio"] = float(seg_audio_gaps.max())
-        if not fl and any(str(r["event"].get("text", "")).strip() for r in ps):
+        if not fl and ps and str(ps[-1]["event"].get("text", "")).strip():  # text left on screen, never finalised
             lost.append(key)
         segment_rows.append(row)
 

@@ -221,6 +221,19 @@ def test_every_clip_needs_a_final():
     assert a["counts"]["lost_finals"] == 0  # segment 0 had no partials left either
 
 
+def test_a_retracted_segment_is_not_a_lost_final():
+    """The server retracts the partials of a segment whose final has no speech with a blank partial."""
+    log = synthetic_log()
+    log.events[-1:] = [
+        (4.70, {"type": "partial", "segment": 7, "start": 4.6, "end": 4.7, "text": "水"}),
+        (4.80, {"type": "partial", "segment": 7, "start": 4.6, "end": 4.8, "text": ""}),
+        (5.40, {"type": "end"}),
+    ]
+    assert analyze_stream(log, SPANS)["counts"]["lost_finals"] == 0
+    log.events.insert(-1, (4.90, {"type": "partial", "segment": 7, "start": 4.6, "end": 4.9, "text": "水"}))
+    assert analyze_stream(log, SPANS)["lost_segments"] == [7]
+
+
 def test_metrics_parsing_and_rtf():
     text = """# HELP breeze_encoder_seconds_total x
 # TYPE breeze_encoder_seconds_total counter
