@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 NO_SPEECH_THRESHOLD = 0.6
 LOGPROB_THRESHOLD = -1.0
 COMPRESSION_RATIO_THRESHOLD = 2.4
-LOOP_RETRY_MARGIN = 10.0  # seconds of silence after a partial that looped on its short window (see _loop_retry_window)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -389,26 +388,17 @@ class Engine:
             request = s.tag
             result = s.result(self.tokenizer)
             frames = self._frames(request)
-            retry = self._loop_retry_window(request) if result.looped and frames < N_FRAMES else False
-            if retry is not False:
-                log.info("repetition loop on a %d-frame window; retrying with %s", frames,
-                         "the full window" if retry is None else f"a {retry:g} s margin")
-                request.window = retry
+            # short windows can loop: a final is redone on the full window; a partial keeps its
+            # hypothesis without the repeated tail (Sequence.push cut it), since a full-window
+            # partial would cost a 30 s encoder pass and stall the stream's next partials
+            if result.looped and frames < N_FRAMES and (request.final or request.stream is None):
+                log.info("repetition loop on a %d-frame window; retrying with the full window", frames)
+                request.window = None
                 request.forwards += result.forwards
                 with self._cv:
                     self._queue.insert(0, request)
                 continue
             request.future.set_result(self._transcript(request, result, frames))
-
-    @staticmethod
-    def _loop_retry_window(request: Request) -> float | None | bool:
-        """Where a request that looped on a short window is redone: a final (and a request of no
-        stream) on the full window; a partial first on a `LOOP_RETRY_MARGIN` margin, a third of
-        the full window's encoder cost, and kept as it is (the repeated tail cut) if that loops
-        too, so that a partial never stalls its stream behind a 30 s encoder pass. False: keep it."""
-        if request.final or request.stream is None:
-            return None
-        return LOOP_RETRY_MARGIN if request.window is not None and request.window < LOOP_RETRY_MARGIN else False
 
     def _frames(self, request: Request) -> int:
         if request.window is None:
