@@ -5,7 +5,8 @@ The transcriber owns a session's `Segmenter` and turns its segments into engine 
 - while a segment is open, a *partial* decode of the segment so far every `partial_interval`
   seconds of new audio, on a shortened encoder window; at most one is in flight per session,
   so when the engine is behind, partials are skipped rather than queued (the engine also drops
-  a queued partial once a newer one of the same stream arrives);
+  a queued partial once a newer one of the same stream arrives); a partial that shows nothing
+  (no speech yet, or a repetition loop) lets the next one start after half the interval;
 - the *stable* prefix of a partial is what the last two partial hypotheses agree on
   (LocalAgreement-2, by characters); once announced it never shrinks, and later partial texts
   keep it as their prefix;
@@ -281,6 +282,8 @@ class StreamingTranscriber:
             text, stable = self._agree(segment, transcript.text)
             self._emit(Partial(segment.index, segment.start / SAMPLE_RATE, end / SAMPLE_RATE, text, stable))
             self._metrics.partials.inc()
+        else:  # nothing shown (no speech yet, or a repetition): the next partial waits half an interval
+            segment.decoded_end = min(segment.decoded_end, end - self._interval // 2)
 
     @staticmethod
     def _agree(segment: _Segment, text: str) -> tuple[str, str]:

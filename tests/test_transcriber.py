@@ -156,6 +156,23 @@ async def test_partial_cadence_skips_while_busy():
     assert h.count("partials") == 2
 
 
+async def test_a_partial_that_shows_nothing_lets_the_next_come_sooner():
+    h = Harness(partial_interval=0.5)
+    await h.feed(started(0, 0.0), grew(0, 0.0, 0.6))
+    [first] = h.engine.calls
+    await h.answer(first, transcript(""))  # no speech yet: nothing shown
+    assert h.events == []
+    await h.feed(grew(0, 0.0, 0.8))
+    assert len(h.engine.calls) == 1  # not even half an interval of new audio
+    await h.feed(grew(0, 0.0, 0.9))
+    assert len(h.engine.calls) == 2 and h.engine.calls[1].samples == s(0.9)  # half an interval, not a whole one
+    await h.answer(h.engine.calls[1], transcript("今天"))
+    await h.feed(grew(0, 0.0, 1.2))
+    assert len(h.engine.calls) == 2  # shown: the next waits the whole interval again
+    await h.feed(grew(0, 0.0, 1.4))
+    assert len(h.engine.calls) == 3
+
+
 async def test_stable_prefix_never_shrinks():
     h = Harness(partial_interval=0.5)
     await h.feed(started(0, 0.0))
