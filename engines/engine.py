@@ -294,10 +294,11 @@ class Engine:
 
     def _admit(self) -> list[Request]:
         """Takes the requests that start now (caller holds the lock): finals first, then partials;
-        a partial superseded by a newer one of its stream is answered None, queued or running."""
-        latest: dict[object, int] = {}
+        a partial superseded by a newer request of its stream (a partial, or the segment's final) is
+        answered None, queued or running."""
+        latest: dict[object, int] = {}  # a stream's newest request: partials before it are stale, even for its final
         for r in self._queue:
-            if not r.final and r.stream is not None:
+            if r.stream is not None:
                 latest[r.stream] = max(latest.get(r.stream, -1), r.seq)
         for s in list(self.batch.active):
             r = s.tag

@@ -71,3 +71,13 @@ def test_cpu_partials_respect_their_row_cap_and_finals_run_one_at_a_time(tiny_ch
     # on the CPU finals run one at a time, and no partial starts while a final is in the batch
     assert max(finals for _, finals, _ in seen) == 1
     assert all(new == 0 for _, finals, new in seen if finals)
+
+
+def test_a_final_supersedes_its_streams_partials(looping_engine):
+    """The segment closed: its partial would be thrown away, so the engine answers it None at once."""
+    stream = object()
+    with looping_engine._cv:  # both queued before the worker looks
+        partial = looping_engine.submit(audio(2.0), OPTIONS, window=2.0, final=False, stream=stream)
+        final = looping_engine.submit(audio(2.5), OPTIONS, window=2.0, final=True, stream=stream)
+    assert partial.result(timeout=60) is None
+    assert final.result(timeout=60).text == TINY_TEXT
