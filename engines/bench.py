@@ -6,7 +6,7 @@ in one JSON file:
 
 - encoder: ms per call and per 30 s window, by batch (and a shortened window);
 - decoder: ms per step by batch, without CUDA graphs (the same bucketed step run eagerly), as
-  CUDA graphs, and (optionally) through torch.compile(mode="reduce-overhead"); for full 30 s
+  CUDA graphs, and (optionally, `--modes ...,compile`) Inductor-compiled into a graph; for full 30 s
   cross-attention and for a shortened window; tokens/s = batch / step time; a floor from the
   bytes a step must read at the measured copy bandwidth;
 - verification: one forward's cost against draft length (width = draft + 1);

@@ -22,9 +22,10 @@ n_ctx - 2, see Sequence.cap), so even a clamped padding node writing there is ha
 
 Three modes share the same static-buffer step, so they compute the same function:
 `graph` (torch.cuda.CUDAGraph, captured lazily per bucket into one shared memory pool),
-`compile` (torch.compile mode="reduce-overhead", which also fuses kernels; it compiles once per
-bucket, which costs a minute or more on the Breeze shape), and `eager` (the same step run
-directly: the reference, and the only mode on the CPU).
+`compile` (the step compiled by Inductor, whose fused kernels are then recorded into the same kind
+of graph; it compiles once per bucket, and on the Breeze shape it measured 20x slower than `graph`
+because Inductor copies the KV pools it scatters into: BENCHMARKS.md), and `eager` (the same step
+run directly: the reference, and the only mode on the CPU).
 """
 
 from __future__ import annotations
