@@ -367,7 +367,7 @@ def add_capacity_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-partials", type=int, default=None, help="rows partials may hold (default: 1/16 of the rows on CUDA, all on the CPU)")
     parser.add_argument("--partials-per-round", type=int, default=None,
                         help="partials started between two decoder steps (default: 2 on CUDA)")
-    parser.add_argument("--node-budget", type=int, default=None, help="draft nodes per step over all rows (default 256 on CUDA)")
+    parser.add_argument("--node-budget", type=int, default=None, help="draft nodes per step over all rows (default 128 on CUDA)")
     parser.add_argument("--speculative", default="hypothesis", choices=["off", "hypothesis", "medusa", "both"])
     parser.add_argument("--rate", type=float, default=TOKENS_PER_SECOND, help="tokens per second of speech")
     parser.add_argument("--final-window", type=float, default=None,

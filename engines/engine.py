@@ -33,9 +33,9 @@ from .batching import Batch, Decoder, Sequence
 from .cuda_graphs import GraphedEncoder, GraphOptions
 from .decoding import DecodingOptions, DecodingResult, detect_language
 from .drafts import HypothesisDrafter, MedusaDrafter
+from .fp16_weights import available as fp16_available, pack_fp16_weights
 from .medusa import SHIPPED_HEADS, MedusaHeads, load_heads
 from .model import Whisper
-from .fp16_weights import available as fp16_available, pack_fp16_weights
 from .text import to_traditional
 from .tokenizer import Tokenizer
 
@@ -107,7 +107,8 @@ class Engine:
                  script: str = "traditional", max_batch: int = 16, speculative: str = "both",
                  medusa: str | Path | None = None, cuda_graphs: bool | GraphOptions = True,
                  window_bucket: float = 1.0, encoder=None, max_partials: int | None = None,
-                 partials_per_round: int | None = None, node_budget: int | None = None, fp16_weights: bool | None = None):
+                 partials_per_round: int | None = None, node_budget: int | None = None,
+                 fp16_weights: bool | None = None):
         self.device = resolve_device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.name = checkpoint.name
@@ -320,7 +321,7 @@ class Engine:
         else:
             finals = [r for r in queue if r.final]
             final_active = any(s.tag.final for s in self.batch.active)
-            taken = finals[: min(self.batch.free, self.batch.free if self.concurrent_finals else int(not final_active))]
+            taken = finals[: self.batch.free if self.concurrent_finals else min(self.batch.free, int(not final_active))]
             running = sum(not s.tag.final for s in self.batch.active)
             room = min(self.batch.free - len(taken), self.max_partials - running, self.partials_per_round)
             if not self.partials_beside_finals and (finals or final_active):
