@@ -23,7 +23,8 @@ each frame was handed to the socket and the arrival time of every event, and com
 - server real-time factor from ``GET /metrics`` before and after the run:
   (encoder + decoder seconds) / audio seconds;
 - contract checks: finals per clip (each clip needs one), lost finals (a segment whose last
-  partial left text on screen and that got no final; a blank partial retracts), finals arriving after ``end``, duplicate finals, errors.
+  partial left text on screen and that got no final; a blank partial retracts), finals
+  arriving after ``end``, duplicate finals, errors.
 
 "Audio at time t": sample index ``round(t * 16000)`` for a ``start`` and ``round(t * 16000) - 1``
 (the last sample before t) for an ``end``; its send time is the send time of the frame holding it.

@@ -546,7 +546,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     calls = CallConfig(webhook=args.call_webhook, log_dir=args.call_log)
     return ServerConfig(host=args.host, port=args.port, model=args.model, device=args.device, script=args.script,
                         backend=args.backend, trtllm_engine_dir=args.trtllm_engine_dir, self_test=args.self_test,
-                        medusa=args.medusa, fp32_weights=args.fp32_weights, session=session, whisperlive=whisperlive, calls=calls, limits=limits,
+                        medusa=args.medusa, fp32_weights=args.fp32_weights, session=session,
+                        whisperlive=whisperlive, calls=calls, limits=limits,
                         auth=auth, certfile=args.certfile, keyfile=args.keyfile)
 
 
