@@ -181,7 +181,7 @@ def decoder_bytes(dims: ModelDims, batch: int, width: int, frames: int, context:
 
 @torch.inference_mode()
 def bench_encoder(model: Whisper, batches: list[int], mel_frames: int, short_window: float, timer: Timer,
-                  iters: int, dtype) -> list[dict]:
+                  iters: int, dtype, fused: bool = False) -> list[dict]:
     out = []
     shapes = [(b, mel_frames) for b in batches]
     if short_window:
@@ -192,6 +192,10 @@ def bench_encoder(model: Whisper, batches: list[int], mel_frames: int, short_win
         from .cuda_graphs import GraphedEncoder
 
         graphed = GraphedEncoder(model.encoder, batch_buckets=tuple(sorted(set(batches))))
+        if fused:  # Inductor-fused blocks (the engine's "compile" mode), graphed as well
+            from .fused import FusedEncoder
+
+            fused = GraphedEncoder(FusedEncoder(model.encoder), batch_buckets=tuple(sorted(set(batches))))
     for b, frames in shapes:
         mel = torch.randn(b, model.dims.n_mels, frames, device=model.device, dtype=dtype)
         n = max(1, iters // 4) if b > 8 else iters
@@ -200,9 +204,14 @@ def bench_encoder(model: Whisper, batches: list[int], mel_frames: int, short_win
         if graphed is not None:
             row["graph_ms_per_call"] = timer(lambda: graphed(mel), iters=n, repeats=3)
             row["graph_ms_per_window"] = row["graph_ms_per_call"] / b
+            if fused:
+                row["fused_ms_per_call"] = timer(lambda: fused(mel), iters=n, repeats=3)
+                row["fused_ms_per_window"] = row["fused_ms_per_call"] / b
+                row["fused_max_abs_diff"] = (fused(mel).float() - graphed(mel).float()).abs().max().item()
         out.append(row)
         print(f"encoder batch {b:3d} {frames / 100:5.1f} s: {ms:8.2f} ms/call {ms / b:7.2f} ms/window"
-              + (f"  graphed {row['graph_ms_per_window']:7.2f} ms/window" if graphed is not None else ""), flush=True)
+              + (f"  graphed {row['graph_ms_per_window']:7.2f} ms/window" if graphed is not None else "")
+              + (f"  fused {row['fused_ms_per_window']:7.2f} ms/window" if "fused_ms_per_window" in row else ""), flush=True)
         del mel
     return out
 
@@ -383,14 +392,14 @@ class _RandomDrafter:
 
 @torch.inference_mode()
 def bench_step(model: Whisper, batches: list[int], frames: int, timer: Timer, draft: int = 0, steps: int = 12,
-               cross_attention: str = "auto") -> list[dict]:
-    """The running batch's step() end to end (host work included), graphed where CUDA is."""
+               cross_attention: str = "auto", mode: str = "graph") -> list[dict]:
+    """The running batch's step() end to end (host work included), graphed (in `mode`) where CUDA is."""
     from .batching import Batch, Sequence
     from .decoding import DecodingOptions
     from .tokenizer import Tokenizer
 
     tok = Tokenizer(synthetic_vocabulary(model.dims.n_vocab))
-    mode = "graph" if model.device.type == "cuda" else "eager"
+    mode = mode if model.device.type == "cuda" else "eager"
     out = []
     rows = max(batches)
     batch = Batch(model, tok, [tok.eot], rows=rows, graphs=GraphOptions(mode=mode, cross_attention=cross_attention))  # no <|endoftext|>
@@ -532,7 +541,8 @@ def run_bench(args: argparse.Namespace) -> int:
     report["build_s"] = round(time.perf_counter() - t_start, 2)
     save()
     if "encoder" in sections:
-        report["encoder"] = bench_encoder(model, batches, args.encoder_frames, args.short_window, timer, args.iters, dtype)
+        report["encoder"] = bench_encoder(model, batches, args.encoder_frames, args.short_window, timer, args.iters, dtype,
+                                          fused="compile" in modes)
         save()
     frames_list = [min(f, dims.n_audio_ctx) for f in _ints(args.frames)]
     pools = None
@@ -561,9 +571,10 @@ def run_bench(args: argparse.Namespace) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         report["step"] = []
-        for frames in frames_list:
-            report["step"] += bench_step(model, batches, frames, timer, steps=args.step_steps)
-        report["step"] += bench_step(model, batches, frames_list[0], timer, draft=8, steps=args.step_steps)
+        for mode in [m for m in modes if m != "eager"] or ["eager"]:
+            for frames in frames_list:
+                report["step"] += bench_step(model, batches, frames, timer, steps=args.step_steps, mode=mode)
+            report["step"] += bench_step(model, batches, frames_list[0], timer, draft=8, steps=args.step_steps, mode=mode)
         save()
     if "exact" in sections:
         report["check"]["decode"] = bench_exact(model)
@@ -590,6 +601,7 @@ def print_summary(report: dict) -> None:
     hf_enc = {r["batch"]: r["ms_per_window"] for r in report.get("hf", {}).get("encoder", [])}
     for r in report.get("encoder", []):
         extra = f"  graphed {r['graph_ms_per_window']:.2f}" if "graph_ms_per_window" in r else ""
+        extra += f"  fused {r['fused_ms_per_window']:.2f}" if "fused_ms_per_window" in r else ""
         extra += f"  (hf {hf_enc[r['batch']]:.2f})" if r["mel_frames"] == 3000 and r["batch"] in hf_enc else ""
         print(f"encoder  b={r['batch']:<3d} {r['seconds']:4.1f} s window: {r['ms_per_window']:7.2f} ms/window{extra}")
     for r in report.get("decoder", []):
@@ -604,7 +616,7 @@ def print_summary(report: dict) -> None:
         if "ms" in r:
             print(f"mixed    {r['kernel']:9s} b={r['batch']:<3d} mean frames {r['mean_frames']:.0f}: {r['ms']:.3f} ms/step")
     for r in report.get("step", []):
-        print(f"step()   b={r['batch']:<3d} F={r['frames']:<4d} draft={r['draft']}: {r['ms_per_step']:.3f} ms")
+        print(f"step()   {r['mode']:7s} b={r['batch']:<3d} F={r['frames']:<4d} draft={r['draft']}: {r['ms_per_step']:.3f} ms")
     if report.get("check"):
         print("check", report["check"])
 

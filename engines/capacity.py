@@ -155,19 +155,26 @@ class _Stats:
 
 
 class _EngineProbe:
-    """Wraps the engine's worker methods to time the encoder/admission and the decoder steps."""
+    """Wraps the engine's worker methods to time the encoder calls, admission to the batch and the
+    decoder steps (with overlap_encoder the encoder calls run on their own thread)."""
 
     def __init__(self, engine):
         self.engine = engine
         self.reset()
-        start, step = engine._start, engine._step
+        encode, begin, step = engine._encode, engine._begin, engine._step
 
-        def timed_start(requests):
+        def timed_encode(group, frames):
             t0 = time.perf_counter()
-            start(requests)
-            self.start_s += time.perf_counter() - t0
-            self.starts += 1
-            self.admitted += len(requests)
+            out = encode(group, frames)
+            self.encode_s += time.perf_counter() - t0
+            self.encodes += 1
+            self.admitted += len(group)
+            return out
+
+        def timed_begin(group, frames, features):
+            t0 = time.perf_counter()
+            begin(group, frames, features)
+            self.begin_s += time.perf_counter() - t0
 
         def timed_step():
             n = len(engine.batch.active)
@@ -179,16 +186,18 @@ class _EngineProbe:
             self.rows += n
             self.step_times.append(dt)
 
-        engine._start, engine._step = timed_start, timed_step
+        engine._encode, engine._begin, engine._step = timed_encode, timed_begin, timed_step
 
     def reset(self) -> None:
-        self.start_s = self.step_s = 0.0
-        self.starts = self.steps = self.rows = self.admitted = 0
+        self.encode_s = self.begin_s = self.step_s = 0.0
+        self.encodes = self.steps = self.rows = self.admitted = 0
         self.step_times: list[float] = []
 
     def summary(self, wall: float) -> dict:
-        return {"wall_s": wall, "busy_fraction": (self.start_s + self.step_s) / wall if wall else 0.0,
-                "encoder_admission_s": self.start_s, "admission_rounds": self.starts, "requests_admitted": self.admitted,
+        worker = self.begin_s + self.step_s + (0.0 if self.engine.overlap_encoder else self.encode_s)
+        return {"wall_s": wall, "busy_fraction": worker / wall if wall else 0.0,
+                "overlap_encoder": self.engine.overlap_encoder, "encoder_s": self.encode_s, "admission_s": self.begin_s,
+                "encoder_calls": self.encodes, "requests_admitted": self.admitted,
                 "steps": self.steps, "step_s": self.step_s, "mean_rows_per_step": self.rows / self.steps if self.steps else 0,
                 "step_ms_p50": 1000 * statistics.median(self.step_times) if self.step_times else None,
                 "step_ms_mean": 1000 * self.step_s / self.steps if self.steps else None}
@@ -376,7 +385,11 @@ def add_capacity_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window-bucket", type=float, default=1.0, help="seconds; shortened windows round up to it")
     parser.add_argument("--draft-noise", type=float, default=0.0)
     parser.add_argument("--no-graphs", action="store_true", help="eager decoder steps")
-    parser.add_argument("--cross-attention", default=None, help="GraphOptions.cross_attention (sdpa | efficient | flash)")
+    parser.add_argument("--serial-encoder", action="store_true",
+                        help="encoder calls on the worker thread, between decoder steps (default on CUDA: a thread of their own)")
+    parser.add_argument("--cross-attention", default="auto", help="GraphOptions.cross_attention (auto | sdpa | efficient | flash)")
+    parser.add_argument("--graph-mode", default="graph", choices=["graph", "compile"],
+                        help="GraphOptions.mode: plain CUDA graphs, or Inductor-fused regions inside them (engines/fused.py)")
     parser.add_argument("--prewarm", default="300:12",
                         help="STREAMS:SECONDS of an unmeasured run first, so that CUDA graphs are recorded before "
                              "measuring (a server records them once, at start); 0:0 = none")
@@ -395,19 +408,19 @@ def run_capacity(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
-    graphs = False if args.no_graphs else (GraphOptions(cross_attention=args.cross_attention) if args.cross_attention else True)
+    graphs = False if args.no_graphs else GraphOptions(mode=args.graph_mode, cross_attention=args.cross_attention)
     t0 = time.perf_counter()
     engine = random_engine(args.shape, str(device), dtype, args.max_batch, args.speculative, graphs, args.window_bucket,
                            max_partials=args.max_partials, partials_per_round=args.partials_per_round,
-                           node_budget=args.node_budget)
+                           node_budget=args.node_budget, overlap_encoder=False if args.serial_encoder else None)
     report = {"what": "engine scheduler (engines/engine.py), simulated real-time streams; not the socket server",
               "command": "python -m engines.capacity " + " ".join(sys.argv[1:]),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "shape": args.shape, "dtype": str(dtype).replace("torch.", ""),
-              "max_batch": args.max_batch, "speculative": args.speculative, "graphs": not args.no_graphs,
+              "max_batch": args.max_batch, "speculative": args.speculative, "graphs": False if args.no_graphs else args.graph_mode,
               "max_partials": engine.max_partials, "partials_per_round": engine.partials_per_round,
-              "node_budget": engine.node_budget,
+              "node_budget": engine.node_budget, "overlap_encoder": engine.overlap_encoder,
               "build_s": round(time.perf_counter() - t0, 1), "runs": []}
     warm_streams, warm_seconds = (float(x) for x in args.prewarm.split(":"))
     if warm_streams and warm_seconds:
@@ -433,7 +446,7 @@ def run_capacity(args: argparse.Namespace) -> int:
         e = result["engine"]
         print(f"N={n:4d}: finals {result['finals']:5d}  final p50 {_ms(lat['p50'])} p95 {_ms(lat['p95'])} max {_ms(lat['max'])}"
               f"  partial p50 {_ms(result['partial_latency_s']['p50'])}  rows/step {e['mean_rows_per_step']:.1f}"
-              f"  step {e['step_ms_mean'] or 0:.1f} ms  busy {e['busy_fraction']:.2f}  enc+admit {e['encoder_admission_s']:.1f} s"
+              f"  step {e['step_ms_mean'] or 0:.1f} ms  busy {e['busy_fraction']:.2f}  encoder {e['encoder_s']:.1f} s admit {e['admission_s']:.1f} s"
               f"  fwd/final {result['final_forwards_mean'] or 0:.1f}  accept {result['final_draft_acceptance'] or 0:.2f}"
               f"  errors {result['error_count']}", flush=True)
         if args.json:

@@ -22,9 +22,8 @@ n_ctx - 2, see Sequence.cap), so even a clamped padding node writing there is ha
 
 Three modes share the same static-buffer step, so they compute the same function:
 `graph` (torch.cuda.CUDAGraph, captured lazily per bucket into one shared memory pool),
-`compile` (the step compiled by Inductor, whose fused kernels are then recorded into the same kind
-of graph; it compiles once per bucket, and on the Breeze shape it measured 20x slower than `graph`
-because Inductor copies the KV pools it scatters into: BENCHMARKS.md), and `eager` (the same step
+`compile` (the regions between attention calls compiled by Inductor, engines/fused.py, and the
+step then recorded into the same kind of graph: fewer, fused kernels), and `eager` (the same step
 run directly: the reference, and the only mode on the CPU).
 """
 
@@ -32,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .fused import FusedDecoder
 from .model import KVCache, Whisper
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -46,6 +47,9 @@ WIDTH_BUCKETS = (1, 4, 9)  # a plain step; a prompt (sot, language, task, notime
 FRAME_BUCKETS = (256, 512, 768, 1024, 1500)  # encoder frames (50 per second): 5.1, 10.2, 15.4, 20.5, 30 s
 CONTEXT_BUCKETS = (64, 128, 256, 448)  # self-attention cache slots read
 MODES = ("graph", "compile", "eager")
+# one recording at a time in the process: torch.cuda.graph synchronises the device when it starts, which
+# another thread's recording in progress does not allow (the engine encodes on a thread of its own)
+CAPTURE_LOCK = threading.Lock()
 CROSS_ATTENTION = ("auto", "sdpa", "efficient", "flash")
 
 
@@ -130,10 +134,7 @@ class StepRunner:
         elif self.cross_attention == "auto":
             self.cross_attention = choose_cross_attention(dims.n_text_head, dims.n_text_state // dims.n_text_head,
                                                           self.n_frames, cache.dtype, self.device)
-        if self.mode == "compile":
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 1024)  # one entry per bucket
-            for t in (cache.k, cache.v, cross_k, cross_v):
-                torch._dynamo.mark_static_address(t)
+        self.fused = FusedDecoder(model.decoder) if self.mode == "compile" else None
 
     # -- shapes ---------------------------------------------------------------------------------
 
@@ -158,9 +159,6 @@ class StepRunner:
                 hidden=torch.zeros((batch, width, dims.n_text_state), dtype=dtype, device=dev),
                 logits=torch.zeros((batch, width, dims.n_vocab), dtype=dtype, device=dev),
             )
-            if self.mode == "compile":
-                for t in (io.tokens, io.positions, io.slots, io.hidden, io.logits):
-                    torch._dynamo.mark_static_address(t)
             self._buffers[(batch, width)] = io
         return io
 
@@ -171,21 +169,15 @@ class StepRunner:
         if mask is None:  # additive (0 / -inf) in the model's dtype: SDPA would convert a boolean one in every layer
             mask = io.masks[context] = torch.full((batch, 1, width, context), -math.inf, dtype=self.cache.dtype, device=self.device)
             mask[:, :, :, 0] = 0
-            if self.mode == "compile":
-                torch._dynamo.mark_static_address(mask)
         cross_mask = None
         if masked and self.cross_attention != "sdpa":
             if io.key_lengths is None:
                 io.key_lengths = KeyLengths(self.cross_attention, batch, self.model.dims.n_text_head, width, frames, self.device)
-                if self.mode == "compile":
-                    torch._dynamo.mark_static_address(io.key_lengths.lengths)
             cross_mask = io.key_lengths
         elif masked:
             cross_mask = io.cross_masks.get(frames)
             if cross_mask is None:
                 cross_mask = io.cross_masks[frames] = torch.zeros((batch, 1, 1, frames), dtype=self.cache.dtype, device=self.device)
-                if self.mode == "compile":
-                    torch._dynamo.mark_static_address(cross_mask)
         return mask, cross_mask
 
     # -- the step ---------------------------------------------------------------------------------
@@ -198,7 +190,10 @@ class StepRunner:
         decoder = self.model.decoder
         cross = [(self.cross_k[layer, :batch, :, :frames], self.cross_v[layer, :batch, :, :frames])
                  for layer in range(self.model.dims.n_text_layer)]
-        hidden = decoder.hidden(io.tokens, io.positions, self.cache, None, cross, mask, cross_mask, slots=io.slots)
+        if self.fused is not None:
+            hidden = self.fused.hidden(io.tokens, io.positions, self.cache, cross, mask, cross_mask, io.slots)
+        else:
+            hidden = decoder.hidden(io.tokens, io.positions, self.cache, None, cross, mask, cross_mask, slots=io.slots)
         io.hidden.copy_(hidden)
         torch.matmul(hidden, decoder.token_embedding.weight.to(hidden.dtype).T, out=io.logits)
 
@@ -206,29 +201,31 @@ class StepRunner:
         fn = self._steps.get(key)
         if fn is not None:
             return fn
-        t0 = time.perf_counter()
         body = functools.partial(self.body, key)
         if self.mode == "eager":
             fn = body
         else:
-            if self.mode == "compile":  # Inductor's fused kernels, recorded into our own graph below
-                body = functools.partial(torch.compile(self.body, dynamic=False), key)
-            self._reset(key)  # warm-up runs execute: keep their writes on slot n_ctx - 1
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    body()
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                body()
-            fn = graph.replay
-        if self.mode != "eager":
+            t0 = time.perf_counter()
+            with CAPTURE_LOCK:
+                fn = self._record(key, body)
             self.stats.captures += 1
             self.stats.capture_seconds += time.perf_counter() - t0
         self._steps[key] = fn
         return fn
+
+    def _record(self, key, body):
+        """Warm-up runs (where the compile mode compiles), then the graph of `key`; its replay."""
+        self._reset(key)  # warm-up runs execute: keep their writes on slot n_ctx - 1
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                body()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            body()
+        return graph.replay
 
     def _reset(self, key) -> None:
         """Every row of the bucket a no-op row (before warm-up runs that really execute)."""
@@ -241,7 +238,7 @@ class StepRunner:
         mask.fill_(-math.inf)
         mask[:, :, :, 0] = 0
         if isinstance(cross_mask, KeyLengths):
-            cross_mask.lengths.fill_(1)
+            cross_mask.used.fill_(1)
         elif cross_mask is not None:
             cross_mask.zero_()
 
@@ -272,7 +269,7 @@ class StepRunner:
         if isinstance(cross_buf, KeyLengths):
             lengths = np.ones(batch, dtype=np.int32)
             lengths[:n] = frames
-            cross_buf.lengths.copy_(torch.from_numpy(lengths))
+            cross_buf.set(lengths)
         elif masked:
             cm = np.ones((batch, 1, 1, n_frames), dtype=bool)
             cm[:n, 0, 0] = np.arange(n_frames)[None, :] < np.asarray(frames)[:, None]
@@ -373,23 +370,27 @@ class KeyLengths:
     a variable-length sequence of the memory-efficient (or flash) kernel: queries
     [B*H*W, D] with starts every W, keys [B*H*F, D] with starts every F (a view, no copy) and
     `seqlen_k` / `seqused_k` = the row's frames, so the kernel reads only those frames instead
-    of a masked frame bucket. Called by MultiHeadAttention.attend in place of a mask."""
+    of a masked frame bucket. Called by MultiHeadAttention.attend in place of a mask. The key
+    counts per (row, head), `used`, are a static buffer set once per step (`set`), not per layer."""
 
     def __init__(self, kernel: str, batch: int, heads: int, width: int, frames: int, device: torch.device):
         self.kernel, self.heads = kernel, heads
-        self.lengths = torch.full((batch,), frames, dtype=torch.int32, device=device)  # static: set each step
+        self.used = torch.full((batch * heads,), frames, dtype=torch.int32, device=device)
         self.seq_q = torch.arange(0, batch * heads * width + 1, width, dtype=torch.int32, device=device)
         self.seq_k = torch.arange(0, batch * heads * frames + 1, frames, dtype=torch.int32, device=device)
 
+    def set(self, lengths: np.ndarray) -> None:
+        """Frames seen by each row (one per row of the bucket)."""
+        self.used.copy_(torch.from_numpy(np.repeat(np.asarray(lengths, dtype=np.int32), self.heads)))
+
     def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return varlen_attention(self.kernel, q, k, v, self.lengths, self.seq_q, self.seq_k)
+        return varlen_attention(self.kernel, q, k, v, self.used, self.seq_q, self.seq_k)
 
 
-def varlen_attention(kernel: str, q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, seq_q: Tensor, seq_k: Tensor) -> Tensor:
-    """q [B, H, W, D] over k, v [B, H, F, D] (contiguous), row b limited to lengths[b] keys."""
+def varlen_attention(kernel: str, q: Tensor, k: Tensor, v: Tensor, used: Tensor, seq_q: Tensor, seq_k: Tensor) -> Tensor:
+    """q [B, H, W, D] over k, v [B, H, F, D] (contiguous), (row, head) i limited to used[i] keys."""
     batch, heads, width, dim = q.shape
     frames = k.shape[2]
-    used = lengths.repeat_interleave(heads)
     if kernel == "efficient":
         out = torch.ops.aten._efficient_attention_forward(
             q.reshape(1, batch * heads * width, 1, dim), k.reshape(1, batch * heads * frames, 1, dim),
@@ -449,7 +450,7 @@ def cross_attention_report(heads: int, dim: int, frames: int, dtype: torch.dtype
     out["sdpa"] = {"ok": True, "max_abs_diff": 0.0, "ms": timing(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))}
     for kernel in ("efficient", "flash"):
         keys = KeyLengths(kernel, batch, heads, width, frames, device)
-        keys.lengths.copy_(lengths)
+        keys.set(lengths.cpu().numpy())
         try:
             got = keys(q, k, v)
             diff = (got.float() - reference.float()).abs().max().item()
@@ -498,8 +499,10 @@ class GraphedEncoder:
         if entry is None:
             if batch > self.batch_buckets[-1] or len(self._graphs) >= self.max_graphs:
                 self.stats.eager += 1
-                return self.encoder(mel)
-            entry = self._graphs[key] = self._capture(batch, mel)
+                with CAPTURE_LOCK:  # a compiled encoder may compile for this shape (no recording beside it)
+                    return self.encoder(mel)
+            with CAPTURE_LOCK:
+                entry = self._graphs[key] = self._capture(batch, mel)
         graph, static_in, static_out = entry
         static_in[:n].copy_(mel)
         graph.replay()

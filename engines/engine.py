@@ -14,6 +14,7 @@ loop itself fails the requests it held and the loop starts again (`health()` cou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
@@ -35,6 +36,7 @@ from .decoding import DecodingOptions, DecodingResult, detect_language
 from .drafts import HypothesisDrafter, MedusaDrafter
 from .fp16_weights import available as fp16_available, pack_fp16_weights
 from .medusa import SHIPPED_HEADS, MedusaHeads, load_heads
+from .fused import FusedEncoder
 from .model import Whisper
 from .text import to_traditional
 from .tokenizer import Tokenizer
@@ -108,7 +110,7 @@ class Engine:
                  medusa: str | Path | None = None, cuda_graphs: bool | GraphOptions = True,
                  window_bucket: float = 1.0, encoder=None, max_partials: int | None = None,
                  partials_per_round: int | None = None, node_budget: int | None = None,
-                 fp16_weights: bool | None = None):
+                 fp16_weights: bool | None = None, overlap_encoder: bool | None = None):
         self.device = resolve_device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.name = checkpoint.name
@@ -151,14 +153,29 @@ class Engine:
         self.node_budget = node_budget or (128 if cuda else None)
         self.batch = self._new_batch(max_batch)
         if self.graphs is not None and self.graphs.encoder and encoder is None:
-            self.encoder = GraphedEncoder(self.model.encoder)  # launch-bound at small batches without graphs
+            # launch-bound at small batches without graphs; "compile" also fuses each block's pointwise work
+            self.encoder = GraphedEncoder(FusedEncoder(self.model.encoder) if self.graphs.mode == "compile" else self.model.encoder)
         self._queue: list[Request] = []
         self._cv = threading.Condition()
         self._seq = itertools.count()
         self._closed = False
         self._held: list[Request] = []  # taken from the queue by the worker, not yet in the batch
+        # on a GPU the encoder runs on a thread and CUDA stream of its own, beside the decoder steps:
+        # serial admission took ~40% of the worker's time at 200 streams (BENCHMARKS.md, call J); on the
+        # CPU the two would only share the same cores. None: on CUDA.
+        self.overlap_encoder = cuda if overlap_encoder is None else overlap_encoder
+        self._pipeline: list[Request] = []  # admitted, with the encoder thread or its output not yet in the batch
+        self._to_encode: list[Request] = []
+        self._encoded: list[tuple[list[Request], int, torch.Tensor | None, Exception | None]] = []
+        self._encoder_thread: threading.Thread | None = None
+        self._encoder_stop = False  # set by the worker when it exits: nothing more will be handed over
+        if self.overlap_encoder:
+            self._encoder_thread = threading.Thread(target=self._encode_loop, name="breeze-encoder", daemon=True)
+            self._encoder_thread.start()
         self.restarts = 0  # times the worker loop crashed and was started again
         self.last_error: str | None = None
+        if cuda:
+            torch.cuda.synchronize(self.device)  # the pools' zeros (default stream) before the worker's stream reads them
         self._worker = threading.Thread(target=self._supervise, name="breeze-engine", daemon=True)
         self._worker.start()
 
@@ -204,7 +221,7 @@ class Engine:
                 raise RuntimeError("engine is closed")
             request.seq = next(self._seq)
             self._queue.append(request)
-            self._cv.notify()
+            self._cv.notify_all()
         return request.future
 
     async def transcribe_async(self, audio: np.ndarray, options: DecodingOptions = DecodingOptions(), **kwargs) -> Transcript | None:
@@ -218,21 +235,27 @@ class Engine:
             self._closed = True
             self._cv.notify_all()
         self._worker.join(timeout=timeout)
+        if self._encoder_thread is not None:
+            self._encoder_thread.join(timeout=timeout)
 
     def health(self) -> dict:
         """The worker's state, for /healthz: alive, restarts after crashes, the last crash."""
         self._ensure_worker()
         return {"alive": self._worker.is_alive(), "restarts": self.restarts, "last_error": self.last_error,
-                "queued": len(self._queue), "running": len(self.batch.active)}
+                "queued": len(self._queue), "encoding": len(self._pipeline), "running": len(self.batch.active)}
 
     # -- the worker ----------------------------------------------------------------------
 
     def _supervise(self) -> None:
         """The worker thread. One failed batch is handled in `_run`; a crash of the loop itself
         fails the requests it held, and the loop starts again (with a growing pause if it keeps crashing)."""
+        # on CUDA the worker runs on a stream of its own: work on the legacy default stream would
+        # break a graph the encoder thread is recording (it synchronises with every blocking stream)
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         while True:
             try:
-                self._run()
+                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                    self._run()
                 return
             except BaseException as exc:  # noqa: BLE001 - the worker must outlive any bug
                 self.restarts += 1
@@ -262,24 +285,70 @@ class Engine:
         while True:
             self._held = []
             with self._cv:
-                while not self._queue and not self.batch.active and not self._closed:
+                while True:
+                    if self._closed and not (self._queue or self.batch.active or self._pipeline):
+                        self._encoder_stop = True
+                        self._cv.notify_all()
+                        return
+                    # a request retried on the full window is already running; others may have been cancelled
+                    live = [r for r in self._admit() if r.future.running() or r.future.set_running_or_notify_cancel()]
+                    encoded, self._encoded = self._encoded, []
+                    if live or encoded or self.batch.active:
+                        break
                     self._cv.wait()
-                if self._closed and not self._queue and not self.batch.active:
-                    return
-                admitted = self._held = self._admit()
-            # a request retried on the full window is already running; others may have been cancelled
-            live = [r for r in admitted if r.future.running() or r.future.set_running_or_notify_cancel()]
+                if self.overlap_encoder and live:  # the encoder thread takes them; their rows stay reserved
+                    self._pipeline += live
+                    self._to_encode += live
+                    self._cv.notify_all()
+                for group, *_ in encoded:
+                    self._pipeline = [r for r in self._pipeline if r not in group]
+                if encoded:  # a partial that a newer request of its stream superseded while it was encoded
+                    newest = _newest(self._queue + self._pipeline + [s.tag for s in self.batch.active]
+                                     + [r for group, *_ in encoded for r in group])
+                    encoded = [_without_stale(item, newest) for item in encoded]
+                started = [r for group, *_ in encoded for r in group] + ([] if self.overlap_encoder else live)
+                self._held = started
             running = [s.tag for s in self.batch.active]
             try:
-                if live:
+                if live and not self.overlap_encoder:
                     self._start(live)
+                for group, frames, features, error in encoded:
+                    if not group:
+                        continue
+                    if error is not None:
+                        self._isolate([r for r in group if not r.future.done()], error)
+                    else:
+                        self._begin(group, frames, features)
                 if self.batch.active:
                     self._step()
             except Exception as exc:  # one bad batch must not kill the worker, nor fail every request in it
                 log.exception("engine step failed")
-                held = list({id(r): r for r in live + running + [s.tag for s in self.batch.active]}.values())
+                held = list({id(r): r for r in started + running + [s.tag for s in self.batch.active]}.values())
                 self.batch = self._new_batch(self.batch.rows)
                 self._isolate([r for r in held if not r.future.done()], exc)
+
+    def _encode_loop(self) -> None:
+        """The encoder thread (overlap_encoder): encodes what the worker admitted, on its own CUDA
+        stream, and hands the features back; a failure goes back with its group."""
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        while True:
+            with self._cv:
+                while not self._to_encode and not self._encoder_stop:
+                    self._cv.wait()
+                if not self._to_encode:
+                    return
+                requests, self._to_encode = self._to_encode, []
+            for frames, group in self._by_window(requests).items():
+                try:
+                    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                        features = self._encode(group, frames)
+                    item = (group, frames, features, None)
+                except Exception as exc:
+                    log.exception("encoder call failed")
+                    item = (group, frames, None, exc)
+                with self._cv:
+                    self._encoded.append(item)
+                    self._cv.notify_all()
 
     def _isolate(self, held: list[Request], exc: Exception) -> None:
         """The requests of a failed batch: one that failed by itself gets the exception; several are
@@ -297,10 +366,7 @@ class Engine:
         """Takes the requests that start now (caller holds the lock): finals first, then partials;
         a partial superseded by a newer request of its stream (a partial, or the segment's final) is
         answered None, queued or running."""
-        latest: dict[object, int] = {}  # a stream's newest request: partials before it are stale, even for its final
-        for r in self._queue:
-            if r.stream is not None:
-                latest[r.stream] = max(latest.get(r.stream, -1), r.seq)
+        latest = _newest(self._queue)  # a stream's newest request: partials before it are stale, even for its final
         for s in list(self.batch.active):
             r = s.tag
             if not r.final and r.seq < latest.get(r.stream, -1):
@@ -317,13 +383,15 @@ class Engine:
         queue.sort(key=lambda r: (not r.final, r.seq))
         alone = [r for r in queue if r.alone]
         if alone:  # retried after a failed batch: one at a time, in an empty batch
-            taken = [] if self.batch.active else alone[:1]
+            taken = [] if self.batch.active or self._pipeline else alone[:1]
         else:
             finals = [r for r in queue if r.final]
-            final_active = any(s.tag.final for s in self.batch.active)
-            taken = finals[: self.batch.free if self.concurrent_finals else min(self.batch.free, int(not final_active))]
-            running = sum(not s.tag.final for s in self.batch.active)
-            room = min(self.batch.free - len(taken), self.max_partials - running, self.partials_per_round)
+            started = [s.tag for s in self.batch.active] + self._pipeline  # rows taken, or reserved for the encoder's output
+            free = self.batch.rows - len(started)
+            final_active = any(r.final for r in started)
+            taken = finals[: free if self.concurrent_finals else min(free, int(not final_active))]
+            running = sum(not r.final for r in started)
+            room = min(free - len(taken), self.max_partials - running, self.partials_per_round)
             if not self.partials_beside_finals and (finals or final_active):
                 room = 0
             taken += [r for r in queue if not r.final][: max(0, room)]
@@ -332,41 +400,52 @@ class Engine:
 
     def _start(self, requests: list[Request]) -> None:
         """Encodes new requests (grouped by window length) and admits them to the batch."""
+        for frames, group in self._by_window(requests).items():
+            self._begin(group, frames, self._encode(group, frames))
+
+    def _by_window(self, requests: list[Request]) -> dict[int, list[Request]]:
         groups: dict[int, list[Request]] = {}
         for r in requests:
             groups.setdefault(self._frames(r), []).append(r)
-        for frames, group in groups.items():
-            t0 = time.perf_counter()
-            # on a GPU the log-mel is computed there too: on the host it costs ~10 ms per 10 s of audio
-            mel = torch.stack([pad_mel(clip_mel(self._samples(r), self.model.dims.n_mels), frames) for r in group])
-            with torch.inference_mode():
-                features = self.encoder(mel.to(self.device, self.dtype))
-            self._sync()
-            for r in group:
-                r.encoder_seconds += (time.perf_counter() - t0) / len(group)
-            beams = [(r, f) for r, f in zip(group, features) if r.options.beam_size > 1]
-            for r, f in beams:  # beam search runs on its own, outside the greedy batch
-                t1 = time.perf_counter()
-                res = Decoder(self.model, self.tokenizer, self.suppress_tokens).decode(f[None], r.options)[0]
-                r.decoder_seconds += time.perf_counter() - t1
-                r.future.set_result(self._transcript(r, res, frames))
-            greedy = [(r, f) for r, f in zip(group, features) if r.options.beam_size == 1]
-            if not greedy:
-                continue
-            feats = torch.stack([f for _, f in greedy])
-            languages = [r.options.language for r, _ in greedy]
-            if None in languages:
-                detected = detect_language(self.model, self.tokenizer, self.model.decoder.cross_kv(feats))
-                languages = [lang or d for lang, d in zip(languages, detected)]
-            seqs = [Sequence(self.tokenizer.prompt(lang, r.options.task, r.options.timestamps), lang, r.options,
-                             self.drafters(r.previous, r.speculative), frames=feats.shape[1], tag=r)
-                    for (r, _), lang in zip(greedy, languages)]
+        return groups
+
+    def _encode(self, group: list[Request], frames: int) -> torch.Tensor:
+        """Encoder features [n, frames / 2, D] of a group of one window length."""
+        t0 = time.perf_counter()
+        # on a GPU the log-mel is computed there too: on the host it costs ~10 ms per 10 s of audio
+        mel = torch.stack([pad_mel(clip_mel(self._samples(r), self.model.dims.n_mels), frames) for r in group])
+        with torch.inference_mode():
+            features = self.encoder(mel.to(self.device, self.dtype))
+        self._sync()
+        for r in group:
+            r.encoder_seconds += (time.perf_counter() - t0) / len(group)
+        return features
+
+    def _begin(self, group: list[Request], frames: int, features: torch.Tensor) -> None:
+        """Admits encoded requests to the batch (beam searches run on their own)."""
+        beams = [(r, f) for r, f in zip(group, features) if r.options.beam_size > 1]
+        for r, f in beams:  # beam search runs on its own, outside the greedy batch
             t1 = time.perf_counter()
-            self.batch.admit(feats, seqs)
-            self._sync()
-            for r, _ in greedy:
-                r.decoder_seconds += (time.perf_counter() - t1) / len(greedy)
-            self._finish([s for s in seqs if s.done])
+            res = Decoder(self.model, self.tokenizer, self.suppress_tokens).decode(f[None], r.options)[0]
+            r.decoder_seconds += time.perf_counter() - t1
+            r.future.set_result(self._transcript(r, res, frames))
+        greedy = [(r, f) for r, f in zip(group, features) if r.options.beam_size == 1]
+        if not greedy:
+            return
+        feats = torch.stack([f for _, f in greedy])
+        languages = [r.options.language for r, _ in greedy]
+        if None in languages:
+            detected = detect_language(self.model, self.tokenizer, self.model.decoder.cross_kv(feats))
+            languages = [lang or d for lang, d in zip(languages, detected)]
+        seqs = [Sequence(self.tokenizer.prompt(lang, r.options.task, r.options.timestamps), lang, r.options,
+                         self.drafters(r.previous, r.speculative), frames=feats.shape[1], tag=r)
+                for (r, _), lang in zip(greedy, languages)]
+        t1 = time.perf_counter()
+        self.batch.admit(feats, seqs)
+        self._sync()
+        for r, _ in greedy:
+            r.decoder_seconds += (time.perf_counter() - t1) / len(greedy)
+        self._finish([s for s in seqs if s.done])
 
     def _samples(self, request: Request):
         if self.device.type == "cuda":
@@ -420,8 +499,9 @@ class Engine:
                           draft_proposed=res.draft_proposed, draft_accepted=res.draft_accepted)
 
     def _sync(self) -> None:
+        """Waits for this thread's CUDA stream (the encoder thread has its own)."""
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            torch.cuda.current_stream(self.device).synchronize()
 
 
 def _fail(future: Future, error: BaseException) -> None:
@@ -439,3 +519,23 @@ def _resolve(future: Future, value: object) -> None:
         future.set_result(value)
     except InvalidStateError:
         pass
+
+
+def _newest(requests: list[Request]) -> dict[object, int]:
+    """Each stream's newest request (its sequence number) among `requests`."""
+    newest: dict[object, int] = {}
+    for r in requests:
+        if r.stream is not None:
+            newest[r.stream] = max(newest.get(r.stream, -1), r.seq)
+    return newest
+
+
+def _without_stale(item: tuple, newest: dict[object, int]) -> tuple:
+    """An encoded group without its superseded partials (answered None)."""
+    group, frames, features, error = item
+    keep = [i for i, r in enumerate(group) if r.final or r.stream is None or r.seq >= newest[r.stream]]
+    for i in set(range(len(group))) - set(keep):
+        _resolve(group[i].future, None)
+    if len(keep) == len(group):
+        return item
+    return [group[i] for i in keep], frames, None if features is None else features[keep], error

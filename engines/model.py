@@ -132,16 +132,16 @@ class ResidualAttentionBlock(nn.Module):
         return x + self.mlp(self.mlp_ln(x))
 
     def decode(self, x: Tensor, cache: tuple[Tensor, Tensor], rows: Tensor | None, cross: tuple[Tensor, Tensor],
-               slots: Tensor, mask: Tensor, cross_mask: Tensor | None) -> Tensor:
+               slots: Tensor, mask: Tensor, cross_mask: Tensor | None, index: Tensor) -> Tensor:
         """One decoder layer over new tokens: their keys/values go into cache slots `slots` [B, T]
         of the cache rows `rows` (None: rows 0..B-1) of `cache` ([rows, H, n_ctx, D] each), and each
         query attends to what `mask` [B, 1, T, K] allows among the first K slots (K <= n_ctx; a
-        graphed step passes K < n_ctx when no sequence reaches further, to read fewer keys)."""
+        graphed step passes K < n_ctx when no sequence reaches further, to read fewer keys). `index`
+        [B, 1] is the rows as a tensor, made once per step rather than in every layer."""
         attn = self.attn
         q, k, v = attn.qkv(self.attn_ln(x))
         k_cache, v_cache = cache
         batch = x.shape[0]
-        index = (torch.arange(batch, device=x.device) if rows is None else rows)[:, None]
         k_cache[index, :, slots] = k.transpose(1, 2).to(k_cache.dtype)
         v_cache[index, :, slots] = v.transpose(1, 2).to(v_cache.dtype)
         n_keys = mask.shape[-1]  # the cache slots a query may see: a mask narrower than n_ctx reads fewer keys
@@ -201,8 +201,9 @@ class TextDecoder(nn.Module):
         x = self.token_embedding(tokens) + self.positional_embedding[positions]
         x = x.to(cache.dtype)
         slots = positions if slots is None else slots
+        index = (torch.arange(x.shape[0], device=x.device) if rows is None else rows)[:, None]
         for layer, block in enumerate(self.blocks):
-            x = block.decode(x, (cache.k[layer], cache.v[layer]), rows, cross[layer], slots, mask, cross_mask)
+            x = block.decode(x, (cache.k[layer], cache.v[layer]), rows, cross[layer], slots, mask, cross_mask, index)
         return self.ln(x)
 
     def logits(self, hidden: Tensor) -> Tensor:

@@ -1,5 +1,7 @@
 """The engine's scheduling policy: partials are optional work, finals are never held back."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -81,3 +83,46 @@ def test_a_final_supersedes_its_streams_partials(looping_engine):
         final = looping_engine.submit(audio(2.5), OPTIONS, window=2.0, final=True, stream=stream)
     assert partial.result(timeout=60) is None
     assert final.result(timeout=60).text == TINY_TEXT
+
+
+def test_the_encoder_thread_gives_the_serial_engines_transcripts(tiny_checkpoint):
+    """overlap_encoder (on by default on CUDA) moves encoder calls to a thread of their own; the
+    decoder's results must not change, whatever the mix of windows, partials and finals."""
+    def run(overlap: bool) -> list[str]:
+        engine = Engine(tiny_checkpoint, device="cpu", overlap_encoder=overlap)
+        try:
+            futures = [engine.submit(audio(1.0 + i / 2, i), OPTIONS, window=2.0 if i % 2 else None,
+                                     final=i % 3 == 0, stream=None if i % 3 == 0 else i) for i in range(8)]
+            results = [f.result(timeout=60) for f in futures]
+            assert engine.health()["encoding"] == 0
+            return [r.text for r in results]
+        finally:
+            engine.close()
+
+    serial = run(False)
+    assert run(True) == serial
+    assert all(text == TINY_TEXT for text in serial)
+
+
+def test_a_partial_superseded_while_it_is_encoded_is_answered_none(tiny_checkpoint):
+    engine = Engine(tiny_checkpoint, device="cpu", overlap_encoder=True)
+    entered, release = threading.Event(), threading.Event()
+    encoder = engine.encoder
+
+    def held_encoder(mel):
+        entered.set()
+        assert release.wait(30)
+        return encoder(mel)
+
+    engine.encoder = held_encoder
+    try:
+        stream = object()
+        older = engine.submit(audio(1.0), OPTIONS, window=2.0, final=False, stream=stream)
+        assert entered.wait(30)  # the older partial is inside the encoder now
+        newer = engine.submit(audio(1.5), OPTIONS, window=2.0, final=False, stream=stream)
+        release.set()
+        assert older.result(timeout=60) is None
+        assert newer.result(timeout=60).text == TINY_TEXT
+    finally:
+        release.set()
+        engine.close()

@@ -1,0 +1,63 @@
+"""engines/fused.py: the compiled regions compute what the plain model computes.
+
+Inductor only generates code on a GPU here, so the regions are traced and decomposed with the
+"aot_eager" backend: that checks the wiring (which weights, which layer norm, the residuals, the
+cache writes) exactly, in float32 on the CPU. The GPU speed is in BENCHMARKS.md."""
+
+import pytest
+import torch
+
+from engines.bench import random_model
+from engines.fused import FusedDecoder, FusedEncoder
+from engines.model import ModelDims, causal_mask
+
+DIMS = ModelDims(n_mels=80, n_audio_ctx=64, n_audio_state=64, n_audio_head=4, n_audio_layer=2, n_vocab=500,
+                 n_text_ctx=32, n_text_state=64, n_text_head=4, n_text_layer=3)
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = random_model(DIMS, torch.device("cpu"), torch.float32, seed=3)
+    with torch.no_grad():  # layer norms away from the identity, so a wrong one shows
+        for name, p in m.named_parameters():
+            p.normal_(1.0 if name.endswith("ln.weight") or "_ln.weight" in name else 0.0, 0.1)
+    return m
+
+
+def test_fused_encoder_matches_the_encoder(model):
+    mel = torch.randn(2, DIMS.n_mels, 2 * DIMS.n_audio_ctx)
+    with torch.inference_mode():
+        torch.testing.assert_close(FusedEncoder(model.encoder, backend="aot_eager")(mel), model.encoder(mel))
+
+
+@pytest.mark.parametrize("batch,width", [(1, 1), (3, 1), (2, 4)])
+def test_fused_decoder_matches_hidden_and_writes_the_same_cache(model, batch, width):
+    fused = FusedDecoder(model.decoder, backend="aot_eager")
+    with torch.inference_mode():
+        features = model.encoder(torch.randn(batch, DIMS.n_mels, 2 * DIMS.n_audio_ctx))
+        cross = model.decoder.cross_kv(features)
+        plain_cache, fused_cache = model.new_cache(batch), model.new_cache(batch)
+        for cache in (plain_cache, fused_cache):  # the same earlier keys/values
+            torch.manual_seed(1)
+            cache.k.normal_()
+            cache.v.normal_()
+        tokens = torch.randint(0, DIMS.n_vocab, (batch, width))
+        positions = torch.arange(width)[None].repeat(batch, 1) + 5
+        mask = causal_mask(positions, DIMS.n_text_ctx)
+        cross_mask = torch.arange(DIMS.n_audio_ctx)[None, None, None, :] < 40 + torch.arange(batch)[:, None, None, None]
+        expected = model.decoder.hidden(tokens, positions, plain_cache, None, cross, mask, cross_mask)
+        got = fused.hidden(tokens, positions, fused_cache, cross, mask, cross_mask, positions)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(fused_cache.k, plain_cache.k)
+    torch.testing.assert_close(fused_cache.v, plain_cache.v)
+
+
+def test_fused_regions_refuse_packed_weights(model):
+    from engines.fp16_weights import available, pack_fp16_weights
+
+    if not available():
+        pytest.skip("this PyTorch build has no fbgemm fp16 GEMM")
+    packed = random_model(DIMS, torch.device("cpu"), torch.float32)
+    pack_fp16_weights(packed)
+    with pytest.raises(ValueError, match="plain fused"):
+        FusedDecoder(packed.decoder, backend="aot_eager")
