@@ -328,8 +328,9 @@ class Engine:
                 self._isolate([r for r in held if not r.future.done()], exc)
 
     def _encode_loop(self) -> None:
-        """The encoder thread (overlap_encoder): encodes what the worker admitted, on its own CUDA
-        stream, and hands the features back; a failure goes back with its group."""
+        """The encoder thread (overlap_encoder): encodes what the worker admitted, one window length
+        at a time, a group holding a final first (a final handed over later still overtakes queued
+        partials), on its own CUDA stream; hands the features back, or a failure with its group."""
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         while True:
             with self._cv:
@@ -337,18 +338,20 @@ class Engine:
                     self._cv.wait()
                 if not self._to_encode:
                     return
-                requests, self._to_encode = self._to_encode, []
-            for frames, group in self._by_window(requests).items():
-                try:
-                    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                        features = self._encode(group, frames)
-                    item = (group, frames, features, None)
-                except Exception as exc:
-                    log.exception("encoder call failed")
-                    item = (group, frames, None, exc)
-                with self._cv:
-                    self._encoded.append(item)
-                    self._cv.notify_all()
+                groups = self._by_window(self._to_encode)
+                frames = min(groups, key=lambda f: not any(r.final for r in groups[f]))
+                group = groups[frames]
+                self._to_encode = [r for r in self._to_encode if r not in group]
+            try:
+                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                    features = self._encode(group, frames)
+                item = (group, frames, features, None)
+            except Exception as exc:
+                log.exception("encoder call failed")
+                item = (group, frames, None, exc)
+            with self._cv:
+                self._encoded.append(item)
+                self._cv.notify_all()
 
     def _isolate(self, held: list[Request], exc: Exception) -> None:
         """The requests of a failed batch: one that failed by itself gets the exception; several are

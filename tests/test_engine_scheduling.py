@@ -1,6 +1,7 @@
 """The engine's scheduling policy: partials are optional work, finals are never held back."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -126,3 +127,35 @@ def test_a_partial_superseded_while_it_is_encoded_is_answered_none(tiny_checkpoi
     finally:
         release.set()
         engine.close()
+
+
+def test_the_encoder_thread_takes_a_final_before_queued_partials(tiny_checkpoint):
+    engine = Engine(tiny_checkpoint, device="cpu", overlap_encoder=True)
+    engine.partials_beside_finals = engine.concurrent_finals = True  # as on a GPU: partials start beside finals
+    entered, release = threading.Event(), threading.Event()
+    order = []
+    encode = engine._encode
+
+    def recording_encode(group, frames):
+        order.append([r.final for r in group])
+        entered.set()
+        assert release.wait(30)
+        return encode(group, frames)
+
+    engine._encode = recording_encode
+    try:
+        first = engine.submit(audio(1.0), OPTIONS, window=2.0, final=False, stream=0)
+        assert entered.wait(30)  # the encoder thread is busy with the first partial
+        partials = [engine.submit(audio(2.0 + i), OPTIONS, window=2.0, final=False, stream=1 + i) for i in range(2)]
+        deadline = time.monotonic() + 30
+        while len(engine._to_encode) < 2 and time.monotonic() < deadline:  # handed over, waiting for the encoder
+            time.sleep(0.01)
+        final = engine.submit(audio(3.0), OPTIONS, final=True)  # handed over after them
+        while engine._queue and time.monotonic() < deadline:
+            time.sleep(0.01)
+        release.set()
+        assert all(f.result(timeout=60).text == TINY_TEXT for f in [first, *partials, final])
+    finally:
+        release.set()
+        engine.close()
+    assert order[0] == [False] and order[1] == [True]  # the final went ahead of the partials queued before it
