@@ -18,6 +18,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fp32-weights", action="store_true",
                         help="CPU: keep float32 weights and PyTorch's own matrix products instead of fbgemm's "
                              "fp16-packed ones (the default where fbgemm exists: 2-10x faster, same transcripts)")
+    parser.add_argument("--cuda-graphs", choices=["graph", "compile", "off"], default="graph",
+                        help="CUDA: decoder steps and encoder calls replayed as CUDA graphs (default), the same with "
+                             "Inductor-fused layer norms, biases, GELU and residual adds inside (compile: faster "
+                             "kernels, compiles for a minute at start), or eager")
     from engines.trtllm.backend import add_backend_arguments
     add_backend_arguments(parser)  # --backend torch|trtllm-encoder|trtllm, --trtllm-engine-dir
 
@@ -55,8 +59,19 @@ def decoding_options(args: argparse.Namespace):
 def load_engine(args: argparse.Namespace):
     from engines.trtllm.backend import load_backend  # --backend torch is engines.engine.Engine.load
 
-    extra = {"fp16_weights": False} if getattr(args, "fp32_weights", False) else {}
+    extra = engine_options(getattr(args, "fp32_weights", False), getattr(args, "cuda_graphs", "graph"))
     return load_backend(args, speculative=getattr(args, "speculative", "both"), medusa=args.medusa, **extra)
+
+
+def engine_options(fp32_weights: bool = False, cuda_graphs: str = "graph") -> dict:
+    """Engine keyword arguments of --fp32-weights and --cuda-graphs (only where they differ from
+    the defaults, so that backends without these options are not handed them)."""
+    extra: dict = {"fp16_weights": False} if fp32_weights else {}
+    if cuda_graphs != "graph":
+        from engines.cuda_graphs import GraphOptions
+
+        extra["cuda_graphs"] = False if cuda_graphs == "off" else GraphOptions(mode=cuda_graphs)
+    return extra
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:

@@ -54,7 +54,7 @@ from engines.trtllm.backend import create_engine
 
 from .auth import NATIVE, REALTIME, SUBSCRIBER, TWILIO, Endpoint, parse_origins, read_keys
 from .auth import select_subprotocol, tls_context
-from .cli import window_argument
+from .cli import engine_options, window_argument
 from .limits import AuthConfig, Gate, Limits
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
@@ -96,6 +96,7 @@ class ServerConfig:
     self_test: bool = True
     medusa: str | None = None  # Medusa heads file; None: the shipped heads where they fit the model
     fp32_weights: bool = False  # CPU: float32 products instead of fbgemm's fp16-packed weights (engines/fp16_weights.py)
+    cuda_graphs: str = "graph"  # CUDA: graph | compile (Inductor-fused regions inside the graphs) | off
     session: SessionConfig = field(default_factory=SessionConfig)
     web_root: Path = WEB_ROOT
     whisperlive: WhisperLiveConfig = field(default_factory=WhisperLiveConfig)
@@ -180,7 +181,7 @@ class Server:
             engine = create_engine(self.config.backend, model=self.config.model, device=self.config.device,
                                    engine_dir=self.config.trtllm_engine_dir, script=self.config.script,
                                    self_test=self.config.self_test, medusa=self.config.medusa,
-                                   **({"fp16_weights": False} if self.config.fp32_weights else {}))
+                                   **engine_options(self.config.fp32_weights, self.config.cuda_graphs))
         except Exception as exc:
             log.error("loading the model %r failed: %s", self.config.model, exc)
             self._load_error = exc
@@ -546,7 +547,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     calls = CallConfig(webhook=args.call_webhook, log_dir=args.call_log)
     return ServerConfig(host=args.host, port=args.port, model=args.model, device=args.device, script=args.script,
                         backend=args.backend, trtllm_engine_dir=args.trtllm_engine_dir, self_test=args.self_test,
-                        medusa=args.medusa, fp32_weights=args.fp32_weights, session=session,
+                        medusa=args.medusa, fp32_weights=args.fp32_weights, cuda_graphs=args.cuda_graphs, session=session,
                         whisperlive=whisperlive, calls=calls, limits=limits,
                         auth=auth, certfile=args.certfile, keyfile=args.keyfile)
 

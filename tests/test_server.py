@@ -348,6 +348,20 @@ def test_serve_arguments():
     assert run_serve(serve_args("--vad-aggressiveness", "7")) == 2  # refused before anything starts
 
 
+def test_cuda_graph_modes_reach_the_engine():
+    from engines.cuda_graphs import GraphOptions
+    from streaming.cli import engine_options
+
+    assert config_from_args(serve_args()).cuda_graphs == "graph"
+    config = config_from_args(serve_args("--cuda-graphs", "compile", "--fp32-weights"))
+    assert engine_options(config.fp32_weights, config.cuda_graphs) == {"fp16_weights": False,
+                                                                        "cuda_graphs": GraphOptions(mode="compile")}
+    assert engine_options(cuda_graphs="off") == {"cuda_graphs": False}
+    assert engine_options() == {}  # defaults are not passed (other backends do not take them)
+    with pytest.raises(SystemExit):
+        serve_args("--cuda-graphs", "sometimes")
+
+
 # --- the embedded default model on dev clips -----------------------------------------------------
 
 needs_dev = pytest.mark.skipif(not DEV_DIR.is_dir(), reason=f"dev clips not found at {DEV_DIR} (the ../shared checkout)")
