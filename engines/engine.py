@@ -4,6 +4,8 @@ Requests from all sessions go into one queue. A worker thread runs the in-flight
 (engines/batching.py): between decoder steps it admits waiting requests (finals first, partials
 that a newer partial of the same stream superseded are dropped, even mid-decode), runs their
 encoder together, and each step advances every admitted segment by one verification forward.
+On a GPU the encoder calls run on a second thread and CUDA stream (`overlap_encoder`), so the
+decoder steps go on while new segments are encoded; the worker admits them when they are ready.
 Model code never runs on the asyncio loop: callers await `asyncio.wrap_future`.
 
 Faults stay with the request that caused them: when a batch raises, its requests are retried
