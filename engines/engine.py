@@ -112,7 +112,8 @@ class Engine:
                  medusa: str | Path | None = None, cuda_graphs: bool | GraphOptions = True,
                  window_bucket: float = 1.0, encoder=None, max_partials: int | None = None,
                  partials_per_round: int | None = None, node_budget: int | None = None,
-                 fp16_weights: bool | None = None, overlap_encoder: bool | None = None):
+                 fp16_weights: bool | None = None, overlap_encoder: bool | None = None,
+                 stall_timeout: float = 120.0):
         self.device = resolve_device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.name = checkpoint.name
@@ -176,6 +177,11 @@ class Engine:
             self._encoder_thread.start()
         self.restarts = 0  # times the worker loop crashed and was started again
         self.last_error: str | None = None
+        # a worker that holds work but has finished nothing for this long is reported dead by health()
+        # (a hung kernel or a deadlock: /healthz turns 503 so that an orchestrator restarts the process);
+        # longer than any first compilation or graph recording
+        self.stall_timeout = stall_timeout
+        self._progress = time.monotonic()  # the worker's or encoder thread's last finished piece of work
         if cuda:
             torch.cuda.synchronize(self.device)  # the pools' zeros (default stream) before the worker's stream reads them
         self._worker = threading.Thread(target=self._supervise, name="breeze-engine", daemon=True)
@@ -222,6 +228,8 @@ class Engine:
             if self._closed:
                 raise RuntimeError("engine is closed")
             request.seq = next(self._seq)
+            if not self._busy():  # an idle engine has nothing to be late with: its clock starts now
+                self._progress = time.monotonic()
             self._queue.append(request)
             self._cv.notify_all()
         return request.future
@@ -241,10 +249,16 @@ class Engine:
             self._encoder_thread.join(timeout=timeout)
 
     def health(self) -> dict:
-        """The worker's state, for /healthz: alive, restarts after crashes, the last crash."""
+        """The worker's state, for /healthz: alive (running, and not stalled with work in hand),
+        restarts after crashes, the last crash, seconds without progress while holding work."""
         self._ensure_worker()
-        return {"alive": self._worker.is_alive(), "restarts": self.restarts, "last_error": self.last_error,
-                "queued": len(self._queue), "encoding": len(self._pipeline), "running": len(self.batch.active)}
+        stalled = time.monotonic() - self._progress if self._busy() else 0.0
+        return {"alive": self._worker.is_alive() and stalled < self.stall_timeout, "restarts": self.restarts,
+                "last_error": self.last_error, "stalled_s": round(stalled, 1), "queued": len(self._queue),
+                "encoding": len(self._pipeline), "running": len(self.batch.active)}
+
+    def _busy(self) -> bool:
+        return bool(self._queue or self._pipeline or self.batch.active or self._held)
 
     # -- the worker ----------------------------------------------------------------------
 
@@ -323,6 +337,7 @@ class Engine:
                         self._begin(group, frames, features)
                 if self.batch.active:
                     self._step()
+                self._progress = time.monotonic()
             except Exception as exc:  # one bad batch must not kill the worker, nor fail every request in it
                 log.exception("engine step failed")
                 held = list({id(r): r for r in started + running + [s.tag for s in self.batch.active]}.values())
@@ -348,6 +363,7 @@ class Engine:
                 with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                     features = self._encode(group, frames)
                 item = (group, frames, features, None)
+                self._progress = time.monotonic()
             except Exception as exc:
                 log.exception("encoder call failed")
                 item = (group, frames, None, exc)

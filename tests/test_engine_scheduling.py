@@ -159,3 +159,30 @@ def test_the_encoder_thread_takes_a_final_before_queued_partials(tiny_checkpoint
         release.set()
         engine.close()
     assert order[0] == [False] and order[1] == [True]  # the final went ahead of the partials queued before it
+
+
+def test_a_stalled_worker_is_reported_dead_and_recovers(tiny_checkpoint):
+    """A hung step (a stuck kernel, a deadlock) must turn /healthz red, not hang silently."""
+    engine = Engine(tiny_checkpoint, device="cpu", stall_timeout=0.3)
+    release = threading.Event()
+    step = engine._step
+
+    def stuck_step():
+        assert release.wait(30)
+        step()
+
+    engine._step = stuck_step
+    try:
+        time.sleep(0.5)
+        assert engine.health()["alive"]  # idle is not stalled, however long
+        future = engine.submit(audio(1.0), OPTIONS, final=True)
+        assert engine.health()["alive"]  # work just arrived
+        time.sleep(0.6)
+        health = engine.health()
+        assert not health["alive"] and health["stalled_s"] >= 0.3
+        release.set()
+        assert future.result(timeout=60).text == TINY_TEXT
+        assert engine.health()["alive"]
+    finally:
+        release.set()
+        engine.close()
