@@ -14,7 +14,9 @@ the WhisperLive listener):
   one, and then runs the session.
 
 The counts are of connections that hold a handler (sessions and connections still waiting for
-their first message), per server and per client address. `/readyz` reports 503 while draining
+their first message), per server and per client address. Behind a load balancer every peer is
+the balancer: with `trusted_proxies` a peer in those networks is looked past, to the last address
+in X-Forwarded-For that is not a trusted proxy (the one the client's own first proxy recorded). `/readyz` reports 503 while draining
 or at capacity, so a load balancer sends new streams elsewhere.
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import http
+import ipaddress
 import json
 import logging
 import weakref
@@ -69,19 +72,22 @@ class Limits:
     """WebSocket connections at once, all endpoints together (0: no limit)."""
     max_per_client: int = 32
     """Connections at once from one client address (0: no limit; behind a proxy every client
-    has the proxy's address)."""
+    has the proxy's address unless the proxy is in `trusted_proxies`)."""
     max_session_seconds: float = 4 * 3600.0
     """A session's longest life; then its finals are flushed and it ends (0: no limit)."""
     auth_timeout: float = 10.0
     """Seconds a client that owes its token in the first message has to send it."""
     drain_timeout: float = 30.0
     """On SIGTERM/SIGINT: seconds open sessions get to flush their finals before the server exits."""
+    trusted_proxies: tuple[str, ...] = ()
+    """Networks (CIDR) of load balancers whose X-Forwarded-For names the client."""
 
     def __post_init__(self) -> None:
         if min(self.max_sessions, self.max_per_client, self.max_session_seconds) < 0:
             raise ValueError("session limits must be >= 0 (0: no limit)")
         if self.auth_timeout <= 0 or self.drain_timeout <= 0:
             raise ValueError("--drain-timeout and the auth timeout must be > 0")
+        proxy_networks(self.trusted_proxies)  # ValueError naming a malformed network, at start
 
 
 @dataclass(frozen=True)
@@ -98,9 +104,33 @@ class _Admission:
     reason: str = ""  # why not, for the client
 
 
-def client_address(connection) -> str:
+def proxy_networks(cidrs: tuple[str, ...]) -> tuple:
+    try:
+        return tuple(ipaddress.ip_network(c.strip(), strict=False) for c in cidrs)
+    except ValueError as exc:
+        raise ValueError(f"--trusted-proxies: {exc} (give networks like 10.0.0.0/8 or 127.0.0.1)") from None
+
+
+def client_address(connection, headers=None, proxies: tuple = ()) -> str:
+    """The client's address: the peer's, or behind trusted proxies the last X-Forwarded-For hop
+    that is not one of them (hops further left are the client's word, not a proxy's)."""
     address = connection.remote_address
-    return str(address[0]) if address else "?"
+    peer = str(address[0]) if address else "?"
+    if not proxies or headers is None or not _trusted(peer, proxies):
+        return peer
+    hops = [hop.strip() for value in headers.get_all("X-Forwarded-For") for hop in value.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not _trusted(hop, proxies):
+            return hop
+    return hops[0] if hops else peer
+
+
+def _trusted(address: str, proxies: tuple) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:  # not an address (a garbled header): never a proxy, so it is the client's own word
+        return False
+    return any(ip in network for network in proxies)
 
 
 def http_response(status: http.HTTPStatus, body: dict, headers: dict[str, str] | None = None):
@@ -123,6 +153,7 @@ class Gate:
         self._metrics = metrics
         self.active = 0
         self._per_client: Counter[str] = Counter()
+        self._proxies = proxy_networks(limits.trusted_proxies)
         self._admissions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._waiting: set = set()  # connections waiting for a first message with their token
         self._idle = asyncio.Event()
@@ -155,7 +186,7 @@ class Gate:
                                      f"the server is at its limit of {self.limits.max_sessions} sessions; retry later "
                                      "or connect to another instance", {"Retry-After": "5"})
         limit = self.limits.max_per_client
-        if limit and self._per_client[client_address(connection)] >= limit:
+        if limit and self._per_client[client_address(connection, request.headers, self._proxies)] >= limit:
             return self._refuse_http("per_client", http.HTTPStatus.TOO_MANY_REQUESTS,
                                      f"{limit} connections from your address are open already; close one first",
                                      {"Retry-After": "5"})
@@ -185,7 +216,7 @@ class Gate:
 
     async def serve(self, connection, endpoint: Endpoint, run: Callable[[object], Awaitable[None]]) -> None:
         """Counts the connection while `run(connection)` serves it, unless limits or auth refuse it."""
-        address = client_address(connection)
+        address = self._client(connection)
         self.active += 1
         self._per_client[address] += 1
         self._idle.clear()
@@ -207,6 +238,10 @@ class Gate:
                 del self._per_client[address]
             if not self.active:
                 self._idle.set()
+
+    def _client(self, connection) -> str:
+        request = getattr(connection, "request", None)
+        return client_address(connection, None if request is None else request.headers, self._proxies)
 
     def _over_limits(self, address: str) -> tuple[str, str, int] | None:
         if self.draining:
@@ -270,7 +305,7 @@ class Gate:
 
     async def _refuse(self, connection, endpoint: Endpoint, code: str, message: str, close_code: int,
                       first: dict | None = None) -> None:
-        log.info("refused a %s connection from %s (%s): %s", endpoint.name, client_address(connection), code, message)
+        log.info("refused a %s connection from %s (%s): %s", endpoint.name, self._client(connection), code, message)
         if close_code != CloseCode.GOING_AWAY:
             self._metrics.errors.labels(code).inc()
         text = endpoint.error(code, message, first)

@@ -497,6 +497,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                        help="WebSocket connections at once; more get HTTP 503 (default %(default)s, 0: no limit)")
     guard.add_argument("--max-connections-per-client", type=int, default=limits.max_per_client, metavar="N",
                        help="connections at once from one client address; more get HTTP 429 (default %(default)s, 0: no limit)")
+    guard.add_argument("--trusted-proxies", default="", metavar="LIST",
+                       help="comma-separated networks of load balancers (e.g. 10.0.0.0/8): connections from them count "
+                            "against the client named in X-Forwarded-For (default: none; the peer address counts)")
     guard.add_argument("--max-session-seconds", type=float, default=limits.max_session_seconds, metavar="SECONDS",
                        help="longest session; then its finals are flushed and it ends (default %(default)s, 0: no limit)")
     guard.add_argument("--max-queued-audio", type=float, default=TranscriberConfig.max_queued_audio, metavar="SECONDS",
@@ -536,6 +539,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     session = SessionConfig(max_frame_bytes=args.max_frame_bytes, idle_timeout=args.idle_timeout,
                             language=args.language, max_send_queue=args.max_send_queue, transcriber=transcriber)
     limits = Limits(max_sessions=args.max_sessions, max_per_client=args.max_connections_per_client,
+                    trusted_proxies=tuple(c.strip() for c in args.trusted_proxies.split(",") if c.strip()),
                     max_session_seconds=args.max_session_seconds, drain_timeout=args.drain_timeout)
     if args.api_key_file is not None:
         read_keys(args.api_key_file)  # AuthConfigError (a ValueError) now, not at the first connection

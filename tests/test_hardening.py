@@ -330,6 +330,39 @@ async def test_connections_per_client(tiny_engine):
         assert await upgrade_status(srv) == 101
 
 
+def test_client_address_behind_trusted_proxies():
+    from types import SimpleNamespace
+
+    from websockets.datastructures import Headers
+
+    from streaming.limits import client_address, proxy_networks
+
+    proxies = proxy_networks(("10.0.0.0/8", "127.0.0.1"))
+    lb = SimpleNamespace(remote_address=("10.1.2.3", 4000))
+    assert client_address(lb, Headers(), proxies) == "10.1.2.3"  # no header: the peer
+    # the last hop that is not a trusted proxy; what the client itself wrote (further left) is not believed
+    assert client_address(lb, Headers({"X-Forwarded-For": "1.1.1.1, 203.0.113.7, 10.9.9.9"}), proxies) == "203.0.113.7"
+    headers = Headers()
+    headers["X-Forwarded-For"] = "198.51.100.2"
+    headers["X-Forwarded-For"] = "10.0.0.5"  # a second header line is a later hop
+    assert client_address(lb, headers, proxies) == "198.51.100.2"
+    direct = SimpleNamespace(remote_address=("203.0.113.9", 4000))  # not a proxy: its header is ignored
+    assert client_address(direct, Headers({"X-Forwarded-For": "1.2.3.4"}), proxies) == "203.0.113.9"
+    assert client_address(lb, Headers({"X-Forwarded-For": "1.2.3.4"})) == "10.1.2.3"  # no trusted proxies
+    with pytest.raises(ValueError, match="trusted-proxies"):
+        Limits(trusted_proxies=("10.0.0.0/33",))
+
+
+async def test_connections_per_client_behind_a_trusted_proxy(tiny_engine):
+    config = ServerConfig(port=0, limits=Limits(max_per_client=1, trusted_proxies=("127.0.0.0/8",)))
+    a, b = {"X-Forwarded-For": "203.0.113.1"}, {"X-Forwarded-For": "203.0.113.2"}
+    async with Server(config, engine=tiny_engine) as srv:
+        async with connect(url(srv), additional_headers=a):
+            await wait_until(lambda: srv.gate.active == 1)
+            assert await upgrade_status(srv, additional_headers=b) == 101  # another client behind the same proxy
+            assert await upgrade_status(srv, additional_headers=a) == 429  # the same client again
+
+
 async def test_session_duration(tiny_engine):
     config = ServerConfig(port=0, limits=Limits(max_session_seconds=1.0))
     async with Server(config, engine=tiny_engine) as srv:
@@ -759,9 +792,13 @@ def test_serve_arguments(tmp_path: Path, key_file: Path):
     config = config_from_args(serve_args("--api-key-file", str(key_file), "--allowed-origins", "https://a.example/",
                                          "--max-sessions", "5", "--max-connections-per-client", "2",
                                          "--max-session-seconds", "60", "--max-queued-audio", "10",
-                                         "--max-send-queue", "50", "--drain-timeout", "3"))
+                                         "--max-send-queue", "50", "--drain-timeout", "3",
+                                         "--trusted-proxies", "10.0.0.0/8, 192.168.1.1"))
     assert config.auth == AuthConfig(api_key_file=str(key_file), allowed_origins=("https://a.example",))
     assert dataclasses.astuple(config.limits)[:3] == (5, 2, 60.0) and config.limits.drain_timeout == 3
+    assert config.limits.trusted_proxies == ("10.0.0.0/8", "192.168.1.1")
+    with pytest.raises(ValueError, match="trusted-proxies"):
+        config_from_args(serve_args("--trusted-proxies", "not-a-network"))
     assert config.session.max_send_queue == 50 and config.session.transcriber.max_queued_audio == 10
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
