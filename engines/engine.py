@@ -157,7 +157,8 @@ class Engine:
         self.batch = self._new_batch(max_batch)
         if self.graphs is not None and self.graphs.encoder and encoder is None:
             # launch-bound at small batches without graphs; "compile" also fuses each block's pointwise work
-            self.encoder = GraphedEncoder(FusedEncoder(self.model.encoder) if self.graphs.mode == "compile" else self.model.encoder)
+            fused = self.graphs.mode == "compile"
+            self.encoder = GraphedEncoder(FusedEncoder(self.model.encoder) if fused else self.model.encoder)
         self._queue: list[Request] = []
         self._cv = threading.Condition()
         self._seq = itertools.count()

@@ -96,9 +96,10 @@ class FusedDecoder:
         self.first = (*_ln(blocks[0].attn_ln), *_qkv(blocks[0]))
         self.middle = [(*_weights(b.attn.out), *_ln(b.cross_attn_ln), *_weights(b.cross_attn.query)) for b in blocks]
         self.tail = []
-        for i, b in enumerate(blocks):
-            following = (*_ln(blocks[i + 1].attn_ln), *_qkv(blocks[i + 1])) if i + 1 < len(blocks) else (*_ln(decoder.ln), None, None)
-            self.tail.append((*_weights(b.cross_attn.out), *_ln(b.mlp_ln), *_weights(b.mlp[0]), *_weights(b.mlp[2]), *following))
+        for b, after in zip(blocks, blocks[1:] + [None]):
+            following = (*_ln(after.attn_ln), *_qkv(after)) if after is not None else (*_ln(decoder.ln), None, None)
+            self.tail.append((*_weights(b.cross_attn.out), *_ln(b.mlp_ln), *_weights(b.mlp[0]), *_weights(b.mlp[2]),
+                              *following))
 
     def hidden(self, tokens: Tensor, positions: Tensor, cache: KVCache, cross: list[tuple[Tensor, Tensor]],
                mask: Tensor, cross_mask, slots: Tensor) -> Tensor:
@@ -116,8 +117,8 @@ class FusedDecoder:
             k_cache, v_cache = cache.k[layer], cache.v[layer]
             k_cache[rows, :, slots] = k
             v_cache[rows, :, slots] = v
-            a = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache[:batch, :, :n_keys], v_cache[:batch, :, :n_keys],
-                                               attn_mask=mask)
+            a = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache[:batch, :, :n_keys],
+                                               v_cache[:batch, :, :n_keys], attn_mask=mask)
             x, h = self.out_norm_linear(x, a.transpose(1, 2).reshape(batch * width, dim), *self.middle[layer])
             q = h.view(batch, width, heads, -1).transpose(1, 2)
             if cross_mask is not None and not isinstance(cross_mask, Tensor):
