@@ -186,3 +186,29 @@ def test_a_stalled_worker_is_reported_dead_and_recovers(tiny_checkpoint):
     finally:
         release.set()
         engine.close()
+
+
+def test_an_encoder_failure_on_its_thread_fails_only_its_request(tiny_checkpoint):
+    engine = Engine(tiny_checkpoint, device="cpu", overlap_encoder=True)
+    engine.partials_beside_finals = engine.concurrent_finals = True  # as on a GPU: encoded together
+    encoder = engine.encoder
+
+    def poisoned_encoder(mel):
+        head = mel[:, :, :50]  # the first 0.5 s (past the audio the window is padded)
+        if (head.amax(dim=(1, 2)) == head.amin(dim=(1, 2))).any():  # digital silence: a flat log-mel
+            raise RuntimeError("bad audio")
+        return encoder(mel)
+
+    engine.encoder = poisoned_encoder
+    bad = np.zeros(16000, dtype=np.float32)
+    try:
+        with engine._cv:  # all three handed to the encoder thread together
+            futures = [engine.submit(audio(1.0, i), OPTIONS, final=True) for i in range(2)]
+            failing = engine.submit(bad, OPTIONS, final=True)
+        assert all(f.result(timeout=60).text == TINY_TEXT for f in futures)
+        with pytest.raises(RuntimeError, match="bad audio"):
+            failing.result(timeout=60)
+        assert engine.transcribe(audio(1.0, 7), OPTIONS).text == TINY_TEXT  # still serving
+        assert engine.health()["alive"]
+    finally:
+        engine.close()
