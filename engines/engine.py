@@ -266,12 +266,9 @@ class Engine:
     def _supervise(self) -> None:
         """The worker thread. One failed batch is handled in `_run`; a crash of the loop itself
         fails the requests it held, and the loop starts again (with a growing pause if it keeps crashing)."""
-        # on CUDA the worker runs on a stream of its own: work on the legacy default stream would
-        # break a graph the encoder thread is recording (it synchronises with every blocking stream)
-        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         while True:
             try:
-                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                with self._own_stream():
                     self._run()
                 return
             except BaseException as exc:  # noqa: BLE001 - the worker must outlive any bug
@@ -303,7 +300,7 @@ class Engine:
             self._held = []
             with self._cv:
                 while True:
-                    if self._closed and not (self._queue or self.batch.active or self._pipeline):
+                    if self._closed and not self._busy():
                         self._encoder_stop = True
                         self._cv.notify_all()
                         return
@@ -349,28 +346,27 @@ class Engine:
         """The encoder thread (overlap_encoder): encodes what the worker admitted, one window length
         at a time, a group holding a final first (a final handed over later still overtakes queued
         partials), on its own CUDA stream; hands the features back, or a failure with its group."""
-        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        while True:
-            with self._cv:
-                while not self._to_encode and not self._encoder_stop:
-                    self._cv.wait()
-                if not self._to_encode:
-                    return
-                groups = self._by_window(self._to_encode)
-                frames = min(groups, key=lambda f: not any(r.final for r in groups[f]))
-                group = groups[frames]
-                self._to_encode = [r for r in self._to_encode if r not in group]
-            try:
-                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        with self._own_stream():
+            while True:
+                with self._cv:
+                    while not self._to_encode and not self._encoder_stop:
+                        self._cv.wait()
+                    if not self._to_encode:
+                        return
+                    groups = self._by_window(self._to_encode)
+                    frames = min(groups, key=lambda f: not any(r.final for r in groups[f]))
+                    group = groups[frames]
+                    self._to_encode = [r for r in self._to_encode if r not in group]
+                try:
                     features = self._encode(group, frames)
-                item = (group, frames, features, None)
-                self._progress = time.monotonic()
-            except Exception as exc:
-                log.exception("encoder call failed")
-                item = (group, frames, None, exc)
-            with self._cv:
-                self._encoded.append(item)
-                self._cv.notify_all()
+                    item = (group, frames, features, None)
+                    self._progress = time.monotonic()
+                except Exception as exc:
+                    log.exception("encoder call failed")
+                    item = (group, frames, None, exc)
+                with self._cv:
+                    self._encoded.append(item)
+                    self._cv.notify_all()
 
     def _isolate(self, held: list[Request], exc: Exception) -> None:
         """The requests of a failed batch: one that failed by itself gets the exception; several are
@@ -391,14 +387,14 @@ class Engine:
         latest = _newest(self._queue)  # a stream's newest request: partials before it are stale, even for its final
         for s in list(self.batch.active):
             r = s.tag
-            if not r.final and r.seq < latest.get(r.stream, -1):
+            if _superseded(r, latest):
                 self.batch.remove(s)
                 _resolve(r.future, None)
         queue = []
         for r in self._queue:
             if r.future.cancelled():
                 continue
-            if not r.final and r.stream is not None and r.seq != latest[r.stream]:
+            if _superseded(r, latest):
                 _resolve(r.future, None)
             else:
                 queue.append(r)
@@ -520,6 +516,14 @@ class Engine:
                           forwards=res.forwards + request.forwards,
                           draft_proposed=res.draft_proposed, draft_accepted=res.draft_accepted)
 
+    def _own_stream(self):
+        """On CUDA, a stream of the calling thread's own (the worker's, the encoder thread's): work on
+        the legacy default stream would break a graph the other thread is recording, since that
+        stream synchronises with every other blocking stream."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.cuda.stream(torch.cuda.Stream(self.device))
+
     def _sync(self) -> None:
         """Waits for this thread's CUDA stream (the encoder thread has its own)."""
         if self.device.type == "cuda":
@@ -552,10 +556,15 @@ def _newest(requests: list[Request]) -> dict[object, int]:
     return newest
 
 
+def _superseded(request: Request, newest: dict[object, int]) -> bool:
+    """A partial whose stream has a newer request (a partial, or the segment's final) in `newest`."""
+    return not request.final and request.stream is not None and request.seq < newest.get(request.stream, -1)
+
+
 def _without_stale(item: tuple, newest: dict[object, int]) -> tuple:
     """An encoded group without its superseded partials (answered None)."""
     group, frames, features, error = item
-    keep = [i for i, r in enumerate(group) if r.final or r.stream is None or r.seq >= newest[r.stream]]
+    keep = [i for i, r in enumerate(group) if not _superseded(r, newest)]
     for i in set(range(len(group))) - set(keep):
         _resolve(group[i].future, None)
     if len(keep) == len(group):

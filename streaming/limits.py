@@ -16,8 +16,8 @@ the WhisperLive listener):
 The counts are of connections that hold a handler (sessions and connections still waiting for
 their first message), per server and per client address. Behind a load balancer every peer is
 the balancer: with `trusted_proxies` a peer in those networks is looked past, to the last address
-in X-Forwarded-For that is not a trusted proxy (the one the client's own first proxy recorded). `/readyz` reports 503 while draining
-or at capacity, so a load balancer sends new streams elsewhere.
+in X-Forwarded-For that is not a trusted proxy (the one the client's own first proxy recorded).
+`/readyz` reports 503 while draining or at capacity, so a load balancer sends new streams elsewhere.
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ class Gate:
                                      f"the server is at its limit of {self.limits.max_sessions} sessions; retry later "
                                      "or connect to another instance", {"Retry-After": "5"})
         limit = self.limits.max_per_client
-        if limit and self._per_client[client_address(connection, request.headers, self._proxies)] >= limit:
+        if limit and self._per_client[self._client(connection, request)] >= limit:
             return self._refuse_http("per_client", http.HTTPStatus.TOO_MANY_REQUESTS,
                                      f"{limit} connections from your address are open already; close one first",
                                      {"Retry-After": "5"})
@@ -239,8 +239,9 @@ class Gate:
             if not self.active:
                 self._idle.set()
 
-    def _client(self, connection) -> str:
-        request = getattr(connection, "request", None)
+    def _client(self, connection, request=None) -> str:
+        """The client address this gate counts; `request`: the upgrade request, before the handshake."""
+        request = request or getattr(connection, "request", None)
         return client_address(connection, None if request is None else request.headers, self._proxies)
 
     def _over_limits(self, address: str) -> tuple[str, str, int] | None:
