@@ -6,6 +6,10 @@ import json
 import os
 from pathlib import Path
 
+if not Path("/dev/nvidiactl").exists():
+    # no GPU: Triton kernels (engines/decode_kernels.py) run in Triton's interpreter, set before they are defined
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 from websockets.asyncio.client import ClientConnection

@@ -1,0 +1,253 @@
+"""Decoder steps of a few rows as hand-written Triton kernels: eight launches per layer.
+
+A graphed Breeze decoder step at batch 1 is bound by kernel count and per-kernel latency, not
+by bytes: cuBLAS spends 5-6 us on each of a layer's six projections whatever their size, and the
+layer norms, biases, GELU, residual adds and KV-cache writes around them are kernels of their own
+(BENCHMARKS.md, third session: 16 kernels per layer after Inductor's fusion, 2.3 ms per step).
+Here each projection is one kernel that does all the pointwise work around it:
+
+    qkv   = LN1(x) @ Wqkv + b          keys and values stored straight into the KV cache
+    x     = x + attn @ Wo + b
+    q     = LN2(x) @ Wq + b            (cross-attention query)
+    x     = x + cross @ Wo' + b
+    g     = GELU(LN3(x) @ W1 + b1)
+    x     = x + g @ W2 + b2
+
+plus the two attention calls (PyTorch's SDPA). A kernel computes BLOCK_N output columns for all
+rows (padded to a tile of 16, 32 or 64) over the whole K, so every weight is read once per step, and a row's
+layer norm is recomputed by every program from the row itself (a few KB, in L2) instead of being
+a kernel of its own. The products run on tensor cores (tl.dot on a tile of at least 16 rows): a step of one
+row wastes the padding's arithmetic, which costs nothing next to the weight reads.
+
+`KernelDecoder.hidden` is TextDecoder.hidden for rows 0..B-1 through these kernels; the StepRunner
+(engines/cuda_graphs.py) records it into its CUDA graphs for buckets of at most `MAX_ROWS` rows.
+On the CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1), which is how the tests
+check them against the plain model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .model import KVCache, LayerNorm, TextDecoder
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton (a CPU install without it): the plain step is used
+    triton = None
+
+MAX_ROWS = 64  # rows (batch x draft width) of a step these kernels take (a tile of 16, 32 or 64 rows)
+
+
+def available() -> bool:
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _row_linear(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, ln_w_ptr, ln_b_ptr, eps, sums_ptr, count_ptr,
+                    k_ptr, v_ptr, slot_ptr, width, stride_cb, stride_ch, stride_cs,
+                    M, N, stride_xm, D, K: tl.constexpr, SPLIT: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, NORM: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr,
+                    KV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[m, n] = epilogue(sum_k norm(x)[m, k] * w[n, k] + b[n]) for BLOCK_N columns n and the
+        SPLIT-th part of K that program (n, part) owns.
+
+        With SPLIT > 1 the parts add their sums into a float32 scratch tile and the last part to
+        arrive (a counter per column block) takes the total, resets tile and counter to zero for the
+        next call, and runs the epilogue: more programs, each with fewer dependent memory reads."""
+        rm = tl.arange(0, BLOCK_M)
+        col_block = tl.program_id(0)
+        rn = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        row_ok = rm < M
+        col_ok = rn < N
+        if NORM:  # the rows' statistics in one pass, in float32; unrolled, so its loads are in flight together
+            total = tl.zeros([BLOCK_M], dtype=tl.float32)
+            squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for k0 in tl.static_range(0, K, BLOCK_K):
+                kk = k0 + rk
+                xk = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=row_ok[:, None] & (kk < K)[None, :],
+                             other=0.0).to(tl.float32)
+                total += tl.sum(xk, axis=1)
+                squares += tl.sum(xk * xk, axis=1)
+            mean = total / K
+            rstd = 1.0 / tl.sqrt(tl.maximum(squares / K - mean * mean, 0.0) + eps)
+        part = K // SPLIT
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(tl.program_id(1) * part, (tl.program_id(1) + 1) * part, BLOCK_K):
+            kk = k0 + rk
+            k_ok = kk < K
+            xk = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            if NORM:
+                gamma = tl.load(ln_w_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+                beta = tl.load(ln_b_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+                xk = (xk.to(tl.float32) - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
+            acc += tl.dot(xk.to(w.dtype), tl.trans(w))
+        ok = row_ok[:, None] & col_ok[None, :]
+        if SPLIT == 1:
+            _epilogue(acc, rm, rn, ok, row_ok, b_ptr, res_ptr, out_ptr, k_ptr, v_ptr, slot_ptr, width,
+                      stride_cb, stride_ch, stride_cs, N, D, HEAD_DIM, GELU, RESIDUAL, KV)
+        else:
+            sums = sums_ptr + rm[:, None] * N + rn[None, :]
+            tl.atomic_add(sums, acc, mask=ok)
+            if tl.atomic_add(count_ptr + col_block, 1) == SPLIT - 1:  # the last part: every sum is in
+                acc = tl.load(sums, mask=ok, other=0.0, cache_modifier=".cg")  # from L2, where the atomics landed
+                tl.store(sums, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), mask=ok)
+                tl.atomic_xchg(count_ptr + col_block, 0)
+                _epilogue(acc, rm, rn, ok, row_ok, b_ptr, res_ptr, out_ptr, k_ptr, v_ptr, slot_ptr, width,
+                          stride_cb, stride_ch, stride_cs, N, D, HEAD_DIM, GELU, RESIDUAL, KV)
+
+    @triton.jit
+    def _epilogue(acc, rm, rn, ok, row_ok, b_ptr, res_ptr, out_ptr, k_ptr, v_ptr, slot_ptr, width,
+                  stride_cb, stride_ch, stride_cs, N, D, HEAD_DIM: tl.constexpr, GELU: tl.constexpr,
+                  RESIDUAL: tl.constexpr, KV: tl.constexpr):
+        """Bias, GELU, residual; the result to `out` (or, for a query/key/value projection, the
+        query to `out` and the keys and values to the cache at the rows' slots)."""
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        if GELU:  # exact (erf) GELU, as the model's nn.GELU()
+            acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+        if RESIDUAL:
+            acc += tl.load(res_ptr + rm[:, None] * N + rn[None, :], mask=ok, other=0.0).to(tl.float32)
+        if KV:  # columns [0, D): the query, to out [M, D]; [D, 2D) keys and [2D, 3D) values, to the cache
+            tl.store(out_ptr + rm[:, None] * D + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok & (rn < D)[None, :])
+            slot = tl.load(slot_ptr + rm, mask=row_ok, other=0)
+            column = rn % D
+            place = (((rm // width) * stride_cb + slot * stride_cs)[:, None]
+                     + ((column // HEAD_DIM) * stride_ch + column % HEAD_DIM)[None, :])
+            is_k = (rn >= D) & (rn < 2 * D)
+            tl.store(k_ptr + place, acc.to(k_ptr.dtype.element_ty), mask=ok & is_k[None, :])
+            tl.store(v_ptr + place, acc.to(v_ptr.dtype.element_ty), mask=ok & (rn >= 2 * D)[None, :])
+        else:
+            tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _blocks(n: int, k: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, SPLIT, warps) for an [n, k] weight: narrow column blocks and K split in
+    parts of one or two blocks, so that even a 1280-wide projection keeps every SM reading."""
+    block_n = 16 if n <= 2048 else 32 if n <= 4096 else 64
+    block_k = min(256, triton.next_power_of_2(k))
+    blocks = k // block_k if k % block_k == 0 else 1
+    split = max(d for d in range(1, blocks + 1) if blocks % d == 0 and blocks // d <= 2) if blocks > 1 else 1
+    return block_n, block_k, split, 4
+
+
+_SCRATCH: dict[tuple, tuple[Tensor, Tensor]] = {}
+_OUTGROWN: list[tuple[Tensor, Tensor]] = []
+
+
+def _scratch(device: torch.device, n: int) -> tuple[Tensor, Tensor]:
+    """The split-K sums [MAX_ROWS, n] and per-column-block counters of the current stream, zero
+    between calls (each call leaves them as it found them). Kernels on one stream run one after
+    another, so one scratch serves them all; another stream (a graph being recorded beside the
+    engine's steps) has its own."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    sums, counts = _SCRATCH.get((device, stream), (None, None))
+    if sums is None or sums.shape[1] < n:
+        if sums is not None:  # graphs recorded with the smaller one still point at it: never freed
+            _OUTGROWN.append((sums, counts))
+        size = max(n, 8192)  # Breeze's widest projection is 5120
+        sums = torch.zeros((MAX_ROWS, size), dtype=torch.float32, device=device)
+        counts = torch.zeros(size, dtype=torch.int32, device=device)
+        _SCRATCH[(device, stream)] = sums, counts
+    return sums, counts
+
+
+def row_linear(x: Tensor, weight: Tensor, bias: Tensor, *, norm: tuple[Tensor, Tensor, float] | None = None,
+               gelu: bool = False, residual: Tensor | None = None,
+               kv: tuple[Tensor, Tensor, Tensor, int] | None = None) -> Tensor:
+    """epilogue(norm(x) @ weight.T + bias) for x [M, K], M <= MAX_ROWS (rows contiguous in K).
+
+    norm: (gamma, beta, eps) of a layer norm applied to x first; gelu: exact GELU after the bias;
+    residual: [M, N] added last. kv: (k_cache, v_cache, slots, width) of one layer ([rows, H, n_ctx,
+    Dh] each; slots [M]; row m belongs to cache row m // width): the weight is a fused query/key/value
+    projection, the keys and values go to the cache at the rows' slots and only the query [M, N/3]
+    is returned."""
+    m, k = x.shape
+    n = weight.shape[0]
+    if m > MAX_ROWS:
+        raise ValueError(f"{m} rows: the row kernels take at most {MAX_ROWS}")
+    if x.stride(1) != 1 or not weight.is_contiguous():
+        raise ValueError("x needs contiguous rows and the weight must be contiguous")
+    d = n // 3 if kv else n
+    out = torch.empty((m, d), dtype=x.dtype, device=x.device)
+    gamma, beta, eps = norm if norm is not None else (bias, bias, 0.0)
+    if kv is not None:
+        k_cache, v_cache, slots, width = kv
+        strides = k_cache.stride()[:3]
+        head_dim = k_cache.shape[-1]
+    else:
+        k_cache = v_cache = slots = out
+        width, strides, head_dim = 1, (0, 0, 0), 1
+    block_n, block_k, split, warps = _blocks(n, k)
+    sums, counts = _scratch(x.device, n)
+    _row_linear[(triton.cdiv(n, block_n), split)](
+        x, weight, bias, residual if residual is not None else out, out, gamma, beta, eps, sums, counts,
+        k_cache, v_cache, slots, width, *strides, m, n, x.stride(0), d, K=k, SPLIT=split,
+        HEAD_DIM=head_dim, NORM=norm is not None, GELU=gelu, RESIDUAL=residual is not None, KV=kv is not None,
+        BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    return out
+
+
+class KernelDecoder:
+    """TextDecoder.hidden for rows 0..B-1 with B x width <= MAX_ROWS, through the row kernels.
+
+    Needs the model's fused query/key/value weights (Whisper.fuse()) in the model's dtype."""
+
+    def __init__(self, decoder: TextDecoder):
+        self.decoder = decoder
+        self.layers = []
+        for block in decoder.blocks:
+            qkv = block.attn.fused
+            if not isinstance(qkv, tuple):
+                raise ValueError("the row kernels need the model's plain fused query/key/value weights (Whisper.fuse())")
+            self.layers.append({
+                "qkv": (*qkv, _norm(block.attn_ln)), "out": (block.attn.out.weight, block.attn.out.bias),
+                "query": (block.cross_attn.query.weight, block.cross_attn.query.bias, _norm(block.cross_attn_ln)),
+                "cross_out": (block.cross_attn.out.weight, block.cross_attn.out.bias),
+                "fc1": (block.mlp[0].weight, block.mlp[0].bias, _norm(block.mlp_ln)),
+                "fc2": (block.mlp[2].weight, block.mlp[2].bias), "heads": block.attn.n_head})
+
+    def hidden(self, tokens: Tensor, positions: Tensor, cache: KVCache, cross: list[tuple[Tensor, Tensor]],
+               mask: Tensor, cross_mask, slots: Tensor) -> Tensor:
+        decoder = self.decoder
+        batch, width = tokens.shape
+        x = (decoder.token_embedding(tokens) + decoder.positional_embedding[positions]).to(cache.dtype)
+        dim = x.shape[-1]
+        x = x.reshape(batch * width, dim)
+        flat_slots = slots.reshape(-1)
+        n_keys = mask.shape[-1]
+        for layer, p in enumerate(self.layers):
+            heads = p["heads"]
+            k_cache, v_cache = cache.k[layer], cache.v[layer]
+            w, b, norm = p["qkv"]
+            q = row_linear(x, w, b, norm=norm, kv=(k_cache, v_cache, flat_slots, width))
+            a = F.scaled_dot_product_attention(q.view(batch, width, heads, -1).transpose(1, 2), k_cache[:batch, :, :n_keys],
+                                               v_cache[:batch, :, :n_keys], attn_mask=mask)
+            x = row_linear(_rows(a), *p["out"], residual=x)
+            w, b, norm = p["query"]
+            q = row_linear(x, w, b, norm=norm).view(batch, width, heads, -1).transpose(1, 2)
+            if cross_mask is not None and not isinstance(cross_mask, Tensor):
+                a = cross_mask(q, *cross[layer])
+            else:
+                a = F.scaled_dot_product_attention(q, *cross[layer], attn_mask=cross_mask)
+            x = row_linear(_rows(a), *p["cross_out"], residual=x)
+            w, b, norm = p["fc1"]
+            x = row_linear(row_linear(x, w, b, norm=norm, gelu=True), *p["fc2"], residual=x)
+        return decoder.ln(x).view(batch, width, dim)
+
+
+def _norm(ln: LayerNorm) -> tuple[Tensor, Tensor, float]:
+    return ln.weight, ln.bias, ln.eps
+
+
+def _rows(a: Tensor) -> Tensor:
+    """Attention output [B, H, W, Dh] as rows [B*W, H*Dh] (a view when the layout allows)."""
+    batch, heads, width, dh = a.shape
+    rows = a.transpose(1, 2).reshape(batch * width, heads * dh)
+    return rows if rows.stride(1) == 1 else rows.contiguous()
