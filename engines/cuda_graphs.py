@@ -24,21 +24,26 @@ Three modes share the same static-buffer step, so they compute the same function
 `graph` (torch.cuda.CUDAGraph, captured lazily per bucket into one shared memory pool),
 `compile` (the regions between attention calls compiled by Inductor, engines/fused.py, and the
 step then recorded into the same kind of graph: fewer, fused kernels), and `eager` (the same step
-run directly: the reference, and the only mode on the CPU).
+run directly: the reference, and the only mode on the CPU). In the graphed modes, buckets of at
+most 16 rows (batch x width) run through hand-written Triton kernels instead (`row_kernels`,
+engines/decode_kernels.py: eight kernels per layer), which is what a lightly loaded GPU steps.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from . import decode_kernels
 from .fused import FusedDecoder
 from .model import KVCache, Whisper
 
@@ -51,6 +56,7 @@ MODES = ("graph", "compile", "eager")
 # another thread's recording in progress does not allow (the engine encodes on a thread of its own)
 CAPTURE_LOCK = threading.Lock()
 CROSS_ATTENTION = ("auto", "sdpa", "efficient", "flash")
+log = logging.getLogger(__name__)
 
 
 def bucket(n: int, buckets: tuple[int, ...] | list[int]) -> int:
@@ -72,6 +78,13 @@ class GraphOptions:
     # that pass a check on this GPU; sdpa on the CPU)
     cross_attention: str = "auto"
     encoder: bool = True  # the engine also replays its encoder as CUDA graphs (GraphedEncoder)
+    # steps of at most `row_kernel_rows` rows (batch x width) through the Triton row kernels
+    # (engines/decode_kernels.py): None = on CUDA where Triton is installed
+    row_kernels: bool | None = None
+    row_kernel_rows: int = 16
+    # a bucket's first step runs eagerly while a thread of the runner records its graph: recording takes
+    # ~0.2 s, which would stall every stream in the batch (False: record before the step, on the caller)
+    record_in_background: bool = True
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -125,6 +138,10 @@ class StepRunner:
         self.context_buckets = tuple(sorted({c for c in options.context_buckets if c < self.n_ctx} | {self.n_ctx}))
         self._buffers: dict[tuple[int, int], _Buffers] = {}
         self._steps: dict[tuple, object] = {}
+        self._lock = threading.Lock()  # buffers made by the worker or the recording thread
+        self._queued: set[tuple] = set()  # keys handed to the recording thread
+        self._recorder: ThreadPoolExecutor | None = None
+        self._warm_stream = self._recording_stream = None
         self._pool = torch.cuda.graph_pool_handle() if self.mode != "eager" else None
         self._cross_weight: Tensor | None = None
         self.stats = RunnerStats()
@@ -135,6 +152,11 @@ class StepRunner:
             self.cross_attention = choose_cross_attention(dims.n_text_head, dims.n_text_state // dims.n_text_head,
                                                           self.n_frames, cache.dtype, self.device)
         self.fused = FusedDecoder(model.decoder) if self.mode == "compile" else None
+        row_kernels = options.row_kernels
+        if row_kernels is None:
+            row_kernels = self.mode != "eager" and decode_kernels.available()
+        self.kernels = decode_kernels.KernelDecoder(model.decoder) if row_kernels else None
+        self.row_kernel_rows = min(options.row_kernel_rows, decode_kernels.MAX_ROWS)
 
     # -- shapes ---------------------------------------------------------------------------------
 
@@ -148,49 +170,63 @@ class StepRunner:
                 any(x != f for x in frames))
 
     def _io(self, batch: int, width: int) -> _Buffers:
+        """The static buffers of a (batch, width) bucket, made once (the worker and the recording
+        thread may both ask)."""
         io = self._buffers.get((batch, width))
         if io is None:
-            dims, dev = self.model.dims, self.device
-            dtype = self.cache.dtype
-            io = _Buffers(
-                tokens=torch.zeros((batch, width), dtype=torch.long, device=dev),
-                positions=torch.zeros((batch, width), dtype=torch.long, device=dev),
-                slots=torch.full((batch, width), self.n_ctx - 1, dtype=torch.long, device=dev),
-                hidden=torch.zeros((batch, width, dims.n_text_state), dtype=dtype, device=dev),
-                logits=torch.zeros((batch, width, dims.n_vocab), dtype=dtype, device=dev),
-            )
-            self._buffers[(batch, width)] = io
+            with self._lock:
+                io = self._buffers.get((batch, width))
+                if io is None:
+                    io = self._buffers[(batch, width)] = self._new_io(batch, width)
         return io
 
-    def _masks(self, key) -> tuple[Tensor, Tensor | None]:
+    def _new_io(self, batch: int, width: int) -> _Buffers:
+        dims, dev = self.model.dims, self.device
+        dtype = self.cache.dtype
+        return _Buffers(
+            tokens=torch.zeros((batch, width), dtype=torch.long, device=dev),
+            positions=torch.zeros((batch, width), dtype=torch.long, device=dev),
+            slots=torch.full((batch, width), self.n_ctx - 1, dtype=torch.long, device=dev),
+            hidden=torch.zeros((batch, width, dims.n_text_state), dtype=dtype, device=dev),
+            logits=torch.zeros((batch, width, dims.n_vocab), dtype=dtype, device=dev),
+        )
+
+    def _masks(self, key, io: _Buffers | None = None) -> tuple[Tensor, Tensor | None]:
+        """The self- and cross-attention masks of `key` among `io`'s (default: the bucket's static buffers)."""
         batch, width, frames, context, masked = key
-        io = self._io(batch, width)
-        mask = io.masks.get(context)
-        if mask is None:  # additive (0 / -inf) in the model's dtype: SDPA would convert a boolean one in every layer
-            mask = io.masks[context] = torch.full((batch, 1, width, context), -math.inf, dtype=self.cache.dtype, device=self.device)
-            mask[:, :, :, 0] = 0
-        cross_mask = None
-        if masked and self.cross_attention != "sdpa":
-            if io.key_lengths is None:
-                io.key_lengths = KeyLengths(self.cross_attention, batch, self.model.dims.n_text_head, width, frames, self.device)
-            cross_mask = io.key_lengths
-        elif masked:
-            cross_mask = io.cross_masks.get(frames)
-            if cross_mask is None:
-                cross_mask = io.cross_masks[frames] = torch.zeros((batch, 1, 1, frames), dtype=self.cache.dtype, device=self.device)
+        io = io or self._io(batch, width)
+        with self._lock:
+            mask = io.masks.get(context)
+            if mask is None:  # additive (0 / -inf) in the model's dtype: SDPA would convert a boolean one in every layer
+                mask = io.masks[context] = torch.full((batch, 1, width, context), -math.inf, dtype=self.cache.dtype,
+                                                      device=self.device)
+                mask[:, :, :, 0] = 0
+            cross_mask = None
+            if masked and self.cross_attention != "sdpa":
+                if io.key_lengths is None:
+                    io.key_lengths = KeyLengths(self.cross_attention, batch, self.model.dims.n_text_head, width, frames,
+                                                self.device)
+                cross_mask = io.key_lengths
+            elif masked:
+                cross_mask = io.cross_masks.get(frames)
+                if cross_mask is None:
+                    cross_mask = io.cross_masks[frames] = torch.zeros((batch, 1, 1, frames), dtype=self.cache.dtype,
+                                                                      device=self.device)
         return mask, cross_mask
 
     # -- the step ---------------------------------------------------------------------------------
 
-    def body(self, key) -> None:
-        """The step itself over the static buffers of `key` (what a graph records)."""
+    def body(self, key, io: _Buffers | None = None) -> None:
+        """The step itself over the static buffers of `key` (what a graph records), or over `io`."""
         batch, width, frames, context, masked = key
-        io = self._io(batch, width)
-        mask, cross_mask = self._masks(key)
+        io = io or self._io(batch, width)
+        mask, cross_mask = self._masks(key, io)
         decoder = self.model.decoder
         cross = [(self.cross_k[layer, :batch, :, :frames], self.cross_v[layer, :batch, :, :frames])
                  for layer in range(self.model.dims.n_text_layer)]
-        if self.fused is not None:
+        if self.kernels is not None and batch * width <= self.row_kernel_rows:
+            hidden = self.kernels.hidden(io.tokens, io.positions, self.cache, cross, mask, cross_mask, io.slots)
+        elif self.fused is not None:
             hidden = self.fused.hidden(io.tokens, io.positions, self.cache, cross, mask, cross_mask, io.slots)
         else:
             hidden = decoder.hidden(io.tokens, io.positions, self.cache, None, cross, mask, cross_mask, slots=io.slots)
@@ -198,40 +234,70 @@ class StepRunner:
         torch.matmul(hidden, decoder.token_embedding.weight.to(hidden.dtype).T, out=io.logits)
 
     def _step_fn(self, key):
+        """The step of `key`, recorded now if it is not yet (on the calling thread)."""
         fn = self._steps.get(key)
         if fn is not None:
             return fn
-        body = functools.partial(self.body, key)
         if self.mode == "eager":
-            fn = body
+            fn = functools.partial(self.body, key)
         else:
-            t0 = time.perf_counter()
             with CAPTURE_LOCK:
-                fn = self._record(key, body)
-            self.stats.captures += 1
-            self.stats.capture_seconds += time.perf_counter() - t0
+                fn = self._steps.get(key) or self._record(key)
         self._steps[key] = fn
         return fn
 
-    def _record(self, key, body):
-        """Warm-up runs (where the compile mode compiles), then the graph of `key`; its replay."""
-        self._reset(key)  # warm-up runs execute: keep their writes on slot n_ctx - 1
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
+    def _record(self, key):
+        """Warm-up runs (where Triton and the compile mode compile) over scratch buffers of the
+        bucket's shape, then the graph of `key` over its static buffers; returns its replay. The
+        warm-up runs execute: their rows are no-op rows (keys and values to slot n_ctx - 1), and
+        their inputs and outputs are their own, so a step running meanwhile keeps its buffers.
+        Caller holds CAPTURE_LOCK."""
+        t0 = time.perf_counter()
+        batch, width = key[:2]
+        scratch = self._new_io(batch, width)
+        self._masks(key)  # the static masks exist before recording (made inside, their fills would be recorded)
+        self._reset(key, scratch)
+        if self._warm_stream is None:
+            self._warm_stream = torch.cuda.Stream(self.device)
+        self._warm_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._warm_stream):
             for _ in range(2):
-                body()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
+                self.body(key, scratch)
+        torch.cuda.current_stream(self.device).wait_stream(self._warm_stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            body()
+            self.body(key)
+        self.stats.captures += 1
+        self.stats.capture_seconds += time.perf_counter() - t0
         return graph.replay
 
-    def _reset(self, key) -> None:
-        """Every row of the bucket a no-op row (before warm-up runs that really execute)."""
-        batch, width = key[:2]
-        io = self._io(batch, width)
-        mask, cross_mask = self._masks(key)
+    def _record_later(self, key) -> None:
+        """Queues `key` for the recording thread (once)."""
+        with self._lock:
+            if key in self._queued:
+                return
+            self._queued.add(key)
+            if self._recorder is None:
+                self._recorder = ThreadPoolExecutor(1, thread_name_prefix="breeze-graphs")
+        self._recorder.submit(self._record_queued, key)
+
+    def _record_queued(self, key) -> None:
+        """The recording thread: records `key` on a stream of its own and publishes its replay; a
+        bucket whose recording fails stays eager (it stays queued, so it is not tried again; logged)."""
+        try:  # inference mode is per thread: without it the warm-up runs would track gradients
+            with torch.inference_mode(), torch.cuda.stream(self._record_stream()), CAPTURE_LOCK:
+                self._steps[key] = self._record(key)
+        except Exception:
+            log.exception("recording the decoder step %s failed; it stays eager", key)
+
+    def _record_stream(self):
+        if self._recording_stream is None:
+            self._recording_stream = torch.cuda.Stream(self.device)
+        return self._recording_stream
+
+    def _reset(self, key, io: _Buffers) -> None:
+        """Every row of `io` a no-op row (before warm-up runs that really execute)."""
+        mask, cross_mask = self._masks(key, io)
         io.tokens.zero_()
         io.positions.zero_()
         io.slots.fill_(self.n_ctx - 1)
@@ -251,8 +317,6 @@ class StepRunner:
         batch, _, n_frames, context, masked = key
         io = self._io(batch, width)
         mask_buf, cross_buf = self._masks(key)
-        if key not in self._steps:
-            self._step_fn(key)  # record first: recording resets the static inputs (its warm-up runs execute)
         pad = batch - n
         t = np.zeros((3, batch, width), dtype=np.int64)
         t[0, :n], t[1, :n], t[2, :n] = tokens, positions, slots
@@ -277,12 +341,19 @@ class StepRunner:
         return key
 
     def launch(self, key) -> None:
-        fn = self._step_fn(key)
-        fn()
-        if self.mode == "eager":
+        """Runs the step of `key`: its graph; a bucket not recorded yet runs eagerly this time while
+        the recording thread records it (record_in_background), or is recorded first."""
+        fn = self._steps.get(key)
+        if fn is None and self.mode != "eager" and self.options.record_in_background:
+            self._record_later(key)
+            self.body(key)
             self.stats.eager += 1
         else:
-            self.stats.replays += 1
+            (fn or self._step_fn(key))()
+            if self.mode == "eager":
+                self.stats.eager += 1
+            else:
+                self.stats.replays += 1
         self.stats.keys.add(key)
 
     def outputs(self, key, n: int) -> tuple[Tensor, Tensor]:

@@ -110,6 +110,26 @@ def test_bucketed_step_gives_the_plain_tokens(parts, speculative):
         assert [r.draft_accepted for r in bucketed] == [r.draft_accepted for r in plain]
 
 
+def test_row_kernel_steps_give_the_plain_tokens(parts):
+    """Buckets of at most 16 rows through the Triton row kernels (engines/decode_kernels.py; Triton's
+    interpreter on the CPU), larger ones through the plain step: the same tokens and draft acceptance."""
+    model, tok, suppress = parts
+    fused = Whisper(DIMS).eval()
+    fused.load_state_dict(model.state_dict())
+    fused.fuse()
+    options = DecodingOptions(max_new_tokens=30)
+    groups = [(0, encode(model, 1, 400, 2)), (4, encode(model, 2, 300, 3))]
+    reference = [r for _, f in groups for r in Decoder(model, tok, suppress).decode(f, options)]
+    drafts = [r.tokens[:5] + [11] + r.tokens[6:] for r in reference]
+    batch = Batch(fused, tok, suppress, rows=4, graphs=GraphOptions(mode="eager", row_kernels=True))
+    kernels = run_schedule(batch, tok, groups, options, drafts)
+    plain = run_schedule(Batch(model, tok, suppress, rows=4), tok, groups, options, drafts)
+    assert [r.tokens for r in kernels] == [r.tokens for r in reference]
+    assert [r.draft_accepted for r in kernels] == [r.draft_accepted for r in plain]
+    keys = batch.runner.stats.keys
+    assert any(b * w <= 16 for b, w, *_ in keys) and any(b * w > 16 for b, w, *_ in keys)  # both paths ran
+
+
 @torch.inference_mode()
 def test_runner_pads_to_buckets(parts):
     model, tok, suppress = parts
@@ -128,9 +148,17 @@ def test_graph_replay_equals_eager_step_on_gpu(parts):
     model, tok, suppress = parts
     model = Whisper(DIMS).cuda().half().eval()
     model.load_state_dict(parts[0].state_dict())
-    results = {}
-    for mode in ("eager", "graph"):
-        batch = Batch(model, tok, suppress, rows=8, graphs=GraphOptions(mode=mode))
+    model.fuse()
+    results, runners = {}, {}
+    variants = {"eager": GraphOptions(mode="eager"), "graph": GraphOptions(record_in_background=False),
+                "background": GraphOptions(), "plain graph": GraphOptions(record_in_background=False, row_kernels=False)}
+    for name, options in variants.items():
+        batch = Batch(model, tok, suppress, rows=8, graphs=options)
         feats = encode(parts[0], 5, 400, 6).cuda().half()
-        results[mode] = run_schedule(batch, tok, [(0, feats)], DecodingOptions(max_new_tokens=30))
-    assert [r.tokens for r in results["graph"]] == [r.tokens for r in results["eager"]]
+        results[name] = run_schedule(batch, tok, [(0, feats)], DecodingOptions(max_new_tokens=30))
+        runners[name] = batch.runner
+    for name in variants:
+        assert [r.tokens for r in results[name]] == [r.tokens for r in results["eager"]], name
+    assert runners["graph"].stats.replays > 0 and runners["graph"].kernels is not None
+    runners["background"]._recorder.shutdown(wait=True)  # its recordings ran beside the steps
+    assert runners["background"].stats.captures > 0 and runners["background"].stats.eager > 0
