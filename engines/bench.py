@@ -31,12 +31,14 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .cuda_graphs import GraphOptions, StepRunner, step_inputs
+from .decode_kernels import MAX_ROWS
 from .model import KVCache, ModelDims, Whisper
 
 SHAPES = {
@@ -51,6 +53,14 @@ SHAPES = {
 SHAPES["breeze"] = SHAPES["large-v2"]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 SECTIONS = ("encoder", "decoder", "verify", "mixed", "step", "exact", "probe", "hf")
+
+
+STEP_MODES = {  # decoder step variants timed side by side (--modes)
+    "eager": GraphOptions(mode="eager", row_kernels=False),  # the bucketed step run directly
+    "graph": GraphOptions(mode="graph", row_kernels=False),  # PyTorch's kernels (cuBLAS) under one CUDA graph
+    "kernels": GraphOptions(mode="graph", row_kernels=True, row_kernel_rows=MAX_ROWS),  # Triton row kernels, graphed
+    "compile": GraphOptions(mode="compile", row_kernels=False),  # Inductor-fused regions, graphed
+}
 
 
 def _ints(text: str) -> list[int]:
@@ -69,7 +79,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline", choices=["none", "hf"], default="none",
                         help="hf: Hugging Face transformers WhisperForConditionalGeneration, eager, same shape, same run")
     parser.add_argument("--modes", default=None,
-                        help="decoder step modes among eager,graph,compile (default eager,graph on CUDA, eager on the CPU)")
+                        help="decoder step modes among eager,graph,kernels,compile (default eager,graph,kernels on CUDA, "
+                             "eager on the CPU); kernels: the Triton row kernels up to 64 rows, the engine's default up to 16")
     parser.add_argument("--compile-batch", default="1,64", help="batches timed with torch.compile (it compiles per batch)")
     parser.add_argument("--frames", default="1500,256",
                         help="cross-attention frames of the decoder table (1500 = the 30 s window, 256 = 5.1 s)")
@@ -248,10 +259,8 @@ def bench_decoder(model: Whisper, pools: _Pools, batches: list[int], widths: lis
     """ms per decoder step by (batch, width, frames) in each mode, on identical inputs."""
     dims = model.dims
     rng = np.random.default_rng(0)
-    runners = {mode: StepRunner(model, pools.cache, pools.cross_k, pools.cross_v, GraphOptions(mode=mode, width_buckets=()))
-               for mode in modes if mode != "compile"}
-    if "compile" in modes:
-        runners["compile"] = StepRunner(model, pools.cache, pools.cross_k, pools.cross_v, GraphOptions(mode="compile", width_buckets=()))
+    runners = {mode: StepRunner(model, pools.cache, pools.cross_k, pools.cross_v, replace(STEP_MODES[mode], width_buckets=()))
+               for mode in modes}
     rows = []
     for frames in frames_list:
         for width in widths:
@@ -276,7 +285,7 @@ def bench_decoder(model: Whisper, pools: _Pools, batches: list[int], widths: lis
                     timer.sync()
                     results[mode] = runner._io(key[0], key[1]).logits[:b].float().clone()
                 if "eager" in results:
-                    for mode in ("graph", "compile"):
+                    for mode in ("graph", "kernels", "compile"):
                         if mode in results:
                             diff = (results[mode] - results["eager"]).abs().max().item()
                             check.setdefault(f"{mode}_vs_eager_max_abs_logit_diff", 0.0)
@@ -293,7 +302,7 @@ def bench_decoder(model: Whisper, pools: _Pools, batches: list[int], widths: lis
                     row["floor_ms"] = sum(nbytes.values()) / copy_gbps / 1e6
                 rows.append(row)
                 print(f"{label:8s} batch {b:3d} width {width:2d} frames {frames:4d}: " +
-                      " ".join(f"{m} {row[m + '_ms']:7.3f} ms" for m in ("eager", "graph", "compile") if m + "_ms" in row) +
+                      " ".join(f"{m} {row[m + '_ms']:7.3f} ms" for m in STEP_MODES if m + "_ms" in row) +
                       (f"  floor {row['floor_ms']:.3f} ms" if "floor_ms" in row else ""), flush=True)
     return rows
 
@@ -402,7 +411,10 @@ def bench_step(model: Whisper, batches: list[int], frames: int, timer: Timer, dr
     mode = mode if model.device.type == "cuda" else "eager"
     out = []
     rows = max(batches)
-    batch = Batch(model, tok, [tok.eot], rows=rows, graphs=GraphOptions(mode=mode, cross_attention=cross_attention))  # no <|endoftext|>
+    graphs = replace(STEP_MODES[mode], cross_attention=cross_attention, record_in_background=False)  # timed: graphs only
+    if mode == "kernels":
+        graphs = replace(graphs, row_kernel_rows=GraphOptions().row_kernel_rows)  # as the engine runs them
+    batch = Batch(model, tok, [tok.eot], rows=rows, graphs=graphs)  # no <|endoftext|>
     for b in batches:
         feats = torch.randn(b, frames, model.dims.n_audio_state, device=model.device, dtype=model.dtype)
         options = DecodingOptions(max_new_tokens=200, max_draft=max(draft, 1))
@@ -519,7 +531,10 @@ def run_bench(args: argparse.Namespace) -> int:
     dims = SHAPES[args.shape]
     batches = _ints(args.batch)
     sections = set(args.sections.split(","))
-    modes = (args.modes.split(",") if args.modes else (["eager", "graph"] if device.type == "cuda" else ["eager"]))
+    modes = (args.modes.split(",") if args.modes else (["eager", "graph", "kernels"] if device.type == "cuda" else ["eager"]))
+    unknown = sorted(set(modes) - set(STEP_MODES))
+    if unknown:
+        raise SystemExit(f"unknown --modes {','.join(unknown)}: choose among {','.join(STEP_MODES)}")
     if device.type != "cuda":
         modes = [m for m in modes if m == "eager"] or ["eager"]
     timer = Timer(device, args.repeats)
@@ -605,12 +620,12 @@ def print_summary(report: dict) -> None:
         extra += f"  (hf {hf_enc[r['batch']]:.2f})" if r["mel_frames"] == 3000 and r["batch"] in hf_enc else ""
         print(f"encoder  b={r['batch']:<3d} {r['seconds']:4.1f} s window: {r['ms_per_window']:7.2f} ms/window{extra}")
     for r in report.get("decoder", []):
-        modes = " ".join(f"{m}={r[m + '_ms']:.3f}" for m in ("eager", "graph", "compile") if m + "_ms" in r)
+        modes = " ".join(f"{m}={r[m + '_ms']:.3f}" for m in STEP_MODES if m + "_ms" in r)
         extra = f"  (hf {hf_dec[r['batch']]:.2f})" if r["frames"] == 1500 and r["batch"] in hf_dec else ""
         floor = f" floor={r['floor_ms']:.3f}" if "floor_ms" in r else ""
         print(f"decoder  b={r['batch']:<3d} F={r['frames']:<4d} ms/step {modes}{floor}{extra}")
     for r in report.get("verification", []):
-        modes = " ".join(f"{m}={r[m + '_ms']:.3f}" for m in ("eager", "graph") if m + "_ms" in r)
+        modes = " ".join(f"{m}={r[m + '_ms']:.3f}" for m in STEP_MODES if m + "_ms" in r)
         print(f"verify   b={r['batch']:<3d} draft={r['draft']:<2d} ms/forward {modes}")
     for r in report.get("mixed", []):
         if "ms" in r:

@@ -176,31 +176,65 @@ class _EngineProbe:
             begin(group, frames, features)
             self.begin_s += time.perf_counter() - t0
 
+        runner = engine.batch.runner
+        timed = runner is not None and engine.device.type == "cuda"
+        if timed:  # the step's forward on the GPU (CUDA events on the worker's stream) and the host work around it
+            launch = runner.launch
+            events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+            def timed_launch(key):
+                self._launched = time.perf_counter()
+                events[0].record()
+                launch(key)
+                events[1].record()
+
+            runner.launch = timed_launch
+
         def timed_step():
             n = len(engine.batch.active)
+            self._launched = None
             t0 = time.perf_counter()
             step()
-            dt = time.perf_counter() - t0
-            self.step_s += dt
+            t1 = time.perf_counter()
+            self.step_s += t1 - t0
             self.steps += 1
             self.rows += n
-            self.step_times.append(dt)
+            self.step_times.append(t1 - t0)
+            if timed and self._launched is not None:  # step() synchronised the stream: the events are done
+                self.before_launch_s += self._launched - t0
+                self.after_launch_s += t1 - self._launched
+                self.forward_gpu_s += events[0].elapsed_time(events[1]) / 1000
+                self.timed_steps += 1
 
         engine._encode, engine._begin, engine._step = timed_encode, timed_begin, timed_step
 
     def reset(self) -> None:
         self.encode_s = self.begin_s = self.step_s = 0.0
         self.encodes = self.steps = self.rows = self.admitted = 0
+        self.before_launch_s = self.after_launch_s = self.forward_gpu_s = 0.0
+        self.timed_steps = 0
+        runner = self.engine.batch.runner
+        self.recorded0 = (runner.stats.captures, runner.stats.eager) if runner is not None else (0, 0)
         self.step_times: list[float] = []
 
     def summary(self, wall: float) -> dict:
+        runner = self.engine.batch.runner
         worker = self.begin_s + self.step_s + (0.0 if self.engine.overlap_encoder else self.encode_s)
         return {"wall_s": wall, "busy_fraction": worker / wall if wall else 0.0,
                 "overlap_encoder": self.engine.overlap_encoder, "encoder_s": self.encode_s, "admission_s": self.begin_s,
                 "encoder_calls": self.encodes, "requests_admitted": self.admitted,
                 "steps": self.steps, "step_s": self.step_s, "mean_rows_per_step": self.rows / self.steps if self.steps else 0,
                 "step_ms_p50": 1000 * statistics.median(self.step_times) if self.step_times else None,
-                "step_ms_mean": 1000 * self.step_s / self.steps if self.steps else None}
+                "step_ms_mean": 1000 * self.step_s / self.steps if self.steps else None,
+                # decoder-step graphs recorded while measuring, and steps run eagerly meanwhile (a new bucket)
+                "graph_recordings": runner.stats.captures - self.recorded0[0] if runner is not None else 0,
+                "eager_steps": runner.stats.eager - self.recorded0[1] if runner is not None and runner.mode != "eager" else 0,
+                # per step (CUDA): host work before the forward's launch (drafts, inputs), the forward's GPU time
+                # (the encoder thread's kernels run beside it), and launch to the step's end (waiting, token rules)
+                "step_phases_ms": {
+                    "before_launch": 1000 * self.before_launch_s / self.timed_steps,
+                    "forward_gpu": 1000 * self.forward_gpu_s / self.timed_steps,
+                    "launch_to_end": 1000 * self.after_launch_s / self.timed_steps} if self.timed_steps else None}
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -385,6 +419,10 @@ def add_capacity_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window-bucket", type=float, default=1.0, help="seconds; shortened windows round up to it")
     parser.add_argument("--draft-noise", type=float, default=0.0)
     parser.add_argument("--no-graphs", action="store_true", help="eager decoder steps")
+    parser.add_argument("--equal-priority", action="store_true",
+                        help="the worker's CUDA stream at the encoder thread's priority (default: decoder steps first)")
+    parser.add_argument("--no-row-kernels", action="store_true",
+                        help="small steps through PyTorch's kernels instead of the Triton row kernels")
     parser.add_argument("--serial-encoder", action="store_true",
                         help="encoder calls on the worker thread, between decoder steps (default on CUDA: a thread of their own)")
     parser.add_argument("--cross-attention", default="auto", help="GraphOptions.cross_attention (auto | sdpa | efficient | flash)")
@@ -408,11 +446,13 @@ def run_capacity(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
-    graphs = False if args.no_graphs else GraphOptions(mode=args.graph_mode, cross_attention=args.cross_attention)
+    graphs = False if args.no_graphs else GraphOptions(mode=args.graph_mode, cross_attention=args.cross_attention,
+                                                       row_kernels=False if args.no_row_kernels else None)
     t0 = time.perf_counter()
     engine = random_engine(args.shape, str(device), dtype, args.max_batch, args.speculative, graphs, args.window_bucket,
                            max_partials=args.max_partials, partials_per_round=args.partials_per_round,
-                           node_budget=args.node_budget, overlap_encoder=False if args.serial_encoder else None)
+                           node_budget=args.node_budget, overlap_encoder=False if args.serial_encoder else None,
+                           prioritize_steps=not args.equal_priority)
     report = {"what": "engine scheduler (engines/engine.py), simulated real-time streams; not the socket server",
               "command": "python -m engines.capacity " + " ".join(sys.argv[1:]),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -421,6 +461,7 @@ def run_capacity(args: argparse.Namespace) -> int:
               "max_batch": args.max_batch, "speculative": args.speculative, "graphs": False if args.no_graphs else args.graph_mode,
               "max_partials": engine.max_partials, "partials_per_round": engine.partials_per_round,
               "node_budget": engine.node_budget, "overlap_encoder": engine.overlap_encoder,
+              "prioritize_steps": engine.prioritize_steps, "row_kernels": not args.no_row_kernels,
               "build_s": round(time.perf_counter() - t0, 1), "runs": []}
     warm_streams, warm_seconds = (float(x) for x in args.prewarm.split(":"))
     if warm_streams and warm_seconds:
@@ -449,6 +490,8 @@ def run_capacity(args: argparse.Namespace) -> int:
               f"  step {e['step_ms_mean'] or 0:.1f} ms  busy {e['busy_fraction']:.2f}  encoder {e['encoder_s']:.1f} s admit {e['admission_s']:.1f} s"
               f"  fwd/final {result['final_forwards_mean'] or 0:.1f}  accept {result['final_draft_acceptance'] or 0:.2f}"
               f"  errors {result['error_count']}", flush=True)
+        if e["step_phases_ms"]:
+            print("       step phases (ms): " + "  ".join(f"{k} {v:.2f}" for k, v in e["step_phases_ms"].items()), flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2))
         if result["error_count"] and not result["finals"]:

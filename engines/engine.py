@@ -113,7 +113,7 @@ class Engine:
                  window_bucket: float = 1.0, encoder=None, max_partials: int | None = None,
                  partials_per_round: int | None = None, node_budget: int | None = None,
                  fp16_weights: bool | None = None, overlap_encoder: bool | None = None,
-                 stall_timeout: float = 120.0):
+                 stall_timeout: float = 120.0, prioritize_steps: bool = True):
         self.device = resolve_device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.name = checkpoint.name
@@ -168,6 +168,7 @@ class Engine:
         # serial admission took ~40% of the worker's time at 200 streams (BENCHMARKS.md, call J); on the
         # CPU the two would only share the same cores. None: on CUDA.
         self.overlap_encoder = cuda if overlap_encoder is None else overlap_encoder
+        self.prioritize_steps = prioritize_steps  # the worker's CUDA stream before the encoder thread's (_own_stream)
         self._pipeline: list[Request] = []  # admitted, with the encoder thread or its output not yet in the batch
         self._to_encode: list[Request] = []
         self._encoded: list[tuple[list[Request], int, torch.Tensor | None, Exception | None]] = []
@@ -268,7 +269,7 @@ class Engine:
         fails the requests it held, and the loop starts again (with a growing pause if it keeps crashing)."""
         while True:
             try:
-                with self._own_stream():
+                with self._own_stream(high_priority=self.prioritize_steps):
                     self._run()
                 return
             except BaseException as exc:  # noqa: BLE001 - the worker must outlive any bug
@@ -516,13 +517,15 @@ class Engine:
                           forwards=res.forwards + request.forwards,
                           draft_proposed=res.draft_proposed, draft_accepted=res.draft_accepted)
 
-    def _own_stream(self):
+    def _own_stream(self, high_priority: bool = False):
         """On CUDA, a stream of the calling thread's own (the worker's, the encoder thread's): work on
         the legacy default stream would break a graph the other thread is recording, since that
-        stream synchronises with every other blocking stream."""
+        stream synchronises with every other blocking stream. The worker's stream has the higher
+        priority: where its decoder steps and the encoder's kernels are both ready, the GPU runs the
+        steps' blocks first, so an encoder call beside them does not slow every stream's step."""
         if self.device.type != "cuda":
             return contextlib.nullcontext()
-        return torch.cuda.stream(torch.cuda.Stream(self.device))
+        return torch.cuda.stream(torch.cuda.Stream(self.device, priority=-1 if high_priority else 0))  # lower is higher
 
     def _sync(self) -> None:
         """Waits for this thread's CUDA stream (the encoder thread has its own)."""
