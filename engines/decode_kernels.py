@@ -14,10 +14,11 @@ Here each projection is one kernel that does all the pointwise work around it:
     x     = x + g @ W2 + b2
 
 plus the two attention calls (PyTorch's SDPA). A kernel computes BLOCK_N output columns for all
-rows (padded to a tile of 16, 32 or 64) over the whole K, so every weight is read once per step, and a row's
-layer norm is recomputed by every program from the row itself (a few KB, in L2) instead of being
-a kernel of its own. The products run on tensor cores (tl.dot on a tile of at least 16 rows): a step of one
-row wastes the padding's arithmetic, which costs nothing next to the weight reads.
+rows (padded to a tile of 16, 32 or 64) over the whole K (fc2's long K in parts), so every weight
+is read once per step, and a row's layer norm is recomputed by every program from the row itself
+(a few KB, in L2) instead of being a kernel of its own. The products run on tensor cores (tl.dot
+on a tile of at least 16 rows): a step of one row wastes the padding's arithmetic, which costs
+nothing next to the weight reads.
 
 `KernelDecoder.hidden` is TextDecoder.hidden for rows 0..B-1 through these kernels; the StepRunner
 (engines/cuda_graphs.py) records it into its CUDA graphs for buckets of at most `MAX_ROWS` rows.
@@ -127,14 +128,15 @@ if triton is not None:
             tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _blocks(n: int, k: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, SPLIT, warps) for an [n, k] weight: narrow column blocks and K split in
-    parts of one or two blocks, so that even a 1280-wide projection keeps every SM reading."""
+def _blocks(n: int, k: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, SPLIT, warps, stages) for an [n, k] weight, from a sweep on an H100
+    (BENCHMARKS.md, fourth session): a K of up to 2048 is read whole by each program in blocks of
+    256, with column blocks as narrow as keeps the programs few; a longer K (fc2's 5120) is split in
+    parts of 512 that meet in the scratch, with wide column blocks so that the atomics stay few."""
+    if k > 2048 and k % 512 == 0:
+        return 64, 128, k // 512, 4, 3
     block_n = 16 if n <= 2048 else 32 if n <= 4096 else 64
-    block_k = min(256, triton.next_power_of_2(k))
-    blocks = k // block_k if k % block_k == 0 else 1
-    split = max(d for d in range(1, blocks + 1) if blocks % d == 0 and blocks // d <= 2) if blocks > 1 else 1
-    return block_n, block_k, split, 4
+    return block_n, min(256, triton.next_power_of_2(k)), 1, 4, 3
 
 
 _SCRATCH: dict[tuple, tuple[Tensor, Tensor]] = {}
@@ -184,13 +186,14 @@ def row_linear(x: Tensor, weight: Tensor, bias: Tensor, *, norm: tuple[Tensor, T
     else:
         k_cache = v_cache = slots = out
         width, strides, head_dim = 1, (0, 0, 0), 1
-    block_n, block_k, split, warps = _blocks(n, k)
+    block_n, block_k, split, warps, stages = _blocks(n, k)
     sums, counts = _scratch(x.device, n)
     _row_linear[(triton.cdiv(n, block_n), split)](
         x, weight, bias, residual if residual is not None else out, out, gamma, beta, eps, sums, counts,
         k_cache, v_cache, slots, width, *strides, m, n, x.stride(0), d, K=k, SPLIT=split,
         HEAD_DIM=head_dim, NORM=norm is not None, GELU=gelu, RESIDUAL=residual is not None, KV=kv is not None,
-        BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+        BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        num_stages=stages)
     return out
 
 
