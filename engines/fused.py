@@ -105,7 +105,7 @@ class FusedDecoder:
                mask: Tensor, cross_mask, slots: Tensor) -> Tensor:
         decoder = self.decoder
         batch, width = tokens.shape
-        x = (decoder.token_embedding(tokens) + decoder.positional_embedding[positions]).to(cache.dtype)
+        x = decoder.embed(tokens, positions, cache.dtype)
         dim = x.shape[-1]
         x = x.reshape(batch * width, dim)
         rows = torch.arange(batch, device=x.device)[:, None]

@@ -190,6 +190,10 @@ class TextDecoder(nn.Module):
         """Cross-attention keys/values of every layer: computed once per segment."""
         return [block.cross_attn.cross_kv(features) for block in self.blocks]
 
+    def embed(self, tokens: Tensor, positions: Tensor, dtype: torch.dtype) -> Tensor:
+        """Token plus positional embeddings [B, T, n_state] in the cache's dtype."""
+        return (self.token_embedding(tokens) + self.positional_embedding[positions]).to(dtype)
+
     def hidden(self, tokens: Tensor, positions: Tensor, cache: KVCache, rows: Tensor | None,
                cross: list[tuple[Tensor, Tensor]], mask: Tensor, cross_mask: Tensor | None = None,
                slots: Tensor | None = None) -> Tensor:
@@ -198,8 +202,7 @@ class TextDecoder(nn.Module):
         `rows` picks the cache rows of these sequences (None: rows 0..B-1). Keys/values go to
         cache slot = position unless `slots` says otherwise: the nodes of a draft tree share
         positions but each needs a slot of its own."""
-        x = self.token_embedding(tokens) + self.positional_embedding[positions]
-        x = x.to(cache.dtype)
+        x = self.embed(tokens, positions, cache.dtype)
         slots = positions if slots is None else slots
         index = (torch.arange(x.shape[0], device=x.device) if rows is None else rows)[:, None]
         for layer, block in enumerate(self.blocks):

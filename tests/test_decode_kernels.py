@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from decoder_check import run_against_plain
 from engines.bench import random_model
 from engines.decode_kernels import MAX_ROWS, KernelDecoder, row_linear
-from engines.model import ModelDims, causal_mask
+from engines.model import ModelDims
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOL = {} if DEVICE.type == "cpu" else {"rtol": 2e-2, "atol": 2e-2}
@@ -99,20 +100,7 @@ def test_row_linear_refuses_more_rows_than_a_tile():
 @pytest.mark.parametrize("batch,width", [(1, 1), (3, 1), (2, 4)])
 def test_kernel_decoder_matches_hidden_and_writes_the_same_cache(model, batch, width):
     kernels = KernelDecoder(model.decoder)
-    with torch.inference_mode():
-        features = model.encoder(torch.randn(batch, DIMS.n_mels, 2 * DIMS.n_audio_ctx))
-        cross = model.decoder.cross_kv(features)
-        plain_cache, kernel_cache = model.new_cache(batch), model.new_cache(batch)
-        for cache in (plain_cache, kernel_cache):  # the same earlier keys/values
-            torch.manual_seed(1)
-            cache.k.normal_()
-            cache.v.normal_()
-        tokens = torch.randint(0, DIMS.n_vocab, (batch, width))
-        positions = torch.arange(width)[None].repeat(batch, 1) + 5
-        mask = causal_mask(positions, DIMS.n_text_ctx)
-        cross_mask = torch.arange(DIMS.n_audio_ctx)[None, None, None, :] < 40 + torch.arange(batch)[:, None, None, None]
-        expected = model.decoder.hidden(tokens, positions, plain_cache, None, cross, mask, cross_mask)
-        got = kernels.hidden(tokens, positions, kernel_cache, cross, mask, cross_mask, positions)
+    got, expected, kernel_cache, plain_cache = run_against_plain(model, kernels.hidden, batch, width)
     assert_close(got, expected)
     assert_close(kernel_cache.k, plain_cache.k)
     assert_close(kernel_cache.v, plain_cache.v)

@@ -7,9 +7,10 @@ cache writes) exactly, in float32 on the CPU. The GPU speed is in BENCHMARKS.md.
 import pytest
 import torch
 
+from decoder_check import run_against_plain
 from engines.bench import random_model
 from engines.fused import FusedDecoder, FusedEncoder
-from engines.model import ModelDims, causal_mask
+from engines.model import ModelDims
 
 DIMS = ModelDims(n_mels=80, n_audio_ctx=64, n_audio_state=64, n_audio_head=4, n_audio_layer=2, n_vocab=500,
                  n_text_ctx=32, n_text_state=64, n_text_head=4, n_text_layer=3)
@@ -33,20 +34,7 @@ def test_fused_encoder_matches_the_encoder(model):
 @pytest.mark.parametrize("batch,width", [(1, 1), (3, 1), (2, 4)])
 def test_fused_decoder_matches_hidden_and_writes_the_same_cache(model, batch, width):
     fused = FusedDecoder(model.decoder, backend="aot_eager")
-    with torch.inference_mode():
-        features = model.encoder(torch.randn(batch, DIMS.n_mels, 2 * DIMS.n_audio_ctx))
-        cross = model.decoder.cross_kv(features)
-        plain_cache, fused_cache = model.new_cache(batch), model.new_cache(batch)
-        for cache in (plain_cache, fused_cache):  # the same earlier keys/values
-            torch.manual_seed(1)
-            cache.k.normal_()
-            cache.v.normal_()
-        tokens = torch.randint(0, DIMS.n_vocab, (batch, width))
-        positions = torch.arange(width)[None].repeat(batch, 1) + 5
-        mask = causal_mask(positions, DIMS.n_text_ctx)
-        cross_mask = torch.arange(DIMS.n_audio_ctx)[None, None, None, :] < 40 + torch.arange(batch)[:, None, None, None]
-        expected = model.decoder.hidden(tokens, positions, plain_cache, None, cross, mask, cross_mask)
-        got = fused.hidden(tokens, positions, fused_cache, cross, mask, cross_mask, positions)
+    got, expected, fused_cache, plain_cache = run_against_plain(model, fused.hidden, batch, width)
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(fused_cache.k, plain_cache.k)
     torch.testing.assert_close(fused_cache.v, plain_cache.v)
