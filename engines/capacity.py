@@ -214,7 +214,7 @@ class _EngineProbe:
         self.before_launch_s = self.after_launch_s = self.forward_gpu_s = 0.0
         self.timed_steps = 0
         runner = self.engine.batch.runner
-        self.recorded0 = (runner.stats.captures, runner.stats.eager) if runner is not None else (0, 0)
+        self.recorded0 = (runner.stats.captures, runner.stats.eager, runner.stats.stand_ins) if runner is not None else (0, 0, 0)
         self.step_times: list[float] = []
 
     def summary(self, wall: float) -> dict:
@@ -226,9 +226,11 @@ class _EngineProbe:
                 "steps": self.steps, "step_s": self.step_s, "mean_rows_per_step": self.rows / self.steps if self.steps else 0,
                 "step_ms_p50": 1000 * statistics.median(self.step_times) if self.step_times else None,
                 "step_ms_mean": 1000 * self.step_s / self.steps if self.steps else None,
-                # decoder-step graphs recorded while measuring, and steps run eagerly meanwhile (a new bucket)
+                # decoder-step graphs recorded while measuring, and the steps of those new buckets run meanwhile
+                # eagerly or in a larger recorded bucket
                 "graph_recordings": runner.stats.captures - self.recorded0[0] if runner is not None else 0,
                 "eager_steps": runner.stats.eager - self.recorded0[1] if runner is not None and runner.mode != "eager" else 0,
+                "stand_in_steps": runner.stats.stand_ins - self.recorded0[2] if runner is not None else 0,
                 # per step (CUDA): host work before the forward's launch (drafts, inputs), the forward's GPU time
                 # (the encoder thread's kernels run beside it), and launch to the step's end (waiting, token rules)
                 "step_phases_ms": {

@@ -82,8 +82,9 @@ class GraphOptions:
     # (engines/decode_kernels.py): None = on CUDA where Triton is installed
     row_kernels: bool | None = None
     row_kernel_rows: int = 16
-    # a bucket's first step runs eagerly while a thread of the runner records its graph: recording takes
-    # ~0.2 s, which would stall every stream in the batch (False: record before the step, on the caller)
+    # while a thread of the runner records a new bucket's graph, its steps run in the smallest recorded
+    # bucket that holds them (more padding rows, a longer context), eagerly where none does: recording
+    # takes 0.2-0.5 s, which would stall every stream in the batch (False: record before the step)
     record_in_background: bool = True
 
     def __post_init__(self):
@@ -113,6 +114,7 @@ class RunnerStats:
     capture_seconds: float = 0.0
     replays: int = 0
     eager: int = 0
+    stand_ins: int = 0  # steps run in a larger recorded bucket while theirs was being recorded
     keys: set = field(default_factory=set)
 
 
@@ -313,7 +315,7 @@ class StepRunner:
         """Copies one step's inputs (rows 0..n-1; mask [n, W, n_ctx]) into the static buffers of
         its bucket, no-op rows after them; returns the bucket key."""
         n, width = tokens.shape
-        key = self.key(n, width, int(slots.max()), frames)
+        key = self._stand_in(self.key(n, width, int(slots.max()), frames))
         batch, _, n_frames, context, masked = key
         io = self._io(batch, width)
         mask_buf, cross_buf = self._masks(key)
@@ -340,9 +342,26 @@ class StepRunner:
             cross_buf.copy_(torch.from_numpy(np.where(cm, 0.0, -np.inf).astype(np.float32)))
         return key
 
+    def _stand_in(self, key):
+        """`key`, unless its graph is still to be recorded in the background: then it is queued for
+        the recording thread, and its rows run in the smallest recorded bucket that holds them (same
+        width and frames, at least as many rows and context positions, a cross mask if it needs one:
+        a graph with padding rows is several times faster than the eager step), or in `key` itself,
+        eagerly, where none does."""
+        if self.mode == "eager" or not self.options.record_in_background or key in self._steps:
+            return key
+        self._record_later(key)
+        batch, width, frames, context, masked = key
+        holders = [k for k in list(self._steps)  # list(): the recording thread adds keys meanwhile
+                   if k[1] == width and k[2] == frames and k[0] >= batch and k[3] >= context and k[4] >= masked]
+        if not holders:
+            return key
+        self.stats.stand_ins += 1
+        return min(holders)
+
     def launch(self, key) -> None:
-        """Runs the step of `key`: its graph; a bucket not recorded yet runs eagerly this time while
-        the recording thread records it (record_in_background), or is recorded first."""
+        """Runs the step of `key` (from prepare): its graph; a bucket not recorded yet runs eagerly
+        this time while the recording thread records it (record_in_background), or is recorded first."""
         fn = self._steps.get(key)
         if fn is None and self.mode != "eager" and self.options.record_in_background:
             self._record_later(key)
