@@ -54,7 +54,8 @@ if triton is not None:
                     k_ptr, v_ptr, slot_ptr, width, stride_cb, stride_ch, stride_cs,
                     M, N, stride_xm, D, K: tl.constexpr, SPLIT: tl.constexpr,
                     HEAD_DIM: tl.constexpr, NORM: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr,
-                    KV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    KV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    PRECISION: tl.constexpr):
         """out[m, n] = epilogue(sum_k norm(x)[m, k] * w[n, k] + b[n]) for BLOCK_N columns n and the
         SPLIT-th part of K that program (n, part) owns.
 
@@ -89,7 +90,7 @@ if triton is not None:
                 gamma = tl.load(ln_w_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
                 beta = tl.load(ln_b_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
                 xk = (xk.to(tl.float32) - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
-            acc += tl.dot(xk.to(w.dtype), tl.trans(w))
+            acc += tl.dot(xk.to(w.dtype), tl.trans(w), input_precision=PRECISION)
         ok = row_ok[:, None] & col_ok[None, :]
         if SPLIT == 1:
             _epilogue(acc, rm, rn, ok, row_ok, b_ptr, res_ptr, out_ptr, k_ptr, v_ptr, slot_ptr, width,
@@ -128,15 +129,23 @@ if triton is not None:
             tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _blocks(n: int, k: int) -> tuple[int, int, int, int, int]:
+def _blocks(n: int, k: int, block_m: int, itemsize: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_N, BLOCK_K, SPLIT, warps, stages) for an [n, k] weight, from a sweep on an H100
-    (BENCHMARKS.md, fourth session): a K of up to 2048 is read whole by each program in blocks of
+    (BENCHMARKS.md, fifth session): a K of up to 2048 is read whole by each program in blocks of
     256, with column blocks as narrow as keeps the programs few; a longer K (fc2's 5120) is split in
-    parts of 512 that meet in the scratch, with wide column blocks so that the atomics stay few."""
+    parts of 512 that meet in the scratch, with wide column blocks so that the atomics stay few.
+    BLOCK_K halves where the pipelined tiles would not fit in shared memory (64-row or float32 tiles)."""
+    stages = 3
     if k > 2048 and k % 512 == 0:
-        return 64, 128, k // 512, 4, 3
-    block_n = 16 if n <= 2048 else 32 if n <= 4096 else 64
-    return block_n, min(256, triton.next_power_of_2(k)), 1, 4, 3
+        block_n, block_k, split = 64, 128, k // 512
+    else:
+        block_n, block_k, split = 16 if n <= 2048 else 32 if n <= 4096 else 64, min(256, triton.next_power_of_2(k)), 1
+    while block_k > 32 and stages * (block_m + block_n) * block_k * itemsize > _SHARED_BYTES:
+        block_k //= 2  # a split part (512) stays a whole number of blocks
+    return block_n, block_k, split, 4, stages
+
+
+_SHARED_BYTES = 160 * 1024  # of an H100's 227 KB per block, with room for Triton's own buffers
 
 
 _SCRATCH: dict[tuple, tuple[Tensor, Tensor]] = {}
@@ -186,14 +195,15 @@ def row_linear(x: Tensor, weight: Tensor, bias: Tensor, *, norm: tuple[Tensor, T
     else:
         k_cache = v_cache = slots = out
         width, strides, head_dim = 1, (0, 0, 0), 1
-    block_n, block_k, split, warps, stages = _blocks(n, k)
+    block_m = max(16, triton.next_power_of_2(m))
+    block_n, block_k, split, warps, stages = _blocks(n, k, block_m, x.element_size())
     sums, counts = _scratch(x.device, n)
     _row_linear[(triton.cdiv(n, block_n), split)](
         x, weight, bias, residual if residual is not None else out, out, gamma, beta, eps, sums, counts,
         k_cache, v_cache, slots, width, *strides, m, n, x.stride(0), d, K=k, SPLIT=split,
         HEAD_DIM=head_dim, NORM=norm is not None, GELU=gelu, RESIDUAL=residual is not None, KV=kv is not None,
-        BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-        num_stages=stages)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        num_stages=stages, PRECISION="ieee" if x.dtype == torch.float32 else "tf32")  # float32: as torch computes it
     return out
 
 

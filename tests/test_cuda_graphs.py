@@ -154,15 +154,25 @@ def test_graph_replay_equals_eager_step_on_gpu(parts):
     model.load_state_dict(parts[0].state_dict())
     model.fuse()
     results, runners = {}, {}
-    variants = {"eager": GraphOptions(mode="eager"), "graph": GraphOptions(record_in_background=False),
-                "background": GraphOptions(), "plain graph": GraphOptions(record_in_background=False, row_kernels=False)}
+    # each graphed path against the same kernels run directly: the row kernels and cuBLAS round fp16
+    # differently, so across paths a near-tie of a random model may pick another token (the paths'
+    # agreement is checked in float32: test_row_kernel_steps_give_the_plain_tokens, test_decode_kernels.py)
+    kernels = {"row_kernels": True, "row_kernel_rows": 32}  # every step of this test through them (tiles of 16 and 32 rows)
+    variants = {"plain eager": GraphOptions(mode="eager", row_kernels=False),
+                "plain graph": GraphOptions(record_in_background=False, row_kernels=False),
+                "kernels eager": GraphOptions(mode="eager", **kernels),
+                "kernels graph": GraphOptions(record_in_background=False, **kernels),
+                "background": GraphOptions(**kernels)}
     for name, options in variants.items():
         batch = Batch(model, tok, suppress, rows=8, graphs=options)
         feats = encode(parts[0], 5, 400, 6).cuda().half()
         results[name] = run_schedule(batch, tok, [(0, feats)], DecodingOptions(max_new_tokens=30))
         runners[name] = batch.runner
-    for name in variants:
-        assert [r.tokens for r in results[name]] == [r.tokens for r in results["eager"]], name
-    assert runners["graph"].stats.replays > 0 and runners["graph"].kernels is not None
+    tokens = {name: [r.tokens for r in rs] for name, rs in results.items()}
+    assert tokens["plain graph"] == tokens["plain eager"]
+    assert tokens["kernels graph"] == tokens["kernels eager"]
+    assert tokens["background"] == tokens["kernels eager"]  # stand-in buckets and eager steps while recording
+    assert runners["kernels graph"].stats.replays > 0 and runners["kernels graph"].kernels is not None
     runners["background"]._recorder.shutdown(wait=True)  # its recordings ran beside the steps
-    assert runners["background"].stats.captures > 0 and runners["background"].stats.eager > 0
+    stats = runners["background"].stats
+    assert stats.captures > 0 and stats.eager + stats.stand_ins > 0

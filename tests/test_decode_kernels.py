@@ -2,7 +2,7 @@
 
 On a machine without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1), in float32, so the comparison with the plain model is tight. On a GPU the
-same tests run there, with TF32 products (tl.dot's default for float32) and tolerances to match.
+same tests run there, the float32 products in IEEE precision as torch's, to a tolerance of 1e-3.
 The GPU speed and the fp16 agreement are in BENCHMARKS.md."""
 
 import pytest
@@ -15,7 +15,7 @@ from engines.decode_kernels import MAX_ROWS, KernelDecoder, row_linear
 from engines.model import ModelDims
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-TOL = {} if DEVICE.type == "cpu" else {"rtol": 2e-2, "atol": 2e-2}
+TOL = {} if DEVICE.type == "cpu" else {"rtol": 1e-3, "atol": 1e-3}
 
 DIMS = ModelDims(n_mels=80, n_audio_ctx=64, n_audio_state=64, n_audio_head=4, n_audio_layer=1, n_vocab=500,
                  n_text_ctx=32, n_text_state=64, n_text_head=4, n_text_layer=2)
@@ -62,7 +62,7 @@ def test_split_reduction_matches_and_leaves_its_scratch_clean():
 
     torch.manual_seed(2)
     rows, n, k = 3, 96, 4096
-    assert _blocks(n, k)[2] > 1
+    assert _blocks(n, k, 16, 4)[2] > 1
     x, w, b, res = torch.randn(rows, k), torch.randn(n, k) / 60, torch.randn(n), torch.randn(rows, n)
     gamma, beta = torch.randn(k), torch.randn(k)
     expected = res + F.gelu(F.linear(F.layer_norm(x, (k,), gamma, beta, 1e-5), w, b))
