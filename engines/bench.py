@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import platform
 import statistics
 import sys
@@ -38,7 +37,6 @@ import numpy as np
 import torch
 
 from .cuda_graphs import GraphOptions, StepRunner, step_inputs
-from .decode_kernels import MAX_ROWS
 from .model import KVCache, ModelDims, Whisper
 
 SHAPES = {
@@ -58,8 +56,7 @@ SECTIONS = ("encoder", "decoder", "verify", "mixed", "step", "exact", "probe", "
 STEP_MODES = {  # decoder step variants timed side by side (--modes); graphs recorded before they are timed
     "eager": GraphOptions(mode="eager", row_kernels=False),  # the bucketed step run directly
     "graph": GraphOptions(mode="graph", row_kernels=False, record_in_background=False),  # cuBLAS etc. under one CUDA graph
-    "kernels": GraphOptions(mode="graph", row_kernels=True, row_kernel_rows=MAX_ROWS,  # Triton row kernels, graphed
-                            record_in_background=False),
+    "kernels": GraphOptions(mode="graph", row_kernels=True, record_in_background=False),  # Triton row kernels, graphed
     "compile": GraphOptions(mode="compile", row_kernels=False, record_in_background=False),  # Inductor-fused regions, graphed
 }
 
@@ -81,7 +78,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="hf: Hugging Face transformers WhisperForConditionalGeneration, eager, same shape, same run")
     parser.add_argument("--modes", default=None,
                         help="decoder step modes among eager,graph,kernels,compile (default eager,graph,kernels on CUDA, "
-                             "eager on the CPU); kernels: the Triton row kernels up to 64 rows, the engine's default up to 16")
+                             "eager on the CPU); kernels: the Triton row kernels for steps of up to 16 rows, plain graphs above")
     parser.add_argument("--compile-batch", default="1,64", help="batches timed with torch.compile (it compiles per batch)")
     parser.add_argument("--frames", default="1500,256",
                         help="cross-attention frames of the decoder table (1500 = the 30 s window, 256 = 5.1 s)")
@@ -324,7 +321,6 @@ def bench_mixed(model: Whisper, pools: _Pools, batches: list[int], position: int
         except Exception as exc:
             out.append({"kernel": kernel, "error": repr(exc)[:300]})
             continue
-        reference = None
         for b in batches:
             frames = [dims.n_audio_ctx if i % 3 == 0 else int(rng.integers(125, 600)) for i in range(b)]
             inputs = _chain_inputs(b, 1, position, dims.n_text_ctx, dims.n_vocab, rng)
@@ -413,8 +409,6 @@ def bench_step(model: Whisper, batches: list[int], frames: int, timer: Timer, dr
     out = []
     rows = max(batches)
     graphs = replace(STEP_MODES[mode], cross_attention=cross_attention)
-    if mode == "kernels":
-        graphs = replace(graphs, row_kernel_rows=GraphOptions().row_kernel_rows)  # as the engine runs them
     batch = Batch(model, tok, [tok.eot], rows=rows, graphs=graphs)  # no <|endoftext|>
     for b in batches:
         feats = torch.randn(b, frames, model.dims.n_audio_state, device=model.device, dtype=model.dtype)

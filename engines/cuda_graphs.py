@@ -78,10 +78,9 @@ class GraphOptions:
     # that pass a check on this GPU; sdpa on the CPU)
     cross_attention: str = "auto"
     encoder: bool = True  # the engine also replays its encoder as CUDA graphs (GraphedEncoder)
-    # steps of at most `row_kernel_rows` rows (batch x width) through the Triton row kernels
+    # steps of at most decode_kernels.MAX_ROWS rows (batch x width) through the Triton row kernels
     # (engines/decode_kernels.py): None = on CUDA where Triton is installed
     row_kernels: bool | None = None
-    row_kernel_rows: int = 16
     # while a thread of the runner records a new bucket's graph, its steps run in the smallest recorded
     # bucket that holds them (more padding rows, a longer context), eagerly where none does: recording
     # takes 0.2-0.5 s, which would stall every stream in the batch (False: record before the step)
@@ -158,7 +157,6 @@ class StepRunner:
         if row_kernels is None:
             row_kernels = self.mode != "eager" and decode_kernels.available()
         self.kernels = decode_kernels.KernelDecoder(model.decoder) if row_kernels else None
-        self.row_kernel_rows = min(options.row_kernel_rows, decode_kernels.MAX_ROWS)
 
     # -- shapes ---------------------------------------------------------------------------------
 
@@ -226,7 +224,7 @@ class StepRunner:
         decoder = self.model.decoder
         cross = [(self.cross_k[layer, :batch, :, :frames], self.cross_v[layer, :batch, :, :frames])
                  for layer in range(self.model.dims.n_text_layer)]
-        if self.kernels is not None and batch * width <= self.row_kernel_rows:
+        if self.kernels is not None and batch * width <= decode_kernels.MAX_ROWS:
             hidden = self.kernels.hidden(io.tokens, io.positions, self.cache, cross, mask, cross_mask, io.slots)
         elif self.fused is not None:
             hidden = self.fused.hidden(io.tokens, io.positions, self.cache, cross, mask, cross_mask, io.slots)

@@ -14,10 +14,10 @@ Here each projection is one kernel that does all the pointwise work around it:
     x     = x + g @ W2 + b2
 
 plus the two attention calls (PyTorch's SDPA). A kernel computes BLOCK_N output columns for all
-rows (padded to a tile of 16, 32 or 64) over the whole K (fc2's long K in parts), so every weight
+rows (padded to a tile of 16) over the whole K (fc2's long K in parts), so every weight
 is read once per step, and a row's layer norm is recomputed by every program from the row itself
 (a few KB, in L2) instead of being a kernel of its own. The products run on tensor cores (tl.dot
-on a tile of at least 16 rows): a step of one row wastes the padding's arithmetic, which costs
+on the 16-row tile): a step of one row wastes the padding's arithmetic, which costs
 nothing next to the weight reads.
 
 `KernelDecoder.hidden` is TextDecoder.hidden for rows 0..B-1 through these kernels; the StepRunner
@@ -40,7 +40,8 @@ try:
 except ImportError:  # no Triton (a CPU install without it): the plain step is used
     triton = None
 
-MAX_ROWS = 64  # rows (batch x draft width) of a step these kernels take (a tile of 16, 32 or 64 rows)
+MAX_ROWS = 16  # rows (batch x draft width) of a step these kernels take: one tile (BENCHMARKS.md, fifth
+# session: at 32 rows they gained 6% over cuBLAS, at 64 they lost 18%)
 
 
 def available() -> bool:
@@ -129,18 +130,18 @@ if triton is not None:
             tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _blocks(n: int, k: int, block_m: int, itemsize: int) -> tuple[int, int, int, int, int]:
+def _blocks(n: int, k: int, itemsize: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_N, BLOCK_K, SPLIT, warps, stages) for an [n, k] weight, from a sweep on an H100
     (BENCHMARKS.md, fifth session): a K of up to 2048 is read whole by each program in blocks of
     256, with column blocks as narrow as keeps the programs few; a longer K (fc2's 5120) is split in
     parts of 512 that meet in the scratch, with wide column blocks so that the atomics stay few.
-    BLOCK_K halves where the pipelined tiles would not fit in shared memory (64-row or float32 tiles)."""
+    BLOCK_K halves where the pipelined tiles would not fit in shared memory (float32 tiles)."""
     stages = 3
     if k > 2048 and k % 512 == 0:
         block_n, block_k, split = 64, 128, k // 512
     else:
         block_n, block_k, split = 16 if n <= 2048 else 32 if n <= 4096 else 64, min(256, triton.next_power_of_2(k)), 1
-    while block_k > 32 and stages * (block_m + block_n) * block_k * itemsize > _SHARED_BYTES:
+    while block_k > 32 and stages * (MAX_ROWS + block_n) * block_k * itemsize > _SHARED_BYTES:
         block_k //= 2  # a split part (512) stays a whole number of blocks
     return block_n, block_k, split, 4, stages
 
@@ -195,14 +196,13 @@ def row_linear(x: Tensor, weight: Tensor, bias: Tensor, *, norm: tuple[Tensor, T
     else:
         k_cache = v_cache = slots = out
         width, strides, head_dim = 1, (0, 0, 0), 1
-    block_m = max(16, triton.next_power_of_2(m))
-    block_n, block_k, split, warps, stages = _blocks(n, k, block_m, x.element_size())
+    block_n, block_k, split, warps, stages = _blocks(n, k, x.element_size())
     sums, counts = _scratch(x.device, n)
     _row_linear[(triton.cdiv(n, block_n), split)](
         x, weight, bias, residual if residual is not None else out, out, gamma, beta, eps, sums, counts,
         k_cache, v_cache, slots, width, *strides, m, n, x.stride(0), d, K=k, SPLIT=split,
         HEAD_DIM=head_dim, NORM=norm is not None, GELU=gelu, RESIDUAL=residual is not None, KV=kv is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
         num_stages=stages, PRECISION="ieee" if x.dtype == torch.float32 else "tf32")  # float32: as torch computes it
     return out
 

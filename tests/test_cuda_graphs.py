@@ -15,7 +15,7 @@ import torch
 from engines.batching import Batch, Decoder, Sequence, _Tree
 from engines.bench import synthetic_vocabulary
 from engines.capacity import WHISPER_SUPPRESS
-from engines.cuda_graphs import GraphOptions, StepRunner, bucket, step_inputs, tree_visibility
+from engines.cuda_graphs import GraphOptions, bucket, step_inputs, tree_visibility
 from engines.decoding import DecodingOptions
 from engines.drafts import HypothesisDrafter
 from engines.model import ModelDims, Whisper
@@ -157,7 +157,7 @@ def test_graph_replay_equals_eager_step_on_gpu(parts):
     # each graphed path against the same kernels run directly: the row kernels and cuBLAS round fp16
     # differently, so across paths a near-tie of a random model may pick another token (the paths'
     # agreement is checked in float32: test_row_kernel_steps_give_the_plain_tokens, test_decode_kernels.py)
-    kernels = {"row_kernels": True, "row_kernel_rows": 32}  # every step of this test through them (tiles of 16 and 32 rows)
+    kernels = {"row_kernels": True}  # steps of up to 16 rows through them, the prompt step (8 x 4 rows) plain
     variants = {"plain eager": GraphOptions(mode="eager", row_kernels=False),
                 "plain graph": GraphOptions(record_in_background=False, row_kernels=False),
                 "kernels eager": GraphOptions(mode="eager", **kernels),
