@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import math
 import random
@@ -407,6 +408,9 @@ def add_capacity_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     parser.add_argument("--streams", default="50,100,200,300", help="numbers of concurrent streams, one run each")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds measured per run")
+    parser.add_argument("--seeds", default="0",
+                        help="comma-separated: each number of streams runs once per seed (other segment lengths and "
+                             "pauses), so the report shows the run-to-run spread")
     parser.add_argument("--warmup", type=float, default=8.0, help="seconds before measuring (streams start, graphs record)")
     parser.add_argument("--max-batch", type=int, default=128, help="rows of the running batch")
     parser.add_argument("--max-partials", type=int, default=None, help="rows partials may hold (default: 1/16 of the rows on CUDA, all on the CPU)")
@@ -472,35 +476,51 @@ def run_capacity(args: argparse.Namespace) -> int:
                                    partial_window=args.partial_window, final_window=args.final_window, drain=10.0))
         report["prewarm"] = {"streams": int(warm_streams), "seconds": warm_seconds, "wall_s": round(time.perf_counter() - t1, 1)}
         print(f"prewarm: {report['prewarm']}", flush=True)
-    for n in [int(x) for x in args.streams.split(",")]:
-        config = SimConfig(streams=n, duration=args.duration, warmup=args.warmup, rate=args.rate,
-                           partial_window=args.partial_window, final_window=args.final_window, draft_noise=args.draft_noise)
-        result = simulate(engine, config)
-        if engine.batch.runner is not None:
-            st = engine.batch.runner.stats
-            result["graphs"] = {"captured": st.captures, "capture_s": round(st.capture_seconds, 2), "replays": st.replays,
-                                "cross_attention": engine.batch.runner.cross_attention}
-        if hasattr(engine.encoder, "stats"):
-            st = engine.encoder.stats
-            result["encoder_graphs"] = {"captured": st.captures, "capture_s": round(st.capture_seconds, 2),
-                                        "replays": st.replays, "eager": st.eager}
+    seeds = [int(x) for x in args.seeds.split(",")]
+    for n, seed in itertools.product([int(x) for x in args.streams.split(",")], seeds):
+        result = _measure(engine, args, n, seed)
         report["runs"].append(result)
-        lat = result["final_latency_s"]
-        e = result["engine"]
-        print(f"N={n:4d}: finals {result['finals']:5d}  final p50 {_ms(lat['p50'])} p95 {_ms(lat['p95'])} max {_ms(lat['max'])}"
-              f"  partial p50 {_ms(result['partial_latency_s']['p50'])}  rows/step {e['mean_rows_per_step']:.1f}"
-              f"  step {e['step_ms_mean'] or 0:.1f} ms  busy {e['busy_fraction']:.2f}  encoder {e['encoder_s']:.1f} s admit {e['admission_s']:.1f} s"
-              f"  fwd/final {result['final_forwards_mean'] or 0:.1f}  accept {result['final_draft_acceptance'] or 0:.2f}"
-              f"  errors {result['error_count']}", flush=True)
-        if e["step_phases_ms"]:
-            print("       step phases (ms): " + "  ".join(f"{k} {v:.2f}" for k, v in e["step_phases_ms"].items()), flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2))
         if result["error_count"] and not result["finals"]:
             print("stopping: the engine fails:", result["errors"][:2], flush=True)
             break
+    if len(seeds) > 1:
+        report["final_p95_s_by_streams"] = spread = {}
+        for run in report["runs"]:
+            spread.setdefault(run["streams"], []).append(run["final_latency_s"]["p95"])
+        for n, values in spread.items():
+            print(f"N={n:4d}: final p95 over {len(values)} seeds: " + " ".join(_ms(v) for v in values), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2))
     engine.close()
     return 0
+
+
+def _measure(engine, args: argparse.Namespace, n: int, seed: int) -> dict:
+    """One measured run of `n` streams, printed as it ends."""
+    config = SimConfig(streams=n, duration=args.duration, warmup=args.warmup, rate=args.rate, seed=seed,
+                       partial_window=args.partial_window, final_window=args.final_window, draft_noise=args.draft_noise)
+    result = simulate(engine, config)
+    result["seed"] = seed
+    if engine.batch.runner is not None:
+        st = engine.batch.runner.stats
+        result["graphs"] = {"captured": st.captures, "capture_s": round(st.capture_seconds, 2), "replays": st.replays,
+                            "cross_attention": engine.batch.runner.cross_attention}
+    if hasattr(engine.encoder, "stats"):
+        st = engine.encoder.stats
+        result["encoder_graphs"] = {"captured": st.captures, "capture_s": round(st.capture_seconds, 2),
+                                    "replays": st.replays, "eager": st.eager}
+    lat = result["final_latency_s"]
+    e = result["engine"]
+    print(f"N={n:4d} seed {seed}: finals {result['finals']:5d}  final p50 {_ms(lat['p50'])} p95 {_ms(lat['p95'])} max {_ms(lat['max'])}"
+          f"  partial p50 {_ms(result['partial_latency_s']['p50'])}  rows/step {e['mean_rows_per_step']:.1f}"
+          f"  step {e['step_ms_mean'] or 0:.1f} ms  busy {e['busy_fraction']:.2f}  encoder {e['encoder_s']:.1f} s admit {e['admission_s']:.1f} s"
+          f"  fwd/final {result['final_forwards_mean'] or 0:.1f}  accept {result['final_draft_acceptance'] or 0:.2f}"
+          f"  errors {result['error_count']}", flush=True)
+    if e["step_phases_ms"]:
+        print("       step phases (ms): " + "  ".join(f"{k} {v:.2f}" for k, v in e["step_phases_ms"].items()), flush=True)
+    return result
 
 
 def _ms(seconds: float | None) -> str:

@@ -7,6 +7,7 @@ import torch
 
 from engines.bench import SHAPES, synthetic_vocabulary
 from engines.capacity import WHISPER_SUPPRESS, SimConfig, random_engine, simulate
+from engines.capacity import main as capacity_main  # streaming.cli's main is the server's
 from engines.checkpoints import default_suppress_ids, default_vocabulary
 from engines.tokenizer import Tokenizer
 from streaming.cli import main
@@ -73,3 +74,14 @@ def test_capacity_simulation_runs_on_the_cpu(one_thread):
     assert result["finals"] >= 1 and result["final_latency_s"]["p50"] > 0
     assert result["looped_finals"] == 0
     assert result["final_tokens_mean"] > 0
+
+
+def test_capacity_command_runs_each_seed_and_reports_the_spread(one_thread, tmp_path, capsys):
+    out = tmp_path / "cap.json"
+    assert capacity_main(["--shape", "tiny", "--device", "cpu", "--streams", "2", "--seeds", "0,1", "--duration", "2",
+                          "--warmup", "0.5", "--prewarm", "0:0", "--max-batch", "8", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [(r["streams"], r["seed"]) for r in report["runs"]] == [(2, 0), (2, 1)]
+    assert all(r["error_count"] == 0 and r["finals"] >= 1 for r in report["runs"])
+    assert report["final_p95_s_by_streams"]["2"] == [r["final_latency_s"]["p95"] for r in report["runs"]]
+    assert "final p95 over 2 seeds" in capsys.readouterr().out
