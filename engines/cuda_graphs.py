@@ -358,11 +358,10 @@ class StepRunner:
         return min(holders)
 
     def launch(self, key) -> None:
-        """Runs the step of `key` (from prepare): its graph; a bucket not recorded yet runs eagerly
-        this time while the recording thread records it (record_in_background), or is recorded first."""
+        """Runs the step of `key` (from prepare): its graph; a bucket whose recording prepare queued
+        (record_in_background) runs eagerly this time, else it is recorded first."""
         fn = self._steps.get(key)
         if fn is None and self.mode != "eager" and self.options.record_in_background:
-            self._record_later(key)
             self.body(key)
             self.stats.eager += 1
         else:
