@@ -520,9 +520,9 @@ class Engine:
     def _own_stream(self, high_priority: bool = False):
         """On CUDA, a stream of the calling thread's own (the worker's, the encoder thread's): work on
         the legacy default stream would break a graph the other thread is recording, since that
-        stream synchronises with every other blocking stream. The worker's stream has the higher
-        priority: where its decoder steps and the encoder's kernels are both ready, the GPU runs the
-        steps' blocks first, so an encoder call beside them does not slow every stream's step."""
+        stream synchronises with every other blocking stream. The worker's stream may take the higher
+        priority, so that where its decoder steps and the encoder's kernels are both ready the GPU
+        schedules the steps' blocks first (no gain measured yet: BENCHMARKS.md, fourth session)."""
         if self.device.type != "cuda":
             return contextlib.nullcontext()
         return torch.cuda.stream(torch.cuda.Stream(self.device, priority=-1 if high_priority else 0))  # lower is higher
