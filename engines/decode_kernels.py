@@ -28,6 +28,8 @@ check them against the plain model.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -56,19 +58,30 @@ if triton is not None:
                     M, N, stride_xm, D, K: tl.constexpr, SPLIT: tl.constexpr,
                     HEAD_DIM: tl.constexpr, NORM: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr,
                     KV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    PRECISION: tl.constexpr, DEPENDENT: tl.constexpr, LINES: tl.constexpr,
+                    PER_LINE: tl.constexpr, FENCES: tl.constexpr):
         """out[m, n] = epilogue(sum_k norm(x)[m, k] * w[n, k] + b[n]) for BLOCK_N columns n and the
         SPLIT-th part of K that program (n, part) owns.
 
         With SPLIT > 1 the parts add their sums into a float32 scratch tile and the last part to
         arrive (a counter per column block) takes the total, resets tile and counter to zero for the
-        next call, and runs the epilogue: more programs, each with fewer dependent memory reads."""
+        next call, and runs the epilogue: more programs, each with fewer dependent memory reads.
+
+        DEPENDENT (launched as a programmatic dependent launch, Hopper): the program starts while
+        the previous kernel still runs, asks L2 for its part of the weight (which no kernel writes),
+        waits for the previous kernel's results, then lets the next kernel start the same way."""
         rm = tl.arange(0, BLOCK_M)
         col_block = tl.program_id(0)
         rn = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         row_ok = rm < M
         col_ok = rn < N
+        part = K // SPLIT
+        if DEPENDENT:
+            if LINES > 0:
+                _prefetch_l2(w_ptr, tl.minimum(rn, N - 1), K, tl.program_id(1) * part, part, LINES, PER_LINE)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         if NORM:  # the rows' statistics in one pass, in float32; unrolled, so its loads are in flight together
             total = tl.zeros([BLOCK_M], dtype=tl.float32)
             squares = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -80,7 +93,6 @@ if triton is not None:
                 squares += tl.sum(xk * xk, axis=1)
             mean = total / K
             rstd = 1.0 / tl.sqrt(tl.maximum(squares / K - mean * mean, 0.0) + eps)
-        part = K // SPLIT
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(tl.program_id(1) * part, (tl.program_id(1) + 1) * part, BLOCK_K):
             kk = k0 + rk
@@ -98,13 +110,32 @@ if triton is not None:
                       stride_cb, stride_ch, stride_cs, N, D, HEAD_DIM, GELU, RESIDUAL, KV)
         else:
             sums = sums_ptr + rm[:, None] * N + rn[None, :]
-            tl.atomic_add(sums, acc, mask=ok)
+            tl.atomic_add(sums, acc, mask=ok, sem="relaxed")
+            if FENCES:  # every thread's sums are in L2 before the counter moves: the counter's atomic is one
+                _fence(rm)  # thread's, and without this the last part could read sums still in flight
+            tl.debug_barrier()
             if tl.atomic_add(count_ptr + col_block, 1) == SPLIT - 1:  # the last part: every sum is in
+                if FENCES:
+                    _fence(rm)
                 acc = tl.load(sums, mask=ok, other=0.0, cache_modifier=".cg")  # from L2, where the atomics landed
                 tl.store(sums, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), mask=ok)
                 tl.atomic_xchg(count_ptr + col_block, 0)
                 _epilogue(acc, rm, rn, ok, row_ok, b_ptr, res_ptr, out_ptr, k_ptr, v_ptr, slot_ptr, width,
                           stride_cb, stride_ch, stride_cs, N, D, HEAD_DIM, GELU, RESIDUAL, KV)
+
+    @triton.jit
+    def _fence(like):
+        """A GPU-wide memory fence in every thread (each runs it for the elements of `like` it holds)."""
+        tl.inline_asm_elementwise("fence.acq_rel.gpu;\n mov.u32 $0, 0;", "=r,r", [like], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+    @triton.jit
+    def _prefetch_l2(w_ptr, rows, K, start, length, LINES: tl.constexpr, PER_LINE: tl.constexpr):
+        """Ask L2 for w[rows, start:start + length], one 128-byte line (PER_LINE elements) per request."""
+        line = tl.minimum(tl.arange(0, LINES), tl.cdiv(length, PER_LINE) - 1)  # lanes past the end repeat the last line
+        where = w_ptr + rows[:, None] * K + (start + line * PER_LINE)[None, :]
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n mov.u32 $0, 0;", "=r,l", [where], dtype=tl.int32,
+                                  is_pure=False, pack=1)
 
     @triton.jit
     def _epilogue(acc, rm, rn, ok, row_ok, b_ptr, res_ptr, out_ptr, k_ptr, v_ptr, slot_ptr, width,
@@ -148,25 +179,32 @@ def _blocks(n: int, k: int, itemsize: int) -> tuple[int, int, int, int, int]:
 
 _SHARED_BYTES = 160 * 1024  # of an H100's 227 KB per block, with room for Triton's own buffers
 
+PREFETCH = True
+DEPENDENT_LAUNCH = False  # on Hopper and later: each kernel's weights stream in while the previous kernel ends
+
 
 _SCRATCH: dict[tuple, tuple[Tensor, Tensor]] = {}
 _OUTGROWN: list[tuple[Tensor, Tensor]] = []
 
 
 def _scratch(device: torch.device, n: int) -> tuple[Tensor, Tensor]:
-    """The split-K sums [MAX_ROWS, n] and per-column-block counters of the current stream, zero
-    between calls (each call leaves them as it found them). Kernels on one stream run one after
-    another, so one scratch serves them all; another stream (a graph being recorded beside the
-    engine's steps) has its own."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    sums, counts = _SCRATCH.get((device, stream), (None, None))
+    """The split-K sums [MAX_ROWS, n] and per-column-block counters, zero between calls (each call
+    leaves them as it found them). Kernels on one stream run one after another, so one scratch
+    serves them all; eager calls on another stream have their own, and so do the kernels recorded
+    into graphs: the engine replays its graphs one after another on its own stream, while a thread
+    recording the next graph runs its warm-up steps eagerly beside them."""
+    if device.type == "cuda":
+        key = (device, torch.cuda.current_stream(device).cuda_stream, torch.cuda.is_current_stream_capturing())
+    else:
+        key = (device, 0, False)
+    sums, counts = _SCRATCH.get(key, (None, None))
     if sums is None or sums.shape[1] < n:
         if sums is not None:  # graphs recorded with the smaller one still point at it: never freed
             _OUTGROWN.append((sums, counts))
         size = max(n, 8192)  # Breeze's widest projection is 5120
         sums = torch.zeros((MAX_ROWS, size), dtype=torch.float32, device=device)
         counts = torch.zeros(size, dtype=torch.int32, device=device)
-        _SCRATCH[(device, stream)] = sums, counts
+        _SCRATCH[key] = sums, counts
     return sums, counts
 
 
@@ -198,13 +236,27 @@ def row_linear(x: Tensor, weight: Tensor, bias: Tensor, *, norm: tuple[Tensor, T
         width, strides, head_dim = 1, (0, 0, 0), 1
     block_n, block_k, split, warps, stages = _blocks(n, k, x.element_size())
     sums, counts = _scratch(x.device, n)
+    dependent = _dependent_launch(x.device)
+    per_line = 128 // x.element_size()
     _row_linear[(triton.cdiv(n, block_n), split)](
         x, weight, bias, residual if residual is not None else out, out, gamma, beta, eps, sums, counts,
         k_cache, v_cache, slots, width, *strides, m, n, x.stride(0), d, K=k, SPLIT=split,
         HEAD_DIM=head_dim, NORM=norm is not None, GELU=gelu, RESIDUAL=residual is not None, KV=kv is not None,
         BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-        num_stages=stages, PRECISION="ieee" if x.dtype == torch.float32 else "tf32")  # float32: as torch computes it
+        num_stages=stages, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # float32: as torch computes it
+        DEPENDENT=dependent, LINES=triton.next_power_of_2(triton.cdiv(k // split, per_line)) if PREFETCH else 0, PER_LINE=per_line,
+        FENCES=x.device.type == "cuda", launch_pdl=dependent)  # Triton's interpreter (CPU) runs programs one by one
     return out
+
+
+def _dependent_launch(device: torch.device) -> bool:
+    """Programmatic dependent launch where the GPU has it (compute capability 9.0 and later)."""
+    return DEPENDENT_LAUNCH and device.type == "cuda" and _capability(device.index)[0] >= 9
+
+
+@functools.cache
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 class KernelDecoder:

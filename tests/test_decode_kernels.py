@@ -104,3 +104,48 @@ def test_kernel_decoder_matches_hidden_and_writes_the_same_cache(model, batch, w
     assert_close(got, expected)
     assert_close(kernel_cache.k, plain_cache.k)
     assert_close(kernel_cache.v, plain_cache.v)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda" or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs a Hopper GPU or later")
+@pytest.mark.parametrize("batch", [1, MAX_ROWS])
+def test_dependent_launch_gives_the_serial_launch_results_in_a_graph(monkeypatch, batch):
+    """With dependent launch each kernel starts (and prefetches its weight) before the previous one
+    ends; it must wait for that kernel's results all the same. Fourteen kernels of two layers, fp16,
+    under one CUDA graph as the engine runs them: the same bits as kernels launched one after another."""
+    from engines import decode_kernels
+
+    dims = ModelDims(n_mels=80, n_audio_ctx=64, n_audio_state=512, n_audio_head=8, n_audio_layer=1, n_vocab=500,
+                     n_text_ctx=32, n_text_state=512, n_text_head=8, n_text_layer=2)
+    m = random_model(dims, DEVICE, torch.float16, seed=4)
+    kernels = KernelDecoder(m.decoder)
+
+    def graphed(*args):
+        kernels.hidden(*args)  # compiles the kernels outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = kernels.hidden(*args)
+        for _ in range(3):
+            graph.replay()
+        return out.clone()
+
+    results = []
+    for dependent in (False, True):
+        monkeypatch.setattr(decode_kernels, "DEPENDENT_LAUNCH", dependent)
+        torch.manual_seed(0)
+        got, _, cache, _ = run_against_plain(m, graphed, batch, 1)
+        results.append((got, cache.k, cache.v))
+    for serial, dependent in zip(*results):
+        assert torch.equal(serial, dependent)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="the parts of a split reduction run concurrently only on a GPU")
+def test_split_reduction_sees_every_part_on_gpu():
+    """fc2's shape at 16 rows in fp16 (K = 5120 in ten parts), 200 calls: the last part to arrive must
+    find every other part's sums in the scratch each time (it once read sums still in flight)."""
+    torch.manual_seed(5)
+    x, w, b = torch.randn(MAX_ROWS, 5120).half(), (torch.randn(1280, 5120) / 70).half(), torch.randn(1280).half()
+    res = torch.randn(MAX_ROWS, 1280).half()
+    expected = (res.float() + F.linear(x.float(), w.float(), b.float()))
+    worst = max((row_linear(x, w, b, residual=res).float() - expected).abs().max().item() for _ in range(200))
+    assert worst < 0.02
