@@ -14,7 +14,7 @@ Here each projection is one kernel that does all the pointwise work around it:
     x     = x + g @ W2 + b2
 
 plus the two attention calls (PyTorch's SDPA). A kernel computes BLOCK_N output columns for all
-rows (padded to a tile of 16) over the whole K (fc2's long K in parts), so every weight
+rows (padded to a tile of 16) over the whole K, so every weight
 is read once per step, and a row's layer norm is recomputed by every program from the row itself
 (a few KB, in L2) instead of being a kernel of its own. The products run on tensor cores (tl.dot
 on the 16-row tile): a step of one row wastes the padding's arithmetic, which costs
@@ -53,33 +53,24 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _row_linear(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, ln_w_ptr, ln_b_ptr, eps, sums_ptr, count_ptr,
+    def _row_linear(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, ln_w_ptr, ln_b_ptr, eps,
                     k_ptr, v_ptr, slot_ptr, width, stride_cb, stride_ch, stride_cs,
-                    M, N, stride_xm, D, K: tl.constexpr, SPLIT: tl.constexpr,
+                    M, N, stride_xm, D, K: tl.constexpr,
                     HEAD_DIM: tl.constexpr, NORM: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr,
                     KV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    PRECISION: tl.constexpr, DEPENDENT: tl.constexpr, LINES: tl.constexpr,
-                    PER_LINE: tl.constexpr, FENCES: tl.constexpr):
-        """out[m, n] = epilogue(sum_k norm(x)[m, k] * w[n, k] + b[n]) for BLOCK_N columns n and the
-        SPLIT-th part of K that program (n, part) owns.
+                    PRECISION: tl.constexpr, DEPENDENT: tl.constexpr):
+        """out[m, n] = epilogue(sum_k norm(x)[m, k] * w[n, k] + b[n]) for the BLOCK_N columns n
+        that program n owns, over the whole K.
 
-        With SPLIT > 1 the parts add their sums into a float32 scratch tile and the last part to
-        arrive (a counter per column block) takes the total, resets tile and counter to zero for the
-        next call, and runs the epilogue: more programs, each with fewer dependent memory reads.
-
-        DEPENDENT (launched as a programmatic dependent launch, Hopper): the program starts while
-        the previous kernel still runs, asks L2 for its part of the weight (which no kernel writes),
-        waits for the previous kernel's results, then lets the next kernel start the same way."""
+        DEPENDENT (launched as a programmatic dependent launch, Hopper and later): the program is
+        scheduled while the previous kernel still runs and waits for its results, then lets the
+        next kernel be scheduled the same way: the launch gap between two kernels is hidden."""
         rm = tl.arange(0, BLOCK_M)
-        col_block = tl.program_id(0)
-        rn = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         row_ok = rm < M
         col_ok = rn < N
-        part = K // SPLIT
         if DEPENDENT:
-            if LINES > 0:
-                _prefetch_l2(w_ptr, tl.minimum(rn, N - 1), K, tl.program_id(1) * part, part, LINES, PER_LINE)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         if NORM:  # the rows' statistics in one pass, in float32; unrolled, so its loads are in flight together
@@ -94,7 +85,7 @@ if triton is not None:
             mean = total / K
             rstd = 1.0 / tl.sqrt(tl.maximum(squares / K - mean * mean, 0.0) + eps)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(tl.program_id(1) * part, (tl.program_id(1) + 1) * part, BLOCK_K):
+        for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
             k_ok = kk < K
             xk = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -104,38 +95,8 @@ if triton is not None:
                 beta = tl.load(ln_b_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
                 xk = (xk.to(tl.float32) - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
             acc += tl.dot(xk.to(w.dtype), tl.trans(w), input_precision=PRECISION)
-        ok = row_ok[:, None] & col_ok[None, :]
-        if SPLIT == 1:
-            _epilogue(acc, rm, rn, ok, row_ok, b_ptr, res_ptr, out_ptr, k_ptr, v_ptr, slot_ptr, width,
-                      stride_cb, stride_ch, stride_cs, N, D, HEAD_DIM, GELU, RESIDUAL, KV)
-        else:
-            sums = sums_ptr + rm[:, None] * N + rn[None, :]
-            tl.atomic_add(sums, acc, mask=ok, sem="relaxed")
-            if FENCES:  # every thread's sums are in L2 before the counter moves: the counter's atomic is one
-                _fence(rm)  # thread's, and without this the last part could read sums still in flight
-            tl.debug_barrier()
-            if tl.atomic_add(count_ptr + col_block, 1) == SPLIT - 1:  # the last part: every sum is in
-                if FENCES:
-                    _fence(rm)
-                acc = tl.load(sums, mask=ok, other=0.0, cache_modifier=".cg")  # from L2, where the atomics landed
-                tl.store(sums, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), mask=ok)
-                tl.atomic_xchg(count_ptr + col_block, 0)
-                _epilogue(acc, rm, rn, ok, row_ok, b_ptr, res_ptr, out_ptr, k_ptr, v_ptr, slot_ptr, width,
-                          stride_cb, stride_ch, stride_cs, N, D, HEAD_DIM, GELU, RESIDUAL, KV)
-
-    @triton.jit
-    def _fence(like):
-        """A GPU-wide memory fence in every thread (each runs it for the elements of `like` it holds)."""
-        tl.inline_asm_elementwise("fence.acq_rel.gpu;\n mov.u32 $0, 0;", "=r,r", [like], dtype=tl.int32,
-                                  is_pure=False, pack=1)
-
-    @triton.jit
-    def _prefetch_l2(w_ptr, rows, K, start, length, LINES: tl.constexpr, PER_LINE: tl.constexpr):
-        """Ask L2 for w[rows, start:start + length], one 128-byte line (PER_LINE elements) per request."""
-        line = tl.minimum(tl.arange(0, LINES), tl.cdiv(length, PER_LINE) - 1)  # lanes past the end repeat the last line
-        where = w_ptr + rows[:, None] * K + (start + line * PER_LINE)[None, :]
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n mov.u32 $0, 0;", "=r,l", [where], dtype=tl.int32,
-                                  is_pure=False, pack=1)
+        _epilogue(acc, rm, rn, row_ok[:, None] & col_ok[None, :], row_ok, b_ptr, res_ptr, out_ptr, k_ptr, v_ptr,
+                  slot_ptr, width, stride_cb, stride_ch, stride_cs, N, D, HEAD_DIM, GELU, RESIDUAL, KV)
 
     @triton.jit
     def _epilogue(acc, rm, rn, ok, row_ok, b_ptr, res_ptr, out_ptr, k_ptr, v_ptr, slot_ptr, width,
@@ -161,51 +122,22 @@ if triton is not None:
             tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _blocks(n: int, k: int, itemsize: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, SPLIT, warps, stages) for an [n, k] weight, from a sweep on an H100
-    (BENCHMARKS.md, fifth session): a K of up to 2048 is read whole by each program in blocks of
-    256, with column blocks as narrow as keeps the programs few; a longer K (fc2's 5120) is split in
-    parts of 512 that meet in the scratch, with wide column blocks so that the atomics stay few.
-    BLOCK_K halves where the pipelined tiles would not fit in shared memory (float32 tiles)."""
+def _blocks(n: int, k: int, itemsize: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, warps, stages) for an [n, k] weight, from a sweep on an H100 (BENCHMARKS.md,
+    fifth session): each program reads the whole K in blocks of 256, with column blocks as narrow
+    as keeps the programs few. BLOCK_K halves where the pipelined tiles would not fit in shared
+    memory (float32 tiles). K is never split across programs: the split form (its parts meeting
+    through atomics in a scratch tile) read sums still in flight on the H100 (sixth session)."""
     stages = 3
-    if k > 2048 and k % 512 == 0:
-        block_n, block_k, split = 64, 128, k // 512
-    else:
-        block_n, block_k, split = 16 if n <= 2048 else 32 if n <= 4096 else 64, min(256, triton.next_power_of_2(k)), 1
+    block_n, block_k = 16 if n <= 2048 else 32 if n <= 4096 else 64, min(256, triton.next_power_of_2(k))
     while block_k > 32 and stages * (MAX_ROWS + block_n) * block_k * itemsize > _SHARED_BYTES:
-        block_k //= 2  # a split part (512) stays a whole number of blocks
-    return block_n, block_k, split, 4, stages
+        block_k //= 2
+    return block_n, block_k, 4, stages
 
 
 _SHARED_BYTES = 160 * 1024  # of an H100's 227 KB per block, with room for Triton's own buffers
 
-PREFETCH = True
-DEPENDENT_LAUNCH = False  # on Hopper and later: each kernel's weights stream in while the previous kernel ends
-
-
-_SCRATCH: dict[tuple, tuple[Tensor, Tensor]] = {}
-_OUTGROWN: list[tuple[Tensor, Tensor]] = []
-
-
-def _scratch(device: torch.device, n: int) -> tuple[Tensor, Tensor]:
-    """The split-K sums [MAX_ROWS, n] and per-column-block counters, zero between calls (each call
-    leaves them as it found them). Kernels on one stream run one after another, so one scratch
-    serves them all; eager calls on another stream have their own, and so do the kernels recorded
-    into graphs: the engine replays its graphs one after another on its own stream, while a thread
-    recording the next graph runs its warm-up steps eagerly beside them."""
-    if device.type == "cuda":
-        key = (device, torch.cuda.current_stream(device).cuda_stream, torch.cuda.is_current_stream_capturing())
-    else:
-        key = (device, 0, False)
-    sums, counts = _SCRATCH.get(key, (None, None))
-    if sums is None or sums.shape[1] < n:
-        if sums is not None:  # graphs recorded with the smaller one still point at it: never freed
-            _OUTGROWN.append((sums, counts))
-        size = max(n, 8192)  # Breeze's widest projection is 5120
-        sums = torch.zeros((MAX_ROWS, size), dtype=torch.float32, device=device)
-        counts = torch.zeros(size, dtype=torch.int32, device=device)
-        _SCRATCH[key] = sums, counts
-    return sums, counts
+DEPENDENT_LAUNCH = True  # on Hopper and later (BENCHMARKS.md, sixth session: 3% off a step at batch 1)
 
 
 def row_linear(x: Tensor, weight: Tensor, bias: Tensor, *, norm: tuple[Tensor, Tensor, float] | None = None,
@@ -234,18 +166,15 @@ def row_linear(x: Tensor, weight: Tensor, bias: Tensor, *, norm: tuple[Tensor, T
     else:
         k_cache = v_cache = slots = out
         width, strides, head_dim = 1, (0, 0, 0), 1
-    block_n, block_k, split, warps, stages = _blocks(n, k, x.element_size())
-    sums, counts = _scratch(x.device, n)
+    block_n, block_k, warps, stages = _blocks(n, k, x.element_size())
     dependent = _dependent_launch(x.device)
-    per_line = 128 // x.element_size()
-    _row_linear[(triton.cdiv(n, block_n), split)](
-        x, weight, bias, residual if residual is not None else out, out, gamma, beta, eps, sums, counts,
-        k_cache, v_cache, slots, width, *strides, m, n, x.stride(0), d, K=k, SPLIT=split,
+    _row_linear[(triton.cdiv(n, block_n),)](
+        x, weight, bias, residual if residual is not None else out, out, gamma, beta, eps,
+        k_cache, v_cache, slots, width, *strides, m, n, x.stride(0), d, K=k,
         HEAD_DIM=head_dim, NORM=norm is not None, GELU=gelu, RESIDUAL=residual is not None, KV=kv is not None,
         BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
         num_stages=stages, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # float32: as torch computes it
-        DEPENDENT=dependent, LINES=triton.next_power_of_2(triton.cdiv(k // split, per_line)) if PREFETCH else 0, PER_LINE=per_line,
-        FENCES=x.device.type == "cuda", launch_pdl=dependent)  # Triton's interpreter (CPU) runs programs one by one
+        DEPENDENT=dependent, launch_pdl=dependent)
     return out
 
 
