@@ -14,9 +14,9 @@ Here each projection is one kernel that does all the pointwise work around it:
     x     = x + g @ W2 + b2
 
 plus the two attention calls (PyTorch's SDPA). A kernel computes BLOCK_N output columns for all
-rows (padded to a tile of 16) over the whole K, so every weight
-is read once per step, and a row's layer norm is recomputed by every program from the row itself
-(a few KB, in L2) instead of being a kernel of its own. The products run on tensor cores (tl.dot
+rows (padded to a tile of 16) over the whole K, so every weight is read once per step, and a
+row's layer norm is recomputed by every program from the row itself (a few KB, in L2) instead
+of being a kernel of its own. The products run on tensor cores (tl.dot
 on the 16-row tile): a step of one row wastes the padding's arithmetic, which costs
 nothing next to the weight reads.
 
@@ -27,8 +27,6 @@ check them against the plain model.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -58,21 +56,14 @@ if triton is not None:
                     M, N, stride_xm, D, K: tl.constexpr,
                     HEAD_DIM: tl.constexpr, NORM: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr,
                     KV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    PRECISION: tl.constexpr, DEPENDENT: tl.constexpr):
+                    PRECISION: tl.constexpr):
         """out[m, n] = epilogue(sum_k norm(x)[m, k] * w[n, k] + b[n]) for the BLOCK_N columns n
-        that program n owns, over the whole K.
-
-        DEPENDENT (launched as a programmatic dependent launch, Hopper and later): the program is
-        scheduled while the previous kernel still runs and waits for its results, then lets the
-        next kernel be scheduled the same way: the launch gap between two kernels is hidden."""
+        that program n owns, over the whole K."""
         rm = tl.arange(0, BLOCK_M)
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         row_ok = rm < M
         col_ok = rn < N
-        if DEPENDENT:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
         if NORM:  # the rows' statistics in one pass, in float32; unrolled, so its loads are in flight together
             total = tl.zeros([BLOCK_M], dtype=tl.float32)
             squares = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -137,8 +128,6 @@ def _blocks(n: int, k: int, itemsize: int) -> tuple[int, int, int, int]:
 
 _SHARED_BYTES = 160 * 1024  # of an H100's 227 KB per block, with room for Triton's own buffers
 
-DEPENDENT_LAUNCH = True  # on Hopper and later (BENCHMARKS.md, sixth session: 3% off a step at batch 1)
-
 
 def row_linear(x: Tensor, weight: Tensor, bias: Tensor, *, norm: tuple[Tensor, Tensor, float] | None = None,
                gelu: bool = False, residual: Tensor | None = None,
@@ -167,25 +156,13 @@ def row_linear(x: Tensor, weight: Tensor, bias: Tensor, *, norm: tuple[Tensor, T
         k_cache = v_cache = slots = out
         width, strides, head_dim = 1, (0, 0, 0), 1
     block_n, block_k, warps, stages = _blocks(n, k, x.element_size())
-    dependent = _dependent_launch(x.device)
     _row_linear[(triton.cdiv(n, block_n),)](
         x, weight, bias, residual if residual is not None else out, out, gamma, beta, eps,
         k_cache, v_cache, slots, width, *strides, m, n, x.stride(0), d, K=k,
         HEAD_DIM=head_dim, NORM=norm is not None, GELU=gelu, RESIDUAL=residual is not None, KV=kv is not None,
         BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-        num_stages=stages, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # float32: as torch computes it
-        DEPENDENT=dependent, launch_pdl=dependent)
+        num_stages=stages, PRECISION="ieee" if x.dtype == torch.float32 else "tf32")  # float32: as torch computes it
     return out
-
-
-def _dependent_launch(device: torch.device) -> bool:
-    """Programmatic dependent launch where the GPU has it (compute capability 9.0 and later)."""
-    return DEPENDENT_LAUNCH and device.type == "cuda" and _capability(device.index)[0] >= 9
-
-
-@functools.cache
-def _capability(index: int | None) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
 
 
 class KernelDecoder:

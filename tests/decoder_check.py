@@ -13,7 +13,7 @@ def run_against_plain(model: Whisper, hidden, batch: int, width: int):
     positions 5.., rows attending to different numbers of audio frames."""
     dims = model.dims
     with torch.inference_mode():
-        features = model.encoder(torch.randn(batch, dims.n_mels, 2 * dims.n_audio_ctx).to(model.dtype))
+        features = model.encoder(torch.randn(batch, dims.n_mels, 2 * dims.n_audio_ctx))
         cross = model.decoder.cross_kv(features)
         plain_cache, cache = model.new_cache(batch), model.new_cache(batch)
         for c in (plain_cache, cache):  # the same earlier keys/values

@@ -88,39 +88,6 @@ def test_kernel_decoder_matches_hidden_and_writes_the_same_cache(model, batch, w
     assert_close(kernel_cache.v, plain_cache.v)
 
 
-@pytest.mark.skipif(DEVICE.type != "cuda" or torch.cuda.get_device_capability()[0] < 9,
-                    reason="programmatic dependent launch needs a Hopper GPU or later")
-@pytest.mark.parametrize("batch", [1, MAX_ROWS])
-def test_dependent_launch_gives_the_serial_launch_results_in_a_graph(monkeypatch, batch):
-    """With dependent launch each kernel starts (and prefetches its weight) before the previous one
-    ends; it must wait for that kernel's results all the same. Fourteen kernels of two layers, fp16,
-    under one CUDA graph as the engine runs them: the same bits as kernels launched one after another."""
-    from engines import decode_kernels
-
-    dims = ModelDims(n_mels=80, n_audio_ctx=64, n_audio_state=512, n_audio_head=8, n_audio_layer=1, n_vocab=500,
-                     n_text_ctx=32, n_text_state=512, n_text_head=8, n_text_layer=2)
-    m = random_model(dims, DEVICE, torch.float16, seed=4)
-    kernels = KernelDecoder(m.decoder)
-
-    def graphed(*args):
-        kernels.hidden(*args)  # compiles the kernels outside the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = kernels.hidden(*args)
-        for _ in range(3):
-            graph.replay()
-        return out.clone()
-
-    results = []
-    for dependent in (False, True):
-        monkeypatch.setattr(decode_kernels, "DEPENDENT_LAUNCH", dependent)
-        torch.manual_seed(0)
-        got, _, cache, _ = run_against_plain(m, graphed, batch, 1)
-        results.append((got, cache.k, cache.v))
-    for serial, dependent in zip(*results):
-        assert torch.equal(serial, dependent)
-
-
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="programs run concurrently only on a GPU")
 def test_long_reduction_is_right_every_time_on_gpu():
     """fc2's shape at 16 rows in fp16 (K = 5120), 200 calls, each against float32 torch: a kernel
