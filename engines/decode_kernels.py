@@ -186,11 +186,8 @@ class KernelDecoder:
 
     def hidden(self, tokens: Tensor, positions: Tensor, cache: KVCache, cross: list[tuple[Tensor, Tensor]],
                mask: Tensor, cross_mask, slots: Tensor) -> Tensor:
-        decoder = self.decoder
         batch, width = tokens.shape
-        x = decoder.embed(tokens, positions, cache.dtype)
-        dim = x.shape[-1]
-        x = x.reshape(batch * width, dim)
+        x = self.decoder.embed(tokens, positions, cache.dtype).flatten(0, 1)  # rows [B*W, D]
         flat_slots = slots.reshape(-1)
         n_keys = mask.shape[-1]
         for layer, p in enumerate(self.layers):
@@ -210,7 +207,7 @@ class KernelDecoder:
             x = row_linear(_rows(a), *p["cross_out"], residual=x)
             w, b, norm = p["fc1"]
             x = row_linear(row_linear(x, w, b, norm=norm, gelu=True), *p["fc2"], residual=x)
-        return decoder.ln(x).view(batch, width, dim)
+        return self.decoder.ln(x).view(batch, width, -1)
 
 
 def _norm(ln: LayerNorm) -> tuple[Tensor, Tensor, float]:
