@@ -142,8 +142,11 @@ class StepRunner:
         self._lock = threading.Lock()  # buffers made by the worker or the recording thread
         self._queued: set[tuple] = set()  # keys handed to the recording thread
         self._recorder: ThreadPoolExecutor | None = None
-        self._warm_stream = self._recording_stream = None
-        self._pool = torch.cuda.graph_pool_handle() if self.mode != "eager" else None
+        graphed = self.mode != "eager"
+        self._pool = torch.cuda.graph_pool_handle() if graphed else None
+        # warm-up runs before a capture, and the recording thread's captures, each on a stream of its own
+        self._warm_stream = torch.cuda.Stream(self.device) if graphed else None
+        self._recording_stream = torch.cuda.Stream(self.device) if graphed else None
         self._cross_weight: Tensor | None = None
         self.stats = RunnerStats()
         self.cross_attention = options.cross_attention
@@ -257,8 +260,6 @@ class StepRunner:
         scratch = self._new_io(batch, width)
         self._masks(key)  # the static masks exist before recording (made inside, their fills would be recorded)
         self._reset(key, scratch)
-        if self._warm_stream is None:
-            self._warm_stream = torch.cuda.Stream(self.device)
         self._warm_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._warm_stream):
             for _ in range(2):
@@ -285,15 +286,10 @@ class StepRunner:
         """The recording thread: records `key` on a stream of its own and publishes its replay; a
         bucket whose recording fails stays eager (it stays queued, so it is not tried again; logged)."""
         try:  # inference mode is per thread: without it the warm-up runs would track gradients
-            with torch.inference_mode(), torch.cuda.stream(self._record_stream()), CAPTURE_LOCK:
+            with torch.inference_mode(), torch.cuda.stream(self._recording_stream), CAPTURE_LOCK:
                 self._steps[key] = self._record(key)
         except Exception:
             log.exception("recording the decoder step %s failed; it stays eager", key)
-
-    def _record_stream(self):
-        if self._recording_stream is None:
-            self._recording_stream = torch.cuda.Stream(self.device)
-        return self._recording_stream
 
     def _reset(self, key, io: _Buffers) -> None:
         """Every row of `io` a no-op row (before warm-up runs that really execute)."""
