@@ -26,7 +26,9 @@ Three modes share the same static-buffer step, so they compute the same function
 step then recorded into the same kind of graph: fewer, fused kernels), and `eager` (the same step
 run directly: the reference, and the only mode on the CPU). In the graphed modes, buckets of at
 most 16 rows (batch x width) run through hand-written Triton kernels instead (`row_kernels`,
-engines/decode_kernels.py: eight kernels per layer), which is what a lightly loaded GPU steps.
+engines/decode_kernels.py: eight kernels per layer), which is what a lightly loaded GPU steps;
+larger buckets keep PyTorch's projections but take their self-attention and its cache writes
+from one Triton kernel (`attention_kernel`, engines/decode_attention.py).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import decode_kernels
+from . import decode_attention, decode_kernels
 from .fused import FusedDecoder
 from .model import KVCache, Whisper
 
@@ -81,6 +83,9 @@ class GraphOptions:
     # steps of at most decode_kernels.MAX_ROWS rows (batch x width) through the Triton row kernels
     # (engines/decode_kernels.py): None = on CUDA where Triton is installed
     row_kernels: bool | None = None
+    # steps of more rows: self-attention with its cache writes as one Triton kernel (engines/decode_attention.py)
+    # instead of two scatters and cuDNN's attention; None = on CUDA where Triton is installed
+    attention_kernel: bool | None = None
     # while a thread of the runner records a new bucket's graph, its steps run in the smallest recorded
     # bucket that holds them (more padding rows, a longer context), eagerly where none does: recording
     # takes 0.2-0.5 s, which would stall every stream in the batch (False: record before the step)
@@ -155,7 +160,13 @@ class StepRunner:
         elif self.cross_attention == "auto":
             self.cross_attention = choose_cross_attention(dims.n_text_head, dims.n_text_state // dims.n_text_head,
                                                           self.n_frames, cache.dtype, self.device)
-        self.fused = FusedDecoder(model.decoder) if self.mode == "compile" else None
+        attention_kernel = options.attention_kernel
+        if attention_kernel is None:
+            attention_kernel = self.mode != "eager" and decode_attention.available()
+        self.fused = None  # the step through fused.py's regions: compiled, or plain with the attention kernel
+        if self.mode == "compile" or attention_kernel:
+            self.fused = FusedDecoder(model.decoder, backend="inductor" if self.mode == "compile" else None,
+                                      attention_kernel=attention_kernel)
         row_kernels = options.row_kernels
         if row_kernels is None:
             row_kernels = self.mode != "eager" and decode_kernels.available()
@@ -191,7 +202,9 @@ class StepRunner:
             positions=torch.zeros((batch, width), dtype=torch.long, device=dev),
             slots=torch.full((batch, width), self.n_ctx - 1, dtype=torch.long, device=dev),
             hidden=torch.zeros((batch, width, dims.n_text_state), dtype=dtype, device=dev),
-            logits=torch.zeros((batch, width, dims.n_vocab), dtype=dtype, device=dev),
+            # rows padded to a multiple of 64 entries: with Whisper's odd vocabulary (51865) as the row
+            # length cuBLAS falls back to an unaligned kernel, 5x slower at 64 rows (BENCHMARKS.md, seventh session)
+            logits=torch.zeros((batch, width, -(-dims.n_vocab // 64) * 64), dtype=dtype, device=dev)[..., :dims.n_vocab],
         )
 
     def _masks(self, key, io: _Buffers | None = None) -> tuple[Tensor, Tensor | None]:
@@ -234,7 +247,7 @@ class StepRunner:
         else:
             hidden = decoder.hidden(io.tokens, io.positions, self.cache, None, cross, mask, cross_mask, slots=io.slots)
         io.hidden.copy_(hidden)
-        torch.matmul(hidden, decoder.token_embedding.weight.to(hidden.dtype).T, out=io.logits)
+        torch.mm(hidden.flatten(0, 1), decoder.token_embedding.weight.to(hidden.dtype).T, out=io.logits.flatten(0, 1))
 
     def _step_fn(self, key):
         """The step of `key`, recorded now if it is not yet (on the calling thread)."""

@@ -13,7 +13,7 @@ Here each projection is one kernel that does all the pointwise work around it:
     g     = GELU(LN3(x) @ W1 + b1)
     x     = x + g @ W2 + b2
 
-plus the two attention calls (PyTorch's SDPA). A kernel computes BLOCK_N output columns for all
+plus the self-attention (engines/decode_attention.py) and the cross-attention (PyTorch's SDPA). A kernel computes BLOCK_N output columns for all
 rows (padded to a tile of 16) over the whole K, so every weight is read once per step, and a
 row's layer norm is recomputed by every program from the row itself (a few KB, in L2) instead
 of being a kernel of its own. The products run on tensor cores (tl.dot
@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .decode_attention import self_attention
 from .model import KVCache, LayerNorm, TextDecoder
 
 try:
@@ -189,15 +190,12 @@ class KernelDecoder:
         batch, width = tokens.shape
         x = self.decoder.embed(tokens, positions, cache.dtype).flatten(0, 1)  # rows [B*W, D]
         flat_slots = slots.reshape(-1)
-        n_keys = mask.shape[-1]
         for layer, p in enumerate(self.layers):
             heads = p["heads"]
             k_cache, v_cache = cache.k[layer], cache.v[layer]
             w, b, norm = p["qkv"]
             q = row_linear(x, w, b, norm=norm, kv=(k_cache, v_cache, flat_slots, width))
-            a = F.scaled_dot_product_attention(q.view(batch, width, heads, -1).transpose(1, 2), k_cache[:batch, :, :n_keys],
-                                               v_cache[:batch, :, :n_keys], attn_mask=mask)
-            x = row_linear(_rows(a), *p["out"], residual=x)
+            x = row_linear(self_attention(q, k_cache, v_cache, slots, mask, store=False), *p["out"], residual=x)
             w, b, norm = p["query"]
             q = row_linear(x, w, b, norm=norm).view(batch, width, heads, -1).transpose(1, 2)
             if cross_mask is not None and not isinstance(cross_mask, Tensor):

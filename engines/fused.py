@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import decode_attention
+from .decode_attention import MAX_WIDTH
 from .model import AudioEncoder, KVCache, LayerNorm, ResidualAttentionBlock, TextDecoder
 
 
@@ -54,12 +56,18 @@ def out_mlp_norm(x: Tensor, a: Tensor, o_w: Tensor, o_b: Tensor, ln_w: Tensor, l
 def encoder_block(x: Tensor, n_head: int, ln1_w: Tensor, ln1_b: Tensor, eps1: float, qkv_w: Tensor, qkv_b: Tensor,
                   o_w: Tensor, o_b: Tensor, ln2_w: Tensor, ln2_b: Tensor, eps2: float, fc1_w: Tensor, fc1_b: Tensor,
                   fc2_w: Tensor, fc2_b: Tensor) -> Tensor:
-    """One encoder block (ResidualAttentionBlock.forward) as a single compiled region."""
+    """One encoder block (ResidualAttentionBlock.forward) as a single compiled region.
+
+    fc1's bias and GELU run in the matrix product's epilogue (cuBLASLt), which saves a pass over
+    its [B, T, 4D] output: 6% of a batch-32 window on an H100. On CUDA that epilogue computes GELU's
+    tanh form (at most 4.7e-4 from the exact one, below fp16's resolution past |x| = 0.5; whisper-base's
+    dev transcripts with it: 23 of 24 identical, CER 13.9% against 14.0%; BENCHMARKS.md, seventh session)."""
     batch, frames, width = x.shape
     qkv = F.linear(_norm(x, ln1_w, ln1_b, eps1), qkv_w, qkv_b).view(batch, frames, 3, n_head, -1).permute(2, 0, 3, 1, 4)
     a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
     x = x + F.linear(a.transpose(1, 2).reshape(batch, frames, width), o_w, o_b)
-    return x + F.linear(F.gelu(F.linear(_norm(x, ln2_w, ln2_b, eps2), fc1_w, fc1_b)), fc2_w, fc2_b)
+    g = torch._addmm_activation(fc1_b, _norm(x, ln2_w, ln2_b, eps2).flatten(0, 1), fc1_w.t(), use_gelu=True)
+    return x + F.linear(g, fc2_w, fc2_b).view_as(x)
 
 
 def _ln(ln: LayerNorm) -> tuple[Tensor, Tensor, float]:
@@ -78,8 +86,8 @@ def _qkv(block: ResidualAttentionBlock) -> tuple[Tensor, Tensor]:
     return fused
 
 
-def _compile(fn, backend: str):
-    return torch.compile(fn, backend=backend, fullgraph=True)
+def _compile(fn, backend: str | None):
+    return fn if backend is None else torch.compile(fn, backend=backend, fullgraph=True)
 
 
 class FusedDecoder:
@@ -87,8 +95,10 @@ class FusedDecoder:
 
     Same arguments and result as TextDecoder.hidden for rows 0..B-1 (rows=None)."""
 
-    def __init__(self, decoder: TextDecoder, backend: str = "inductor"):
+    def __init__(self, decoder: TextDecoder, backend: str | None = "inductor", attention_kernel: bool | None = None):
         self.decoder = decoder
+        # self-attention with its cache writes as one Triton kernel (engines/decode_attention.py); None: where Triton is
+        self.attention_kernel = decode_attention.available() if attention_kernel is None else attention_kernel
         self.norm_linear = _compile(norm_linear, backend)
         self.out_norm_linear = _compile(out_norm_linear, backend)
         self.out_mlp_norm = _compile(out_mlp_norm, backend)
@@ -108,18 +118,12 @@ class FusedDecoder:
         x = decoder.embed(tokens, positions, cache.dtype)
         dim = x.shape[-1]
         x = x.reshape(batch * width, dim)
-        rows = torch.arange(batch, device=x.device)[:, None]
-        n_keys = mask.shape[-1]
         h = self.norm_linear(x, *self.first)
+        attention = decode_attention.self_attention if self.attention_kernel and width <= MAX_WIDTH else sdpa_self_attention
         for layer, block in enumerate(decoder.blocks):
+            a = attention(h, cache.k[layer], cache.v[layer], slots, mask)
+            x, h = self.out_norm_linear(x, a, *self.middle[layer])
             heads = block.attn.n_head
-            q, k, v = h.view(batch, width, 3, heads, -1).unbind(2)  # each [B, W, H, Dh]
-            k_cache, v_cache = cache.k[layer], cache.v[layer]
-            k_cache[rows, :, slots] = k
-            v_cache[rows, :, slots] = v
-            a = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache[:batch, :, :n_keys],
-                                               v_cache[:batch, :, :n_keys], attn_mask=mask)
-            x, h = self.out_norm_linear(x, a.transpose(1, 2).reshape(batch * width, dim), *self.middle[layer])
             q = h.view(batch, width, heads, -1).transpose(1, 2)
             if cross_mask is not None and not isinstance(cross_mask, Tensor):
                 a = cross_mask(q, *cross[layer])
@@ -127,6 +131,21 @@ class FusedDecoder:
                 a = F.scaled_dot_product_attention(q, *cross[layer], attn_mask=cross_mask)
             x, h = self.out_mlp_norm(x, a.transpose(1, 2).reshape(batch * width, dim), *self.tail[layer])
         return h.view(batch, width, dim)
+
+
+def sdpa_self_attention(h: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, mask: Tensor) -> Tensor:
+    """PyTorch's form of decode_attention.self_attention: the rows' keys and values scattered into
+    the cache, then SDPA over its first n_keys slots; rows [B*W, D] out."""
+    batch, width = slots.shape
+    heads = k_cache.shape[1]
+    q, k, v = h.view(batch, width, 3, heads, -1).unbind(2)  # each [B, W, H, Dh]
+    rows = torch.arange(batch, device=h.device)[:, None]
+    k_cache[rows, :, slots] = k
+    v_cache[rows, :, slots] = v
+    n_keys = mask.shape[-1]
+    a = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache[:batch, :, :n_keys], v_cache[:batch, :, :n_keys],
+                                       attn_mask=mask)
+    return a.transpose(1, 2).reshape(batch * width, heads * k.shape[-1])
 
 
 class FusedEncoder(nn.Module):

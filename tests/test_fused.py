@@ -32,8 +32,10 @@ def test_fused_encoder_matches_the_encoder(model):
 
 
 @pytest.mark.parametrize("batch,width", [(1, 1), (3, 1), (2, 4)])
-def test_fused_decoder_matches_hidden_and_writes_the_same_cache(model, batch, width):
-    fused = FusedDecoder(model.decoder, backend="aot_eager")
+@pytest.mark.parametrize("attention_kernel", [False, True])
+def test_fused_decoder_matches_hidden_and_writes_the_same_cache(model, batch, width, attention_kernel):
+    """Compiled regions with PyTorch's self-attention, and with the Triton kernel (its interpreter here)."""
+    fused = FusedDecoder(model.decoder, backend="aot_eager", attention_kernel=attention_kernel)
     got, expected, fused_cache, plain_cache = run_against_plain(model, fused.hidden, batch, width)
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(fused_cache.k, plain_cache.k)

@@ -1,0 +1,67 @@
+"""engines/decode_attention.py: the self-attention kernel computes what the cache scatter and SDPA compute.
+
+On a machine without a GPU the kernel runs in Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1), in float32; on a GPU the same tests run there. Its speed is in BENCHMARKS.md."""
+
+import pytest
+import torch
+
+from engines.cuda_graphs import tree_visibility
+from engines.decode_attention import MAX_WIDTH, self_attention
+from engines.fused import sdpa_self_attention
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TOL = {} if DEVICE.type == "cpu" else {"rtol": 1e-3, "atol": 1e-3}
+HEADS, HEAD_DIM, N_CTX = 3, 16, 160
+
+
+def step(batch, width, n_keys, seed):
+    """A step's inputs: rows' query/key/value, a filled cache, slots after each sequence's start,
+    and a mask in which node j sees every slot before the start and its tree ancestors (parents
+    drawn at random), so that rows of one sequence see different keys."""
+    gen = torch.Generator().manual_seed(seed)
+    d = HEADS * HEAD_DIM
+    qkv = torch.randn(batch * width, 3 * d, generator=gen)
+    k_cache, v_cache = (torch.randn(batch + 1, HEADS, N_CTX, HEAD_DIM, generator=gen) for _ in range(2))
+    starts = torch.randint(1, n_keys - width, (batch,), generator=gen)
+    slots = starts[:, None] + torch.arange(width)
+    mask = torch.zeros(batch, 1, width, n_keys, dtype=torch.bool)
+    for b in range(batch):
+        parents = [-1] + [int(torch.randint(0, j, (1,), generator=gen)) for j in range(1, width)]
+        mask[b, 0, :, : starts[b]] = True
+        mask[b, 0][:, slots[b]] = torch.from_numpy(tree_visibility(tuple(parents), width).copy())
+    return [t.to(DEVICE) for t in (qkv, k_cache, v_cache, slots, mask)]
+
+
+@pytest.mark.parametrize("batch,width,n_keys", [(1, 1, 64), (3, 4, 100), (2, 9, 150), (5, MAX_WIDTH, 140)])
+@pytest.mark.parametrize("additive", [False, True])
+def test_matches_scatter_then_sdpa(batch, width, n_keys, additive):
+    qkv, k_cache, v_cache, slots, mask = step(batch, width, n_keys, seed=batch * 10 + width)
+    if additive:  # the graphed step's form: 0 where seen, -inf elsewhere
+        mask = torch.zeros(mask.shape, device=DEVICE).masked_fill(~mask, float("-inf"))
+    k_plain, v_plain = k_cache.clone(), v_cache.clone()
+    expected = sdpa_self_attention(qkv, k_plain, v_plain, slots, mask)
+    got = self_attention(qkv, k_cache, v_cache, slots, mask)
+    torch.testing.assert_close(got, expected, **TOL)
+    torch.testing.assert_close(k_cache, k_plain)  # the same slots written, nothing else touched
+    torch.testing.assert_close(v_cache, v_plain)
+
+
+def test_queries_alone_over_keys_already_stored():
+    """store=False (the row kernels wrote the keys and values): only the queries are passed."""
+    qkv, k_cache, v_cache, slots, mask = step(2, 4, 90, seed=7)
+    expected = sdpa_self_attention(qkv, k_cache, v_cache, slots, mask)  # writes the cache
+    before = k_cache.clone()
+    got = self_attention(qkv[:, : HEADS * HEAD_DIM].contiguous(), k_cache, v_cache, slots, mask, store=False)
+    torch.testing.assert_close(got, expected, **TOL)
+    assert torch.equal(k_cache, before)
+
+
+def test_refuses_what_it_cannot_take():
+    qkv, k_cache, v_cache, slots, mask = step(1, 2, 64, seed=1)
+    with pytest.raises(ValueError, match="at most"):
+        self_attention(qkv.repeat(MAX_WIDTH, 1), k_cache, v_cache, slots.repeat(1, MAX_WIDTH), mask)
+    with pytest.raises(ValueError, match="does not match"):
+        self_attention(qkv[:, :10], k_cache, v_cache, slots, mask)
+    with pytest.raises(ValueError, match="power of two"):
+        self_attention(qkv, k_cache[..., :12], v_cache[..., :12], slots, mask)
