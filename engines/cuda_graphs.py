@@ -106,7 +106,8 @@ class _Buffers:
     positions: Tensor  # [B, W] int64
     slots: Tensor  # [B, W] int64
     hidden: Tensor  # [B, W, D] model dtype
-    logits: Tensor  # [B, W, V] model dtype (made float32 outside the graph)
+    scores: Tensor  # [B*W, V'] model dtype: the vocabulary projection's output, V' = V padded (StepRunner.vocab_rows)
+    logits: Tensor  # [B, W, V]: a view of the first V columns of `scores` (made float32 outside the graph)
     masks: dict[int, Tensor] = field(default_factory=dict)  # context bucket -> [B, 1, W, C] additive (0 / -inf)
     cross_masks: dict[int, Tensor] = field(default_factory=dict)  # frame bucket -> [B, 1, 1, F] additive
     key_lengths: KeyLengths | None = None  # variable-length cross-attention (full-window pools)
@@ -153,6 +154,13 @@ class StepRunner:
         self._warm_stream = torch.cuda.Stream(self.device) if graphed else None
         self._recording_stream = torch.cuda.Stream(self.device) if graphed else None
         self._cross_weight: Tensor | None = None
+        # the vocabulary projection, on CUDA with zero rows up to a multiple of 64: with Whisper's odd vocabulary
+        # (51865) cuBLAS takes an unaligned kernel, 250 us against ~50 at 64 rows on an H100 (BENCHMARKS.md, seventh session)
+        n_vocab = dims.n_vocab
+        self.vocab_rows = -(-n_vocab // 64) * 64 if self.device.type == "cuda" else n_vocab
+        embedding = model.decoder.token_embedding.weight.to(cache.dtype)
+        pad = self.vocab_rows - n_vocab
+        self._vocab_weight = torch.nn.functional.pad(embedding, (0, 0, 0, pad)) if pad else embedding
         self.stats = RunnerStats()
         self.cross_attention = options.cross_attention
         if self.device.type != "cuda":
@@ -197,14 +205,14 @@ class StepRunner:
     def _new_io(self, batch: int, width: int) -> _Buffers:
         dims, dev = self.model.dims, self.device
         dtype = self.cache.dtype
+        scores = torch.zeros((batch * width, self.vocab_rows), dtype=dtype, device=dev)
         return _Buffers(
             tokens=torch.zeros((batch, width), dtype=torch.long, device=dev),
             positions=torch.zeros((batch, width), dtype=torch.long, device=dev),
             slots=torch.full((batch, width), self.n_ctx - 1, dtype=torch.long, device=dev),
             hidden=torch.zeros((batch, width, dims.n_text_state), dtype=dtype, device=dev),
-            # rows padded to a multiple of 64 entries: with Whisper's odd vocabulary (51865) as the row
-            # length cuBLAS falls back to an unaligned kernel, 5x slower at 64 rows (BENCHMARKS.md, seventh session)
-            logits=torch.zeros((batch, width, -(-dims.n_vocab // 64) * 64), dtype=dtype, device=dev)[..., :dims.n_vocab],
+            scores=scores,
+            logits=scores.view(batch, width, -1)[..., :dims.n_vocab],
         )
 
     def _masks(self, key, io: _Buffers | None = None) -> tuple[Tensor, Tensor | None]:
@@ -247,7 +255,7 @@ class StepRunner:
         else:
             hidden = decoder.hidden(io.tokens, io.positions, self.cache, None, cross, mask, cross_mask, slots=io.slots)
         io.hidden.copy_(hidden)
-        torch.mm(hidden.flatten(0, 1), decoder.token_embedding.weight.to(hidden.dtype).T, out=io.logits.flatten(0, 1))
+        torch.mm(hidden.flatten(0, 1), self._vocab_weight.T, out=io.scores)
 
     def _step_fn(self, key):
         """The step of `key`, recorded now if it is not yet (on the calling thread)."""
