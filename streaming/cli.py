@@ -20,8 +20,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "fp16-packed ones (the default where fbgemm exists: 2-10x faster, same transcripts)")
     parser.add_argument("--cuda-graphs", choices=["graph", "compile", "off"], default="graph",
                         help="CUDA: decoder steps and encoder calls replayed as CUDA graphs (default), the same with "
-                             "Inductor-fused layer norms, biases, GELU and residual adds inside (compile: faster "
-                             "kernels, compiles for a minute at start), or eager")
+                             "Inductor-fused layer norms, biases, GELU and residual adds inside and the encoder's GELU in "
+                             "cuBLASLt's epilogue, tanh form (compile: faster kernels, compiles for a minute at "
+                             "start), or eager")
     from engines.trtllm.backend import add_backend_arguments
     add_backend_arguments(parser)  # --backend torch|trtllm-encoder|trtllm, --trtllm-engine-dir
 
