@@ -86,6 +86,10 @@ class GraphOptions:
     # steps of more rows: self-attention with its cache writes as one Triton kernel (engines/decode_attention.py)
     # instead of two scatters and cuDNN's attention; None = on CUDA where Triton is installed
     attention_kernel: bool | None = None
+    # the vocabulary projection's rows padded with zeros to a multiple of this; None = 64 on CUDA, where with
+    # Whisper's odd vocabulary (51865) cuBLAS took an unaligned kernel (253 us against ~50 at 64 rows on an
+    # H100; BENCHMARKS.md, seventh session), 1 on the CPU (where the padded copy would only cost memory)
+    vocab_multiple: int | None = None
     # while a thread of the runner records a new bucket's graph, its steps run in the smallest recorded
     # bucket that holds them (more padding rows, a longer context), eagerly where none does: recording
     # takes 0.2-0.5 s, which would stall every stream in the batch (False: record before the step)
@@ -154,12 +158,10 @@ class StepRunner:
         self._warm_stream = torch.cuda.Stream(self.device) if graphed else None
         self._recording_stream = torch.cuda.Stream(self.device) if graphed else None
         self._cross_weight: Tensor | None = None
-        # the vocabulary projection, on CUDA with zero rows up to a multiple of 64: with Whisper's odd vocabulary
-        # (51865) cuBLAS takes an unaligned kernel, 250 us against ~50 at 64 rows on an H100 (BENCHMARKS.md, seventh session)
-        n_vocab = dims.n_vocab
-        self.vocab_rows = -(-n_vocab // 64) * 64 if self.device.type == "cuda" else n_vocab
-        embedding = model.decoder.token_embedding.weight.to(cache.dtype)
-        pad = self.vocab_rows - n_vocab
+        multiple = options.vocab_multiple or (64 if self.device.type == "cuda" else 1)
+        self.vocab_rows = -(-dims.n_vocab // multiple) * multiple
+        embedding = model.decoder.token_embedding.weight.to(cache.dtype)  # the vocabulary projection, padded
+        pad = self.vocab_rows - dims.n_vocab
         self._vocab_weight = torch.nn.functional.pad(embedding, (0, 0, 0, pad)) if pad else embedding
         self.stats = RunnerStats()
         self.cross_attention = options.cross_attention

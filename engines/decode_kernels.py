@@ -13,12 +13,12 @@ Here each projection is one kernel that does all the pointwise work around it:
     g     = GELU(LN3(x) @ W1 + b1)
     x     = x + g @ W2 + b2
 
-plus the self-attention (engines/decode_attention.py) and the cross-attention (PyTorch's SDPA). A kernel computes BLOCK_N output columns for all
-rows (padded to a tile of 16) over the whole K, so every weight is read once per step, and a
-row's layer norm is recomputed by every program from the row itself (a few KB, in L2) instead
-of being a kernel of its own. The products run on tensor cores (tl.dot
-on the 16-row tile): a step of one row wastes the padding's arithmetic, which costs
-nothing next to the weight reads.
+plus the self-attention (engines/decode_attention.py) and the cross-attention (PyTorch's SDPA).
+A kernel computes BLOCK_N output columns for all rows (padded to a tile of 16) over the whole K,
+so every weight is read once per step, and a row's layer norm is recomputed by every program
+from the row itself (a few KB, in L2) instead of being a kernel of its own. The products run on
+tensor cores (tl.dot on the 16-row tile): a step of one row wastes the padding's arithmetic,
+which costs nothing next to the weight reads.
 
 `KernelDecoder.hidden` is TextDecoder.hidden for rows 0..B-1 through these kernels; the StepRunner
 (engines/cuda_graphs.py) records it into its CUDA graphs for buckets of at most `MAX_ROWS` rows.

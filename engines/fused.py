@@ -59,9 +59,9 @@ def encoder_block(x: Tensor, n_head: int, ln1_w: Tensor, ln1_b: Tensor, eps1: fl
     """One encoder block (ResidualAttentionBlock.forward) as a single compiled region.
 
     fc1's bias and GELU run in the matrix product's epilogue (cuBLASLt), which saves a pass over
-    its [B, T, 4D] output: 6% of a batch-32 window on an H100. On CUDA that epilogue computes GELU's
-    tanh form (at most 4.7e-4 from the exact one, below fp16's resolution past |x| = 0.5; whisper-base's
-    dev transcripts with it: 23 of 24 identical, CER 13.9% against 14.0%; BENCHMARKS.md, seventh session)."""
+    its [B, T, 4D] output: about 5% of a batch-32 window on an H100. On CUDA that epilogue computes
+    GELU's tanh form, at most 4.7e-4 from the exact one (whisper-base's dev transcripts with it: 23
+    of 24 identical, CER 13.9% against 14.0%; BENCHMARKS.md, seventh session)."""
     batch, frames, width = x.shape
     qkv = F.linear(_norm(x, ln1_w, ln1_b, eps1), qkv_w, qkv_b).view(batch, frames, 3, n_head, -1).permute(2, 0, 3, 1, 4)
     a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])

@@ -114,9 +114,12 @@ def test_bucketed_step_gives_the_plain_tokens(parts, speculative):
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                     reason="the CPU form of the row kernels needs Triton's interpreter (conftest sets it where there is no GPU)")
-def test_row_kernel_steps_give_the_plain_tokens(parts):
+@pytest.mark.parametrize("beyond", ["plain", "attention kernel"])
+def test_row_kernel_steps_give_the_plain_tokens(parts, beyond):
     """Buckets of at most 16 rows through the Triton row kernels (engines/decode_kernels.py; Triton's
-    interpreter on the CPU), larger ones through the plain step: the same tokens and draft acceptance."""
+    interpreter on the CPU), larger ones through the plain step or through the plain projections with
+    the self-attention kernel (engines/decode_attention.py) and a padded vocabulary projection, as the
+    GPU runs them: the same tokens and draft acceptance."""
     model, tok, suppress = parts
     fused = Whisper(DIMS).eval()
     fused.load_state_dict(model.state_dict())
@@ -125,13 +128,16 @@ def test_row_kernel_steps_give_the_plain_tokens(parts):
     groups = [(0, encode(model, 1, 400, 2)), (4, encode(model, 2, 300, 3))]
     reference = [r for _, f in groups for r in Decoder(model, tok, suppress).decode(f, options)]
     drafts = [r.tokens[:5] + [11] + r.tokens[6:] for r in reference]
-    batch = Batch(fused, tok, suppress, rows=4, graphs=GraphOptions(mode="eager", row_kernels=True))
+    extra = {"attention_kernel": True, "vocab_multiple": 64} if beyond == "attention kernel" else {}
+    batch = Batch(fused, tok, suppress, rows=4, graphs=GraphOptions(mode="eager", row_kernels=True, **extra))
     kernels = run_schedule(batch, tok, groups, options, drafts)
     plain = run_schedule(Batch(model, tok, suppress, rows=4), tok, groups, options, drafts)
     assert [r.tokens for r in kernels] == [r.tokens for r in reference]
     assert [r.draft_accepted for r in kernels] == [r.draft_accepted for r in plain]
+    assert np.allclose([r.avg_logprob for r in kernels], [r.avg_logprob for r in plain], atol=1e-4)
     keys = batch.runner.stats.keys
     assert any(b * w <= 16 for b, w, *_ in keys) and any(b * w > 16 for b, w, *_ in keys)  # both paths ran
+    assert (batch.runner.fused is not None) == bool(extra) and batch.runner.vocab_rows % (64 if extra else 1) == 0
 
 
 @torch.inference_mode()
