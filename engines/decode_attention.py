@@ -98,8 +98,9 @@ def self_attention(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
         raise ValueError(f"head size {head_dim}: the attention kernel needs a power of two from 16")
     if width > MAX_WIDTH:
         raise ValueError(f"{width} rows per sequence: the attention kernel takes at most {MAX_WIDTH}")
-    if qkv.stride(1) != 1 or k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride():
-        raise ValueError("rows, keys and values must be contiguous in the head dimension, the two caches alike")
+    if qkv.stride(1) != 1 or k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride() or not slots.is_contiguous():
+        raise ValueError("rows, keys and values must be contiguous in the head dimension, the two caches alike, "
+                         "the slots contiguous")
     if qkv.shape != (batch * width, 3 * d if store else d):
         raise ValueError(f"qkv {tuple(qkv.shape)} does not match {batch} x {width} rows of {d}")
     n_keys = mask.shape[-1]

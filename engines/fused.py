@@ -91,14 +91,14 @@ def _compile(fn, backend: str | None):
 
 
 class FusedDecoder:
-    """TextDecoder.hidden with the regions between attention calls compiled (see the module doc).
+    """TextDecoder.hidden with the regions between attention calls compiled (see the module doc);
+    backend None runs them as they are, which the graphed step uses for the attention kernel alone.
 
     Same arguments and result as TextDecoder.hidden for rows 0..B-1 (rows=None)."""
 
-    def __init__(self, decoder: TextDecoder, backend: str | None = "inductor", attention_kernel: bool | None = None):
+    def __init__(self, decoder: TextDecoder, backend: str | None = "inductor", attention_kernel: bool = False):
         self.decoder = decoder
-        # self-attention with its cache writes as one Triton kernel (engines/decode_attention.py); None: where Triton is
-        self.attention_kernel = decode_attention.available() if attention_kernel is None else attention_kernel
+        self.attention_kernel = attention_kernel  # self-attention and its cache writes in one Triton kernel (decode_attention.py)
         self.norm_linear = _compile(norm_linear, backend)
         self.out_norm_linear = _compile(out_norm_linear, backend)
         self.out_mlp_norm = _compile(out_mlp_norm, backend)
