@@ -170,17 +170,17 @@ class StepRunner:
         elif self.cross_attention == "auto":
             self.cross_attention = choose_cross_attention(dims.n_text_head, dims.n_text_state // dims.n_text_head,
                                                           self.n_frames, cache.dtype, self.device)
-        attention_kernel = options.attention_kernel
-        if attention_kernel is None:
-            attention_kernel = self.mode != "eager" and decode_attention.available()
+        attention_kernel = self._triton(options.attention_kernel, decode_attention)
         self.fused = None  # the step through fused.py's regions: compiled, or plain with the attention kernel
         if self.mode == "compile" or attention_kernel:
             self.fused = FusedDecoder(model.decoder, backend="inductor" if self.mode == "compile" else None,
                                       attention_kernel=attention_kernel)
-        row_kernels = options.row_kernels
-        if row_kernels is None:
-            row_kernels = self.mode != "eager" and decode_kernels.available()
+        row_kernels = self._triton(options.row_kernels, decode_kernels)
         self.kernels = decode_kernels.KernelDecoder(model.decoder) if row_kernels else None
+
+    def _triton(self, wanted: bool | None, kernels) -> bool:
+        """An option for one of our Triton kernels: as given, or (None) in the graphed modes where Triton is."""
+        return wanted if wanted is not None else self.mode != "eager" and kernels.available()
 
     # -- shapes ---------------------------------------------------------------------------------
 
