@@ -80,7 +80,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="hf: Hugging Face transformers WhisperForConditionalGeneration, eager, same shape, same run")
     parser.add_argument("--modes", default=None,
                         help="decoder step modes among eager,graph,kernels,compile (default eager,graph,kernels on CUDA, "
-                             "eager on the CPU); kernels: the Triton row kernels for steps of up to 16 rows, plain graphs above")
+                             "eager on the CPU); kernels: the Triton row kernels for steps of up to 16 rows, graphs with the "
+                             "self-attention kernel above")
     parser.add_argument("--compile-batch", default="1,64", help="batches timed with torch.compile (it compiles per batch)")
     parser.add_argument("--frames", default="1500,256",
                         help="cross-attention frames of the decoder table (1500 = the 30 s window, 256 = 5.1 s)")
