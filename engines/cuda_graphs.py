@@ -26,7 +26,7 @@ Three modes share the same static-buffer step, so they compute the same function
 step then recorded into the same kind of graph: fewer, fused kernels), and `eager` (the same step
 run directly: the reference, and the only mode on the CPU). In the graphed modes, buckets of at
 most 16 rows (batch x width) run through hand-written Triton kernels instead (`row_kernels`,
-engines/decode_kernels.py: eight kernels per layer), which is what a lightly loaded GPU steps;
+engines/decode_kernels.py: eight or nine kernels per layer), which is what a lightly loaded GPU steps;
 larger buckets keep PyTorch's projections but take their self-attention and its cache writes
 from one Triton kernel (`attention_kernel`, engines/decode_attention.py).
 """
@@ -176,7 +176,9 @@ class StepRunner:
             self.fused = FusedDecoder(model.decoder, backend="inductor" if self.mode == "compile" else None,
                                       attention_kernel=attention_kernel)
         row_kernels = self._triton(options.row_kernels, decode_kernels)
-        self.kernels = decode_kernels.KernelDecoder(model.decoder) if row_kernels else None
+        self.kernels = None
+        if row_kernels:
+            self.kernels = decode_kernels.KernelDecoder(model.decoder, dependent=decode_kernels.dependent_launch(self.device))
 
     def _triton(self, wanted: bool | None, kernels) -> bool:
         """An option for one of our Triton kernels: as given, or (None) in the graphed modes where Triton is."""

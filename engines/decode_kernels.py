@@ -1,4 +1,4 @@
-"""Decoder steps of a few rows as hand-written Triton kernels: eight launches per layer.
+"""Decoder steps of a few rows as hand-written Triton kernels: eight or nine launches per layer.
 
 A graphed Breeze decoder step at batch 1 is bound by kernel count and per-kernel latency, not
 by bytes: cuBLAS spends 5-6 us on each of a layer's six projections whatever their size, and the
@@ -13,12 +13,17 @@ Here each projection is one kernel that does all the pointwise work around it:
     g     = GELU(LN3(x) @ W1 + b1)
     x     = x + g @ W2 + b2
 
-plus the self-attention (engines/decode_attention.py) and the cross-attention (PyTorch's SDPA).
-A kernel computes BLOCK_N output columns for all rows (padded to a tile of 16) over the whole K,
-so every weight is read once per step, and a row's layer norm is recomputed by every program
-from the row itself (a few KB, in L2) instead of being a kernel of its own. The products run on
-tensor cores (tl.dot on the 16-row tile): a step of one row wastes the padding's arithmetic,
-which costs nothing next to the weight reads.
+plus the self-attention and the cross-attention (engines/decode_attention.py's kernels, or
+PyTorch's SDPA for the cross-attention of plain steps over whole windows, where cuDNN is faster).
+Every weight is read once per step, and a row's layer norm is recomputed by every program from
+the row itself (a few KB, in L2) instead of being a kernel of its own. Two forms:
+
+- up to GEMV_ROWS rows (_row_gemv): the CUDA cores, one warp per program and a few columns each,
+  the program's whole K in registers, so that thousands of small programs have the whole weight
+  in flight at once; on Hopper each kernel is a programmatic dependent launch that loads its
+  weights while the previous kernel ends (1.41 against 1.97 ms per step at one row, eighth session);
+- up to MAX_ROWS rows (_row_linear): tensor cores, BLOCK_N columns for all rows (padded to a tile
+  of 16) over the whole K; the padding's arithmetic costs nothing next to the weight reads.
 
 `KernelDecoder.hidden` is TextDecoder.hidden for rows 0..B-1 through these kernels; the StepRunner
 (engines/cuda_graphs.py) records it into its CUDA graphs for buckets of at most `MAX_ROWS` rows.
@@ -32,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .decode_attention import self_attention
+from .decode_attention import cross_attention, launch_options, self_attention
 from .model import KVCache, LayerNorm, TextDecoder
 
 try:
@@ -50,6 +55,7 @@ def available() -> bool:
 
 
 if triton is not None:
+    from .decode_attention import dependent_start
 
     @triton.jit
     def _row_linear(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, ln_w_ptr, ln_b_ptr, eps,
@@ -91,12 +97,53 @@ if triton is not None:
                   slot_ptr, width, stride_cb, stride_ch, stride_cs, N, D, HEAD_DIM, GELU, RESIDUAL, KV)
 
     @triton.jit
+    def _row_gemv(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, ln_w_ptr, ln_b_ptr, eps,
+                  k_ptr, v_ptr, slot_ptr, width, stride_cb, stride_ch, stride_cs,
+                  M, N, stride_xm, D, K: tl.constexpr, PART: tl.constexpr, REST: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, NORM: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr,
+                  KV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DEPENDENT: tl.constexpr):
+        """_row_linear for a step of one or two rows, on the CUDA cores: a few columns per program
+        (many programs), the whole K in registers as two tiles, columns [0, PART) and [PART, PART +
+        REST) (powers of two; the second masked past K), so every load of a program is in flight at
+        once. DEPENDENT (a programmatic dependent launch): the weights, which no kernel writes, are
+        loaded before waiting for the previous kernel's results."""
+        rm = tl.arange(0, BLOCK_M)
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ra = tl.arange(0, PART)
+        rb = PART + tl.arange(0, REST)
+        row_ok = rm < M
+        col_ok = rn < N
+        b_ok = rb < K
+        wa = tl.load(w_ptr + rn[:, None] * K + ra[None, :], mask=col_ok[:, None], other=0.0)
+        wb = tl.load(w_ptr + rn[:, None] * K + rb[None, :], mask=col_ok[:, None] & b_ok[None, :], other=0.0)
+        bias = tl.load(b_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)
+        if DEPENDENT:
+            dependent_start()
+        xa = tl.load(x_ptr + rm[:, None] * stride_xm + ra[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        xb = tl.load(x_ptr + rm[:, None] * stride_xm + rb[None, :], mask=row_ok[:, None] & b_ok[None, :],
+                     other=0.0).to(tl.float32)
+        if NORM:
+            mean = (tl.sum(xa, axis=1) + tl.sum(xb, axis=1)) / K
+            da = xa - mean[:, None]
+            db = tl.where(b_ok[None, :], xb - mean[:, None], 0.0)
+            rstd = 1.0 / tl.sqrt((tl.sum(da * da, axis=1) + tl.sum(db * db, axis=1)) / K + eps)
+            xa = da * rstd[:, None] * tl.load(ln_w_ptr + ra).to(tl.float32)[None, :] + tl.load(ln_b_ptr + ra).to(tl.float32)[None, :]
+            xb = (db * rstd[:, None] * tl.load(ln_w_ptr + rb, mask=b_ok, other=0.0).to(tl.float32)[None, :]
+                  + tl.load(ln_b_ptr + rb, mask=b_ok, other=0.0).to(tl.float32)[None, :])
+        acc = (tl.sum(xa[:, None, :] * wa.to(tl.float32)[None, :, :], axis=2)
+               + tl.sum(xb[:, None, :] * wb.to(tl.float32)[None, :, :], axis=2))
+        _epilogue(acc + bias[None, :], rm, rn, row_ok[:, None] & col_ok[None, :], row_ok, b_ptr, res_ptr, out_ptr,
+                  k_ptr, v_ptr, slot_ptr, width, stride_cb, stride_ch, stride_cs, N, D, HEAD_DIM, GELU, RESIDUAL, KV,
+                  BIAS=False)
+
+    @triton.jit
     def _epilogue(acc, rm, rn, ok, row_ok, b_ptr, res_ptr, out_ptr, k_ptr, v_ptr, slot_ptr, width,
                   stride_cb, stride_ch, stride_cs, N, D, HEAD_DIM: tl.constexpr, GELU: tl.constexpr,
-                  RESIDUAL: tl.constexpr, KV: tl.constexpr):
+                  RESIDUAL: tl.constexpr, KV: tl.constexpr, BIAS: tl.constexpr = True):
         """Bias, GELU, residual; the result to `out` (or, for a query/key/value projection, the
         query to `out` and the keys and values to the cache at the rows' slots)."""
-        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        if BIAS:
+            acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         if GELU:  # exact (erf) GELU, as the model's nn.GELU()
             acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
         if RESIDUAL:
@@ -129,21 +176,41 @@ def _blocks(n: int, k: int, itemsize: int) -> tuple[int, int, int, int]:
 
 _SHARED_BYTES = 160 * 1024  # of an H100's 227 KB per block, with room for Triton's own buffers
 
+GEMV_ROWS = 2  # steps of at most this many rows take the CUDA-core form (_row_gemv)
+
+
+def _gemv_blocks(n: int, k: int, dependent: bool) -> tuple[int, int]:
+    """(BLOCK_N, warps) of _row_gemv for an [n, k] weight, from a sweep on an H100 at one row
+    (BENCHMARKS.md, eighth session): one warp per program and a few columns each, fewer for fc2's
+    long K; a dependent launch overlaps more, so its programs take more columns."""
+    if dependent:
+        return (2 if k > 2048 else 4), 1
+    return (1, 4) if k > 2048 else (2, 1)
+
+
+def dependent_launch(device: torch.device) -> bool:
+    """Programmatic dependent launch (Hopper and later): a kernel's programs start while the previous
+    kernel ends, and wait for its results only where they read them."""
+    return triton is not None and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
 
 def row_linear(x: Tensor, weight: Tensor, bias: Tensor, *, norm: tuple[Tensor, Tensor, float] | None = None,
                gelu: bool = False, residual: Tensor | None = None,
-               kv: tuple[Tensor, Tensor, Tensor, int] | None = None) -> Tensor:
+               kv: tuple[Tensor, Tensor, Tensor, int] | None = None, dependent: bool = False) -> Tensor:
     """epilogue(norm(x) @ weight.T + bias) for x [M, K], M <= MAX_ROWS (rows contiguous in K).
 
     norm: (gamma, beta, eps) of a layer norm applied to x first; gelu: exact GELU after the bias;
     residual: [M, N] added last. kv: (k_cache, v_cache, slots, width) of one layer ([rows, H, n_ctx,
     Dh] each; slots [M]; row m belongs to cache row m // width): the weight is a fused query/key/value
     projection, the keys and values go to the cache at the rows' slots and only the query [M, N/3]
-    is returned."""
+    is returned. dependent: launched as a programmatic dependent launch (dependent_launch()); steps
+    of at most GEMV_ROWS rows only."""
     m, k = x.shape
     n = weight.shape[0]
     if m > MAX_ROWS:
         raise ValueError(f"{m} rows: the row kernels take at most {MAX_ROWS}")
+    if dependent and m > GEMV_ROWS:
+        raise ValueError(f"{m} rows: dependent launches are for steps of at most {GEMV_ROWS} rows")
     if x.stride(1) != 1 or not weight.is_contiguous():
         raise ValueError("x needs contiguous rows and the weight must be contiguous")
     d = n // 3 if kv else n
@@ -156,6 +223,17 @@ def row_linear(x: Tensor, weight: Tensor, bias: Tensor, *, norm: tuple[Tensor, T
     else:
         k_cache = v_cache = slots = out
         width, strides, head_dim = 1, (0, 0, 0), 1
+    if m <= GEMV_ROWS:
+        block_n, warps = _gemv_blocks(n, k, dependent)
+        part = 1 << (k.bit_length() - 1)  # the largest power of two in K, then the rest rounded up
+        rest = triton.next_power_of_2(k - part) if k > part else 1
+        _row_gemv[(triton.cdiv(n, block_n),)](
+            x, weight, bias, residual if residual is not None else out, out, gamma, beta, eps,
+            k_cache, v_cache, slots, width, *strides, m, n, x.stride(0), d, K=k, PART=part, REST=rest,
+            HEAD_DIM=head_dim, NORM=norm is not None, GELU=gelu, RESIDUAL=residual is not None, KV=kv is not None,
+            BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, DEPENDENT=dependent, num_warps=warps,
+            **launch_options(dependent))
+        return out
     block_n, block_k, warps, stages = _blocks(n, k, x.element_size())
     _row_linear[(triton.cdiv(n, block_n),)](
         x, weight, bias, residual if residual is not None else out, out, gamma, beta, eps,
@@ -171,8 +249,15 @@ class KernelDecoder:
 
     Needs the model's fused query/key/value weights (Whisper.fuse()) in the model's dtype."""
 
-    def __init__(self, decoder: TextDecoder):
-        self.decoder = decoder
+    def __init__(self, decoder: TextDecoder, *, dependent: bool = False, cross: str = "auto"):
+        """dependent: steps of at most GEMV_ROWS rows launch their kernels as programmatic dependent
+        launches (dependent_launch()). cross: the cross-attention, "kernel" (decode_attention.cross_attention),
+        "sdpa" (PyTorch's), or "auto": the kernel where a sequence has several rows or the rows read
+        different numbers of frames, SDPA (cuDNN) for plain steps over whole windows (BENCHMARKS.md,
+        eighth session). Additive cross masks (SDPA's frame buckets) always go to SDPA."""
+        if cross not in ("auto", "kernel", "sdpa"):
+            raise ValueError(f"cross must be auto, kernel or sdpa, got {cross!r}")
+        self.decoder, self.dependent, self.cross = decoder, dependent, cross
         self.layers = []
         for block in decoder.blocks:
             qkv = block.attn.fused
@@ -190,21 +275,31 @@ class KernelDecoder:
         batch, width = tokens.shape
         x = self.decoder.embed(tokens, positions, cache.dtype).flatten(0, 1)  # rows [B*W, D]
         flat_slots = slots.reshape(-1)
+        dep = self.dependent and batch * width <= GEMV_ROWS
+        used = getattr(cross_mask, "used", None)  # KeyLengths: each row's frames
+        kernel = not isinstance(cross_mask, Tensor) and (
+            self.cross == "kernel" or self.cross == "auto" and (width > 1 or used is not None))
         for layer, p in enumerate(self.layers):
             heads = p["heads"]
             k_cache, v_cache = cache.k[layer], cache.v[layer]
             w, b, norm = p["qkv"]
-            q = row_linear(x, w, b, norm=norm, kv=(k_cache, v_cache, flat_slots, width))
-            x = row_linear(self_attention(q, k_cache, v_cache, slots, mask, store=False), *p["out"], residual=x)
+            q = row_linear(x, w, b, norm=norm, kv=(k_cache, v_cache, flat_slots, width), dependent=dep)
+            a = self_attention(q, k_cache, v_cache, slots, mask, store=False, dependent=dep)
+            x = row_linear(a, *p["out"], residual=x, dependent=dep)
             w, b, norm = p["query"]
-            q = row_linear(x, w, b, norm=norm).view(batch, width, heads, -1).transpose(1, 2)
-            if cross_mask is not None and not isinstance(cross_mask, Tensor):
-                a = cross_mask(q, *cross[layer])
+            q = row_linear(x, w, b, norm=norm, dependent=dep)
+            if kernel:
+                a = cross_attention(q, *cross[layer], used, dependent=dep)
             else:
-                a = F.scaled_dot_product_attention(q, *cross[layer], attn_mask=cross_mask)
-            x = row_linear(_rows(a), *p["cross_out"], residual=x)
+                q = q.view(batch, width, heads, -1).transpose(1, 2)
+                if cross_mask is not None and not isinstance(cross_mask, Tensor):
+                    a = cross_mask(q, *cross[layer])
+                else:
+                    a = F.scaled_dot_product_attention(q, *cross[layer], attn_mask=cross_mask)
+                a = _rows(a)
+            x = row_linear(a, *p["cross_out"], residual=x, dependent=dep)
             w, b, norm = p["fc1"]
-            x = row_linear(row_linear(x, w, b, norm=norm, gelu=True), *p["fc2"], residual=x)
+            x = row_linear(row_linear(x, w, b, norm=norm, gelu=True, dependent=dep), *p["fc2"], residual=x, dependent=dep)
         return self.decoder.ln(x).view(batch, width, -1)
 
 

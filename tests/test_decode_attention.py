@@ -1,13 +1,14 @@
-"""engines/decode_attention.py: the self-attention kernel computes what the cache scatter and SDPA compute.
+"""engines/decode_attention.py: the attention kernels compute what the cache scatter and SDPA compute.
 
 On a machine without a GPU the kernel runs in Triton's interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1), in float32; on a GPU the same tests run there. Its speed is in BENCHMARKS.md."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from engines.cuda_graphs import tree_visibility
-from engines.decode_attention import MAX_WIDTH, self_attention
+from engines.decode_attention import CROSS_BLOCK, MAX_WIDTH, cross_attention, self_attention
 from engines.fused import sdpa_self_attention
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -65,3 +66,40 @@ def test_refuses_what_it_cannot_take():
         self_attention(qkv[:, :10], k_cache, v_cache, slots, mask)
     with pytest.raises(ValueError, match="power of two"):
         self_attention(qkv, k_cache[..., :12], v_cache[..., :12], slots, mask)
+
+
+def cross_step(batch, width, frames, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch * width, HEADS * HEAD_DIM, generator=gen)
+    k, v = (torch.randn(batch, HEADS, frames, HEAD_DIM, generator=gen) for _ in range(2))
+    lengths = torch.randint(1, frames + 1, (batch,), generator=gen)
+    lengths[0] = frames
+    return [t.to(DEVICE) for t in (q, k, v, lengths)]
+
+
+def sdpa_cross(q, k, v, lengths=None):
+    """PyTorch's attention over the first `lengths[b]` frames of sequence b, as rows [B*W, D]."""
+    batch, heads, frames, dim = k.shape
+    queries = q.view(batch, -1, heads, dim).transpose(1, 2)
+    mask = None if lengths is None else (torch.arange(frames, device=DEVICE) < lengths[:, None])[:, None, None, :]
+    return F.scaled_dot_product_attention(queries, k, v, attn_mask=mask).transpose(1, 2).reshape(q.shape)
+
+
+@pytest.mark.parametrize("batch,width,frames", [(1, 1, 300), (3, 4, 700), (2, 9, 256), (1, MAX_WIDTH, 513)])
+def test_cross_attention_over_chunks_matches_sdpa(batch, width, frames):
+    """Frame counts that split into several chunks (one of them short), and rows that see fewer
+    frames than the pools hold (KeyLengths.used: a count per sequence and head)."""
+    q, k, v, lengths = cross_step(batch, width, frames, seed=frames + width)
+    torch.testing.assert_close(cross_attention(q, k, v, chunk=CROSS_BLOCK), sdpa_cross(q, k, v), **TOL)
+    used = lengths.repeat_interleave(HEADS).to(torch.int32)
+    torch.testing.assert_close(cross_attention(q, k, v, used, chunk=2 * CROSS_BLOCK), sdpa_cross(q, k, v, lengths), **TOL)
+
+
+def test_cross_attention_refuses_what_it_cannot_take():
+    q, k, v, _ = cross_step(1, 2, 64, seed=2)
+    with pytest.raises(ValueError, match="do not match"):
+        cross_attention(q.repeat(MAX_WIDTH, 1), k, v)
+    with pytest.raises(ValueError, match="power of two"):
+        cross_attention(q[:, : HEADS * 12], k[..., :12], v[..., :12])
+    with pytest.raises(ValueError, match="multiple"):
+        cross_attention(q, k, v, chunk=CROSS_BLOCK + 1)

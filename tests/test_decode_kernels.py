@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from decoder_check import run_against_plain
 from engines.bench import random_model
-from engines.decode_kernels import MAX_ROWS, KernelDecoder, row_linear
+from engines.decode_kernels import GEMV_ROWS, MAX_ROWS, KernelDecoder, dependent_launch, row_linear
 from engines.model import ModelDims
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -40,11 +40,13 @@ def model():
     return m
 
 
-@pytest.mark.parametrize("rows", [1, 5, MAX_ROWS])
-def test_row_linear_epilogues_match_torch(rows):
-    """Column and reduction sizes that are not multiples of the blocks, each epilogue alone and together."""
+@pytest.mark.parametrize("rows", [1, GEMV_ROWS, 5, MAX_ROWS])
+@pytest.mark.parametrize("k", [300, 256])
+def test_row_linear_epilogues_match_torch(rows, k):
+    """Column and reduction sizes that are not multiples of the blocks (and a reduction of a power of
+    two, which the CUDA-core form of GEMV_ROWS rows holds as one tile), each epilogue alone and together."""
     torch.manual_seed(0)
-    n, k = 72, 300
+    n = 72
     x, w, b = torch.randn(rows, k) * 3 + 1, torch.randn(n, k) / 10, torch.randn(n)
     gamma, beta, res = torch.randn(k), torch.randn(k), torch.randn(rows, n)
     norm = (gamma, beta, 1e-5)
@@ -55,13 +57,14 @@ def test_row_linear_epilogues_match_torch(rows):
     assert_close(row_linear(x, w, b, residual=res), res + F.linear(x, w, b))
 
 
-def test_row_linear_stores_keys_and_values_at_the_rows_slots():
+@pytest.mark.parametrize("batch,width,slots", [(3, 2, [3, 4, 0, 1, 7, 9]), (1, 2, [5, 6]), (1, 1, [8])])
+def test_row_linear_stores_keys_and_values_at_the_rows_slots(batch, width, slots):
     torch.manual_seed(1)
-    heads, dh, batch, width, n_ctx = 2, 8, 3, 2, 10
+    heads, dh, n_ctx = 2, 8, 10
     d = heads * dh
     x, w, b = torch.randn(batch * width, d), torch.randn(3 * d, d), torch.randn(3 * d)
     k_cache, v_cache = torch.zeros(4, heads, n_ctx, dh), torch.zeros(4, heads, n_ctx, dh)
-    slots = torch.tensor([3, 4, 0, 1, 7, 9])
+    slots = torch.tensor(slots)
     q = row_linear(x, w, b, kv=(k_cache, v_cache, slots, width))
     expected = F.linear(x, w, b)
     assert_close(q, expected[:, :d])
@@ -77,15 +80,46 @@ def test_row_linear_stores_keys_and_values_at_the_rows_slots():
 def test_row_linear_refuses_more_rows_than_a_tile():
     with pytest.raises(ValueError, match="at most"):
         row_linear(torch.randn(MAX_ROWS + 1, 8), torch.randn(16, 8), torch.randn(16))
+    with pytest.raises(ValueError, match="dependent"):
+        row_linear(torch.randn(GEMV_ROWS + 1, 8), torch.randn(16, 8), torch.randn(16), dependent=True)
 
 
-@pytest.mark.parametrize("batch,width", [(1, 1), (3, 1), (2, 4)])
-def test_kernel_decoder_matches_hidden_and_writes_the_same_cache(model, batch, width):
-    kernels = KernelDecoder(model.decoder)
+@pytest.mark.parametrize("batch,width", [(1, 1), (1, 2), (3, 1), (2, 4)])
+@pytest.mark.parametrize("dependent", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not dependent_launch(DEVICE), reason="programmatic dependent launch needs a Hopper GPU or later"))])
+def test_kernel_decoder_matches_hidden_and_writes_the_same_cache(model, batch, width, dependent):
+    kernels = KernelDecoder(model.decoder, dependent=dependent)
     got, expected, kernel_cache, plain_cache = run_against_plain(model, kernels.hidden, batch, width)
     assert_close(got, expected)
     assert_close(kernel_cache.k, plain_cache.k)
     assert_close(kernel_cache.v, plain_cache.v)
+
+
+class Lengths:
+    """What the row kernels read of a KeyLengths: frames seen per (sequence, head)."""
+
+    def __init__(self, used):
+        self.used = used
+
+
+@pytest.mark.parametrize("batch,width", [(1, 1), (3, 1), (2, 4)])
+def test_kernel_decoder_cross_attention_kernel_reads_each_rows_frames(model, batch, width):
+    """cross="kernel" with KeyLengths' counts (the engine's rows of different windows) against the
+    plain step with the equivalent boolean mask."""
+    kernels = KernelDecoder(model.decoder, cross="kernel")
+
+    def hidden(tokens, positions, cache, cross, mask, cross_mask, slots):
+        used = cross_mask[:, 0, 0].sum(-1).repeat_interleave(DIMS.n_text_head).to(torch.int32)
+        return kernels.hidden(tokens, positions, cache, cross, mask, Lengths(used), slots)
+
+    got, expected, kernel_cache, plain_cache = run_against_plain(model, hidden, batch, width)
+    assert_close(got, expected)
+    assert_close(kernel_cache.k, plain_cache.k)
+
+
+def test_kernel_decoder_refuses_an_unknown_cross_attention(model):
+    with pytest.raises(ValueError, match="cross must be"):
+        KernelDecoder(model.decoder, cross="flash")
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="programs run concurrently only on a GPU")
