@@ -86,8 +86,8 @@ def _qkv(block: ResidualAttentionBlock) -> tuple[Tensor, Tensor]:
     return fused
 
 
-def _compile(fn, backend: str | None):
-    return fn if backend is None else torch.compile(fn, backend=backend, fullgraph=True)
+def _compile(fn, backend: str | None, **options):
+    return fn if backend is None else torch.compile(fn, backend=backend, fullgraph=True, **options)
 
 
 class FusedDecoder:
@@ -149,12 +149,17 @@ def sdpa_self_attention(h: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tens
 
 
 class FusedEncoder(nn.Module):
-    """AudioEncoder.forward with every block one compiled region (the same graph for all blocks)."""
+    """AudioEncoder.forward with every block one compiled region (the same graph for all blocks).
 
-    def __init__(self, encoder: AudioEncoder, backend: str = "inductor"):
+    static: one compilation per input shape (batch, frames), as GraphedEncoder records one graph per
+    shape anyway. Left to itself, torch.compile turns to shape-generic kernels at the second shape
+    it sees, which cost 3-4% of a batch-32 window on an H100 (BENCHMARKS.md, eighth session)."""
+
+    def __init__(self, encoder: AudioEncoder, backend: str = "inductor", static: bool = True):
         super().__init__()
         self.encoder = encoder
-        self.block = _compile(encoder_block, backend)
+        self.static = static
+        self.block = _compile(encoder_block, backend, **({"dynamic": False} if static else {}))
         self.weights = [(b.attn.n_head, *_ln(b.attn_ln), *_qkv(b), *_weights(b.attn.out), *_ln(b.mlp_ln),
                          *_weights(b.mlp[0]), *_weights(b.mlp[2])) for b in encoder.blocks]
 
@@ -163,6 +168,8 @@ class FusedEncoder(nn.Module):
         x = F.gelu(e.conv1(mel))
         x = F.gelu(e.conv2(x)).permute(0, 2, 1)
         x = (x + e.positional_embedding[: x.shape[1]]).to(x.dtype)
-        for weights in self.weights:
-            x = self.block(x, *weights)
+        # a compilation per shape: GraphedEncoder keeps up to 64 (batch buckets x window lengths)
+        with torch._dynamo.config.patch(recompile_limit=max(64, torch._dynamo.config.recompile_limit)):
+            for weights in self.weights:
+                x = self.block(x, *weights)
         return e.ln_post(x)
