@@ -106,7 +106,6 @@ if triton is not None:
         tl.store(out_ptr + rows[:, None] * D + h * HEAD_DIM + rd[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=w_ok[:, None])
 
-
     @triton.jit
     def _cross_part(q_ptr, stride_q, k_ptr, v_ptr, stride_kb, stride_kh, stride_kf, used_ptr, part_ptr, stat_ptr,
                     width, frames, heads, parts, scale, D, HEAD_DIM: tl.constexpr, BLOCK_W: tl.constexpr,
@@ -196,6 +195,9 @@ def cross_attention(q: Tensor, k: Tensor, v: Tensor, used: Tensor | None = None,
         raise ValueError(f"queries {tuple(q.shape)} do not match {batch} sequences of at most {MAX_WIDTH} rows of {d}")
     if q.stride(1) != 1 or k.stride(3) != 1 or k.stride() != v.stride():
         raise ValueError("queries, keys and values must be contiguous in the head dimension, keys and values alike")
+    if used is not None and (used.dtype != torch.int32 or used.shape != (batch * heads,)):
+        raise ValueError(f"used must be int32 frame counts per sequence and head ({batch * heads}), "
+                         f"got {used.dtype} {tuple(used.shape)}")
     if chunk % CROSS_BLOCK:
         raise ValueError(f"chunk {chunk} is not a multiple of the block, {CROSS_BLOCK}")
     parts = triton.cdiv(frames, chunk)
@@ -213,6 +215,7 @@ def cross_attention(q: Tensor, k: Tensor, v: Tensor, used: Tensor | None = None,
 
 
 def launch_options(dependent: bool) -> dict:
+    """Triton launch arguments of a kernel launched as a programmatic dependent launch, or not."""
     return {"launch_pdl": True} if dependent else {}
 
 

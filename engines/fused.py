@@ -158,7 +158,6 @@ class FusedEncoder(nn.Module):
     def __init__(self, encoder: AudioEncoder, backend: str = "inductor", static: bool = True):
         super().__init__()
         self.encoder = encoder
-        self.static = static
         self.block = _compile(encoder_block, backend, **({"dynamic": False} if static else {}))
         self.weights = [(b.attn.n_head, *_ln(b.attn_ln), *_qkv(b), *_weights(b.attn.out), *_ln(b.mlp_ln),
                          *_weights(b.mlp[0]), *_weights(b.mlp[2])) for b in encoder.blocks]

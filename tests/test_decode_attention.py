@@ -103,3 +103,5 @@ def test_cross_attention_refuses_what_it_cannot_take():
         cross_attention(q[:, : HEADS * 12], k[..., :12], v[..., :12])
     with pytest.raises(ValueError, match="multiple"):
         cross_attention(q, k, v, chunk=CROSS_BLOCK + 1)
+    with pytest.raises(ValueError, match="int32"):
+        cross_attention(q, k, v, torch.full((HEADS,), 10, device=DEVICE))
