@@ -34,11 +34,10 @@ check them against the plain model.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .decode_attention import cross_attention, launch_options, self_attention
-from .model import KVCache, LayerNorm, TextDecoder
+from .model import KVCache, LayerNorm, TextDecoder, attention
 
 try:
     import triton
@@ -291,12 +290,7 @@ class KernelDecoder:
             if kernel:
                 a = cross_attention(q, *cross[layer], used, dependent=dep)
             else:
-                q = q.view(batch, width, heads, -1).transpose(1, 2)
-                if cross_mask is not None and not isinstance(cross_mask, Tensor):
-                    a = cross_mask(q, *cross[layer])
-                else:
-                    a = F.scaled_dot_product_attention(q, *cross[layer], attn_mask=cross_mask)
-                a = _rows(a)
+                a = _rows(attention(q.view(batch, width, heads, -1).transpose(1, 2), *cross[layer], cross_mask))
             x = row_linear(a, *p["cross_out"], residual=x, dependent=dep)
             w, b, norm = p["fc1"]
             x = row_linear(row_linear(x, w, b, norm=norm, gelu=True, dependent=dep), *p["fc2"], residual=x, dependent=dep)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from . import decode_attention
 from .decode_attention import MAX_WIDTH
-from .model import AudioEncoder, KVCache, LayerNorm, ResidualAttentionBlock, TextDecoder
+from .model import AudioEncoder, KVCache, LayerNorm, ResidualAttentionBlock, TextDecoder, attention
 
 
 def _norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
@@ -119,16 +119,12 @@ class FusedDecoder:
         dim = x.shape[-1]
         x = x.reshape(batch * width, dim)
         h = self.norm_linear(x, *self.first)
-        attention = decode_attention.self_attention if self.attention_kernel and width <= MAX_WIDTH else sdpa_self_attention
+        attend_self = decode_attention.self_attention if self.attention_kernel and width <= MAX_WIDTH else sdpa_self_attention
         for layer, block in enumerate(decoder.blocks):
-            a = attention(h, cache.k[layer], cache.v[layer], slots, mask)
+            a = attend_self(h, cache.k[layer], cache.v[layer], slots, mask)
             x, h = self.out_norm_linear(x, a, *self.middle[layer])
             heads = block.attn.n_head
-            q = h.view(batch, width, heads, -1).transpose(1, 2)
-            if cross_mask is not None and not isinstance(cross_mask, Tensor):
-                a = cross_mask(q, *cross[layer])
-            else:
-                a = F.scaled_dot_product_attention(q, *cross[layer], attn_mask=cross_mask)
+            a = attention(h.view(batch, width, heads, -1).transpose(1, 2), *cross[layer], cross_mask)
             x, h = self.out_mlp_norm(x, a.transpose(1, 2).reshape(batch * width, dim), *self.tail[layer])
         return h.view(batch, width, dim)
 

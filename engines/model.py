@@ -60,6 +60,14 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> Ten
     return torch.cat([torch.sin(scaled_time), torch.cos(scaled_time)], dim=1)
 
 
+def attention(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
+    """SDPA over [B, H, T, D] heads. `mask`: None, a mask for SDPA, or a callable attention
+    (q, k, v) -> out that applies its own masking (engines/cuda_graphs.py KeyLengths: per-row key counts)."""
+    if mask is not None and not isinstance(mask, Tensor):
+        return mask(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 class MultiHeadAttention(nn.Module):
     def __init__(self, n_state: int, n_head: int):
         super().__init__()
@@ -100,12 +108,7 @@ class MultiHeadAttention(nn.Module):
         return x.view(b, t, self.n_head, -1).transpose(1, 2)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
-        """`mask`: None, a boolean mask for SDPA, or a callable attention (q, k, v) -> out that
-        applies its own masking (engines/cuda_graphs.py KeyLengths: per-row key counts)."""
-        if mask is not None and not isinstance(mask, Tensor):
-            out = mask(q, k, v)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = attention(q, k, v, mask)
         b, h, t, d = out.shape
         return self.out(out.transpose(1, 2).reshape(b, t, h * d))
 
