@@ -6,6 +6,7 @@ cache writes) exactly, in float32 on the CPU. The GPU speed is in BENCHMARKS.md.
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from decoder_check import run_against_plain
 from engines.bench import random_model
@@ -29,6 +30,19 @@ def test_fused_encoder_matches_the_encoder(model):
     mel = torch.randn(2, DIMS.n_mels, 2 * DIMS.n_audio_ctx)
     with torch.inference_mode():
         torch.testing.assert_close(FusedEncoder(model.encoder, backend="aot_eager")(mel), model.encoder(mel))
+
+
+def test_fused_encoder_compiles_each_shape_past_dynamos_recompile_limit(model):
+    """One static compilation per (batch, frames), past the default limit of 8 (the engine's buckets
+    and window lengths): none of them falls back to running uncompiled or goes shape-generic."""
+    torch._dynamo.reset()
+    counters.clear()
+    fused = FusedEncoder(model.encoder, backend="eager")
+    with torch.inference_mode():
+        for batch in range(1, 11):
+            mel = torch.randn(batch, DIMS.n_mels, 2 * DIMS.n_audio_ctx)
+            torch.testing.assert_close(fused(mel), model.encoder(mel))
+    assert counters["stats"]["unique_graphs"] == 10
 
 
 @pytest.mark.parametrize("batch,width", [(1, 1), (3, 1), (2, 4)])
