@@ -1,12 +1,17 @@
 """Prometheus metrics of one server, with the names DESIGN.md fixes for dashboards and checks.
 
 Every server owns its registry (not prometheus-client's global one), so several servers in one
-process, as in the tests, never share or clash over counters.
+process, as in the tests, never share or clash over counters. The workers of `serve --workers N`
+(streaming.workers) run prometheus-client's multiprocess mode: PROMETHEUS_MULTIPROC_DIR is set
+before they start, each keeps its values in files there, and `render` sums every worker's, so a
+scrape that reaches any worker sees the whole server.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from engines.engine import Transcript
@@ -25,7 +30,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.sessions_active = Gauge("breeze_sessions_active", "Sessions connected now.", registry=r)
+        self.sessions_active = Gauge("breeze_sessions_active", "Sessions connected now.", registry=r,
+                                     multiprocess_mode="livesum")
         self.sessions = Counter("breeze_sessions", "Sessions started (a valid start message).", registry=r)
         self.audio_seconds = Counter("breeze_audio_seconds", "Seconds of audio received from clients.", registry=r)
         self.segments = Counter("breeze_segments", "Speech segments the VAD opened.", registry=r)
@@ -47,8 +53,9 @@ class Metrics:
         self.rejected = Counter(  # streaming.limits: refusals before a session starts
             "breeze_connections_rejected", "WebSocket upgrades refused, by reason.", ["reason"], registry=r)
         self.engine_restarts = Gauge("breeze_engine_restarts", "Times the engine worker was restarted after a crash.",
-                                     registry=r)
-        self.draining = Gauge("breeze_draining", "1 while the server drains (SIGTERM/SIGINT), else 0.", registry=r)
+                                     registry=r, multiprocess_mode="max")
+        self.draining = Gauge("breeze_draining", "1 while the server drains (SIGTERM/SIGINT), else 0.", registry=r,
+                              multiprocess_mode="max")
         for source in DRAFT_SOURCES:  # export zeros, so rates work before the first draft
             self.draft_proposed.labels(source)
             self.draft_accepted.labels(source)
@@ -69,4 +76,8 @@ class Metrics:
             self.draft_accepted.labels(source).inc(n)
 
     def render(self) -> bytes:
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # a worker of several: every worker's values, summed
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
         return generate_latest(self.registry)

@@ -64,6 +64,7 @@ from .session import LANGUAGES, NativeSession, SessionConfig
 from .transcriber import TranscriberConfig
 from .twilio import CALLS_PREFIX, CallConfig, CallHub, call_subscriber_session, twilio_session
 from .whisperlive import WhisperLiveConfig, WhisperLiveListener
+from .workers import EngineAddress, RemoteEngine, run_workers
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,10 @@ class ServerConfig:
     certfile: str | None = None
     """TLS certificate chain (PEM); with keyfile, the server speaks wss:// and https://."""
     keyfile: str | None = None
+    engine_address: EngineAddress | None = None
+    """A front-end worker of `serve --workers N`: the engine runs in the process at this address."""
+    reuse_port: bool = False  # SO_REUSEPORT: the workers of `serve --workers N` share one port
+    workers: int = 0  # `serve --workers N`: front-end processes (0: this process serves and runs the engine)
 
 
 class Session(Protocol):
@@ -164,7 +169,8 @@ class Server:
         max_size = FRAME_SLACK * self.config.session.max_frame_bytes
         self._ws = await serve(self._handle, self.config.host, self.config.port, process_request=self._http,
                                max_size=max_size, compression=None,  # PCM barely compresses; deflate costs CPU
-                               ssl=self.ssl_context, select_subprotocol=select_subprotocol)
+                               ssl=self.ssl_context, select_subprotocol=select_subprotocol,
+                               reuse_port=self.config.reuse_port)
         if self.config.whisperlive.port is not None:
             self.whisperlive = WhisperLiveListener(self)
             try:
@@ -177,6 +183,16 @@ class Server:
 
     def _load(self) -> Engine:
         started = time.perf_counter()
+        if self.config.engine_address is not None:  # a worker of `serve --workers N`
+            try:
+                engine = RemoteEngine.connect(self.config.engine_address)
+            except Exception as exc:
+                log.error("%s", exc)
+                self._load_error = exc
+                raise
+            self.engine = engine
+            log.info("engine process ready: model %s on %s", engine.name, engine.device)
+            return engine
         try:
             engine = create_engine(self.config.backend, model=self.config.model, device=self.config.device,
                                    engine_dir=self.config.trtllm_engine_dir, script=self.config.script,
@@ -483,6 +499,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest WebSocket frame a client may send (default %(default)s)")
     parser.add_argument("--idle-timeout", type=float, default=SessionConfig.idle_timeout, metavar="SECONDS",
                         help="a session without frames this long flushes its finals and ends, 0 for never (default %(default)s)")
+    parser.add_argument("--workers", type=int, default=0, metavar="N",
+                        help="front-end processes (sockets, VAD, events) in front of one engine process, sharing "
+                             "--port: for hundreds of streams on a GPU (default 0: one process, best on a CPU)")
     guard = parser.add_argument_group("auth, limits and shutdown (every WebSocket endpoint)")
     guard.add_argument("--api-key-file", type=Path, default=None, metavar="FILE",
                        help="require one of the keys in FILE (one a line; re-read when it changes): Authorization: Bearer, "
@@ -536,6 +555,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                                     max_queued_audio=args.max_queued_audio, segmenter=segmenter)
     if args.max_send_queue < 1 or args.max_frame_bytes < 1 or args.max_queued_audio < 0 or args.idle_timeout < 0:
         raise ValueError("--max-send-queue and --max-frame-bytes must be >= 1, --max-queued-audio and --idle-timeout >= 0")
+    if args.workers < 0:
+        raise ValueError("--workers must be >= 0")
     session = SessionConfig(max_frame_bytes=args.max_frame_bytes, idle_timeout=args.idle_timeout,
                             language=args.language, max_send_queue=args.max_send_queue, transcriber=transcriber)
     limits = Limits(max_sessions=args.max_sessions, max_per_client=args.max_connections_per_client,
@@ -553,7 +574,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                         backend=args.backend, trtllm_engine_dir=args.trtllm_engine_dir, self_test=args.self_test,
                         medusa=args.medusa, fp32_weights=args.fp32_weights, cuda_graphs=args.cuda_graphs, session=session,
                         whisperlive=whisperlive, calls=calls, limits=limits,
-                        auth=auth, certfile=args.certfile, keyfile=args.keyfile)
+                        auth=auth, certfile=args.certfile, keyfile=args.keyfile, workers=args.workers)
 
 
 async def serve_until_stopped(config: ServerConfig) -> int:
@@ -569,8 +590,11 @@ async def serve_until_stopped(config: ServerConfig) -> int:
             log.warning("second signal: closing every connection now")
             server.force_close()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
+    if config.engine_address is None:
+        loop.add_signal_handler(signal.SIGINT, on_signal)
+    else:  # a worker: a terminal's Ctrl-C reaches the whole group, and the parent passes each signal on as SIGTERM
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    loop.add_signal_handler(signal.SIGTERM, on_signal)
     try:
         await server.start()
     except OSError as exc:
@@ -590,6 +614,8 @@ async def serve_until_stopped(config: ServerConfig) -> int:
         if ready.done() and ready.exception() is not None:
             stopping.cancel()
             return 1
+        if isinstance(server.engine, RemoteEngine):  # a worker without its engine process has nothing to serve
+            server.engine.on_lost.append(lambda: loop.call_soon_threadsafe(stop.set))
         await stopping
         ready.cancel()  # still loading: close() does not wait for it
         log.info("shutting down: flushing the finals of %d sessions (at most %g s)", server.session_count,
@@ -607,6 +633,13 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     if not getattr(args, "verbose", False):
         logging.getLogger("websockets").setLevel(logging.WARNING)  # one INFO line per HTTP request otherwise
+    if config.workers:
+        return run_workers(config, config.workers)
+    return run_server(config)
+
+
+def run_server(config: ServerConfig) -> int:
+    """Serves in this process (uvloop where installed) until SIGINT/SIGTERM."""
     try:
         import uvloop
     except ImportError:
