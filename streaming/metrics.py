@@ -6,7 +6,10 @@ process, as in the tests, never share or clash over counters.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from engines.engine import Transcript
@@ -57,6 +60,10 @@ class Metrics:
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
 
+    def watch_engine(self, engine: Callable[[], object | None]) -> None:
+        """Export the load figures of `engine()` (its `load_stats()`) at every scrape."""
+        self.registry.register(EngineLoadCollector(engine))
+
     def count_decode(self, transcript: Transcript) -> None:
         """Engine work of one decode, partial or final, whether or not its text was sent."""
         self.decoder_forwards.inc(transcript.forwards)
@@ -70,3 +77,37 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+ENGINE_COUNTERS = (  # load_stats() key, metric name (prometheus-client appends _total), help
+    ("steps", "breeze_engine_steps", "Decoder steps of the running batch."),
+    ("step_rows", "breeze_engine_step_rows", "Rows (segments) advanced by decoder steps, summed: / steps = occupancy."),
+    ("step_seconds", "breeze_engine_step_seconds", "Seconds spent in decoder steps: / steps = mean step time."),
+    ("encoder_calls", "breeze_engine_encoder_calls", "Encoder calls (one per batch of windows of one length)."),
+    ("encoder_windows", "breeze_engine_encoder_windows", "Segments encoded, summed over encoder calls."),
+)
+ENGINE_GAUGES = (
+    ("queued", "breeze_engine_queue_depth", "Requests waiting in the engine queue now."),
+    ("running", "breeze_engine_batch_rows", "Rows (segments) in the running decoder batch now."),
+)
+
+
+class EngineLoadCollector:
+    """The engine's own running totals, read when /metrics is scraped: nothing is counted twice and
+    the engine's step loop pays only for integer additions. Engines without `load_stats` (the
+    TensorRT-LLM executor) export none of these names."""
+
+    def __init__(self, engine: Callable[[], object | None]) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        load_stats = getattr(self.engine(), "load_stats", None)
+        if not callable(load_stats):
+            return
+        figures = load_stats()
+        for key, name, documentation in ENGINE_COUNTERS:
+            if key in figures:
+                yield CounterMetricFamily(name, documentation, value=figures[key])
+        for key, name, documentation in ENGINE_GAUGES:
+            if key in figures:
+                yield GaugeMetricFamily(name, documentation, value=figures[key])
