@@ -530,10 +530,10 @@ def summary_line(report: dict) -> str:
     parts.append(f"final p50={_fmt(final['p50'])} p95={_fmt(final['p95'])} p99={_fmt(final['p99'])} s")
     parts.append(f"first-partial p50={_fmt(first['p50'])} p95={_fmt(first['p95'])} s")
     parts.append(f"partial-gap p95={_fmt(gap['p95'])} s")
-    if "cer_zh_mix" in acc:
-        parts.append(f"CER={_fmt(100 * acc['cer_zh_mix']['rate'] if acc['cer_zh_mix']['rate'] is not None else None, '.1f')}%")
-    if "wer_en" in acc:
-        parts.append(f"WER={_fmt(100 * acc['wer_en']['rate'] if acc['wer_en']['rate'] is not None else None, '.1f')}%")
+    for key, label in (("cer_zh_mix", "CER"), ("wer_en", "WER")):
+        if key in acc:
+            rate = acc[key]["rate"]
+            parts.append(f"{label}={_fmt(None if rate is None else 100 * rate, '.1f')}%")
     parts.append(f"server_rtf={_fmt(server['rtf']['rtf'] if server.get('rtf') else None, '.3f')}")
     engine = server.get("engine")
     if engine:
@@ -643,7 +643,7 @@ def run_load(args: argparse.Namespace) -> int:
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     try:
         run = drive(workers, args.url, total_audio_s=sum(audio_s), show_progress=not args.quiet,
-                    run_s=ramp + max(audio_s) + READY_TIMEOUT + args.end_timeout + 30.0)
+                    run_s=ramp + max(audio_s) + 2 * READY_TIMEOUT + args.end_timeout + 30.0)
     except RuntimeError as exc:
         print(f"breeze-stream bench-load: {exc}", file=sys.stderr)
         return 2

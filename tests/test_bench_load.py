@@ -99,7 +99,7 @@ async def test_staggered_streams_over_two_processes(server: Server, manifest: Pa
 
     # staggered: starts spread over the ramp, a clip order of each stream's own
     assert [s["offset"] for s in report["streams"]] == [0.0, 0.5, 1.0, 1.5]
-    assert first_frame_spread(report) > 1.2
+    assert first_frame_spread(report) > 1.0
     orders = [[c["clip"] for c in s["clips"]] for s in report["streams"]]
     assert len({tuple(o) for o in orders}) > 1
 
