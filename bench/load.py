@@ -671,6 +671,8 @@ def run_load(args: argparse.Namespace) -> int:
         "streams": [_per_stream(s) for s in run.streams],
     })
     print(summary_line(report), flush=True)
+    for failure, streams in report["summary"]["failures"].items():
+        print(f"breeze-stream bench-load: {streams} stream(s): {failure}", file=sys.stderr)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, ensure_ascii=False, indent=1, allow_nan=False),
                                        encoding="utf-8")
