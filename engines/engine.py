@@ -173,6 +173,8 @@ class Engine:
             self.encoder = GraphedEncoder(FusedEncoder(self.model.encoder) if fused else self.model.encoder)
         self._queue: list[Request] = []
         self._cv = threading.Condition()
+        # running totals for /metrics (load_stats), each written by one thread only, so without a lock
+        self._load = EngineLoad()
         self._seq = itertools.count()
         self._closed = False
         self._held: list[Request] = []  # taken from the queue by the worker, not yet in the batch
@@ -189,8 +191,6 @@ class Engine:
         if self.overlap_encoder:
             self._encoder_thread = threading.Thread(target=self._encode_loop, name="breeze-encoder", daemon=True)
             self._encoder_thread.start()
-        # running totals for /metrics (load_stats), each written by one thread only, so without a lock
-        self._load = EngineLoad()
         self.restarts = 0  # times the worker loop crashed and was started again
         self.last_error: str | None = None
         # a worker that holds work but has finished nothing for this long is reported dead by health()
