@@ -107,6 +107,18 @@ class Request:
 SPECULATIVE_MODES = ("off", "hypothesis", "medusa", "both")
 
 
+@dataclass
+class EngineLoad:
+    """Running totals of the engine's work: the worker thread writes the step figures, whichever
+    thread encodes writes the encoder ones; /metrics reads them (a read may straddle one update)."""
+
+    steps: int = 0  # decoder steps of the running batch (admission forwards not counted)
+    step_rows: int = 0  # rows those steps advanced, summed
+    step_seconds: float = 0.0
+    encoder_calls: int = 0
+    encoder_windows: int = 0  # segments those calls encoded, summed
+
+
 class Engine:
     def __init__(self, checkpoint: Checkpoint, device: str = "auto", dtype: torch.dtype | None = None,
                  script: str = "traditional", max_batch: int = 16, speculative: str = "both",
@@ -165,6 +177,8 @@ class Engine:
             self.encoder = GraphedEncoder(FusedEncoder(self.model.encoder) if fused else self.model.encoder)
         self._queue: list[Request] = []
         self._cv = threading.Condition()
+        # running totals for /metrics (load_stats), each written by one thread only, so without a lock
+        self._load = EngineLoad()
         self._seq = itertools.count()
         self._closed = False
         self._held: list[Request] = []  # taken from the queue by the worker, not yet in the batch
@@ -270,6 +284,15 @@ class Engine:
         return {"alive": self._worker.is_alive() and stalled < self.stall_timeout, "restarts": self.restarts,
                 "last_error": self.last_error, "stalled_s": round(stalled, 1), "queued": len(self._queue),
                 "encoding": len(self._pipeline), "running": len(self.batch.active)}
+
+    def load_stats(self) -> dict[str, float]:
+        """How loaded the engine is, for /metrics: running totals of decoder steps, the rows they
+        advanced (rows / steps is the batch occupancy), their seconds, encoder calls and the windows
+        they encoded; and now: requests waiting in the queue, rows in the batch."""
+        load = self._load
+        return {"steps": load.steps, "step_rows": load.step_rows, "step_seconds": load.step_seconds,
+                "encoder_calls": load.encoder_calls, "encoder_windows": load.encoder_windows,
+                "queued": len(self._queue), "running": len(self.batch.active)}
 
     def _busy(self) -> bool:
         return bool(self._queue or self._pipeline or self.batch.active or self._held)
@@ -450,6 +473,8 @@ class Engine:
         self._sync()
         for r in group:
             r.encoder_seconds += (time.perf_counter() - t0) / len(group)
+        self._load.encoder_calls += 1
+        self._load.encoder_windows += len(group)
         return features
 
     def _begin(self, group: list[Request], frames: int, features: torch.Tensor) -> None:
@@ -488,7 +513,11 @@ class Engine:
         active = list(self.batch.active)
         finished = self.batch.step()
         self._sync()
-        share = (time.perf_counter() - t0) / len(active)
+        seconds = time.perf_counter() - t0
+        self._load.steps += 1
+        self._load.step_rows += len(active)
+        self._load.step_seconds += seconds
+        share = seconds / len(active)
         for s in active:
             s.tag.decoder_seconds += share
         self._finish(finished)

@@ -1,4 +1,4 @@
-"""`breeze-stream` command line: serve, transcribe, eval, replay and the benchmarks."""
+"""`breeze-stream` command line: serve, transcribe, eval, replay, the load generator and the benchmarks."""
 
 from __future__ import annotations
 
@@ -154,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     from streaming.replay import add_replay_arguments, run_replay
     add_replay_arguments(p)
     p.set_defaults(func=run_replay)
+
+    p = sub.add_parser("bench-load", help="N concurrent real-time streams looping clips through a server: latency, "
+                                         "losses, CER, server and client load")
+    from bench.load import add_load_arguments, run_load
+    add_load_arguments(p)
+    p.set_defaults(func=run_load)
 
     p = sub.add_parser("build-trtllm", help="TensorRT-LLM 1.2.x engines for a Whisper checkpoint (--dry-run prints the commands)")
     from engines.trtllm.build import add_build_arguments, run_build

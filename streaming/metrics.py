@@ -10,8 +10,10 @@ scrape that reaches any worker sees the whole server.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from engines.engine import Transcript
@@ -29,6 +31,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.engine_load: EngineLoadCollector | None = None
         r = self.registry
         self.sessions_active = Gauge("breeze_sessions_active", "Sessions connected now.", registry=r,
                                      multiprocess_mode="livesum")
@@ -64,6 +67,11 @@ class Metrics:
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
 
+    def watch_engine(self, engine: Callable[[], object | None]) -> None:
+        """Export the load figures of `engine()` (its `load_stats()`) at every scrape."""
+        self.engine_load = EngineLoadCollector(engine)
+        self.registry.register(self.engine_load)
+
     def count_decode(self, transcript: Transcript) -> None:
         """Engine work of one decode, partial or final, whether or not its text was sent."""
         self.decoder_forwards.inc(transcript.forwards)
@@ -79,5 +87,41 @@ class Metrics:
         if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # a worker of several: every worker's values, summed
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
+            if self.engine_load is not None:  # the engine's figures, the same in every worker: once
+                registry.register(self.engine_load)
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+
+ENGINE_COUNTERS = (  # load_stats() key, metric name (prometheus-client appends _total), help
+    ("steps", "breeze_engine_steps", "Decoder steps of the running batch."),
+    ("step_rows", "breeze_engine_step_rows", "Rows (segments) advanced by decoder steps, summed: / steps = occupancy."),
+    ("step_seconds", "breeze_engine_step_seconds", "Seconds spent in decoder steps: / steps = mean step time."),
+    ("encoder_calls", "breeze_engine_encoder_calls", "Encoder calls (one per batch of windows of one length)."),
+    ("encoder_windows", "breeze_engine_encoder_windows", "Segments encoded, summed over encoder calls."),
+)
+ENGINE_GAUGES = (
+    ("queued", "breeze_engine_queue_depth", "Requests waiting in the engine queue now."),
+    ("running", "breeze_engine_batch_rows", "Rows (segments) in the running decoder batch now."),
+)
+
+
+class EngineLoadCollector:
+    """The engine's own running totals, read when /metrics is scraped: nothing is counted twice and
+    the engine's step loop pays only for integer additions. Engines without `load_stats` (the
+    TensorRT-LLM executor) export none of these names."""
+
+    def __init__(self, engine: Callable[[], object | None]) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        load_stats = getattr(self.engine(), "load_stats", None)
+        if not callable(load_stats):
+            return
+        figures = load_stats()
+        for key, name, documentation in ENGINE_COUNTERS:
+            if key in figures:
+                yield CounterMetricFamily(name, documentation, value=figures[key])
+        for key, name, documentation in ENGINE_GAUGES:
+            if key in figures:
+                yield GaugeMetricFamily(name, documentation, value=figures[key])

@@ -100,7 +100,7 @@ class ClipSpan:
 
 @dataclass
 class StreamPlan:
-    pcm: np.ndarray  # int16, the whole stream
+    pcm: np.ndarray  # int16, the whole stream (run_stream reads only its length and slices: bench.load loops clips)
     spans: list[ClipSpan]
     sample_rate: int = SAMPLE_RATE
 
@@ -168,20 +168,23 @@ def to_pcm16(audio: np.ndarray) -> np.ndarray:
     return np.clip(np.round(np.asarray(audio, np.float64) * 32767.0), -32768, 32767).astype(np.int16)
 
 
-def build_stream(clips: list[Clip], audios: list[np.ndarray], gap_s: float,
-                 sample_rate: int = SAMPLE_RATE) -> StreamPlan:
-    """Silence of `gap_s`, clip, silence of `gap_s`, clip, ..., clip, silence of `gap_s`."""
+def build_stream(clips: list[Clip], audios: list[np.ndarray], gap_s: float, sample_rate: int = SAMPLE_RATE,
+                 join: Callable[[list[np.ndarray]], Any] = np.concatenate) -> StreamPlan:
+    """Silence of `gap_s`, clip, silence of `gap_s`, clip, ..., clip, silence of `gap_s`.
+
+    `audios` are float or already int16; `join` makes the stream of the pieces (bench.load's
+    streams read the pieces in place, without a copy per stream)."""
     gap = np.zeros(int(round(gap_s * sample_rate)), np.int16)
     pieces = [gap]
     spans = []
     position = len(gap)
     for index, (clip, audio) in enumerate(zip(clips, audios)):
-        pcm = to_pcm16(audio)
+        pcm = audio if audio.dtype == np.int16 else to_pcm16(audio)
         spans.append(ClipSpan(index, clip.name, position, position + len(pcm), clip.reference, clip.lang,
                               sample_rate))
         pieces += [pcm, gap]
         position += len(pcm) + len(gap)
-    return StreamPlan(np.concatenate(pieces), spans, sample_rate)
+    return StreamPlan(join(pieces), spans, sample_rate)
 
 
 # --------------------------------------------------------------------------- timing helpers
@@ -235,14 +238,15 @@ def audio_send_time(send_times: np.ndarray, frame_samples: int, t_audio: float,
 
 
 def stats(values: Iterable[float]) -> dict[str, Any]:
-    """n, p50, p95, max, mean (numpy linear-interpolation percentiles); None where there are no values."""
+    """n, p50, p95, p99, max, mean (numpy linear-interpolation percentiles); None where there are no values."""
     array = np.asarray([v for v in values if v is not None and not math.isnan(v)], np.float64)
     if array.size == 0:
-        return {"n": 0, "p50": None, "p95": None, "max": None, "mean": None}
+        return {"n": 0, "p50": None, "p95": None, "p99": None, "max": None, "mean": None}
     return {
         "n": int(array.size),
         "p50": float(np.percentile(array, 50)),
         "p95": float(np.percentile(array, 95)),
+        "p99": float(np.percentile(array, 99)),
         "max": float(array.max()),
         "mean": float(array.mean()),
     }
@@ -288,6 +292,7 @@ class StreamLog:
     close_code: int | None = None
     close_reason: str | None = None
     failure: str | None = None  # client-side failure (no connection, timeout, early close)
+    end_timed_out: bool = False  # no 'end' within the timeout after 'stop' (the connection was still open)
     session: str | None = None
     model: str | None = None
     binary_messages: int = 0
@@ -386,6 +391,7 @@ async def run_stream(url: str, plan: StreamPlan, *, stream: int, t_ref: float, f
                         await asyncio.wait_for(ended.wait(), end_timeout)
                     except asyncio.TimeoutError:
                         log.failure = f"no 'end' within {end_timeout:g} s of 'stop'"
+                        log.end_timed_out = True
                     if log.t_end is None and log.failure is None:
                         log.failure = "the connection closed after 'stop' without an 'end' event"
                     if log.t_end is not None:

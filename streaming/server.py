@@ -136,6 +136,7 @@ class Server:
         self.config = config
         self.engine = engine
         self.metrics = Metrics()
+        self.metrics.watch_engine(lambda: self.engine)
         self.routes: dict[str, SessionFactory] = {"/v1/stream": native_session, "/v1/realtime": realtime_session,
                                                   "/v1/twilio": twilio_session, CALLS_PREFIX: call_subscriber_session}
         # how each route takes a key in its first message and words a refusal (streaming.auth)

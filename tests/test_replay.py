@@ -40,6 +40,7 @@ def test_stats_linear_percentiles():
     assert s["n"] == 3
     assert s["p50"] == approx(0.6)
     assert s["p95"] == approx(0.78)  # rank 1.9: 0.6 + 0.9 * (0.8 - 0.6)
+    assert s["p99"] == approx(0.796)  # rank 1.98
     assert s["max"] == approx(0.8)
     assert stats([])["p50"] is None
     assert stats([math.nan, 1.0])["n"] == 1
