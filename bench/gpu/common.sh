@@ -1,7 +1,7 @@
 # Shared steps of the GPU calls (sourced): wheels, server start/stop, GPU sampling, result bundle.
 # Run from the repository root on the device machine; $OUT is the folder that comes back.
 set -u
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
 if [ -z "${LOCAL:-}" ]; then  # LOCAL=1: a dry run of the script on a machine with the project installed
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
@@ -30,7 +30,7 @@ start_server() {  # start_server TAG ARGS...: serve in the background, log to $O
   python3 -m streaming.cli serve --port $PORT --max-sessions 5000 --max-connections-per-client 0 "$@" \
     > "$OUT/r/server-$tag.log" 2>&1 &
   SERVER=$!
-  wait_healthy 300 || { echo "server $tag did not become healthy"; tail -30 "$OUT/r/server-$tag.log"; return 1; }
+  wait_healthy ${HEALTHY_S:-150} || { echo "server $tag did not become healthy"; tail -30 "$OUT/r/server-$tag.log"; return 1; }
   echo "server $tag healthy after $SECONDS s of the call"
 }
 
@@ -44,7 +44,7 @@ sample_gpu() {  # sample_gpu TAG: GPU utilisation every 0.5 s until stop_gpu
   nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -lms 500 > "$OUT/r/gpu-$1.csv" &
   GPU_SAMPLER=$!
 }
-stop_gpu() { kill $GPU_SAMPLER 2>/dev/null; }
+stop_gpu() { kill $GPU_SAMPLER 2>/dev/null; wait $GPU_SAMPLER 2>/dev/null; }
 
 gpu_mean() {  # gpu_mean TAG: mean utilisation of the samples
   awk -F', ' '{gsub(/ %/,"",$2); s+=$2; n++} END {if (n) printf "%.0f%%", s/n}' "$OUT/r/gpu-$1.csv"
