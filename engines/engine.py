@@ -40,7 +40,7 @@ from .fp16_weights import available as fp16_available, pack_fp16_weights
 from .medusa import SHIPPED_HEADS, MedusaHeads, load_heads
 from .fused import FusedEncoder
 from .model import Whisper
-from .text import to_traditional
+from .text import chinese_text
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def resolve_device(device: str) -> torch.device:
 class Transcript:
     """One decoded segment, with what it cost."""
 
-    text: str  # after the text stage (Traditional Chinese unless the script is as-is)
+    text: str  # after the text stage (Traditional Chinese, full-width punctuation, unless the script is as-is)
     tokens: list[int]
     language: str
     no_speech_prob: float
@@ -510,7 +510,7 @@ class Engine:
     def _transcript(self, request: Request, res: DecodingResult, frames: int) -> Transcript:
         text = res.text
         if self.script == "traditional" and res.language in ("zh", "yue"):
-            text = to_traditional(text)
+            text = chinese_text(text)
         return Transcript(text=text, tokens=res.tokens, language=res.language, no_speech_prob=res.no_speech_prob,
                           avg_logprob=res.avg_logprob, looped=res.looped, window_frames=frames,
                           encoder_seconds=request.encoder_seconds, decoder_seconds=request.decoder_seconds,
