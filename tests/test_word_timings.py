@@ -123,8 +123,7 @@ def speak(text: str) -> np.ndarray:
     return audio[loud[0]:loud[-1] + 1]
 
 
-@pytest.fixture(scope="module")
-def phrases() -> tuple[np.ndarray, list[float]]:
+def synthetic_phrases() -> tuple[np.ndarray, list[float]]:
     """The phrases after LEAD seconds of silence, each followed by its silence, over a faint noise
     floor (-50 dBFS: no digital silence); and where each starts."""
     parts, onsets, t = [silence(LEAD)], [], LEAD
@@ -135,6 +134,11 @@ def phrases() -> tuple[np.ndarray, list[float]]:
         t += len(audio) / RATE + pause
     audio = np.concatenate(parts)
     return audio + np.random.default_rng(0).normal(0, 10 ** (-50 / 20), len(audio)).astype(np.float32), onsets
+
+
+@pytest.fixture(scope="module")
+def phrases() -> tuple[np.ndarray, list[float]]:
+    return synthetic_phrases()
 
 
 def first_word_errors(words: list[dict], onsets: list[float]) -> list[float]:
