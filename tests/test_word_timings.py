@@ -15,11 +15,12 @@ import soundfile as sf
 import soxr
 import torch
 
-from conftest import TINY_TEXT
+from conftest import DEV_DIR, TINY_TEXT
 from engines.alignment import default_heads, dtw, median_filter, split_words
 from engines.checkpoints import default_vocabulary, load_checkpoint
 from engines.decoding import DecodingOptions
 from engines.tokenizer import _BYTES, Tokenizer
+from streaming.codecs import load_audio
 from streaming.server import Server, ServerConfig
 from test_server import RATE, check_contract, pcm16, silence, stream, voiced
 
@@ -231,3 +232,38 @@ async def test_words_must_be_a_boolean(tiny_server, value):
     assert code == 1008
     assert events[-1]["type"] == "error" and events[-1]["code"] == "bad_request"
     assert "words must be true" in events[-1]["message"] and repr(value) in events[-1]["message"]
+
+
+# --- Mandarin: real speech from the dev set, joined with a known pause --------------------------
+
+needs_dev = pytest.mark.skipif(not DEV_DIR.is_dir(), reason=f"dev clips not found at {DEV_DIR} (the ../shared checkout)")
+
+
+def speech_onset(audio: np.ndarray) -> float:
+    """Seconds to the first 20 ms step within 30 dB of the clip's loudest."""
+    steps = audio[: len(audio) // 320 * 320].reshape(-1, 320)
+    level = 10 * np.log10(np.square(steps).mean(axis=1) + 1e-12)
+    return float(np.flatnonzero(level > level.max() - 30)[0]) * 0.02
+
+
+@pytest.mark.dev
+@needs_dev
+async def test_mandarin_words_over_the_native_protocol(default_engine):
+    """Two read sentences 1.5 s apart, one VAD segment each: words are whole characters (or a
+    token of a few) in order inside their final, and each final's first character starts where
+    its sentence's speech does."""
+    clips = [load_audio(DEV_DIR / clip) for clip in ("hhchen-f05-read-0056.wav", "hhchen-f05-read-0089.wav")]
+    audio = np.concatenate([silence(0.5), clips[0], silence(1.5), clips[1], silence(1.0)])
+    onsets = [0.5 + speech_onset(clips[0]), 0.5 + len(clips[0]) / RATE + 1.5 + speech_onset(clips[1])]
+    async with Server(ServerConfig(port=0), engine=default_engine) as server:
+        events, code = await stream(server, pcm16(audio), start={"type": "start", "words": True}, pace=0.005)
+    assert code == 1000
+    finals = list(check_contract(events, len(audio) / RATE).values())
+    assert len(finals) == 2, finals
+    for final, onset in zip(finals, onsets):
+        words = final["words"]
+        check_words(words, final["start"], final["end"])
+        assert "".join(w["text"] for w in words) == final["text"]
+        assert all(len(w["text"].rstrip("，。？！：；、")) <= 4 for w in words), words  # characters, or a token of a few
+        print(f"first word {words[0]} vs speech onset {onset:.2f} s")
+        assert abs(words[0]["start"] - onset) <= 0.3
