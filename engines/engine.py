@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import FRAMES_PER_SECOND, N_FRAMES, SAMPLE_RATE, clip_mel, pad_mel
+from .alignment import Word, default_heads, word_timings
+from .audio import FRAMES_PER_SECOND, N_FRAMES, N_SAMPLES, SAMPLE_RATE, clip_mel, pad_mel
 from .checkpoints import Checkpoint, load_checkpoint
 from .batching import Batch, Decoder, Sequence
 from .cuda_graphs import GraphedEncoder, GraphOptions
@@ -41,7 +42,7 @@ from .medusa import SHIPPED_HEADS, MedusaHeads, load_heads
 from .fused import FusedEncoder
 from .model import Whisper
 from .synthetic import RANDOM_PREFIX, random_engine
-from .text import to_traditional
+from .text import chinese_pieces, chinese_text
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def resolve_device(device: str) -> torch.device:
 class Transcript:
     """One decoded segment, with what it cost."""
 
-    text: str  # after the text stage (Traditional Chinese unless the script is as-is)
+    text: str  # after the text stage (Traditional Chinese, full-width punctuation, unless the script is as-is)
     tokens: list[int]
     language: str
     no_speech_prob: float
@@ -75,6 +76,8 @@ class Transcript:
     forwards: int
     draft_proposed: dict[str, int] = field(default_factory=dict)
     draft_accepted: dict[str, int] = field(default_factory=dict)
+    words: list[Word] | None = None  # timed words of a final that asked for them (seconds from the audio's start)
+    alignment_seconds: float = 0.0  # what finding the word timings took
 
     @property
     def has_speech(self) -> bool:
@@ -102,6 +105,8 @@ class Request:
     decoder_seconds: float = 0.0
     forwards: int = 0  # spent on an earlier attempt (a short window that looped)
     alone: bool = False  # its batch failed: it is retried by itself, so that only a bad request fails
+    words: bool = False  # a final that wants word timings
+    features: torch.Tensor | None = None  # its encoder output, kept for the word timings until it is answered
 
 
 SPECULATIVE_MODES = ("off", "hypothesis", "medusa", "both")
@@ -142,6 +147,9 @@ class Engine:
         self.tokenizer = Tokenizer(checkpoint.vocabulary)
         self.encoder = self.model.encoder if encoder is None else encoder  # mel -> features; engines.trtllm swaps in a TensorRT-LLM engine
         self.suppress_tokens = checkpoint.suppress_tokens
+        # cross-attention heads whose weights follow the speech, for word timings (engines/alignment.py)
+        dims = checkpoint.dims
+        self.alignment_heads = checkpoint.alignment_heads or default_heads(dims.n_text_layer, dims.n_text_head)
         self.heads = self._load_heads(checkpoint, medusa)
         if speculative not in SPECULATIVE_MODES:
             raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE_MODES)}, got {speculative!r}")
@@ -241,16 +249,18 @@ class Engine:
 
     def submit(self, audio: np.ndarray, options: DecodingOptions = DecodingOptions(), *, window: float | None = None,
                previous: list[int] | None = None, speculative: str | None = None, final: bool = True,
-               stream: object | None = None) -> Future:
+               stream: object | None = None, words: bool = False) -> Future:
         """Queues one segment; the future gets a Transcript, or None when a newer partial of the
-        same stream superseded this one."""
+        same stream superseded this one. `words`: a final's transcript carries word timings
+        (partials never do: they stay cheap)."""
         speculative = speculative or self.speculative
         if speculative not in SPECULATIVE_MODES:
             raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE_MODES)}, got {speculative!r}")
         if self.tokens_per_second is not None:
             length = max(1, math.ceil(self.tokens_per_second * len(audio) / SAMPLE_RATE))
             options = replace(options, max_new_tokens=length)
-        request = Request(np.array(audio, dtype=np.float32), options, window, previous, speculative, final, stream, Future())
+        request = Request(np.array(audio, dtype=np.float32), options, window, previous, speculative, final, stream, Future(),
+                          words=words and final)
         self._ensure_worker()
         with self._cv:
             if self._closed:
@@ -479,6 +489,9 @@ class Engine:
 
     def _begin(self, group: list[Request], frames: int, features: torch.Tensor) -> None:
         """Admits encoded requests to the batch (beam searches run on their own)."""
+        for r, f in zip(group, features):
+            if r.words:
+                r.features = f
         beams = [(r, f) for r, f in zip(group, features) if r.options.beam_size > 1]
         for r, f in beams:  # beam search runs on its own, outside the greedy batch
             t1 = time.perf_counter()
@@ -550,13 +563,30 @@ class Engine:
 
     def _transcript(self, request: Request, res: DecodingResult, frames: int) -> Transcript:
         text = res.text
-        if self.script == "traditional" and res.language in ("zh", "yue"):
-            text = to_traditional(text)
-        return Transcript(text=text, tokens=res.tokens, language=res.language, no_speech_prob=res.no_speech_prob,
-                          avg_logprob=res.avg_logprob, looped=res.looped, window_frames=frames,
-                          encoder_seconds=request.encoder_seconds, decoder_seconds=request.decoder_seconds,
-                          forwards=res.forwards + request.forwards,
-                          draft_proposed=res.draft_proposed, draft_accepted=res.draft_accepted)
+        chinese = self.script == "traditional" and res.language in ("zh", "yue")
+        if chinese:
+            text = chinese_text(text)
+        transcript = Transcript(text=text, tokens=res.tokens, language=res.language, no_speech_prob=res.no_speech_prob,
+                                avg_logprob=res.avg_logprob, looped=res.looped, window_frames=frames,
+                                encoder_seconds=request.encoder_seconds, decoder_seconds=request.decoder_seconds,
+                                forwards=res.forwards + request.forwards,
+                                draft_proposed=res.draft_proposed, draft_accepted=res.draft_accepted)
+        features, request.features = request.features, None
+        if request.words and features is not None and transcript.has_speech:
+            t0 = time.perf_counter()
+            transcript.words = self._word_timings(request, res, features)
+            if chinese:
+                for word, piece in zip(transcript.words, chinese_pieces([w.text for w in transcript.words])):
+                    word.text = piece
+            self._sync()
+            transcript.alignment_seconds = time.perf_counter() - t0
+        return transcript
+
+    def _word_timings(self, request: Request, res: DecodingResult, features: torch.Tensor) -> list[Word]:
+        """Timed words of a decoded final (one more decoder pass over its tokens, engines/alignment.py)."""
+        sot_sequence = self.tokenizer.prompt(res.language, request.options.task, timestamps=True)
+        return word_timings(self.model, self.tokenizer, self.alignment_heads, features, sot_sequence, res.tokens,
+                            res.language, request.audio[:N_SAMPLES])
 
     def _own_stream(self, high_priority: bool = False):
         """On CUDA, a stream of the calling thread's own (the worker's, the encoder thread's): work on

@@ -92,17 +92,29 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
             print(f"error: {path}: {exc}", file=sys.stderr)
             failures += 1
             continue
-        segments = transcribe_audio(engine, audio, options, window=args.window)
+        segments = transcribe_audio(engine, audio, options, window=args.window, words=args.word_timestamps)
         if args.json:
-            out.append({"file": path, "segments": [{"start": round(s.start, 2), "end": round(s.end, 2), "text": s.text} for s in segments]})
+            out.append({"file": path, "segments": [segment_json(s) for s in segments]})
         else:
             print(f"# {path}")
             for s in segments:
                 print(f"[{s.start:7.2f} -> {s.end:7.2f}] {s.text}")
+                for w in s.words or []:
+                    print(f"    [{w.start:7.2f} -> {w.end:7.2f}] {w.text.strip()}  ({w.probability:.2f})")
     if args.json:
         print(json.dumps(out, ensure_ascii=False, indent=2))
     engine.close()
     return 1 if failures else 0
+
+
+def segment_json(segment) -> dict:
+    """One segment of `transcribe --json`: times, text, and the word timings when asked for."""
+    from streaming.session import word_list
+
+    out = {"start": round(segment.start, 2), "end": round(segment.end, 2), "text": segment.text}
+    if segment.words is not None:
+        out["words"] = word_list(segment.words)
+    return out
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -140,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     add_decoding_arguments(p)
     p.add_argument("files", nargs="+")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--word-timestamps", action="store_true",
+                   help="word timings for every segment (text, start, end, probability; one more decoder pass per segment)")
     p.set_defaults(func=cmd_transcribe)
 
     p = sub.add_parser("eval", help="offline accuracy and speed on a manifest (scoring of ../shared/eval/README.md)")

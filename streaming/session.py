@@ -47,6 +47,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
+from engines.alignment import Word
 from engines.decoding import DecodingOptions
 from engines.engine import Engine
 
@@ -89,6 +90,7 @@ class Start:
     decoder: AudioDecoder
     language: str
     partials: bool
+    words: bool = False
 
 
 def parse_start(message: str | bytes, default_language: str = "zh") -> Start:
@@ -106,6 +108,7 @@ def parse_start(message: str | bytes, default_language: str = "zh") -> Start:
     encoding = start.get("encoding", "pcm_s16le")
     language = start.get("language", default_language)
     partials = start.get("partials", True)
+    words = start.get("words", False)
     if not isinstance(encoding, str):
         raise ProtocolError("bad_request", f"encoding must be a string such as \"pcm_s16le\", got {encoding!r}",
                             CloseCode.POLICY_VIOLATION)
@@ -114,12 +117,21 @@ def parse_start(message: str | bytes, default_language: str = "zh") -> Start:
                             CloseCode.POLICY_VIOLATION)
     if not isinstance(partials, bool):
         raise ProtocolError("bad_request", f"partials must be true or false, got {partials!r}", CloseCode.POLICY_VIOLATION)
+    if not isinstance(words, bool):
+        raise ProtocolError("bad_request", f"words must be true (finals carry word timings) or false, got {words!r}",
+                            CloseCode.POLICY_VIOLATION)
     try:
         decoder = AudioDecoder(encoding, start.get("sample_rate", 16000), start.get("channels", 1))
     except AudioFormatError as exc:
         close = CloseCode.UNSUPPORTED_DATA if exc.code == "unsupported_encoding" else CloseCode.POLICY_VIOLATION
         raise ProtocolError(exc.code, str(exc), close) from None
-    return Start(decoder, language, partials)
+    return Start(decoder, language, partials, words)
+
+
+def word_list(words: list[Word]) -> list[dict]:
+    """Word timings as the protocols send them: text, start and end (stream seconds), probability."""
+    return [{"text": w.text, "start": round(w.start, 3), "end": round(w.end, 3), "probability": round(w.probability, 3)}
+            for w in words]
 
 
 def is_stop(message: str) -> bool:
@@ -227,14 +239,16 @@ class NativeSession:
     def _begin(self, start: Start) -> None:
         self._decoder = start.decoder
         options = DecodingOptions(language=None if start.language == "auto" else start.language)
-        config = self.config.transcriber if start.partials else replace(self.config.transcriber, partial_interval=0.0)
+        config = replace(self.config.transcriber, words=start.words)
+        if not start.partials:
+            config = replace(config, partial_interval=0.0)
         self._transcriber = StreamingTranscriber(self._engine, options, self._on_event, config=config, metrics=self._metrics)
         self._metrics.sessions.inc()
         self._metrics.sessions_active.inc()
         log.info("session %s: started from %s, %s at %d Hz, language %s", self.id, self._ws.remote_address,
                  start.decoder.encoding, start.decoder.sample_rate, start.language)
         self._send({"type": "ready", "session": self.id, "model": self._engine.name, "sample_rate": start.decoder.sample_rate,
-                    "encoding": start.decoder.encoding, "language": start.language})
+                    "encoding": start.decoder.encoding, "language": start.language, "words": start.words})
 
     async def _finish(self, code: int, reason: str, end_reason: str | None, message: str | None = None) -> None:
         """Flush once, whoever asks (stop, idle timeout, shutdown); every caller waits for it."""
@@ -260,12 +274,16 @@ class NativeSession:
                         "end": round(event.end, 3), "text": event.text, "stable": event.stable})
         elif isinstance(event, Final):
             t = event.transcript
-            self._send({"type": "final", "segment": event.segment, "start": round(event.start, 3),
-                        "end": round(event.end, 3), "text": event.text,
-                        "stats": {"decoder_forwards": t.forwards, "tokens": len(t.tokens),
-                                  "encoder_seconds": round(t.encoder_seconds, 4),
-                                  "decoder_seconds": round(t.decoder_seconds, 4),
-                                  "draft_accepted": t.draft_accepted}})
+            final = {"type": "final", "segment": event.segment, "start": round(event.start, 3),
+                     "end": round(event.end, 3), "text": event.text,
+                     "stats": {"decoder_forwards": t.forwards, "tokens": len(t.tokens),
+                               "encoder_seconds": round(t.encoder_seconds, 4),
+                               "decoder_seconds": round(t.decoder_seconds, 4),
+                               "draft_accepted": t.draft_accepted}}
+            if event.words is not None:
+                final["words"] = word_list(event.words)
+                final["stats"]["alignment_seconds"] = round(t.alignment_seconds, 4)
+            self._send(final)
         elif isinstance(event, Failure):
             self._error("internal", "transcription failed on the server; reconnect and start again (the failure is logged)",
                         CloseCode.INTERNAL_ERROR)

@@ -10,7 +10,8 @@ The transcriber owns a session's `Segmenter` and turns its segments into engine 
 - the *stable* prefix of a partial is what the last two partial hypotheses agree on
   (LocalAgreement-2, by characters); once announced it never shrinks, and later partial texts
   keep it as their prefix;
-- when a segment closes, a *final* decode of the whole segment on the full 30 s window;
+- when a segment closes, a *final* decode of the whole segment on the full 30 s window, with
+  word timings when `words` is set (in stream seconds, like the segment's start and end);
 - every decode gets the segment's last partial tokens as `previous`: the engine verifies them
   as a draft (speculative decoding), so an unchanged prefix costs one forward, not one per token;
 - a final whose transcript holds no speech is not sent; if partials with text were sent for
@@ -33,11 +34,12 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from engines.decoding import DecodingOptions
+from engines.alignment import Word
 from engines.engine import Engine, Transcript
 
 from .metrics import Metrics
@@ -70,6 +72,8 @@ class TranscriberConfig:
     max_queued_audio: float = 60.0
     """Seconds of closed segments' audio waiting for their finals; past it `room()` holds the
     session's reading until the engine catches up (finals are never dropped; 0: no limit)."""
+    words: bool = False
+    """Finals carry word timings (one more decoder pass per final; partials never do)."""
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
 
 
@@ -89,6 +93,7 @@ class Final:
     end: float
     text: str
     transcript: Transcript
+    words: list[Word] | None = None  # with `TranscriberConfig.words`: times in stream seconds
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,13 @@ def agreed_prefix(a: str, b: str) -> str:
 
 def _wordchar(c: str) -> bool:
     return c.isascii() and c.isalnum()
+
+
+def shift(words: list[Word] | None, offset: float) -> list[Word] | None:
+    """Word timings of a segment's audio moved onto the stream's clock (the segment starts at `offset`)."""
+    if words is None:
+        return None
+    return [replace(w, start=offset + w.start, end=offset + w.end) for w in words]
 
 
 @dataclass
@@ -304,7 +316,7 @@ class StreamingTranscriber:
         try:
             transcript = await self._engine.transcribe_async(
                 segment.audio, self._options, window=self.config.final_window, previous=segment.tokens or None,
-                speculative=self.config.speculative, final=True, stream=self)
+                speculative=self.config.speculative, final=True, stream=self, words=self.config.words)
         except Exception as exc:
             self._fail(exc, f"final decode of segment {segment.index}")
             return
@@ -315,7 +327,7 @@ class StreamingTranscriber:
             return
         start, end = segment.start / SAMPLE_RATE, segment.end / SAMPLE_RATE
         if transcript.has_speech:
-            self._emit(Final(segment.index, start, end, transcript.text, transcript))
+            self._emit(Final(segment.index, start, end, transcript.text, transcript, shift(transcript.words, start)))
             self._metrics.finals.inc()
             self._metrics.final_latency.observe(time.monotonic() - arrival)
         else:

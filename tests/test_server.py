@@ -198,6 +198,7 @@ BAD_INPUT = {
     "sample rate too low": (['{"type": "start", "sample_rate": 4000}'], "bad_request", 1008),
     "stereo": (['{"type": "start", "channels": 2}'], "bad_request", 1008),
     "unknown language": (['{"type": "start", "language": "fr"}'], "bad_request", 1008),
+    "words not a boolean": (['{"type": "start", "words": "yes"}'], "bad_request", 1008),
     "frame over the limit": ([START, bytes(LIMIT + 2)], "frame_too_large", 1009),
     "text where audio is expected": ([START, b"\x00" * 320, "AAAAAAAA"], "bad_request", 1003),
 }

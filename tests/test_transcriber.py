@@ -49,7 +49,8 @@ class FakeEngine:
     def __init__(self) -> None:
         self.calls: list[Call] = []
 
-    def submit(self, audio, options, *, window=None, previous=None, speculative=None, final=True, stream=None) -> Future:
+    def submit(self, audio, options, *, window=None, previous=None, speculative=None, final=True, stream=None,
+               words=False) -> Future:
         self.calls.append(Call(len(audio), window, previous, final, stream, Future()))
         return self.calls[-1].future
 

@@ -651,7 +651,7 @@ class ExecutorEngine:
 
     def transcript(self, pending: _Pending, result):
         from engines.engine import Transcript
-        from engines.text import to_traditional
+        from engines.text import chinese_text
 
         tokens = list(result.output_token_ids[0])
         if tokens[: len(pending.prompt)] == pending.prompt:  # in case the input was not excluded
@@ -664,7 +664,7 @@ class ExecutorEngine:
         text = self.tokenizer.decode(tokens)
         language = pending.options.language
         if self.script == "traditional" and language in ("zh", "yue"):
-            text = to_traditional(text)
+            text = chinese_text(text)
         return Transcript(text=text, tokens=tokens, language=language, no_speech_prob=0.0, avg_logprob=avg_logprob,
                           looped=repetition_period(tokens) > 0, window_frames=pending.frames, encoder_seconds=0.0,
                           decoder_seconds=time.perf_counter() - pending.started, forwards=len(tokens) + ended)
