@@ -81,10 +81,17 @@ class Limits:
     """On SIGTERM/SIGINT: seconds open sessions get to flush their finals before the server exits."""
     trusted_proxies: tuple[str, ...] = ()
     """Networks (CIDR) of load balancers whose X-Forwarded-For names the client."""
+    ping_interval: float = 20.0
+    """Seconds between the server's keepalive pings (0: none; streaming.keepalive)."""
+    ping_timeout: float = 20.0
+    """Seconds of reading the socket without the pong before the connection is closed with 1011
+    (time the server does not read a client it pushes back on does not count)."""
 
     def __post_init__(self) -> None:
-        if min(self.max_sessions, self.max_per_client, self.max_session_seconds) < 0:
-            raise ValueError("session limits must be >= 0 (0: no limit)")
+        if min(self.max_sessions, self.max_per_client, self.max_session_seconds, self.ping_interval) < 0:
+            raise ValueError("session limits and --ping-interval must be >= 0 (0: no limit, no pings)")
+        if self.ping_timeout <= 0:
+            raise ValueError("--ping-timeout must be > 0")
         if self.auth_timeout <= 0 or self.drain_timeout <= 0:
             raise ValueError("--drain-timeout and the auth timeout must be > 0")
         proxy_networks(self.trusted_proxies)  # ValueError naming a malformed network, at start

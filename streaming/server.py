@@ -55,6 +55,7 @@ from engines.trtllm.backend import create_engine
 from .auth import NATIVE, REALTIME, SUBSCRIBER, TWILIO, Endpoint, parse_origins, read_keys
 from .auth import select_subprotocol, tls_context
 from .cli import engine_options, window_argument
+from .keepalive import close_or_abort, keepalive
 from .limits import AuthConfig, Gate, Limits
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
@@ -164,6 +165,7 @@ class Server:
         max_size = FRAME_SLACK * self.config.session.max_frame_bytes
         self._ws = await serve(self._handle, self.config.host, self.config.port, process_request=self._http,
                                max_size=max_size, compression=None,  # PCM barely compresses; deflate costs CPU
+                               ping_interval=None,  # serve_connection runs streaming.keepalive instead
                                ssl=self.ssl_context, select_subprotocol=select_subprotocol)
         if self.config.whisperlive.port is not None:
             self.whisperlive = WhisperLiveListener(self)
@@ -226,7 +228,8 @@ class Server:
             await asyncio.gather(drain, return_exceptions=True)
             connections = list(self._ws.all_connections) + (self.whisperlive.connections() if self.whisperlive else [])
             log.warning("%d connections still open %.1f s into the drain; closing them", len(connections), budget)
-            await asyncio.gather(*(_close_now(c) for c in connections))
+            await asyncio.gather(*(close_or_abort(c, CloseCode.GOING_AWAY, "server shutting down", FORCE_CLOSE_TIMEOUT)
+                                   for c in connections))
         self._ws.close()
         await _within(self._ws.wait_closed(), deadline)
         if self.whisperlive is not None:
@@ -280,8 +283,17 @@ class Server:
 
     async def serve_connection(self, connection: ServerConnection, endpoint: Endpoint,
                                factory: Callable[[ServerConnection], Session]) -> None:
-        """Admits a connection (limits, a key in its first message) and runs its session."""
-        await self.gate.serve(connection, endpoint, lambda c: self.run_session(factory(c)))
+        """Admits a connection (limits, a key in its first message) and runs its session, with
+        keepalive pings that a session the server pushes back on survives (streaming.keepalive)."""
+        limits = self.config.limits
+        pings = asyncio.ensure_future(keepalive(connection, limits.ping_interval, limits.ping_timeout)) \
+            if limits.ping_interval else None
+        try:
+            await self.gate.serve(connection, endpoint, lambda c: self.run_session(factory(c)))
+        finally:
+            if pings is not None:
+                pings.cancel()
+                await asyncio.gather(pings, return_exceptions=True)
 
     async def run_session(self, session: Session) -> None:
         """Runs a session to its end, within the maximum duration; shutdown flushes it."""
@@ -438,12 +450,6 @@ async def _within(awaitable, deadline: float) -> None:
         log.warning("shutdown: %s", exc)
 
 
-async def _close_now(connection: ServerConnection) -> None:
-    try:
-        await asyncio.wait_for(connection.close(CloseCode.GOING_AWAY, "server shutting down"), FORCE_CLOSE_TIMEOUT)
-    except Exception:  # noqa: BLE001 - a timeout or a broken socket: cut it
-        connection.transport.abort()
-
 
 # --- `breeze-stream serve` -------------------------------------------------------------------------
 
@@ -508,6 +514,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     guard.add_argument("--max-send-queue", type=int, default=SessionConfig.max_send_queue, metavar="EVENTS",
                        help="events waiting for a client that does not read them before it is disconnected "
                             "(default %(default)s)")
+    guard.add_argument("--ping-interval", type=float, default=limits.ping_interval, metavar="SECONDS",
+                       help="keepalive pings to every WebSocket client (default %(default)s, 0: none)")
+    guard.add_argument("--ping-timeout", type=float, default=limits.ping_timeout, metavar="SECONDS",
+                       help="a client whose pong is this late is closed with 1011; time the server spends not reading a "
+                            "client it pushes back on (see --max-queued-audio) does not count (default %(default)s)")
     guard.add_argument("--drain-timeout", type=float, default=limits.drain_timeout, metavar="SECONDS",
                        help="on SIGTERM/SIGINT, time sessions get to flush their finals; the server exits within it "
                             "(default %(default)s)")
@@ -540,7 +551,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                             language=args.language, max_send_queue=args.max_send_queue, transcriber=transcriber)
     limits = Limits(max_sessions=args.max_sessions, max_per_client=args.max_connections_per_client,
                     trusted_proxies=tuple(c.strip() for c in args.trusted_proxies.split(",") if c.strip()),
-                    max_session_seconds=args.max_session_seconds, drain_timeout=args.drain_timeout)
+                    max_session_seconds=args.max_session_seconds, drain_timeout=args.drain_timeout,
+                    ping_interval=args.ping_interval, ping_timeout=args.ping_timeout)
     if args.api_key_file is not None:
         read_keys(args.api_key_file)  # AuthConfigError (a ValueError) now, not at the first connection
     auth = AuthConfig(api_key_file=None if args.api_key_file is None else str(args.api_key_file),
