@@ -52,6 +52,8 @@ from websockets.http11 import Request, Response
 from engines.engine import Engine
 from engines.trtllm.backend import create_engine
 
+from .admission import MODES as ADMISSION_MODES
+from .admission import Admission, AdmissionConfig
 from .auth import NATIVE, REALTIME, SUBSCRIBER, TWILIO, Endpoint, parse_origins, read_keys
 from .auth import select_subprotocol, tls_context
 from .cli import engine_options, window_argument
@@ -103,6 +105,7 @@ class ServerConfig:
     whisperlive: WhisperLiveConfig = field(default_factory=WhisperLiveConfig)
     calls: CallConfig = field(default_factory=CallConfig)
     limits: Limits = field(default_factory=Limits)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     certfile: str | None = None
     """TLS certificate chain (PEM); with keyfile, the server speaks wss:// and https://."""
@@ -137,7 +140,8 @@ class Server:
         # how each route takes a key in its first message and words a refusal (streaming.auth)
         self.endpoints: dict[str, Endpoint] = {"/v1/stream": NATIVE, "/v1/realtime": REALTIME, "/v1/twilio": TWILIO,
                                                CALLS_PREFIX: SUBSCRIBER}
-        self.gate = Gate(config.limits, config.auth, self.metrics)
+        self.admission = Admission(config.admission, self.metrics.load)  # new sessions by measured capacity
+        self.gate = Gate(config.limits, config.auth, self.metrics, self.admission)
         self.ssl_context = tls_context(config.certfile, config.keyfile)
         self._expiring: dict[Session, asyncio.Task] = {}
         self._closing: asyncio.Future | None = None
@@ -298,6 +302,7 @@ class Server:
     async def run_session(self, session: Session) -> None:
         """Runs a session to its end, within the maximum duration; shutdown flushes it."""
         self._sessions.add(session)
+        self.metrics.load.session_opened()
         limit = self.config.limits.max_session_seconds
         loop = asyncio.get_running_loop()
         timer = loop.call_later(limit, self._expire, session, limit) if limit else None
@@ -307,6 +312,7 @@ class Server:
             await session.run()
         finally:
             self._sessions.discard(session)
+            self.metrics.load.session_closed()
             if timer is not None:
                 timer.cancel()
             task = self._expiring.pop(session, None)
@@ -341,6 +347,7 @@ class Server:
             health = self.engine_health()
             if health is not None:
                 self.metrics.engine_restarts.set(health.get("restarts", 0))
+            self.metrics.publish(self.admission.report(self.gate.active))
             return respond(http.HTTPStatus.OK, self.metrics.render(), METRICS_CONTENT_TYPE)
         return self._static(path)
 
@@ -356,7 +363,7 @@ class Server:
             alive = engine is None or engine.get("alive", True)
             status = "ok" if alive else "engine_down"  # engine.restarts counts recoveries from crashes
             body = {"status": status, "model": self.engine.name, "sessions": self.session_count,
-                    "draining": self.draining, "engine": engine}
+                    "draining": self.draining, "engine": engine, "capacity": self.admission.report(self.gate.active)}
             code = http.HTTPStatus.OK if alive else http.HTTPStatus.SERVICE_UNAVAILABLE
             return respond(code, json.dumps(body) + "\n", "application/json")
         if self._load_error is not None:
@@ -366,8 +373,10 @@ class Server:
         return respond(http.HTTPStatus.SERVICE_UNAVAILABLE, json.dumps(body) + "\n", "application/json")
 
     def _ready(self) -> Response:
-        """Readiness: 200 while new sessions are taken; 503 loading, draining, full or engine down."""
+        """Readiness: 200 while new sessions are taken; 503 loading, draining, full, overloaded (above the
+        measured capacity, streaming.admission) or engine down."""
         engine = self.engine_health() if self.engine is not None else None
+        capacity = self.admission.report(self.gate.active)
         if self.engine is None:
             status = "failed" if self._load_error is not None else "loading"
         elif self.draining:
@@ -376,10 +385,12 @@ class Server:
             status = "engine_down"
         elif self.gate.full:
             status = "full"
+        elif not capacity["admitting"]:
+            status = "overloaded"
         else:
             status = "ready"
         body = {"status": status, "sessions": self.session_count, "connections": self.gate.active,
-                "max_sessions": self.config.limits.max_sessions or None}
+                "max_sessions": self.config.limits.max_sessions or None, "capacity": capacity}
         code = http.HTTPStatus.OK if status == "ready" else http.HTTPStatus.SERVICE_UNAVAILABLE
         return respond(code, json.dumps(body) + "\n", "application/json")
 
@@ -508,6 +519,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                             "against the client named in X-Forwarded-For (default: none; the peer address counts)")
     guard.add_argument("--max-session-seconds", type=float, default=limits.max_session_seconds, metavar="SECONDS",
                        help="longest session; then its finals are flushed and it ends (default %(default)s, 0: no limit)")
+    admission = AdmissionConfig()
+    guard.add_argument("--admission", choices=ADMISSION_MODES, default=admission.mode,
+                       help="measured: refuse new sessions (HTTP 503 + Retry-After, /readyz 503) while the server is at "
+                            "the capacity it measures (engine time per second of final audio, speech per session, audio "
+                            "waiting for finals); off: only --max-sessions limits them (default %(default)s)")
+    guard.add_argument("--admission-floor", type=int, default=admission.floor, metavar="N",
+                       help="sessions admitted before anything is measured (default %(default)s)")
+    guard.add_argument("--admission-utilization", type=float, default=admission.utilization, metavar="SHARE",
+                       help="share of the engine's time the finals of admitted sessions may take (default %(default)s)")
+    guard.add_argument("--admission-max-wait", type=float, default=admission.max_wait, metavar="SECONDS",
+                       help="no new session while finals wait this long for the engine (default %(default)s)")
     guard.add_argument("--max-queued-audio", type=float, default=TranscriberConfig.max_queued_audio, metavar="SECONDS",
                        help="a session's audio waiting for finals before the server stops reading its frames "
                             "(default %(default)s, 0: no limit)")
@@ -553,6 +575,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                     trusted_proxies=tuple(c.strip() for c in args.trusted_proxies.split(",") if c.strip()),
                     max_session_seconds=args.max_session_seconds, drain_timeout=args.drain_timeout,
                     ping_interval=args.ping_interval, ping_timeout=args.ping_timeout)
+    admission = AdmissionConfig(mode=args.admission, floor=args.admission_floor,
+                                utilization=args.admission_utilization, max_wait=args.admission_max_wait)
     if args.api_key_file is not None:
         read_keys(args.api_key_file)  # AuthConfigError (a ValueError) now, not at the first connection
     auth = AuthConfig(api_key_file=None if args.api_key_file is None else str(args.api_key_file),
@@ -564,7 +588,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(host=args.host, port=args.port, model=args.model, device=args.device, script=args.script,
                         backend=args.backend, trtllm_engine_dir=args.trtllm_engine_dir, self_test=args.self_test,
                         medusa=args.medusa, fp32_weights=args.fp32_weights, cuda_graphs=args.cuda_graphs, session=session,
-                        whisperlive=whisperlive, calls=calls, limits=limits,
+                        whisperlive=whisperlive, calls=calls, limits=limits, admission=admission,
                         auth=auth, certfile=args.certfile, keyfile=args.keyfile)
 
 

@@ -196,6 +196,7 @@ class StreamingTranscriber:
 
     def _account(self, samples: int) -> None:
         self._queued += samples
+        self._metrics.load.queued(samples / SAMPLE_RATE)
         limit = self.config.max_queued_audio
         if not limit or self._queued <= limit * SAMPLE_RATE or self._failed or self._closed:
             self._room.set()
@@ -301,6 +302,7 @@ class StreamingTranscriber:
     # --- finals ---------------------------------------------------------------------------------
 
     async def _final(self, segment: _Segment, arrival: float, before: asyncio.Task[None] | None) -> None:
+        asked = time.monotonic()
         try:
             transcript = await self._engine.transcribe_async(
                 segment.audio, self._options, window=self.config.final_window, previous=segment.tokens or None,
@@ -309,6 +311,8 @@ class StreamingTranscriber:
             self._fail(exc, f"final decode of segment {segment.index}")
             return
         self._metrics.count_decode(transcript)
+        self._metrics.load.final_decoded(len(segment.audio) / SAMPLE_RATE, transcript.encoder_seconds
+                                         + transcript.decoder_seconds, time.monotonic() - asked)
         if before is not None:  # finals go out in segment order
             await asyncio.wait({before})
         if self._failed:

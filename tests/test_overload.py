@@ -17,10 +17,12 @@ import time
 
 import numpy as np
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from conftest import TINY_TEXT, receive_all
+from conftest import TINY_TEXT
 from engines.engine import Engine
 from hardening_helpers import pcm16, phrases
+from streaming.admission import Admission, AdmissionConfig, LoadMeter
 from streaming.limits import Limits
 from streaming.server import Server, ServerConfig
 from streaming.session import SessionConfig
@@ -53,11 +55,21 @@ def url(server: Server, path: str = "/v1/stream") -> str:
 
 
 async def stream(server: Server, audio: np.ndarray, *, frame_s: float = 0.1, speed: float | None = None,
-                 start: dict | None = None, **connect_args) -> tuple[list[dict], int | None, str | None]:
+                 start: dict | None = None, **connect_args) -> tuple[list[dict], int | None, str | None, list[float]]:
     """start, `audio` in frames (at `speed` times real time; None: as fast as the server reads), stop;
-    (events, close code, close reason)."""
+    (events, close code, close reason, final latencies: arrival minus the time the audio at its end was sent)."""
+    received: list[tuple[float, dict]] = []
+    sent: list[tuple[float, float]] = []  # (seconds of audio sent, when)
+
+    async def read(ws) -> None:
+        try:
+            async for message in ws:
+                received.append((time.monotonic(), json.loads(message)))
+        except ConnectionClosed:
+            pass
+
     async with connect(url(server), **connect_args) as ws:
-        reader = asyncio.ensure_future(receive_all(ws))
+        reader = asyncio.ensure_future(read(ws))
         await ws.send(json.dumps(start or {"type": "start"}))
         data, step = pcm16(audio), 2 * round(frame_s * RATE)
         began = time.monotonic()
@@ -65,9 +77,12 @@ async def stream(server: Server, audio: np.ndarray, *, frame_s: float = 0.1, spe
             if speed is not None:
                 await asyncio.sleep(max(0.0, began + k * frame_s / speed - time.monotonic()))
             await ws.send(data[i:i + step])
+            sent.append(((i + step) / 2 / RATE, time.monotonic()))
         await ws.send(json.dumps({"type": "stop"}))
-        events = await asyncio.wait_for(reader, 60)
-    return events, ws.close_code, ws.close_reason
+        await asyncio.wait_for(reader, 60)
+    latencies = [at - next(t for end, t in sent if end >= event["end"] - 1e-6)
+                 for at, event in received if event["type"] == "final"]
+    return [event for _, event in received], ws.close_code, ws.close_reason, latencies
 
 
 async def longest_pause(server: Server, done: asyncio.Future) -> float:
@@ -97,7 +112,7 @@ async def test_backpressured_fast_sender_outlives_the_ping_timeout(tiny_engine):
     async with Server(config, engine=slow) as srv:
         client = asyncio.ensure_future(stream(srv, phrases(12, speech=1.0, pause=0.8), frame_s=0.1))
         paused = await longest_pause(srv, client)
-        events, code, reason = await client
+        events, code, reason, _ = await client
     assert (code, reason) == (1000, "") and events[-1] == {"type": "end"}
     assert paused > 4 * 0.5, f"the server stopped reading the client for only {paused:.2f} s"
     assert [e["text"] for e in events if e["type"] == "final"] == [TINY_TEXT] * 12
@@ -117,7 +132,109 @@ async def test_peer_that_stops_answering_pings_is_closed(tiny_engine):
             await asyncio.sleep(0.05)
         elapsed = time.monotonic() - started
         ws.transport.resume_reading()
-        await receive_all(ws)
+        await ws.wait_closed()
     assert srv.session_count == 0 and elapsed < 0.2 + 0.5 + 0.5 + 1.0, f"closed after {elapsed:.2f} s"
     sent = server_side.protocol.close_sent
     assert (sent.code, sent.reason) == (1011, "keepalive ping timeout")
+
+
+# --- 2. admission by measured capacity ------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_capacity_estimate_and_hysteresis():
+    """The estimator's arithmetic on known measurements (streaming.admission's docstring)."""
+    clock = Clock()
+    meter = LoadMeter(horizon=30.0, clock=clock)
+    admission = Admission(AdmissionConfig(floor=2, utilization=0.8, max_wait=2.0, hold=5.0), meter, clock=clock)
+    assert admission.capacity == 2 and admission.admits(0) and admission.admits(1) and not admission.admits(2)
+    assert admission.admits(0), "a server without sessions always admits"
+    for _ in range(2):
+        meter.session_opened()
+
+    def talk(seconds: float) -> None:
+        """Two sessions, each closing a 1 s segment every 2 s, decoded at 0.5 s per audio second."""
+        for _ in range(round(seconds / 2)):
+            clock.now += 2.0
+            for _ in range(2):
+                meter.queued(1.0)
+                meter.final_decoded(1.0, 0.5, 0.5)
+                meter.queued(-1.0)
+
+    talk(20.0)
+    assert abs(meter.rtf - 0.5) < 1e-9 and abs(meter.speech - 0.5) < 0.05
+    assert abs(admission.capacity - 0.8 / (0.5 * meter.speech)) < 1e-9 and 3.0 < admission.capacity < 3.4
+    assert admission.admits(2) and not admission.admits(3)
+    talk(2.0)
+    assert not admission.admits(1), "refusing lasts `hold` seconds"
+    talk(4.0)
+    assert not admission.admits(2), "and ends only with a tenth of the capacity free"
+    assert admission.admits(1)
+    meter.queued(5.0)  # a burst: 5 s of audio waits, 2.5 s of engine work > max_wait
+    assert admission.pressure > 1 and not admission.admits(1) and admission.free(1) == 0
+    meter.queued(-5.0)
+    talk(6.0)
+    assert admission.admits(1)
+    meter.session_closed(), meter.session_closed()
+    clock.now += 30.0 * 20  # idle for 20 horizons: the measurements have faded
+    assert meter.rtf is None and admission.capacity == 2
+    assert Admission(AdmissionConfig(mode="off", floor=1), LoadMeter()).admits(50)
+
+
+async def http_get(port: int, path: str) -> tuple[int, dict]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+    data = await reader.read()
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+async def test_streams_beyond_measured_capacity_are_refused_at_connect(tiny_engine):
+    """An engine that serves about 2 real-time streams: 2 admitted streams keep every final at
+    a bounded latency; 4 more offered are refused with 503 + Retry-After; /readyz is 503 while
+    full and 200 again once the streams end; the estimate is in /metrics and /healthz."""
+    slow = SerialEngine(tiny_engine, rtf=0.5)
+    admission = AdmissionConfig(floor=2, hold=1.0, horizon=10.0)
+    config = ServerConfig(port=0, admission=admission,
+                          session=SessionConfig(transcriber=TranscriberConfig(partial_interval=0)))
+    audio = phrases(7, speech=1.0, pause=0.8)
+    async with Server(config, engine=slow) as srv:
+        admitted = [asyncio.ensure_future(stream(srv, audio, speed=1.0)) for _ in range(2)]
+        deadline = time.monotonic() + 20
+        while srv.metrics.load.speech is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        refused = []
+        for _ in range(4):
+            try:
+                async with connect(url(srv)):
+                    refused.append(101)
+            except InvalidStatus as exc:
+                refused.append((exc.response.status_code, exc.response.headers.get("Retry-After"),
+                                json.loads(exc.response.body)["error"]))
+            await asyncio.sleep(0.3)
+        ready, readiness = await http_get(srv.port, "/readyz")
+        health = (await http_get(srv.port, "/healthz"))[1]["capacity"]
+        results = await asyncio.gather(*admitted)
+        await asyncio.sleep(admission.hold)
+        ready_after = (await http_get(srv.port, "/readyz"))[0]
+        metrics = srv.metrics.render().decode()
+    assert refused == [(503, "1", "overloaded")] * 4, refused
+    assert ready == 503 and readiness["status"] == "overloaded" and ready_after == 200
+    assert 1.5 < health["capacity"] < 3.5 and 0.45 < health["rtf"] < 0.6 and health["free"] == 0, health
+    assert "breeze_capacity_streams" in metrics and 'breeze_connections_rejected_total{reason="capacity"} 4.0' in metrics
+    latencies = []
+    for events, code, _, latency in results:
+        assert code == 1000 and events[-1] == {"type": "end"}
+        assert [e["text"] for e in events if e["type"] == "final"] == [TINY_TEXT] * 7
+        latencies += latency
+    # unloaded: the 0.5 s silence hangover, 0.5 s of engine time per second of segment; behind one
+    # final of the other stream at most
+    assert max(latencies) < 3.0, sorted(latencies)
