@@ -11,8 +11,10 @@ more streams than it can serve.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
+import socket
 import time
 
 import numpy as np
@@ -23,6 +25,7 @@ from conftest import TINY_TEXT
 from engines.engine import Engine
 from hardening_helpers import pcm16, phrases
 from streaming.admission import Admission, AdmissionConfig, LoadMeter
+from streaming import limits
 from streaming.limits import Limits
 from streaming.server import Server, ServerConfig
 from streaming.session import SessionConfig
@@ -238,3 +241,56 @@ async def test_streams_beyond_measured_capacity_are_refused_at_connect(tiny_engi
     # unloaded: the 0.5 s silence hangover, 0.5 s of engine time per second of segment; behind one
     # final of the other stream at most
     assert max(latencies) < 3.0, sorted(latencies)
+
+
+# --- 3. sessions that end under load ---------------------------------------------------------------
+
+
+def overloaded(server: Server) -> float:
+    return server.metrics.registry.get_sample_value("breeze_errors_total", {"code": "overloaded"})
+
+
+async def test_client_that_stops_reading_is_told_why(tiny_engine):
+    """A client that stops reading its events while partials keep coming: once `max_send_queue` of
+    them wait, the waiting ones are dropped for the `overloaded` error and a close 1013 "send queue
+    full", which a client that reads again within limits.REFUSAL_TIMEOUT gets; one that does not
+    is cut then. Either way the session ends."""
+    config = ServerConfig(port=0, session=SessionConfig(max_send_queue=4, transcriber=TranscriberConfig(
+        partial_interval=0.05)))
+    async with Server(config, engine=tiny_engine) as srv:
+        for reads_again in (True, False):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", srv.port))
+            async with connect(url(srv), sock=sock, ping_interval=None, close_timeout=1) as ws:
+                await ws.send(json.dumps({"type": "start"}))
+                assert json.loads(await ws.recv())["type"] == "ready"
+                [server_side] = srv._ws.connections  # a slow network: little room on the way to the client
+                server_side.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+                server_side.transport.set_write_buffer_limits(high=1024)
+                ws.transport.pause_reading()
+                overflows = overloaded(srv)
+                data, step = pcm16(np.tile(phrases(4, speech=2.5, pause=0.6), 4)), 3200
+                for i in range(0, len(data), step):
+                    if overloaded(srv) > overflows:
+                        break
+                    await ws.send(data[i:i + step])
+                    await asyncio.sleep(0.02)  # 0.1 s of audio in 20 ms
+                else:
+                    raise AssertionError("the send queue never filled")
+                if not reads_again:
+                    await asyncio.sleep(limits.REFUSAL_TIMEOUT + 0.5)
+                ws.transport.resume_reading()
+                events = []
+                with contextlib.suppress(ConnectionClosed):
+                    async for message in ws:
+                        events.append(json.loads(message))
+            sent = server_side.protocol.close_sent
+            if reads_again:
+                assert events[-1]["type"] == "error" and events[-1]["code"] == "overloaded", events[-3:]
+                assert (sent.code, sent.reason) == (1013, "send queue full") and ws.close_code == 1013
+            else:
+                assert all(e["type"] in ("partial", "final") for e in events), "only what it had been sent before"
+                assert sent is None and ws.close_code == 1006
+            await asyncio.sleep(0.1)
+            assert srv.session_count == 0
