@@ -38,17 +38,8 @@ import torch
 
 from .cuda_graphs import GraphOptions, StepRunner, step_inputs
 from .model import KVCache, ModelDims, Whisper
+from .synthetic import SHAPES, random_model, synthetic_vocabulary
 
-SHAPES = {
-    # Breeze-ASR-25 is Whisper large-v2's shape
-    "large-v2": ModelDims(n_mels=80, n_audio_ctx=1500, n_audio_state=1280, n_audio_head=20, n_audio_layer=32,
-                          n_vocab=51865, n_text_ctx=448, n_text_state=1280, n_text_head=20, n_text_layer=32),
-    "base": ModelDims(n_mels=80, n_audio_ctx=1500, n_audio_state=512, n_audio_head=8, n_audio_layer=6,
-                      n_vocab=51865, n_text_ctx=448, n_text_state=512, n_text_head=8, n_text_layer=6),
-    "tiny": ModelDims(n_mels=80, n_audio_ctx=1500, n_audio_state=384, n_audio_head=6, n_audio_layer=4,
-                      n_vocab=51865, n_text_ctx=448, n_text_state=384, n_text_head=6, n_text_layer=4),
-}
-SHAPES["breeze"] = SHAPES["large-v2"]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 SECTIONS = ("encoder", "decoder", "verify", "mixed", "step", "exact", "probe", "hf")
 
@@ -100,36 +91,6 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # -- building -------------------------------------------------------------------------------------
-
-def random_model(dims: ModelDims, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Whisper:
-    """Whisper of `dims` with random weights, built on `device` (no host copy of 1.5 G parameters)."""
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = Whisper(dims)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            module = name.rsplit(".", 2)[-2]
-            if module.endswith("_ln") or module in ("ln", "ln_post"):  # layer norms: identity
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
-            else:
-                p.normal_(0, 0.02)
-    return model.to(dtype).eval().fuse()  # as the engine runs it (fused self-attention projections)
-
-
-def synthetic_vocabulary(n_vocab: int = 51865) -> list[str]:
-    """A token list with Whisper's special tokens at their ids (multilingual 51865 vocabulary) and
-    placeholder text tokens: enough for the engine, which only decodes ids. The GPU box lacks the
-    package that ships the real vocabulary; tests check the special ids against it."""
-    from .tokenizer import LANGUAGES
-
-    eot = 50257 if n_vocab >= 51865 else 50256
-    specials = ["<|endoftext|>", "<|startoftranscript|>"] + [f"<|{lang}|>" for lang in LANGUAGES[: 99 if n_vocab == 51865 else 100]]
-    specials += ["<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>"]
-    vocab = [f"t{i}" for i in range(eot)] + specials
-    begin = len(vocab)
-    vocab += ["<|%.2f|>" % ((i - begin) * 0.02) for i in range(begin, n_vocab)]
-    return vocab[:n_vocab]
-
 
 # -- timing ---------------------------------------------------------------------------------------
 

@@ -41,18 +41,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bench import DTYPES, SHAPES, random_model, synthetic_vocabulary
+from .bench import DTYPES
+from .synthetic import SHAPES, TOKENS_PER_SECOND, random_engine
 
-# Whisper's multilingual suppress_tokens (the embedded model's config.json suppress_ids; a test
-# checks them against it): the GPU box lacks the package that ships them.
-WHISPER_SUPPRESS = [
-    1, 2, 7, 8, 9, 10, 14, 25, 26, 27, 28, 29, 31, 58, 59, 60, 61, 62, 63, 90, 91, 92, 93, 359, 503, 522, 542, 873,
-    893, 902, 918, 922, 931, 1350, 1853, 1982, 2460, 2627, 3246, 3253, 3268, 3536, 3846, 3961, 4183, 4667, 6585, 6647,
-    7273, 9061, 9383, 10428, 10929, 11938, 12033, 12331, 12562, 13793, 14157, 14635, 15265, 15618, 16553, 16604, 18362,
-    18956, 20075, 21675, 22520, 26130, 26161, 26435, 28279, 29464, 31650, 32302, 32470, 36865, 42863, 47425, 49870,
-    50254, 50258, 50358, 50359, 50360, 50361, 50362,
-]
-TOKENS_PER_SECOND = 5.43  # Whisper tokens per second of speech, dev references (zh + mix), see measure_token_rate
 # durations (s) of the dev clips: the segment lengths a stream draws from
 DEV_SEGMENTS = (4.2, 2.0, 1.8, 17.2, 4.4, 4.6, 4.4, 1.7, 2.7, 2.8, 4.1, 3.5, 4.2, 3.5, 10.0, 10.4, 12.9, 9.5, 21.0,
                 16.4, 11.9, 10.0, 13.8, 11.0)
@@ -80,39 +71,6 @@ def measure_token_rate(manifest: Path) -> dict:
             totals[group][2] += row["duration_s"]
     return {group: {"tokens_per_s": t / d, "cjk_chars_per_s": c / d, "seconds": d, "tokens": t, "chars": c}
             for group, (t, c, d) in totals.items()}
-
-
-def rig_decoder(model) -> None:
-    """Makes the decoder's output depend on positions and previous tokens only (see module doc)."""
-    with torch.no_grad():
-        model.decoder.positional_embedding.normal_(0, 1.0)  # dominant: a different argmax at every position, no loops
-        for block in model.decoder.blocks:
-            block.cross_attn.out.weight.mul_(1e-4)
-            block.cross_attn.out.bias.mul_(1e-4)
-
-
-def random_engine(shape: str, device: str, dtype: torch.dtype, max_batch: int, speculative: str,
-                  graphs=True, window_bucket: float = 1.0, seed: int = 0, **engine_options):
-    """An Engine on random weights of `shape`, the synthetic vocabulary, <|endoftext|> suppressed."""
-    from .checkpoints import Checkpoint
-    from .engine import Engine, resolve_device
-
-    dims = SHAPES[shape]
-    dev = resolve_device(device)
-    model = random_model(dims, dev, dtype, seed)
-    rig_decoder(model)
-    vocabulary = synthetic_vocabulary(dims.n_vocab)
-    eot = vocabulary.index("<|endoftext|>")
-    checkpoint = Checkpoint(name=f"random {shape}", dims=dims, state_dict=model.state_dict(), vocabulary=vocabulary,
-                            suppress_tokens=sorted(set(WHISPER_SUPPRESS) | {eot}), alignment_heads=None)
-    with torch.device(dev):  # build the engine's copy on the device, not 1.5 G parameters on the host
-        engine = Engine(checkpoint, device=str(dev), dtype=dtype, script="as-is", max_batch=max_batch,
-                        speculative=speculative, cuda_graphs=graphs, window_bucket=window_bucket,
-                        **engine_options)
-    del checkpoint, model
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-    return engine
 
 
 @dataclass
@@ -455,7 +413,8 @@ def run_capacity(args: argparse.Namespace) -> int:
     graphs = False if args.no_graphs else GraphOptions(mode=args.graph_mode, cross_attention=args.cross_attention,
                                                        row_kernels=False if args.no_row_kernels else None)
     t0 = time.perf_counter()
-    engine = random_engine(args.shape, str(device), dtype, args.max_batch, args.speculative, graphs, args.window_bucket,
+    engine = random_engine(args.shape, str(device), dtype, tokens_per_second=None, max_batch=args.max_batch,
+                           speculative=args.speculative, cuda_graphs=graphs, window_bucket=args.window_bucket,
                            max_partials=args.max_partials, partials_per_round=args.partials_per_round,
                            node_budget=args.node_budget, overlap_encoder=False if args.serial_encoder else None,
                            prioritize_steps=not args.equal_priority)

@@ -24,13 +24,13 @@ import threading
 import time
 import zlib
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .audio import FRAMES_PER_SECOND, N_FRAMES, clip_mel, pad_mel
+from .audio import FRAMES_PER_SECOND, N_FRAMES, SAMPLE_RATE, clip_mel, pad_mel
 from .checkpoints import Checkpoint, load_checkpoint
 from .batching import Batch, Decoder, Sequence
 from .cuda_graphs import GraphedEncoder, GraphOptions
@@ -40,6 +40,7 @@ from .fp16_weights import available as fp16_available, pack_fp16_weights
 from .medusa import SHIPPED_HEADS, MedusaHeads, load_heads
 from .fused import FusedEncoder
 from .model import Whisper
+from .synthetic import RANDOM_PREFIX, random_engine
 from .text import to_traditional
 from .tokenizer import Tokenizer
 
@@ -113,7 +114,7 @@ class Engine:
                  window_bucket: float = 1.0, encoder=None, max_partials: int | None = None,
                  partials_per_round: int | None = None, node_budget: int | None = None,
                  fp16_weights: bool | None = None, overlap_encoder: bool | None = None,
-                 stall_timeout: float = 120.0, prioritize_steps: bool = True):
+                 stall_timeout: float = 120.0, prioritize_steps: bool = True, tokens_per_second: float | None = None):
         self.device = resolve_device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.name = checkpoint.name
@@ -134,6 +135,9 @@ class Engine:
             raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE_MODES)}, got {speculative!r}")
         self.speculative = speculative
         self.script = script
+        # load tests on random weights (engines/synthetic.py): each request decodes this many tokens per
+        # second of its audio, as a real model of the shape would, instead of stopping at <|endoftext|>
+        self.tokens_per_second = tokens_per_second
         # shortened encoder windows are rounded up to multiples of this many seconds, so that
         # segments of similar length share one encoder call (one call per distinct window)
         self.window_bucket = window_bucket
@@ -195,6 +199,11 @@ class Engine:
 
     @classmethod
     def load(cls, spec: str = "default", device: str = "auto", **kwargs) -> Engine:
+        """The engine of a model spec: a checkpoint (engines.checkpoints), or `random:SHAPE`, random
+        weights of a real shape for load tests (engines.synthetic)."""
+        if spec.startswith(RANDOM_PREFIX):
+            log.warning("model %s: RANDOM WEIGHTS of that shape, for load tests; transcripts are meaningless", spec)
+            return random_engine(spec[len(RANDOM_PREFIX):], device, **kwargs)
         return cls(load_checkpoint(spec), device=device, **kwargs)
 
     def _load_heads(self, checkpoint: Checkpoint, medusa: str | Path | None) -> MedusaHeads | None:
@@ -224,6 +233,9 @@ class Engine:
         speculative = speculative or self.speculative
         if speculative not in SPECULATIVE_MODES:
             raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE_MODES)}, got {speculative!r}")
+        if self.tokens_per_second is not None:
+            length = max(1, math.ceil(self.tokens_per_second * len(audio) / SAMPLE_RATE))
+            options = replace(options, max_new_tokens=length)
         request = Request(np.array(audio, dtype=np.float32), options, window, previous, speculative, final, stream, Future())
         self._ensure_worker()
         with self._cv:

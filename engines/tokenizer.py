@@ -32,6 +32,11 @@ def _byte_decoder() -> dict[str, int]:
 _BYTES = _byte_decoder()
 
 
+def byte_encoder() -> dict[int, str]:
+    """GPT-2's bytes_to_unicode: each raw byte's printable stand-in in a vocabulary entry."""
+    return {b: c for c, b in _BYTES.items()}
+
+
 class Tokenizer:
     def __init__(self, vocabulary: list[str]):
         self.vocabulary = vocabulary

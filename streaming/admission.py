@@ -28,6 +28,10 @@ That is what the engine sustains on average. Two signals say whether it keeps up
 Past `max_wait` seconds of either (pressure > 1) nobody is admitted, whatever the estimate: the
 estimate lags by design, a burst of long segments or a slower engine shows here at once.
 
+With `serve --workers N` each front-end worker measures its own sessions and takes 1/N of the
+capacity (the kernel spreads connections evenly over the workers), and counts its backlog N
+times; the queue delay is measured on the shared engine.
+
 Until something is measured (a fresh server, or one idle for many horizons) the capacity is
 `floor` sessions, and a server without sessions always admits. Hysteresis keeps `/readyz` from
 flapping: once refusing, the server refuses for at least `hold` seconds and admits again only
@@ -56,7 +60,7 @@ class AdmissionConfig:
     """measured: refuse new sessions above the measured capacity; off: only --max-sessions limits them
     (the estimate is still reported)."""
     floor: int = 8
-    """Sessions admitted while nothing is measured yet."""
+    """Sessions admitted while nothing is measured yet (by each worker of `serve --workers N`)."""
     utilization: float = 0.8
     """Share of the engine's time the finals of admitted sessions may take."""
     max_wait: float = 2.0
@@ -152,27 +156,29 @@ class LoadMeter:
 class Admission:
     """Whether the server takes one more session, by the measured capacity (module docstring)."""
 
-    def __init__(self, config: AdmissionConfig, meter: LoadMeter, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: AdmissionConfig, meter: LoadMeter, clock: Callable[[], float] = time.monotonic,
+                 workers: int = 1) -> None:
         self.config = config
         self.meter = meter
+        self.workers = workers  # front ends sharing the engine (serve --workers N); this one's share is 1/N
         self._clock = clock
         self.admitting = True
         self._since = clock()
 
     @property
     def capacity(self) -> float:
-        """Sessions the engine can serve in real time (`floor` before a measurement; inf without speech)."""
+        """Sessions this server can serve in real time (`floor` before a measurement; inf without speech)."""
         rtf = self.meter.rtf
         if rtf is None:
-            return float(self.config.floor)
+            return float(self.config.floor)  # per front end: connections do not spread evenly enough for a share
         speech = self.meter.speech
         cost = rtf * (1.0 if speech is None else speech)
-        return max(1.0, self.config.utilization / cost) if cost > 0 else math.inf
+        return max(1.0, self.config.utilization / cost / self.workers) if cost > 0 else math.inf
 
     @property
     def pressure(self) -> float:
         """The engine's wait for a final now, as a share of `max_wait` (over 1: admit no one)."""
-        backlog_work = self.meter.backlog * (self.meter.rtf or 0.0)
+        backlog_work = self.meter.backlog * self.workers * (self.meter.rtf or 0.0)
         return max(backlog_work, self.meter.queue_delay) / self.config.max_wait
 
     def update(self, sessions: int) -> None:

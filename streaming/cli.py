@@ -11,7 +11,9 @@ from pathlib import Path
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default",
-                        help="'default' (embedded whisper-base), a local path (HF dir, CTranslate2 dir, OpenAI .pt) or a hub id")
+                        help="'default' (embedded whisper-base), a local path (HF dir, CTranslate2 dir, OpenAI .pt), a hub "
+                             "id, or random:SHAPE (large-v2 = Breeze-ASR-25's shape, base, tiny): random weights for "
+                             "capacity planning, decoding a realistic number of tokens per second of speech")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--medusa", metavar="HEADS", default=None,
                         help="Medusa heads file (breeze-stream train-medusa); default: the shipped heads where they fit the model")

@@ -1,12 +1,17 @@
 """Prometheus metrics of one server, with the names DESIGN.md fixes for dashboards and checks.
 
 Every server owns its registry (not prometheus-client's global one), so several servers in one
-process, as in the tests, never share or clash over counters.
+process, as in the tests, never share or clash over counters. The workers of `serve --workers N`
+(streaming.workers) run prometheus-client's multiprocess mode: PROMETHEUS_MULTIPROC_DIR is set
+before they start, each keeps its values in files there, and `render` sums every worker's, so a
+scrape that reaches any worker sees the whole server.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from engines.engine import Transcript
@@ -27,7 +32,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.sessions_active = Gauge("breeze_sessions_active", "Sessions connected now.", registry=r)
+        self.sessions_active = Gauge("breeze_sessions_active", "Sessions connected now.", registry=r,
+                                     multiprocess_mode="livesum")
         self.sessions = Counter("breeze_sessions", "Sessions started (a valid start message).", registry=r)
         self.audio_seconds = Counter("breeze_audio_seconds", "Seconds of audio received from clients.", registry=r)
         self.segments = Counter("breeze_segments", "Speech segments the VAD opened.", registry=r)
@@ -49,19 +55,25 @@ class Metrics:
         self.rejected = Counter(  # streaming.limits: refusals before a session starts
             "breeze_connections_rejected", "WebSocket upgrades refused, by reason.", ["reason"], registry=r)
         self.engine_restarts = Gauge("breeze_engine_restarts", "Times the engine worker was restarted after a crash.",
-                                     registry=r)
-        self.draining = Gauge("breeze_draining", "1 while the server drains (SIGTERM/SIGINT), else 0.", registry=r)
-        self.load = LoadMeter()  # what admission by measured capacity reads (streaming.admission)
+                                     registry=r, multiprocess_mode="max")
+        self.draining = Gauge("breeze_draining", "1 while the server drains (SIGTERM/SIGINT), else 0.", registry=r,
+                              multiprocess_mode="max")
+        # admission by measured capacity (streaming.admission); with `serve --workers N` each worker
+        # reports its share of the capacity, its own sessions' backlog, and whether it admits
+        self.load = LoadMeter()
         self.capacity = Gauge("breeze_capacity_streams", "Real-time sessions the server estimates it can serve "
-                              "(streaming.admission; +Inf before sessions send speech).", registry=r)
-        self.capacity_free = Gauge("breeze_capacity_free_streams", "More sessions it would admit now.", registry=r)
+                              "(streaming.admission; +Inf before sessions send speech).", registry=r,
+                              multiprocess_mode="livesum")
+        self.capacity_free = Gauge("breeze_capacity_free_streams", "More sessions it would admit now.", registry=r,
+                                   multiprocess_mode="livesum")
         self.admitting = Gauge("breeze_admitting", "1 while new sessions are admitted, 0 while refused for capacity.",
-                               registry=r)
+                               registry=r, multiprocess_mode="livemin")
         self.final_backlog = Gauge("breeze_final_backlog_seconds", "Audio of closed segments waiting for their finals, "
-                                   "all sessions.", registry=r)
-        self.final_rtf = Gauge("breeze_final_rtf", "Engine seconds per second of audio of recent finals.", registry=r)
+                                   "all sessions.", registry=r, multiprocess_mode="livesum")
+        self.final_rtf = Gauge("breeze_final_rtf", "Engine seconds per second of audio of recent finals.", registry=r,
+                               multiprocess_mode="livemax")
         self.final_queue_delay = Gauge("breeze_final_queue_delay_seconds", "How long recent finals waited for the "
-                                       "engine, while audio waits for finals.", registry=r)
+                                       "engine, while audio waits for finals.", registry=r, multiprocess_mode="livemax")
         for source in DRAFT_SOURCES:  # export zeros, so rates work before the first draft
             self.draft_proposed.labels(source)
             self.draft_accepted.labels(source)
@@ -92,4 +104,8 @@ class Metrics:
         self.final_queue_delay.set(capacity["queue_delay_s"])
 
     def render(self) -> bytes:
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # a worker of several: every worker's values, summed
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
         return generate_latest(self.registry)

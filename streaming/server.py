@@ -67,6 +67,7 @@ from .session import LANGUAGES, NativeSession, SessionConfig
 from .transcriber import TranscriberConfig
 from .twilio import CALLS_PREFIX, CallConfig, CallHub, call_subscriber_session, twilio_session
 from .whisperlive import WhisperLiveConfig, WhisperLiveListener
+from .workers import EngineAddress, RemoteEngine, run_workers
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ CONTENT_TYPES = {
 }
 FORCE_CLOSE_TIMEOUT = 1.0  # seconds a connection still open at the drain timeout gets for its close handshake
 FRAME_SLACK = 4  # the WebSocket layer cuts frames over FRAME_SLACK x the limit without reading them
+PUBLISH_INTERVAL = 1.0  # seconds between updates of the admission gauges
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,10 @@ class ServerConfig:
     certfile: str | None = None
     """TLS certificate chain (PEM); with keyfile, the server speaks wss:// and https://."""
     keyfile: str | None = None
+    engine_address: EngineAddress | None = None
+    """A front-end worker of `serve --workers N`: the engine runs in the process at this address."""
+    reuse_port: bool = False  # SO_REUSEPORT: the workers of `serve --workers N` share one port
+    workers: int = 0  # `serve --workers N`: front-end processes (0: this process serves and runs the engine)
 
 
 class Session(Protocol):
@@ -140,7 +146,10 @@ class Server:
         # how each route takes a key in its first message and words a refusal (streaming.auth)
         self.endpoints: dict[str, Endpoint] = {"/v1/stream": NATIVE, "/v1/realtime": REALTIME, "/v1/twilio": TWILIO,
                                                CALLS_PREFIX: SUBSCRIBER}
-        self.admission = Admission(config.admission, self.metrics.load)  # new sessions by measured capacity
+        # new sessions by measured capacity; a worker of `serve --workers N` takes its share
+        self.admission = Admission(config.admission, self.metrics.load,
+                                   workers=config.workers if config.engine_address is not None else 1)
+        self._publishing: asyncio.Task | None = None
         self.gate = Gate(config.limits, config.auth, self.metrics, self.admission)
         self.ssl_context = tls_context(config.certfile, config.keyfile)
         self._expiring: dict[Session, asyncio.Task] = {}
@@ -170,7 +179,8 @@ class Server:
         self._ws = await serve(self._handle, self.config.host, self.config.port, process_request=self._http,
                                max_size=max_size, compression=None,  # PCM barely compresses; deflate costs CPU
                                ping_interval=None,  # serve_connection runs streaming.keepalive instead
-                               ssl=self.ssl_context, select_subprotocol=select_subprotocol)
+                               ssl=self.ssl_context, select_subprotocol=select_subprotocol,
+                               reuse_port=self.config.reuse_port)
         if self.config.whisperlive.port is not None:
             self.whisperlive = WhisperLiveListener(self)
             try:
@@ -180,9 +190,20 @@ class Server:
                 raise
         if self.engine is None:
             self._loading = _in_daemon_thread(self._load, "breeze-load")  # exit never waits for a load
+        self._publishing = asyncio.ensure_future(self._publish_capacity())
 
     def _load(self) -> Engine:
         started = time.perf_counter()
+        if self.config.engine_address is not None:  # a worker of `serve --workers N`
+            try:
+                engine = RemoteEngine.connect(self.config.engine_address)
+            except Exception as exc:
+                log.error("%s", exc)
+                self._load_error = exc
+                raise
+            self.engine = engine
+            log.info("engine process ready: model %s on %s", engine.name, engine.device)
+            return engine
         try:
             engine = create_engine(self.config.backend, model=self.config.model, device=self.config.device,
                                    engine_dir=self.config.trtllm_engine_dir, script=self.config.script,
@@ -235,6 +256,8 @@ class Server:
             await asyncio.gather(*(close_or_abort(c, CloseCode.GOING_AWAY, "server shutting down", FORCE_CLOSE_TIMEOUT)
                                    for c in connections))
         self._ws.close()
+        if self._publishing is not None:
+            self._publishing.cancel()
         await _within(self._ws.wait_closed(), deadline)
         if self.whisperlive is not None:
             await _within(self.whisperlive.wait_closed(), deadline)
@@ -244,6 +267,12 @@ class Server:
                 log.warning("shutting down while the model is still loading")
             elif self._loading.exception() is None:
                 await _within(_in_daemon_thread(self._loading.result().close, "breeze-engine-close"), deadline)
+
+    async def _publish_capacity(self) -> None:
+        """Keeps the admission gauges current (with several workers, a scrape reads every worker's)."""
+        while True:
+            self.metrics.publish(self.admission.report(self.gate.active))
+            await asyncio.sleep(PUBLISH_INTERVAL)
 
     async def _drain(self) -> None:
         await asyncio.gather(*(session.shutdown() for session in list(self._sessions)), return_exceptions=True)
@@ -347,7 +376,6 @@ class Server:
             health = self.engine_health()
             if health is not None:
                 self.metrics.engine_restarts.set(health.get("restarts", 0))
-            self.metrics.publish(self.admission.report(self.gate.active))
             return respond(http.HTTPStatus.OK, self.metrics.render(), METRICS_CONTENT_TYPE)
         return self._static(path)
 
@@ -500,6 +528,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest WebSocket frame a client may send (default %(default)s)")
     parser.add_argument("--idle-timeout", type=float, default=SessionConfig.idle_timeout, metavar="SECONDS",
                         help="a session without frames this long flushes its finals and ends, 0 for never (default %(default)s)")
+    parser.add_argument("--workers", type=int, default=0, metavar="N",
+                        help="front-end processes (sockets, VAD, events) in front of one engine process, sharing "
+                             "--port: for hundreds of streams on a GPU (default 0: one process, best on a CPU)")
     guard = parser.add_argument_group("auth, limits and shutdown (every WebSocket endpoint)")
     guard.add_argument("--api-key-file", type=Path, default=None, metavar="FILE",
                        help="require one of the keys in FILE (one a line; re-read when it changes): Authorization: Bearer, "
@@ -569,6 +600,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                                     max_queued_audio=args.max_queued_audio, segmenter=segmenter)
     if args.max_send_queue < 1 or args.max_frame_bytes < 1 or args.max_queued_audio < 0 or args.idle_timeout < 0:
         raise ValueError("--max-send-queue and --max-frame-bytes must be >= 1, --max-queued-audio and --idle-timeout >= 0")
+    if args.workers < 0:
+        raise ValueError("--workers must be >= 0")
     session = SessionConfig(max_frame_bytes=args.max_frame_bytes, idle_timeout=args.idle_timeout,
                             language=args.language, max_send_queue=args.max_send_queue, transcriber=transcriber)
     limits = Limits(max_sessions=args.max_sessions, max_per_client=args.max_connections_per_client,
@@ -589,7 +622,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                         backend=args.backend, trtllm_engine_dir=args.trtllm_engine_dir, self_test=args.self_test,
                         medusa=args.medusa, fp32_weights=args.fp32_weights, cuda_graphs=args.cuda_graphs, session=session,
                         whisperlive=whisperlive, calls=calls, limits=limits, admission=admission,
-                        auth=auth, certfile=args.certfile, keyfile=args.keyfile)
+                        auth=auth, certfile=args.certfile, keyfile=args.keyfile, workers=args.workers)
 
 
 async def serve_until_stopped(config: ServerConfig) -> int:
@@ -605,8 +638,11 @@ async def serve_until_stopped(config: ServerConfig) -> int:
             log.warning("second signal: closing every connection now")
             server.force_close()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
+    if config.engine_address is None:
+        loop.add_signal_handler(signal.SIGINT, on_signal)
+    else:  # a worker: a terminal's Ctrl-C reaches the whole group, and the parent passes each signal on as SIGTERM
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    loop.add_signal_handler(signal.SIGTERM, on_signal)
     try:
         await server.start()
     except OSError as exc:
@@ -626,6 +662,8 @@ async def serve_until_stopped(config: ServerConfig) -> int:
         if ready.done() and ready.exception() is not None:
             stopping.cancel()
             return 1
+        if isinstance(server.engine, RemoteEngine):  # a worker without its engine process has nothing to serve
+            server.engine.on_lost.append(lambda: loop.call_soon_threadsafe(stop.set))
         await stopping
         ready.cancel()  # still loading: close() does not wait for it
         log.info("shutting down: flushing the finals of %d sessions (at most %g s)", server.session_count,
@@ -643,6 +681,13 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     if not getattr(args, "verbose", False):
         logging.getLogger("websockets").setLevel(logging.WARNING)  # one INFO line per HTTP request otherwise
+    if config.workers:
+        return run_workers(config, config.workers)
+    return run_server(config)
+
+
+def run_server(config: ServerConfig) -> int:
+    """Serves in this process (uvloop where installed) until SIGINT/SIGTERM."""
     try:
         import uvloop
     except ImportError:

@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from engines.bench import SHAPES, synthetic_vocabulary
-from engines.capacity import WHISPER_SUPPRESS, SimConfig, random_engine, simulate
+from engines.synthetic import SHAPES, synthetic_vocabulary
+from engines.capacity import SimConfig, simulate
+from engines.synthetic import WHISPER_SUPPRESS, random_engine
 from engines.capacity import main as capacity_main  # streaming.cli's main is the server's
 from engines.checkpoints import default_suppress_ids, default_vocabulary
 from engines.tokenizer import Tokenizer
@@ -65,7 +66,7 @@ def test_whisper_suppress_list_is_the_embedded_models():
 def test_capacity_simulation_runs_on_the_cpu(one_thread):
     """A few streams through the real Engine on a tiny random model: forced lengths, finals for
     every segment, accepted drafts (the rigged decoder repeats itself across partials)."""
-    engine = random_engine("tiny", "cpu", torch.float32, max_batch=8, speculative="hypothesis")
+    engine = random_engine("tiny", "cpu", torch.float32, tokens_per_second=None, max_batch=8, speculative="hypothesis")
     try:
         result = simulate(engine, SimConfig(streams=2, duration=3.0, warmup=0.5, rate=3.0))
     finally:

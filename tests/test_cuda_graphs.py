@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from engines.batching import Batch, Decoder, Sequence, _Tree
-from engines.bench import synthetic_vocabulary
-from engines.capacity import WHISPER_SUPPRESS
+from engines.synthetic import WHISPER_SUPPRESS, synthetic_vocabulary
 from engines.cuda_graphs import GraphOptions, bucket, step_inputs, tree_visibility
 from engines.decoding import DecodingOptions
 from engines.drafts import HypothesisDrafter

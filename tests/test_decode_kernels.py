@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from decoder_check import run_against_plain
-from engines.bench import random_model
+from engines.synthetic import random_model
 from engines.decode_kernels import GEMV_ROWS, MAX_ROWS, KernelDecoder, dependent_launch, row_linear
 from engines.model import ModelDims
 

@@ -9,7 +9,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from decoder_check import run_against_plain
-from engines.bench import random_model
+from engines.synthetic import random_model
 from engines.fused import FusedDecoder, FusedEncoder
 from engines.model import ModelDims
 
