@@ -11,9 +11,11 @@ it); anything else is 404. A WhisperLive-compatible listener runs on a port of i
 The socket listens before the model is loaded (loading takes seconds to minutes), so health
 checks see 503 rather than a refused connection; WebSocket handshakes get 503 until then too.
 `GET /readyz` is 200 while the server takes new sessions, 503 while loading, draining, at
-`--max-sessions` or with the engine worker down (load balancers route by it); `GET /healthz`
-reports the engine worker (alive, restarts after crashes, the last error) and is 503 only when
-the process should be replaced.
+`--max-sessions`, above the measured capacity (streaming.admission) or with the engine worker
+down (load balancers route by it); `GET /healthz` reports the engine worker (alive, restarts
+after crashes, the last error) and the capacity estimate, and is 503 only when the process
+should be replaced. Keepalive pings are the server's own (streaming.keepalive): a session the
+server pushes back on is not timed out for a pong it has not read yet.
 
 Every WebSocket upgrade, on every endpoint, goes through `Gate` (streaming.limits): API keys,
 allowed origins, and the session and per-client limits; sessions then get the session limits

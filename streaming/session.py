@@ -28,7 +28,8 @@ session and per-client limits (HTTP 401/403/429/503 before the upgrade, or an `u
 `overloaded` error event and close 1008 / 1013 after it). A session that reaches the server's
 maximum duration flushes its finals, then gets `end` with `"reason": "max_duration"` and a
 close 1008. While the engine is behind by more than `max_queued_audio` seconds of this session's
-audio, the session stops reading frames (TCP pushes back on the client) rather than queue more.
+audio, the session stops reading frames (TCP pushes back on the client) rather than queue more;
+the server's keepalive does not count that time against the client's pong (streaming.keepalive).
 
 Without errors the session closes with 1000 after `end` (on `stop`; on the idle timeout with
 `"reason": "idle_timeout"` in `end`), or with 1001 after `end` with `"reason": "shutdown"` when

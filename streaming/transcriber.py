@@ -17,7 +17,9 @@ The transcriber owns a session's `Segmenter` and turns its segments into engine 
   that segment, a blank partial retracts them, so no hallucinated text is left on screen;
 - a slow engine costs partials, never finals: no partial starts while a final of the session is
   outstanding, and the audio of segments waiting for finals is bounded by `max_queued_audio`:
-  sessions `await room()` after feeding, which waits while the bound is exceeded.
+  sessions `await room()` after feeding, which waits while the bound is exceeded;
+- the work of finals (audio waiting, engine and queue time) goes to `metrics.load`, from which
+  the server estimates its capacity (streaming.admission).
 
 Events come out in an order a client can rely on: all partials of a segment before its final,
 finals in segment order, nothing of a segment after its final, and no partial of a segment

@@ -26,6 +26,7 @@ from engines.engine import Engine
 from hardening_helpers import pcm16, phrases
 from streaming.admission import Admission, AdmissionConfig, LoadMeter
 from streaming import limits
+from test_hardening import http_get
 from streaming.limits import Limits
 from streaming.server import Server, ServerConfig
 from streaming.session import SessionConfig
@@ -191,13 +192,9 @@ def test_capacity_estimate_and_hysteresis():
     assert Admission(AdmissionConfig(mode="off", floor=1), LoadMeter()).admits(50)
 
 
-async def http_get(port: int, path: str) -> tuple[int, dict]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
-    data = await reader.read()
-    writer.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), json.loads(body)
+async def get_json(port: int, path: str) -> tuple[int, dict]:
+    status, _, body = await http_get(port, path)
+    return status, json.loads(body)
 
 
 async def test_streams_beyond_measured_capacity_are_refused_at_connect(tiny_engine):
@@ -223,11 +220,11 @@ async def test_streams_beyond_measured_capacity_are_refused_at_connect(tiny_engi
                 refused.append((exc.response.status_code, exc.response.headers.get("Retry-After"),
                                 json.loads(exc.response.body)["error"]))
             await asyncio.sleep(0.3)
-        ready, readiness = await http_get(srv.port, "/readyz")
-        health = (await http_get(srv.port, "/healthz"))[1]["capacity"]
+        ready, readiness = await get_json(srv.port, "/readyz")
+        health = (await get_json(srv.port, "/healthz"))[1]["capacity"]
         results = await asyncio.gather(*admitted)
         await asyncio.sleep(admission.hold)
-        ready_after = (await http_get(srv.port, "/readyz"))[0]
+        ready_after = (await get_json(srv.port, "/readyz"))[0]
         metrics = srv.metrics.render().decode()
     assert refused == [(503, "1", "overloaded")] * 4, refused
     assert ready == 503 and readiness["status"] == "overloaded" and ready_after == 200
