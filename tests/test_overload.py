@@ -24,13 +24,13 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from conftest import TINY_TEXT
 from engines.engine import Engine
 from hardening_helpers import pcm16, phrases
-from streaming.admission import Admission, AdmissionConfig, LoadMeter
 from streaming import limits
-from test_hardening import http_get
+from streaming.admission import Admission, AdmissionConfig, LoadMeter
 from streaming.limits import Limits
 from streaming.server import Server, ServerConfig
 from streaming.session import SessionConfig
 from streaming.transcriber import TranscriberConfig
+from test_hardening import http_get
 
 RATE = 16000
 
