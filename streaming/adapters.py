@@ -19,7 +19,7 @@ from websockets.frames import CloseCode
 from engines.decoding import DecodingOptions
 from engines.tokenizer import LANGUAGES as WHISPER_LANGUAGES
 
-from .limits import closing
+from .limits import REFUSAL_TIMEOUT, closing
 from .transcriber import StreamingTranscriber
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,9 @@ class _Close:
 class Outbox:
     """The single writer of one connection: `send` queues a message, `close` queues the close.
 
-    With a `limit`, a client that lets that many messages wait (it stopped reading) is cut off:
-    nothing can reach it any more, and its queue must not grow the server's memory."""
+    With a `limit`, a client that lets that many messages wait (it stopped reading) is let go: its
+    queue must not grow the server's memory. The waiting messages are dropped for a close 1013
+    "send queue full", and the connection is cut if that is not out within REFUSAL_TIMEOUT."""
 
     def __init__(self, connection: ServerConnection, limit: int | None = None) -> None:
         self._ws = connection
@@ -54,11 +55,14 @@ class Outbox:
         if self.closing:
             return
         if self._limit is not None and self._queue.qsize() >= self._limit:
-            log.warning("%d messages wait for a client (%s) that does not read them; disconnecting it",
+            log.warning("%d messages wait for a client (%s) that does not read them; closing the connection",
                         self._queue.qsize(), self._ws.remote_address)
             self.overflowed = True
-            self.close(CloseCode.TRY_AGAIN_LATER, "overloaded")
-            self._ws.transport.abort()  # the writer's send and the session's recv end with ConnectionClosed
+            while not self._queue.empty():
+                self._queue.get_nowait()
+            self.close(CloseCode.TRY_AGAIN_LATER, "send queue full")
+            # else the writer's send and the session's recv end with ConnectionClosed
+            asyncio.get_running_loop().call_later(REFUSAL_TIMEOUT, self._ws.transport.abort)
             return
         self._queue.put_nowait(message if isinstance(message, str) else json.dumps(message, ensure_ascii=False))
 

@@ -4,8 +4,8 @@ Two steps, for every WebSocket endpoint (native, OpenAI Realtime, Twilio, call s
 the WhisperLive listener):
 
 - `Gate.check` runs on the HTTP upgrade request, before any WebSocket handshake, and answers
-  with an HTTP status where it can: 503 while the model loads, while draining, or at
-  `max_sessions` (with Retry-After); 429 past `max_per_client` connections from one address;
+  with an HTTP status where it can: 503 while the model loads, while draining, at
+  `max_sessions`, or above the measured capacity (streaming.admission; with Retry-After); 429 past `max_per_client` connections from one address;
   403 for an Origin not in `--allowed-origins`; 401 for a missing or wrong key (streaming.auth
   says when a browser is upgraded instead, to be told by an error event).
 - `Gate.serve` runs the connection after the upgrade: it counts it, checks the limits again (a
@@ -17,7 +17,9 @@ The counts are of connections that hold a handler (sessions and connections stil
 their first message), per server and per client address. Behind a load balancer every peer is
 the balancer: with `trusted_proxies` a peer in those networks is looked past, to the last address
 in X-Forwarded-For that is not a trusted proxy (the one the client's own first proxy recorded).
-`/readyz` reports 503 while draining or at capacity, so a load balancer sends new streams elsewhere.
+`/readyz` reports 503 while draining, at `max_sessions` or above the measured capacity, so a load
+balancer sends new streams elsewhere. Call subscribers (`/v1/calls/`) cost the engine nothing and
+are not refused for capacity.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import http
 import ipaddress
 import json
 import logging
+import math
 import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -35,7 +38,9 @@ from dataclasses import dataclass
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
-from .auth import FIRST_MESSAGES, Endpoint, KeyRing, NeedMore, Replay, handshake_token, origin_allowed, without_token
+from .admission import Admission
+from .auth import FIRST_MESSAGES, SUBSCRIBER, Endpoint, KeyRing, NeedMore, Replay, handshake_token, origin_allowed
+from .auth import without_token
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +86,17 @@ class Limits:
     """On SIGTERM/SIGINT: seconds open sessions get to flush their finals before the server exits."""
     trusted_proxies: tuple[str, ...] = ()
     """Networks (CIDR) of load balancers whose X-Forwarded-For names the client."""
+    ping_interval: float = 20.0
+    """Seconds between the server's keepalive pings (0: none; streaming.keepalive)."""
+    ping_timeout: float = 20.0
+    """Seconds of reading the socket without the pong before the connection is closed with 1011
+    (time the server does not read a client it pushes back on does not count)."""
 
     def __post_init__(self) -> None:
-        if min(self.max_sessions, self.max_per_client, self.max_session_seconds) < 0:
-            raise ValueError("session limits must be >= 0 (0: no limit)")
+        if min(self.max_sessions, self.max_per_client, self.max_session_seconds, self.ping_interval) < 0:
+            raise ValueError("session limits and --ping-interval must be >= 0 (0: no limit, no pings)")
+        if self.ping_timeout <= 0:
+            raise ValueError("--ping-timeout must be > 0")
         if self.auth_timeout <= 0 or self.drain_timeout <= 0:
             raise ValueError("--drain-timeout and the auth timeout must be > 0")
         proxy_networks(self.trusted_proxies)  # ValueError naming a malformed network, at start
@@ -146,8 +158,9 @@ def http_response(status: http.HTTPStatus, body: dict, headers: dict[str, str] |
 class Gate:
     """The auth and connection limits of one server; `metrics.rejected` counts refusals by reason."""
 
-    def __init__(self, limits: Limits, auth: AuthConfig, metrics) -> None:
+    def __init__(self, limits: Limits, auth: AuthConfig, metrics, capacity: Admission | None = None) -> None:
         self.limits = limits
+        self.capacity = capacity
         self.auth = auth
         self.keys = KeyRing(auth.api_key_file) if auth.api_key_file else None
         self._metrics = metrics
@@ -164,10 +177,19 @@ class Gate:
     def full(self) -> bool:
         return bool(self.limits.max_sessions) and self.active >= self.limits.max_sessions
 
-    def _refuse_http(self, reason: str, status: http.HTTPStatus, message: str, headers: dict | None = None):
+    def _refuse_http(self, reason: str, status: http.HTTPStatus, message: str, headers: dict | None = None,
+                     error: str | None = None):
         self._metrics.rejected.labels(reason).inc()
         log.info("refused an upgrade (%s): %s", reason, message)
-        return http_response(status, {"error": reason, "message": message}, headers)
+        return http_response(status, {"error": error or reason, "message": message}, headers)
+
+    def _beyond_capacity(self, endpoint: Endpoint, sessions: int) -> bool:
+        """Whether one more session would exceed the measured capacity (streaming.admission)."""
+        return self.capacity is not None and endpoint is not SUBSCRIBER and not self.capacity.admits(sessions)
+
+    def _capacity_message(self) -> str:
+        return (f"the server is at its measured capacity ({self.capacity.capacity:.0f} sessions in real time); "
+                "retry later or connect to another instance")
 
     # --- before the upgrade ------------------------------------------------------------------------
 
@@ -185,6 +207,9 @@ class Gate:
             return self._refuse_http("overloaded", http.HTTPStatus.SERVICE_UNAVAILABLE,
                                      f"the server is at its limit of {self.limits.max_sessions} sessions; retry later "
                                      "or connect to another instance", {"Retry-After": "5"})
+        if self._beyond_capacity(endpoint, self.active):
+            return self._refuse_http("capacity", http.HTTPStatus.SERVICE_UNAVAILABLE, self._capacity_message(),
+                                     {"Retry-After": str(max(1, math.ceil(self.capacity.config.hold)))}, "overloaded")
         limit = self.limits.max_per_client
         if limit and self._per_client[self._client(connection, request)] >= limit:
             return self._refuse_http("per_client", http.HTTPStatus.TOO_MANY_REQUESTS,
@@ -221,7 +246,7 @@ class Gate:
         self._per_client[address] += 1
         self._idle.clear()
         try:
-            refusal = self._over_limits(address)
+            refusal = self._over_limits(address, endpoint)
             if refusal is not None:
                 await self._refuse(connection, endpoint, *refusal)
                 return
@@ -244,7 +269,7 @@ class Gate:
         request = request or getattr(connection, "request", None)
         return client_address(connection, None if request is None else request.headers, self._proxies)
 
-    def _over_limits(self, address: str) -> tuple[str, str, int] | None:
+    def _over_limits(self, address: str, endpoint: Endpoint) -> tuple[str, str, int] | None:
         if self.draining:
             return "overloaded", "the server is shutting down; connect to another instance", CloseCode.GOING_AWAY
         limits = self.limits
@@ -256,6 +281,9 @@ class Gate:
             self._metrics.rejected.labels("per_client").inc()
             return ("overloaded", f"{limits.max_per_client} connections from your address are open already; close "
                     "one first", CloseCode.TRY_AGAIN_LATER)
+        if self._beyond_capacity(endpoint, self.active - 1):  # this one counted already
+            self._metrics.rejected.labels("capacity").inc()
+            return "overloaded", self._capacity_message(), CloseCode.TRY_AGAIN_LATER
         return None
 
     async def _first_message(self, connection, endpoint: Endpoint, admission: _Admission):

@@ -18,10 +18,12 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from engines.engine import Transcript
 
+from .admission import LoadMeter
+
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 ERROR_CODES = ("bad_request", "unsupported_encoding", "frame_too_large", "unauthorized", "overloaded", "internal")
 DRAFT_SOURCES = ("hypothesis", "medusa")
-REJECT_REASONS = ("unauthorized", "origin", "overloaded", "per_client", "draining", "loading")
+REJECT_REASONS = ("unauthorized", "origin", "overloaded", "capacity", "per_client", "draining", "loading")
 # final latency includes the silence hangover (about 0.5 s by default), so buckets start there
 LATENCY_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 30.0)
 
@@ -59,6 +61,22 @@ class Metrics:
                                      registry=r, multiprocess_mode="max")
         self.draining = Gauge("breeze_draining", "1 while the server drains (SIGTERM/SIGINT), else 0.", registry=r,
                               multiprocess_mode="max")
+        # admission by measured capacity (streaming.admission); with `serve --workers N` each worker
+        # reports its share of the capacity, its own sessions' backlog, and whether it admits
+        self.load = LoadMeter()
+        self.capacity = Gauge("breeze_capacity_streams", "Real-time sessions the server estimates it can serve "
+                              "(streaming.admission; +Inf before sessions send speech).", registry=r,
+                              multiprocess_mode="livesum")
+        self.capacity_free = Gauge("breeze_capacity_free_streams", "More sessions it would admit now.", registry=r,
+                                   multiprocess_mode="livesum")
+        self.admitting = Gauge("breeze_admitting", "1 while new sessions are admitted, 0 while refused for capacity.",
+                               registry=r, multiprocess_mode="livemin")
+        self.final_backlog = Gauge("breeze_final_backlog_seconds", "Audio of closed segments waiting for their finals, "
+                                   "all sessions.", registry=r, multiprocess_mode="livesum")
+        self.final_rtf = Gauge("breeze_final_rtf", "Engine seconds per second of audio of recent finals.", registry=r,
+                               multiprocess_mode="livemax")
+        self.final_queue_delay = Gauge("breeze_final_queue_delay_seconds", "How long recent finals waited for the "
+                                       "engine, while audio waits for finals.", registry=r, multiprocess_mode="livemax")
         for source in DRAFT_SOURCES:  # export zeros, so rates work before the first draft
             self.draft_proposed.labels(source)
             self.draft_accepted.labels(source)
@@ -82,6 +100,16 @@ class Metrics:
             self.draft_proposed.labels(source).inc(n)
         for source, n in transcript.draft_accepted.items():
             self.draft_accepted.labels(source).inc(n)
+
+    def publish(self, capacity: dict) -> None:
+        """The admission estimate (streaming.admission.Admission.report) into its gauges."""
+        inf = float("inf")
+        self.capacity.set(inf if capacity["capacity"] is None else capacity["capacity"])
+        self.capacity_free.set(inf if capacity["free"] is None else capacity["free"])
+        self.admitting.set(int(capacity["admitting"]))
+        self.final_backlog.set(capacity["backlog_s"])
+        self.final_rtf.set(capacity["rtf"] or 0.0)
+        self.final_queue_delay.set(capacity["queue_delay_s"])
 
     def render(self) -> bytes:
         if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # a worker of several: every worker's values, summed

@@ -11,9 +11,11 @@ it); anything else is 404. A WhisperLive-compatible listener runs on a port of i
 The socket listens before the model is loaded (loading takes seconds to minutes), so health
 checks see 503 rather than a refused connection; WebSocket handshakes get 503 until then too.
 `GET /readyz` is 200 while the server takes new sessions, 503 while loading, draining, at
-`--max-sessions` or with the engine worker down (load balancers route by it); `GET /healthz`
-reports the engine worker (alive, restarts after crashes, the last error) and is 503 only when
-the process should be replaced.
+`--max-sessions`, above the measured capacity (streaming.admission) or with the engine worker
+down (load balancers route by it); `GET /healthz` reports the engine worker (alive, restarts
+after crashes, the last error) and the capacity estimate, and is 503 only when the process
+should be replaced. Keepalive pings are the server's own (streaming.keepalive): a session the
+server pushes back on is not timed out for a pong it has not read yet.
 
 Every WebSocket upgrade, on every endpoint, goes through `Gate` (streaming.limits): API keys,
 allowed origins, and the session and per-client limits; sessions then get the session limits
@@ -52,9 +54,12 @@ from websockets.http11 import Request, Response
 from engines.engine import Engine
 from engines.trtllm.backend import create_engine
 
+from .admission import MODES as ADMISSION_MODES
+from .admission import Admission, AdmissionConfig
 from .auth import NATIVE, REALTIME, SUBSCRIBER, TWILIO, Endpoint, parse_origins, read_keys
 from .auth import select_subprotocol, tls_context
 from .cli import engine_options, window_argument
+from .keepalive import close_or_abort, keepalive
 from .limits import AuthConfig, Gate, Limits
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
@@ -83,6 +88,7 @@ CONTENT_TYPES = {
 }
 FORCE_CLOSE_TIMEOUT = 1.0  # seconds a connection still open at the drain timeout gets for its close handshake
 FRAME_SLACK = 4  # the WebSocket layer cuts frames over FRAME_SLACK x the limit without reading them
+PUBLISH_INTERVAL = 1.0  # seconds between updates of the admission gauges
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,7 @@ class ServerConfig:
     whisperlive: WhisperLiveConfig = field(default_factory=WhisperLiveConfig)
     calls: CallConfig = field(default_factory=CallConfig)
     limits: Limits = field(default_factory=Limits)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     certfile: str | None = None
     """TLS certificate chain (PEM); with keyfile, the server speaks wss:// and https://."""
@@ -142,7 +149,11 @@ class Server:
         # how each route takes a key in its first message and words a refusal (streaming.auth)
         self.endpoints: dict[str, Endpoint] = {"/v1/stream": NATIVE, "/v1/realtime": REALTIME, "/v1/twilio": TWILIO,
                                                CALLS_PREFIX: SUBSCRIBER}
-        self.gate = Gate(config.limits, config.auth, self.metrics)
+        # new sessions by measured capacity; a worker of `serve --workers N` takes its share
+        self.admission = Admission(config.admission, self.metrics.load,
+                                   workers=config.workers if config.engine_address is not None else 1)
+        self._publishing: asyncio.Task | None = None
+        self.gate = Gate(config.limits, config.auth, self.metrics, self.admission)
         self.ssl_context = tls_context(config.certfile, config.keyfile)
         self._expiring: dict[Session, asyncio.Task] = {}
         self._closing: asyncio.Future | None = None
@@ -170,6 +181,7 @@ class Server:
         max_size = FRAME_SLACK * self.config.session.max_frame_bytes
         self._ws = await serve(self._handle, self.config.host, self.config.port, process_request=self._http,
                                max_size=max_size, compression=None,  # PCM barely compresses; deflate costs CPU
+                               ping_interval=None,  # serve_connection runs streaming.keepalive instead
                                ssl=self.ssl_context, select_subprotocol=select_subprotocol,
                                reuse_port=self.config.reuse_port)
         if self.config.whisperlive.port is not None:
@@ -181,6 +193,7 @@ class Server:
                 raise
         if self.engine is None:
             self._loading = _in_daemon_thread(self._load, "breeze-load")  # exit never waits for a load
+        self._publishing = asyncio.ensure_future(self._publish_capacity())
 
     def _load(self) -> Engine:
         started = time.perf_counter()
@@ -243,8 +256,11 @@ class Server:
             await asyncio.gather(drain, return_exceptions=True)
             connections = list(self._ws.all_connections) + (self.whisperlive.connections() if self.whisperlive else [])
             log.warning("%d connections still open %.1f s into the drain; closing them", len(connections), budget)
-            await asyncio.gather(*(_close_now(c) for c in connections))
+            await asyncio.gather(*(close_or_abort(c, CloseCode.GOING_AWAY, "server shutting down", FORCE_CLOSE_TIMEOUT)
+                                   for c in connections))
         self._ws.close()
+        if self._publishing is not None:
+            self._publishing.cancel()
         await _within(self._ws.wait_closed(), deadline)
         if self.whisperlive is not None:
             await _within(self.whisperlive.wait_closed(), deadline)
@@ -254,6 +270,12 @@ class Server:
                 log.warning("shutting down while the model is still loading")
             elif self._loading.exception() is None:
                 await _within(_in_daemon_thread(self._loading.result().close, "breeze-engine-close"), deadline)
+
+    async def _publish_capacity(self) -> None:
+        """Keeps the admission gauges current (with several workers, a scrape reads every worker's)."""
+        while True:
+            self.metrics.publish(self.admission.report(self.gate.active))
+            await asyncio.sleep(PUBLISH_INTERVAL)
 
     async def _drain(self) -> None:
         await asyncio.gather(*(session.shutdown() for session in list(self._sessions)), return_exceptions=True)
@@ -297,12 +319,22 @@ class Server:
 
     async def serve_connection(self, connection: ServerConnection, endpoint: Endpoint,
                                factory: Callable[[ServerConnection], Session]) -> None:
-        """Admits a connection (limits, a key in its first message) and runs its session."""
-        await self.gate.serve(connection, endpoint, lambda c: self.run_session(factory(c)))
+        """Admits a connection (limits, a key in its first message) and runs its session, with
+        keepalive pings that a session the server pushes back on survives (streaming.keepalive)."""
+        limits = self.config.limits
+        pings = asyncio.ensure_future(keepalive(connection, limits.ping_interval, limits.ping_timeout)) \
+            if limits.ping_interval else None
+        try:
+            await self.gate.serve(connection, endpoint, lambda c: self.run_session(factory(c)))
+        finally:
+            if pings is not None:
+                pings.cancel()
+                await asyncio.gather(pings, return_exceptions=True)
 
     async def run_session(self, session: Session) -> None:
         """Runs a session to its end, within the maximum duration; shutdown flushes it."""
         self._sessions.add(session)
+        self.metrics.load.session_opened()
         limit = self.config.limits.max_session_seconds
         loop = asyncio.get_running_loop()
         timer = loop.call_later(limit, self._expire, session, limit) if limit else None
@@ -312,6 +344,7 @@ class Server:
             await session.run()
         finally:
             self._sessions.discard(session)
+            self.metrics.load.session_closed()
             if timer is not None:
                 timer.cancel()
             task = self._expiring.pop(session, None)
@@ -361,7 +394,7 @@ class Server:
             alive = engine is None or engine.get("alive", True)
             status = "ok" if alive else "engine_down"  # engine.restarts counts recoveries from crashes
             body = {"status": status, "model": self.engine.name, "sessions": self.session_count,
-                    "draining": self.draining, "engine": engine}
+                    "draining": self.draining, "engine": engine, "capacity": self.admission.report(self.gate.active)}
             code = http.HTTPStatus.OK if alive else http.HTTPStatus.SERVICE_UNAVAILABLE
             return respond(code, json.dumps(body) + "\n", "application/json")
         if self._load_error is not None:
@@ -371,8 +404,10 @@ class Server:
         return respond(http.HTTPStatus.SERVICE_UNAVAILABLE, json.dumps(body) + "\n", "application/json")
 
     def _ready(self) -> Response:
-        """Readiness: 200 while new sessions are taken; 503 loading, draining, full or engine down."""
+        """Readiness: 200 while new sessions are taken; 503 loading, draining, full, overloaded (above the
+        measured capacity, streaming.admission) or engine down."""
         engine = self.engine_health() if self.engine is not None else None
+        capacity = self.admission.report(self.gate.active)
         if self.engine is None:
             status = "failed" if self._load_error is not None else "loading"
         elif self.draining:
@@ -381,10 +416,12 @@ class Server:
             status = "engine_down"
         elif self.gate.full:
             status = "full"
+        elif not capacity["admitting"]:
+            status = "overloaded"
         else:
             status = "ready"
         body = {"status": status, "sessions": self.session_count, "connections": self.gate.active,
-                "max_sessions": self.config.limits.max_sessions or None}
+                "max_sessions": self.config.limits.max_sessions or None, "capacity": capacity}
         code = http.HTTPStatus.OK if status == "ready" else http.HTTPStatus.SERVICE_UNAVAILABLE
         return respond(code, json.dumps(body) + "\n", "application/json")
 
@@ -455,12 +492,6 @@ async def _within(awaitable, deadline: float) -> None:
         log.warning("shutdown: %s", exc)
 
 
-async def _close_now(connection: ServerConnection) -> None:
-    try:
-        await asyncio.wait_for(connection.close(CloseCode.GOING_AWAY, "server shutting down"), FORCE_CLOSE_TIMEOUT)
-    except Exception:  # noqa: BLE001 - a timeout or a broken socket: cut it
-        connection.transport.abort()
-
 
 # --- `breeze-stream serve` -------------------------------------------------------------------------
 
@@ -522,12 +553,28 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                             "against the client named in X-Forwarded-For (default: none; the peer address counts)")
     guard.add_argument("--max-session-seconds", type=float, default=limits.max_session_seconds, metavar="SECONDS",
                        help="longest session; then its finals are flushed and it ends (default %(default)s, 0: no limit)")
+    admission = AdmissionConfig()
+    guard.add_argument("--admission", choices=ADMISSION_MODES, default=admission.mode,
+                       help="measured: refuse new sessions (HTTP 503 + Retry-After, /readyz 503) while the server is at "
+                            "the capacity it measures (engine time per second of final audio, speech per session, audio "
+                            "waiting for finals); off: only --max-sessions limits them (default %(default)s)")
+    guard.add_argument("--admission-floor", type=int, default=admission.floor, metavar="N",
+                       help="sessions admitted before anything is measured (default %(default)s)")
+    guard.add_argument("--admission-utilization", type=float, default=admission.utilization, metavar="SHARE",
+                       help="share of the engine's time the finals of admitted sessions may take (default %(default)s)")
+    guard.add_argument("--admission-max-wait", type=float, default=admission.max_wait, metavar="SECONDS",
+                       help="no new session while finals wait this long for the engine (default %(default)s)")
     guard.add_argument("--max-queued-audio", type=float, default=TranscriberConfig.max_queued_audio, metavar="SECONDS",
                        help="a session's audio waiting for finals before the server stops reading its frames "
                             "(default %(default)s, 0: no limit)")
     guard.add_argument("--max-send-queue", type=int, default=SessionConfig.max_send_queue, metavar="EVENTS",
                        help="events waiting for a client that does not read them before it is disconnected "
                             "(default %(default)s)")
+    guard.add_argument("--ping-interval", type=float, default=limits.ping_interval, metavar="SECONDS",
+                       help="keepalive pings to every WebSocket client (default %(default)s, 0: none)")
+    guard.add_argument("--ping-timeout", type=float, default=limits.ping_timeout, metavar="SECONDS",
+                       help="a client whose pong is this late is closed with 1011; time the server spends not reading a "
+                            "client it pushes back on (see --max-queued-audio) does not count (default %(default)s)")
     guard.add_argument("--drain-timeout", type=float, default=limits.drain_timeout, metavar="SECONDS",
                        help="on SIGTERM/SIGINT, time sessions get to flush their finals; the server exits within it "
                             "(default %(default)s)")
@@ -562,7 +609,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                             language=args.language, max_send_queue=args.max_send_queue, transcriber=transcriber)
     limits = Limits(max_sessions=args.max_sessions, max_per_client=args.max_connections_per_client,
                     trusted_proxies=tuple(c.strip() for c in args.trusted_proxies.split(",") if c.strip()),
-                    max_session_seconds=args.max_session_seconds, drain_timeout=args.drain_timeout)
+                    max_session_seconds=args.max_session_seconds, drain_timeout=args.drain_timeout,
+                    ping_interval=args.ping_interval, ping_timeout=args.ping_timeout)
+    admission = AdmissionConfig(mode=args.admission, floor=args.admission_floor,
+                                utilization=args.admission_utilization, max_wait=args.admission_max_wait)
     if args.api_key_file is not None:
         read_keys(args.api_key_file)  # AuthConfigError (a ValueError) now, not at the first connection
     auth = AuthConfig(api_key_file=None if args.api_key_file is None else str(args.api_key_file),
@@ -574,7 +624,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(host=args.host, port=args.port, model=args.model, device=args.device, script=args.script,
                         backend=args.backend, trtllm_engine_dir=args.trtllm_engine_dir, self_test=args.self_test,
                         medusa=args.medusa, fp32_weights=args.fp32_weights, cuda_graphs=args.cuda_graphs, session=session,
-                        whisperlive=whisperlive, calls=calls, limits=limits,
+                        whisperlive=whisperlive, calls=calls, limits=limits, admission=admission,
                         auth=auth, certfile=args.certfile, keyfile=args.keyfile, workers=args.workers)
 
 

@@ -19,15 +19,17 @@ fix it, then a close with the matching WebSocket close code (RFC 6455, 7.4.1):
   limit the WebSocket layer refuses the frame unread, with 1009 and no event;
 - no start message within the idle timeout: bad_request, 1008;
 - the engine failed on this session's audio: internal, 1011 (internal error);
-- the client reads events so slowly that `max_send_queue` of them wait: the connection is
-  dropped (nothing can reach such a client; logged and counted as overloaded).
+- the client reads events so slowly that `max_send_queue` of them wait: overloaded, 1013 (try
+  again later; reason "send queue full"); the waiting events are dropped, and the connection is
+  cut if the error and close have not gone out within limits.REFUSAL_TIMEOUT.
 
 `ServerConfig.limits` (streaming.limits) adds what happens before a session starts: keys, the
 session and per-client limits (HTTP 401/403/429/503 before the upgrade, or an `unauthorized` /
 `overloaded` error event and close 1008 / 1013 after it). A session that reaches the server's
 maximum duration flushes its finals, then gets `end` with `"reason": "max_duration"` and a
 close 1008. While the engine is behind by more than `max_queued_audio` seconds of this session's
-audio, the session stops reading frames (TCP pushes back on the client) rather than queue more.
+audio, the session stops reading frames (TCP pushes back on the client) rather than queue more;
+the server's keepalive does not count that time against the client's pong (streaming.keepalive).
 
 Without errors the session closes with 1000 after `end` (on `stop`; on the idle timeout with
 `"reason": "idle_timeout"` in `end`), or with 1001 after `end` with `"reason": "shutdown"` when
@@ -52,7 +54,7 @@ from engines.decoding import DecodingOptions
 from engines.engine import Engine
 
 from .codecs import AudioDecoder, AudioFormatError
-from .limits import closing
+from .limits import REFUSAL_TIMEOUT, closing
 from .metrics import Metrics
 from .transcriber import Event, Failure, Final, Partial, StreamingTranscriber, TranscriberConfig
 
@@ -305,13 +307,21 @@ class NativeSession:
         self._outbox.put_nowait(json.dumps(event, ensure_ascii=False))
 
     def _drop_slow_client(self) -> None:
-        """The client stopped reading: no event can reach it, so the connection is cut."""
-        log.warning("session %s: %d events wait for a client that does not read them; disconnecting it", self.id,
-                    self._outbox.qsize())
+        """The client stopped reading: the events waiting for it are dropped, the `overloaded` error and
+        a close 1013 take their place, and the connection is cut if they are not out within
+        REFUSAL_TIMEOUT (the sender's send and the receiver's recv then end with ConnectionClosed)."""
+        waiting = self._outbox.qsize()
+        log.warning("session %s: %d events wait for a client that does not read them; ending the session", self.id,
+                    waiting)
         self._metrics.errors.labels("overloaded").inc()
         self._closing = True
-        self._outbox.put_nowait(_Close(CloseCode.TRY_AGAIN_LATER, "overloaded"))  # the sender ends either way
-        self._ws.transport.abort()  # the sender's send and the receiver's recv end with ConnectionClosed
+        while not self._outbox.empty():
+            self._outbox.get_nowait()
+        self._outbox.put_nowait(json.dumps({"type": "error", "code": "overloaded", "message": f"{waiting} events "
+                                            "waited for this client, which did not read them; read events as they "
+                                            "arrive, and connect again"}))
+        self._outbox.put_nowait(_Close(CloseCode.TRY_AGAIN_LATER, "send queue full"))
+        asyncio.get_running_loop().call_later(REFUSAL_TIMEOUT, self._ws.transport.abort)
 
     def _close(self, code: int, reason: str) -> None:
         if not self._closing:

@@ -18,7 +18,9 @@ The transcriber owns a session's `Segmenter` and turns its segments into engine 
   that segment, a blank partial retracts them, so no hallucinated text is left on screen;
 - a slow engine costs partials, never finals: no partial starts while a final of the session is
   outstanding, and the audio of segments waiting for finals is bounded by `max_queued_audio`:
-  sessions `await room()` after feeding, which waits while the bound is exceeded.
+  sessions `await room()` after feeding, which waits while the bound is exceeded;
+- the work of finals (audio waiting, engine and queue time) goes to `metrics.load`, from which
+  the server estimates its capacity (streaming.admission).
 
 Events come out in an order a client can rely on: all partials of a segment before its final,
 finals in segment order, nothing of a segment after its final, and no partial of a segment
@@ -208,6 +210,7 @@ class StreamingTranscriber:
 
     def _account(self, samples: int) -> None:
         self._queued += samples
+        self._metrics.load.queued(samples / SAMPLE_RATE)
         limit = self.config.max_queued_audio
         if not limit or self._queued <= limit * SAMPLE_RATE or self._failed or self._closed:
             self._room.set()
@@ -313,6 +316,7 @@ class StreamingTranscriber:
     # --- finals ---------------------------------------------------------------------------------
 
     async def _final(self, segment: _Segment, arrival: float, before: asyncio.Task[None] | None) -> None:
+        asked = time.monotonic()
         try:
             transcript = await self._engine.transcribe_async(
                 segment.audio, self._options, window=self.config.final_window, previous=segment.tokens or None,
@@ -321,6 +325,8 @@ class StreamingTranscriber:
             self._fail(exc, f"final decode of segment {segment.index}")
             return
         self._metrics.count_decode(transcript)
+        self._metrics.load.final_decoded(len(segment.audio) / SAMPLE_RATE, transcript.encoder_seconds
+                                         + transcript.decoder_seconds, time.monotonic() - asked)
         if before is not None:  # finals go out in segment order
             await asyncio.wait({before})
         if self._failed:

@@ -99,6 +99,7 @@ class WhisperLiveListener:
         # its TCP socket open, which would hold each finished session (and shutdown) for 10 s
         self._ws = await serve(self._handle, self.server.config.host, self.config.port, process_request=self._http,
                                max_size=max_size, compression=None, close_timeout=CLOSE_TIMEOUT,
+                               ping_interval=None,  # the server's serve_connection runs streaming.keepalive
                                ssl=self.server.ssl_context, reuse_port=self.server.config.reuse_port)
 
     def close(self) -> None:

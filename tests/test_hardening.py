@@ -31,6 +31,7 @@ from engines.engine import Engine
 from hardening_helpers import CliServer, FakeConnection, pcm16, phrases, silence, tiny_pt, voiced
 from streaming import auth
 from streaming.adapters import Outbox
+from streaming.admission import AdmissionConfig
 from streaming.auth import KeyRing, Replay, handshake_token, without_token
 from streaming.codecs import AudioDecoder
 from streaming.limits import AuthConfig, Gate, Limits
@@ -456,16 +457,21 @@ async def test_slow_reader_is_disconnected(tiny_engine):
     await wait_until(lambda: session._transcriber is not None)
     for i in range(40):
         session._send({"type": "partial", "segment": 0, "start": 0, "end": i, "text": "x" * 100, "stable": ""})
-    assert connection.aborted and session._outbox.qsize() <= 9
+    assert session._outbox.qsize() == 2, "the waiting events are dropped for the error and the close"
+    error, close = session._outbox.get_nowait(), session._outbox.get_nowait()
+    assert json.loads(error)["code"] == "overloaded" and (close.code, close.reason) == (1013, "send queue full")
+    assert not connection.aborted, "the client gets limits.REFUSAL_TIMEOUT to read them"
     await asyncio.wait_for(task, 5)
+    assert connection.aborted, "it did not read them: cut"
     assert session._metrics.registry.get_sample_value("breeze_errors_total", {"code": "overloaded"}) == 1
 
     outbox = Outbox(blocked := FakeConnection(block_send=True, end="open"), limit=8)
     outbox.start()
     for i in range(20):
         outbox.send({"type": "x", "i": i})
-    assert blocked.aborted and outbox.overflowed
+    assert outbox.overflowed and outbox.backlog <= 1 and not blocked.aborted
     await asyncio.wait_for(outbox.wait(), 5)
+    assert (blocked.close_code, blocked.close_reason) == (1013, "send queue full")  # nothing was in the way
 
 
 async def test_frame_limit_on_every_endpoint(tiny_engine):
@@ -697,7 +703,7 @@ async def test_fifty_clients_killed_mid_stream(tiny_engine):
 
     tasks_before = asyncio.all_tasks()
     threads_before = set(threading.enumerate())
-    config = ServerConfig(port=0, limits=Limits(max_per_client=64))
+    config = ServerConfig(port=0, limits=Limits(max_per_client=64), admission=AdmissionConfig(mode="off"))  # 50 at once
     async with Server(config, engine=tiny_engine) as srv:
         audio = np.concatenate([silence(0.2), voiced(2.0)])
 
