@@ -47,6 +47,8 @@ from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
+CUDA_MAX_BATCH, CPU_MAX_BATCH = 128, 16
+CUDA_WINDOW_BUCKET, CPU_WINDOW_BUCKET = 5.0, 1.0  # seconds
 NO_SPEECH_THRESHOLD = 0.6
 LOGPROB_THRESHOLD = -1.0
 COMPRESSION_RATIO_THRESHOLD = 2.4
@@ -126,9 +128,9 @@ class EngineLoad:
 
 class Engine:
     def __init__(self, checkpoint: Checkpoint, device: str = "auto", dtype: torch.dtype | None = None,
-                 script: str = "traditional", max_batch: int = 16, speculative: str = "both",
+                 script: str = "traditional", max_batch: int | None = None, speculative: str = "both",
                  medusa: str | Path | None = None, cuda_graphs: bool | GraphOptions = True,
-                 window_bucket: float = 1.0, encoder=None, max_partials: int | None = None,
+                 window_bucket: float | None = None, encoder=None, max_partials: int | None = None,
                  partials_per_round: int | None = None, node_budget: int | None = None,
                  fp16_weights: bool | None = None, overlap_encoder: bool | None = None,
                  stall_timeout: float = 120.0, prioritize_steps: bool = True, tokens_per_second: float | None = None):
@@ -158,14 +160,18 @@ class Engine:
         # load tests on random weights (engines/synthetic.py): each request decodes this many tokens per
         # second of its audio, as a real model of the shape would, instead of stopping at <|endoftext|>
         self.tokens_per_second = tokens_per_second
+        cuda = self.device.type == "cuda"
+        # rows of the running batch: a GPU serves hundreds of streams from one batch (engines.capacity
+        # measured 200 Breeze-shape streams with 128 rows, BENCHMARKS.md); a CPU gains little past a few
+        max_batch = max_batch or (CUDA_MAX_BATCH if cuda else CPU_MAX_BATCH)
         # shortened encoder windows are rounded up to multiples of this many seconds, so that
-        # segments of similar length share one encoder call (one call per distinct window)
-        self.window_bucket = window_bucket
+        # segments of similar length share one encoder call (one call per distinct window; on a GPU
+        # coarser buckets batch more partials per call, as the capacity runs measured)
+        self.window_bucket = window_bucket or (CUDA_WINDOW_BUCKET if cuda else CPU_WINDOW_BUCKET)
         # partials are optional work: they may hold at most `max_partials` rows of the batch, and at most
         # `partials_per_round` start between two decoder steps, so that their encoder calls and rows
         # never stall the finals (a stream's newest partial waits; an older one is answered None)
         # (BENCHMARKS.md, capacity: on an H200 at 200 streams, 8 of 128 rows and 2 per round cut the p95 by 2/3)
-        cuda = self.device.type == "cuda"
         self.max_partials = max_partials if max_partials is not None else (max(4, max_batch // 16) if cuda else max_batch)
         self.partials_per_round = partials_per_round or (2 if cuda else max_batch)
         # on the CPU batching buys little (an encoder call for 3 windows costs what 3 calls cost) while every

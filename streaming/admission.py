@@ -186,13 +186,15 @@ class Admission:
         capacity, pressure, now = self.capacity, self.pressure, self._clock()
         if self.admitting and sessions and (sessions + 1 > capacity or pressure > 1):
             self.admitting, self._since = False, now
-            log.warning("refusing new sessions: %d open, capacity %.1f, pressure %.2f (rtf %s, backlog %.1f s, "
-                        "queue delay %.2f s)", sessions, capacity, pressure, _round(self.meter.rtf), self.meter.backlog,
-                        self.meter.queue_delay)
+            log.warning("%s new sessions: %d open, capacity %.1f, pressure %.2f (rtf %s, backlog %.1f s, "
+                        "queue delay %.2f s)", "refusing" if self.config.mode != "off" else "over capacity (admission "
+                        "off: still admitting)", sessions, capacity, pressure, _round(self.meter.rtf),
+                        self.meter.backlog, self.meter.queue_delay)
         elif not self.admitting and (not sessions or (now - self._since >= self.config.hold and pressure < 0.5
                                                       and sessions + 1 + READMIT_FREE * capacity <= capacity)):
             self.admitting, self._since = True, now
-            log.info("admitting new sessions again: %d open, capacity %.1f", sessions, capacity)
+            log.info("%s: %d open, capacity %.1f", "admitting new sessions again" if self.config.mode != "off"
+                     else "back within capacity", sessions, capacity)
 
     def admits(self, sessions: int) -> bool:
         """Whether one more session may join `sessions` open ones (always, with mode off)."""

@@ -66,10 +66,16 @@ def load_engine(args: argparse.Namespace):
     return load_backend(args, speculative=getattr(args, "speculative", "both"), medusa=args.medusa, **extra)
 
 
-def engine_options(fp32_weights: bool = False, cuda_graphs: str = "graph") -> dict:
-    """Engine keyword arguments of --fp32-weights and --cuda-graphs (only where they differ from
-    the defaults, so that backends without these options are not handed them)."""
+def engine_options(fp32_weights: bool = False, cuda_graphs: str = "graph", max_batch: int | None = None,
+                   window_bucket: float | None = None) -> dict:
+    """Engine keyword arguments of --fp32-weights, --cuda-graphs, --max-batch and --window-bucket
+    (only where they differ from the defaults, so that backends without these options are not
+    handed them)."""
     extra: dict = {"fp16_weights": False} if fp32_weights else {}
+    if max_batch is not None:
+        extra["max_batch"] = max_batch
+    if window_bucket is not None:
+        extra["window_bucket"] = window_bucket
     if cuda_graphs != "graph":
         from engines.cuda_graphs import GraphOptions
 

@@ -104,6 +104,8 @@ class ServerConfig:
     medusa: str | None = None  # Medusa heads file; None: the shipped heads where they fit the model
     fp32_weights: bool = False  # CPU: float32 products instead of fbgemm's fp16-packed weights (engines/fp16_weights.py)
     cuda_graphs: str = "graph"  # CUDA: graph | compile (Inductor-fused regions inside the graphs) | off
+    max_batch: int | None = None  # rows of the engine's running batch; None: the engine's default for the device
+    window_bucket: float | None = None  # seconds shortened encoder windows round up to; None: the engine's default
     session: SessionConfig = field(default_factory=SessionConfig)
     web_root: Path = WEB_ROOT
     whisperlive: WhisperLiveConfig = field(default_factory=WhisperLiveConfig)
@@ -208,10 +210,7 @@ class Server:
             log.info("engine process ready: model %s on %s", engine.name, engine.device)
             return engine
         try:
-            engine = create_engine(self.config.backend, model=self.config.model, device=self.config.device,
-                                   engine_dir=self.config.trtllm_engine_dir, script=self.config.script,
-                                   self_test=self.config.self_test, medusa=self.config.medusa,
-                                   **engine_options(self.config.fp32_weights, self.config.cuda_graphs))
+            engine = load_engine(self.config)
         except Exception as exc:
             log.error("loading the model %r failed: %s", self.config.model, exc)
             self._load_error = exc
@@ -441,6 +440,14 @@ class Server:
         return respond(http.HTTPStatus.OK, file.read_bytes(), content_type)
 
 
+def load_engine(config: ServerConfig):
+    """The engine `config` names (backend, model, device and engine options), loaded in this process."""
+    return create_engine(config.backend, model=config.model, device=config.device, engine_dir=config.trtllm_engine_dir,
+                         script=config.script, self_test=config.self_test, medusa=config.medusa,
+                         **engine_options(config.fp32_weights, config.cuda_graphs, config.max_batch,
+                                          config.window_bucket))
+
+
 def respond(status: http.HTTPStatus, body: str | bytes, content_type: str = "text/plain; charset=utf-8") -> Response:
     data = body.encode() if isinstance(body, str) else body
     headers = Headers([
@@ -531,6 +538,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest WebSocket frame a client may send (default %(default)s)")
     parser.add_argument("--idle-timeout", type=float, default=SessionConfig.idle_timeout, metavar="SECONDS",
                         help="a session without frames this long flushes its finals and ends, 0 for never (default %(default)s)")
+    parser.add_argument("--max-batch", type=int, default=None, metavar="ROWS",
+                        help="rows of the engine's running batch: segments decoded at once (default 128 on a GPU, "
+                             "16 on the CPU)")
+    parser.add_argument("--window-bucket", type=float, default=None, metavar="SECONDS",
+                        help="shortened encoder windows round up to multiples of this, so that segments of similar "
+                             "length share an encoder call (default 5 on a GPU, 1 on the CPU)")
     parser.add_argument("--workers", type=int, default=0, metavar="N",
                         help="front-end processes (sockets, VAD, events) in front of one engine process, sharing "
                              "--port: for hundreds of streams on a GPU (default 0: one process, best on a CPU)")
@@ -605,6 +618,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise ValueError("--max-send-queue and --max-frame-bytes must be >= 1, --max-queued-audio and --idle-timeout >= 0")
     if args.workers < 0:
         raise ValueError("--workers must be >= 0")
+    if (args.max_batch is not None and args.max_batch < 1) or (args.window_bucket is not None and args.window_bucket <= 0):
+        raise ValueError("--max-batch must be >= 1 and --window-bucket > 0")
     session = SessionConfig(max_frame_bytes=args.max_frame_bytes, idle_timeout=args.idle_timeout,
                             language=args.language, max_send_queue=args.max_send_queue, transcriber=transcriber)
     limits = Limits(max_sessions=args.max_sessions, max_per_client=args.max_connections_per_client,
@@ -623,7 +638,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     calls = CallConfig(webhook=args.call_webhook, log_dir=args.call_log)
     return ServerConfig(host=args.host, port=args.port, model=args.model, device=args.device, script=args.script,
                         backend=args.backend, trtllm_engine_dir=args.trtllm_engine_dir, self_test=args.self_test,
-                        medusa=args.medusa, fp32_weights=args.fp32_weights, cuda_graphs=args.cuda_graphs, session=session,
+                        medusa=args.medusa, fp32_weights=args.fp32_weights, cuda_graphs=args.cuda_graphs, max_batch=args.max_batch,
+                        window_bucket=args.window_bucket, session=session,
                         whisperlive=whisperlive, calls=calls, limits=limits, admission=admission,
                         auth=auth, certfile=args.certfile, keyfile=args.keyfile, workers=args.workers)
 

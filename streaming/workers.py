@@ -321,9 +321,7 @@ def _worker_main(config: Any, index: int) -> None:
 
 def run_workers(config: Any, workers: int) -> int:
     """Serves with `workers` front-end processes and this process as the engine; returns the exit status."""
-    from engines.trtllm.backend import create_engine
-
-    from .cli import engine_options
+    from .server import load_engine
 
     if config.port == 0:
         log.error("--workers needs a fixed --port (the workers share it)")
@@ -356,10 +354,7 @@ def run_workers(config: Any, workers: int) -> int:
     try:
         started = time.perf_counter()
         try:
-            engine = create_engine(config.backend, model=config.model, device=config.device,
-                                   engine_dir=config.trtllm_engine_dir, script=config.script,
-                                   self_test=config.self_test, medusa=config.medusa,
-                                   **engine_options(config.fp32_weights, config.cuda_graphs))
+            engine = load_engine(config)
         except Exception as exc:
             log.error("loading the model %r failed: %s", config.model, exc)
             service.failed(str(exc))
