@@ -3,6 +3,7 @@ the tokenizer against the reference tokenizer, the prompt layout and cap, prompt
 against transformers' Whisper, exact speculation and batching with prompts of any lengths."""
 
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -130,12 +131,13 @@ def test_prompted_greedy_matches_transformers(models, decoder, reference_tokeniz
     mels = mel(3, seed=1)
     with torch.inference_mode():
         feats = ours.encoder(mels)
-    base = DecodingOptions(max_new_tokens=16)
+    base = DecodingOptions(max_new_tokens=12)
     running = Batch(ours, tok, decoder.suppress_tokens, rows=3)
     seqs = []
     for prompt in PROMPTS:
-        tokens, prefix = segment_prompt(tok, "zh", DecodingOptions(max_new_tokens=16, prompt=prompt), 448)
-        seqs.append(Sequence(tokens, "zh", DecodingOptions(max_new_tokens=16, prompt=prompt), [], frames=1500, prefix=prefix))
+        options = replace(base, prompt=prompt)
+        tokens, prefix = segment_prompt(tok, "zh", options, 448)
+        seqs.append(Sequence(tokens, "zh", options, [], frames=1500, prefix=prefix))
     running.admit(feats, seqs)
     while running.active:
         running.step()
@@ -187,29 +189,35 @@ def test_speculation_with_a_prompt_is_plain_greedy(models, decoder):
 # -- the running batch: prompts of different lengths, eager and bucketed (the CUDA-graph step) ----
 
 
-def schedule(batch: Batch, tok: Tokenizer, feats: torch.Tensor, prompts: list[str], speculative: bool,
-             alone: list | None = None):
-    """Admits one sequence per prompt, two at step 0 and the rest at step 2 (staggered); returns results."""
-    seqs = []
-    for b, prompt in enumerate(prompts):
-        options = DecodingOptions(max_new_tokens=30, prompt=prompt, timestamps=b == 1)
+BATCH_PROMPTS = [PROMPTS[0], PROMPTS[2], PROMPTS[1], "台積電"]
+
+
+@pytest.fixture(scope="module")
+def alone(models, decoder):
+    """Features of four segments and each one's result decoded by itself, in a batch of its own."""
+    ours, tok = models[1], decoder.tokenizer
+    with torch.inference_mode():
+        feats = ours.encoder(mel(4, seed=5)[:, :, :400])
+    results = []
+    for b, prompt in enumerate(BATCH_PROMPTS):
+        options = DecodingOptions(max_new_tokens=24, prompt=prompt, timestamps=b == 1)
         tokens, prefix = segment_prompt(tok, "zh", options, 448)
-        drafters = [HypothesisDrafter(alone[b].tokens[:4] + [11] + alone[b].tokens[5:])] if speculative else []
-        seqs.append(Sequence(tokens, "zh", options, drafters, frames=feats.shape[1] - 50 * b, prefix=prefix))
-    step = 0
-    while step == 0 or batch.active:
-        if step == 0:
-            batch.admit(feats[:2], seqs[:2])
-        if step == 2:
-            batch.admit(feats[2:], seqs[2:])
-        batch.step()
-        step += 1
-    return [s.result(tok) for s in seqs]
+        single = Batch(ours, tok, decoder.suppress_tokens, rows=1)
+        seq = Sequence(tokens, "zh", options, [], frames=feats.shape[1] - 25 * b, prefix=prefix)
+        single.admit(feats[b : b + 1, : feats.shape[1] - 25 * b], [seq])
+        while single.active:
+            single.step()
+        results.append(seq.result(tok))
+    return feats, results
 
 
-@pytest.mark.parametrize("graphs", [None, GraphOptions(mode="eager"), "row kernels"])
-@pytest.mark.parametrize("speculative", [False, True])
-def test_a_batch_of_different_prompts_gives_each_row_what_it_gives_alone(models, decoder, graphs, speculative):
+@pytest.mark.parametrize("graphs,speculative", [(None, False), (None, True), (GraphOptions(mode="eager"), False),
+                                                (GraphOptions(mode="eager"), True), ("row kernels", True)])
+def test_a_batch_of_different_prompts_gives_each_row_what_it_gives_alone(models, decoder, alone, graphs, speculative):
+    """Prompts of 0, 8 and 100+ tokens (one row with timestamps, each with its own window length)
+    share the batch, admitted at different steps: the plain batch, the bucketed step a CUDA graph
+    replays (its prompts fed before the step that takes their <|startoftranscript|> sequence), and
+    that step through the Triton row kernels."""
     if graphs == "row kernels":
         if os.environ.get("TRITON_INTERPRET") != "1":
             pytest.skip("the CPU form of the row kernels needs Triton's interpreter (conftest sets it without a GPU)")
@@ -220,23 +228,28 @@ def test_a_batch_of_different_prompts_gives_each_row_what_it_gives_alone(models,
         model = Whisper(ours.dims).eval()
         model.load_state_dict(ours.state_dict())
         model.fuse()
-    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[1], "台積電"]
-    with torch.inference_mode():
-        feats = ours.encoder(mel(4, seed=5)[:, :, :600])
-    alone = []
-    for b, prompt in enumerate(prompts):  # each by itself in a batch of its own
-        options = DecodingOptions(max_new_tokens=30, prompt=prompt, timestamps=b == 1)
+    feats, expected = alone
+    seqs = []
+    for b, prompt in enumerate(BATCH_PROMPTS):
+        options = DecodingOptions(max_new_tokens=24, prompt=prompt, timestamps=b == 1)
         tokens, prefix = segment_prompt(tok, "zh", options, 448)
-        single = Batch(ours, tok, decoder.suppress_tokens, rows=1)
-        seq = Sequence(tokens, "zh", options, [], frames=feats.shape[1] - 50 * b, prefix=prefix)
-        single.admit(feats[b : b + 1, : feats.shape[1] - 50 * b], [seq])
-        while single.active:
-            single.step()
-        alone.append(seq.result(tok))
-    together = schedule(Batch(model, tok, decoder.suppress_tokens, rows=4, graphs=graphs), tok, feats, prompts,
-                        speculative, alone)
-    assert [r.tokens for r in together] == [r.tokens for r in alone]
-    assert np.allclose([r.no_speech_prob for r in together], [r.no_speech_prob for r in alone], atol=1e-5)
-    assert np.allclose([r.avg_logprob for r in together], [r.avg_logprob for r in alone], atol=1e-4)
+        old = expected[b].tokens
+        drafters = [HypothesisDrafter(old[:4] + [11] + old[5:])] if speculative else []
+        seqs.append(Sequence(tokens, "zh", options, drafters, frames=feats.shape[1] - 25 * b, prefix=prefix))
+    batch = Batch(model, tok, decoder.suppress_tokens, rows=4, graphs=graphs)
+    step = 0
+    while step <= 2 or batch.active:
+        if step == 0:
+            batch.admit(feats[:2], seqs[:2])
+        if step == 2:
+            batch.admit(feats[2:], seqs[2:])
+        batch.step()
+        step += 1
+    together = [s.result(tok) for s in seqs]
+    assert [r.tokens for r in together] == [r.tokens for r in expected]
+    assert np.allclose([r.no_speech_prob for r in together], [r.no_speech_prob for r in expected], atol=1e-5)
+    assert np.allclose([r.avg_logprob for r in together], [r.avg_logprob for r in expected], atol=1e-4)
     if speculative:
         assert all(r.draft_accepted["hypothesis"] > 0 for r in together)
+    if graphs is not None and graphs.row_kernels:
+        assert any(b * w <= 16 for b, w, *_ in batch.runner.stats.keys)  # steps through the row kernels ran
