@@ -1,4 +1,4 @@
-"""Prompts over every protocol, real server and real sockets: each one reaches the engine.
+"""Prompts over every protocol (real server, real sockets) and the eval command: each one reaches the engine.
 
 The engine is the real tiny engine; `RecordingEngine` only notes the decoding options of each
 request before handing it on, which is what shows that a protocol passed its prompt through
@@ -8,8 +8,8 @@ does to decoding).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
-import base64
 import json
 
 import numpy as np
@@ -220,3 +220,28 @@ def test_serve_prompt_options():
     assert config.session.prompt == "" and not config.session.transcriber.condition_on_previous
     with pytest.raises(ValueError, match="--prompt"):
         config_from_args(serve_args("--prompt", "x" * (MAX_PROMPT_CHARS + 1)))
+
+
+# --- transcribe / eval ----------------------------------------------------------------------------
+
+
+def test_eval_manifest_prompt_replaces_the_command_prompt(engine: RecordingEngine, tmp_path):
+    """`eval --prompt` for every clip, a manifest line's "prompt" for its own clip; the report says which."""
+    import soundfile
+
+    from streaming.cli import add_decoding_arguments, decoding_options
+    from streaming.evaluate import run_eval
+
+    engine.requests.clear()
+    soundfile.write(tmp_path / "a.wav", np.concatenate([voiced(1.0), silence(0.5)]), RATE)
+    lines = [{"audio": "a.wav", "text": TINY_TEXT}, {"audio": "a.wav", "text": TINY_TEXT, "prompt": "燕之屋"}]
+    (tmp_path / "manifest.jsonl").write_text("\n".join(json.dumps(line, ensure_ascii=False) for line in lines) + "\n")
+    parser = argparse.ArgumentParser()
+    add_decoding_arguments(parser)
+    options = decoding_options(parser.parse_args(["--prompt", PROMPT]))
+    report = run_eval(engine, tmp_path / "manifest.jsonl", options)
+    assert [options.prompt for options in engine.finals()] == [PROMPT, "燕之屋"]
+    assert [clip["prompt"] for clip in report["clips"]] == [PROMPT, "燕之屋"] and report["cer"] == 0.0
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"audio": "a.wav", "text": "x", "prompt": 3}) + "\n")
+    with pytest.raises(ValueError, match="bad.jsonl:1: 'prompt' must be a string"):
+        run_eval(engine, tmp_path / "bad.jsonl", options)
