@@ -247,9 +247,8 @@ class NativeSession:
     def _update(self, update: dict) -> None:
         """`update`: a new prompt from the next segment on. A bad one is refused with an error event
         and the session goes on with the prompt it had."""
-        unknown = sorted(set(update) - {"type", "prompt"})
         try:
-            if "prompt" not in update or unknown:
+            if set(update) != {"type", "prompt"}:
                 raise ValueError(f"an update takes \"prompt\" (got the fields {', '.join(sorted(update))}); send "
                                  "{\"type\": \"update\", \"prompt\": \"names and terms to expect\"}")
             prompt = check_prompt(update["prompt"])
