@@ -7,6 +7,11 @@ last one), so a step reads plain leading slices of the pools and never gathers: 
 step sees depend only on the number of sequences and the width of their drafts, which is what
 lets a GPU capture steps as graphs per batch size.
 
+A sequence's prompt may start with a previous-text prompt (<|startofprev|> and text, before
+<|startoftranscript|>): prompts of any lengths share the batch, since every row has its own
+positions and cache slots, and masks hide what a row has not written yet. Drafts and the token
+rules only ever see the generated tokens, after the prompt.
+
 Per step and per sequence, the fed nodes are the last chosen token plus its draft (a chain or
 a tree). The logits at every node are filtered with Whisper's rules for the prefix that node
 assumes and argmax-ed; the walk from the root follows children whose token equals the argmax
@@ -19,12 +24,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from .cuda_graphs import GraphOptions, StepRunner, step_inputs
+from .cuda_graphs import GraphOptions, StepRunner, step_inputs, tree_visibility
 from .decoding import (DecodingOptions, DecodingResult, Draft, Drafter, LogitFilter, beam_search, detect_language,
-                       repetition_period)
+                       repetition_period, segment_prompt)
 from .model import Whisper
 from .tokenizer import Tokenizer
 
@@ -39,6 +45,7 @@ class Sequence:
     drafters: list[Drafter]
     frames: int  # encoder frames this segment's cross-attention may see
     tag: object = None  # the caller's handle (the engine's request)
+    prefix: int = 0  # prompt tokens before <|startoftranscript|>: <|startofprev|> and the previous text
     row: int = -1
     generated: list[int] = field(default_factory=list)
     logprob_sum: float = 0.0
@@ -84,6 +91,11 @@ class _Tree:
     source: str
 
     @classmethod
+    def chain(cls, tokens: list[int]) -> _Tree:
+        """Tokens fed in a row (a prompt): each one follows the one before."""
+        return cls(list(tokens), list(range(-1, len(tokens) - 1)), list(range(len(tokens))), "")
+
+    @classmethod
     def build(cls, last: int, draft: Draft | None) -> _Tree:
         if draft is None:
             return cls([last], [-1], [0], "")
@@ -103,14 +115,6 @@ class _Tree:
             out.append(self.tokens[node])
             node = self.parents[node]
         return out[::-1]
-
-    def ancestors(self, node: int) -> list[int]:
-        """The nodes `node` attends to among the fed ones: itself and its ancestors (padding: itself)."""
-        chain = [node]
-        while node < len(self.tokens) and self.parents[node] >= 0:
-            node = self.parents[node]
-            chain.append(node)
-        return chain
 
 
 class Batch:
@@ -153,7 +157,7 @@ class Batch:
     def _filter_key(options: DecodingOptions) -> DecodingOptions:
         """The options with the fields that do not change the token rules zeroed: sequences that
         differ only in their length cap or draft size are filtered together."""
-        return replace(options, max_new_tokens=0, max_draft=0)
+        return replace(options, max_new_tokens=0, max_draft=0, prompt="", previous_text="")
 
     @torch.inference_mode()
     def admit(self, features: Tensor, sequences: list[Sequence]) -> None:
@@ -161,7 +165,8 @@ class Batch:
         cross-attention keys/values, feeds their prompts and picks each one's first token."""
         if len(sequences) > self.free:
             raise ValueError(f"{len(sequences)} sequences do not fit in {self.free} free rows")
-        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i].prompt))  # equal prompt lengths on adjacent rows
+        # sequences with a previous-text prompt last, on adjacent rows (the graphed path feeds those prompts first)
+        order = sorted(range(len(sequences)), key=lambda i: (sequences[i].prefix > 0, len(sequences[i].prompt)))
         sequences = [sequences[i] for i in order]
         features = features[order] if order != list(range(len(order))) else features
         first = len(self.active)
@@ -179,22 +184,38 @@ class Batch:
             seq.proposed = dict.fromkeys((d.source for d in seq.drafters), 0)
             seq.accepted = dict(seq.proposed)
         self.active.extend(sequences)
-        if self.runner is not None:  # the prompts ride along with the next step
+        if self.runner is not None:
+            # the previous-text prompts now, eagerly (their lengths vary: a graph per length would not pay);
+            # the <|startoftranscript|> sequences ride along with the next step
+            prompted = [s for s in sequences if s.prefix]
+            if prompted:
+                self._feed([s.prompt[: s.prefix] for s in prompted], prompted)
+                for s in prompted:
+                    s.forwards = 1
             self._pending.update(dict.fromkeys(sequences))
             return
-        # prompts, grouped by length (timestamps on or off), each group in one forward
-        for length in sorted({len(s.prompt) for s in sequences}):
-            group = [s for s in sequences if len(s.prompt) == length]
-            tokens = torch.tensor([s.prompt for s in group], device=self.model.device)
-            positions = torch.arange(length, device=self.model.device).expand_as(tokens)
-            tree = [_Tree(s.prompt, list(range(-1, length - 1)), list(range(length)), "") for s in group]
-            hidden = self._forward(group, tokens, positions, positions, tree, width=length)
-            logits = self.model.decoder.logits(hidden[:, [0, -1]])
-            no_speech = self.tokenizer.no_speech
-            for s, p in zip(group, logits[:, 0].softmax(-1)[:, no_speech].tolist() if no_speech is not None else [0.0] * len(group)):
-                s.no_speech_prob = p
-                s.forwards = 1
-            self._choose(group, logits[:, 1:], hidden[:, -1:], [_Tree([s.prompt[-1]], [-1], [0], "") for s in group])
+        # every prompt in one forward, shorter ones padded: the no-speech probability comes from
+        # <|startoftranscript|>, the first token from the prompt's last position
+        hidden = self._feed([s.prompt for s in sequences], sequences)
+        index = torch.arange(len(sequences), device=hidden.device)
+        sot = torch.tensor([s.prefix for s in sequences], device=hidden.device)
+        last = torch.tensor([len(s.prompt) - 1 for s in sequences], device=hidden.device)
+        logits = self.model.decoder.logits(torch.stack([hidden[index, sot], hidden[index, last]], dim=1))
+        no_speech = self.tokenizer.no_speech
+        probs = logits[:, 0].softmax(-1)[:, no_speech].tolist() if no_speech is not None else [0.0] * len(sequences)
+        for s, p in zip(sequences, probs):
+            s.no_speech_prob = p
+            s.forwards = 1
+        self._choose(sequences, logits[:, 1:], hidden[index, last][:, None], [_Tree.build(s.prompt[-1], None) for s in sequences])
+
+    def _feed(self, prompts: list[list[int]], seqs: list[Sequence]) -> Tensor:
+        """One forward of `prompts` from position 0 in the rows of `seqs` (consecutive), padded to the
+        longest: a padding node writes a slot past its prompt, which stays hidden until overwritten."""
+        width = max(len(p) for p in prompts)
+        device = self.model.device
+        tokens = torch.tensor([p + [self.tokenizer.eot] * (width - len(p)) for p in prompts], device=device)
+        positions = torch.arange(width, device=device).expand_as(tokens)
+        return self._forward(seqs, tokens, positions, positions, [_Tree.chain(p) for p in prompts], width)
 
     def _forward(self, seqs: list[Sequence], tokens: Tensor, positions: Tensor, slots: Tensor,
                  trees: list[_Tree], width: int) -> Tensor:
@@ -205,8 +226,8 @@ class Batch:
         assert [s.row for s in seqs] == list(range(lo, hi)), "sequences must occupy consecutive rows"
         keys = torch.arange(n_ctx, device=device)
         mask = (keys < slots[:, :1])[:, None, :].repeat(1, width, 1)  # everything before the first fed node
-        sees = [[[j in anc for j in range(width)] for anc in (set(t.ancestors(n)) for n in range(width))] for t in trees]
-        mask.scatter_(2, slots[:, None, :].expand(-1, width, -1), torch.tensor(sees, device=device))
+        sees = np.stack([tree_visibility(tuple(t.parents), width) for t in trees])
+        mask.scatter_(2, slots[:, None, :].expand(-1, width, -1), torch.from_numpy(sees).to(device))
         mask = mask[..., : int(slots.max()) + 1]  # read only the cache slots in use
         frames = max(s.frames for s in seqs)
         cross = [(self.cross_k[layer, lo:hi, :, :frames], self.cross_v[layer, lo:hi, :, :frames]) for layer in range(model.dims.n_text_layer)]
@@ -261,10 +282,9 @@ class Batch:
         share = self._draft_share(len(seqs))
         trees, starts = [], []
         for s in seqs:
-            if s in self._pending:
-                length = len(s.prompt)
-                trees.append(_Tree(list(s.prompt), list(range(-1, length - 1)), list(range(length)), ""))
-                starts.append(0)
+            if s in self._pending:  # its <|startoftranscript|> sequence, after the previous-text prompt admit fed
+                trees.append(_Tree.chain(s.prompt[s.prefix :]))
+                starts.append(s.prefix)
                 continue
             limit = min(s.options.max_draft, s.cap - len(s.generated) - 1, share)
             trees.append(_Tree.build(s.generated[-1], _draft(s.drafters, s.generated, limit)))
@@ -285,8 +305,8 @@ class Batch:
                 index = torch.tensor(rest, device=logits.device)
                 self._choose([seqs[i] for i in rest], logits[index], hidden[index], [trees[i] for i in rest])
             no_speech = self.tokenizer.no_speech
-            for length in sorted({len(seqs[i].prompt) for i in fresh}):
-                group = [i for i in fresh if len(seqs[i].prompt) == length]
+            for length in sorted({len(seqs[i].prompt) - seqs[i].prefix for i in fresh}):
+                group = [i for i in fresh if len(seqs[i].prompt) - seqs[i].prefix == length]
                 index = torch.tensor(group, device=logits.device)
                 last = logits[index, length - 1 : length]
                 if no_speech is not None:
@@ -294,7 +314,7 @@ class Batch:
                     for i, p in zip(group, probs):
                         seqs[i].no_speech_prob = p
                 self._choose([seqs[i] for i in group], last, hidden[index, length - 1 : length],
-                             [_Tree([seqs[i].prompt[-1]], [-1], [0], "") for i in group])
+                             [_Tree.build(seqs[i].prompt[-1], None) for i in group])
             for i in fresh:
                 del self._pending[seqs[i]]
         finished = [s for s in seqs if s.done]
@@ -381,8 +401,10 @@ class Decoder:
             return [beam_search(self.model, self.tokenizer, self.suppress_tokens, features[b : b + 1], languages[b], options)
                     for b in range(batch)]
         running = Batch(self.model, self.tokenizer, self.suppress_tokens, rows=batch)
-        seqs = [Sequence(self.tokenizer.prompt(lang, options.task, options.timestamps), lang, options,
-                         (drafters or [[]] * batch)[b], frames=features.shape[1]) for b, lang in enumerate(languages)]
+        n_ctx = self.model.dims.n_text_ctx
+        prompts = [segment_prompt(self.tokenizer, lang, options, n_ctx) for lang in languages]
+        seqs = [Sequence(prompt, lang, options, (drafters or [[]] * batch)[b], frames=features.shape[1], prefix=prefix)
+                for b, (lang, (prompt, prefix)) in enumerate(zip(languages, prompts))]
         running.admit(features, seqs)
         while running.active:
             running.step()

@@ -1,4 +1,4 @@
-"""Whisper's decoding rules: prompts, suppressed tokens, timestamp rules, the repetition guard,
+"""Whisper's decoding rules: prompts (previous-text prompts too), suppressed tokens, timestamp rules, the repetition guard,
 draft types for speculative decoding, beam search and language detection.
 
 Greedy decoding, speculative or not, runs in engines/batching.py, where segments of many
@@ -29,6 +29,11 @@ class DecodingOptions:
     length_penalty: float | None = None
     max_initial_timestamp: float = 1.0
     max_draft: int = 8  # draft tokens verified per forward
+    # text the segment follows, fed as <|startofprev|> + its tokens before <|startoftranscript|>
+    # (openai/whisper's `prompt`, faster-whisper's `initial_prompt`): names and terms to expect
+    prompt: str = ""
+    # earlier segments' text (openai/whisper's condition_on_previous_text), after `prompt`
+    previous_text: str = ""
 
 
 @dataclass
@@ -66,6 +71,28 @@ class Drafter(Protocol):
     source: str
 
     def propose(self, generated: list[int], limit: int) -> Draft | None: ...
+
+
+def segment_prompt(tok: Tokenizer, language: str, options: DecodingOptions, n_ctx: int,
+                   max_text: int | None = None) -> tuple[list[int], int]:
+    """The forced tokens of one segment, and how many of them come before <|startoftranscript|>.
+
+    With a prompt or previous text: <|startofprev|>, then the text tokens (each part encoded
+    with a leading space, as openai/whisper encodes its initial prompt), then the usual
+    <|startoftranscript|> sequence. The text is capped at half the text context, n_ctx // 2 - 1
+    tokens, as in openai/whisper; past it the previous text is trimmed from the left first, so
+    that the prompt's names and terms stay, and then the prompt itself. `max_text`: a lower cap
+    (a decoder built for shorter inputs); 0 or less: no previous-text prompt."""
+    start = tok.prompt(language, options.task, options.timestamps)
+    fixed, carried = (tok.encode(" " + text.strip()) if text.strip() else [] for text in (options.prompt, options.previous_text))
+    if not fixed and not carried:
+        return start, 0
+    limit = n_ctx // 2 - 1 if max_text is None else min(n_ctx // 2 - 1, max_text)
+    if limit <= 0:
+        return start, 0
+    fixed = fixed[max(0, len(fixed) - limit) :]
+    text = fixed + carried[max(0, len(carried) - (limit - len(fixed))) :]
+    return [tok.sot_prev, *text, *start], 1 + len(text)
 
 
 class LogitFilter:
@@ -139,7 +166,7 @@ def beam_search(model: Whisper, tok: Tokenizer, suppress_tokens: list[int], feat
     """Beam search for one segment (features [1, frames, D]); openai/whisper's rule: patience 1,
     length-normalised scores."""
     device, n_ctx, beams = model.device, model.dims.n_text_ctx, options.beam_size
-    prompt = tok.prompt(language, options.task, options.timestamps)
+    prompt, sot = segment_prompt(tok, language, options, n_ctx)
     max_new = min(options.max_new_tokens, n_ctx - len(prompt))
     filt = LogitFilter(tok, suppress_tokens, model.dims.n_vocab, options, device)
     cross = [(k.expand(beams, -1, -1, -1), v.expand(beams, -1, -1, -1)) for k, v in model.decoder.cross_kv(features)]
@@ -147,7 +174,7 @@ def beam_search(model: Whisper, tok: Tokenizer, suppress_tokens: list[int], feat
     tokens = torch.tensor([prompt] * beams, device=device)
     positions = torch.arange(len(prompt), device=device).expand_as(tokens)
     hidden = model.decoder.hidden(tokens, positions, cache, None, cross, causal_mask(positions, n_ctx))
-    logits = model.decoder.logits(hidden[:, [0, -1]])
+    logits = model.decoder.logits(hidden[:, [sot, -1]])
     no_speech = logits[:, 0].softmax(-1)[:, tok.no_speech] if tok.no_speech is not None else torch.zeros(beams)
     logits = logits[:, 1]
     sequences: list[list[int]] = [[]]  # start with a single live beam

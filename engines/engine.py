@@ -35,7 +35,7 @@ from .audio import FRAMES_PER_SECOND, N_FRAMES, N_SAMPLES, SAMPLE_RATE, clip_mel
 from .checkpoints import Checkpoint, load_checkpoint
 from .batching import Batch, Decoder, Sequence
 from .cuda_graphs import GraphedEncoder, GraphOptions
-from .decoding import DecodingOptions, DecodingResult, detect_language
+from .decoding import DecodingOptions, DecodingResult, detect_language, segment_prompt
 from .drafts import HypothesisDrafter, MedusaDrafter
 from .fp16_weights import available as fp16_available, pack_fp16_weights
 from .medusa import SHIPPED_HEADS, MedusaHeads, load_heads
@@ -88,8 +88,20 @@ class Transcript:
             return False
         if self.no_speech_prob > NO_SPEECH_THRESHOLD and self.avg_logprob < LOGPROB_THRESHOLD:
             return False
+        return not self.repetitive
+
+    @property
+    def repetitive(self) -> bool:
+        """Whisper's compression-ratio test: text that gzip shrinks this much repeats itself."""
         data = self.text.encode()
-        return len(data) / len(zlib.compress(data)) <= COMPRESSION_RATIO_THRESHOLD or len(data) < 32
+        return len(data) >= 32 and len(data) / len(zlib.compress(data)) > COMPRESSION_RATIO_THRESHOLD
+
+    @property
+    def reliable(self) -> bool:
+        """Fit to condition the next segment on: openai/whisper carries no text forward from a
+        decode that needed its fallback (compression ratio or average log-probability past the
+        thresholds), nor from one that looped."""
+        return not (self.looped or self.repetitive or self.avg_logprob < LOGPROB_THRESHOLD)
 
 
 @dataclass(eq=False)  # requests are compared by identity (they hold arrays)
@@ -512,9 +524,11 @@ class Engine:
         if None in languages:
             detected = detect_language(self.model, self.tokenizer, self.model.decoder.cross_kv(feats))
             languages = [lang or d for lang, d in zip(languages, detected)]
-        seqs = [Sequence(self.tokenizer.prompt(lang, r.options.task, r.options.timestamps), lang, r.options,
-                         self.drafters(r.previous, r.speculative), frames=feats.shape[1], tag=r)
-                for (r, _), lang in zip(greedy, languages)]
+        n_ctx = self.model.dims.n_text_ctx
+        prompts = [segment_prompt(self.tokenizer, lang, r.options, n_ctx) for (r, _), lang in zip(greedy, languages)]
+        seqs = [Sequence(prompt, lang, r.options, self.drafters(r.previous, r.speculative), frames=feats.shape[1], tag=r,
+                         prefix=prefix)
+                for (r, _), lang, (prompt, prefix) in zip(greedy, languages, prompts)]
         t1 = time.perf_counter()
         self.batch.admit(feats, seqs)
         self._sync()

@@ -16,11 +16,10 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
-from engines.decoding import DecodingOptions
 from engines.tokenizer import LANGUAGES as WHISPER_LANGUAGES
 
 from .limits import REFUSAL_TIMEOUT, closing
-from .transcriber import StreamingTranscriber
+from .transcriber import StreamingTranscriber, join_text
 
 log = logging.getLogger(__name__)
 
@@ -116,32 +115,13 @@ class Complaints:
                               ", ".join(f"{kind} x{n}" for kind, n in sorted(self.counts.items())))
 
 
-def _spaced(c: str) -> bool:
-    return c.isascii() and c.isalnum()
-
-
-def join_text(parts: list[str]) -> str:
-    """Segment texts as one transcript: a space only between two Latin words or numbers."""
-    out = ""
-    for part in parts:
-        part = part.strip()
-        if not part:
-            continue
-        if out and _spaced(out[-1]) and _spaced(part[0]):
-            out += " "
-        out += part
-    return out
-
-
 class ItemTranscriber(StreamingTranscriber):
     """The streaming transcriber with what the adapters need besides: `cut` closes the open segment
-    now (an OpenAI commit, an idle WhisperLive client) without waiting for its final, `set_options`
-    changes the decoding options of later decodes, and `on_resolved(index)` is called once a
+    now (an OpenAI commit, an idle WhisperLive client) without waiting for its final, and `on_resolved(index)` is called once a
     segment's final is resolved (its `Final` emitted, or found to hold no speech: OpenAI items
     need a `.completed` either way).
 
-    It reaches into StreamingTranscriber's internals (`_handle`, `_segmenter`, `_options`,
-    `_final`); tests/test_realtime.py covers each hook, so a change there shows up as a failure.
+    It reaches into StreamingTranscriber's internals (`_handle`, `_segmenter`, `_final`); tests/test_realtime.py covers each hook, so a change there shows up as a failure.
     """
 
     def __init__(self, *args, on_resolved=None, **kwargs) -> None:
@@ -150,9 +130,6 @@ class ItemTranscriber(StreamingTranscriber):
 
     def cut(self) -> None:
         self._handle(self._segmenter.flush())
-
-    def set_options(self, options: DecodingOptions) -> None:
-        self._options = options  # later decodes use them
 
     async def _final(self, segment, arrival, before) -> None:
         await super()._final(segment, arrival, before)

@@ -50,13 +50,16 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
                         help="draft sources for exact speculative decoding (default both; medusa needs heads)")
     parser.add_argument("--script", choices=["traditional", "as-is"], default="traditional",
                         help="convert Chinese output to Taiwan Traditional with OpenCC s2twp (default) or keep it as the model writes it")
+    parser.add_argument("--prompt", default="", metavar="TEXT",
+                        help="names and terms to expect (Whisper's previous-text prompt, before every segment); an eval "
+                             "manifest line's \"prompt\" overrides it for that clip")
 
 
 def decoding_options(args: argparse.Namespace):
     from engines.decoding import DecodingOptions
 
     language = None if args.language == "auto" else args.language
-    return DecodingOptions(language=language, beam_size=args.beam_size, timestamps=args.timestamps)
+    return DecodingOptions(language=language, beam_size=args.beam_size, timestamps=args.timestamps, prompt=args.prompt)
 
 
 def load_engine(args: argparse.Namespace):

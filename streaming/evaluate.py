@@ -1,14 +1,15 @@
 """`breeze-stream eval`: offline accuracy and speed of the engine over a manifest.
 
 Scoring follows ../shared/eval/README.md (streaming/scoring.py): corpus CER over zh and mix
-clips, WER over en clips, real-time factor = processing seconds / audio seconds.
+clips, WER over en clips, real-time factor = processing seconds / audio seconds. A manifest line
+may carry a `prompt` (names and terms to expect in that clip): it replaces `--prompt` for the clip.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -27,17 +28,21 @@ class Clip:
     audio: Path
     text: str
     lang: str  # zh | en | mix
+    prompt: str | None = None  # this clip's prompt, in place of the command's
 
 
 def read_manifest(path: Path) -> list[Clip]:
-    """Manifest lines (JSON objects with audio, text, lang); audio paths relative to its folder."""
+    """Manifest lines (JSON objects with audio, text, lang, optional prompt); audio paths relative to its folder."""
     clips = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
             item = json.loads(line)
-            clips.append(Clip(path.parent / item["audio"], item["text"], item.get("lang", "zh")))
+            prompt = item.get("prompt")
+            if prompt is not None and not isinstance(prompt, str):
+                raise ValueError(f"{path}:{n}: 'prompt' must be a string, got {prompt!r}")
+            clips.append(Clip(path.parent / item["audio"], item["text"], item.get("lang", "zh"), prompt))
         except (json.JSONDecodeError, KeyError) as exc:
             raise ValueError(f"{path}:{n}: not a manifest line with 'audio' and 'text' ({exc})") from exc
     return clips
@@ -51,8 +56,9 @@ def run_eval(engine: Engine, manifest: Path, options: DecodingOptions, limit: in
     audio_seconds = wall = 0.0
     for clip in tqdm(clips, desc="eval", unit="clip"):
         audio = load_audio(clip.audio)
-        clip_options = options if clip.lang != "en" or options.language is None else DecodingOptions(
-            **{**options.__dict__, "language": "en"})
+        clip_options = options if clip.lang != "en" or options.language is None else replace(options, language="en")
+        if clip.prompt is not None:
+            clip_options = replace(clip_options, prompt=clip.prompt)
         start = time.perf_counter()
         segments = transcribe_audio(engine, audio, clip_options, window=window)
         elapsed = time.perf_counter() - start
@@ -67,7 +73,7 @@ def run_eval(engine: Engine, manifest: Path, options: DecodingOptions, limit: in
             stats["decoder_seconds"] += t.decoder_seconds
         audio_seconds += len(audio) / 16000
         wall += elapsed
-        results.append({"audio": clip.audio.name, "lang": clip.lang, "ref": clip.text, "hyp": hyp,
+        results.append({"audio": clip.audio.name, "lang": clip.lang, "prompt": clip_options.prompt, "ref": clip.text, "hyp": hyp,
                         "errors": clip_score.errors, "ref_tokens": clip_score.ref_tokens,
                         "traditional": is_traditional(hyp) if clip.lang != "en" else None,
                         "seconds": round(elapsed, 3), "duration": round(len(audio) / 16000, 3)})

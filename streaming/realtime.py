@@ -86,7 +86,7 @@ from .segmenter import (
     SegmentStarted,
 )
 from .session import SessionConfig
-from .transcriber import Event, Failure, Final, Partial
+from .transcriber import Event, Failure, Final, Partial, check_prompt
 
 if TYPE_CHECKING:
     from .server import Server
@@ -191,6 +191,10 @@ def _transcription(section: Any, param: str, settings: Settings) -> Settings:
     section = _obj(section, param)
     model = _opt_str(section, "model", param) if "model" in section else settings.model
     prompt = _opt_str(section, "prompt", param) if "prompt" in section else settings.prompt
+    try:
+        check_prompt(prompt, f"{param}.prompt")
+    except ValueError as exc:
+        raise ClientError("invalid_value", f"Invalid value for '{param}.prompt': {exc}", f"{param}.prompt") from None
     return replace(settings, model=model, prompt=prompt, language=_language(section, param, settings.language))
 
 
@@ -573,10 +577,16 @@ class RealtimeSession:
                      settings.language or "auto", (settings.turn_detection or {"type": "manual commit"})["type"])
         if self._transcriber is not None:
             self._segmenter.reconfigure(segmenter_config(settings.turn_detection, self._base))
-            if settings.language != previous.language:
-                self._transcriber.set_options(DecodingOptions(language=settings.language))
+            if self._decoding(settings) != self._decoding(previous):  # from the next turn on
+                self._transcriber.set_options(self._decoding(settings))
         self._event(reply, session=beta_session(settings, self.id, self._engine.name) if beta
                     else ga_session(settings, self.id, self._engine.name))
+
+    def _decoding(self, settings: Settings) -> DecodingOptions:
+        """The transcription settings as decoding options: the language, and the prompt (the
+        server's `--prompt` where the session set none)."""
+        prompt = self.config.prompt if settings.prompt is None else settings.prompt
+        return DecodingOptions(language=settings.language, prompt=prompt)
 
     def _view(self) -> dict:
         return (beta_session if self._beta else ga_session)(self._settings, self.id, self._engine.name)
@@ -605,7 +615,7 @@ class RealtimeSession:
 
     def _start(self) -> None:
         self._segmenter = TurnSegmenter(segmenter_config(self._settings.turn_detection, self._base), self._on_segment)
-        self._transcriber = ItemTranscriber(self._engine, DecodingOptions(language=self._settings.language),
+        self._transcriber = ItemTranscriber(self._engine, self._decoding(self._settings),
                                             self._on_event, config=self.config.transcriber, metrics=self._metrics,
                                             segmenter=self._segmenter, on_resolved=self._on_resolved)
         self._metrics.sessions_active.inc()

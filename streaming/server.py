@@ -66,7 +66,7 @@ from .metrics import Metrics
 from .realtime import realtime_session
 from .segmenter import SegmenterConfig
 from .session import LANGUAGES, NativeSession, SessionConfig
-from .transcriber import TranscriberConfig
+from .transcriber import TranscriberConfig, check_prompt
 from .twilio import CALLS_PREFIX, CallConfig, CallHub, call_subscriber_session, twilio_session
 from .whisperlive import WhisperLiveConfig, WhisperLiveListener
 from .workers import EngineAddress, RemoteEngine, run_workers
@@ -525,6 +525,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--script", choices=["traditional", "as-is"], default="traditional",
                         help="convert Chinese output to Taiwan Traditional with OpenCC s2twp, or keep the model's script "
                              "(default %(default)s)")
+    parser.add_argument("--prompt", default="", metavar="TEXT",
+                        help="names and terms to expect, for sessions that send no prompt of their own (Whisper's "
+                             "previous-text prompt; native start \"prompt\", Realtime transcription.prompt, WhisperLive "
+                             "initial_prompt, Twilio <Parameter name=\"prompt\">)")
+    parser.add_argument("--condition-on-previous", action="store_true",
+                        help="add each stream's earlier finals to the prompt of its next segments (Whisper's "
+                             "condition_on_previous_text; a native start message may set condition_on_previous)")
     parser.add_argument("--partial-interval", type=float, default=TranscriberConfig.partial_interval, metavar="SECONDS",
                         help="new audio between partial hypotheses, 0 for none (default %(default)s)")
     parser.add_argument("--partial-window", type=window_argument, default=TranscriberConfig.partial_window, metavar="SECONDS|full",
@@ -613,7 +620,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     segmenter = SegmenterConfig(**{name: getattr(args, f"segmenter_{name}") for name, _ in _SEGMENTER_FLAGS.values()})
     transcriber = TranscriberConfig(partial_interval=args.partial_interval, partial_window=args.partial_window,
                                     final_window=args.final_window, speculative=args.speculative,
-                                    max_queued_audio=args.max_queued_audio, segmenter=segmenter)
+                                    max_queued_audio=args.max_queued_audio, segmenter=segmenter,
+                                    condition_on_previous=args.condition_on_previous)
     if args.max_send_queue < 1 or args.max_frame_bytes < 1 or args.max_queued_audio < 0 or args.idle_timeout < 0:
         raise ValueError("--max-send-queue and --max-frame-bytes must be >= 1, --max-queued-audio and --idle-timeout >= 0")
     if args.workers < 0:
@@ -621,7 +629,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if (args.max_batch is not None and args.max_batch < 1) or (args.window_bucket is not None and args.window_bucket <= 0):
         raise ValueError("--max-batch must be >= 1 and --window-bucket > 0")
     session = SessionConfig(max_frame_bytes=args.max_frame_bytes, idle_timeout=args.idle_timeout,
-                            language=args.language, max_send_queue=args.max_send_queue, transcriber=transcriber)
+                            language=args.language, max_send_queue=args.max_send_queue, transcriber=transcriber,
+                            prompt=check_prompt(args.prompt, "--prompt"))
     limits = Limits(max_sessions=args.max_sessions, max_per_client=args.max_connections_per_client,
                     trusted_proxies=tuple(c.strip() for c in args.trusted_proxies.split(",") if c.strip()),
                     max_session_seconds=args.max_session_seconds, drain_timeout=args.drain_timeout,

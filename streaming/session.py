@@ -10,7 +10,7 @@ Errors end the session: an `error` event with the DESIGN.md code and a message s
 fix it, then a close with the matching WebSocket close code (RFC 6455, 7.4.1):
 
 - start message not JSON: bad_request, 1007 (invalid frame payload data);
-- binary frame before start, or a text frame other than stop where audio is expected:
+- binary frame before start, or a text frame other than stop or update where audio is expected:
   bad_request, 1003 (unsupported data: the wrong kind of frame);
 - start message not an object or not of type start, fields of the wrong type, unknown
   language, sample rate outside 8-48 kHz, channels != 1: bad_request, 1008 (policy violation);
@@ -56,7 +56,7 @@ from engines.engine import Engine
 from .codecs import AudioDecoder, AudioFormatError
 from .limits import REFUSAL_TIMEOUT, closing
 from .metrics import Metrics
-from .transcriber import Event, Failure, Final, Partial, StreamingTranscriber, TranscriberConfig
+from .transcriber import Event, Failure, Final, Partial, StreamingTranscriber, TranscriberConfig, check_prompt
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,8 @@ class SessionConfig:
     """Seconds without any frame after which the session flushes and ends (0: never)."""
     language: str = "zh"
     """Language of sessions whose start message names none."""
+    prompt: str = ""
+    """Prompt of sessions that send none (`serve --prompt`): names and terms every session expects."""
     max_send_queue: int = 1024
     """Events queued for a client that does not read them; past it the client is disconnected
     (error code overloaded, logged), so a stalled reader cannot grow the server's memory."""
@@ -92,10 +94,13 @@ class Start:
     decoder: AudioDecoder
     language: str
     partials: bool
+    prompt: str = ""
+    condition_on_previous: bool = False
     words: bool = False
 
 
-def parse_start(message: str | bytes, default_language: str = "zh") -> Start:
+def parse_start(message: str | bytes, default_language: str = "zh", default_prompt: str = "",
+                condition_on_previous: bool = False) -> Start:
     """Validates the first message; every failure says what to send instead."""
     if isinstance(message, bytes):
         raise ProtocolError("bad_request", f"got audio before the start message; first send a text frame {START_EXAMPLE}",
@@ -110,6 +115,7 @@ def parse_start(message: str | bytes, default_language: str = "zh") -> Start:
     encoding = start.get("encoding", "pcm_s16le")
     language = start.get("language", default_language)
     partials = start.get("partials", True)
+    condition = start.get("condition_on_previous", condition_on_previous)
     words = start.get("words", False)
     if not isinstance(encoding, str):
         raise ProtocolError("bad_request", f"encoding must be a string such as \"pcm_s16le\", got {encoding!r}",
@@ -119,15 +125,22 @@ def parse_start(message: str | bytes, default_language: str = "zh") -> Start:
                             CloseCode.POLICY_VIOLATION)
     if not isinstance(partials, bool):
         raise ProtocolError("bad_request", f"partials must be true or false, got {partials!r}", CloseCode.POLICY_VIOLATION)
+    if not isinstance(condition, bool):
+        raise ProtocolError("bad_request", f"condition_on_previous must be true or false, got {condition!r}",
+                            CloseCode.POLICY_VIOLATION)
     if not isinstance(words, bool):
         raise ProtocolError("bad_request", f"words must be true (finals carry word timings) or false, got {words!r}",
                             CloseCode.POLICY_VIOLATION)
+    try:
+        prompt = check_prompt(start["prompt"]) if "prompt" in start else default_prompt
+    except ValueError as exc:
+        raise ProtocolError("bad_request", str(exc), CloseCode.POLICY_VIOLATION) from None
     try:
         decoder = AudioDecoder(encoding, start.get("sample_rate", 16000), start.get("channels", 1))
     except AudioFormatError as exc:
         close = CloseCode.UNSUPPORTED_DATA if exc.code == "unsupported_encoding" else CloseCode.POLICY_VIOLATION
         raise ProtocolError(exc.code, str(exc), close) from None
-    return Start(decoder, language, partials, words)
+    return Start(decoder, language, partials, prompt, condition, words)
 
 
 def word_list(words: list[Word]) -> list[dict]:
@@ -136,12 +149,13 @@ def word_list(words: list[Word]) -> list[dict]:
             for w in words]
 
 
-def is_stop(message: str) -> bool:
+def control_message(message: str) -> dict | None:
+    """A text frame after start as a JSON object with a type (stop, update), else None."""
     try:
         parsed = json.loads(message)
     except ValueError:
-        return False
-    return isinstance(parsed, dict) and parsed.get("type") == "stop"
+        return None
+    return parsed if isinstance(parsed, dict) and isinstance(parsed.get("type"), str) else None
 
 
 @dataclass(frozen=True)
@@ -209,7 +223,7 @@ class NativeSession:
         except asyncio.TimeoutError:
             raise ProtocolError("bad_request", f"no start message within {self.config.idle_timeout:g} s; "
                                 f"send {START_EXAMPLE} right after connecting", CloseCode.POLICY_VIOLATION) from None
-        start = parse_start(message, self.config.language)
+        start = parse_start(message, self.config.language, self.config.prompt, self.config.transcriber.condition_on_previous)
         self._begin(start)
         while True:
             try:
@@ -223,12 +237,18 @@ class NativeSession:
             if isinstance(message, bytes):
                 self._transcriber.feed(self._decoder.decode(message))
                 await self._transcriber.room()  # the engine is far behind: stop reading until it catches up
-            elif is_stop(message):
+                continue
+            control = control_message(message)
+            kind = control and control["type"]
+            if kind == "stop":
                 await self._finish(CloseCode.NORMAL_CLOSURE, "", None)
                 return
+            if kind == "update":
+                self._update(control)
             else:
-                raise ProtocolError("bad_request", f"expected binary audio frames or {{\"type\": \"stop\"}} after start, got the "
-                                    f"text frame {message[:80]!r}; send audio as binary WebSocket frames", CloseCode.UNSUPPORTED_DATA)
+                raise ProtocolError("bad_request", f"expected binary audio frames, {{\"type\": \"update\", \"prompt\": \"...\"}} or "
+                                    f"{{\"type\": \"stop\"}} after start, got the text frame {message[:80]!r}; send audio as "
+                                    "binary WebSocket frames", CloseCode.UNSUPPORTED_DATA)
 
     async def _recv(self) -> str | bytes:
         message = await asyncio.wait_for(self._ws.recv(), self.config.idle_timeout or None)  # recv is cancel-safe
@@ -238,17 +258,35 @@ class NativeSession:
                                 CloseCode.MESSAGE_TOO_BIG)
         return message
 
+    def _update(self, update: dict) -> None:
+        """`update`: a new prompt from the next segment on. A bad one is refused with an error event
+        and the session goes on with the prompt it had."""
+        try:
+            if set(update) != {"type", "prompt"}:
+                raise ValueError(f"an update takes \"prompt\" (got the fields {', '.join(sorted(update))}); send "
+                                 "{\"type\": \"update\", \"prompt\": \"names and terms to expect\"}")
+            prompt = check_prompt(update["prompt"])
+        except ValueError as exc:
+            log.warning("session %s: refused an update: %s", self.id, exc)
+            self._metrics.errors.labels("bad_request").inc()
+            self._send({"type": "error", "code": "bad_request", "message": f"update refused, the prompt is unchanged: {exc}"})
+            return
+        segment = self._transcriber.set_options(replace(self._transcriber.options, prompt=prompt))
+        log.info("session %s: prompt of %d characters from segment %d on", self.id, len(prompt), segment)
+        self._send({"type": "updated", "prompt": prompt, "segment": segment})
+
     def _begin(self, start: Start) -> None:
         self._decoder = start.decoder
-        options = DecodingOptions(language=None if start.language == "auto" else start.language)
-        config = replace(self.config.transcriber, words=start.words)
+        options = DecodingOptions(language=None if start.language == "auto" else start.language, prompt=start.prompt)
+        config = replace(self.config.transcriber, condition_on_previous=start.condition_on_previous, words=start.words)
         if not start.partials:
             config = replace(config, partial_interval=0.0)
         self._transcriber = StreamingTranscriber(self._engine, options, self._on_event, config=config, metrics=self._metrics)
         self._metrics.sessions.inc()
         self._metrics.sessions_active.inc()
-        log.info("session %s: started from %s, %s at %d Hz, language %s", self.id, self._ws.remote_address,
-                 start.decoder.encoding, start.decoder.sample_rate, start.language)
+        log.info("session %s: started from %s, %s at %d Hz, language %s, prompt of %d characters%s", self.id,
+                 self._ws.remote_address, start.decoder.encoding, start.decoder.sample_rate, start.language,
+                 len(start.prompt), ", conditioned on previous finals" if start.condition_on_previous else "")
         self._send({"type": "ready", "session": self.id, "model": self._engine.name, "sample_rate": start.decoder.sample_rate,
                     "encoding": start.decoder.encoding, "language": start.language, "words": start.words})
 

@@ -16,6 +16,12 @@ The transcriber owns a session's `Segmenter` and turns its segments into engine 
   as a draft (speculative decoding), so an unchanged prefix costs one forward, not one per token;
 - a final whose transcript holds no speech is not sent; if partials with text were sent for
   that segment, a blank partial retracts them, so no hallucinated text is left on screen;
+- every segment is decoded with the options in force when it started (`set_options` applies
+  from the next segment on), their `prompt` included; with `condition_on_previous`, the text of
+  the stream's earlier finals follows the prompt (openai/whisper's condition_on_previous_text):
+  finals then run one after another, and text from an unreliable decode (a repetition loop, a
+  compression ratio or an average log-probability past Whisper's thresholds) is not carried
+  forward but clears what was carried;
 - a slow engine costs partials, never finals: no partial starts while a final of the session is
   outstanding, and the audio of segments waiting for finals is bounded by `max_queued_audio`:
   sessions `await room()` after feeding, which waits while the bound is exceeded;
@@ -32,6 +38,7 @@ own wire format.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import deque
@@ -71,6 +78,9 @@ class TranscriberConfig:
     """The encoder window of finals, as for partials (None: the full 30 s window)."""
     speculative: str | None = None
     """Draft sources (off | hypothesis | medusa | both); None: the engine's default."""
+    condition_on_previous: bool = False
+    """Each segment's prompt also holds the text of the stream's earlier finals (as Whisper's
+    condition_on_previous_text; off by default, as in faster-whisper's streaming uses)."""
     max_queued_audio: float = 60.0
     """Seconds of closed segments' audio waiting for their finals; past it `room()` holds the
     session's reading until the engine catches up (finals are never dropped; 0: no limit)."""
@@ -106,6 +116,40 @@ class Failure:
 
 
 Event = Partial | Final | Failure
+
+MAX_PROMPT_CHARS = 1000
+"""Longest prompt a client may send; the model reads at most its last 223 tokens anyway."""
+MAX_CARRIED_CHARS = 1000
+"""Earlier finals' text kept for condition_on_previous (the model reads the end of it)."""
+
+
+def check_prompt(value: object, name: str = "prompt") -> str:
+    """A client's prompt (None: none), or ValueError saying what to send instead."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string of the names and terms to expect, got {json.dumps(value)[:60]}")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise ValueError(f"{name} has {len(value)} characters, more than the {MAX_PROMPT_CHARS} allowed; send the names "
+                         "and terms to expect (the model reads about the last 200 words of it)")
+    return value
+
+
+def _spaced(c: str) -> bool:
+    return c.isascii() and c.isalnum()
+
+
+def join_text(parts: list[str]) -> str:
+    """Segment texts as one transcript: a space only between two Latin words or numbers."""
+    out = ""
+    for part in parts:
+        part = part.strip()
+        if not part:
+            continue
+        if out and _spaced(out[-1]) and _spaced(part[0]):
+            out += " "
+        out += part
+    return out
 
 
 def agreed_prefix(a: str, b: str) -> str:
@@ -143,6 +187,7 @@ class _Segment:
     previous: str | None = None  # last partial text sent
     stable: str = ""
     tokens: list[int] = field(default_factory=list)  # tokens of the last partial
+    options: DecodingOptions = field(default_factory=DecodingOptions)  # in force when it started
 
 
 class StreamingTranscriber:
@@ -172,6 +217,34 @@ class StreamingTranscriber:
         self._queued = 0  # samples of closed segments whose finals are not resolved yet
         self._room = asyncio.Event()
         self._room.set()
+        self._next_segment = 0  # index of the next segment to start
+        self._carried = ""  # earlier finals' text, for condition_on_previous
+
+    @property
+    def options(self) -> DecodingOptions:
+        """The options of segments that start from now on."""
+        return self._options
+
+    def set_options(self, options: DecodingOptions) -> int:
+        """Changes the decoding options (a new prompt, language) from the next segment on: the
+        open segment keeps its own, so its partials and final agree. Returns that next index."""
+        self._options = options
+        return self._next_segment if self._open is None else self._open.index + 1
+
+    def _decode_options(self, segment: _Segment) -> DecodingOptions:
+        if not self.config.condition_on_previous or not self._carried:
+            return segment.options
+        return replace(segment.options, previous_text=self._carried)
+
+    def _carry(self, transcript: Transcript) -> None:
+        """condition_on_previous: keeps a reliable final's text for the next segments' prompts;
+        an unreliable decode clears it, so a loop or a hallucination is not fed forward."""
+        if not self.config.condition_on_previous:
+            return
+        if not transcript.reliable:
+            self._carried = ""
+        elif transcript.has_speech:
+            self._carried = join_text([self._carried, transcript.text])[-MAX_CARRIED_CHARS:]
 
     @property
     def seconds(self) -> float:
@@ -230,7 +303,9 @@ class StreamingTranscriber:
     def _handle(self, events: list[SegmentEvent]) -> None:
         for event in events:
             if isinstance(event, SegmentStarted):
-                self._open = _Segment(event.index, event.start, event.start, np.zeros(0, np.float32), event.start)
+                self._open = _Segment(event.index, event.start, event.start, np.zeros(0, np.float32), event.start,
+                                      options=self._options)
+                self._next_segment = event.index + 1
                 self._metrics.segments.inc()
             elif isinstance(event, SegmentGrew):
                 assert self._open is not None and self._open.index == event.index, (event, self._open)
@@ -282,7 +357,7 @@ class StreamingTranscriber:
     async def _run_partial(self, segment: _Segment, audio: np.ndarray, end: int) -> None:
         try:
             transcript = await self._engine.transcribe_async(
-                audio, self._options, window=self.config.partial_window, previous=segment.tokens or None,
+                audio, self._decode_options(segment), window=self.config.partial_window, previous=segment.tokens or None,
                 speculative=self.config.speculative, final=False, stream=self)
         except Exception as exc:
             self._fail(exc, f"partial decode of segment {segment.index}")
@@ -316,10 +391,12 @@ class StreamingTranscriber:
     # --- finals ---------------------------------------------------------------------------------
 
     async def _final(self, segment: _Segment, arrival: float, before: asyncio.Task[None] | None) -> None:
+        if self.config.condition_on_previous and before is not None:
+            await asyncio.wait({before})  # the previous final's text goes into this one's prompt
         asked = time.monotonic()
         try:
             transcript = await self._engine.transcribe_async(
-                segment.audio, self._options, window=self.config.final_window, previous=segment.tokens or None,
+                segment.audio, self._decode_options(segment), window=self.config.final_window, previous=segment.tokens or None,
                 speculative=self.config.speculative, final=True, stream=self, words=self.config.words)
         except Exception as exc:
             self._fail(exc, f"final decode of segment {segment.index}")
@@ -331,6 +408,7 @@ class StreamingTranscriber:
             await asyncio.wait({before})
         if self._failed:
             return
+        self._carry(transcript)
         start, end = segment.start / SAMPLE_RATE, segment.end / SAMPLE_RATE
         if transcript.has_speech:
             self._emit(Final(segment.index, start, end, transcript.text, transcript, shift(transcript.words, start)))

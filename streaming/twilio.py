@@ -6,7 +6,10 @@ mediaFormat audio/x-mulaw 8000 Hz mono), `media` (base64 mu-law, 20 ms, one mess
 `dtmf`, `mark`, and `stop`. Each track (inbound: the caller, outbound: the agent or bot) is its own
 transcription stream, keyed by callSid, streamSid and track, decoded from mu-law (or A-law), resampled
 to 16 kHz and segmented with VAD settings for phone audio (`PHONE_SEGMENTER`). A custom parameter
-`language` (zh, en, auto or any Whisper code) overrides the server's default language.
+`language` (zh, en, auto or any Whisper code) overrides the server's default language; a custom
+parameter `prompt` (TwiML `<Parameter name="prompt" value="..."/>` inside `<Stream>`) gives the
+names and terms to expect on this call (the decoder's previous-text prompt; default `serve
+--prompt`).
 
 Twilio ignores what the server sends back, so transcripts go out of band (`CallHub`):
 
@@ -56,7 +59,7 @@ from engines.decoding import DecodingOptions
 from .adapters import WHISPER_LANGUAGES, Complaints, Outbox
 from .codecs import AudioDecoder
 from .segmenter import SegmenterConfig
-from .transcriber import Event, Failure, Final, Partial, StreamingTranscriber
+from .transcriber import Event, Failure, Final, Partial, StreamingTranscriber, check_prompt
 
 if TYPE_CHECKING:
     from .server import Server
@@ -314,6 +317,7 @@ class TwilioSession:
         self._encoding = "mulaw"
         self._rate = 8000
         self._language: str | None = None
+        self._prompt = ""
         self._tracks: dict[str, _Track] = {}
         self._sequence = -1
         self._stopped = False
@@ -446,12 +450,19 @@ class TwilioSession:
         if language not in ("auto", "zh", "en") and (not isinstance(language, str) or language.lower() not in WHISPER_LANGUAGES):
             self._complain("custom parameter language", f"{language!r} is not a Whisper language; using {self.config.language}")
             language = self.config.language
+        try:
+            prompt = check_prompt(parameters.get("prompt"), "custom parameter prompt") or self.config.prompt
+        except ValueError as exc:
+            self._complain("custom parameter prompt", f"{exc}; using the server's")
+            prompt = self.config.prompt
         self.call_sid, self.stream_sid = call_sid, stream_sid
+        self._prompt = prompt
         self._encoding, self._rate = encoding or "mulaw", rate
         self._language = None if language == "auto" else language.lower()
         tracks = start.get("tracks") if isinstance(start.get("tracks"), list) else ["inbound"]
         self._metrics.sessions.inc()
-        log.info("%s: call %s stream %s started, tracks %s, %s", self.id, call_sid, stream_sid, tracks, media)
+        log.info("%s: call %s stream %s started, tracks %s, %s, prompt of %d characters", self.id, call_sid, stream_sid,
+                 tracks, media, len(prompt))
         self._hub.stream_started(call_sid, stream_sid, {
             "account_sid": start.get("accountSid"), "tracks": tracks, "custom_parameters": parameters,
             "media_format": media})
@@ -492,7 +503,7 @@ class TwilioSession:
             if not self._tracks:
                 self._metrics.sessions_active.inc()
             config = replace(self.config.transcriber, segmenter=self._calls.segmenter)
-            transcriber = StreamingTranscriber(self._engine, DecodingOptions(language=self._language),
+            transcriber = StreamingTranscriber(self._engine, DecodingOptions(language=self._language, prompt=self._prompt),
                                                lambda event, name=name: self._on_event(name, event),
                                                config=config, metrics=self._metrics)
             track = self._tracks[name] = _Track(name, AudioDecoder(self._encoding, self._rate), transcriber)

@@ -5,8 +5,9 @@ Off by default; `breeze-stream serve --whisperlive-port 9090` turns it on. Any p
 
 - the first frame is a JSON object with `uid` (required, echoed in every server message);
   `language` (null or "auto" to detect; any Whisper language code), `task` (transcribe or
-  translate), `audio_format` (float32, the default; int16; uint8) and `send_last_n_segments` (10)
-  are read (with `--api-key-file`, also `token`: streaming.auth); every other key (model, use_vad, vad_parameters, max_clients, max_connection_time,
+  translate), `audio_format` (float32, the default; int16; uint8), `send_last_n_segments` (10)
+  and `initial_prompt` (null, or names and terms to expect: the decoder's previous-text prompt for
+  every segment, as WhisperLive's faster-whisper backend uses it; default `serve --prompt`) are read (with `--api-key-file`, also `token`: streaming.auth); every other key (model, use_vad, vad_parameters, max_clients, max_connection_time,
   ...) is accepted and ignored;
 - a full listener answers `{"uid", "status": "WAIT", "message": <minutes until a slot frees>}` and
   closes (1013, try again later);
@@ -25,7 +26,7 @@ Off by default; `breeze-stream serve --whisperlive-port 9090` turns it on. Any p
   language of the first final.
 
 Bad input (a first frame that is not a JSON object with a uid, an unknown language, task or
-audio_format, a text frame other than END_OF_AUDIO, a frame over the limit) gets
+audio_format, an initial_prompt that is not a string or is too long, a text frame other than END_OF_AUDIO, a frame over the limit) gets
 `{"uid", "status": "ERROR", "message": ...}`, a log line, and a close (1008 or 1003, 1009 for size);
 the listener keeps serving the others. A client that disconnects ends its session at once; on
 server shutdown open segments are flushed and sent, then DISCONNECT and a close with 1001.
@@ -53,7 +54,7 @@ from engines.decoding import DecodingOptions
 from .adapters import WHISPER_LANGUAGES, ItemTranscriber, Outbox
 from .auth import WHISPERLIVE
 from .codecs import AudioDecoder
-from .transcriber import Event, Failure, Final, Partial
+from .transcriber import Event, Failure, Final, Partial, check_prompt
 
 if TYPE_CHECKING:
     from .server import Server
@@ -285,21 +286,26 @@ class WhisperLiveSession:
         last_n = options.get("send_last_n_segments", 10)
         if not isinstance(last_n, int) or isinstance(last_n, bool) or last_n < 0:
             raise _Refused(f"send_last_n_segments must be a non-negative integer, got {last_n!r}", CloseCode.POLICY_VIOLATION)
+        try:
+            prompt = check_prompt(options.get("initial_prompt"), "initial_prompt") or self.config.prompt
+        except ValueError as exc:
+            raise _Refused(str(exc), CloseCode.POLICY_VIOLATION) from None
         return {"language": None if language in (None, "", "auto") else language.lower(), "task": task,
-                "audio_format": audio_format, "send_last_n_segments": last_n}
+                "audio_format": audio_format, "send_last_n_segments": last_n, "prompt": prompt}
 
     def _begin(self, options: dict) -> None:
         self._format = options["audio_format"]
         self._last_n = options["send_last_n_segments"]
         self._detect_language = options["language"] is None
         self._decoder = AudioDecoder("pcm_s16le" if self._format == "int16" else "pcm_f32le", 16000)
-        decoding = DecodingOptions(language=options["language"], task=options["task"])
+        decoding = DecodingOptions(language=options["language"], task=options["task"], prompt=options["prompt"])
         self._transcriber = ItemTranscriber(self._engine, decoding, self._on_event, config=self.config.transcriber,
                                                  metrics=self._metrics)
         self._metrics.sessions.inc()
         self._metrics.sessions_active.inc()
-        log.info("whisperlive %s: started from %s, uid %s, %s, language %s, task %s", self.id, self._ws.remote_address,
-                 self._uid, self._format, options["language"] or "auto", options["task"])
+        log.info("whisperlive %s: started from %s, uid %s, %s, language %s, task %s, prompt of %d characters", self.id,
+                 self._ws.remote_address, self._uid, self._format, options["language"] or "auto", options["task"],
+                 len(options["prompt"]))
         self._send({"message": "SERVER_READY", "backend": "faster_whisper", "server": "breeze-stream",
                     "model": self._engine.name})
 

@@ -39,6 +39,7 @@ class Call:
     final: bool
     stream: object
     future: Future
+    options: DecodingOptions
 
 
 class FakeEngine:
@@ -51,7 +52,7 @@ class FakeEngine:
 
     def submit(self, audio, options, *, window=None, previous=None, speculative=None, final=True, stream=None,
                words=False) -> Future:
-        self.calls.append(Call(len(audio), window, previous, final, stream, Future()))
+        self.calls.append(Call(len(audio), window, previous, final, stream, Future(), options))
         return self.calls[-1].future
 
     async def transcribe_async(self, audio, options, **kwargs):
@@ -75,9 +76,9 @@ class ScriptedSegmenter:
         return self.at_flush
 
 
-def transcript(text: str, tokens: list[int] | None = None) -> Transcript:
+def transcript(text: str, tokens: list[int] | None = None, avg_logprob: float = -0.2, looped: bool = False) -> Transcript:
     return Transcript(text=text, tokens=tokens if tokens is not None else [ord(c) for c in text], language="zh",
-                      no_speech_prob=0.01, avg_logprob=-0.2, looped=False, window_frames=3000,
+                      no_speech_prob=0.01, avg_logprob=avg_logprob, looped=looped, window_frames=3000,
                       encoder_seconds=0.01, decoder_seconds=0.02, forwards=3)
 
 
@@ -285,3 +286,52 @@ async def test_engine_failure_is_reported_once():
     await h.answer(h.engine.calls[0], RuntimeError("CUDA error: out of memory"))
     await h.answer(h.engine.calls[1], transcript("二"))
     assert len(h.events) == 1 and isinstance(h.events[0], Failure)
+
+
+async def test_new_options_apply_from_the_next_segment():
+    """A prompt set while a segment is open leaves that segment's partials and final alone."""
+    h = Harness(partial_interval=0.5)
+    h.transcriber.set_options(DecodingOptions(prompt="台積電"))
+    await h.feed(started(0, 0.0), grew(0, 0.0, 0.6))
+    assert h.transcriber.set_options(DecodingOptions(prompt="聯發科")) == 1  # segment 0 is open: from 1 on
+    await h.answer(h.engine.calls[0], transcript("台"))
+    await h.feed(grew(0, 0.0, 1.2))
+    await h.answer(h.engine.calls[1], transcript("台積"))
+    await h.feed(closed(0, 0.0, 1.4))
+    await h.answer(h.engine.calls[2], transcript("台積電"))
+    await h.feed(started(1, 2.0), grew(1, 2.0, 2.6))
+    await h.feed(closed(1, 2.0, 3.0))
+    assert [(c.final, c.options.prompt) for c in h.engine.calls] == [
+        (False, "台積電"), (False, "台積電"), (True, "台積電"), (False, "聯發科"), (True, "聯發科")]
+    assert h.transcriber.set_options(DecodingOptions()) == 2  # none open: the next to start
+
+
+async def test_condition_on_previous_carries_reliable_finals_only():
+    """Earlier finals follow the prompt; a final waits for the one before it; a loop or a
+    low-confidence decode clears what was carried (Whisper's guard)."""
+    h = Harness(partial_interval=0.0, condition_on_previous=True)
+    h.transcriber.set_options(DecodingOptions(prompt="客服"))
+    await h.feed(started(0, 0.0), closed(0, 0.0, 1.0), started(1, 1.5), closed(1, 1.5, 2.5))
+    assert len(h.engine.calls) == 1  # segment 1's final waits: segment 0's text goes into its prompt
+    await h.answer(h.engine.calls[0], transcript("你好"))
+    second = h.engine.calls[1]
+    assert (second.options.prompt, second.options.previous_text) == ("客服", "你好")
+    await h.answer(second, transcript("ABC"))
+    await h.feed(started(2, 3.0), closed(2, 3.0, 4.0))
+    assert h.engine.calls[2].options.previous_text == "你好ABC"
+    await h.answer(h.engine.calls[2], transcript("好好好", looped=True))  # a loop: nothing carried any more
+    await h.feed(started(3, 4.5), closed(3, 4.5, 5.0))
+    assert h.engine.calls[3].options == DecodingOptions(prompt="客服")
+    await h.answer(h.engine.calls[3], transcript("嗯"))
+    await h.feed(started(4, 5.5), closed(4, 5.5, 6.0))
+    assert h.engine.calls[4].options.previous_text == "嗯"
+    await h.answer(h.engine.calls[4], transcript("請問", avg_logprob=-1.5))  # unsure: cleared as well
+    await h.feed(started(5, 6.5), closed(5, 6.5, 7.0))
+    assert h.engine.calls[5].options.previous_text == ""
+    assert [e.text for e in h.events if isinstance(e, Final)] == ["你好", "ABC", "好好好", "嗯", "請問"]
+
+
+async def test_without_condition_on_previous_finals_do_not_wait():
+    h = Harness(partial_interval=0.0)
+    await h.feed(started(0, 0.0), closed(0, 0.0, 1.0), started(1, 1.5), closed(1, 1.5, 2.5))
+    assert len(h.engine.calls) == 2 and all(c.options.previous_text == "" for c in h.engine.calls)

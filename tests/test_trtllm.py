@@ -860,6 +860,21 @@ def test_executor_caps_tokens_at_the_engine_context(vocabulary):
     assert fake.requests[1].max_tokens == 110
 
 
+def test_executor_prompts_fit_the_engines_input_length(vocabulary):
+    """A vocabulary prompt goes before <|startoftranscript|>, trimmed from the left to the decoder
+    engine's max_input_len (the build's --max-input-len)."""
+    tok = Tokenizer(vocabulary)
+    engine, fake = executor_engine(vocabulary, lambda r: ([tok.eot], [0.0]), max_input_len=12)
+    try:
+        engine.transcribe(np.zeros(8000, np.float32), DecodingOptions(language="zh", prompt="台積電"))
+        engine.transcribe(np.zeros(8000, np.float32), DecodingOptions(language="zh", prompt="一 二 三 四 五 六 七 八 九"))
+    finally:
+        engine.close()
+    start = tok.prompt("zh")
+    assert fake.requests[1].input_token_ids == [tok.sot_prev, *tok.encode(" 台積電"), *start]
+    assert fake.requests[2].input_token_ids == [tok.sot_prev, *tok.encode(" 一 二 三 四 五 六 七 八 九")[-7:], *start]
+
+
 def test_executor_supersedes_partials_and_cancels_them(vocabulary):
     eot = Tokenizer(vocabulary).eot
     engine, fake = executor_engine(vocabulary, lambda r: ([eot], [0.0]), hold=True)

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from engines.audio import FRAMES_PER_SECOND, N_FRAMES, SAMPLE_RATE, clip_mel, pad_mel
-from engines.decoding import DecodingOptions, repetition_period
+from engines.decoding import DecodingOptions, repetition_period, segment_prompt
 from engines.model import ModelDims
 
 from . import BACKENDS, MANIFEST, TRTLLM_IMAGE, TRTLLM_SERIES, TRTLLM_VERSION, VOCABULARY
@@ -464,7 +464,8 @@ class ExecutorEngine:
     Engine."""
 
     def __init__(self, executor, bindings, *, name: str, vocabulary: list[str], suppress_tokens: list[int],
-                 n_mels: int = 80, max_seq_len: int = 448, max_beam_width: int = 1, script: str = "traditional",
+                 n_mels: int = 80, max_seq_len: int = 448, max_input_len: int = 14, max_beam_width: int = 1,
+                 script: str = "traditional",
                  window_bucket: float = 1.0, device: str = "cuda", poll_seconds: float = 0.01):
         from engines.tokenizer import Tokenizer
 
@@ -477,6 +478,7 @@ class ExecutorEngine:
         self.suppress_tokens = sorted(set(suppress_tokens))
         self.n_mels = n_mels
         self.max_seq_len = max_seq_len
+        self.max_input_len = max_input_len  # the decoder engine's longest prompt: a previous-text prompt is trimmed to fit
         self.max_beam_width = max_beam_width
         self.script = script
         self.window_bucket = window_bucket
@@ -513,6 +515,7 @@ class ExecutorEngine:
                                    trtllm.ModelType.ENCODER_DECODER, config)
         return cls(executor, trtllm, name=name, vocabulary=vocabulary, suppress_tokens=suppress,
                    n_mels=encoder["pretrained_config"].get("n_mels", 80), max_seq_len=build["max_seq_len"],
+                   max_input_len=build.get("max_input_len", 14),
                    max_beam_width=build.get("max_beam_width", 1), script=script)
 
     # -- Engine's surface ----------------------------------------------------------------------
@@ -527,7 +530,9 @@ class ExecutorEngine:
             raise ValueError("--backend trtllm decodes without timestamps (TensorRT-LLM has no Whisper timestamp rules)")
         if options.beam_size > self.max_beam_width:
             raise ValueError(f"beam size {options.beam_size} > the decoder engine's max_beam_width {self.max_beam_width}")
-        prompt = self.tokenizer.prompt(options.language, options.task, False)
+        start = len(self.tokenizer.prompt(options.language, options.task, False))
+        prompt, _ = segment_prompt(self.tokenizer, options.language, options, self.max_seq_len,
+                                   max_text=self.max_input_len - start - 1)  # 1: <|startofprev|>
         pending = _Pending(Future(), np.asarray(audio, dtype=np.float32), options, window, final, stream, prompt, 0)
         with self._lock:
             if self._closed:

@@ -518,7 +518,9 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-beam-width", type=int, default=1, help="decoder beams (default %(default)s)")
     parser.add_argument("--max-seq-len", type=int, default=N_TEXT_CTX,
                         help="decoder prompt + new tokens (default %(default)s = Whisper's whole context)")
-    parser.add_argument("--max-input-len", type=int, default=14, help="decoder prompt tokens (default %(default)s)")
+    parser.add_argument("--max-input-len", type=int, default=14,
+                        help="decoder prompt tokens (default %(default)s); a vocabulary prompt (--prompt) is trimmed "
+                             "from the left to fit, so build with up to 228 to keep whole prompts")
     parser.add_argument("--encoder-only", action="store_true",
                         help="build only the encoder (enough for --backend trtllm-encoder)")
     parser.add_argument("--revision", default=BREEZE_REVISION, help="hub revision of Breeze-ASR-25 (default: pinned)")
