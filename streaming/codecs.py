@@ -218,8 +218,8 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
         raise AudioFileError(f"{path}: no such file")
     try:
         data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
-    except soundfile.LibsndfileError as exc:
-        audio = _load_with_ffmpeg(path, sample_rate, reason=str(exc))
+    except soundfile.LibsndfileError as exc:  # error_string: its message without the path again
+        audio = _load_with_ffmpeg(path, sample_rate, reason=exc.error_string)
     else:
         audio = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
         if rate != sample_rate and audio.size:

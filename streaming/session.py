@@ -49,6 +49,7 @@ from websockets.frames import CloseCode
 
 from engines.decoding import DecodingOptions
 from engines.engine import Engine
+from engines.options import LANGUAGES
 
 from .codecs import AudioDecoder, AudioFormatError
 from .limits import closing
@@ -57,7 +58,6 @@ from .transcriber import Event, Failure, Final, Partial, StreamingTranscriber, T
 
 log = logging.getLogger(__name__)
 
-LANGUAGES = ("zh", "en", "auto")
 START_EXAMPLE = '{"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le", "channels": 1, "language": "zh"}'
 
 

@@ -24,8 +24,8 @@ from conftest import DEV_DIR, TINY_TEXT, receive_all
 from engines.engine import Engine
 from engines.text import convert
 from streaming.codecs import encode_mulaw, load_audio
-from streaming.cli import add_model_arguments
-from streaming.server import WEB_ROOT, Server, ServerConfig, add_serve_arguments, config_from_args, run_serve
+from streaming.options import add_model_arguments, add_serve_arguments
+from streaming.server import WEB_ROOT, Server, ServerConfig, config_from_args, run_serve
 from streaming.session import SessionConfig
 
 RATE = 16000
