@@ -29,7 +29,7 @@ from engines.engine import Engine
 from engines.text import to_traditional
 
 from .codecs import load_audio
-from .evaluate import read_manifest
+from .manifest import read_clips
 from .scoring import corpus_score, score
 
 
@@ -74,7 +74,7 @@ def run_bench_offline(args: argparse.Namespace) -> int:
     if args.model != "default":
         raise SystemExit("bench-offline compares on the embedded model's weights: use --model default")
     torch.set_num_threads(2)
-    clips = read_manifest(Path(args.manifest))[: args.limit]
+    clips = read_clips(Path(args.manifest))[: args.limit]
     audios = [load_audio(c.audio) for c in clips]
     seconds = sum(len(a) for a in audios) / 16000
     ct2_dir = str(default_ct2_dir())

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from engines.options import add_bench_arguments, add_capacity_arguments, add_train_arguments
 from streaming.options import add_decoding_arguments, add_model_arguments, add_replay_arguments, add_serve_arguments
-from streaming.options import window_argument
+from streaming.options import CLIPS_HELP, window_argument
 
 
 class _Version(argparse.Action):
@@ -94,13 +94,17 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    if not Path(args.manifest).is_file():
-        print(f"error: {args.manifest}: no such file", file=sys.stderr)
+    from streaming.manifest import read_clips
+
+    try:
+        clips = read_clips(Path(args.manifest))[: args.limit]
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1  # reported before torch and the model load
     from streaming.evaluate import run_eval
 
     engine = load_engine(args)
-    report = run_eval(engine, Path(args.manifest), decoding_options(args), limit=args.limit, window=args.window)
+    report = run_eval(engine, clips, decoding_options(args), window=args.window)
     engine.close()
     if args.json:
         Path(args.json).write_text(json.dumps(report, ensure_ascii=False, indent=2))
@@ -133,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("eval", "streaming.cli:cmd_eval", "offline accuracy and speed on a manifest (docs/evaluation.md)")
     add_model_arguments(p)
     add_decoding_arguments(p)
-    p.add_argument("manifest", help="manifest.jsonl: one {\"audio\", \"text\", \"lang\"} object a line")
+    p.add_argument("manifest", metavar="MANIFEST_OR_FOLDER", help=CLIPS_HELP)
     p.add_argument("--json", metavar="OUT", help="write the full report here")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N clips")
 
@@ -149,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("bench-offline", "streaming.bench_offline:run_bench_offline",
                 "our engine and faster-whisper on the same weights over a manifest")
     add_model_arguments(p)
-    p.add_argument("manifest", help="manifest.jsonl: one {\"audio\", \"text\", \"lang\"} object a line")
+    p.add_argument("manifest", metavar="MANIFEST_OR_FOLDER", help=CLIPS_HELP)
     p.add_argument("--window", type=window_argument, default=2.0, metavar="SECONDS",
                    help="the shortened encoder window of the fourth pass (default %(default)s)")
     p.add_argument("--json", metavar="OUT", help="write the full report here")

@@ -1,15 +1,13 @@
-"""`breeze-stream eval`: offline accuracy and speed of the engine over a manifest.
+"""`breeze-stream eval`: offline accuracy and speed of the engine over a manifest or a folder.
 
-Scoring follows ../shared/eval/README.md (streaming/scoring.py): corpus CER over zh and mix
-clips, WER over en clips, real-time factor = processing seconds / audio seconds.
+Inputs (streaming.manifest) and scoring (streaming.scoring) are those of docs/evaluation.md:
+corpus CER over zh and mix clips, WER over en clips, real-time factor = processing seconds /
+audio seconds.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 from tqdm import tqdm
 
@@ -18,34 +16,12 @@ from engines.engine import Engine
 from engines.text import is_traditional
 
 from .codecs import load_audio
+from .manifest import Clip
 from .offline import transcribe_audio
 from .scoring import Score, corpus_score, score
 
 
-@dataclass(frozen=True)
-class Clip:
-    audio: Path
-    text: str
-    lang: str  # zh | en | mix
-
-
-def read_manifest(path: Path) -> list[Clip]:
-    """Manifest lines (JSON objects with audio, text, lang); audio paths relative to its folder."""
-    clips = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-            clips.append(Clip(path.parent / item["audio"], item["text"], item.get("lang", "zh")))
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise ValueError(f"{path}:{n}: not a manifest line with 'audio' and 'text' ({exc})") from exc
-    return clips
-
-
-def run_eval(engine: Engine, manifest: Path, options: DecodingOptions, limit: int | None = None,
-             window: float | None = None) -> dict:
-    clips = read_manifest(manifest)[:limit]
+def run_eval(engine: Engine, clips: list[Clip], options: DecodingOptions, window: float | None = None) -> dict:
     results, cer_scores, wer_scores = [], [], []
     stats = {"decoder_forwards": 0, "tokens": 0, "encoder_seconds": 0.0, "decoder_seconds": 0.0}
     audio_seconds = wall = 0.0

@@ -33,6 +33,10 @@ SEGMENTER_DEFAULTS = {"aggressiveness": 2, "frame_ms": 30, "start_voiced_frames"
                       "max_segment_ms": 28000}
 
 
+CLIPS_HELP = ("a manifest (.jsonl: one {\"audio\", \"text\", \"lang\"} object a line) or a folder of WAV files "
+              "with a .txt transcript beside each (docs/evaluation.md)")
+
+
 def window_argument(value: str) -> float | None:
     """`--window`-style values: seconds of silence after the audio, or 'full' for Whisper's 30 s."""
     if value == "full":
@@ -149,9 +153,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_replay_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("inputs", nargs="+", metavar="MANIFEST_OR_AUDIO",
-                        help="a manifest (.jsonl: audio, text, lang per line; audio relative to the manifest) "
-                             "or audio files (no reference, no CER)")
+    parser.add_argument("inputs", nargs="+", metavar="MANIFEST_FOLDER_OR_AUDIO",
+                        help=CLIPS_HELP + ", or audio files (no reference, no CER)")
     parser.add_argument("--url", default="ws://127.0.0.1:8765/v1/stream", help="native protocol endpoint (default %(default)s)")
     parser.add_argument("--concurrency", type=int, default=1, metavar="N",
                         help="independent streams at once, each playing every clip (default 1)")

@@ -115,33 +115,18 @@ class ReplayInputError(Exception):
 
 
 def read_inputs(inputs: Iterable[str]) -> list[Clip]:
-    """Clips from manifests (``.jsonl``/``.json``: one object per line with audio, text, lang;
-    audio paths relative to the manifest's folder) and plain audio files (no reference)."""
+    """Clips from manifests (``.jsonl``/``.json``) and folders of WAV files with a ``.txt``
+    transcript beside each (streaming.manifest), and plain audio files (no reference)."""
+    from streaming.manifest import read_clips
+
     clips: list[Clip] = []
     for item in inputs:
         path = Path(item)
-        if path.suffix.lower() in (".jsonl", ".json"):
-            if not path.is_file():
-                raise ReplayInputError(f"{path}: no such manifest")
-            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    entry = json.loads(line)
-                    audio = entry["audio"]
-                except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                    raise ReplayInputError(
-                        f"{path}:{number}: not a manifest line with an 'audio' field ({exc})"
-                    ) from exc
-                audio_path = Path(audio)
-                if not audio_path.is_absolute():
-                    audio_path = path.parent / audio_path
-                clips.append(Clip(
-                    name=Path(audio).stem,
-                    path=str(audio_path),
-                    reference=entry.get("text"),
-                    lang=entry.get("lang") or "zh",
-                ))
+        if path.is_dir() or path.suffix.lower() in (".jsonl", ".json"):
+            try:
+                clips += [Clip(c.audio.stem, str(c.audio), c.text, c.lang) for c in read_clips(path)]
+            except ValueError as exc:
+                raise ReplayInputError(str(exc)) from None
         else:
             clips.append(Clip(name=path.stem, path=str(path)))
     if not clips:

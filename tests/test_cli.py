@@ -130,7 +130,8 @@ def test_missing_file_is_reported_once_before_the_model_loads(tmp_path, command:
     missing = str(tmp_path / "nothing-here.wav")
     result, wall, cpu = run_cli(command, missing)
     assert result.returncode == 1
-    assert result.stderr.strip() == f"error: {missing}: no such file"  # the path once, nothing else
+    what = "no such file" if command == "transcribe" else "no such file or folder"
+    assert result.stderr.strip() == f"error: {missing}: {what}"  # the path once, nothing else
     assert cpu < 0.5  # no torch, no model
 
 
