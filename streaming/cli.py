@@ -14,6 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
+from bench.readme import add_readme_arguments
 from engines.options import add_bench_arguments, add_capacity_arguments, add_train_arguments
 from streaming.options import add_decoding_arguments, add_model_arguments, add_replay_arguments, add_serve_arguments
 from streaming.options import CLIPS_HELP, window_argument
@@ -143,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("replay", "streaming.replay:run_replay", "replay clips to a server at real-time pace and measure latency")
     add_replay_arguments(p)
+
+    p = command("bench-readme", "bench.readme:run_readme",
+                "regenerate every CPU figure README.md states, beside its peer, on this machine")
+    add_readme_arguments(p)
 
     p = command("build-trtllm", "engines.trtllm.build:run_build",
                 "TensorRT-LLM 1.2.x engines for a Whisper checkpoint (--dry-run prints the commands)")

@@ -16,7 +16,7 @@ import pytest
 from hardening_helpers import REPO
 from streaming.cli import build_parser
 
-COMMANDS = ("serve", "transcribe", "eval", "replay", "build-trtllm", "bench-offline", "train-medusa", "bench-engine",
+COMMANDS = ("serve", "transcribe", "eval", "replay", "bench-readme", "build-trtllm", "bench-offline", "train-medusa", "bench-engine",
             "bench-capacity")
 
 

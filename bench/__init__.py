@@ -1,0 +1,1 @@
+"""Measuring tools: load, engine and offline benchmarks (not imported by the server)."""
