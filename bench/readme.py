@@ -65,7 +65,12 @@ def machine() -> dict:
 def offline(clips, window: float) -> dict:
     """faster-whisper int8 and our engine (full window, shortened window) on the same clips."""
     import torch
-    from faster_whisper import WhisperModel
+
+    try:
+        from faster_whisper import WhisperModel
+    except ImportError:
+        raise SystemExit("bench-readme's offline part runs faster-whisper beside our engine: "
+                         "pip install -e '.[bench]' (or --parts replay,memory)") from None
 
     from engines.engine import Engine
     from streaming.bench_offline import default_ct2_dir, engine_pass, error_rates, faster_whisper_pass
