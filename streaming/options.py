@@ -15,7 +15,7 @@ from pathlib import Path
 
 from engines.options import DEVICE_HELP, LANGUAGES, SPECULATIVE, add_backend_arguments
 
-# flag -> SegmenterConfig field and help; the defaults are SegmenterConfig's
+# flag -> SegmenterConfig field and help; SEGMENTER_DEFAULTS are SegmenterConfig's defaults
 SEGMENTER_FLAGS = {
     "--vad-aggressiveness": ("aggressiveness", "webrtcvad mode 0-3 (3 rejects the most non-speech)"),
     "--vad-frame-ms": ("frame_ms", "VAD frame: 10, 20 or 30 ms"),
@@ -47,7 +47,6 @@ def window_argument(value: str) -> float | None:
     return seconds
 
 
-
 def add_language_argument(parser: argparse.ArgumentParser, default: str | None = "zh", help: str | None = None) -> None:
     """--language: zh, en or auto (detect), as the native protocol's start message takes it."""
     parser.add_argument("--language", choices=LANGUAGES, default=default,
@@ -71,7 +70,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     add_backend_arguments(parser)  # --backend torch|trtllm-encoder|trtllm, --trtllm-engine-dir
 
 
-
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     add_language_argument(parser)
     parser.add_argument("--beam-size", type=int, default=1, help="1 = greedy (default)")
@@ -83,7 +81,6 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
                         help="draft sources for exact speculative decoding (default both; medusa needs heads)")
     parser.add_argument("--script", choices=["traditional", "as-is"], default="traditional",
                         help="convert Chinese output to Taiwan Traditional with OpenCC s2twp (default) or keep it as the model writes it")
-
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -149,7 +146,6 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, (name, text) in SEGMENTER_FLAGS.items():
         vad.add_argument(flag, dest=f"segmenter_{name}", type=int, default=SEGMENTER_DEFAULTS[name], metavar="N",
                          help=f"{text} (default %(default)s)")
-
 
 
 def add_replay_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
