@@ -1,1 +1,1 @@
-"""Measuring tools that drive a running breeze-stream service from outside (load generators)."""
+"""Measuring tools: load, engine and offline benchmarks (not imported by the server)."""

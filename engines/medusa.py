@@ -39,8 +39,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .options import DEFAULT_HEADS
+
 FORMAT = "breeze-stream-medusa/1"
-DEFAULT_HEADS = 4
 SHIPPED_HEADS = Path(__file__).resolve().parent / "heads" / "whisper-base-medusa4.safetensors"
 
 

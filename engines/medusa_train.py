@@ -49,7 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .medusa import DEFAULT_HEADS, MedusaHeads, save_heads
+from .medusa import MedusaHeads, save_heads
+from .options import add_train_arguments
 
 CACHE_FORMAT = "breeze-stream-medusa-cache/1"
 CKPT_FORMAT = "breeze-stream-medusa-ckpt/1"
@@ -66,49 +67,6 @@ class Clip:
 
 
 # ---- arguments -------------------------------------------------------------------------------
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    have = parser._option_string_actions  # the CLI may already have added --model / --device
-    if "--model" not in have:
-        parser.add_argument("--model", default="default",
-                            help="the frozen base model: 'default' (embedded whisper-base), a local path or a hub id")
-    if "--device" not in have:
-        parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--audio", required=True, metavar="DIR|MANIFEST",
-                        help="training audio: a folder of audio files or a manifest.jsonl ({'audio': path, 'text': ...})")
-    parser.add_argument("--out", required=True, metavar="HEADS.safetensors", help="where to write the heads")
-    parser.add_argument("--heads", type=int, default=DEFAULT_HEADS, help="number of Medusa heads (default 4)")
-    parser.add_argument("--layers", type=int, default=4,
-                        help="residual blocks per head (default 4, as the shipped heads; 1 = the classic Medusa-1 head, "
-                             "2 MB instead of 8 MB for whisper-base but fewer accepted drafts)")
-    parser.add_argument("--epochs", type=int, default=40,
-                        help="epochs over the cached hidden states (default 40; on a CPU, 10 gets most of the gain)")
-    parser.add_argument("--resume", action="store_true", help="continue from <out>.ckpt")
-    parser.add_argument("--cache", metavar="DIR", help="label / hidden-state cache (default <out>.cache)")
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--batch-size", type=int, default=128, help="token positions per step")
-    parser.add_argument("--softmax", choices=["auto", "full", "sampled"], default="auto",
-                        help="training loss over the full vocabulary, or a sampled softmax (every target token + "
-                             "--negatives random others per step: ~5x cheaper); auto = full on CUDA, sampled on CPU")
-    parser.add_argument("--negatives", type=int, default=4096)
-    parser.add_argument("--holdout", type=float, default=0.05, help="fraction of clips held out (default 0.05)")
-    parser.add_argument("--language", default="zh", help="decoding language of the labels (default zh)")
-    parser.add_argument("--label-batch", type=int, default=8, help="clips per encoder/decoder batch while labelling")
-    parser.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
-                        help="precision of the frozen model while labelling (auto: the engine's, fp16 on CUDA, fp32 on CPU); "
-                             "float32 on CUDA (TF32 off) gives labels that match the CPU engine")
-    parser.add_argument("--label-only", action="store_true",
-                        help="only build the label / hidden-state cache (resumable), then stop")
-    parser.add_argument("--verify", type=int, default=4, metavar="N",
-                        help="check the labels of N clips against Engine.transcribe first (0: skip)")
-    parser.add_argument("--max-tokens", type=int, default=224, help="cap on label length (the engine's default)")
-    parser.add_argument("--limit", type=int, help="use only the first N clips")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, help="CPU threads for torch")
-    parser.add_argument("--data-recipe", help="id of the training data recorded in the heads file "
-                        "(default: the manifest's 'recipe' field, else the audio path's name)")
-
 
 # ---- data ------------------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from .model import ModelDims, Whisper
+from .options import TOKENS_PER_SECOND  # Whisper tokens per second of speech, dev references (engines.capacity --measure-rate)
 from .tokenizer import LANGUAGES, byte_encoder
 
 SHAPES = {
@@ -48,7 +49,6 @@ WHISPER_SUPPRESS = [
     18956, 20075, 21675, 22520, 26130, 26161, 26435, 28279, 29464, 31650, 32302, 32470, 36865, 42863, 47425, 49870,
     50254, 50258, 50358, 50359, 50360, 50361, 50362,
 ]
-TOKENS_PER_SECOND = 5.43  # Whisper tokens per second of speech, dev references (zh + mix), engines.capacity --measure-rate
 _CJK = 0x4E00  # first CJK unified ideograph; 20,000 of them from here are all assigned
 
 

@@ -29,7 +29,7 @@ from engines.engine import Engine
 from engines.text import to_traditional
 
 from .codecs import load_audio
-from .evaluate import read_manifest
+from .manifest import read_clips
 from .scoring import corpus_score, score
 
 
@@ -50,7 +50,8 @@ def default_ct2_dir() -> Path:
     return out
 
 
-def _faster_whisper_pass(model, clips, audios, **options) -> tuple[list[dict], float]:
+def faster_whisper_pass(model, clips, audios, **options) -> tuple[list[dict], float]:
+    """faster-whisper over the clips (language from each clip): rows of text and tokens, seconds spent."""
     rows, total = [], 0.0
     for clip, audio in zip(clips, audios):
         language = "en" if clip.lang == "en" else "zh"
@@ -62,7 +63,19 @@ def _faster_whisper_pass(model, clips, audios, **options) -> tuple[list[dict], f
     return rows, total
 
 
-def _cer(clips, texts) -> dict:
+def engine_pass(engine: Engine, clips, audios, window: float | None) -> tuple[list[dict], float]:
+    """Our engine, greedy, over the clips (language from each clip): rows of text and tokens, seconds spent."""
+    rows, total = [], 0.0
+    for clip, audio in zip(clips, audios):
+        start = time.perf_counter()
+        t = engine.transcribe(audio, DecodingOptions(language="en" if clip.lang == "en" else "zh"), window=window)
+        total += time.perf_counter() - start
+        rows.append({"text": t.text, "tokens": t.tokens})
+    return rows, total
+
+
+def error_rates(clips, texts) -> dict:
+    """Corpus CER over the zh and mix clips, WER over the en clips (None without en clips)."""
     zh = corpus_score(score(c.text, t, c.lang) for c, t in zip(clips, texts) if c.lang != "en")
     en = corpus_score(score(c.text, t, c.lang) for c, t in zip(clips, texts) if c.lang == "en")
     return {"cer": zh.rate, "wer_en": en.rate if en.ref_tokens else None}
@@ -74,33 +87,23 @@ def run_bench_offline(args: argparse.Namespace) -> int:
     if args.model != "default":
         raise SystemExit("bench-offline compares on the embedded model's weights: use --model default")
     torch.set_num_threads(2)
-    clips = read_manifest(Path(args.manifest))[: args.limit]
+    clips = read_clips(Path(args.manifest))[: args.limit]
     audios = [load_audio(c.audio) for c in clips]
     seconds = sum(len(a) for a in audios) / 16000
     ct2_dir = str(default_ct2_dir())
 
     int8 = WhisperModel(ct2_dir, device="cpu", compute_type="int8", cpu_threads=2)
-    int8_rows, int8_time = _faster_whisper_pass(int8, clips, audios, beam_size=1)
+    int8_rows, int8_time = faster_whisper_pass(int8, clips, audios, beam_size=1)
     del int8
     fp32 = WhisperModel(ct2_dir, device="cpu", compute_type="float32", cpu_threads=2)
     greedy = dict(beam_size=1, temperature=0.0, without_timestamps=True, condition_on_previous_text=False,
                   vad_filter=False, no_speech_threshold=None, log_prob_threshold=None, compression_ratio_threshold=None)
-    fp32_rows, fp32_time = _faster_whisper_pass(fp32, clips, audios, **greedy)
+    fp32_rows, fp32_time = faster_whisper_pass(fp32, clips, audios, **greedy)
     del fp32
 
     engine = Engine.load("default", device=args.device if args.device != "auto" else "cpu")
-
-    def ours(window: float | None) -> tuple[list[dict], float]:
-        rows, total = [], 0.0
-        for clip, audio in zip(clips, audios):
-            start = time.perf_counter()
-            t = engine.transcribe(audio, DecodingOptions(language="en" if clip.lang == "en" else "zh"), window=window)
-            total += time.perf_counter() - start
-            rows.append({"text": t.text, "tokens": t.tokens})
-        return rows, total
-
-    ours_rows, ours_time = ours(None)
-    short_rows, short_time = ours(args.window)
+    ours_rows, ours_time = engine_pass(engine, clips, audios, None)
+    short_rows, short_time = engine_pass(engine, clips, audios, args.window)
     engine.close()
 
     per_clip = []
@@ -113,10 +116,10 @@ def run_bench_offline(args: argparse.Namespace) -> int:
                          "first_difference_at_token": first_diff})
     report = {
         "audio_seconds": round(seconds, 2),
-        "faster_whisper_int8_default": {**_cer(clips, [r["text"] for r in int8_rows]), "rtf": int8_time / seconds},
-        "faster_whisper_fp32_greedy": {**_cer(clips, [r["text"] for r in fp32_rows]), "rtf": fp32_time / seconds},
-        "ours_greedy": {**_cer(clips, [r["text"] for r in ours_rows]), "rtf": ours_time / seconds},
-        "ours_greedy_short_window": {**_cer(clips, [r["text"] for r in short_rows]), "rtf": short_time / seconds,
+        "faster_whisper_int8_default": {**error_rates(clips, [r["text"] for r in int8_rows]), "rtf": int8_time / seconds},
+        "faster_whisper_fp32_greedy": {**error_rates(clips, [r["text"] for r in fp32_rows]), "rtf": fp32_time / seconds},
+        "ours_greedy": {**error_rates(clips, [r["text"] for r in ours_rows]), "rtf": ours_time / seconds},
+        "ours_greedy_short_window": {**error_rates(clips, [r["text"] for r in short_rows]), "rtf": short_time / seconds,
                                           "window_seconds": args.window},
         "rtf_ratio_ours_vs_fw_int8": ours_time / int8_time,
         "rtf_ratio_ours_short_window_vs_fw_int8": short_time / int8_time,

@@ -6,8 +6,10 @@ the one place that knows about byte layouts, G.711 companding and resampling.
 
 from __future__ import annotations
 
+import atexit
 import shutil
 import subprocess
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -120,7 +122,8 @@ def _decode_samples(encoding: str, data: bytes) -> np.ndarray:
 class AudioDecoder:
     """Turns a stream of binary frames in one wire format into 16 kHz float32 audio.
 
-    Frames may split samples anywhere: a trailing partial sample is kept for the next frame.
+    Frames may split samples anywhere: a trailing partial sample is kept for the next frame
+    (`pending_bytes`), so audio cut at odd byte offsets decodes as if it were sent whole.
     Resampling uses soxr's streaming resampler, so frame boundaries leave no clicks; the
     resampler holds back a few ms of output that `flush` releases at the end of the stream.
     """
@@ -157,6 +160,12 @@ class AudioDecoder:
             if self.sample_rate != SAMPLE_RATE
             else None
         )
+        _LIVE_DECODERS.add(self)
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of an incomplete sample carried to the next frame (0 at a sample boundary)."""
+        return len(self._partial)
 
     def decode(self, frame: bytes) -> np.ndarray:
         """The 16 kHz samples this frame completes (possibly none while the resampler fills)."""
@@ -171,7 +180,8 @@ class AudioDecoder:
     def flush(self) -> np.ndarray:
         """The resampler's tail at end of stream; resets the decoder for a new stream.
 
-        An incomplete last sample can't be decoded and is dropped.
+        An incomplete last sample can't be decoded and is dropped: read `pending_bytes` first to
+        tell the client so.
         """
         self._partial = b""
         if self._resampler is None:
@@ -179,6 +189,22 @@ class AudioDecoder:
         tail = self._resampler.resample_chunk(np.zeros(0, np.float32), last=True)
         self._resampler.clear()
         return tail
+
+    def close(self) -> None:
+        """Frees the resampler now. soxr's nanobind extension reports every resampler still alive
+        when the interpreter tears its module down as a reference leak, so none may outlive exit."""
+        self._resampler = None
+
+
+_LIVE_DECODERS: weakref.WeakSet[AudioDecoder] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_decoders() -> None:
+    """Sessions still open when the process ends (a drain cut short, a task the loop abandoned)
+    keep their decoders; free their resamplers before the extension module goes away."""
+    for decoder in list(_LIVE_DECODERS):
+        decoder.close()
 
 
 def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -192,8 +218,8 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
         raise AudioFileError(f"{path}: no such file")
     try:
         data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
-    except soundfile.LibsndfileError as exc:
-        audio = _load_with_ffmpeg(path, sample_rate, reason=str(exc))
+    except soundfile.LibsndfileError as exc:  # error_string: its message without the path again
+        audio = _load_with_ffmpeg(path, sample_rate, reason=exc.error_string)
     else:
         audio = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
         if rate != sample_rate and audio.size:

@@ -1,16 +1,15 @@
-"""`breeze-stream eval`: offline accuracy and speed of the engine over a manifest.
+"""`breeze-stream eval`: offline accuracy and speed of the engine over a manifest or a folder.
 
-Scoring follows ../shared/eval/README.md (streaming/scoring.py): corpus CER over zh and mix
-clips, WER over en clips, real-time factor = processing seconds / audio seconds. A manifest line
-may carry a `prompt` (names and terms to expect in that clip): it replaces `--prompt` for the clip.
+Inputs (streaming.manifest) and scoring (streaming.scoring) are those of docs/evaluation.md:
+corpus CER over zh and mix clips, WER over en clips, real-time factor = processing seconds /
+audio seconds. A manifest line may carry a `prompt` (names and terms to expect in that clip): it
+replaces `--prompt` for the clip.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 
 from tqdm import tqdm
 
@@ -19,38 +18,12 @@ from engines.engine import Engine
 from engines.text import is_traditional
 
 from .codecs import load_audio
+from .manifest import Clip
 from .offline import transcribe_audio
 from .scoring import Score, corpus_score, score
 
 
-@dataclass(frozen=True)
-class Clip:
-    audio: Path
-    text: str
-    lang: str  # zh | en | mix
-    prompt: str | None = None  # this clip's prompt, in place of the command's
-
-
-def read_manifest(path: Path) -> list[Clip]:
-    """Manifest lines (JSON objects with audio, text, lang, optional prompt); audio paths relative to its folder."""
-    clips = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-            prompt = item.get("prompt")
-            if prompt is not None and not isinstance(prompt, str):
-                raise ValueError(f"{path}:{n}: 'prompt' must be a string, got {prompt!r}")
-            clips.append(Clip(path.parent / item["audio"], item["text"], item.get("lang", "zh"), prompt))
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise ValueError(f"{path}:{n}: not a manifest line with 'audio' and 'text' ({exc})") from exc
-    return clips
-
-
-def run_eval(engine: Engine, manifest: Path, options: DecodingOptions, limit: int | None = None,
-             window: float | None = None) -> dict:
-    clips = read_manifest(manifest)[:limit]
+def run_eval(engine: Engine, clips: list[Clip], options: DecodingOptions, window: float | None = None) -> dict:
     results, cer_scores, wer_scores = [], [], []
     stats = {"decoder_forwards": 0, "tokens": 0, "encoder_seconds": 0.0, "decoder_seconds": 0.0}
     audio_seconds = wall = 0.0

@@ -1,7 +1,8 @@
 """Replay harness: play audio clips to a running server as a live stream and measure it.
 
 `breeze-stream replay (MANIFEST | WAV...) --url ws://HOST:PORT/v1/stream` concatenates the clips
-into one stream (``--gap`` seconds of silence before the first clip, between clips and after the
+of each session language (a clip's manifest ``lang``, unless ``--language`` names one for all) into
+one stream (``--gap`` seconds of silence before the first clip, between clips and after the
 last one, so the last segment closes on its own before ``stop``), converts it to pcm_s16le 16 kHz
 and sends it over the native protocol (DESIGN.md) in ``--frame-ms`` frames at real-time pace
 times ``--speed``. Frame k is sent at ``t0 + k * frame / speed`` on the monotonic clock (an
@@ -114,33 +115,18 @@ class ReplayInputError(Exception):
 
 
 def read_inputs(inputs: Iterable[str]) -> list[Clip]:
-    """Clips from manifests (``.jsonl``/``.json``: one object per line with audio, text, lang;
-    audio paths relative to the manifest's folder) and plain audio files (no reference)."""
+    """Clips from manifests (``.jsonl``/``.json``) and folders of WAV files with a ``.txt``
+    transcript beside each (streaming.manifest), and plain audio files (no reference)."""
+    from streaming.manifest import read_clips
+
     clips: list[Clip] = []
     for item in inputs:
         path = Path(item)
-        if path.suffix.lower() in (".jsonl", ".json"):
-            if not path.is_file():
-                raise ReplayInputError(f"{path}: no such manifest")
-            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    entry = json.loads(line)
-                    audio = entry["audio"]
-                except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                    raise ReplayInputError(
-                        f"{path}:{number}: not a manifest line with an 'audio' field ({exc})"
-                    ) from exc
-                audio_path = Path(audio)
-                if not audio_path.is_absolute():
-                    audio_path = path.parent / audio_path
-                clips.append(Clip(
-                    name=Path(audio).stem,
-                    path=str(audio_path),
-                    reference=entry.get("text"),
-                    lang=entry.get("lang") or "zh",
-                ))
+        if path.is_dir() or path.suffix.lower() in (".jsonl", ".json"):
+            try:
+                clips += [Clip(c.audio.stem, str(c.audio), c.text, c.lang) for c in read_clips(path)]
+            except ValueError as exc:
+                raise ReplayInputError(str(exc)) from None
         else:
             clips.append(Clip(name=path.stem, path=str(path)))
     if not clips:
@@ -295,6 +281,7 @@ class StreamLog:
     end_timed_out: bool = False  # no 'end' within the timeout after 'stop' (the connection was still open)
     session: str | None = None
     model: str | None = None
+    language: str | None = None  # as the server's ready event confirms it
     binary_messages: int = 0
 
     @property
@@ -368,7 +355,7 @@ async def run_stream(url: str, plan: StreamPlan, *, stream: int, t_ref: float, f
                 raise _StreamFailed(
                     f"expected 'ready' after 'start', got {json.dumps(first, ensure_ascii=False)[:300]}")
             log.t_ready = log.events[-1][0]
-            log.session, log.model = first.get("session"), first.get("model")
+            log.session, log.model, log.language = first.get("session"), first.get("model"), first.get("language")
 
             receiver = asyncio.create_task(receive(ws))
             try:
@@ -860,6 +847,9 @@ def format_summary(summary: dict, config: dict) -> str:
                      f"{finals:>8}{_pct(row['error_rate']):>8}{_num(max(lat) if lat else None, '{:.2f}'):>8}  "
                      f"{_fit(hyp, 40).rstrip()}")
     lines.append("")
+    if any(v < 0 for row in summary["per_clip"] for v in row["clip_end_latency"] if v is not None):
+        lines.append("negative lat(s): the clip's final arrived before its last sample was sent: the clip ends in "
+                     "more silence than the server's hangover, so its segment closed inside the clip")
     failed = [name for name, ok in summary["checks"].items() if not ok]
     lines.append("checks: " + ("all passed" if not failed else "FAILED " + ", ".join(failed)))
     return "\n".join(lines)
@@ -948,34 +938,6 @@ def plot_latencies(plan: StreamPlan, analyses: list[dict], summary: dict, path: 
 # --------------------------------------------------------------------------- CLI
 
 
-def add_replay_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("inputs", nargs="+", metavar="MANIFEST_OR_AUDIO",
-                        help="a manifest (.jsonl: audio, text, lang per line; audio relative to the manifest) "
-                             "or audio files (no reference, no CER)")
-    parser.add_argument("--url", default=DEFAULT_URL, help=f"native protocol endpoint (default {DEFAULT_URL})")
-    parser.add_argument("--concurrency", type=int, default=1, metavar="N",
-                        help="independent streams at once, each playing every clip (default 1)")
-    parser.add_argument("--stagger", type=float, default=0.0, metavar="S",
-                        help="start stream i after i*S seconds (default 0)")
-    parser.add_argument("--speed", type=float, default=1.0,
-                        help="pace as a multiple of real time (default 1.0)")
-    parser.add_argument("--gap", type=float, default=1.5, metavar="S",
-                        help="seconds of silence before, between and after the clips (default 1.5)")
-    parser.add_argument("--frame-ms", type=float, default=40.0, metavar="MS",
-                        help="audio per binary frame, 20-100 ms (default 40)")
-    parser.add_argument("--language", default="zh", choices=("zh", "en", "auto"),
-                        help="language sent in the start message (default zh)")
-    parser.add_argument("--limit", type=int, default=None, metavar="N", help="replay only the first N clips")
-    parser.add_argument("--end-timeout", type=float, default=120.0, metavar="S",
-                        help="how long to wait for 'end' after 'stop' (default 120)")
-    parser.add_argument("--json", dest="json_out", default=None, metavar="OUT",
-                        help="write raw events with send/arrival times, per-clip results and the summary")
-    parser.add_argument("--plot", default=None, metavar="OUT.png", help="draw the latencies over stream time")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--quiet", action="store_true", help="print only the headline figures")
-    return parser
-
-
 def _check_args(args: argparse.Namespace) -> str | None:
     if not 20 <= args.frame_ms <= 100:
         return "--frame-ms must be between 20 and 100"
@@ -1007,7 +969,25 @@ def _headline(summary: dict) -> str:
     return "; ".join(parts)
 
 
+def session_language(clip: Clip) -> str:
+    """The start message's language for a clip: its manifest `lang` (mix, Mandarin-English
+    code-switching, is zh; another code is auto), zh for audio files without a manifest."""
+    return {None: "zh", "zh": "zh", "mix": "zh", "en": "en"}.get(clip.lang, "auto")
+
+
+def language_groups(clips: list[Clip], language: str | None) -> list[tuple[str, list[int]]]:
+    """(language, clip indices) per session language, in order of first appearance: one group
+    when --language names one, else one per language the clips have (a session has one language)."""
+    groups: dict[str, list[int]] = {}
+    for index, clip in enumerate(clips):
+        groups.setdefault(language or session_language(clip), []).append(index)
+    return list(groups.items())
+
+
 def run_replay(args: argparse.Namespace) -> int:
+    """Replays the clips, one run per session language (language_groups); prints each run's table
+    and writes its report (--json: the report, or {"groups": [report, ...]} for several languages;
+    --plot: one file per language, named OUT-LANG.png, for several)."""
     problem = _check_args(args)
     if problem:
         print(f"breeze-stream replay: {problem}", file=sys.stderr)
@@ -1020,34 +1000,58 @@ def run_replay(args: argparse.Namespace) -> int:
     except ReplayInputError as exc:
         print(f"breeze-stream replay: {exc}", file=sys.stderr)
         return 2
-    plan = build_stream(clips, audios, args.gap)
+    groups = language_groups(clips, args.language)
+    reports, ok = [], True
+    for language, members in groups:
+        if len(groups) > 1:
+            print(f"\n== {len(members)} clip(s) in {language} sessions ==")
+        plan = build_stream([clips[i] for i in members], [audios[i] for i in members], args.gap)
+        plot = args.plot
+        if plot and len(groups) > 1:  # out.png -> out-zh.png, out-en.png
+            plot = str(Path(plot).with_stem(f"{Path(plot).stem}-{language}"))
+        result = _replay_plan(args, plan, language, plot)
+        if result is None:
+            return 130
+        if not result:
+            return 2
+        summary, report = result
+        ok = ok and summary["ok"]
+        reports.append(report)
+    if args.json_out:
+        document = reports[0] if len(reports) == 1 else {"groups": reports}
+        Path(args.json_out).write_text(json.dumps(document, ensure_ascii=False, indent=1), encoding="utf-8")
+    return 0 if ok else 1
+
+
+def _replay_plan(args: argparse.Namespace, plan: StreamPlan, language: str,
+                 plot: str | None) -> tuple[dict, dict] | None | bool:
+    """One run over `plan`: (summary, report), its plot drawn to `plot`; False when no stream could
+    start, None on Ctrl-C."""
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     try:
         logs, before, after, _ = asyncio.run(replay(
             plan, args.url, concurrency=args.concurrency, speed=args.speed, frame_ms=args.frame_ms,
-            language=args.language, stagger=args.stagger, end_timeout=args.end_timeout,
+            language=language, stagger=args.stagger, end_timeout=args.end_timeout,
             progress=not args.no_progress))
     except KeyboardInterrupt:
         print("breeze-stream replay: interrupted", file=sys.stderr)
-        return 130
+        return None
     if all(log.t_ready is None for log in logs):
         print(f"breeze-stream replay: {logs[0].failure}", file=sys.stderr)
-        return 2
+        return False
     analyses = [analyze_stream(log, plan.spans) for log in logs]
     summary = summarize(plan, analyses, server_rtf(before, after))
     config = {
         "url": args.url, "inputs": list(args.inputs), "concurrency": args.concurrency, "stagger": args.stagger,
-        "speed": args.speed, "gap": args.gap, "frame_ms": args.frame_ms, "language": args.language,
-        "started": started, "sessions": [{"session": log.session, "model": log.model} for log in logs],
+        "speed": args.speed, "gap": args.gap, "frame_ms": args.frame_ms, "language": language,
+        "started": started, "sessions": [{"session": log.session, "model": log.model, "language": log.language}
+                                         for log in logs],
         "metrics_before": before, "metrics_after": after,
     }
     print(_headline(summary) if args.quiet else format_summary(summary, config))
-    if args.json_out:
-        report = build_report(plan, logs, analyses, summary, config)
-        Path(args.json_out).write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
-    if args.plot:
-        plot_latencies(plan, analyses, summary, args.plot)
-    return 0 if summary["ok"] else 1
+    if plot:
+        plot_latencies(plan, analyses, summary, plot)
+    return summary, build_report(plan, logs, analyses, summary, config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,18 +54,18 @@ from websockets.http11 import Request, Response
 from engines.engine import Engine
 from engines.trtllm.backend import create_engine
 
-from .admission import MODES as ADMISSION_MODES
 from .admission import Admission, AdmissionConfig
 from .auth import NATIVE, REALTIME, SUBSCRIBER, TWILIO, Endpoint, parse_origins, read_keys
 from .auth import select_subprotocol, tls_context
-from .cli import engine_options, window_argument
+from .cli import engine_options
 from .keepalive import close_or_abort, keepalive
 from .limits import AuthConfig, Gate, Limits
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
+from .options import SEGMENTER_FLAGS
 from .realtime import realtime_session
 from .segmenter import SegmenterConfig
-from .session import LANGUAGES, NativeSession, SessionConfig
+from .session import NativeSession, SessionConfig
 from .transcriber import TranscriberConfig, check_prompt
 from .twilio import CALLS_PREFIX, CallConfig, CallHub, call_subscriber_session, twilio_session
 from .whisperlive import WhisperLiveConfig, WhisperLiveListener
@@ -500,124 +500,11 @@ async def _within(awaitable, deadline: float) -> None:
 
 
 
-# --- `breeze-stream serve` -------------------------------------------------------------------------
-
-# flag -> SegmenterConfig field; defaults come from SegmenterConfig itself
-_SEGMENTER_FLAGS = {
-    "--vad-aggressiveness": ("aggressiveness", "webrtcvad mode 0-3 (3 rejects the most non-speech)"),
-    "--vad-frame-ms": ("frame_ms", "VAD frame: 10, 20 or 30 ms"),
-    "--start-frames": ("start_voiced_frames", "voiced frames among the last --start-window-frames that open a segment"),
-    "--start-window-frames": ("start_window_frames", "window of the start trigger, in VAD frames"),
-    "--silence-ms": ("hangover_ms", "silence after speech that closes a segment (adds to final latency)"),
-    "--pre-roll-ms": ("pre_roll_ms", "audio kept before the first voiced frame"),
-    "--end-padding-ms": ("end_padding_ms", "audio kept after the last voiced frame"),
-    "--min-speech-ms": ("min_speech_ms", "voiced audio a segment needs to be transcribed"),
-    "--max-segment-ms": ("max_segment_ms", "longest segment; longer speech is cut at its quietest point"),
-}
-
-
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `serve` besides --model and --device (streaming.cli adds those)."""
-    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on, 0.0.0.0 for all (default %(default)s)")
-    parser.add_argument("--port", type=int, default=8765, help="port of WebSocket and HTTP, 0 for any free one (default %(default)s)")
-    parser.add_argument("--language", choices=LANGUAGES, default="zh",
-                        help="language of sessions whose start message names none (default %(default)s)")
-    parser.add_argument("--script", choices=["traditional", "as-is"], default="traditional",
-                        help="convert Chinese output to Taiwan Traditional with OpenCC s2twp, or keep the model's script "
-                             "(default %(default)s)")
-    parser.add_argument("--prompt", default="", metavar="TEXT",
-                        help="names and terms to expect, for sessions that send no prompt of their own (Whisper's "
-                             "previous-text prompt; native start \"prompt\", Realtime transcription.prompt, WhisperLive "
-                             "initial_prompt, Twilio <Parameter name=\"prompt\">)")
-    parser.add_argument("--condition-on-previous", action="store_true",
-                        help="add each stream's earlier finals to the prompt of its next segments (Whisper's "
-                             "condition_on_previous_text; a native start message may set condition_on_previous)")
-    parser.add_argument("--partial-interval", type=float, default=TranscriberConfig.partial_interval, metavar="SECONDS",
-                        help="new audio between partial hypotheses, 0 for none (default %(default)s)")
-    parser.add_argument("--partial-window", type=window_argument, default=TranscriberConfig.partial_window, metavar="SECONDS|full",
-                        help="encoder window of partials: the segment plus this much silence, or 'full' for 30 s "
-                             "(default %(default)s)")
-    parser.add_argument("--final-window", type=window_argument, default=TranscriberConfig.final_window, metavar="SECONDS|full",
-                        help="encoder window of finals, as --partial-window (default full)")
-    parser.add_argument("--speculative", choices=["off", "hypothesis", "medusa", "both"], default="both",
-                        help="draft sources for exact speculative decoding; medusa needs heads (default %(default)s)")
-    parser.add_argument("--max-frame-bytes", type=int, default=SessionConfig.max_frame_bytes, metavar="BYTES",
-                        help="largest WebSocket frame a client may send (default %(default)s)")
-    parser.add_argument("--idle-timeout", type=float, default=SessionConfig.idle_timeout, metavar="SECONDS",
-                        help="a session without frames this long flushes its finals and ends, 0 for never (default %(default)s)")
-    parser.add_argument("--max-batch", type=int, default=None, metavar="ROWS",
-                        help="rows of the engine's running batch: segments decoded at once (default 128 on a GPU, "
-                             "16 on the CPU)")
-    parser.add_argument("--window-bucket", type=float, default=None, metavar="SECONDS",
-                        help="shortened encoder windows round up to multiples of this, so that segments of similar "
-                             "length share an encoder call (default 5 on a GPU, 1 on the CPU)")
-    parser.add_argument("--workers", type=int, default=0, metavar="N",
-                        help="front-end processes (sockets, VAD, events) in front of one engine process, sharing "
-                             "--port: for hundreds of streams on a GPU (default 0: one process, best on a CPU)")
-    guard = parser.add_argument_group("auth, limits and shutdown (every WebSocket endpoint)")
-    guard.add_argument("--api-key-file", type=Path, default=None, metavar="FILE",
-                       help="require one of the keys in FILE (one a line; re-read when it changes): Authorization: Bearer, "
-                            "?token=, or a token in the first message (default: no auth)")
-    guard.add_argument("--allowed-origins", default=None, metavar="LIST",
-                       help="comma-separated browser origins allowed to connect, e.g. https://app.example.com; list this "
-                            "server's own for its demo page (default: any)")
-    guard.add_argument("--certfile", default=None, metavar="PEM", help="TLS certificate chain: serve wss:// and https://")
-    guard.add_argument("--keyfile", default=None, metavar="PEM", help="TLS private key (if not in --certfile)")
-    limits = Limits()
-    guard.add_argument("--max-sessions", type=int, default=limits.max_sessions, metavar="N",
-                       help="WebSocket connections at once; more get HTTP 503 (default %(default)s, 0: no limit)")
-    guard.add_argument("--max-connections-per-client", type=int, default=limits.max_per_client, metavar="N",
-                       help="connections at once from one client address; more get HTTP 429 (default %(default)s, 0: no limit)")
-    guard.add_argument("--trusted-proxies", default="", metavar="LIST",
-                       help="comma-separated networks of load balancers (e.g. 10.0.0.0/8): connections from them count "
-                            "against the client named in X-Forwarded-For (default: none; the peer address counts)")
-    guard.add_argument("--max-session-seconds", type=float, default=limits.max_session_seconds, metavar="SECONDS",
-                       help="longest session; then its finals are flushed and it ends (default %(default)s, 0: no limit)")
-    admission = AdmissionConfig()
-    guard.add_argument("--admission", choices=ADMISSION_MODES, default=admission.mode,
-                       help="measured: refuse new sessions (HTTP 503 + Retry-After, /readyz 503) while the server is at "
-                            "the capacity it measures (engine time per second of final audio, speech per session, audio "
-                            "waiting for finals); off: only --max-sessions limits them (default %(default)s)")
-    guard.add_argument("--admission-floor", type=int, default=admission.floor, metavar="N",
-                       help="sessions admitted before anything is measured (default %(default)s)")
-    guard.add_argument("--admission-utilization", type=float, default=admission.utilization, metavar="SHARE",
-                       help="share of the engine's time the finals of admitted sessions may take (default %(default)s)")
-    guard.add_argument("--admission-max-wait", type=float, default=admission.max_wait, metavar="SECONDS",
-                       help="no new session while finals wait this long for the engine (default %(default)s)")
-    guard.add_argument("--max-queued-audio", type=float, default=TranscriberConfig.max_queued_audio, metavar="SECONDS",
-                       help="a session's audio waiting for finals before the server stops reading its frames "
-                            "(default %(default)s, 0: no limit)")
-    guard.add_argument("--max-send-queue", type=int, default=SessionConfig.max_send_queue, metavar="EVENTS",
-                       help="events waiting for a client that does not read them before it is disconnected "
-                            "(default %(default)s)")
-    guard.add_argument("--ping-interval", type=float, default=limits.ping_interval, metavar="SECONDS",
-                       help="keepalive pings to every WebSocket client (default %(default)s, 0: none)")
-    guard.add_argument("--ping-timeout", type=float, default=limits.ping_timeout, metavar="SECONDS",
-                       help="a client whose pong is this late is closed with 1011; time the server spends not reading a "
-                            "client it pushes back on (see --max-queued-audio) does not count (default %(default)s)")
-    guard.add_argument("--drain-timeout", type=float, default=limits.drain_timeout, metavar="SECONDS",
-                       help="on SIGTERM/SIGINT, time sessions get to flush their finals; the server exits within it "
-                            "(default %(default)s)")
-    compat = parser.add_argument_group("compatible protocols (OpenAI Realtime at /v1/realtime is always on)")
-    compat.add_argument("--whisperlive-port", type=int, default=None, metavar="PORT",
-                        help="also listen for WhisperLive clients on this port, any path (default: off)")
-    compat.add_argument("--whisperlive-max-clients", type=int, default=WhisperLiveConfig.max_clients, metavar="N",
-                        help="WhisperLive sessions at once; more get WAIT (default %(default)s)")
-    compat.add_argument("--whisperlive-max-connection-time", type=float, default=WhisperLiveConfig.max_connection_time,
-                        metavar="SECONDS", help="WhisperLive session limit, then DISCONNECT (default %(default)s)")
-    compat.add_argument("--call-webhook", default=None, metavar="URL",
-                        help="POST each final of Twilio calls (/v1/twilio) to this URL as JSON (default: off)")
-    compat.add_argument("--call-log", type=Path, default=None, metavar="DIR",
-                        help="append the finals of each Twilio call to DIR/{callSid}.jsonl (default: off)")
-    vad = parser.add_argument_group("segmenter (webrtcvad)")
-    defaults = SegmenterConfig()
-    for flag, (name, text) in _SEGMENTER_FLAGS.items():
-        vad.add_argument(flag, dest=f"segmenter_{name}", type=int, default=getattr(defaults, name), metavar="N",
-                         help=f"{text} (default %(default)s)")
+# --- `breeze-stream serve` (its options: streaming.options) -------------------------------------------
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    segmenter = SegmenterConfig(**{name: getattr(args, f"segmenter_{name}") for name, _ in _SEGMENTER_FLAGS.values()})
+    segmenter = SegmenterConfig(**{name: getattr(args, f"segmenter_{name}") for name, _ in SEGMENTER_FLAGS.values()})
     transcriber = TranscriberConfig(partial_interval=args.partial_interval, partial_window=args.partial_window,
                                     final_window=args.final_window, speculative=args.speculative,
                                     max_queued_audio=args.max_queued_audio, segmenter=segmenter,

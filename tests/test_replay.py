@@ -14,6 +14,7 @@ import pytest
 import soundfile
 
 from streaming import replay
+from streaming.options import add_replay_arguments
 from streaming.replay import (
     ClipSpan,
     StreamLog,
@@ -365,7 +366,7 @@ def write_clips(tmp_path):
 
 def parse(argv):
     parser = argparse.ArgumentParser()
-    replay.add_replay_arguments(parser)
+    add_replay_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -442,3 +443,29 @@ async def test_server_error_mid_stream(fake_server, tmp_path, capsys):
     assert report["summary"]["counts"]["errors"] == 1
     assert not report["summary"]["checks"]["all_streams_completed"]
     assert report["streams"][0]["close_code"] == 1011
+
+
+async def test_each_clip_streams_in_its_own_language(tiny_engine, tmp_path):
+    """Without --language, zh and mix clips stream in zh sessions and en clips in an en session (the
+    real server's ready events confirm it); --language en puts every clip in one en session."""
+    from streaming.server import Server, ServerConfig
+
+    write_clips(tmp_path)
+    manifest = tmp_path / "languages.jsonl"
+    manifest.write_text("".join(json.dumps(entry) + "\n" for entry in (
+        {"audio": "long.wav", "text": "你好", "lang": "zh"}, {"audio": "short.wav", "text": "hello", "lang": "en"},
+        {"audio": "short.wav", "text": "你好 offer", "lang": "mix"})), encoding="utf-8")
+    out = tmp_path / "report.json"
+    async with Server(ServerConfig(port=0), engine=tiny_engine) as server:
+        common = ["--url", f"ws://127.0.0.1:{server.port}/v1/stream", "--speed", "4", "--gap", "0.3", "--no-progress",
+                  "--json", str(out)]
+        await asyncio.to_thread(replay.run_replay, parse([str(manifest), *common]))
+        groups = json.loads(out.read_text(encoding="utf-8"))["groups"]
+        assert [g["config"]["language"] for g in groups] == ["zh", "en"]
+        assert [[s["language"] for s in g["config"]["sessions"]] for g in groups] == [["zh"], ["en"]]
+        assert [[c["lang"] for c in g["clips"]] for g in groups] == [["zh", "mix"], ["en"]]
+
+        await asyncio.to_thread(replay.run_replay, parse([str(manifest), *common, "--language", "en"]))
+        report = json.loads(out.read_text(encoding="utf-8"))
+        assert report["config"]["language"] == "en" and report["config"]["sessions"][0]["language"] == "en"
+        assert len(report["clips"]) == 3

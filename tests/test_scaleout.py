@@ -595,8 +595,7 @@ def test_nginx_conf_is_valid(tmp_path: Path):
 
 
 def serve_parser() -> argparse.ArgumentParser:
-    from streaming.cli import add_model_arguments
-    from streaming.server import add_serve_arguments
+    from streaming.options import add_model_arguments, add_serve_arguments
 
     parser = argparse.ArgumentParser(prog="breeze-stream serve")
     add_model_arguments(parser)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import threading
 import time
@@ -23,8 +24,8 @@ from conftest import DEV_DIR, TINY_TEXT, receive_all
 from engines.engine import Engine
 from engines.text import convert
 from streaming.codecs import encode_mulaw, load_audio
-from streaming.cli import add_model_arguments
-from streaming.server import WEB_ROOT, Server, ServerConfig, add_serve_arguments, config_from_args, run_serve
+from streaming.options import add_model_arguments, add_serve_arguments
+from streaming.server import WEB_ROOT, Server, ServerConfig, config_from_args, run_serve
 from streaming.session import SessionConfig
 
 RATE = 16000
@@ -126,6 +127,37 @@ async def test_stop_flushes_the_open_segment(server: Server):
     assert code == 1000
     finals = check_contract(events, 1.2)
     assert list(finals) == [0] and finals[0]["end"] == pytest.approx(1.2, abs=0.03)
+
+
+async def test_odd_byte_frames_give_the_same_finals(server: Server):
+    """pcm_s16le cut at odd byte offsets (3-byte and 1-byte frames among them): every byte joins the
+    next frame, so the finals are those of whole-sample frames. A dropped byte would shift every later
+    sample by half a sample, turning the rest of the stream into noise and moving the segments."""
+    audio = pcm16(TWO_PHRASES)
+    whole, _ = await stream(server, audio, frame_bytes=3200, pace=0.001)
+    cuts, position = [], 0
+    for size in itertools.cycle((3, 1, 1999, 3201, 5)):
+        if position >= len(audio):
+            break
+        cuts.append(audio[position:position + size])
+        position += size
+    async with connect(url(server)) as ws:
+        await ws.send(json.dumps({"type": "start"}))
+        reader = asyncio.ensure_future(receive_all(ws))
+        for frame in cuts:
+            await ws.send(frame)
+        await ws.send(json.dumps({"type": "stop"}))
+        split = await asyncio.wait_for(reader, 30)
+    key = lambda events: [(e["segment"], e["start"], e["end"], e["text"]) for e in events if e["type"] == "final"]  # noqa: E731
+    assert len(key(whole)) == 2 and key(split) == key(whole)
+    assert "warning" not in split[-1]
+
+
+async def test_half_sample_at_the_end_is_reported(server: Server):
+    """A stream that stops one byte into a sample: the finals still come, and `end` says the byte was dropped."""
+    events, code = await stream(server, pcm16(voiced(1.2)) + b"\x01", pace=0)
+    assert code == 1000 and [e["type"] for e in events][-2:] == ["final", "end"]
+    assert "1 byte(s) into a pcm_s16le sample" in events[-1]["warning"]
 
 
 async def test_other_formats_and_no_partials(server: Server):
@@ -273,6 +305,7 @@ async def test_http(tiny_engine, web_root: Path):
             assert name in text, name
         assert "breeze_finals_total 2.0" in text and "breeze_segments_total 2.0" in text
         assert "breeze_final_latency_seconds_count 2.0" in text
+        assert "_created" not in text  # counters export no creation timestamps (breeze_sessions_created read as a count)
 
         status, headers, body = await http_get(srv.port, "/")
         assert status == 200 and headers["content-type"] == "text/html; charset=utf-8" and b"demo" in body

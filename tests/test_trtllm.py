@@ -33,6 +33,7 @@ from engines.checkpoints import load_checkpoint
 from engines.decoding import DecodingOptions
 from engines.engine import Engine
 from engines.model import Whisper
+from engines.options import add_backend_arguments
 from engines.tokenizer import Tokenizer
 from engines.trtllm import backend, build, convert
 
@@ -523,7 +524,7 @@ def test_converter_rejects_what_it_cannot_convert(tmp_path):
 
 def test_backend_arguments():
     parser = argparse.ArgumentParser()
-    backend.add_backend_arguments(parser)
+    add_backend_arguments(parser)
     args = parser.parse_args([])
     assert args.backend in trtllm.BACKENDS and args.self_test is True
     args = parser.parse_args(["--backend", "trtllm-encoder", "--trtllm-engine-dir", "/e", "--no-self-test"])

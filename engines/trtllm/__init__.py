@@ -2,7 +2,7 @@
 
 1.2.x is the last release line with the TensorRT-engine path (`convert_checkpoint.py` +
 `trtllm-build` + the C++ Executor); 1.3+ removed it and runs Whisper on its PyTorch backend
-through the `LLM` API instead (README.md, "GPU deployment with TensorRT-LLM"). TensorRT-LLM offers no speculative decoding for
+through the `LLM` API instead (docs/trtllm.md). TensorRT-LLM offers no speculative decoding for
 Whisper on either path, so the product's intended shape is `trtllm-encoder`: a TensorRT-LLM
 encoder engine under our own PyTorch speculative decoder.
 

@@ -34,7 +34,6 @@ import importlib.util
 import json
 import logging
 import math
-import os
 import threading
 import time
 from concurrent.futures import Future
@@ -69,19 +68,6 @@ class SelfTestFailed(RuntimeError):
 
 
 # ---- command line ------------------------------------------------------------------------------
-
-def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("backend")
-    group.add_argument("--backend", choices=BACKENDS, default=os.environ.get("BREEZE_BACKEND", "torch"),
-                       help="torch (default): all PyTorch; trtllm-encoder: TensorRT-LLM encoder engine + our PyTorch "
-                            "speculative decoder; trtllm: TensorRT-LLM's Executor for encoder and decoder (no "
-                            "speculation, for comparison)")
-    group.add_argument("--trtllm-engine-dir", type=Path, default=os.environ.get("BREEZE_TRTLLM_ENGINE_DIR"),
-                       metavar="DIR", help="engines from `breeze-stream build-trtllm --out DIR` "
-                                           "(default $BREEZE_TRTLLM_ENGINE_DIR)")
-    group.add_argument("--no-self-test", dest="self_test", action="store_false",
-                       help="skip the TensorRT-LLM backends' start-up self-test")
-
 
 def load_backend(args: argparse.Namespace, **engine_kwargs):
     """The engine that the parsed arguments ask for (streaming.cli's load_engine calls this).

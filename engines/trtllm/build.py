@@ -324,7 +324,7 @@ def preflight(options: BuildOptions, *, version: str | None = None, which=shutil
     elif not version.startswith(TRTLLM_SERIES):
         problems.append(f"TensorRT-LLM {version} is installed, but build-trtllm is pinned to {TRTLLM_SERIES}x "
                         f"(the last releases with convert_checkpoint.py and trtllm-build; 1.3+ removed them): use "
-                        f"{TRTLLM_IMAGE}, or see the README (GPU deployment with TensorRT-LLM) for the 1.3+ LLM-API route")
+                        f"{TRTLLM_IMAGE}, or see docs/trtllm.md (from the README), \"The 1.3+ route\", for the LLM-API route")
     if which("trtllm-build") is None:
         problems.append("trtllm-build is not on PATH (it comes with the tensorrt-llm package)")
     if not (options.examples / "convert_checkpoint.py").is_file():
