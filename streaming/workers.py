@@ -111,9 +111,14 @@ class RemoteEngine:
                 raise RuntimeError(self._lost)
             request = next(self._ids)
             self._pending[request] = future
-        future.add_done_callback(lambda f: f.cancelled() and self._outbox.put(("cancel", request)))
+        future.add_done_callback(lambda f: self._withdraw(request, f))
         self._outbox.put(("submit", request, np.asarray(audio, dtype=np.float32), options, keywords))
         return future
+
+    def _withdraw(self, request: int, future: Future) -> None:
+        """A request its caller cancelled (the client left) is withdrawn from the engine too."""
+        if future.cancelled():
+            self._outbox.put(("cancel", request))
 
     async def transcribe_async(self, audio: np.ndarray, options: DecodingOptions = DecodingOptions(),
                                **keywords: Any) -> Any:
@@ -292,10 +297,9 @@ def _drain_outbox(connection: Connection, outbox: queue.SimpleQueue) -> None:
             connection.send(message)
         except (OSError, ValueError):  # the worker is gone
             return
-        except Exception as exc:  # noqa: BLE001 - an unpicklable exception: send its text instead
-            if message[0] != "error":
-                raise
-            connection.send(("error", message[1], RuntimeError(f"{type(message[2]).__name__}: {message[2]}")))
+        except Exception as exc:  # noqa: BLE001 - something that does not pickle: its request fails alone
+            what = message[2] if message[0] == "error" else exc
+            connection.send(("error", message[1], RuntimeError(f"{type(what).__name__}: {what}")))
     connection.close()
 
 

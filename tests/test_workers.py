@@ -102,6 +102,33 @@ def test_cancelled_requests_are_withdrawn(service, address):
         remote.close()
 
 
+def test_an_answer_that_does_not_pickle_fails_its_request_alone(address):
+    """Whatever an engine answers that cannot cross the socket fails that request, not the connection."""
+    from concurrent.futures import Future
+
+    class Odd:
+        name, device = "odd", "cpu"
+
+        def submit(self, audio, options, **keywords) -> Future:
+            future: Future = Future()
+            future.set_result((lambda: None) if keywords.get("final", True) else "fine")
+            return future
+
+        def health(self) -> dict:
+            return {"alive": True}
+
+    service = EngineService(address)
+    service.loaded(Odd())
+    remote = RemoteEngine.connect(address)
+    try:
+        with pytest.raises(RuntimeError, match="pickle|lambda"):
+            remote.submit(voiced(0.5)).result(10)
+        assert remote.submit(voiced(0.5), final=False).result(10) == "fine"
+    finally:
+        remote.close()
+        service.close()
+
+
 def test_a_failed_load_is_reported_to_workers(address):
     service = EngineService(address)
     service.failed("no such model")
