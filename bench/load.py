@@ -56,7 +56,6 @@ from typing import Any, Coroutine
 import numpy as np
 
 from streaming.replay import (
-    DEFAULT_URL,
     SAMPLE_RATE,
     Clip,
     ReplayInputError,

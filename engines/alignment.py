@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .audio import FRAMES_PER_SECOND, HOP_LENGTH
-from .model import Whisper, attention
+from .model import Whisper
 from .tokenizer import _BYTES, Tokenizer
 
 MEDIAN_FILTER_WIDTH = 7

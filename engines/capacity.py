@@ -43,7 +43,7 @@ import torch
 
 from .bench import DTYPES
 from .options import TOKENS_PER_SECOND, add_capacity_arguments
-from .synthetic import SHAPES, random_engine
+from .synthetic import random_engine
 
 # durations (s) of the dev clips: the segment lengths a stream draws from
 DEV_SEGMENTS = (4.2, 2.0, 1.8, 17.2, 4.4, 4.6, 4.4, 1.7, 2.7, 2.8, 4.1, 3.5, 4.2, 3.5, 10.0, 10.4, 12.9, 9.5, 21.0,

@@ -1055,6 +1055,8 @@ def _replay_plan(args: argparse.Namespace, plan: StreamPlan, language: str,
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .options import add_replay_arguments
+
     parser = argparse.ArgumentParser(prog="breeze-stream replay", description=__doc__.split("\n\n")[0])
     add_replay_arguments(parser)
     return run_replay(parser.parse_args(argv))
