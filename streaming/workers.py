@@ -118,6 +118,8 @@ class RemoteEngine:
     def _withdraw(self, request: int, future: Future) -> None:
         """A request its caller cancelled (the client left) is withdrawn from the engine too."""
         if future.cancelled():
+            with self._lock:
+                self._pending.pop(request, None)  # no answer comes for a withdrawn request
             self._outbox.put(("cancel", request))
 
     async def transcribe_async(self, audio: np.ndarray, options: DecodingOptions = DecodingOptions(),

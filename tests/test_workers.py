@@ -98,6 +98,7 @@ def test_cancelled_requests_are_withdrawn(service, address):
         with pytest.raises(CancelledError):
             futures[-1].result()
         assert all(f.result(30).text == TINY_TEXT for f in futures[:-1])
+        assert not remote._pending  # answered or withdrawn: nothing is kept for the cancelled one
     finally:
         remote.close()
 
