@@ -45,7 +45,6 @@ import multiprocessing
 import os
 import sys
 import traceback
-import urllib.parse
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -64,6 +63,7 @@ from streaming.replay import (
     _load_audio,
     analyze_stream,
     build_stream,
+    check_stream_arguments,
     clock,
     fetch_metrics,
     metrics_url,
@@ -577,15 +577,9 @@ def check_arguments(args: argparse.Namespace) -> str | None:
         return "--sync starts every stream at once: it takes no --ramp"
     if args.ramp is not None and args.ramp < 0:
         return "--ramp must not be negative"
-    if not 20 <= args.frame_ms <= 100:
-        return "--frame-ms must be between 20 and 100"
-    if args.gap < 0:
-        return "--gap must not be negative"
     if args.end_timeout <= 0:
         return "--end-timeout must be positive"
-    if urllib.parse.urlsplit(args.url).scheme not in ("ws", "wss"):
-        return f"--url must be a ws:// or wss:// URL, got {args.url!r}"
-    return None
+    return check_stream_arguments(args)
 
 
 def run_load(args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from streaming.options import add_language_argument
+from streaming.options import add_language_argument, add_pacing_arguments
 
 DEFAULT_URL = "ws://127.0.0.1:8765/v1/stream"
 
@@ -25,10 +25,7 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                              "a seeded shuffle per stream)")
     parser.add_argument("--ramp", type=float, default=None, metavar="SECONDS",
                         help="spread the starts uniformly over this many seconds (default: the mean clip plus --gap)")
-    parser.add_argument("--frame-ms", type=float, default=40.0, metavar="MS",
-                        help="audio per binary frame, 20-100 ms (default 40)")
-    parser.add_argument("--gap", type=float, default=1.5, metavar="S",
-                        help="seconds of silence before, between and after clips (default 1.5)")
+    add_pacing_arguments(parser)
     add_language_argument(parser, default=None,
                           help="language of every stream's start message: zh, en or auto (default: each stream takes "
                                "its first clip's, zh for zh and mix, and plays only clips of that language)")

@@ -184,6 +184,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                          help=f"{text} (default %(default)s)")
 
 
+def add_pacing_arguments(parser: argparse.ArgumentParser) -> None:
+    """How replay and bench-load lay out the clips they stream: silence around them, frame size."""
+    parser.add_argument("--gap", type=float, default=1.5, metavar="S",
+                        help="seconds of silence before, between and after the clips (default 1.5)")
+    parser.add_argument("--frame-ms", type=float, default=40.0, metavar="MS",
+                        help="audio per binary frame, 20-100 ms (default 40)")
+
+
 def add_replay_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("inputs", nargs="+", metavar="MANIFEST_FOLDER_OR_AUDIO",
                         help=CLIPS_HELP + ", or audio files (no reference, no CER)")
@@ -194,10 +202,7 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                         help="start stream i after i*S seconds (default 0)")
     parser.add_argument("--speed", type=float, default=1.0,
                         help="pace as a multiple of real time (default 1.0)")
-    parser.add_argument("--gap", type=float, default=1.5, metavar="S",
-                        help="seconds of silence before, between and after the clips (default 1.5)")
-    parser.add_argument("--frame-ms", type=float, default=40.0, metavar="MS",
-                        help="audio per binary frame, 20-100 ms (default 40)")
+    add_pacing_arguments(parser)
     add_language_argument(parser, default=None,
                           help="language of every session's start message (default: each clip's manifest lang, "
                                "mix as zh, one session per language; zh for audio files)")

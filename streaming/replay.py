@@ -938,22 +938,27 @@ def plot_latencies(plan: StreamPlan, analyses: list[dict], summary: dict, path: 
 # --------------------------------------------------------------------------- CLI
 
 
-def _check_args(args: argparse.Namespace) -> str | None:
+def check_stream_arguments(args: argparse.Namespace) -> str | None:
+    """What replay and bench-load share: frame size, silence gap and the server's URL."""
     if not 20 <= args.frame_ms <= 100:
         return "--frame-ms must be between 20 and 100"
-    if args.speed <= 0:
-        return "--speed must be positive"
     if args.gap < 0:
         return "--gap must not be negative"
+    if urllib.parse.urlsplit(args.url).scheme not in ("ws", "wss"):
+        return f"--url must be a ws:// or wss:// URL, got {args.url!r}"
+    return None
+
+
+def _check_args(args: argparse.Namespace) -> str | None:
+    if args.speed <= 0:
+        return "--speed must be positive"
     if args.concurrency < 1:
         return "--concurrency must be at least 1"
     if args.stagger < 0:
         return "--stagger must not be negative"
     if args.limit is not None and args.limit < 1:
         return "--limit must be at least 1"
-    if urllib.parse.urlsplit(args.url).scheme not in ("ws", "wss"):
-        return f"--url must be a ws:// or wss:// URL, got {args.url!r}"
-    return None
+    return check_stream_arguments(args)
 
 
 def _headline(summary: dict) -> str:
