@@ -32,6 +32,15 @@ With `serve --workers N` each front-end worker measures its own sessions and tak
 capacity (the kernel spreads connections evenly over the workers), and counts its backlog N
 times; the queue delay is measured on the shared engine.
 
+The floor and the utilization depend on the device the engine runs on (`DEVICE_DEFAULTS`). A
+CPU serves finals about one at a time, each taking 0.5-1 s of engine time, and its partials
+compete with them for the same cores: a queue of finals there waits in units of that service
+time (a queue of one server at load rho waits rho / (2 (1 - rho)) service times on average), so
+keeping the admitted sessions' latency within twice the unloaded figure needs rho near a half
+(measured in BENCHMARKS.md, issue 27: four streams kept p95 within 1.9x, eight went to 6x).
+A GPU decodes its finals together in one batch of up to 128 rows, each in milliseconds of the
+engine's time, so it may run its finals near full use.
+
 Until something is measured (a fresh server, or one idle for many horizons) the capacity is
 `floor` sessions, and a server without sessions always admits. Hysteresis keeps `/readyz` from
 flapping: once refusing, the server refuses for at least `hold` seconds and admits again only
@@ -52,6 +61,8 @@ MODES = ("measured", "off")
 MIN_AUDIO = 1.0  # seconds of decoded final audio (faded) below which the rtf is not known
 MIN_SESSION_TIME = 10.0  # session-seconds (faded) below which the speech rate is taken as 1 (all speech)
 READMIT_FREE = 0.1  # share of the capacity that must be free to admit again after refusing
+DEVICE_DEFAULTS = {"cpu": (8, 0.5), "cuda": (32, 0.8)}
+"""(floor, utilization) where the command line leaves them out, by the engine's device type."""
 
 
 @dataclass(frozen=True)
@@ -59,10 +70,11 @@ class AdmissionConfig:
     mode: str = "measured"
     """measured: refuse new sessions above the measured capacity; off: only --max-sessions limits them
     (the estimate is still reported)."""
-    floor: int = 8
-    """Sessions admitted while nothing is measured yet (by each worker of `serve --workers N`)."""
-    utilization: float = 0.8
-    """Share of the engine's time the finals of admitted sessions may take."""
+    floor: int | None = None
+    """Sessions admitted while nothing is measured yet (by each worker of `serve --workers N`);
+    None: the device's default (`DEVICE_DEFAULTS`)."""
+    utilization: float | None = None
+    """Share of the engine's time the finals of admitted sessions may take; None: the device's default."""
     max_wait: float = 2.0
     """Seconds a final may wait for the engine (measured, or the backlog's work) before no one is admitted."""
     hold: float = 5.0
@@ -73,7 +85,8 @@ class AdmissionConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"--admission must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.floor < 1 or not 0 < self.utilization <= 1 or self.max_wait <= 0 or self.hold < 0 or self.horizon <= 0:
+        if ((self.floor is not None and self.floor < 1) or (self.utilization is not None and not 0 < self.utilization <= 1)
+                or self.max_wait <= 0 or self.hold < 0 or self.horizon <= 0):
             raise ValueError("--admission-floor must be >= 1, --admission-utilization in (0, 1], --admission-max-wait > 0")
 
 
@@ -164,16 +177,28 @@ class Admission:
         self._clock = clock
         self.admitting = True
         self._since = clock()
+        self.device = "cpu"
+        """Type of the engine's device ("cpu", "cuda"): it picks the defaults of floor and utilization."""
+
+    @property
+    def floor(self) -> int:
+        default = DEVICE_DEFAULTS.get(self.device, DEVICE_DEFAULTS["cpu"])[0]
+        return default if self.config.floor is None else self.config.floor
+
+    @property
+    def utilization(self) -> float:
+        default = DEVICE_DEFAULTS.get(self.device, DEVICE_DEFAULTS["cpu"])[1]
+        return default if self.config.utilization is None else self.config.utilization
 
     @property
     def capacity(self) -> float:
         """Sessions this server can serve in real time (`floor` before a measurement; inf without speech)."""
         rtf = self.meter.rtf
         if rtf is None:
-            return float(self.config.floor)  # per front end: connections do not spread evenly enough for a share
+            return float(self.floor)  # per front end: connections do not spread evenly enough for a share
         speech = self.meter.speech
         cost = rtf * (1.0 if speech is None else speech)
-        return max(1.0, self.config.utilization / cost / self.workers) if cost > 0 else math.inf
+        return max(1.0, self.utilization / cost / self.workers) if cost > 0 else math.inf
 
     @property
     def pressure(self) -> float:

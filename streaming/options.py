@@ -142,10 +142,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                        help="measured: refuse new sessions (HTTP 503 + Retry-After, /readyz 503) while the server is at "
                             "the capacity it measures (engine time per second of final audio, speech per session, audio "
                             "waiting for finals); off: only --max-sessions limits them (default %(default)s)")
-    guard.add_argument("--admission-floor", type=int, default=8, metavar="N",
-                       help="sessions admitted before anything is measured (default %(default)s)")
-    guard.add_argument("--admission-utilization", type=float, default=0.8, metavar="SHARE",
-                       help="share of the engine's time the finals of admitted sessions may take (default %(default)s)")
+    guard.add_argument("--admission-floor", type=int, default=None, metavar="N",
+                       help="sessions admitted before anything is measured (default 8 on a CPU, 32 on a GPU)")
+    guard.add_argument("--admission-utilization", type=float, default=None, metavar="SHARE",
+                       help="share of the engine's time the finals of admitted sessions may take (default 0.5 on a "
+                            "CPU, where finals queue one by one behind partials, 0.8 on a GPU)")
     guard.add_argument("--admission-max-wait", type=float, default=2.0, metavar="SECONDS",
                        help="no new session while finals wait this long for the engine (default %(default)s)")
     guard.add_argument("--trusted-proxies", default="", metavar="LIST",

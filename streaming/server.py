@@ -154,6 +154,8 @@ class Server:
         # new sessions by measured capacity; a worker of `serve --workers N` takes its share
         self.admission = Admission(config.admission, self.metrics.load,
                                    workers=config.workers if config.engine_address is not None else 1)
+        if engine is not None:
+            self.admission.device = str(engine.device).split(":")[0]
         self._publishing: asyncio.Task | None = None
         self.gate = Gate(config.limits, config.auth, self.metrics, self.admission)
         self.ssl_context = tls_context(config.certfile, config.keyfile)
@@ -206,6 +208,7 @@ class Server:
                 log.error("%s", exc)
                 self._load_error = exc
                 raise
+            self.admission.device = str(engine.device).split(":")[0]
             self.engine = engine
             log.info("engine process ready: model %s on %s", engine.name, engine.device)
             return engine
@@ -215,6 +218,7 @@ class Server:
             log.error("loading the model %r failed: %s", self.config.model, exc)
             self._load_error = exc
             raise
+        self.admission.device = str(engine.device).split(":")[0]
         self.engine = engine  # one reference assignment: safe to publish from this thread
         log.info("model %s loaded on %s in %.1f s", engine.name, engine.device, time.perf_counter() - started)
         return engine

@@ -407,7 +407,7 @@ class SlowEngine:
     """The tiny engine behind a delay per decode; records how much final audio a stream had waiting."""
 
     def __init__(self, engine: Engine, delay: float) -> None:
-        self.engine, self.delay, self.name = engine, delay, engine.name
+        self.engine, self.delay, self.name, self.device = engine, delay, engine.name, engine.device
         self.waiting: dict[object, float] = {}
         self.most_waiting = 0.0
         self.partials = self.finals = 0
@@ -529,7 +529,7 @@ async def test_drain_flushes_every_stream(tiny_engine):
 async def test_drain_timeout_bounds_the_shutdown(tiny_engine):
     """An engine that never answers: the drain gives up at its timeout and closes with 1001."""
     class Stuck:
-        name = "stuck"
+        name, device = "stuck", "cpu"
 
         async def transcribe_async(self, *args, **kwargs):
             await asyncio.Event().wait()

@@ -39,7 +39,7 @@ class SerialEngine:
     """A real engine made slow: one decode at a time, `rtf` seconds per second of audio."""
 
     def __init__(self, engine: Engine, rtf: float) -> None:
-        self.engine, self.rtf, self.name = engine, rtf, engine.name
+        self.engine, self.rtf, self.name, self.device = engine, rtf, engine.name, engine.device
         self._lock = asyncio.Lock()
         self.finals = 0
 
@@ -192,6 +192,27 @@ def test_capacity_estimate_and_hysteresis():
     assert Admission(AdmissionConfig(mode="off", floor=1), LoadMeter()).admits(50)
 
 
+def test_floor_and_utilization_default_by_device():
+    """Unset on the command line, the floor and utilization follow the engine's device: a CPU
+    queues finals one by one behind partials, a GPU batches them (streaming.admission)."""
+    clock = Clock()
+    meter = LoadMeter(horizon=30.0, clock=clock)
+    admission = Admission(AdmissionConfig(), meter, clock=clock)
+    assert admission.capacity == 8 and admission.utilization == 0.5, "a CPU engine by default"
+    admission.device = "cuda"
+    assert admission.capacity == 32 and admission.utilization == 0.8
+    meter.session_opened()
+    for _ in range(10):  # one session, a 1 s segment every 2 s, 0.01 engine seconds per audio second
+        clock.now += 2.0
+        meter.queued(1.0), meter.final_decoded(1.0, 0.01, 0.01), meter.queued(-1.0)
+    gpu = admission.capacity
+    admission.device = "cpu"
+    assert abs(admission.capacity / gpu - 0.5 / 0.8) < 1e-9, "the same measurements, the CPU's utilization"
+    pinned = Admission(AdmissionConfig(floor=5, utilization=0.7), LoadMeter(clock=clock), clock=clock)
+    pinned.device = "cuda"
+    assert pinned.capacity == 5 and pinned.utilization == 0.7, "what the command line sets wins"
+
+
 async def get_json(port: int, path: str) -> tuple[int, dict]:
     status, _, body = await http_get(port, path)
     return status, json.loads(body)
@@ -202,7 +223,7 @@ async def test_streams_beyond_measured_capacity_are_refused_at_connect(tiny_engi
     a bounded latency; 4 more offered are refused with 503 + Retry-After; /readyz is 503 while
     full and 200 again once the streams end; the estimate is in /metrics and /healthz."""
     slow = SerialEngine(tiny_engine, rtf=0.5)
-    admission = AdmissionConfig(floor=2, hold=1.0, horizon=10.0)
+    admission = AdmissionConfig(floor=2, utilization=0.8, hold=1.0, horizon=10.0)
     config = ServerConfig(port=0, admission=admission,
                           session=SessionConfig(transcriber=TranscriberConfig(partial_interval=0)))
     audio = phrases(7, speech=1.0, pause=0.8)

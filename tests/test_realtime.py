@@ -289,7 +289,7 @@ class FailingFinals:
 
     def __init__(self, engine) -> None:
         self._engine = engine
-        self.name = engine.name
+        self.name, self.device = engine.name, engine.device
 
     async def transcribe_async(self, audio, options, **kwargs):
         if kwargs.get("final"):
