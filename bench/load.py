@@ -46,11 +46,12 @@ import os
 import sys
 import traceback
 from collections import Counter
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any, Coroutine
+from typing import Any
 
 import numpy as np
 
@@ -87,8 +88,13 @@ PRINT_INTERVAL = 5.0
 """A progress line on stderr this often (seconds)."""
 SAMPLE_INTERVAL = 1.0
 """GET /metrics this often during the run (queue depth, batch rows)."""
-LATENCIES = {"final": "final_latency", "clip_end": "clip_end_latency", "first_partial": "first_partial_latency",
-             "partial_gap": "partial_gaps", "partial_lag": "partial_lag"}
+LATENCIES = {
+    "final": "final_latency",
+    "clip_end": "clip_end_latency",
+    "first_partial": "first_partial_latency",
+    "partial_gap": "partial_gaps",
+    "partial_lag": "partial_lag",
+}
 """Report name -> the list of `streaming.replay.analyze_stream` that holds it."""
 
 
@@ -105,8 +111,18 @@ class StreamJob:
     offset: float  # seconds after the run's common start
 
 
-def plan_streams(durations: list[float], groups: list[str | None], *, streams: int, duration: float, gap: float,
-                 ramp: float, seed: int, sync: bool, language: str) -> list[StreamJob]:
+def plan_streams(
+    durations: list[float],
+    groups: list[str | None],
+    *,
+    streams: int,
+    duration: float,
+    gap: float,
+    ramp: float,
+    seed: int,
+    sync: bool,
+    language: str,
+) -> list[StreamJob]:
     """Each stream's clips: its own seeded permutation (manifest order with `sync`), repeated until
     the stream holds `duration` seconds; stream i starts at i * ramp / streams (0 with `sync`).
 
@@ -125,7 +141,7 @@ def plan_streams(durations: list[float], groups: list[str | None], *, streams: i
         order: list[int] = []
         total = gap
         while total < duration:
-            for index in (pool if sync else rng.permutation(pool).tolist()):
+            for index in pool if sync else rng.permutation(pool).tolist():
                 if total >= duration:
                     break
                 order.append(index)
@@ -154,7 +170,7 @@ class ClipLoop:
         piece = int(np.searchsorted(self.starts, start, side="right")) - 1
         while start < stop:
             first = start - self.starts[piece]
-            chunk = self.pieces[piece][first:stop - self.starts[piece]]
+            chunk = self.pieces[piece][first : stop - self.starts[piece]]
             out.append(chunk)
             start += len(chunk)
             piece += 1
@@ -182,8 +198,10 @@ def _work(conn: Connection, job: WorkerJob) -> None:
     """A client process: builds its streams, says ready, waits for the common start (a monotonic
     clock reading: one clock for every process of the machine), plays them, sends back summaries."""
     try:
-        plans = [build_stream([job.clips[i] for i in s.order], [job.pcms[i] for i in s.order], job.gap, join=ClipLoop)
-                 for s in job.streams]
+        plans = [
+            build_stream([job.clips[i] for i in s.order], [job.pcms[i] for i in s.order], job.gap, join=ClipLoop)
+            for s in job.streams
+        ]
         conn.send(("ready", None))
         t_ref = conn.recv()
         conn.send(("done", _run_loop(_play(job, plans, t_ref, conn))))
@@ -220,9 +238,19 @@ async def _play(job: WorkerJob, plans: list[StreamPlan], t_ref: float, conn: Con
         await asyncio.sleep(max(0.0, t_ref + stream.offset - clock()))
         progress["open"] += 1
         try:
-            return await run_stream(job.url, plan, stream=stream.stream, t_ref=t_ref, frame_ms=job.frame_ms, speed=1.0,
-                                    language=stream.language, ready_timeout=READY_TIMEOUT, end_timeout=job.end_timeout,
-                                    on_audio=on_audio, on_event=on_event)
+            return await run_stream(
+                job.url,
+                plan,
+                stream=stream.stream,
+                t_ref=t_ref,
+                frame_ms=job.frame_ms,
+                speed=1.0,
+                language=stream.language,
+                ready_timeout=READY_TIMEOUT,
+                end_timeout=job.end_timeout,
+                on_audio=on_audio,
+                on_event=on_event,
+            )
         finally:
             progress["open"] -= 1
             progress["done"] += 1
@@ -240,9 +268,15 @@ async def _play(job: WorkerJob, plans: list[StreamPlan], t_ref: float, conn: Con
         reporter.cancel()
     used, wall = os.times(), clock() - t_ref
     return {
-        "process": job.process, "pid": os.getpid(), "streams": len(job.streams),
-        "cpu_user_s": used.user - cpu.user, "cpu_system_s": used.system - cpu.system, "wall_s": wall,
-        "stream_summaries": [stream_summary(log, plan, s, job.process) for log, plan, s in zip(logs, plans, job.streams)],
+        "process": job.process,
+        "pid": os.getpid(),
+        "streams": len(job.streams),
+        "cpu_user_s": used.user - cpu.user,
+        "cpu_system_s": used.system - cpu.system,
+        "wall_s": wall,
+        "stream_summaries": [
+            stream_summary(log, plan, s, job.process) for log, plan, s in zip(logs, plans, job.streams)
+        ],
     }
 
 
@@ -252,14 +286,31 @@ def stream_summary(log: StreamLog, plan: StreamPlan, job: StreamJob, process: in
     late = log.send_times - log.scheduled
     connected = log.t_ready is not None
     return {
-        "stream": job.stream, "process": process, "session": log.session, "model": log.model,
-        "language": job.language, "offset": job.offset, "t_first_frame": log.t_first_frame,
-        "t_stop": log.t_stop, "t_end": log.t_end,
-        "connected": connected, "completed": analysis["completed"], "client_failed": False,
+        "stream": job.stream,
+        "process": process,
+        "session": log.session,
+        "model": log.model,
+        "language": job.language,
+        "offset": job.offset,
+        "t_first_frame": log.t_first_frame,
+        "t_stop": log.t_stop,
+        "t_end": log.t_end,
+        "connected": connected,
+        "completed": analysis["completed"],
+        "client_failed": False,
         "disconnected": connected and log.t_end is None and not log.end_timed_out,
-        "end_timed_out": log.end_timed_out, "close_code": log.close_code, "failure": log.failure,
-        "clips": [{"clip": job.order[row["index"]], "sent": not math.isnan(row["clip_end_sent"]),
-                   "finals": row["finals"], "hypothesis": row["hypothesis"]} for row in analysis["clips"]],
+        "end_timed_out": log.end_timed_out,
+        "close_code": log.close_code,
+        "failure": log.failure,
+        "clips": [
+            {
+                "clip": job.order[row["index"]],
+                "sent": not math.isnan(row["clip_end_sent"]),
+                "finals": row["finals"],
+                "hypothesis": row["hypothesis"],
+            }
+            for row in analysis["clips"]
+        ],
         "errors": dict(Counter(str(event.get("code")) for event in analysis["errors"])),
         "counts": analysis["counts"],
         "latency": {name: analysis[key] for name, key in LATENCIES.items()},
@@ -271,12 +322,31 @@ def stream_summary(log: StreamLog, plan: StreamPlan, job: StreamJob, process: in
 
 def failed_stream(job: StreamJob, process: int, why: str) -> dict[str, Any]:
     """The summary of a stream whose client process failed: no figures, counted apart."""
-    return {"stream": job.stream, "process": process, "session": None, "model": None, "language": job.language,
-            "offset": job.offset, "t_first_frame": None, "t_stop": None, "t_end": None, "connected": False,
-            "completed": False, "client_failed": True, "disconnected": False, "end_timed_out": False,
-            "close_code": None, "failure": why, "clips": [], "errors": {}, "counts": {},
-            "latency": {name: [] for name in LATENCIES}, "stop_to_end": None, "pacing_late_max": None,
-            "pacing_late_p99": None}
+    return {
+        "stream": job.stream,
+        "process": process,
+        "session": None,
+        "model": None,
+        "language": job.language,
+        "offset": job.offset,
+        "t_first_frame": None,
+        "t_stop": None,
+        "t_end": None,
+        "connected": False,
+        "completed": False,
+        "client_failed": True,
+        "disconnected": False,
+        "end_timed_out": False,
+        "close_code": None,
+        "failure": why,
+        "clips": [],
+        "errors": {},
+        "counts": {},
+        "latency": {name: [] for name in LATENCIES},
+        "stop_to_end": None,
+        "pacing_late_max": None,
+        "pacing_late_p99": None,
+    }
 
 
 # --------------------------------------------------------------------------- driving the processes
@@ -338,8 +408,11 @@ def drive(workers: list[WorkerJob], url: str, *, total_audio_s: float, run_s: fl
                     samples.append(metrics)
                 next_sample = now + SAMPLE_INTERVAL
             if show_progress and now >= next_print:
-                print(progress_line(now - t_ref, progress, total_audio_s, samples[-1] if samples else None),
-                      file=sys.stderr, flush=True)
+                print(
+                    progress_line(now - t_ref, progress, total_audio_s, samples[-1] if samples else None),
+                    file=sys.stderr,
+                    flush=True,
+                )
                 next_print = now + PRINT_INTERVAL
             if now - t_ref > run_s:
                 for index in pending.values():
@@ -368,13 +441,17 @@ def progress_line(elapsed: float, progress: dict[int, dict], total_audio_s: floa
     total = Counter()
     for figures in progress.values():
         total.update(figures)
-    line = (f"bench-load {elapsed:6.0f} s: {total['audio_s']:.0f}/{total_audio_s:.0f} s of audio sent, "
-            f"{total['open']} streams open, {total['done']} done, {total['finals']} finals, {total['errors']} errors")
+    line = (
+        f"bench-load {elapsed:6.0f} s: {total['audio_s']:.0f}/{total_audio_s:.0f} s of audio sent, "
+        f"{total['open']} streams open, {total['done']} done, {total['finals']} finals, {total['errors']} errors"
+    )
     if metrics is not None:
         line += f"; server: {metrics.get('breeze_sessions_active', 0):.0f} sessions"
         if "breeze_engine_queue_depth" in metrics:
-            line += (f", queue {metrics['breeze_engine_queue_depth']:.0f}, "
-                     f"batch {metrics.get('breeze_engine_batch_rows', 0):.0f} rows")
+            line += (
+                f", queue {metrics['breeze_engine_queue_depth']:.0f}, "
+                f"batch {metrics.get('breeze_engine_batch_rows', 0):.0f} rows"
+            )
     return line
 
 
@@ -439,8 +516,12 @@ def score_streams(streams: list[dict], clips: list[Clip]) -> dict[str, Any]:
     accuracy: dict[str, Any] = {"by_lang": {}}
     for key, scores in sorted(by_key.items()):
         total = corpus_score(scores)
-        figures = {"rate": total.errors / total.ref_tokens if total.ref_tokens else None, "errors": total.errors,
-                   "ref_tokens": total.ref_tokens, "clips": len(scores)}
+        figures = {
+            "rate": total.errors / total.ref_tokens if total.ref_tokens else None,
+            "errors": total.errors,
+            "ref_tokens": total.ref_tokens,
+            "clips": len(scores),
+        }
         if key.startswith("lang:"):
             accuracy["by_lang"][key[5:]] = figures
         else:
@@ -462,15 +543,20 @@ def server_figures(before: dict | None, after: dict | None, samples: list[dict])
 
     def sampled(name: str) -> dict[str, float | None]:
         values = [m[name] for m in samples if name in m]
-        return {"end": after.get(name), "max": max(values) if values else None,
-                "mean": float(np.mean(values)) if values else None, "samples": len(values)}
+        return {
+            "end": after.get(name),
+            "max": max(values) if values else None,
+            "mean": float(np.mean(values)) if values else None,
+            "samples": len(values),
+        }
 
     figures: dict[str, Any] = {
         "available": True,
         "rtf": server_rtf(before, after),
         "finals": delta("breeze_finals_total"),
-        "final_latency_mean": ratio(delta("breeze_final_latency_seconds_sum"),
-                                    delta("breeze_final_latency_seconds_count")),
+        "final_latency_mean": ratio(
+            delta("breeze_final_latency_seconds_sum"), delta("breeze_final_latency_seconds_count")
+        ),
         "sessions_active": sampled("breeze_sessions_active"),
         "engine": None,
     }
@@ -481,8 +567,9 @@ def server_figures(before: dict | None, after: dict | None, samples: list[dict])
             "rows_per_step": ratio(delta("breeze_engine_step_rows_total"), steps),
             "step_ms": ratio(delta("breeze_engine_step_seconds_total"), steps, 1000.0),
             "encoder_calls": delta("breeze_engine_encoder_calls_total"),
-            "windows_per_encoder_call": ratio(delta("breeze_engine_encoder_windows_total"),
-                                              delta("breeze_engine_encoder_calls_total")),
+            "windows_per_encoder_call": ratio(
+                delta("breeze_engine_encoder_windows_total"), delta("breeze_engine_encoder_calls_total")
+            ),
             "queue_depth": sampled("breeze_engine_queue_depth"),
             "batch_rows": sampled("breeze_engine_batch_rows"),
         }
@@ -521,9 +608,16 @@ def summary_line(report: dict) -> str:
     """The one line on stdout: counts first, then latency, accuracy, server and client figures."""
     config, summary, server, client = report["config"], report["summary"], report["server"], report["client"]
     c, lat, acc = summary["counts"], summary["latency"], summary["accuracy"]
-    parts = [f"streams={c['streams']}", f"dur={config['duration']:g}s", f"completed={c['completed']}/{c['streams']}",
-             f"clips={c['clips_sent']}", f"finals={c['finals']}", f"lost={c['lost_finals']}",
-             f"disconnects={c['disconnects']}", f"errors={c['errors']}"]
+    parts = [
+        f"streams={c['streams']}",
+        f"dur={config['duration']:g}s",
+        f"completed={c['completed']}/{c['streams']}",
+        f"clips={c['clips_sent']}",
+        f"finals={c['finals']}",
+        f"lost={c['lost_finals']}",
+        f"disconnects={c['disconnects']}",
+        f"errors={c['errors']}",
+    ]
     parts += [f"{key}={c[key]}" for key in ("connect_failures", "end_timeouts", "client_failures") if c[key]]
     final, first, gap = lat["final"], lat["first_partial"], lat["partial_gap"]
     parts.append(f"final p50={_fmt(final['p50'])} p95={_fmt(final['p95'])} p99={_fmt(final['p99'])} s")
@@ -536,8 +630,11 @@ def summary_line(report: dict) -> str:
     parts.append(f"server_rtf={_fmt(server['rtf']['rtf'] if server.get('rtf') else None, '.3f')}")
     engine = server.get("engine")
     if engine:
-        parts += [f"rows/step={_fmt(engine['rows_per_step'], '.1f')}", f"step={_fmt(engine['step_ms'], '.1f')}ms",
-                  f"queue_max={_fmt(engine['queue_depth']['max'], '.0f')}"]
+        parts += [
+            f"rows/step={_fmt(engine['rows_per_step'], '.1f')}",
+            f"step={_fmt(engine['step_ms'], '.1f')}ms",
+            f"queue_max={_fmt(engine['queue_depth']['max'], '.0f')}",
+        ]
     else:
         parts.append("engine=n/a")
     parts.append(f"client_cpu={_fmt(client['cores'])} core (busiest process {_fmt(client['busiest_process_cores'])})")
@@ -546,8 +643,10 @@ def summary_line(report: dict) -> str:
 
 def _per_stream(s: dict) -> dict:
     """A stream's entry in the JSON report: its latency lists as stats."""
-    return {**{k: v for k, v in s.items() if k != "latency"},
-            "latency": {name: stats(values) for name, values in s["latency"].items()}}
+    return {
+        **{k: v for k, v in s.items() if k != "latency"},
+        "latency": {name: stats(values) for name, values in s["latency"].items()},
+    }
 
 
 def _clean(value: Any) -> Any:
@@ -595,16 +694,33 @@ def run_load(args: argparse.Namespace) -> int:
         return 2
     durations = [len(pcm) / SAMPLE_RATE for pcm in pcms]
     ramp = 0.0 if args.sync else (args.ramp if args.ramp is not None else float(np.mean(durations)) + args.gap)
-    jobs = plan_streams(durations, [score_group(clip.lang) for clip in clips], streams=args.streams,
-                        duration=args.duration, gap=args.gap, ramp=ramp, seed=args.seed, sync=args.sync,
-                        language=args.language or "clip")
-    workers = [WorkerJob(process, args.url, clips, pcms, jobs[process::args.processes], args.gap, args.frame_ms,
-                         args.end_timeout) for process in range(args.processes)]
+    jobs = plan_streams(
+        durations,
+        [score_group(clip.lang) for clip in clips],
+        streams=args.streams,
+        duration=args.duration,
+        gap=args.gap,
+        ramp=ramp,
+        seed=args.seed,
+        sync=args.sync,
+        language=args.language or "clip",
+    )
+    workers = [
+        WorkerJob(
+            process, args.url, clips, pcms, jobs[process :: args.processes], args.gap, args.frame_ms, args.end_timeout
+        )
+        for process in range(args.processes)
+    ]
     audio_s = [args.gap + sum(durations[i] + args.gap for i in job.order) for job in jobs]
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     try:
-        run = drive(workers, args.url, total_audio_s=sum(audio_s), show_progress=not args.quiet,
-                    run_s=ramp + max(audio_s) + 2 * READY_TIMEOUT + args.end_timeout + 30.0)
+        run = drive(
+            workers,
+            args.url,
+            total_audio_s=sum(audio_s),
+            show_progress=not args.quiet,
+            run_s=ramp + max(audio_s) + 2 * READY_TIMEOUT + args.end_timeout + 30.0,
+        )
     except RuntimeError as exc:
         print(f"breeze-stream bench-load: {exc}", file=sys.stderr)
         return 2
@@ -615,28 +731,45 @@ def run_load(args: argparse.Namespace) -> int:
         print(f"breeze-stream bench-load: no stream got 'ready': {run.streams[0]['failure']}", file=sys.stderr)
         return 2
     config = {
-        "url": args.url, "inputs": list(args.inputs), "streams": args.streams, "duration": args.duration,
-        "processes": args.processes, "sync": args.sync, "ramp": ramp, "frame_ms": args.frame_ms, "gap": args.gap,
-        "language": args.language, "seed": args.seed, "end_timeout": args.end_timeout, "started": started,
-        "clips": [{"name": c.name, "lang": c.lang, "duration": d, "reference": c.reference}
-                  for c, d in zip(clips, durations)],
+        "url": args.url,
+        "inputs": list(args.inputs),
+        "streams": args.streams,
+        "duration": args.duration,
+        "processes": args.processes,
+        "sync": args.sync,
+        "ramp": ramp,
+        "frame_ms": args.frame_ms,
+        "gap": args.gap,
+        "language": args.language,
+        "seed": args.seed,
+        "end_timeout": args.end_timeout,
+        "started": started,
+        "clips": [
+            {"name": c.name, "lang": c.lang, "duration": d, "reference": c.reference} for c, d in zip(clips, durations)
+        ],
         "stream_audio_s": {"min": min(audio_s), "max": max(audio_s)},
         "models": sorted({s["model"] for s in run.streams if s["model"]}),
     }
-    report = _clean({
-        "config": config,
-        "summary": merge_streams(run.streams, clips),
-        "server": {**server_figures(run.before, run.after, run.samples),
-                   "metrics_before": run.before, "metrics_after": run.after},
-        "client": client_figures(run.processes, run.streams),
-        "streams": [_per_stream(s) for s in run.streams],
-    })
+    report = _clean(
+        {
+            "config": config,
+            "summary": merge_streams(run.streams, clips),
+            "server": {
+                **server_figures(run.before, run.after, run.samples),
+                "metrics_before": run.before,
+                "metrics_after": run.after,
+            },
+            "client": client_figures(run.processes, run.streams),
+            "streams": [_per_stream(s) for s in run.streams],
+        }
+    )
     print(summary_line(report), flush=True)
     for failure, streams in report["summary"]["failures"].items():
         print(f"breeze-stream bench-load: {streams} stream(s): {failure}", file=sys.stderr)
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(report, ensure_ascii=False, indent=1, allow_nan=False),
-                                       encoding="utf-8")
+        Path(args.json_out).write_text(
+            json.dumps(report, ensure_ascii=False, indent=1, allow_nan=False), encoding="utf-8"
+        )
     return 1 if report["summary"]["counts"]["client_failures"] else 0
 
 

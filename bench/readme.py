@@ -38,15 +38,31 @@ from streaming.options import CLIPS_HELP
 
 def add_readme_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("clips", metavar="MANIFEST_OR_FOLDER", help=CLIPS_HELP)
-    parser.add_argument("--window", type=float, default=2.0, metavar="SECONDS",
-                        help="the shortened encoder window of the offline pass: clip + this much silence (default 2.0)")
-    parser.add_argument("--memory-streams", type=int, default=10, metavar="N",
-                        help="streams at once while the server's memory is sampled (default 10)")
-    parser.add_argument("--memory-seconds", type=float, default=60.0, metavar="SECONDS",
-                        help="audio each memory stream plays: the first clips up to this long (default 60)")
+    parser.add_argument(
+        "--window",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="the shortened encoder window of the offline pass: clip + this much silence (default 2.0)",
+    )
+    parser.add_argument(
+        "--memory-streams",
+        type=int,
+        default=10,
+        metavar="N",
+        help="streams at once while the server's memory is sampled (default 10)",
+    )
+    parser.add_argument(
+        "--memory-seconds",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="audio each memory stream plays: the first clips up to this long (default 60)",
+    )
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N clips (a quick check)")
-    parser.add_argument("--parts", default="offline,replay,memory",
-                        help="which parts to run, among offline,replay,memory (default all)")
+    parser.add_argument(
+        "--parts", default="offline,replay,memory", help="which parts to run, among offline,replay,memory (default all)"
+    )
     parser.add_argument("--json", metavar="OUT", help="write every figure and the machine here")
 
 
@@ -54,9 +70,13 @@ def machine() -> dict:
     """CPU model, cores, load average, date: what a figure on a shared machine needs beside it."""
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
-    return {"cpu": model.group(1) if model else platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "python": platform.python_version()}
+    return {
+        "cpu": model.group(1) if model else platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+    }
 
 
 # --- 1. offline ------------------------------------------------------------------------------------
@@ -69,8 +89,10 @@ def offline(clips, window: float) -> dict:
     try:
         from faster_whisper import WhisperModel
     except ImportError:
-        raise SystemExit("bench-readme's offline part runs faster-whisper beside our engine: "
-                         "pip install -e '.[bench]' (or --parts replay,memory)") from None
+        raise SystemExit(
+            "bench-readme's offline part runs faster-whisper beside our engine: "
+            "pip install -e '.[bench]' (or --parts replay,memory)"
+        ) from None
 
     from engines.engine import Engine
     from streaming.bench_offline import default_ct2_dir, engine_pass, error_rates, faster_whisper_pass
@@ -88,11 +110,15 @@ def offline(clips, window: float) -> dict:
     short_rows, short_time = engine_pass(engine, clips, audios, window)
     engine.close()
     texts = lambda rows: [r["text"] for r in rows]  # noqa: E731
-    return {"audio_seconds": round(seconds, 2), "window": window,
-            "faster_whisper_int8": {**error_rates(clips, texts(peer_rows)), "seconds": peer_time},
-            "ours_full_window": {**error_rates(clips, texts(full_rows)), "seconds": full_time},
-            "ours_short_window": {**error_rates(clips, texts(short_rows)), "seconds": short_time},
-            "speedup_full_window": peer_time / full_time, "speedup_short_window": peer_time / short_time}
+    return {
+        "audio_seconds": round(seconds, 2),
+        "window": window,
+        "faster_whisper_int8": {**error_rates(clips, texts(peer_rows)), "seconds": peer_time},
+        "ours_full_window": {**error_rates(clips, texts(full_rows)), "seconds": full_time},
+        "ours_short_window": {**error_rates(clips, texts(short_rows)), "seconds": short_time},
+        "speedup_full_window": peer_time / full_time,
+        "speedup_short_window": peer_time / short_time,
+    }
 
 
 # --- 2./3. the server -------------------------------------------------------------------------------
@@ -103,8 +129,13 @@ class ServerProcess:
 
     def __init__(self) -> None:
         command = [sys.executable, "-m", "streaming.cli", "serve", "--host", "127.0.0.1", "--port", "0"]
-        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.proc = subprocess.Popen(
+            command,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         self.log: list[str] = []
         port = None
         for line in self.proc.stderr:
@@ -158,8 +189,14 @@ def replay_figures(url: str, clips, audios, streams: int) -> dict:
             errors, tokens = errors + accuracy["errors"], tokens + accuracy["ref_tokens"]
         finals += summary["counts"]["finals"]
         clip_count += len(members) * streams
-    return {"streams": streams, "final_latency": stats(latencies), "first_partial_latency": stats(first_partials),
-            "streaming_cer": errors / tokens if tokens else None, "finals": finals, "clip_plays": clip_count}
+    return {
+        "streams": streams,
+        "final_latency": stats(latencies),
+        "first_partial_latency": stats(first_partials),
+        "streaming_cer": errors / tokens if tokens else None,
+        "finals": finals,
+        "clip_plays": clip_count,
+    }
 
 
 def memory_figures(server: ServerProcess, url: str, clips, audios, streams: int, seconds: float) -> dict:
@@ -189,9 +226,14 @@ def memory_figures(server: ServerProcess, url: str, clips, audios, streams: int,
     logs, _, _, _ = asyncio.run(replay(plan, url, concurrency=streams, progress=False, end_timeout=600))
     done.set()
     sampler.join()
-    return {"streams": streams, "audio_seconds_per_stream": round(plan.duration_s, 1), "rss_before_mib": before,
-            "rss_peak_mib": max(samples), "rss_after_mib": server.rss_mib(),
-            "completed_streams": sum(log.failure is None for log in logs)}
+    return {
+        "streams": streams,
+        "audio_seconds_per_stream": round(plan.duration_s, 1),
+        "rss_before_mib": before,
+        "rss_peak_mib": max(samples),
+        "rss_after_mib": server.rss_mib(),
+        "completed_streams": sum(log.failure is None for log in logs),
+    }
 
 
 # --- the command -------------------------------------------------------------------------------------
@@ -220,8 +262,9 @@ def run_readme(args: argparse.Namespace) -> int:
         server = ServerProcess()
         try:
             if "memory" in parts:  # first, so that its 'before' is the freshly loaded server
-                report["memory"] = memory_figures(server, server.url, replay_clips, audios, args.memory_streams,
-                                                  args.memory_seconds)
+                report["memory"] = memory_figures(
+                    server, server.url, replay_clips, audios, args.memory_streams, args.memory_seconds
+                )
             if "replay" in parts:
                 report["replay_1"] = replay_figures(server.url, replay_clips, audios, 1)
                 report["replay_3"] = replay_figures(server.url, replay_clips, audios, 3)
@@ -236,17 +279,24 @@ def run_readme(args: argparse.Namespace) -> int:
 
 def format_table(report: dict) -> str:
     before, after = report["machine_before"], report["machine_after"]
-    lines = [f"{before['cpu']}, {before['cores']} cores; load average {before['load_average']} before, "
-             f"{after['load_average']} after; {before['date']}; {report['clips']} clips", ""]
+    lines = [
+        f"{before['cpu']}, {before['cores']} cores; load average {before['load_average']} before, "
+        f"{after['load_average']} after; {before['date']}; {report['clips']} clips",
+        "",
+    ]
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     sec = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
     if "offline" in report:
         o = report["offline"]
         peer = o["faster_whisper_int8"]
-        lines.append(f"offline, {o['audio_seconds']:.0f} s of audio   CER (zh+mix)  WER (en)  seconds  speed vs faster-whisper int8")
-        for name, label in (("faster_whisper_int8", "faster-whisper int8 (beam 1)"),
-                            ("ours_full_window", "ours, 30 s window"),
-                            ("ours_short_window", f"ours, clip + {o['window']:g} s window")):
+        lines.append(
+            f"offline, {o['audio_seconds']:.0f} s of audio   CER (zh+mix)  WER (en)  seconds  speed vs faster-whisper int8"
+        )
+        for name, label in (
+            ("faster_whisper_int8", "faster-whisper int8 (beam 1)"),
+            ("ours_full_window", "ours, 30 s window"),
+            ("ours_short_window", f"ours, clip + {o['window']:g} s window"),
+        ):
             r = o[name]
             ratio = peer["seconds"] / r["seconds"]
             lines.append(f"  {label:<31}{pct(r['cer']):>12}{pct(r['wer_en']):>10}{r['seconds']:>9.1f}  {ratio:.2f}x")
@@ -255,12 +305,16 @@ def format_table(report: dict) -> str:
         if key in report:
             r = report[key]
             fl, fp = r["final_latency"], r["first_partial_latency"]
-            lines.append(f"live replay, {r['streams']} stream(s) at real-time pace: final latency p50 {sec(fl['p50'])} s "
-                         f"p95 {sec(fl['p95'])} s (n {fl['n']}); first partial p50 {sec(fp['p50'])} s p95 {sec(fp['p95'])} s; "
-                         f"streaming CER {pct(r['streaming_cer'])}; {r['finals']} finals for {r['clip_plays']} clip plays")
+            lines.append(
+                f"live replay, {r['streams']} stream(s) at real-time pace: final latency p50 {sec(fl['p50'])} s "
+                f"p95 {sec(fl['p95'])} s (n {fl['n']}); first partial p50 {sec(fp['p50'])} s p95 {sec(fp['p95'])} s; "
+                f"streaming CER {pct(r['streaming_cer'])}; {r['finals']} finals for {r['clip_plays']} clip plays"
+            )
     if "memory" in report:
         m = report["memory"]
-        lines.append(f"server memory (VmRSS), {m['streams']} streams of {m['audio_seconds_per_stream']:.0f} s at once: "
-                     f"{m['rss_before_mib']:.0f} MiB before, peak {m['rss_peak_mib']:.0f} MiB, "
-                     f"{m['rss_after_mib']:.0f} MiB after ({m['completed_streams']}/{m['streams']} streams completed)")
+        lines.append(
+            f"server memory (VmRSS), {m['streams']} streams of {m['audio_seconds_per_stream']:.0f} s at once: "
+            f"{m['rss_before_mib']:.0f} MiB before, peak {m['rss_peak_mib']:.0f} MiB, "
+            f"{m['rss_after_mib']:.0f} MiB after ({m['completed_streams']}/{m['streams']} streams completed)"
+        )
     return "\n".join(lines)

@@ -75,17 +75,33 @@ from streaming import replay  # noqa: E402
 
 DEPLOY = ROOT / "deploy"
 DEV = Path(os.environ.get("BREEZE_EVAL_DEV", ROOT.parent / "shared" / "eval" / "dev"))
-NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None)
+NGINX = shutil.which("nginx") or next(
+    (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
+)
 SERVER_LINE = re.compile(r"^(\s*)server breeze:8765 resolve (.*);$", re.M)
 BREEZE = [sys.executable, "-m", "streaming.cli"]  # what the `breeze-stream` entry point runs
 
 # Short read sentences (1.7-4.6 s) for the rolling restart; longer Mandarin clips for scaling.
-ROLLING_CLIPS = ["hhchen-f05-read-0056", "hhchen-f05-read-0089", "hhchen-f05-read-0121", "hhchen-f05-read-0154",
-                 "hhchen-f05-read-0285", "hhchen-f05-read-0368", "hhchen-f05-read-0397", "hhchen-f05-read-0550",
-                 "hhchen-f05-read-0925", "fireredasr-BAC009S0764W0121", "fireredasr-IT0011W0001",
-                 "cosyvoice-zero_shot_prompt"]
-SCALING_CLIPS = ["fireredasr-BAC009S0764W0121", "hhchen-f05-read-0121", "kimiaudio-asr_example",
-                 "cosyvoice-zero_shot_prompt"]  # 22.7 s of speech: a 30 s stream with the gaps
+ROLLING_CLIPS = [
+    "hhchen-f05-read-0056",
+    "hhchen-f05-read-0089",
+    "hhchen-f05-read-0121",
+    "hhchen-f05-read-0154",
+    "hhchen-f05-read-0285",
+    "hhchen-f05-read-0368",
+    "hhchen-f05-read-0397",
+    "hhchen-f05-read-0550",
+    "hhchen-f05-read-0925",
+    "fireredasr-BAC009S0764W0121",
+    "fireredasr-IT0011W0001",
+    "cosyvoice-zero_shot_prompt",
+]
+SCALING_CLIPS = [
+    "fireredasr-BAC009S0764W0121",
+    "hhchen-f05-read-0121",
+    "kimiaudio-asr_example",
+    "cosyvoice-zero_shot_prompt",
+]  # 22.7 s of speech: a 30 s stream with the gaps
 
 
 def now_utc() -> str:
@@ -109,8 +125,18 @@ def save_tiny_model(path: Path) -> Path:
     from engines.checkpoints import default_vocabulary
     from engines.model import ModelDims, Whisper
 
-    dims = ModelDims(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2, n_audio_layer=1,
-                     n_vocab=51865, n_text_ctx=448, n_text_state=64, n_text_head=2, n_text_layer=1)
+    dims = ModelDims(
+        n_mels=80,
+        n_audio_ctx=1500,
+        n_audio_state=64,
+        n_audio_head=2,
+        n_audio_layer=1,
+        n_vocab=51865,
+        n_text_ctx=448,
+        n_text_state=64,
+        n_text_head=2,
+        n_text_layer=1,
+    )
     torch.manual_seed(0)
     model = Whisper(dims)
     vocabulary = default_vocabulary()
@@ -124,12 +150,15 @@ def save_tiny_model(path: Path) -> Path:
         model.decoder.ln.bias.copy_(v)
         model.decoder.token_embedding.weight[eot] = 30 * v
         model.decoder.token_embedding.weight[token] = 20 * v
-    torch.save({"dims": dataclasses.asdict(dims),
-                "model_state_dict": {k: t.clone() for k, t in model.state_dict().items()}}, path)
+    torch.save(
+        {"dims": dataclasses.asdict(dims), "model_state_dict": {k: t.clone() for k, t in model.state_dict().items()}},
+        path,
+    )
     return path
 
 
 # --- processes -----------------------------------------------------------------------------------
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -143,7 +172,7 @@ def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int | None, st
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
-    except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout):
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
         return None, ""
 
 
@@ -151,13 +180,17 @@ def render_nginx_conf(text: str, ports: list[int], listen: int, temp: Path) -> s
     """deploy/nginx.conf for loopback replicas (as tests/test_scaleout.py renders it): one `server`
     line per port with the file's parameters (without `resolve`), a loopback listen port, temp paths."""
     match = SERVER_LINE.search(text)
-    assert match and len(SERVER_LINE.findall(text)) == 1, "deploy/nginx.conf: expected one `server breeze:8765 resolve ...;`"
+    assert match and len(SERVER_LINE.findall(text)) == 1, (
+        "deploy/nginx.conf: expected one `server breeze:8765 resolve ...;`"
+    )
     indent, params = match.groups()
     servers = "\n".join(f"{indent}server 127.0.0.1:{port} {params};" for port in ports)
-    text = text[:match.start()] + servers + text[match.end():]
+    text = text[: match.start()] + servers + text[match.end() :]
     assert text.count("listen 8080;") == 1, "deploy/nginx.conf: expected one `listen 8080;`"
     text = text.replace("listen 8080;", f"listen 127.0.0.1:{listen};")
-    temps = "".join(f"\n    {kind}_temp_path {temp / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    temps = "".join(
+        f"\n    {kind}_temp_path {temp / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
     return text.replace("http {", "http {" + temps, 1)
 
 
@@ -165,8 +198,18 @@ def nginx_command(conf: Path, prefix: Path, test: bool = False) -> list[str]:
     main = f"daemon off; pid {prefix / 'nginx.pid'};"
     if os.geteuid() == 0:
         main += " user root;"
-    return [NGINX, *(["-t", "-q"] if test else []), "-c", str(conf), "-p", str(prefix), "-e", str(prefix / "error.log"),
-            "-g", main]
+    return [
+        NGINX,
+        *(["-t", "-q"] if test else []),
+        "-c",
+        str(conf),
+        "-p",
+        str(prefix),
+        "-e",
+        str(prefix / "error.log"),
+        "-g",
+        main,
+    ]
 
 
 @dataclasses.dataclass
@@ -201,16 +244,34 @@ class Cluster:
 
     def _spawn(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
         with open(log_path, "ab") as out:
-            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                    env={**os.environ, **(env or {})}, start_new_session=True)
+            proc = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,
+            )
         self.procs.append(proc)
         return proc
 
     def add_replicas(self, n: int) -> list[Replica]:
         for _ in range(n):
             port = free_port()
-            args = [*BREEZE, "serve", "--model", self.model, "--device", "cpu", "--host", "127.0.0.1",
-                    "--port", str(port), *self.flags]
+            args = [
+                *BREEZE,
+                "serve",
+                "--model",
+                self.model,
+                "--device",
+                "cpu",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                *self.flags,
+            ]
             env = {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
             self.replicas.append(Replica(port, args, env, self.tmp / f"replica-{port}.log"))
         return self.replicas
@@ -298,11 +359,15 @@ def nginx_sessions(lines: list[str], ports: list[int]) -> dict:
                 per_port[port] += 1
         else:
             refused += 1
-    return {"sessions_per_replica": per_port, "upgrades_retried_on_another_replica": retried,
-            "upgrades_refused_to_client": refused}
+    return {
+        "sessions_per_replica": per_port,
+        "upgrades_retried_on_another_replica": retried,
+        "upgrades_refused_to_client": refused,
+    }
 
 
 # --- audio ---------------------------------------------------------------------------------------
+
 
 def load_clips(names: list[str]) -> list[tuple[replay.Clip, np.ndarray]]:
     manifest = DEV / "manifest.jsonl"
@@ -318,6 +383,7 @@ def plan_of(clips: list[tuple[replay.Clip, np.ndarray]], gap: float) -> replay.S
 
 
 # --- sessions --------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class Session:
@@ -368,6 +434,7 @@ def owed_clips_without_final(session: Session, drain_starts: list[float]) -> tup
 
 # --- rolling restart -----------------------------------------------------------------------------
 
+
 async def rolling(args: argparse.Namespace) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="bench-scaleout-"))
     model = str(save_tiny_model(tmp / "tiny.pt")) if args.model == "tiny" else args.model
@@ -383,8 +450,10 @@ async def rolling(args: argparse.Namespace) -> dict:
         cluster.add_replicas(args.replicas)
         await asyncio.to_thread(cluster.start_all)
         await asyncio.to_thread(cluster.start_nginx)
-        log(f"{args.replicas} replicas {[r.port for r in cluster.replicas]} behind NGINX :{cluster.nginx_port}; "
-            f"{args.streams} callers")
+        log(
+            f"{args.replicas} replicas {[r.port for r in cluster.replicas]} behind NGINX :{cluster.nginx_port}; "
+            f"{args.streams} callers"
+        )
         url = cluster.url()
         per_session = args.clips_per_session
 
@@ -395,8 +464,15 @@ async def rolling(args: argparse.Namespace) -> dict:
             while not stop.is_set():
                 chosen = [clips[(cursor + k) % len(clips)] for k in range(per_session)]
                 plan = plan_of(chosen, args.gap)
-                stream_log = await replay.run_stream(url, plan, stream=index * 1000 + number, t_ref=t_ref,
-                                                     frame_ms=args.frame_ms, speed=1.0, end_timeout=60.0)
+                stream_log = await replay.run_stream(
+                    url,
+                    plan,
+                    stream=index * 1000 + number,
+                    t_ref=t_ref,
+                    frame_ms=args.frame_ms,
+                    speed=1.0,
+                    end_timeout=60.0,
+                )
                 session = Session(index, plan, stream_log)
                 if not session.started:
                     session.refused_at = replay.clock() - t_ref
@@ -406,9 +482,13 @@ async def rolling(args: argparse.Namespace) -> dict:
                     await asyncio.sleep(0.5)
                     continue
                 # go on with the next clip not sent in full (all of them when the session completed)
-                sent = sum(1 for span in plan.spans
-                           if not math.isnan(replay.sample_send_time(stream_log.send_times, stream_log.frame_samples,
-                                                                     span.end - 1)))
+                sent = sum(
+                    1
+                    for span in plan.spans
+                    if not math.isnan(
+                        replay.sample_send_time(stream_log.send_times, stream_log.frame_samples, span.end - 1)
+                    )
+                )
                 cursor += max(1, sent)
 
         callers = [asyncio.ensure_future(caller(i)) for i in range(args.streams)]
@@ -423,12 +503,21 @@ async def rolling(args: argparse.Namespace) -> dict:
                 t_exit = replay.clock() - t_ref
                 cluster.start(replica)
                 ready_s = await asyncio.to_thread(cluster.wait_ready, replica)
-                drains.append({"round": round_ + 1, "port": replica.port,
-                               "sessions_open": int((active or {}).get("breeze_sessions_active", -1)),
-                               "signal_at_s": round(t_signal, 2), "drain_s": round(t_exit - t_signal, 2),
-                               "exit_code": rc, "restart_to_ready_s": round(ready_s, 2)})
-                log(f"round {round_ + 1}: replica :{replica.port} drained {(active or {}).get('breeze_sessions_active')} "
-                    f"sessions in {t_exit - t_signal:.2f} s (exit {rc}), ready again after {ready_s:.1f} s")
+                drains.append(
+                    {
+                        "round": round_ + 1,
+                        "port": replica.port,
+                        "sessions_open": int((active or {}).get("breeze_sessions_active", -1)),
+                        "signal_at_s": round(t_signal, 2),
+                        "drain_s": round(t_exit - t_signal, 2),
+                        "exit_code": rc,
+                        "restart_to_ready_s": round(ready_s, 2),
+                    }
+                )
+                log(
+                    f"round {round_ + 1}: replica :{replica.port} drained {(active or {}).get('breeze_sessions_active')} "
+                    f"sessions in {t_exit - t_signal:.2f} s (exit {rc}), ready again after {ready_s:.1f} s"
+                )
                 await asyncio.sleep(args.settle)
         await asyncio.sleep(args.tail)
         stop.set()
@@ -439,7 +528,9 @@ async def rolling(args: argparse.Namespace) -> dict:
         cluster.close()
     t_total = replay.clock() - t_ref
 
-    counts = {k: 0 for k in ("refused", "opened_without_ready", "completed", "drained", "closed_without_end", "neither")}
+    counts = {
+        k: 0 for k in ("refused", "opened_without_ready", "completed", "drained", "closed_without_end", "neither")
+    }
     lost_segments = owed = owed_missing = after_end = duplicates = errors = finals = flushed = 0
     close_codes: dict[str, int] = {}
     latencies: list[float] = []
@@ -468,11 +559,26 @@ async def rolling(args: argparse.Namespace) -> dict:
             owed += o
             owed_missing += m
             if c["lost_finals"] or m or c["finals_after_end"]:
-                problems.append({"caller": session.caller, "kind": kind, "session": session.log.session,
-                                 "counts": c, "owed": o, "owed_missing": m})
+                problems.append(
+                    {
+                        "caller": session.caller,
+                        "kind": kind,
+                        "session": session.log.session,
+                        "counts": c,
+                        "owed": o,
+                        "owed_missing": m,
+                    }
+                )
         else:
-            problems.append({"caller": session.caller, "kind": kind, "session": session.log.session,
-                             "failure": session.log.failure, "close_code": session.log.close_code})
+            problems.append(
+                {
+                    "caller": session.caller,
+                    "kind": kind,
+                    "session": session.log.session,
+                    "failure": session.log.failure,
+                    "close_code": session.log.close_code,
+                }
+            )
     started = sum(1 for s in sessions if s.started)
     # refused connects (NGINX answered 503: no replica it would try took the session), by the
     # restart they followed: seconds after that replica's SIGTERM
@@ -482,7 +588,7 @@ async def rolling(args: argparse.Namespace) -> dict:
         mine = [x for x in sessions if x.caller == caller_index]
         for k, session in enumerate(mine):
             if session.kind() == "drained":
-                following = next((x for x in mine[k + 1:] if x.started), None)
+                following = next((x for x in mine[k + 1 :] if x.started), None)
                 if following is not None:
                     reconnect.append(following.log.t_ready - session.log.t_end)
     refused_times = sorted(s.refused_at for s in sessions if s.kind() == "refused" and s.refused_at is not None)
@@ -491,20 +597,39 @@ async def rolling(args: argparse.Namespace) -> dict:
         later = [d["signal_at_s"] for d in drains if d["signal_at_s"] > drain["signal_at_s"]]
         upto = min(later) if later else math.inf
         mine = [t for t in refused_times if drain["signal_at_s"] <= t < upto]
-        by_restart.append({"port": drain["port"], "round": drain["round"], "refused": len(mine),
-                           "first_s_after_signal": round(mine[0] - drain["signal_at_s"], 2) if mine else None,
-                           "last_s_after_signal": round(mine[-1] - drain["signal_at_s"], 2) if mine else None})
+        by_restart.append(
+            {
+                "port": drain["port"],
+                "round": drain["round"],
+                "refused": len(mine),
+                "first_s_after_signal": round(mine[0] - drain["signal_at_s"], 2) if mine else None,
+                "last_s_after_signal": round(mine[-1] - drain["signal_at_s"], 2) if mine else None,
+            }
+        )
     return {
-        "benchmark": "rolling", "date": now_utc(), "command": " ".join(sys.argv), "args": vars(args),
+        "benchmark": "rolling",
+        "date": now_utc(),
+        "command": " ".join(sys.argv),
+        "args": vars(args),
         "model": "tiny random (1+1 layers, width 64; tests/conftest.py's)" if args.model == "tiny" else args.model,
-        "nginx_server_params": args.nginx_server_params or SERVER_LINE.search((DEPLOY / "nginx.conf").read_text()).group(2),
-        "clips": ROLLING_CLIPS, "duration_s": round(t_total, 1), "audio_streamed_s": round(audio_s, 1),
+        "nginx_server_params": args.nginx_server_params
+        or SERVER_LINE.search((DEPLOY / "nginx.conf").read_text()).group(2),
+        "clips": ROLLING_CLIPS,
+        "duration_s": round(t_total, 1),
+        "audio_streamed_s": round(audio_s, 1),
         "restarts": drains,
         "sessions": {"started": started, **counts},
-        "finals": finals, "finals_after_drain_signal": flushed, "close_codes": close_codes,
-        "lost": {"segments_with_partial_no_final_in_sessions_with_end": lost_segments,
-                 "clips_owed_a_final": owed, "owed_clips_without_final": owed_missing,
-                 "finals_after_end": after_end, "duplicate_finals": duplicates, "error_events": errors},
+        "finals": finals,
+        "finals_after_drain_signal": flushed,
+        "close_codes": close_codes,
+        "lost": {
+            "segments_with_partial_no_final_in_sessions_with_end": lost_segments,
+            "clips_owed_a_final": owed,
+            "owed_clips_without_final": owed_missing,
+            "finals_after_end": after_end,
+            "duplicate_finals": duplicates,
+            "error_events": errors,
+        },
         "final_latency": replay.stats(latencies),
         "reconnect_after_drain_s": replay.stats(reconnect),
         "nginx": nginx,
@@ -516,23 +641,34 @@ async def rolling(args: argparse.Namespace) -> dict:
 
 def print_rolling(result: dict) -> None:
     s, lost = result["sessions"], result["lost"]
-    print(f"\nrolling restart: {len(result['restarts'])} restarts in {result['duration_s']} s, "
-          f"{result['audio_streamed_s']} s of audio streamed")
+    print(
+        f"\nrolling restart: {len(result['restarts'])} restarts in {result['duration_s']} s, "
+        f"{result['audio_streamed_s']} s of audio streamed"
+    )
     for r in result["restarts"]:
-        print(f"  round {r['round']} :{r['port']}: {r['sessions_open']} open, drained in {r['drain_s']} s "
-              f"(exit {r['exit_code']}), ready {r['restart_to_ready_s']} s after restart")
-    print(f"sessions started {s['started']}: completed {s['completed']}, drained with end {s['drained']}, "
-          f"closed without end {s['closed_without_end']}, neither {s['neither']}; "
-          f"refused connects {s['refused']}, opened without ready {s['opened_without_ready']}")
-    print(f"finals {result['finals']} ({result['finals_after_drain_signal']} in drained sessions after the SIGTERM); lost: {json.dumps(lost)}")
+        print(
+            f"  round {r['round']} :{r['port']}: {r['sessions_open']} open, drained in {r['drain_s']} s "
+            f"(exit {r['exit_code']}), ready {r['restart_to_ready_s']} s after restart"
+        )
+    print(
+        f"sessions started {s['started']}: completed {s['completed']}, drained with end {s['drained']}, "
+        f"closed without end {s['closed_without_end']}, neither {s['neither']}; "
+        f"refused connects {s['refused']}, opened without ready {s['opened_without_ready']}"
+    )
+    print(
+        f"finals {result['finals']} ({result['finals_after_drain_signal']} in drained sessions after the SIGTERM); lost: {json.dumps(lost)}"
+    )
     print(f"final latency: {json.dumps(result['final_latency'])}")
     print(f"reconnect after a drain (end -> next ready): {json.dumps(result['reconnect_after_drain_s'])}")
     print(f"nginx: {json.dumps(result['nginx'])}")
-    print(f"refused connects by restart: {json.dumps(result['refused_by_restart'])}; "
-          f"before the first restart: {result['refused_before_first_restart']}")
+    print(
+        f"refused connects by restart: {json.dumps(result['refused_by_restart'])}; "
+        f"before the first restart: {result['refused_before_first_restart']}"
+    )
 
 
 # --- scaling -------------------------------------------------------------------------------------
+
 
 def cpu_times() -> tuple[float, float]:
     """(busy, total) jiffies of all cores from /proc/stat."""
@@ -567,9 +703,21 @@ async def scaling_step(cluster: Cluster, clips, streams: int, args: argparse.Nam
         start = i % len(clips)
         order = clips[start:] + clips[:start]
         plans.append(plan_of(order, args.gap))
-    logs = await asyncio.gather(*(replay.run_stream(cluster.url(), plan, stream=i, t_ref=t_ref, frame_ms=args.frame_ms,
-                                                    speed=1.0, delay=i * args.stagger, end_timeout=120.0)
-                                  for i, plan in enumerate(plans)))
+    logs = await asyncio.gather(
+        *(
+            replay.run_stream(
+                cluster.url(),
+                plan,
+                stream=i,
+                t_ref=t_ref,
+                frame_ms=args.frame_ms,
+                speed=1.0,
+                delay=i * args.stagger,
+                end_timeout=120.0,
+            )
+            for i, plan in enumerate(plans)
+        )
+    )
     wall = replay.clock() - t_ref
     cpu1 = cpu_times()
     own1 = own_cpu_seconds(cluster)
@@ -580,6 +728,7 @@ async def scaling_step(cluster: Cluster, clips, streams: int, args: argparse.Nam
     counts: dict[str, int] = {}
     errors = refs = 0
     from streaming import scoring
+
     for a, plan in zip(analyses, plans):
         finals += a["final_latency"]
         clip_end += a["clip_end_latency"]
@@ -597,30 +746,47 @@ async def scaling_step(cluster: Cluster, clips, streams: int, args: argparse.Nam
         rtf = replay.server_rtf(b, a)
         if rtf:
             enc, dec, audio = enc + rtf["encoder_s"], dec + rtf["decoder_s"], audio + rtf["audio_s"]
-        per_replica.append({"port": port, "audio_s": round(rtf["audio_s"], 1) if rtf else 0.0,
-                            "rtf": round(rtf["rtf"], 3) if rtf else None,
-                            "busy": round((rtf["encoder_s"] + rtf["decoder_s"]) / wall, 3) if rtf else 0.0})
+        per_replica.append(
+            {
+                "port": port,
+                "audio_s": round(rtf["audio_s"], 1) if rtf else 0.0,
+                "rtf": round(rtf["rtf"], 3) if rtf else None,
+                "busy": round((rtf["encoder_s"] + rtf["decoder_s"]) / wall, 3) if rtf else 0.0,
+            }
+        )
     completed = sum(1 for a in analyses if a["completed"])
     p95 = replay.stats(finals).get("p95")
-    sustained = (completed == streams and counts.get("lost_finals", 0) == 0 and p95 is not None and p95 <= args.max_p95
-                 and max((p["rtf"] or 0) for p in per_replica) < 1.0)
+    sustained = (
+        completed == streams
+        and counts.get("lost_finals", 0) == 0
+        and p95 is not None
+        and p95 <= args.max_p95
+        and max((p["rtf"] or 0) for p in per_replica) < 1.0
+    )
 
     return {
-        "streams": streams, "wall_s": round(wall, 1), "stream_audio_s": round(plans[0].duration_s, 1),
-        "completed": completed, "sustained": sustained,
+        "streams": streams,
+        "wall_s": round(wall, 1),
+        "stream_audio_s": round(plans[0].duration_s, 1),
+        "completed": completed,
+        "sustained": sustained,
         "server_rtf": round((enc + dec) / audio, 3) if audio else None,
-        "audio_s": round(audio, 1), "engine_seconds": round(enc + dec, 1),
+        "audio_s": round(audio, 1),
+        "engine_seconds": round(enc + dec, 1),
         "cpu_busy": round((cpu1[0] - cpu0[0]) / (cpu1[1] - cpu0[1]), 3),
         # shares of the box's CPU (all cores) over the step: the replicas, this client (NGINX and
         # anything else running on the machine make up the rest of cpu_busy)
         "cpu_replicas": round((own1[0] - own0[0]) / (wall * cores), 3),
         "cpu_client": round((own1[1] - own0[1]) / (wall * cores), 3),
         "per_replica": per_replica,
-        "final_latency": replay.stats(finals), "clip_end_latency": replay.stats(clip_end),
+        "final_latency": replay.stats(finals),
+        "clip_end_latency": replay.stats(clip_end),
         "stop_to_end_max": round(max(stop_end), 2) if stop_end else None,
         "cer": round(errors / refs, 4) if refs else None,
-        "counts": {k: counts.get(k, 0) for k in ("finals", "lost_finals", "finals_after_end", "duplicate_finals",
-                                                   "errors", "clips_without_final")},
+        "counts": {
+            k: counts.get(k, 0)
+            for k in ("finals", "lost_finals", "finals_after_end", "duplicate_finals", "errors", "clips_without_final")
+        },
     }
 
 
@@ -650,18 +816,28 @@ async def scaling(args: argparse.Namespace) -> dict:
                     break
                 step = await scaling_step(cluster, clips, streams, args)
                 steps.append(step)
-                log(f"R={count} C={streams}: rtf {step['server_rtf']} cpu {step['cpu_busy']} "
+                log(
+                    f"R={count} C={streams}: rtf {step['server_rtf']} cpu {step['cpu_busy']} "
                     f"final p50 {step['final_latency'].get('p50')} p95 {step['final_latency'].get('p95')} "
-                    f"completed {step['completed']}/{streams} sustained {step['sustained']}")
+                    f"completed {step['completed']}/{streams} sustained {step['sustained']}"
+                )
                 if not step["sustained"] and not args.keep_going:
                     break
         finally:
             cluster.close()
         best = max((s["streams"] for s in steps if s["sustained"]), default=0)
-        results.append({"replicas": count, "threads_per_replica": threads, "max_sustained_streams": best,
-                        "steps": steps})
-    return {"benchmark": "scaling", "date": now_utc(), "command": " ".join(sys.argv), "args": vars(args),
-            "cores": cores, "clips": SCALING_CLIPS, "results": results}
+        results.append(
+            {"replicas": count, "threads_per_replica": threads, "max_sustained_streams": best, "steps": steps}
+        )
+    return {
+        "benchmark": "scaling",
+        "date": now_utc(),
+        "command": " ".join(sys.argv),
+        "args": vars(args),
+        "cores": cores,
+        "clips": SCALING_CLIPS,
+        "results": results,
+    }
 
 
 def _fmt(value, fmt="{:.2f}") -> str:
@@ -669,22 +845,27 @@ def _fmt(value, fmt="{:.2f}") -> str:
 
 
 def print_scaling(result: dict) -> None:
-    print("\n| replicas x threads | streams | server RTF | engine busy per replica | CPU busy (replicas) | final p50 | p95 | "
-          "clip-end p95 | stop->end max | completed | lost | CER | sustained |")
+    print(
+        "\n| replicas x threads | streams | server RTF | engine busy per replica | CPU busy (replicas) | final p50 | p95 | "
+        "clip-end p95 | stop->end max | completed | lost | CER | sustained |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in result["results"]:
         for s in r["steps"]:
             f, c = s["final_latency"], s["clip_end_latency"]
             busy = " / ".join(_fmt(p["busy"]) for p in s["per_replica"])
-            print(f"| {r['replicas']} x {r['threads_per_replica']} | {s['streams']} | {_fmt(s['server_rtf'])} | {busy} | "
-                  f"{s['cpu_busy']:.0%} ({s.get('cpu_replicas', 0):.0%}) | {_fmt(f.get('p50'))} s | {_fmt(f.get('p95'))} s | {_fmt(c.get('p95'))} s | "
-                  f"{_fmt(s['stop_to_end_max'])} s | {s['completed']}/{s['streams']} | {s['counts']['lost_finals']} | "
-                  f"{_fmt(s['cer'], '{:.1%}')} | {'yes' if s['sustained'] else 'no'} |")
+            print(
+                f"| {r['replicas']} x {r['threads_per_replica']} | {s['streams']} | {_fmt(s['server_rtf'])} | {busy} | "
+                f"{s['cpu_busy']:.0%} ({s.get('cpu_replicas', 0):.0%}) | {_fmt(f.get('p50'))} s | {_fmt(f.get('p95'))} s | {_fmt(c.get('p95'))} s | "
+                f"{_fmt(s['stop_to_end_max'])} s | {s['completed']}/{s['streams']} | {s['counts']['lost_finals']} | "
+                f"{_fmt(s['cer'], '{:.1%}')} | {'yes' if s['sustained'] else 'no'} |"
+            )
     for r in result["results"]:
         print(f"{r['replicas']} replica(s): max sustained {r['max_sustained_streams']} streams")
 
 
 # --- main ----------------------------------------------------------------------------------------
+
 
 def int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
@@ -701,28 +882,42 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS per replica")
     p.add_argument("--drain-timeout", type=float, default=10.0)
     p.add_argument("--warmup", type=float, default=15.0, help="seconds of load before the first restart")
-    p.add_argument("--settle", type=float, default=8.0, help="seconds between a replica's readiness and the next restart")
+    p.add_argument(
+        "--settle", type=float, default=8.0, help="seconds between a replica's readiness and the next restart"
+    )
     p.add_argument("--tail", type=float, default=10.0, help="seconds of load after the last restart")
     p.add_argument("--rounds", type=int, default=1, help="restarts of every replica")
     p.add_argument("--stagger", type=float, default=1.7, help="seconds between the callers' first sessions")
     p.add_argument("--gap", type=float, default=1.5)
     p.add_argument("--frame-ms", type=float, default=40.0)
-    p.add_argument("--nginx-server-params", default=None, metavar="PARAMS",
-                   help="parameters of the upstream `server` lines instead of deploy/nginx.conf's (e.g. 'max_fails=0')")
+    p.add_argument(
+        "--nginx-server-params",
+        default=None,
+        metavar="PARAMS",
+        help="parameters of the upstream `server` lines instead of deploy/nginx.conf's (e.g. 'max_fails=0')",
+    )
     p.add_argument("--json", default=None)
     p = sub.add_parser("scaling", help="streams sustained by 1..N replicas")
     p.add_argument("--model", default="default")
     p.add_argument("--replicas", type=int_list, default=[1, 2, 3])
     p.add_argument("--streams", type=int_list, default=[1, 2, 3, 4, 6, 8])
-    p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS per replica (0: cores // replicas, at least 1)")
-    p.add_argument("--max-p95", type=float, default=3.0,
-                   help="sustained: every replica's server RTF < 1 and p95 final latency at most this (seconds)")
+    p.add_argument(
+        "--threads", type=int, default=0, help="OMP_NUM_THREADS per replica (0: cores // replicas, at least 1)"
+    )
+    p.add_argument(
+        "--max-p95",
+        type=float,
+        default=3.0,
+        help="sustained: every replica's server RTF < 1 and p95 final latency at most this (seconds)",
+    )
     p.add_argument("--keep-going", action="store_true", help="run every load of the ladder, sustained or not")
     p.add_argument("--stagger", type=float, default=0.7)
     p.add_argument("--gap", type=float, default=1.5)
     p.add_argument("--frame-ms", type=float, default=40.0)
     p.add_argument("--no-warmup", dest="warmup", action="store_false")
-    p.add_argument("--budget", type=float, default=0, help="stop starting ladder steps after this many seconds (0: none)")
+    p.add_argument(
+        "--budget", type=float, default=0, help="stop starting ladder steps after this many seconds (0: none)"
+    )
     p.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if NGINX is None:
@@ -731,8 +926,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.benchmark == "rolling":
         result = asyncio.run(rolling(args))
         print_rolling(result)
-        ok = (result["sessions"]["neither"] == 0 and result["lost"]["owed_clips_without_final"] == 0
-              and result["lost"]["segments_with_partial_no_final_in_sessions_with_end"] == 0)
+        ok = (
+            result["sessions"]["neither"] == 0
+            and result["lost"]["owed_clips_without_final"] == 0
+            and result["lost"]["segments_with_partial_no_final_in_sessions_with_end"] == 0
+        )
     else:
         result = asyncio.run(scaling(args))
         print_scaling(result)

@@ -57,8 +57,9 @@ def default_heads(n_layer: int, n_head: int) -> list[tuple[int, int]]:
 
 
 @torch.inference_mode()
-def alignment_pass(model: Whisper, features: Tensor, tokens: list[int],
-                   heads: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+def alignment_pass(
+    model: Whisper, features: Tensor, tokens: list[int], heads: list[tuple[int, int]]
+) -> tuple[Tensor, Tensor]:
     """One causal decoder pass over `tokens` without a cache: logits [T, V] (float32) and the
     scaled q·k of the alignment `heads` over `features` [frames, D], as [len(heads), T, frames]
     (float32, before the softmax)."""
@@ -166,29 +167,39 @@ def _whole_characters(tokenizer: Tokenizer, tokens: list[int]) -> list[tuple[str
     return groups
 
 
-def find_alignment(model: Whisper, tokenizer: Tokenizer, heads: list[tuple[int, int]], features: Tensor,
-                   sot_sequence: list[int], text_tokens: list[int], language: str, num_frames: int) -> list[Word]:
+def find_alignment(
+    model: Whisper,
+    tokenizer: Tokenizer,
+    heads: list[tuple[int, int]],
+    features: Tensor,
+    sot_sequence: list[int],
+    text_tokens: list[int],
+    language: str,
+    num_frames: int,
+) -> list[Word]:
     """Words of `text_tokens` with their times (openai/whisper's find_alignment), for audio of
     `num_frames` mel frames encoded as `features` [frames, D]."""
     if not text_tokens:
         return []
     tokens = [*sot_sequence, tokenizer.no_timestamps, *text_tokens, tokenizer.eot]
     logits, qk = alignment_pass(model, features, tokens, heads)
-    probs = logits[len(sot_sequence):, : tokenizer.eot].softmax(dim=-1)
+    probs = logits[len(sot_sequence) :, : tokenizer.eot].softmax(dim=-1)
     token_probs = probs[torch.arange(len(text_tokens)), torch.tensor(text_tokens)].tolist()
 
     weights = qk[:, :, : max(1, num_frames // 2)].softmax(dim=-1)
     std, mean = torch.std_mean(weights, dim=-2, keepdim=True, unbiased=False)
     weights = median_filter((weights - mean) / std.clamp_min(1e-10), MEDIAN_FILTER_WIDTH)
-    matrix = weights.mean(dim=0)[len(sot_sequence):-1]  # rows: <|notimestamps|> and the text tokens
+    matrix = weights.mean(dim=0)[len(sot_sequence) : -1]  # rows: <|notimestamps|> and the text tokens
     text_indices, time_indices = dtw(-matrix.double().cpu().numpy())
 
     words = split_words(tokenizer, text_tokens, language)
     boundaries = np.pad(np.cumsum([len(w) for _, w in words]), (1, 0))
     jumps = np.pad(np.diff(text_indices), (1, 0), constant_values=1).astype(bool)
     jump_times = time_indices[jumps] / TOKENS_PER_SECOND
-    return [Word(text, float(jump_times[a]), float(jump_times[b]), float(np.mean(token_probs[a:b])), group)
-            for (text, group), a, b in zip(words, boundaries[:-1], boundaries[1:])]
+    return [
+        Word(text, float(jump_times[a]), float(jump_times[b]), float(np.mean(token_probs[a:b])), group)
+        for (text, group), a, b in zip(words, boundaries[:-1], boundaries[1:])
+    ]
 
 
 def merge_punctuation(words: list[Word]) -> list[Word]:
@@ -209,8 +220,16 @@ def merge_punctuation(words: list[Word]) -> list[Word]:
     return kept
 
 
-def word_timings(model: Whisper, tokenizer: Tokenizer, heads: list[tuple[int, int]], features: Tensor,
-                 sot_sequence: list[int], tokens: list[int], language: str, audio: np.ndarray) -> list[Word]:
+def word_timings(
+    model: Whisper,
+    tokenizer: Tokenizer,
+    heads: list[tuple[int, int]],
+    features: Tensor,
+    sot_sequence: list[int],
+    tokens: list[int],
+    language: str,
+    audio: np.ndarray,
+) -> list[Word]:
     """Timed words of one segment's decoded `tokens` (timestamp tokens are skipped) in its 16 kHz
     `audio`: openai/whisper's add_word_timestamps for one segment that starts the audio (long
     words at sentence ends and at the start cut to twice the median duration), then each word's
@@ -230,8 +249,13 @@ def word_timings(model: Whisper, tokenizer: Tokenizer, heads: list[tuple[int, in
                 elif previous.text in SENTENCE_END:
                     word.start = word.end - longest
     words = merge_punctuation(words)
-    if words and words[0].end > 4 * median and (
-            words[0].end - words[0].start > longest or (len(words) > 1 and words[1].end - words[0].start > 2 * longest)):
+    if (
+        words
+        and words[0].end > 4 * median
+        and (
+            words[0].end - words[0].start > longest or (len(words) > 1 and words[1].end - words[0].start > 2 * longest)
+        )
+    ):
         if len(words) > 1 and words[1].end - words[1].start > longest:  # the first words after a pause
             words[0].end = words[1].start = max(words[1].end / 2, words[1].end - longest)
         words[0].start = max(0.0, words[0].end - longest)

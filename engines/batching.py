@@ -29,8 +29,17 @@ import torch
 from torch import Tensor
 
 from .cuda_graphs import GraphOptions, StepRunner, step_inputs, tree_visibility
-from .decoding import (DecodingOptions, DecodingResult, Draft, Drafter, LogitFilter, beam_search, detect_language,
-                       repetition_period, segment_prompt)
+from .decoding import (
+    DecodingOptions,
+    DecodingResult,
+    Draft,
+    Drafter,
+    LogitFilter,
+    beam_search,
+    detect_language,
+    repetition_period,
+    segment_prompt,
+)
 from .model import Whisper
 from .tokenizer import Tokenizer
 
@@ -67,16 +76,21 @@ class Sequence:
             return
         period = repetition_period(self.generated)
         if period:
-            del self.generated[-period * (max(3, -(-24 // period)) - 1):]
+            del self.generated[-period * (max(3, -(-24 // period)) - 1) :]
             self.looped = self.done = True
 
     def result(self, tokenizer: Tokenizer) -> DecodingResult:
         toks = self.generated[:-1] if self.generated and self.generated[-1] == tokenizer.eot else self.generated
         return DecodingResult(
-            tokens=toks, text=tokenizer.decode(toks).strip(), language=self.language,
+            tokens=toks,
+            text=tokenizer.decode(toks).strip(),
+            language=self.language,
             avg_logprob=self.logprob_sum / (len(self.generated) + 1) if self.generated else 0.0,
-            no_speech_prob=self.no_speech_prob, looped=self.looped, forwards=self.forwards,
-            draft_proposed=self.proposed, draft_accepted=self.accepted,
+            no_speech_prob=self.no_speech_prob,
+            looped=self.looped,
+            forwards=self.forwards,
+            draft_proposed=self.proposed,
+            draft_accepted=self.accepted,
         )
 
 
@@ -106,7 +120,9 @@ class _Tree:
         return cls([last] + draft.tokens, parents, depth, draft.source)
 
     def child(self, node: int, token: int) -> int | None:
-        return next((i for i in range(node + 1, len(self.tokens)) if self.parents[i] == node and self.tokens[i] == token), None)
+        return next(
+            (i for i in range(node + 1, len(self.tokens)) if self.parents[i] == node and self.tokens[i] == token), None
+        )
 
     def path(self, node: int) -> list[int]:
         """Draft tokens from the root to `node` (what that node's prediction assumes); none for padding."""
@@ -120,8 +136,15 @@ class _Tree:
 class Batch:
     """The running batch: up to `rows` sequences decoded together, one forward per step."""
 
-    def __init__(self, model: Whisper, tokenizer: Tokenizer, suppress_tokens: list[int], rows: int,
-                 graphs: GraphOptions | bool | None = None, node_budget: int | None = None):
+    def __init__(
+        self,
+        model: Whisper,
+        tokenizer: Tokenizer,
+        suppress_tokens: list[int],
+        rows: int,
+        graphs: GraphOptions | bool | None = None,
+        node_budget: int | None = None,
+    ):
         """`graphs` (engines/cuda_graphs.py): run steps through a StepRunner, bucketed and, on CUDA,
         replayed as CUDA graphs; prompts then join the next step instead of a forward of their own.
         None/False: plain eager forwards (the reference path). `node_budget`: draft nodes a step
@@ -140,8 +163,13 @@ class Batch:
         self._filters: dict[DecodingOptions, LogitFilter] = {}
         self.runner: StepRunner | None = None
         if graphs:
-            self.runner = StepRunner(model, self.cache, self.cross_k, self.cross_v,
-                                     graphs if isinstance(graphs, GraphOptions) else GraphOptions())
+            self.runner = StepRunner(
+                model,
+                self.cache,
+                self.cross_k,
+                self.cross_v,
+                graphs if isinstance(graphs, GraphOptions) else GraphOptions(),
+            )
         self._pending: dict[Sequence, None] = {}  # admitted, prompt not fed yet (runner path)
 
     @property
@@ -150,7 +178,9 @@ class Batch:
 
     def _filter(self, options: DecodingOptions) -> LogitFilter:
         if options not in self._filters:
-            self._filters[options] = LogitFilter(self.tokenizer, self.suppress_tokens, self.model.dims.n_vocab, options, self.model.device)
+            self._filters[options] = LogitFilter(
+                self.tokenizer, self.suppress_tokens, self.model.dims.n_vocab, options, self.model.device
+            )
         return self._filters[options]
 
     @staticmethod
@@ -206,7 +236,9 @@ class Batch:
         for s, p in zip(sequences, probs):
             s.no_speech_prob = p
             s.forwards = 1
-        self._choose(sequences, logits[:, 1:], hidden[index, last][:, None], [_Tree.build(s.prompt[-1], None) for s in sequences])
+        self._choose(
+            sequences, logits[:, 1:], hidden[index, last][:, None], [_Tree.build(s.prompt[-1], None) for s in sequences]
+        )
 
     def _feed(self, prompts: list[list[int]], seqs: list[Sequence]) -> Tensor:
         """One forward of `prompts` from position 0 in the rows of `seqs` (consecutive), padded to the
@@ -217,8 +249,9 @@ class Batch:
         positions = torch.arange(width, device=device).expand_as(tokens)
         return self._forward(seqs, tokens, positions, positions, [_Tree.chain(p) for p in prompts], width)
 
-    def _forward(self, seqs: list[Sequence], tokens: Tensor, positions: Tensor, slots: Tensor,
-                 trees: list[_Tree], width: int) -> Tensor:
+    def _forward(
+        self, seqs: list[Sequence], tokens: Tensor, positions: Tensor, slots: Tensor, trees: list[_Tree], width: int
+    ) -> Tensor:
         """One decoder forward over `seqs` (which must be rows 0..n-1 or a run of rows)."""
         model, n_ctx = self.model, self.model.dims.n_text_ctx
         device = model.device
@@ -230,10 +263,16 @@ class Batch:
         mask.scatter_(2, slots[:, None, :].expand(-1, width, -1), torch.from_numpy(sees).to(device))
         mask = mask[..., : int(slots.max()) + 1]  # read only the cache slots in use
         frames = max(s.frames for s in seqs)
-        cross = [(self.cross_k[layer, lo:hi, :, :frames], self.cross_v[layer, lo:hi, :, :frames]) for layer in range(model.dims.n_text_layer)]
+        cross = [
+            (self.cross_k[layer, lo:hi, :, :frames], self.cross_v[layer, lo:hi, :, :frames])
+            for layer in range(model.dims.n_text_layer)
+        ]
         cross_mask = None
         if any(s.frames != frames for s in seqs):
-            visible = torch.arange(frames, device=device)[None, :] < torch.tensor([s.frames for s in seqs], device=device)[:, None]
+            visible = (
+                torch.arange(frames, device=device)[None, :]
+                < torch.tensor([s.frames for s in seqs], device=device)[:, None]
+            )
             cross_mask = visible[:, None, None, :]
         rows = None if lo == 0 else torch.arange(lo, hi, device=device)
         return model.decoder.hidden(tokens, positions, self.cache, rows, cross, mask[:, None], cross_mask, slots=slots)
@@ -313,8 +352,12 @@ class Batch:
                     probs = logits[index, 0].softmax(-1)[:, no_speech].tolist()
                     for i, p in zip(group, probs):
                         seqs[i].no_speech_prob = p
-                self._choose([seqs[i] for i in group], last, hidden[index, length - 1 : length],
-                             [_Tree.build(seqs[i].prompt[-1], None) for i in group])
+                self._choose(
+                    [seqs[i] for i in group],
+                    last,
+                    hidden[index, length - 1 : length],
+                    [_Tree.build(seqs[i].prompt[-1], None) for i in group],
+                )
             for i in fresh:
                 del self._pending[seqs[i]]
         finished = [s for s in seqs if s.done]
@@ -329,7 +372,7 @@ class Batch:
         for i, s in enumerate(seqs):
             groups.setdefault(self._filter_key(s.options), []).append(i)
         if len(groups) == 1:
-            (options, idx), = groups.items()
+            ((options, idx),) = groups.items()
             prefixes = [seqs[i].generated + trees[i].path(node) for i in idx for node in range(width)]
             flat = logits.reshape(len(idx) * width, -1)
             logprobs = self._filter(options).apply(flat, prefixes).log_softmax(-1).view(len(idx), width, -1)
@@ -390,7 +433,9 @@ class Decoder:
         self.model, self.tokenizer, self.suppress_tokens = model, tokenizer, suppress_tokens
 
     @torch.inference_mode()
-    def decode(self, features: Tensor, options: DecodingOptions, drafters: list[list[Drafter]] | None = None) -> list[DecodingResult]:
+    def decode(
+        self, features: Tensor, options: DecodingOptions, drafters: list[list[Drafter]] | None = None
+    ) -> list[DecodingResult]:
         """features [B, frames, D] -> one result per segment; `drafters[b]` draft for segment b
         in their order (greedy only)."""
         batch = features.shape[0]
@@ -398,13 +443,19 @@ class Decoder:
         if options.language is None:
             languages = detect_language(self.model, self.tokenizer, self.model.decoder.cross_kv(features))
         if options.beam_size > 1:
-            return [beam_search(self.model, self.tokenizer, self.suppress_tokens, features[b : b + 1], languages[b], options)
-                    for b in range(batch)]
+            return [
+                beam_search(
+                    self.model, self.tokenizer, self.suppress_tokens, features[b : b + 1], languages[b], options
+                )
+                for b in range(batch)
+            ]
         running = Batch(self.model, self.tokenizer, self.suppress_tokens, rows=batch)
         n_ctx = self.model.dims.n_text_ctx
         prompts = [segment_prompt(self.tokenizer, lang, options, n_ctx) for lang in languages]
-        seqs = [Sequence(prompt, lang, options, (drafters or [[]] * batch)[b], frames=features.shape[1], prefix=prefix)
-                for b, (lang, (prompt, prefix)) in enumerate(zip(languages, prompts))]
+        seqs = [
+            Sequence(prompt, lang, options, (drafters or [[]] * batch)[b], frames=features.shape[1], prefix=prefix)
+            for b, (lang, (prompt, prefix)) in enumerate(zip(languages, prompts))
+        ]
         running.admit(features, seqs)
         while running.active:
             running.step()

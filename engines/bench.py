@@ -48,7 +48,9 @@ STEP_MODES = {  # decoder step variants timed side by side (--modes); graphs rec
     "graph": GraphOptions(mode="graph", row_kernels=False, attention_kernel=False, record_in_background=False),
     # our Triton kernels, graphed: row kernels up to 16 rows, the self-attention kernel beyond (the engine's default)
     "kernels": GraphOptions(mode="graph", row_kernels=True, attention_kernel=True, record_in_background=False),
-    "compile": GraphOptions(mode="compile", row_kernels=False, record_in_background=False),  # Inductor-fused regions, graphed
+    "compile": GraphOptions(
+        mode="compile", row_kernels=False, record_in_background=False
+    ),  # Inductor-fused regions, graphed
 }
 
 
@@ -59,6 +61,7 @@ def _ints(text: str) -> list[int]:
 # -- building -------------------------------------------------------------------------------------
 
 # -- timing ---------------------------------------------------------------------------------------
+
 
 class Timer:
     def __init__(self, device: torch.device, repeats: int = 5):
@@ -106,21 +109,34 @@ def copy_bandwidth(device: torch.device, timer: Timer) -> float | None:
     return 2 * (1 << 30) / ms / 1e6
 
 
-def decoder_bytes(dims: ModelDims, batch: int, width: int, frames: int, context: int, itemsize: int) -> dict[str, float]:
+def decoder_bytes(
+    dims: ModelDims, batch: int, width: int, frames: int, context: int, itemsize: int
+) -> dict[str, float]:
     """Bytes one decoder step must read: weights once (token embedding for the logits too), the
     cross-attention keys/values of every row, the self-attention keys/values read."""
     d, layers = dims.n_text_state, dims.n_text_layer
     weights = layers * (4 * d * d * 2 + 8 * d * d) + dims.n_vocab * d  # self + cross attention, MLP, embedding
-    return {"weights": weights * itemsize,
-            "cross_kv": batch * layers * 2 * frames * d * itemsize,
-            "self_kv": batch * layers * 2 * context * d * itemsize}
+    return {
+        "weights": weights * itemsize,
+        "cross_kv": batch * layers * 2 * frames * d * itemsize,
+        "self_kv": batch * layers * 2 * context * d * itemsize,
+    }
 
 
 # -- sections -------------------------------------------------------------------------------------
 
+
 @torch.inference_mode()
-def bench_encoder(model: Whisper, batches: list[int], mel_frames: int, short_window: float, timer: Timer,
-                  iters: int, dtype, fused: bool = False) -> list[dict]:
+def bench_encoder(
+    model: Whisper,
+    batches: list[int],
+    mel_frames: int,
+    short_window: float,
+    timer: Timer,
+    iters: int,
+    dtype,
+    fused: bool = False,
+) -> list[dict]:
     out = []
     shapes = [(b, mel_frames) for b in batches]
     if short_window:
@@ -148,9 +164,12 @@ def bench_encoder(model: Whisper, batches: list[int], mel_frames: int, short_win
                 row["fused_ms_per_window"] = row["fused_ms_per_call"] / b
                 row["fused_max_abs_diff"] = (fused(mel).float() - graphed(mel).float()).abs().max().item()
         out.append(row)
-        print(f"encoder batch {b:3d} {frames / 100:5.1f} s: {ms:8.2f} ms/call {ms / b:7.2f} ms/window"
-              + (f"  graphed {row['graph_ms_per_window']:7.2f} ms/window" if graphed is not None else "")
-              + (f"  fused {row['fused_ms_per_window']:7.2f} ms/window" if "fused_ms_per_window" in row else ""), flush=True)
+        print(
+            f"encoder batch {b:3d} {frames / 100:5.1f} s: {ms:8.2f} ms/call {ms / b:7.2f} ms/window"
+            + (f"  graphed {row['graph_ms_per_window']:7.2f} ms/window" if graphed is not None else "")
+            + (f"  fused {row['fused_ms_per_window']:7.2f} ms/window" if "fused_ms_per_window" in row else ""),
+            flush=True,
+        )
         del mel
     return out
 
@@ -181,21 +200,41 @@ def _chain_inputs(batch: int, width: int, position: int, n_ctx: int, n_vocab: in
 
 
 @torch.inference_mode()
-def bench_decoder(model: Whisper, pools: _Pools, batches: list[int], widths: list[int], frames_list: list[int],
-                  modes: list[str], compile_batches: list[int], position: int, timer: Timer, iters: int,
-                  label: str, copy_gbps: float | None, check: dict) -> list[dict]:
+def bench_decoder(
+    model: Whisper,
+    pools: _Pools,
+    batches: list[int],
+    widths: list[int],
+    frames_list: list[int],
+    modes: list[str],
+    compile_batches: list[int],
+    position: int,
+    timer: Timer,
+    iters: int,
+    label: str,
+    copy_gbps: float | None,
+    check: dict,
+) -> list[dict]:
     """ms per decoder step by (batch, width, frames) in each mode, on identical inputs."""
     dims = model.dims
     rng = np.random.default_rng(0)
-    runners = {mode: StepRunner(model, pools.cache, pools.cross_k, pools.cross_v, replace(STEP_MODES[mode], width_buckets=()))
-               for mode in modes}
+    runners = {
+        mode: StepRunner(model, pools.cache, pools.cross_k, pools.cross_v, replace(STEP_MODES[mode], width_buckets=()))
+        for mode in modes
+    }
     rows = []
     for frames in frames_list:
         for width in widths:
             for b in batches:
                 inputs = _chain_inputs(b, width, position, dims.n_text_ctx, dims.n_vocab, rng)
-                row = {"table": label, "batch": b, "width": width, "draft": width - 1, "frames": frames,
-                       "position": position}
+                row = {
+                    "table": label,
+                    "batch": b,
+                    "width": width,
+                    "draft": width - 1,
+                    "frames": frames,
+                    "position": position,
+                }
                 results = {}
                 for mode, runner in runners.items():
                     if mode == "compile" and b not in compile_batches:
@@ -217,10 +256,18 @@ def bench_decoder(model: Whisper, pools: _Pools, batches: list[int], widths: lis
                         if mode in results:
                             diff = (results[mode] - results["eager"]).abs().max().item()
                             check.setdefault(f"{mode}_vs_eager_max_abs_logit_diff", 0.0)
-                            check[f"{mode}_vs_eager_max_abs_logit_diff"] = max(check[f"{mode}_vs_eager_max_abs_logit_diff"], diff)
+                            check[f"{mode}_vs_eager_max_abs_logit_diff"] = max(
+                                check[f"{mode}_vs_eager_max_abs_logit_diff"], diff
+                            )
                             same = bool((results[mode].argmax(-1) == results["eager"].argmax(-1)).all())
-                            check[f"{mode}_vs_eager_argmax_equal"] = check.get(f"{mode}_vs_eager_argmax_equal", True) and same
-                best = min(v for k, v in row.items() if k.endswith("_ms") and k != "eager_ms") if len(runners) > 1 else row.get("eager_ms")
+                            check[f"{mode}_vs_eager_argmax_equal"] = (
+                                check.get(f"{mode}_vs_eager_argmax_equal", True) and same
+                            )
+                best = (
+                    min(v for k, v in row.items() if k.endswith("_ms") and k != "eager_ms")
+                    if len(runners) > 1
+                    else row.get("eager_ms")
+                )
                 row["tokens_per_s"] = b * width / best * 1000 if width == 1 else None
                 row["sequences_per_s"] = b / best * 1000
                 context = row["bucket"][3]
@@ -229,15 +276,19 @@ def bench_decoder(model: Whisper, pools: _Pools, batches: list[int], widths: lis
                 if copy_gbps:
                     row["floor_ms"] = sum(nbytes.values()) / copy_gbps / 1e6
                 rows.append(row)
-                print(f"{label:8s} batch {b:3d} width {width:2d} frames {frames:4d}: " +
-                      " ".join(f"{m} {row[m + '_ms']:7.3f} ms" for m in STEP_MODES if m + "_ms" in row) +
-                      (f"  floor {row['floor_ms']:.3f} ms" if "floor_ms" in row else ""), flush=True)
+                print(
+                    f"{label:8s} batch {b:3d} width {width:2d} frames {frames:4d}: "
+                    + " ".join(f"{m} {row[m + '_ms']:7.3f} ms" for m in STEP_MODES if m + "_ms" in row)
+                    + (f"  floor {row['floor_ms']:.3f} ms" if "floor_ms" in row else ""),
+                    flush=True,
+                )
     return rows
 
 
 @torch.inference_mode()
-def bench_mixed(model: Whisper, pools: _Pools, batches: list[int], position: int, timer: Timer, iters: int,
-                copy_gbps: float | None) -> list[dict]:
+def bench_mixed(
+    model: Whisper, pools: _Pools, batches: list[int], position: int, timer: Timer, iters: int, copy_gbps: float | None
+) -> list[dict]:
     """Graphed steps over rows of different window lengths (a third full 30 s windows, the rest
     2.5-12 s: finals among partials), by cross-attention kernel: SDPA with a masked frame bucket
     against the variable-length kernels that read each row's own frames."""
@@ -246,8 +297,13 @@ def bench_mixed(model: Whisper, pools: _Pools, batches: list[int], position: int
     out = []
     for kernel in ("sdpa", "efficient", "flash"):
         try:
-            runner = StepRunner(model, pools.cache, pools.cross_k, pools.cross_v,
-                                GraphOptions(mode="graph" if model.device.type == "cuda" else "eager", cross_attention=kernel))
+            runner = StepRunner(
+                model,
+                pools.cache,
+                pools.cross_k,
+                pools.cross_v,
+                GraphOptions(mode="graph" if model.device.type == "cuda" else "eager", cross_attention=kernel),
+            )
         except Exception as exc:
             out.append({"kernel": kernel, "error": repr(exc)[:300]})
             continue
@@ -263,11 +319,20 @@ def bench_mixed(model: Whisper, pools: _Pools, batches: list[int], position: int
                 continue
             read = decoder_bytes(dims, b, 1, 0, key[3], model.dtype.itemsize)
             own = sum(frames) * dims.n_text_layer * 2 * dims.n_text_state * model.dtype.itemsize
-            row = {"kernel": kernel, "batch": b, "mean_frames": float(np.mean(frames)), "bucket": list(key[:4]), "ms": ms,
-                   "floor_ms": (read["weights"] + read["self_kv"] + own) / copy_gbps / 1e6 if copy_gbps else None}
+            row = {
+                "kernel": kernel,
+                "batch": b,
+                "mean_frames": float(np.mean(frames)),
+                "bucket": list(key[:4]),
+                "ms": ms,
+                "floor_ms": (read["weights"] + read["self_kv"] + own) / copy_gbps / 1e6 if copy_gbps else None,
+            }
             out.append(row)
-            print(f"mixed    {kernel:9s} batch {b:3d} mean frames {row['mean_frames']:.0f}: {ms:7.3f} ms per step"
-                  + (f"  floor {row['floor_ms']:.3f}" if row["floor_ms"] else ""), flush=True)
+            print(
+                f"mixed    {kernel:9s} batch {b:3d} mean frames {row['mean_frames']:.0f}: {ms:7.3f} ms per step"
+                + (f"  floor {row['floor_ms']:.3f}" if row["floor_ms"] else ""),
+                flush=True,
+            )
     return out
 
 
@@ -282,8 +347,10 @@ def bench_exact(model: Whisper, sequences: int = 8, tokens: int = 48) -> dict:
     tok = Tokenizer(synthetic_vocabulary(model.dims.n_vocab))
     gen = torch.Generator(device=model.device).manual_seed(3)
     half = sequences // 2
-    groups = [torch.randn(half, model.dims.n_audio_ctx, model.dims.n_audio_state, device=model.device, generator=gen),
-              torch.randn(sequences - half, 300, model.dims.n_audio_state, device=model.device, generator=gen)]
+    groups = [
+        torch.randn(half, model.dims.n_audio_ctx, model.dims.n_audio_state, device=model.device, generator=gen),
+        torch.randn(sequences - half, 300, model.dims.n_audio_state, device=model.device, generator=gen),
+    ]
     groups = [g.to(model.dtype) for g in groups]
     options = DecodingOptions(max_new_tokens=tokens)
     results = {}
@@ -294,15 +361,16 @@ def bench_exact(model: Whisper, sequences: int = 8, tokens: int = 48) -> dict:
         batch = Batch(model, tok, [tok.eot], rows=sequences, graphs=graphs)
         seqs = []
         for feats in groups:
-            group = [Sequence(tok.prompt("zh"), "zh", options, [], frames=feats.shape[1]) for _ in range(feats.shape[0])]
+            group = [
+                Sequence(tok.prompt("zh"), "zh", options, [], frames=feats.shape[1]) for _ in range(feats.shape[0])
+            ]
             batch.admit(feats, group)
             seqs += group
             batch.step()
         while batch.active:
             batch.step()
         results[name] = [s.generated for s in seqs]
-    out = {"sequences": sequences, "max_new_tokens": tokens,
-           "lengths": [len(g) for g in results["plain"]]}
+    out = {"sequences": sequences, "max_new_tokens": tokens, "lengths": [len(g) for g in results["plain"]]}
     for name in results:
         if name != "plain":
             out[f"{name}_equal_to_plain"] = sum(a == b for a, b in zip(results[name], results["plain"]))
@@ -327,8 +395,16 @@ class _RandomDrafter:
 
 
 @torch.inference_mode()
-def bench_step(model: Whisper, batches: list[int], frames: int, timer: Timer, draft: int = 0, steps: int = 12,
-               cross_attention: str = "auto", mode: str = "graph") -> list[dict]:
+def bench_step(
+    model: Whisper,
+    batches: list[int],
+    frames: int,
+    timer: Timer,
+    draft: int = 0,
+    steps: int = 12,
+    cross_attention: str = "auto",
+    mode: str = "graph",
+) -> list[dict]:
     """The running batch's step() end to end (host work included), graphed (in `mode`) where CUDA is."""
     from .batching import Batch, Sequence
     from .decoding import DecodingOptions
@@ -343,8 +419,10 @@ def bench_step(model: Whisper, batches: list[int], frames: int, timer: Timer, dr
     for b in batches:
         feats = torch.randn(b, frames, model.dims.n_audio_state, device=model.device, dtype=model.dtype)
         options = DecodingOptions(max_new_tokens=200, max_draft=max(draft, 1))
-        seqs = [Sequence(tok.prompt("zh"), "zh", options, [_RandomDrafter(draft, i)] if draft else [], frames=frames)
-                for i in range(b)]
+        seqs = [
+            Sequence(tok.prompt("zh"), "zh", options, [_RandomDrafter(draft, i)] if draft else [], frames=frames)
+            for i in range(b)
+        ]
         batch.admit(feats, seqs)
         batch.step()  # prompts
         for _ in range(3):  # capture this width's graphs
@@ -358,8 +436,13 @@ def bench_step(model: Whisper, batches: list[int], frames: int, timer: Timer, dr
         timer.sync()
         ms = (time.perf_counter() - t0) * 1000 / n
         active = len(batch.active)
-        out.append({"batch": b, "active_after": active, "draft": draft, "frames": frames, "mode": mode, "ms_per_step": ms})
-        print(f"step()   batch {b:3d} draft {draft:2d} frames {frames}: {ms:7.3f} ms per step (host work included)", flush=True)
+        out.append(
+            {"batch": b, "active_after": active, "draft": draft, "frames": frames, "mode": mode, "ms_per_step": ms}
+        )
+        print(
+            f"step()   batch {b:3d} draft {draft:2d} frames {frames}: {ms:7.3f} ms per step (host work included)",
+            flush=True,
+        )
         for s in list(batch.active):
             batch.remove(s)
     return out
@@ -386,35 +469,63 @@ def bench_probe(model: Whisper, pools: _Pools, batch: int, timer: Timer, copy_gb
             for kernel, r in report.items():
                 out.append({"kernel": f"mixed_lengths_{kernel}", "batch": b, **r})
                 print(f"probe    mixed lengths {kernel:9s} batch {b}: {r}", flush=True)
-    for name, fn in (("sdpa_unmasked", lambda: F.scaled_dot_product_attention(q, k, v)),
-                     ("sdpa_bool_mask", lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)),
-                     ("matmul_softmax", lambda: torch.softmax((q @ k.transpose(-1, -2)) * dh ** -0.5, -1) @ v)):
+    for name, fn in (
+        ("sdpa_unmasked", lambda: F.scaled_dot_product_attention(q, k, v)),
+        ("sdpa_bool_mask", lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)),
+        ("matmul_softmax", lambda: torch.softmax((q @ k.transpose(-1, -2)) * dh**-0.5, -1) @ v),
+    ):
         ms = timer(fn, iters=50)
-        out.append({"kernel": name, "batch": batch, "frames": k.shape[2], "ms_per_layer": ms,
-                    "GBps": nbytes / ms / 1e6, "copy_GBps": copy_gbps})
+        out.append(
+            {
+                "kernel": name,
+                "batch": batch,
+                "frames": k.shape[2],
+                "ms_per_layer": ms,
+                "GBps": nbytes / ms / 1e6,
+                "copy_GBps": copy_gbps,
+            }
+        )
         print(f"probe    {name:15s} batch {batch} 1 layer: {ms:.4f} ms, {nbytes / ms / 1e6:.0f} GB/s", flush=True)
     return out
 
 
 @torch.inference_mode()
-def bench_hf(dims: ModelDims, device: torch.device, dtype, batches: list[int], mel_frames: int, timer: Timer,
-             iters: int, steps: int = 16) -> dict:
+def bench_hf(
+    dims: ModelDims,
+    device: torch.device,
+    dtype,
+    batches: list[int],
+    mel_frames: int,
+    timer: Timer,
+    iters: int,
+    steps: int = 16,
+) -> dict:
     """transformers' WhisperForConditionalGeneration, eager, same shape and dtype, random weights."""
     import transformers
 
     config = transformers.WhisperConfig(
-        vocab_size=dims.n_vocab, num_mel_bins=dims.n_mels, d_model=dims.n_text_state,
-        encoder_layers=dims.n_audio_layer, encoder_attention_heads=dims.n_audio_head,
-        decoder_layers=dims.n_text_layer, decoder_attention_heads=dims.n_text_head,
-        encoder_ffn_dim=4 * dims.n_audio_state, decoder_ffn_dim=4 * dims.n_text_state,
-        max_source_positions=dims.n_audio_ctx, max_target_positions=dims.n_text_ctx,
+        vocab_size=dims.n_vocab,
+        num_mel_bins=dims.n_mels,
+        d_model=dims.n_text_state,
+        encoder_layers=dims.n_audio_layer,
+        encoder_attention_heads=dims.n_audio_head,
+        decoder_layers=dims.n_text_layer,
+        decoder_attention_heads=dims.n_text_head,
+        encoder_ffn_dim=4 * dims.n_audio_state,
+        decoder_ffn_dim=4 * dims.n_text_state,
+        max_source_positions=dims.n_audio_ctx,
+        max_target_positions=dims.n_text_ctx,
     )
     torch.manual_seed(0)
     with torch.device(device):
         model = transformers.WhisperForConditionalGeneration(config)
     model = model.to(device, dtype).eval()
-    result = {"transformers": transformers.__version__, "attn_implementation": getattr(model.config, "_attn_implementation", None),
-              "encoder": [], "decoder": []}
+    result = {
+        "transformers": transformers.__version__,
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        "encoder": [],
+        "decoder": [],
+    }
     for b in batches:
         mel = torch.randn(b, dims.n_mels, 3000, device=device, dtype=dtype)  # transformers insists on the 30 s window
         ms = timer(lambda: model.model.encoder(mel), iters=max(1, iters // 4) if b > 8 else iters, repeats=3)
@@ -436,7 +547,9 @@ def bench_hf(dims: ModelDims, device: torch.device, dtype, batches: list[int], m
             timer.sync()
             times.append((time.perf_counter() - t0) * 1000 / steps)
         ms = times[-1]
-        result["decoder"].append({"batch": b, "ms_per_step": ms, "tokens_per_s": b / ms * 1000, "frames": dims.n_audio_ctx})
+        result["decoder"].append(
+            {"batch": b, "ms_per_step": ms, "tokens_per_s": b / ms * 1000, "frames": dims.n_audio_ctx}
+        )
         print(f"hf decoder batch {b:3d}: {ms:8.2f} ms per step ({b / ms * 1000:.0f} tokens/s)", flush=True)
         del enc, out, cache
     del model
@@ -444,6 +557,7 @@ def bench_hf(dims: ModelDims, device: torch.device, dtype, batches: list[int], m
 
 
 # -- the command ----------------------------------------------------------------------------------
+
 
 def run_bench(args: argparse.Namespace) -> int:
     if not args.random_weights:
@@ -456,7 +570,9 @@ def run_bench(args: argparse.Namespace) -> int:
     dims = SHAPES[args.shape]
     batches = _ints(args.batch)
     sections = set(args.sections.split(","))
-    modes = (args.modes.split(",") if args.modes else (["eager", "graph", "kernels"] if device.type == "cuda" else ["eager"]))
+    modes = (
+        args.modes.split(",") if args.modes else (["eager", "graph", "kernels"] if device.type == "cuda" else ["eager"])
+    )
     unknown = sorted(set(modes) - set(STEP_MODES))
     if unknown:
         raise SystemExit(f"unknown --modes {','.join(unknown)}: choose among {','.join(STEP_MODES)}")
@@ -464,11 +580,20 @@ def run_bench(args: argparse.Namespace) -> int:
         modes = [m for m in modes if m == "eager"] or ["eager"]
     timer = Timer(device, args.repeats)
     report: dict = {
-        "command": ("python -m engines.bench" if sys.argv[0].endswith("bench.py") else Path(sys.argv[0]).name) + " " + " ".join(sys.argv[1:]),
+        "command": ("python -m engines.bench" if sys.argv[0].endswith("bench.py") else Path(sys.argv[0]).name)
+        + " "
+        + " ".join(sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "torch": torch.__version__, "shape": args.shape, "dims": dims.__dict__, "dtype": str(dtype).replace("torch.", ""),
-        "random_weights": True, "modes": modes, "check": {},
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "shape": args.shape,
+        "dims": dims.__dict__,
+        "dtype": str(dtype).replace("torch.", ""),
+        "random_weights": True,
+        "modes": modes,
+        "check": {},
     }
 
     def save():
@@ -481,8 +606,9 @@ def run_bench(args: argparse.Namespace) -> int:
     report["build_s"] = round(time.perf_counter() - t_start, 2)
     save()
     if "encoder" in sections:
-        report["encoder"] = bench_encoder(model, batches, args.encoder_frames, args.short_window, timer, args.iters, dtype,
-                                          fused="compile" in modes)
+        report["encoder"] = bench_encoder(
+            model, batches, args.encoder_frames, args.short_window, timer, args.iters, dtype, fused="compile" in modes
+        )
         save()
     frames_list = [min(f, dims.n_audio_ctx) for f in _ints(args.frames)]
     pools = None
@@ -490,18 +616,50 @@ def run_bench(args: argparse.Namespace) -> int:
         draft_batches = _ints(args.draft_batch) if "verify" in sections else []
         pools = _Pools(model, max(batches + draft_batches))
     if "decoder" in sections:
-        report["decoder"] = bench_decoder(model, pools, batches, [1], frames_list, modes, _ints(args.compile_batch),
-                                          args.position, timer, args.iters, "decoder", report["copy_GBps"], report["check"])
+        report["decoder"] = bench_decoder(
+            model,
+            pools,
+            batches,
+            [1],
+            frames_list,
+            modes,
+            _ints(args.compile_batch),
+            args.position,
+            timer,
+            args.iters,
+            "decoder",
+            report["copy_GBps"],
+            report["check"],
+        )
         save()
     if "verify" in sections:
         widths = [d + 1 for d in _ints(args.drafts)]
-        report["verification"] = bench_decoder(model, pools, _ints(args.draft_batch), widths, frames_list[:1],
-                                               [m for m in modes if m != "compile"], [], args.position, timer,
-                                               args.iters, "verify", report["copy_GBps"], report["check"])
+        report["verification"] = bench_decoder(
+            model,
+            pools,
+            _ints(args.draft_batch),
+            widths,
+            frames_list[:1],
+            [m for m in modes if m != "compile"],
+            [],
+            args.position,
+            timer,
+            args.iters,
+            "verify",
+            report["copy_GBps"],
+            report["check"],
+        )
         save()
     if "mixed" in sections:
-        report["mixed"] = bench_mixed(model, pools, [b for b in batches if b >= 8] or batches, args.position, timer,
-                                      args.iters, report["copy_GBps"])
+        report["mixed"] = bench_mixed(
+            model,
+            pools,
+            [b for b in batches if b >= 8] or batches,
+            args.position,
+            timer,
+            args.iters,
+            report["copy_GBps"],
+        )
         save()
     if "probe" in sections and device.type == "cuda":
         report["probe"] = bench_probe(model, pools, max(batches), timer, report["copy_GBps"])
@@ -514,7 +672,9 @@ def run_bench(args: argparse.Namespace) -> int:
         for mode in [m for m in modes if m != "eager"] or ["eager"]:
             for frames in frames_list:
                 report["step"] += bench_step(model, batches, frames, timer, steps=args.step_steps, mode=mode)
-            report["step"] += bench_step(model, batches, frames_list[0], timer, draft=8, steps=args.step_steps, mode=mode)
+            report["step"] += bench_step(
+                model, batches, frames_list[0], timer, draft=8, steps=args.step_steps, mode=mode
+            )
         save()
     if "exact" in sections:
         report["check"]["decode"] = bench_exact(model)
@@ -554,9 +714,13 @@ def print_summary(report: dict) -> None:
         print(f"verify   b={r['batch']:<3d} draft={r['draft']:<2d} ms/forward {modes}")
     for r in report.get("mixed", []):
         if "ms" in r:
-            print(f"mixed    {r['kernel']:9s} b={r['batch']:<3d} mean frames {r['mean_frames']:.0f}: {r['ms']:.3f} ms/step")
+            print(
+                f"mixed    {r['kernel']:9s} b={r['batch']:<3d} mean frames {r['mean_frames']:.0f}: {r['ms']:.3f} ms/step"
+            )
     for r in report.get("step", []):
-        print(f"step()   {r['mode']:7s} b={r['batch']:<3d} F={r['frames']:<4d} draft={r['draft']}: {r['ms_per_step']:.3f} ms")
+        print(
+            f"step()   {r['mode']:7s} b={r['batch']:<3d} F={r['frames']:<4d} draft={r['draft']}: {r['ms_per_step']:.3f} ms"
+        )
     if report.get("check"):
         print("check", report["check"])
 

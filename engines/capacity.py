@@ -46,8 +46,32 @@ from .options import TOKENS_PER_SECOND, add_capacity_arguments
 from .synthetic import random_engine
 
 # durations (s) of the dev clips: the segment lengths a stream draws from
-DEV_SEGMENTS = (4.2, 2.0, 1.8, 17.2, 4.4, 4.6, 4.4, 1.7, 2.7, 2.8, 4.1, 3.5, 4.2, 3.5, 10.0, 10.4, 12.9, 9.5, 21.0,
-                16.4, 11.9, 10.0, 13.8, 11.0)
+DEV_SEGMENTS = (
+    4.2,
+    2.0,
+    1.8,
+    17.2,
+    4.4,
+    4.6,
+    4.4,
+    1.7,
+    2.7,
+    2.8,
+    4.1,
+    3.5,
+    4.2,
+    3.5,
+    10.0,
+    10.4,
+    12.9,
+    9.5,
+    21.0,
+    16.4,
+    11.9,
+    10.0,
+    13.8,
+    11.0,
+)
 
 
 def measure_token_rate(manifest: Path) -> dict:
@@ -70,8 +94,10 @@ def measure_token_rate(manifest: Path) -> dict:
             totals[group][0] += tokens
             totals[group][1] += chars
             totals[group][2] += row["duration_s"]
-    return {group: {"tokens_per_s": t / d, "cjk_chars_per_s": c / d, "seconds": d, "tokens": t, "chars": c}
-            for group, (t, c, d) in totals.items()}
+    return {
+        group: {"tokens_per_s": t / d, "cjk_chars_per_s": c / d, "seconds": d, "tokens": t, "chars": c}
+        for group, (t, c, d) in totals.items()
+    }
 
 
 @dataclass
@@ -174,29 +200,44 @@ class _EngineProbe:
         self.before_launch_s = self.after_launch_s = self.forward_gpu_s = 0.0
         self.timed_steps = 0
         runner = self.engine.batch.runner
-        self.recorded0 = (runner.stats.captures, runner.stats.eager, runner.stats.stand_ins) if runner is not None else (0, 0, 0)
+        self.recorded0 = (
+            (runner.stats.captures, runner.stats.eager, runner.stats.stand_ins) if runner is not None else (0, 0, 0)
+        )
         self.step_times: list[float] = []
 
     def summary(self, wall: float) -> dict:
         runner = self.engine.batch.runner
         worker = self.begin_s + self.step_s + (0.0 if self.engine.overlap_encoder else self.encode_s)
-        return {"wall_s": wall, "busy_fraction": worker / wall if wall else 0.0,
-                "overlap_encoder": self.engine.overlap_encoder, "encoder_s": self.encode_s, "admission_s": self.begin_s,
-                "encoder_calls": self.encodes, "requests_admitted": self.admitted,
-                "steps": self.steps, "step_s": self.step_s, "mean_rows_per_step": self.rows / self.steps if self.steps else 0,
-                "step_ms_p50": 1000 * statistics.median(self.step_times) if self.step_times else None,
-                "step_ms_mean": 1000 * self.step_s / self.steps if self.steps else None,
-                # decoder-step graphs recorded while measuring, and the steps of those new buckets run meanwhile
-                # eagerly or in a larger recorded bucket
-                "graph_recordings": runner.stats.captures - self.recorded0[0] if runner is not None else 0,
-                "eager_steps": runner.stats.eager - self.recorded0[1] if runner is not None and runner.mode != "eager" else 0,
-                "stand_in_steps": runner.stats.stand_ins - self.recorded0[2] if runner is not None else 0,
-                # per step (CUDA): host work before the forward's launch (drafts, inputs), the forward's GPU time
-                # (the encoder thread's kernels run beside it), and launch to the step's end (waiting, token rules)
-                "step_phases_ms": {
-                    "before_launch": 1000 * self.before_launch_s / self.timed_steps,
-                    "forward_gpu": 1000 * self.forward_gpu_s / self.timed_steps,
-                    "launch_to_end": 1000 * self.after_launch_s / self.timed_steps} if self.timed_steps else None}
+        return {
+            "wall_s": wall,
+            "busy_fraction": worker / wall if wall else 0.0,
+            "overlap_encoder": self.engine.overlap_encoder,
+            "encoder_s": self.encode_s,
+            "admission_s": self.begin_s,
+            "encoder_calls": self.encodes,
+            "requests_admitted": self.admitted,
+            "steps": self.steps,
+            "step_s": self.step_s,
+            "mean_rows_per_step": self.rows / self.steps if self.steps else 0,
+            "step_ms_p50": 1000 * statistics.median(self.step_times) if self.step_times else None,
+            "step_ms_mean": 1000 * self.step_s / self.steps if self.steps else None,
+            # decoder-step graphs recorded while measuring, and the steps of those new buckets run meanwhile
+            # eagerly or in a larger recorded bucket
+            "graph_recordings": runner.stats.captures - self.recorded0[0] if runner is not None else 0,
+            "eager_steps": runner.stats.eager - self.recorded0[1]
+            if runner is not None and runner.mode != "eager"
+            else 0,
+            "stand_in_steps": runner.stats.stand_ins - self.recorded0[2] if runner is not None else 0,
+            # per step (CUDA): host work before the forward's launch (drafts, inputs), the forward's GPU time
+            # (the encoder thread's kernels run beside it), and launch to the step's end (waiting, token rules)
+            "step_phases_ms": {
+                "before_launch": 1000 * self.before_launch_s / self.timed_steps,
+                "forward_gpu": 1000 * self.forward_gpu_s / self.timed_steps,
+                "launch_to_end": 1000 * self.after_launch_s / self.timed_steps,
+            }
+            if self.timed_steps
+            else None,
+        }
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -214,7 +255,9 @@ async def _simulate(engine, config: SimConfig, probe: _EngineProbe) -> dict:
     stats = _Stats()
     rng0 = np.random.default_rng(config.seed)
     voices = [(rng0.standard_normal(int(16000 * config.max_segment)) * 0.05).astype(np.float32) for _ in range(8)]
-    streams = [_Stream(i, random.Random(config.seed * 1000 + i), voices[i % len(voices)]) for i in range(config.streams)]
+    streams = [
+        _Stream(i, random.Random(config.seed * 1000 + i), voices[i % len(voices)]) for i in range(config.streams)
+    ]
     outstanding: set = set()
     done_event = asyncio.Event()
 
@@ -240,8 +283,9 @@ async def _simulate(engine, config: SimConfig, probe: _EngineProbe) -> dict:
 
     def submit(s: _Stream, seconds: float, final: bool):
         window = config.final_window if final else config.partial_window
-        fut = engine.submit(s.audio[: int(16000 * seconds)], options(seconds), window=window, previous=draft(s),
-                            final=final, stream=s)
+        fut = engine.submit(
+            s.audio[: int(16000 * seconds)], options(seconds), window=window, previous=draft(s), final=final, stream=s
+        )
         outstanding.add(fut)
         return fut
 
@@ -305,10 +349,21 @@ async def _simulate(engine, config: SimConfig, probe: _EngineProbe) -> dict:
             stats.errors.append(repr(fut.exception()))
         else:
             t = fut.result()
-            stats.finals.append({"sent": sent, "latency": now() - sent, "seconds": seconds, "tokens": len(t.tokens),
-                                 "forwards": t.forwards, "window_frames": t.window_frames,
-                                 "proposed": sum(t.draft_proposed.values()), "accepted": sum(t.draft_accepted.values()),
-                                 "encoder_s": t.encoder_seconds, "decoder_s": t.decoder_seconds, "looped": t.looped})
+            stats.finals.append(
+                {
+                    "sent": sent,
+                    "latency": now() - sent,
+                    "seconds": seconds,
+                    "tokens": len(t.tokens),
+                    "forwards": t.forwards,
+                    "window_frames": t.window_frames,
+                    "proposed": sum(t.draft_proposed.values()),
+                    "accepted": sum(t.draft_accepted.values()),
+                    "encoder_s": t.encoder_seconds,
+                    "decoder_s": t.decoder_seconds,
+                    "looped": t.looped,
+                }
+            )
         maybe_partial(s)  # the next segment's partials waited for this final
         _check_done()
 
@@ -339,17 +394,27 @@ async def _simulate(engine, config: SimConfig, probe: _EngineProbe) -> dict:
     tokens = sum(f["tokens"] for f in finals)
     proposed = sum(f["proposed"] for f in finals)
     return {
-        "streams": config.streams, "finals": len(finals), "final_latency_s": {
-            "p50": _pct(lat, 50), "p95": _pct(lat, 95), "p99": _pct(lat, 99), "max": max(lat) if lat else None,
-            "mean": statistics.fmean(lat) if lat else None},
+        "streams": config.streams,
+        "finals": len(finals),
+        "final_latency_s": {
+            "p50": _pct(lat, 50),
+            "p95": _pct(lat, 95),
+            "p99": _pct(lat, 99),
+            "max": max(lat) if lat else None,
+            "mean": statistics.fmean(lat) if lat else None,
+        },
         "partial_latency_s": {"p50": _pct(stats.partials, 50), "p95": _pct(stats.partials, 95)},
-        "partials_done": len(stats.partials), "partials_dropped": stats.dropped, "partials_submitted": stats.partials_submitted,
+        "partials_done": len(stats.partials),
+        "partials_dropped": stats.dropped,
+        "partials_submitted": stats.partials_submitted,
         "final_tokens_mean": tokens / len(finals) if finals else None,
         "final_forwards_mean": statistics.fmean(f["forwards"] for f in finals) if finals else None,
         "final_seconds_mean": statistics.fmean(f["seconds"] for f in finals) if finals else None,
         "final_draft_acceptance": (sum(f["accepted"] for f in finals) / proposed) if proposed else None,
         "looped_finals": sum(f["looped"] for f in finals),
-        "engine": engine_summary, "errors": stats.errors[:5], "error_count": len(stats.errors),
+        "engine": engine_summary,
+        "errors": stats.errors[:5],
+        "error_count": len(stats.errors),
         "config": {k: v for k, v in config.__dict__.items()},
     }
 
@@ -372,30 +437,71 @@ def run_capacity(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
-    graphs = False if args.no_graphs else GraphOptions(mode=args.graph_mode, cross_attention=args.cross_attention,
-                                                       row_kernels=False if args.no_row_kernels else None)
+    graphs = (
+        False
+        if args.no_graphs
+        else GraphOptions(
+            mode=args.graph_mode,
+            cross_attention=args.cross_attention,
+            row_kernels=False if args.no_row_kernels else None,
+        )
+    )
     t0 = time.perf_counter()
-    engine = random_engine(args.shape, str(device), dtype, tokens_per_second=None, max_batch=args.max_batch,
-                           speculative=args.speculative, cuda_graphs=graphs, window_bucket=args.window_bucket,
-                           max_partials=args.max_partials, partials_per_round=args.partials_per_round,
-                           node_budget=args.node_budget, overlap_encoder=False if args.serial_encoder else None,
-                           prioritize_steps=not args.equal_priority)
-    report = {"what": "engine scheduler (engines/engine.py), simulated real-time streams; not the socket server",
-              "command": "python -m engines.capacity " + " ".join(sys.argv[1:]),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "shape": args.shape, "dtype": str(dtype).replace("torch.", ""),
-              "max_batch": args.max_batch, "speculative": args.speculative, "graphs": False if args.no_graphs else args.graph_mode,
-              "max_partials": engine.max_partials, "partials_per_round": engine.partials_per_round,
-              "node_budget": engine.node_budget, "overlap_encoder": engine.overlap_encoder,
-              "prioritize_steps": engine.prioritize_steps, "row_kernels": not args.no_row_kernels,
-              "build_s": round(time.perf_counter() - t0, 1), "runs": []}
+    engine = random_engine(
+        args.shape,
+        str(device),
+        dtype,
+        tokens_per_second=None,
+        max_batch=args.max_batch,
+        speculative=args.speculative,
+        cuda_graphs=graphs,
+        window_bucket=args.window_bucket,
+        max_partials=args.max_partials,
+        partials_per_round=args.partials_per_round,
+        node_budget=args.node_budget,
+        overlap_encoder=False if args.serial_encoder else None,
+        prioritize_steps=not args.equal_priority,
+    )
+    report = {
+        "what": "engine scheduler (engines/engine.py), simulated real-time streams; not the socket server",
+        "command": "python -m engines.capacity " + " ".join(sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "shape": args.shape,
+        "dtype": str(dtype).replace("torch.", ""),
+        "max_batch": args.max_batch,
+        "speculative": args.speculative,
+        "graphs": False if args.no_graphs else args.graph_mode,
+        "max_partials": engine.max_partials,
+        "partials_per_round": engine.partials_per_round,
+        "node_budget": engine.node_budget,
+        "overlap_encoder": engine.overlap_encoder,
+        "prioritize_steps": engine.prioritize_steps,
+        "row_kernels": not args.no_row_kernels,
+        "build_s": round(time.perf_counter() - t0, 1),
+        "runs": [],
+    }
     warm_streams, warm_seconds = (float(x) for x in args.prewarm.split(":"))
     if warm_streams and warm_seconds:
         t1 = time.perf_counter()
-        simulate(engine, SimConfig(streams=int(warm_streams), duration=warm_seconds, warmup=2.0, rate=args.rate,
-                                   partial_window=args.partial_window, final_window=args.final_window, drain=10.0))
-        report["prewarm"] = {"streams": int(warm_streams), "seconds": warm_seconds, "wall_s": round(time.perf_counter() - t1, 1)}
+        simulate(
+            engine,
+            SimConfig(
+                streams=int(warm_streams),
+                duration=warm_seconds,
+                warmup=2.0,
+                rate=args.rate,
+                partial_window=args.partial_window,
+                final_window=args.final_window,
+                drain=10.0,
+            ),
+        )
+        report["prewarm"] = {
+            "streams": int(warm_streams),
+            "seconds": warm_seconds,
+            "wall_s": round(time.perf_counter() - t1, 1),
+        }
         print(f"prewarm: {report['prewarm']}", flush=True)
     seeds = [int(x) for x in args.seeds.split(",")]
     for n, seed in itertools.product([int(x) for x in args.streams.split(",")], seeds):
@@ -420,27 +526,48 @@ def run_capacity(args: argparse.Namespace) -> int:
 
 def _measure(engine, args: argparse.Namespace, n: int, seed: int) -> dict:
     """One measured run of `n` streams, printed as it ends."""
-    config = SimConfig(streams=n, duration=args.duration, warmup=args.warmup, rate=args.rate, seed=seed,
-                       partial_window=args.partial_window, final_window=args.final_window, draft_noise=args.draft_noise)
+    config = SimConfig(
+        streams=n,
+        duration=args.duration,
+        warmup=args.warmup,
+        rate=args.rate,
+        seed=seed,
+        partial_window=args.partial_window,
+        final_window=args.final_window,
+        draft_noise=args.draft_noise,
+    )
     result = simulate(engine, config)
     result["seed"] = seed
     if engine.batch.runner is not None:
         st = engine.batch.runner.stats
-        result["graphs"] = {"captured": st.captures, "capture_s": round(st.capture_seconds, 2), "replays": st.replays,
-                            "cross_attention": engine.batch.runner.cross_attention}
+        result["graphs"] = {
+            "captured": st.captures,
+            "capture_s": round(st.capture_seconds, 2),
+            "replays": st.replays,
+            "cross_attention": engine.batch.runner.cross_attention,
+        }
     if hasattr(engine.encoder, "stats"):
         st = engine.encoder.stats
-        result["encoder_graphs"] = {"captured": st.captures, "capture_s": round(st.capture_seconds, 2),
-                                    "replays": st.replays, "eager": st.eager}
+        result["encoder_graphs"] = {
+            "captured": st.captures,
+            "capture_s": round(st.capture_seconds, 2),
+            "replays": st.replays,
+            "eager": st.eager,
+        }
     lat = result["final_latency_s"]
     e = result["engine"]
-    print(f"N={n:4d} seed {seed}: finals {result['finals']:5d}  final p50 {_ms(lat['p50'])} p95 {_ms(lat['p95'])} max {_ms(lat['max'])}"
-          f"  partial p50 {_ms(result['partial_latency_s']['p50'])}  rows/step {e['mean_rows_per_step']:.1f}"
-          f"  step {e['step_ms_mean'] or 0:.1f} ms  busy {e['busy_fraction']:.2f}  encoder {e['encoder_s']:.1f} s admit {e['admission_s']:.1f} s"
-          f"  fwd/final {result['final_forwards_mean'] or 0:.1f}  accept {result['final_draft_acceptance'] or 0:.2f}"
-          f"  errors {result['error_count']}", flush=True)
+    print(
+        f"N={n:4d} seed {seed}: finals {result['finals']:5d}  final p50 {_ms(lat['p50'])} p95 {_ms(lat['p95'])} max {_ms(lat['max'])}"
+        f"  partial p50 {_ms(result['partial_latency_s']['p50'])}  rows/step {e['mean_rows_per_step']:.1f}"
+        f"  step {e['step_ms_mean'] or 0:.1f} ms  busy {e['busy_fraction']:.2f}  encoder {e['encoder_s']:.1f} s admit {e['admission_s']:.1f} s"
+        f"  fwd/final {result['final_forwards_mean'] or 0:.1f}  accept {result['final_draft_acceptance'] or 0:.2f}"
+        f"  errors {result['error_count']}",
+        flush=True,
+    )
     if e["step_phases_ms"]:
-        print("       step phases (ms): " + "  ".join(f"{k} {v:.2f}" for k, v in e["step_phases_ms"].items()), flush=True)
+        print(
+            "       step phases (ms): " + "  ".join(f"{k} {v:.2f}" for k, v in e["step_phases_ms"].items()), flush=True
+        )
     return result
 
 

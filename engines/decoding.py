@@ -73,8 +73,9 @@ class Drafter(Protocol):
     def propose(self, generated: list[int], limit: int) -> Draft | None: ...
 
 
-def segment_prompt(tok: Tokenizer, language: str, options: DecodingOptions, n_ctx: int,
-                   max_text: int | None = None) -> tuple[list[int], int]:
+def segment_prompt(
+    tok: Tokenizer, language: str, options: DecodingOptions, n_ctx: int, max_text: int | None = None
+) -> tuple[list[int], int]:
     """The forced tokens of one segment, and how many of them come before <|startoftranscript|>.
 
     With a prompt or previous text: <|startofprev|>, then the text tokens (each part encoded
@@ -84,7 +85,9 @@ def segment_prompt(tok: Tokenizer, language: str, options: DecodingOptions, n_ct
     that the prompt's names and terms stay, and then the prompt itself. `max_text`: a lower cap
     (a decoder built for shorter inputs); 0 or less: no previous-text prompt."""
     start = tok.prompt(language, options.task, options.timestamps)
-    fixed, carried = (tok.encode(" " + text.strip()) if text.strip() else [] for text in (options.prompt, options.previous_text))
+    fixed, carried = (
+        tok.encode(" " + text.strip()) if text.strip() else [] for text in (options.prompt, options.previous_text)
+    )
     if not fixed and not carried:
         return start, 0
     limit = n_ctx // 2 - 1 if max_text is None else min(n_ctx // 2 - 1, max_text)
@@ -98,11 +101,24 @@ def segment_prompt(tok: Tokenizer, language: str, options: DecodingOptions, n_ct
 class LogitFilter:
     """Whisper's token rules: suppressed ids, blank start, timestamp pairing and monotonicity."""
 
-    def __init__(self, tokenizer: Tokenizer, suppress_tokens: list[int], n_vocab: int, options: DecodingOptions, device: torch.device):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        suppress_tokens: list[int],
+        n_vocab: int,
+        options: DecodingOptions,
+        device: torch.device,
+    ):
         self.tokenizer = tokenizer
         self.options = options
         self.always = torch.zeros(n_vocab, device=device)
-        suppress = set(suppress_tokens) | {tokenizer.sot, tokenizer.sot_prev, tokenizer.sot_lm, tokenizer.translate, tokenizer.transcribe}
+        suppress = set(suppress_tokens) | {
+            tokenizer.sot,
+            tokenizer.sot_prev,
+            tokenizer.sot_lm,
+            tokenizer.translate,
+            tokenizer.transcribe,
+        }
         if tokenizer.no_speech is not None:
             suppress.add(tokenizer.no_speech)
         if options.timestamps:
@@ -161,8 +177,14 @@ def repetition_period(tokens: list[int], min_span: int = 24, max_period: int = 4
 
 
 @torch.inference_mode()
-def beam_search(model: Whisper, tok: Tokenizer, suppress_tokens: list[int], features: Tensor, language: str,
-                options: DecodingOptions) -> DecodingResult:
+def beam_search(
+    model: Whisper,
+    tok: Tokenizer,
+    suppress_tokens: list[int],
+    features: Tensor,
+    language: str,
+    options: DecodingOptions,
+) -> DecodingResult:
     """Beam search for one segment (features [1, frames, D]); openai/whisper's rule: patience 1,
     length-normalised scores."""
     device, n_ctx, beams = model.device, model.dims.n_text_ctx, options.beam_size
@@ -224,9 +246,15 @@ def beam_search(model: Whisper, tok: Tokenizer, suppress_tokens: list[int], feat
 
     seq, score = max(finished.items(), key=rank)
     toks = [t for t in seq if t != tok.eot]
-    return DecodingResult(tokens=toks, text=tok.decode(toks).strip(), language=language,
-                          avg_logprob=score / (len(seq) + 1), no_speech_prob=float(no_speech[0]),
-                          looped=looped, forwards=forwards)
+    return DecodingResult(
+        tokens=toks,
+        text=tok.decode(toks).strip(),
+        language=language,
+        avg_logprob=score / (len(seq) + 1),
+        no_speech_prob=float(no_speech[0]),
+        looped=looped,
+        forwards=forwards,
+    )
 
 
 @torch.inference_mode()
@@ -235,7 +263,9 @@ def detect_language(model: Whisper, tok: Tokenizer, cross: list[tuple[Tensor, Te
     batch = cross[0][0].shape[0]
     tokens = torch.full((batch, 1), tok.sot, device=model.device)
     positions = torch.zeros_like(tokens)
-    hidden = model.decoder.hidden(tokens, positions, model.new_cache(batch), None, cross, causal_mask(positions, model.dims.n_text_ctx))
+    hidden = model.decoder.hidden(
+        tokens, positions, model.new_cache(batch), None, cross, causal_mask(positions, model.dims.n_text_ctx)
+    )
     logits = model.decoder.logits(hidden[:, -1])
     names = list(tok.language_ids)
     ids = torch.tensor(list(tok.language_ids.values()), device=logits.device)

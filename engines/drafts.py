@@ -55,8 +55,14 @@ class MedusaDrafter:
 
     source = "medusa"
 
-    def __init__(self, model: Whisper, heads, tree: tuple[tuple[int, ...], ...] = DEFAULT_TREE,
-                 probation: int = 6, min_hit_rate: float = 0.25):
+    def __init__(
+        self,
+        model: Whisper,
+        heads,
+        tree: tuple[tuple[int, ...], ...] = DEFAULT_TREE,
+        probation: int = 6,
+        min_hit_rate: float = 0.25,
+    ):
         self.model, self.heads = model, heads
         self.tree = [path for path in tree if len(path) <= heads.n_heads]
         self.top_k = 1 + max(rank for path in self.tree for rank in path)

@@ -32,14 +32,15 @@ import torch
 
 from .alignment import Word, default_heads, word_timings
 from .audio import FRAMES_PER_SECOND, N_FRAMES, N_SAMPLES, SAMPLE_RATE, clip_mel, pad_mel
-from .checkpoints import Checkpoint, load_checkpoint
 from .batching import Batch, Decoder, Sequence
+from .checkpoints import Checkpoint, load_checkpoint
 from .cuda_graphs import GraphedEncoder, GraphOptions
 from .decoding import DecodingOptions, DecodingResult, detect_language, segment_prompt
 from .drafts import HypothesisDrafter, MedusaDrafter
-from .fp16_weights import available as fp16_available, pack_fp16_weights
-from .medusa import SHIPPED_HEADS, MedusaHeads, load_heads
+from .fp16_weights import available as fp16_available
+from .fp16_weights import pack_fp16_weights
 from .fused import FusedEncoder
+from .medusa import SHIPPED_HEADS, MedusaHeads, load_heads
 from .model import Whisper
 from .synthetic import RANDOM_PREFIX, random_engine
 from .text import chinese_pieces, chinese_text
@@ -139,13 +140,27 @@ class EngineLoad:
 
 
 class Engine:
-    def __init__(self, checkpoint: Checkpoint, device: str = "auto", dtype: torch.dtype | None = None,
-                 script: str = "traditional", max_batch: int | None = None, speculative: str = "both",
-                 medusa: str | Path | None = None, cuda_graphs: bool | GraphOptions = True,
-                 window_bucket: float | None = None, encoder=None, max_partials: int | None = None,
-                 partials_per_round: int | None = None, node_budget: int | None = None,
-                 fp16_weights: bool | None = None, overlap_encoder: bool | None = None,
-                 stall_timeout: float = 120.0, prioritize_steps: bool = True, tokens_per_second: float | None = None):
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        device: str = "auto",
+        dtype: torch.dtype | None = None,
+        script: str = "traditional",
+        max_batch: int | None = None,
+        speculative: str = "both",
+        medusa: str | Path | None = None,
+        cuda_graphs: bool | GraphOptions = True,
+        window_bucket: float | None = None,
+        encoder=None,
+        max_partials: int | None = None,
+        partials_per_round: int | None = None,
+        node_budget: int | None = None,
+        fp16_weights: bool | None = None,
+        overlap_encoder: bool | None = None,
+        stall_timeout: float = 120.0,
+        prioritize_steps: bool = True,
+        tokens_per_second: float | None = None,
+    ):
         self.device = resolve_device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.name = checkpoint.name
@@ -159,7 +174,9 @@ class Engine:
         if fp16_weights:
             pack_fp16_weights(self.model)
         self.tokenizer = Tokenizer(checkpoint.vocabulary)
-        self.encoder = self.model.encoder if encoder is None else encoder  # mel -> features; engines.trtllm swaps in a TensorRT-LLM engine
+        self.encoder = (
+            self.model.encoder if encoder is None else encoder
+        )  # mel -> features; engines.trtllm swaps in a TensorRT-LLM engine
         self.suppress_tokens = checkpoint.suppress_tokens
         # cross-attention heads whose weights follow the speech, for word timings (engines/alignment.py)
         dims = checkpoint.dims
@@ -184,7 +201,9 @@ class Engine:
         # `partials_per_round` start between two decoder steps, so that their encoder calls and rows
         # never stall the finals (a stream's newest partial waits; an older one is answered None)
         # (BENCHMARKS.md, capacity: on an H200 at 200 streams, 8 of 128 rows and 2 per round cut the p95 by 2/3)
-        self.max_partials = max_partials if max_partials is not None else (max(4, max_batch // 16) if cuda else max_batch)
+        self.max_partials = (
+            max_partials if max_partials is not None else (max(4, max_batch // 16) if cuda else max_batch)
+        )
         self.partials_per_round = partials_per_round or (2 if cuda else max_batch)
         # on the CPU batching buys little (an encoder call for 3 windows costs what 3 calls cost) while every
         # row slows the others' steps: finals run one at a time, each as soon as possible, and no partial
@@ -229,13 +248,21 @@ class Engine:
         self.stall_timeout = stall_timeout
         self._progress = time.monotonic()  # the worker's or encoder thread's last finished piece of work
         if cuda:
-            torch.cuda.synchronize(self.device)  # the pools' zeros (default stream) before the worker's stream reads them
+            torch.cuda.synchronize(
+                self.device
+            )  # the pools' zeros (default stream) before the worker's stream reads them
         self._worker = threading.Thread(target=self._supervise, name="breeze-engine", daemon=True)
         self._worker.start()
 
     def _new_batch(self, rows: int) -> Batch:
-        return Batch(self.model, self.tokenizer, self.suppress_tokens, rows=rows, graphs=self.graphs,
-                     node_budget=self.node_budget)
+        return Batch(
+            self.model,
+            self.tokenizer,
+            self.suppress_tokens,
+            rows=rows,
+            graphs=self.graphs,
+            node_budget=self.node_budget,
+        )
 
     @classmethod
     def load(cls, spec: str = "default", device: str = "auto", **kwargs) -> Engine:
@@ -243,13 +270,17 @@ class Engine:
         weights of a real shape for load tests (engines.synthetic)."""
         if spec.startswith(RANDOM_PREFIX):
             log.warning("model %s: RANDOM WEIGHTS of that shape, for load tests; transcripts are meaningless", spec)
-            return random_engine(spec[len(RANDOM_PREFIX):], device, **kwargs)
+            return random_engine(spec[len(RANDOM_PREFIX) :], device, **kwargs)
         return cls(load_checkpoint(spec), device=device, **kwargs)
 
     def _load_heads(self, checkpoint: Checkpoint, medusa: str | Path | None) -> MedusaHeads | None:
         """Medusa heads from `medusa`, else the shipped ones when they fit this model, else none."""
         if medusa is None:
-            if not SHIPPED_HEADS.exists() or checkpoint.dims.n_text_state != 512 or "whisper-base" not in checkpoint.name:
+            if (
+                not SHIPPED_HEADS.exists()
+                or checkpoint.dims.n_text_state != 512
+                or "whisper-base" not in checkpoint.name
+            ):
                 return None
             medusa = SHIPPED_HEADS
         return load_heads(medusa, checkpoint.dims).to(self.device, self.dtype).eval()
@@ -265,9 +296,18 @@ class Engine:
 
     # -- submitting work ---------------------------------------------------------------
 
-    def submit(self, audio: np.ndarray, options: DecodingOptions = DecodingOptions(), *, window: float | None = None,
-               previous: list[int] | None = None, speculative: str | None = None, final: bool = True,
-               stream: object | None = None, words: bool = False) -> Future:
+    def submit(
+        self,
+        audio: np.ndarray,
+        options: DecodingOptions = DecodingOptions(),
+        *,
+        window: float | None = None,
+        previous: list[int] | None = None,
+        speculative: str | None = None,
+        final: bool = True,
+        stream: object | None = None,
+        words: bool = False,
+    ) -> Future:
         """Queues one segment; the future gets a Transcript, or None when a newer partial of the
         same stream superseded this one. `words`: a final's transcript carries word timings
         (partials never do: they stay cheap)."""
@@ -277,8 +317,17 @@ class Engine:
         if self.tokens_per_second is not None:
             length = max(1, math.ceil(self.tokens_per_second * len(audio) / SAMPLE_RATE))
             options = replace(options, max_new_tokens=length)
-        request = Request(np.array(audio, dtype=np.float32), options, window, previous, speculative, final, stream, Future(),
-                          words=words and final)
+        request = Request(
+            np.array(audio, dtype=np.float32),
+            options,
+            window,
+            previous,
+            speculative,
+            final,
+            stream,
+            Future(),
+            words=words and final,
+        )
         self._ensure_worker()
         with self._cv:
             if self._closed:
@@ -290,7 +339,9 @@ class Engine:
             self._cv.notify_all()
         return request.future
 
-    async def transcribe_async(self, audio: np.ndarray, options: DecodingOptions = DecodingOptions(), **kwargs) -> Transcript | None:
+    async def transcribe_async(
+        self, audio: np.ndarray, options: DecodingOptions = DecodingOptions(), **kwargs
+    ) -> Transcript | None:
         return await asyncio.wrap_future(self.submit(audio, options, **kwargs))
 
     def transcribe(self, audio: np.ndarray, options: DecodingOptions = DecodingOptions(), **kwargs) -> Transcript:
@@ -309,18 +360,30 @@ class Engine:
         restarts after crashes, the last crash, seconds without progress while holding work."""
         self._ensure_worker()
         stalled = time.monotonic() - self._progress if self._busy() else 0.0
-        return {"alive": self._worker.is_alive() and stalled < self.stall_timeout, "restarts": self.restarts,
-                "last_error": self.last_error, "stalled_s": round(stalled, 1), "queued": len(self._queue),
-                "encoding": len(self._pipeline), "running": len(self.batch.active)}
+        return {
+            "alive": self._worker.is_alive() and stalled < self.stall_timeout,
+            "restarts": self.restarts,
+            "last_error": self.last_error,
+            "stalled_s": round(stalled, 1),
+            "queued": len(self._queue),
+            "encoding": len(self._pipeline),
+            "running": len(self.batch.active),
+        }
 
     def load_stats(self) -> dict[str, float]:
         """How loaded the engine is, for /metrics: running totals of decoder steps, the rows they
         advanced (rows / steps is the batch occupancy), their seconds, encoder calls and the windows
         they encoded; and now: requests waiting in the queue, rows in the batch."""
         load = self._load
-        return {"steps": load.steps, "step_rows": load.step_rows, "step_seconds": load.step_seconds,
-                "encoder_calls": load.encoder_calls, "encoder_windows": load.encoder_windows,
-                "queued": len(self._queue), "running": len(self.batch.active)}
+        return {
+            "steps": load.steps,
+            "step_rows": load.step_rows,
+            "step_seconds": load.step_seconds,
+            "encoder_calls": load.encoder_calls,
+            "encoder_windows": load.encoder_windows,
+            "queued": len(self._queue),
+            "running": len(self.batch.active),
+        }
 
     def _busy(self) -> bool:
         return bool(self._queue or self._pipeline or self.batch.active or self._held)
@@ -338,8 +401,12 @@ class Engine:
             except BaseException as exc:  # noqa: BLE001 - the worker must outlive any bug
                 self.restarts += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
-                log.critical("engine worker crashed (%s); restarting it (restart %d)", self.last_error, self.restarts,
-                             exc_info=True)
+                log.critical(
+                    "engine worker crashed (%s); restarting it (restart %d)",
+                    self.last_error,
+                    self.restarts,
+                    exc_info=True,
+                )
                 error = RuntimeError(f"the engine worker crashed: {self.last_error}")
                 for request in self._held + [s.tag for s in self.batch.active]:
                     _fail(request.future, error)
@@ -381,8 +448,12 @@ class Engine:
                 for group, *_ in encoded:
                     self._pipeline = [r for r in self._pipeline if r not in group]
                 if encoded:  # a partial that a newer request of its stream superseded while it was encoded
-                    newest = _newest(self._queue + self._pipeline + [s.tag for s in self.batch.active]
-                                     + [r for group, *_ in encoded for r in group])
+                    newest = _newest(
+                        self._queue
+                        + self._pipeline
+                        + [s.tag for s in self.batch.active]
+                        + [r for group, *_ in encoded for r in group]
+                    )
                     encoded = [_without_stale(item, newest) for item in encoded]
                 started = [r for group, *_ in encoded for r in group] + ([] if self.overlap_encoder else live)
                 self._held = started
@@ -468,7 +539,9 @@ class Engine:
             taken = [] if self.batch.active or self._pipeline else alone[:1]
         else:
             finals = [r for r in queue if r.final]
-            started = [s.tag for s in self.batch.active] + self._pipeline  # rows taken, or reserved for the encoder's output
+            started = [
+                s.tag for s in self.batch.active
+            ] + self._pipeline  # rows taken, or reserved for the encoder's output
             free = self.batch.rows - len(started)
             final_active = any(r.final for r in started)
             taken = finals[: free if self.concurrent_finals else min(free, int(not final_active))]
@@ -526,9 +599,18 @@ class Engine:
             languages = [lang or d for lang, d in zip(languages, detected)]
         n_ctx = self.model.dims.n_text_ctx
         prompts = [segment_prompt(self.tokenizer, lang, r.options, n_ctx) for (r, _), lang in zip(greedy, languages)]
-        seqs = [Sequence(prompt, lang, r.options, self.drafters(r.previous, r.speculative), frames=feats.shape[1], tag=r,
-                         prefix=prefix)
-                for (r, _), lang, (prompt, prefix) in zip(greedy, languages, prompts)]
+        seqs = [
+            Sequence(
+                prompt,
+                lang,
+                r.options,
+                self.drafters(r.previous, r.speculative),
+                frames=feats.shape[1],
+                tag=r,
+                prefix=prefix,
+            )
+            for (r, _), lang, (prompt, prefix) in zip(greedy, languages, prompts)
+        ]
         t1 = time.perf_counter()
         self.batch.admit(feats, seqs)
         self._sync()
@@ -586,11 +668,20 @@ class Engine:
         chinese = self.script == "traditional" and res.language in ("zh", "yue")
         if chinese:
             text = chinese_text(text)
-        transcript = Transcript(text=text, tokens=res.tokens, language=res.language, no_speech_prob=res.no_speech_prob,
-                                avg_logprob=res.avg_logprob, looped=res.looped, window_frames=frames,
-                                encoder_seconds=request.encoder_seconds, decoder_seconds=request.decoder_seconds,
-                                forwards=res.forwards + request.forwards,
-                                draft_proposed=res.draft_proposed, draft_accepted=res.draft_accepted)
+        transcript = Transcript(
+            text=text,
+            tokens=res.tokens,
+            language=res.language,
+            no_speech_prob=res.no_speech_prob,
+            avg_logprob=res.avg_logprob,
+            looped=res.looped,
+            window_frames=frames,
+            encoder_seconds=request.encoder_seconds,
+            decoder_seconds=request.decoder_seconds,
+            forwards=res.forwards + request.forwards,
+            draft_proposed=res.draft_proposed,
+            draft_accepted=res.draft_accepted,
+        )
         features, request.features = request.features, None
         if request.words and features is not None and transcript.has_speech:
             t0 = time.perf_counter()
@@ -605,8 +696,16 @@ class Engine:
     def _word_timings(self, request: Request, res: DecodingResult, features: torch.Tensor) -> list[Word]:
         """Timed words of a decoded final (one more decoder pass over its tokens, engines/alignment.py)."""
         sot_sequence = self.tokenizer.prompt(res.language, request.options.task, timestamps=True)
-        return word_timings(self.model, self.tokenizer, self.alignment_heads, features, sot_sequence, res.tokens,
-                            res.language, request.audio[:N_SAMPLES])
+        return word_timings(
+            self.model,
+            self.tokenizer,
+            self.alignment_heads,
+            features,
+            sot_sequence,
+            res.tokens,
+            res.language,
+            request.audio[:N_SAMPLES],
+        )
 
     def _own_stream(self, high_priority: bool = False):
         """On CUDA, a stream of the calling thread's own (the worker's, the encoder thread's): work on

@@ -35,16 +35,32 @@ def norm_linear(x: Tensor, ln_w: Tensor, ln_b: Tensor, eps: float, w: Tensor, b:
     return F.linear(_norm(x, ln_w, ln_b, eps), w, b)
 
 
-def out_norm_linear(x: Tensor, a: Tensor, o_w: Tensor, o_b: Tensor, ln_w: Tensor, ln_b: Tensor, eps: float,
-                    w: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+def out_norm_linear(
+    x: Tensor, a: Tensor, o_w: Tensor, o_b: Tensor, ln_w: Tensor, ln_b: Tensor, eps: float, w: Tensor, b: Tensor
+) -> tuple[Tensor, Tensor]:
     """x + out(a), then the next attention's projection of its layer norm."""
     x = x + F.linear(a, o_w, o_b)
     return x, F.linear(_norm(x, ln_w, ln_b, eps), w, b)
 
 
-def out_mlp_norm(x: Tensor, a: Tensor, o_w: Tensor, o_b: Tensor, ln_w: Tensor, ln_b: Tensor, eps: float,
-                 fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor, next_ln_w: Tensor, next_ln_b: Tensor,
-                 next_eps: float, next_w: Tensor | None, next_b: Tensor | None) -> tuple[Tensor, Tensor]:
+def out_mlp_norm(
+    x: Tensor,
+    a: Tensor,
+    o_w: Tensor,
+    o_b: Tensor,
+    ln_w: Tensor,
+    ln_b: Tensor,
+    eps: float,
+    fc1_w: Tensor,
+    fc1_b: Tensor,
+    fc2_w: Tensor,
+    fc2_b: Tensor,
+    next_ln_w: Tensor,
+    next_ln_b: Tensor,
+    next_eps: float,
+    next_w: Tensor | None,
+    next_b: Tensor | None,
+) -> tuple[Tensor, Tensor]:
     """x + out(a), the MLP and its residual, then the next layer's projection of its layer norm
     (after the last layer: the decoder's final layer norm alone)."""
     x = x + F.linear(a, o_w, o_b)
@@ -53,9 +69,24 @@ def out_mlp_norm(x: Tensor, a: Tensor, o_w: Tensor, o_b: Tensor, ln_w: Tensor, l
     return x, h if next_w is None else F.linear(h, next_w, next_b)
 
 
-def encoder_block(x: Tensor, n_head: int, ln1_w: Tensor, ln1_b: Tensor, eps1: float, qkv_w: Tensor, qkv_b: Tensor,
-                  o_w: Tensor, o_b: Tensor, ln2_w: Tensor, ln2_b: Tensor, eps2: float, fc1_w: Tensor, fc1_b: Tensor,
-                  fc2_w: Tensor, fc2_b: Tensor) -> Tensor:
+def encoder_block(
+    x: Tensor,
+    n_head: int,
+    ln1_w: Tensor,
+    ln1_b: Tensor,
+    eps1: float,
+    qkv_w: Tensor,
+    qkv_b: Tensor,
+    o_w: Tensor,
+    o_b: Tensor,
+    ln2_w: Tensor,
+    ln2_b: Tensor,
+    eps2: float,
+    fc1_w: Tensor,
+    fc1_b: Tensor,
+    fc2_w: Tensor,
+    fc2_b: Tensor,
+) -> Tensor:
     """One encoder block (ResidualAttentionBlock.forward) as a single compiled region.
 
     fc1's bias and GELU run in the matrix product's epilogue (cuBLASLt), which saves a pass over
@@ -81,8 +112,9 @@ def _weights(linear: nn.Module) -> tuple[Tensor, Tensor | None]:
 def _qkv(block: ResidualAttentionBlock) -> tuple[Tensor, Tensor]:
     fused = block.attn.fused
     if not isinstance(fused, tuple):
-        raise ValueError("fused regions need the model's plain fused query/key/value weights (Whisper.fuse(), "
-                         "no packed CPU weights)")
+        raise ValueError(
+            "fused regions need the model's plain fused query/key/value weights (Whisper.fuse(), no packed CPU weights)"
+        )
     return fused
 
 
@@ -98,7 +130,9 @@ class FusedDecoder:
 
     def __init__(self, decoder: TextDecoder, backend: str | None = "inductor", attention_kernel: bool = False):
         self.decoder = decoder
-        self.attention_kernel = attention_kernel  # self-attention and its cache writes in one Triton kernel (decode_attention.py)
+        self.attention_kernel = (
+            attention_kernel  # self-attention and its cache writes in one Triton kernel (decode_attention.py)
+        )
         self.norm_linear = _compile(norm_linear, backend)
         self.out_norm_linear = _compile(out_norm_linear, backend)
         self.out_mlp_norm = _compile(out_mlp_norm, backend)
@@ -108,18 +142,29 @@ class FusedDecoder:
         self.tail = []
         for b, after in zip(blocks, blocks[1:] + [None]):
             following = (*_ln(after.attn_ln), *_qkv(after)) if after is not None else (*_ln(decoder.ln), None, None)
-            self.tail.append((*_weights(b.cross_attn.out), *_ln(b.mlp_ln), *_weights(b.mlp[0]), *_weights(b.mlp[2]),
-                              *following))
+            self.tail.append(
+                (*_weights(b.cross_attn.out), *_ln(b.mlp_ln), *_weights(b.mlp[0]), *_weights(b.mlp[2]), *following)
+            )
 
-    def hidden(self, tokens: Tensor, positions: Tensor, cache: KVCache, cross: list[tuple[Tensor, Tensor]],
-               mask: Tensor, cross_mask, slots: Tensor) -> Tensor:
+    def hidden(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        cache: KVCache,
+        cross: list[tuple[Tensor, Tensor]],
+        mask: Tensor,
+        cross_mask,
+        slots: Tensor,
+    ) -> Tensor:
         decoder = self.decoder
         batch, width = tokens.shape
         x = decoder.embed(tokens, positions, cache.dtype)
         dim = x.shape[-1]
         x = x.reshape(batch * width, dim)
         h = self.norm_linear(x, *self.first)
-        attend_self = decode_attention.self_attention if self.attention_kernel and width <= MAX_WIDTH else sdpa_self_attention
+        attend_self = (
+            decode_attention.self_attention if self.attention_kernel and width <= MAX_WIDTH else sdpa_self_attention
+        )
         for layer, block in enumerate(decoder.blocks):
             a = attend_self(h, cache.k[layer], cache.v[layer], slots, mask)
             x, h = self.out_norm_linear(x, a, *self.middle[layer])
@@ -139,8 +184,9 @@ def sdpa_self_attention(h: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tens
     k_cache[rows, :, slots] = k
     v_cache[rows, :, slots] = v
     n_keys = mask.shape[-1]
-    a = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache[:batch, :, :n_keys], v_cache[:batch, :, :n_keys],
-                                       attn_mask=mask)
+    a = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k_cache[:batch, :, :n_keys], v_cache[:batch, :, :n_keys], attn_mask=mask
+    )
     return a.transpose(1, 2).reshape(batch * width, heads * k.shape[-1])
 
 
@@ -155,8 +201,18 @@ class FusedEncoder(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.block = _compile(encoder_block, backend, **({"dynamic": False} if static else {}))
-        self.weights = [(b.attn.n_head, *_ln(b.attn_ln), *_qkv(b), *_weights(b.attn.out), *_ln(b.mlp_ln),
-                         *_weights(b.mlp[0]), *_weights(b.mlp[2])) for b in encoder.blocks]
+        self.weights = [
+            (
+                b.attn.n_head,
+                *_ln(b.attn_ln),
+                *_qkv(b),
+                *_weights(b.attn.out),
+                *_ln(b.mlp_ln),
+                *_weights(b.mlp[0]),
+                *_weights(b.mlp[2]),
+            )
+            for b in encoder.blocks
+        ]
 
     def forward(self, mel: Tensor) -> Tensor:
         e = self.encoder

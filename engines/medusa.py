@@ -30,8 +30,8 @@ n_state, n_heads, base model, training-data recipe, held-out accuracy ...).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -110,8 +110,9 @@ def _n_state_of(model_dims) -> int:
     raise TypeError(f"expected ModelDims or an int width, got {type(model_dims).__name__}")
 
 
-def save_heads(path: str | Path, heads: MedusaHeads, meta: Mapping[str, object] | None = None,
-               dtype: torch.dtype = torch.float16) -> Path:
+def save_heads(
+    path: str | Path, heads: MedusaHeads, meta: Mapping[str, object] | None = None, dtype: torch.dtype = torch.float16
+) -> Path:
     """Write the heads as safetensors (fp16 by default) with string metadata.
 
     Always recorded: format, n_state, n_heads, n_layers. Expected from the caller: base_model (the model
@@ -135,8 +136,9 @@ def read_heads_meta(path: str | Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def load_heads(path: str | Path, model_dims, *, device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32) -> MedusaHeads:
+def load_heads(
+    path: str | Path, model_dims, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> MedusaHeads:
     """Heads from a file written by ``save_heads``, checked against the model they will run on.
 
     ``model_dims``: the model's ModelDims (or its decoder width as an int). Raises ValueError when
@@ -151,14 +153,17 @@ def load_heads(path: str | Path, model_dims, *, device: torch.device | str = "cp
     except Exception as exc:
         raise ValueError(f"{path}: not a safetensors file ({exc})") from exc
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a breeze-stream Medusa heads file (format {meta.get('format')!r}, "
-                         f"expected {FORMAT!r})")
+        raise ValueError(
+            f"{path}: not a breeze-stream Medusa heads file (format {meta.get('format')!r}, expected {FORMAT!r})"
+        )
     n_state, n_heads = int(meta["n_state"]), int(meta["n_heads"])
     want = _n_state_of(model_dims)
     if n_state != want:
-        raise ValueError(f"{path}: these Medusa heads were trained for a decoder of width {n_state} "
-                         f"(base model {meta.get('base_model', 'unknown')!r}), but the model's decoder width is "
-                         f"{want}; train heads for this model with `breeze-stream train-medusa`")
+        raise ValueError(
+            f"{path}: these Medusa heads were trained for a decoder of width {n_state} "
+            f"(base model {meta.get('base_model', 'unknown')!r}), but the model's decoder width is "
+            f"{want}; train heads for this model with `breeze-stream train-medusa`"
+        )
     heads = MedusaHeads(n_state, n_heads, int(meta.get("n_layers", "1")))
     missing, unexpected = heads.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
     if missing or unexpected:

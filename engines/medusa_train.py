@@ -70,6 +70,7 @@ class Clip:
 
 # ---- data ------------------------------------------------------------------------------------
 
+
 def _eval_root() -> Path:
     return (Path(__file__).resolve().parents[2] / "shared" / "eval").resolve()
 
@@ -125,6 +126,7 @@ def is_held_out(group: str, fraction: float, seed: int) -> bool:
 
 # ---- step 1 and 2: labels and hidden states ---------------------------------------------------
 
+
 class HiddenCache:
     """Shards of (hidden [N, n_state] fp16, targets [N] int64, offsets [clips + 1]) + index.json."""
 
@@ -136,8 +138,10 @@ class HiddenCache:
         if self.index_path.is_file():
             index = json.loads(self.index_path.read_text())
             if index.get("format") != CACHE_FORMAT or index.get("key") != key:
-                raise SystemExit(f"error: {folder} holds labels of another model or setting "
-                                 f"({index.get('key')}); remove it or pass another --cache")
+                raise SystemExit(
+                    f"error: {folder} holds labels of another model or setting "
+                    f"({index.get('key')}); remove it or pass another --cache"
+                )
             self.index = index
 
     @property
@@ -154,9 +158,14 @@ class HiddenCache:
         if clips:
             name = f"shard-{len(self.index['shards']):05d}.safetensors"
             lengths = torch.tensor([0] + [len(t) for t in targets])
-            save_file({"hidden": torch.cat(hidden).to(torch.float16).contiguous(),
-                       "targets": torch.cat(targets).to(torch.int64),
-                       "offsets": lengths.cumsum(0)}, str(self.folder / name))
+            save_file(
+                {
+                    "hidden": torch.cat(hidden).to(torch.float16).contiguous(),
+                    "targets": torch.cat(targets).to(torch.int64),
+                    "offsets": lengths.cumsum(0),
+                },
+                str(self.folder / name),
+            )
             self.index["shards"].append({"file": name, "clips": clips})
         self.index["skipped"].update(skipped)
         tmp = self.index_path.with_suffix(".tmp")
@@ -175,8 +184,8 @@ class HiddenCache:
                 if wanted is not None and clip not in wanted:
                     continue
                 ids.append(clip)
-                hidden.append(data["hidden"][off[i]:off[i + 1]])
-                targets.append(data["targets"][off[i]:off[i + 1]])
+                hidden.append(data["hidden"][off[i] : off[i + 1]])
+                targets.append(data["targets"][off[i] : off[i + 1]])
         return ids, (torch.cat(hidden) if hidden else torch.zeros(0, 0, dtype=torch.float16)), targets
 
 
@@ -244,7 +253,9 @@ class Labeller:
                 break
             # every row steps (finished ones on a dummy token): gathering the live rows' cache and
             # cross-attention keys/values each step would cost more than the extra rows
-            tokens = torch.tensor([[generated[b][-1] if status[b] is None else tok.eot] for b in range(batch)], device=device)
+            tokens = torch.tensor(
+                [[generated[b][-1] if status[b] is None else tok.eot] for b in range(batch)], device=device
+            )
             positions = torch.tensor([[min(p + len(generated[b]) - 1, n_ctx - 1)] for b in range(batch)], device=device)
             hidden = model.decoder.hidden(tokens, positions, cache, None, cross, causal_mask(positions, n_ctx))[:, -1]
         out: list = []
@@ -263,8 +274,9 @@ class Labeller:
 def verify_labels(checkpoint, device: torch.device, clips: list[Clip], labeller: Labeller, options, log) -> None:
     """The labels must be what the engine itself outputs: compare a few clips with
     Engine.transcribe (speculation off where the engine has the switch)."""
-    from .engine import Engine
     from streaming.codecs import load_audio
+
+    from .engine import Engine
 
     try:
         engine = Engine(checkpoint, device=str(device), dtype=labeller.dtype, speculative="off")
@@ -289,20 +301,24 @@ def verify_labels(checkpoint, device: torch.device, clips: list[Clip], labeller:
 def build_cache(labeller: Labeller, clips: list[Clip], cache: HiddenCache, options, batch: int) -> None:
     from tqdm import tqdm
 
-    from .audio import SAMPLE_RATE
     from streaming.codecs import load_audio
+
+    from .audio import SAMPLE_RATE
 
     done = cache.done
     todo = [c for c in clips if c.id not in done]
     if not todo:
         return
-    print(f"labelling {len(todo)} clips with {labeller.name} (greedy, language {options.language}); "
-          f"{len(done)} already in {cache.folder}", file=sys.stderr)
+    print(
+        f"labelling {len(todo)} clips with {labeller.name} (greedy, language {options.language}); "
+        f"{len(done)} already in {cache.folder}",
+        file=sys.stderr,
+    )
     ids, hidden, targets, skipped = [], [], [], {}
     bar = tqdm(total=len(todo), unit="clip", desc="labels", dynamic_ncols=True, mininterval=_bar_interval())
     tokens_total = 0
     for start in range(0, len(todo), batch):
-        chunk = todo[start:start + batch]
+        chunk = todo[start : start + batch]
         audios, live = [], []
         for clip in chunk:
             try:
@@ -333,6 +349,7 @@ def build_cache(labeller: Labeller, clips: list[Clip], cache: HiddenCache, optio
 
 # ---- step 3: training --------------------------------------------------------------------------
 
+
 def head_targets(targets: list[Tensor], n_heads: int) -> Tensor:
     """[N, K]: for position j of a clip (base target y_j), head k's target y_{j+k+1}, or -100
     past the clip's end."""
@@ -347,8 +364,9 @@ def head_targets(targets: list[Tensor], n_heads: int) -> Tensor:
     return torch.cat(rows) if rows else torch.zeros(0, n_heads, dtype=torch.int64)
 
 
-def head_loss(heads: MedusaHeads, weight: Tensor, hidden: Tensor, targets: Tensor,
-              candidates: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def head_loss(
+    heads: MedusaHeads, weight: Tensor, hidden: Tensor, targets: Tensor, candidates: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Mean over heads of each head's cross-entropy; also per-head correct top-1 and counts.
 
     hidden [B, d] (any float dtype), targets [B, K] with -100 = no target; weight: the model's
@@ -382,8 +400,8 @@ def evaluate(heads: MedusaHeads, weight: Tensor, hidden: Tensor, targets: Tensor
     count = torch.zeros(k_heads)
     chain = 0.0
     for s in range(0, len(hidden), batch):
-        h = hidden[s:s + batch].to(weight.device, weight.dtype)
-        t = targets[s:s + batch].to(weight.device)
+        h = hidden[s : s + batch].to(weight.device, weight.dtype)
+        t = targets[s : s + batch].to(weight.device)
         logits = heads(h) @ weight.T
         best = logits.topk(3, dim=-1).indices  # [B, K, 3]
         valid = t >= 0
@@ -395,8 +413,13 @@ def evaluate(heads: MedusaHeads, weight: Tensor, hidden: Tensor, targets: Tensor
     n = max(len(hidden), 1)
     acc1 = (top1 / count.clamp(min=1)).tolist()
     acc3 = (top3 / count.clamp(min=1)).tolist()
-    return {"positions": len(hidden), "top1": [round(a, 4) for a in acc1], "top3": [round(a, 4) for a in acc3],
-            "chain_accepted": round(chain / n, 4), "tokens_per_forward_chain": round(1 + chain / n, 4)}
+    return {
+        "positions": len(hidden),
+        "top1": [round(a, 4) for a in acc1],
+        "top3": [round(a, 4) for a in acc3],
+        "chain_accepted": round(chain / n, 4),
+        "tokens_per_forward_chain": round(1 + chain / n, 4),
+    }
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -411,11 +434,25 @@ def format_eval(e: dict) -> str:
     return f"top-1 {heads} | chain {e['chain_accepted']:.3f} -> {e['tokens_per_forward_chain']:.3f} tokens/forward"
 
 
-def train_heads(heads: MedusaHeads, weight: Tensor, hidden: Tensor, targets: Tensor, *, epochs: int,
-                batch_size: int, lr: float, weight_decay: float = 0.0, seed: int = 0,
-                eval_set: tuple[Tensor, Tensor] | None = None, ckpt: Path | None = None, resume: bool = False,
-                ckpt_extra: dict | None = None, progress: bool = True, log=print,
-                negatives: int | None = None) -> list[dict]:
+def train_heads(
+    heads: MedusaHeads,
+    weight: Tensor,
+    hidden: Tensor,
+    targets: Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    eval_set: tuple[Tensor, Tensor] | None = None,
+    ckpt: Path | None = None,
+    resume: bool = False,
+    ckpt_extra: dict | None = None,
+    progress: bool = True,
+    log=print,
+    negatives: int | None = None,
+) -> list[dict]:
     """Trains `heads` in place on (hidden [N, d], targets [N, K]); returns the per-epoch history.
 
     negatives None: softmax over the full vocabulary. Otherwise a sampled softmax over every
@@ -443,8 +480,12 @@ def train_heads(heads: MedusaHeads, weight: Tensor, hidden: Tensor, targets: Ten
     first_epoch = 0
     if resume and ckpt is not None and ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if (state.get("format") != CKPT_FORMAT or state["n_heads"] != heads.n_heads or state["n_state"] != heads.n_state
-                or state.get("n_layers", 1) != heads.n_layers):
+        if (
+            state.get("format") != CKPT_FORMAT
+            or state["n_heads"] != heads.n_heads
+            or state["n_state"] != heads.n_state
+            or state.get("n_layers", 1) != heads.n_layers
+        ):
             raise SystemExit(f"error: {ckpt} is not a checkpoint of these heads; remove it or train without --resume")
         heads.load_state_dict(state["heads"])
         opt.load_state_dict(state["optimizer"])
@@ -463,16 +504,22 @@ def train_heads(heads: MedusaHeads, weight: Tensor, hidden: Tensor, targets: Ten
         gen = torch.Generator().manual_seed(seed * 1000 + epoch)
         order = torch.randperm(len(hidden), generator=gen)
         t0 = time.perf_counter()
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{epochs}", unit="step", dynamic_ncols=True,
-                   disable=not progress, mininterval=_bar_interval())
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"epoch {epoch + 1}/{epochs}",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not progress,
+            mininterval=_bar_interval(),
+        )
         ema_loss, ema_acc = None, None
         for step in bar:
-            idx = order[step * batch_size:(step + 1) * batch_size]
+            idx = order[step * batch_size : (step + 1) * batch_size]
             h = hidden[idx].to(device, non_blocking=True)
             t = targets[idx].to(device, non_blocking=True)
             candidates = None
             if seen is not None:
-                pick = torch.randperm(len(unseen), generator=gen)[: negatives].to(device)
+                pick = torch.randperm(len(unseen), generator=gen)[:negatives].to(device)
                 candidates = torch.cat([seen, unseen[pick]])
             loss, correct, count = head_loss(heads, weight, h, t, candidates)
             opt.zero_grad(set_to_none=True)
@@ -484,17 +531,30 @@ def train_heads(heads: MedusaHeads, weight: Tensor, hidden: Tensor, targets: Ten
             ema_acc = acc if ema_acc is None else 0.95 * ema_acc + 0.05 * acc
             bar.set_postfix(loss=f"{ema_loss:.3f}", acc="/".join(f"{a:.2f}" for a in ema_acc.tolist()))
         bar.close()
-        record = {"epoch": epoch, "train_loss": round(ema_loss or 0.0, 4), "seconds": round(time.perf_counter() - t0, 1)}
+        record = {
+            "epoch": epoch,
+            "train_loss": round(ema_loss or 0.0, 4),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
         if eval_set is not None:
             record["heldout"] = evaluate(heads.eval(), weight, *eval_set)
             heads.train()
             log(f"epoch {epoch + 1}: loss {record['train_loss']:.3f}, held-out {format_eval(record['heldout'])}")
         history.append(record)
         if ckpt is not None:
-            state = {"format": CKPT_FORMAT, "n_heads": heads.n_heads, "n_state": heads.n_state,
-                     "n_layers": heads.n_layers, "epoch": epoch,
-                     "step": sched.last_epoch, "heads": heads.state_dict(), "optimizer": opt.state_dict(),
-                     "scheduler": sched.state_dict(), "history": history, **(ckpt_extra or {})}
+            state = {
+                "format": CKPT_FORMAT,
+                "n_heads": heads.n_heads,
+                "n_state": heads.n_state,
+                "n_layers": heads.n_layers,
+                "epoch": epoch,
+                "step": sched.last_epoch,
+                "heads": heads.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "history": history,
+                **(ckpt_extra or {}),
+            }
             tmp = ckpt.with_name(ckpt.name + ".tmp")
             torch.save(state, tmp)
             tmp.replace(ckpt)
@@ -503,6 +563,7 @@ def train_heads(heads: MedusaHeads, weight: Tensor, hidden: Tensor, targets: Ten
 
 
 # ---- the command --------------------------------------------------------------------------------
+
 
 def run_train(args: argparse.Namespace) -> int:
     from .checkpoints import load_checkpoint
@@ -530,21 +591,38 @@ def run_train(args: argparse.Namespace) -> int:
         torch.backends.cudnn.allow_tf32 = False
     labeller = Labeller(checkpoint, device, dtype)
     options = DecodingOptions(language=args.language, max_new_tokens=args.max_tokens)
-    key = {"model": labeller.name, "dims": list(vars(checkpoint.dims).values()), "language": args.language,
-           "dtype": str(labeller.dtype), "max_tokens": args.max_tokens}
+    key = {
+        "model": labeller.name,
+        "dims": list(vars(checkpoint.dims).values()),
+        "language": args.language,
+        "dtype": str(labeller.dtype),
+        "max_tokens": args.max_tokens,
+    }
     cache = HiddenCache(cache_dir, key)
     todo = [c for c in clips if c.id not in cache.done]
     if todo and args.verify:
         try:
-            verify_labels(checkpoint, device, todo[: args.verify], labeller, options, lambda m: print(m, file=sys.stderr))
+            verify_labels(
+                checkpoint, device, todo[: args.verify], labeller, options, lambda m: print(m, file=sys.stderr)
+            )
         except Exception as exc:  # the check is advisory: labelling does not depend on the engine
-            print(f"warning: could not compare the labels with the engine ({type(exc).__name__}: {exc})", file=sys.stderr)
+            print(
+                f"warning: could not compare the labels with the engine ({type(exc).__name__}: {exc})", file=sys.stderr
+            )
     t0 = time.perf_counter()
     build_cache(labeller, clips, cache, options, args.label_batch)
     label_seconds = time.perf_counter() - t0
     if args.label_only:
-        print(json.dumps({"cache": str(cache_dir), "clips": len(cache.done) - len(cache.index["skipped"]),
-                          "skipped": len(cache.index["skipped"]), "label_seconds": round(label_seconds, 1)}))
+        print(
+            json.dumps(
+                {
+                    "cache": str(cache_dir),
+                    "clips": len(cache.done) - len(cache.index["skipped"]),
+                    "skipped": len(cache.index["skipped"]),
+                    "label_seconds": round(label_seconds, 1),
+                }
+            )
+        )
         return 0
     weight = labeller.model.decoder.token_embedding.weight.detach().to(device, torch.float32).clone()
     dims, name = checkpoint.dims, labeller.name
@@ -560,8 +638,11 @@ def run_train(args: argparse.Namespace) -> int:
     lengths = torch.tensor([len(t) for t in per_clip])
     held_pos = held.repeat_interleave(lengths)
     n_held = int(held.sum())
-    print(f"{len(ids)} clips ({len(cache.index['skipped'])} skipped), {len(hidden)} token positions; "
-          f"held out {n_held} clips / {int(held_pos.sum())} positions", file=sys.stderr)
+    print(
+        f"{len(ids)} clips ({len(cache.index['skipped'])} skipped), {len(hidden)} token positions; "
+        f"held out {n_held} clips / {int(held_pos.sum())} positions",
+        file=sys.stderr,
+    )
     train_h, train_t = hidden[~held_pos], targets[~held_pos]
     eval_set = (hidden[held_pos], targets[held_pos]) if n_held else None
     if device.type == "cuda":  # the whole set fits: no host-to-device copy per step
@@ -572,10 +653,23 @@ def run_train(args: argparse.Namespace) -> int:
     negatives = args.negatives if sampled else None
     heads = MedusaHeads(dims.n_text_state, args.heads, args.layers)
     t1 = time.perf_counter()
-    history = train_heads(heads, weight, train_h, train_t, epochs=args.epochs, batch_size=args.batch_size,
-                          lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, eval_set=eval_set,
-                          ckpt=ckpt, resume=args.resume, ckpt_extra={"model": name, "recipe": recipe},
-                          log=lambda m: print(m, file=sys.stderr), negatives=negatives)
+    history = train_heads(
+        heads,
+        weight,
+        train_h,
+        train_t,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        eval_set=eval_set,
+        ckpt=ckpt,
+        resume=args.resume,
+        ckpt_extra={"model": name, "recipe": recipe},
+        log=lambda m: print(m, file=sys.stderr),
+        negatives=negatives,
+    )
     train_seconds = time.perf_counter() - t1
     final = history[-1].get("heldout") if history else None
     before = history[0].get("heldout") if history and history[0]["epoch"] == -1 else None
@@ -593,18 +687,29 @@ def run_train(args: argparse.Namespace) -> int:
         "heldout_untrained": before or {},
     }
     save_heads(out, heads, meta)
-    summary = {"out": str(out), "clips": len(ids), "heldout_clips": n_held, "positions": len(hidden),
-               "label_seconds": round(label_seconds, 1), "train_seconds": round(train_seconds, 1),
-               "total_seconds": round(time.perf_counter() - t_start, 1), "heldout": final, "untrained": before}
+    summary = {
+        "out": str(out),
+        "clips": len(ids),
+        "heldout_clips": n_held,
+        "positions": len(hidden),
+        "label_seconds": round(label_seconds, 1),
+        "train_seconds": round(train_seconds, 1),
+        "total_seconds": round(time.perf_counter() - t_start, 1),
+        "heldout": final,
+        "untrained": before,
+    }
     print(json.dumps(summary, ensure_ascii=False))
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB); held-out {format_eval(final) if final else '(none)'}",
-          file=sys.stderr)
+    print(
+        f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB); held-out {format_eval(final) if final else '(none)'}",
+        file=sys.stderr,
+    )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="breeze-stream train-medusa", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="breeze-stream train-medusa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_train_arguments(parser)
     return run_train(parser.parse_args(argv))
 

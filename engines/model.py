@@ -39,7 +39,9 @@ class LayerNorm(nn.LayerNorm):
         if x.dtype == self.weight.dtype and (x.dtype == torch.float32 or x.is_cuda):
             # one kernel: CUDA's layer norm keeps fp16/bf16 statistics in float32 itself
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps).type(x.dtype)
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps).type(
+            x.dtype
+        )
 
 
 class Linear(nn.Linear):
@@ -134,8 +136,17 @@ class ResidualAttentionBlock(nn.Module):
         x = x + self.attn(self.attn_ln(x))
         return x + self.mlp(self.mlp_ln(x))
 
-    def decode(self, x: Tensor, cache: tuple[Tensor, Tensor], rows: Tensor | None, cross: tuple[Tensor, Tensor],
-               slots: Tensor, mask: Tensor, cross_mask: Tensor | None, index: Tensor) -> Tensor:
+    def decode(
+        self,
+        x: Tensor,
+        cache: tuple[Tensor, Tensor],
+        rows: Tensor | None,
+        cross: tuple[Tensor, Tensor],
+        slots: Tensor,
+        mask: Tensor,
+        cross_mask: Tensor | None,
+        index: Tensor,
+    ) -> Tensor:
         """One decoder layer over new tokens: their keys/values go into cache slots `slots` [B, T]
         of the cache rows `rows` (None: rows 0..B-1) of `cache` ([rows, H, n_ctx, D] each), and each
         query attends to what `mask` [B, 1, T, K] allows among the first K slots (K <= n_ctx; a
@@ -197,9 +208,17 @@ class TextDecoder(nn.Module):
         """Token plus positional embeddings [B, T, n_state] in the cache's dtype."""
         return (self.token_embedding(tokens) + self.positional_embedding[positions]).to(dtype)
 
-    def hidden(self, tokens: Tensor, positions: Tensor, cache: KVCache, rows: Tensor | None,
-               cross: list[tuple[Tensor, Tensor]], mask: Tensor, cross_mask: Tensor | None = None,
-               slots: Tensor | None = None) -> Tensor:
+    def hidden(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        cache: KVCache,
+        rows: Tensor | None,
+        cross: list[tuple[Tensor, Tensor]],
+        mask: Tensor,
+        cross_mask: Tensor | None = None,
+        slots: Tensor | None = None,
+    ) -> Tensor:
         """Last hidden states [B, T, n_state] of `tokens` [B, T] at `positions` [B, T].
 
         `rows` picks the cache rows of these sequences (None: rows 0..B-1). Keys/values go to
@@ -253,8 +272,12 @@ class Whisper(nn.Module):
     def __init__(self, dims: ModelDims):
         super().__init__()
         self.dims = dims
-        self.encoder = AudioEncoder(dims.n_mels, dims.n_audio_ctx, dims.n_audio_state, dims.n_audio_head, dims.n_audio_layer)
-        self.decoder = TextDecoder(dims.n_vocab, dims.n_text_ctx, dims.n_text_state, dims.n_text_head, dims.n_text_layer)
+        self.encoder = AudioEncoder(
+            dims.n_mels, dims.n_audio_ctx, dims.n_audio_state, dims.n_audio_head, dims.n_audio_layer
+        )
+        self.decoder = TextDecoder(
+            dims.n_vocab, dims.n_text_ctx, dims.n_text_state, dims.n_text_head, dims.n_text_layer
+        )
 
     @property
     def device(self) -> torch.device:

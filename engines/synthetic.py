@@ -24,17 +24,49 @@ from __future__ import annotations
 import torch
 
 from .model import ModelDims, Whisper
-from .options import TOKENS_PER_SECOND  # Whisper tokens per second of speech, dev references (engines.capacity --measure-rate)
+from .options import (
+    TOKENS_PER_SECOND,  # Whisper tokens per second of speech, dev references (engines.capacity --measure-rate)
+)
 from .tokenizer import LANGUAGES, byte_encoder
 
 SHAPES = {
     # Breeze-ASR-25 is Whisper large-v2's shape
-    "large-v2": ModelDims(n_mels=80, n_audio_ctx=1500, n_audio_state=1280, n_audio_head=20, n_audio_layer=32,
-                          n_vocab=51865, n_text_ctx=448, n_text_state=1280, n_text_head=20, n_text_layer=32),
-    "base": ModelDims(n_mels=80, n_audio_ctx=1500, n_audio_state=512, n_audio_head=8, n_audio_layer=6,
-                      n_vocab=51865, n_text_ctx=448, n_text_state=512, n_text_head=8, n_text_layer=6),
-    "tiny": ModelDims(n_mels=80, n_audio_ctx=1500, n_audio_state=384, n_audio_head=6, n_audio_layer=4,
-                      n_vocab=51865, n_text_ctx=448, n_text_state=384, n_text_head=6, n_text_layer=4),
+    "large-v2": ModelDims(
+        n_mels=80,
+        n_audio_ctx=1500,
+        n_audio_state=1280,
+        n_audio_head=20,
+        n_audio_layer=32,
+        n_vocab=51865,
+        n_text_ctx=448,
+        n_text_state=1280,
+        n_text_head=20,
+        n_text_layer=32,
+    ),
+    "base": ModelDims(
+        n_mels=80,
+        n_audio_ctx=1500,
+        n_audio_state=512,
+        n_audio_head=8,
+        n_audio_layer=6,
+        n_vocab=51865,
+        n_text_ctx=448,
+        n_text_state=512,
+        n_text_head=8,
+        n_text_layer=6,
+    ),
+    "tiny": ModelDims(
+        n_mels=80,
+        n_audio_ctx=1500,
+        n_audio_state=384,
+        n_audio_head=6,
+        n_audio_layer=4,
+        n_vocab=51865,
+        n_text_ctx=448,
+        n_text_state=384,
+        n_text_head=6,
+        n_text_layer=4,
+    ),
 }
 SHAPES["breeze"] = SHAPES["large-v2"]
 RANDOM_PREFIX = "random:"
@@ -43,11 +75,94 @@ RANDOM_PREFIX = "random:"
 # Whisper's multilingual suppress_tokens (the embedded model's config.json suppress_ids; a test
 # checks them against it): the GPU box lacks the package that ships them.
 WHISPER_SUPPRESS = [
-    1, 2, 7, 8, 9, 10, 14, 25, 26, 27, 28, 29, 31, 58, 59, 60, 61, 62, 63, 90, 91, 92, 93, 359, 503, 522, 542, 873,
-    893, 902, 918, 922, 931, 1350, 1853, 1982, 2460, 2627, 3246, 3253, 3268, 3536, 3846, 3961, 4183, 4667, 6585, 6647,
-    7273, 9061, 9383, 10428, 10929, 11938, 12033, 12331, 12562, 13793, 14157, 14635, 15265, 15618, 16553, 16604, 18362,
-    18956, 20075, 21675, 22520, 26130, 26161, 26435, 28279, 29464, 31650, 32302, 32470, 36865, 42863, 47425, 49870,
-    50254, 50258, 50358, 50359, 50360, 50361, 50362,
+    1,
+    2,
+    7,
+    8,
+    9,
+    10,
+    14,
+    25,
+    26,
+    27,
+    28,
+    29,
+    31,
+    58,
+    59,
+    60,
+    61,
+    62,
+    63,
+    90,
+    91,
+    92,
+    93,
+    359,
+    503,
+    522,
+    542,
+    873,
+    893,
+    902,
+    918,
+    922,
+    931,
+    1350,
+    1853,
+    1982,
+    2460,
+    2627,
+    3246,
+    3253,
+    3268,
+    3536,
+    3846,
+    3961,
+    4183,
+    4667,
+    6585,
+    6647,
+    7273,
+    9061,
+    9383,
+    10428,
+    10929,
+    11938,
+    12033,
+    12331,
+    12562,
+    13793,
+    14157,
+    14635,
+    15265,
+    15618,
+    16553,
+    16604,
+    18362,
+    18956,
+    20075,
+    21675,
+    22520,
+    26130,
+    26161,
+    26435,
+    28279,
+    29464,
+    31650,
+    32302,
+    32470,
+    36865,
+    42863,
+    47425,
+    49870,
+    50254,
+    50258,
+    50358,
+    50359,
+    50360,
+    50361,
+    50362,
 ]
 _CJK = 0x4E00  # first CJK unified ideograph; 20,000 of them from here are all assigned
 
@@ -72,8 +187,17 @@ def synthetic_vocabulary(n_vocab: int = 51865) -> list[str]:
     ordinary tokens of two CJK characters each, unique, in GPT-2's byte-level spelling. The GPU box
     lacks the package that ships the real vocabulary; tests check the special ids against it."""
     eot = 50257 if n_vocab >= 51865 else 50256
-    specials = ["<|endoftext|>", "<|startoftranscript|>"] + [f"<|{lang}|>" for lang in LANGUAGES[: 99 if n_vocab == 51865 else 100]]
-    specials += ["<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>"]
+    specials = ["<|endoftext|>", "<|startoftranscript|>"] + [
+        f"<|{lang}|>" for lang in LANGUAGES[: 99 if n_vocab == 51865 else 100]
+    ]
+    specials += [
+        "<|translate|>",
+        "<|transcribe|>",
+        "<|startoflm|>",
+        "<|startofprev|>",
+        "<|nocaptions|>",
+        "<|notimestamps|>",
+    ]
     spell = byte_encoder()
     vocab = ["".join(spell[b] for b in (chr(_CJK + i % 20000) + chr(_CJK + i // 20000)).encode()) for i in range(eot)]
     vocab += specials
@@ -91,8 +215,14 @@ def rig_decoder(model: Whisper) -> None:
             block.cross_attn.out.bias.mul_(1e-4)
 
 
-def random_engine(shape: str, device: str = "auto", dtype: torch.dtype | None = None, seed: int = 0,
-                  tokens_per_second: float | None = TOKENS_PER_SECOND, **engine_options):
+def random_engine(
+    shape: str,
+    device: str = "auto",
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+    tokens_per_second: float | None = TOKENS_PER_SECOND,
+    **engine_options,
+):
     """An Engine on random weights of `shape` (a key of SHAPES), rigged as the module doc says,
     decoding `tokens_per_second` tokens per second of audio (None: requests set their own
     `max_new_tokens`). `engine_options` go to Engine (max_batch, speculative, cuda_graphs, ...)."""
@@ -100,7 +230,9 @@ def random_engine(shape: str, device: str = "auto", dtype: torch.dtype | None = 
     from .engine import Engine, resolve_device
 
     if shape not in SHAPES:
-        raise ValueError(f"unknown model shape {shape!r} for {RANDOM_PREFIX}SHAPE; use one of {', '.join(sorted(SHAPES))}")
+        raise ValueError(
+            f"unknown model shape {shape!r} for {RANDOM_PREFIX}SHAPE; use one of {', '.join(sorted(SHAPES))}"
+        )
     dims = SHAPES[shape]
     dev = resolve_device(device)
     dtype = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
@@ -108,9 +240,14 @@ def random_engine(shape: str, device: str = "auto", dtype: torch.dtype | None = 
     rig_decoder(model)
     vocabulary = synthetic_vocabulary(dims.n_vocab)
     eot = vocabulary.index("<|endoftext|>")
-    checkpoint = Checkpoint(name=f"{RANDOM_PREFIX}{shape} (random weights, load test)", dims=dims,
-                            state_dict=model.state_dict(), vocabulary=vocabulary,
-                            suppress_tokens=sorted(set(WHISPER_SUPPRESS) | {eot}), alignment_heads=None)
+    checkpoint = Checkpoint(
+        name=f"{RANDOM_PREFIX}{shape} (random weights, load test)",
+        dims=dims,
+        state_dict=model.state_dict(),
+        vocabulary=vocabulary,
+        suppress_tokens=sorted(set(WHISPER_SUPPRESS) | {eot}),
+        alignment_heads=None,
+    )
     engine_options.setdefault("script", "as-is")
     with torch.device(dev):  # build the engine's copy on the device, not 1.5 G parameters on the host
         engine = Engine(checkpoint, device=str(dev), dtype=dtype, tokens_per_second=tokens_per_second, **engine_options)

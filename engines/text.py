@@ -9,12 +9,12 @@ from __future__ import annotations
 import itertools
 import re
 import threading
-from functools import lru_cache
+from functools import cache
 
 _lock = threading.Lock()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _converter(config: str):
     """One converter per config: loading its dictionaries costs milliseconds, converting microseconds.
     opencc is imported here, not at module load, so the engine imports where it is absent (a GPU
@@ -54,11 +54,15 @@ def to_traditional(text: str) -> str:
 
 FULL_WIDTH = {",": "，", ".": "。", "?": "？", "!": "！", ":": "：", ";": "；"}
 # Han (with extensions and compatibility ideographs), kana, bopomofo: the scripts of a Chinese clause
-_CJK = re.compile("[\u3040-\u30ff\u3100-\u312f\u31a0-\u31bf\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003ffff]")
+_CJK = re.compile(
+    "[\u3040-\u30ff\u3100-\u312f\u31a0-\u31bf\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003ffff]"
+)
 # left alone: URLs and e-mail addresses (ASCII only, since Chinese text runs on without spaces;
 # a mark at their end belongs to the sentence, so a match never ends on one)
-_PROTECTED = re.compile(r"(?:[A-Za-z][A-Za-z0-9+.-]*://|www\.)[\x21-\x7e]*[A-Za-z0-9/#=_~%&+)-]|"
-                        r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
+_PROTECTED = re.compile(
+    r"(?:[A-Za-z][A-Za-z0-9+.-]*://|www\.)[\x21-\x7e]*[A-Za-z0-9/#=_~%&+)-]|"
+    r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+"
+)
 
 
 def full_width_punctuation(text: str) -> str:
@@ -81,7 +85,7 @@ def full_width_pieces(text: str) -> list[str]:
     pieces = list(text)
     protected = [False] * len(text)
     for match in _PROTECTED.finditer(text):
-        protected[match.start():match.end()] = [True] * (match.end() - match.start())
+        protected[match.start() : match.end()] = [True] * (match.end() - match.start())
     clause_has_cjk = False
     for i, ch in enumerate(text):
         if _CJK.match(ch):
@@ -101,7 +105,7 @@ def full_width_pieces(text: str) -> list[str]:
 
 def _ends_clause(text: str, i: int) -> bool:
     """The mark text[i] is clause punctuation, not part of a word or number."""
-    before, after = text[i - 1:i], text[i + 1:i + 2]
+    before, after = text[i - 1 : i], text[i + 1 : i + 2]
     if _word_char(before) and _word_char(after):
         return False  # 3.5, 1,000, 10:30
     return not (text[i] == "." and (_word_char(after) or "." in (before, after)))  # .NET, ...

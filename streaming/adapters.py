@@ -54,8 +54,11 @@ class Outbox:
         if self.closing:
             return
         if self._limit is not None and self._queue.qsize() >= self._limit:
-            log.warning("%d messages wait for a client (%s) that does not read them; closing the connection",
-                        self._queue.qsize(), self._ws.remote_address)
+            log.warning(
+                "%d messages wait for a client (%s) that does not read them; closing the connection",
+                self._queue.qsize(),
+                self._ws.remote_address,
+            )
             self.overflowed = True
             while not self._queue.empty():
                 self._queue.get_nowait()
@@ -111,8 +114,11 @@ class Complaints:
 
     def summary(self) -> None:
         if any(n > self._limit for n in self.counts.values()):
-            self._log.warning("%s: ignored messages by kind: %s", self._prefix,
-                              ", ".join(f"{kind} x{n}" for kind, n in sorted(self.counts.items())))
+            self._log.warning(
+                "%s: ignored messages by kind: %s",
+                self._prefix,
+                ", ".join(f"{kind} x{n}" for kind, n in sorted(self.counts.items())),
+            )
 
 
 class ItemTranscriber(StreamingTranscriber):

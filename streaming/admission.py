@@ -85,9 +85,16 @@ class AdmissionConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"--admission must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if ((self.floor is not None and self.floor < 1) or (self.utilization is not None and not 0 < self.utilization <= 1)
-                or self.max_wait <= 0 or self.hold < 0 or self.horizon <= 0):
-            raise ValueError("--admission-floor must be >= 1, --admission-utilization in (0, 1], --admission-max-wait > 0")
+        if (
+            (self.floor is not None and self.floor < 1)
+            or (self.utilization is not None and not 0 < self.utilization <= 1)
+            or self.max_wait <= 0
+            or self.hold < 0
+            or self.horizon <= 0
+        ):
+            raise ValueError(
+                "--admission-floor must be >= 1, --admission-utilization in (0, 1], --admission-max-wait > 0"
+            )
 
 
 class Fading:
@@ -169,8 +176,9 @@ class LoadMeter:
 class Admission:
     """Whether the server takes one more session, by the measured capacity (module docstring)."""
 
-    def __init__(self, config: AdmissionConfig, meter: LoadMeter, clock: Callable[[], float] = time.monotonic,
-                 workers: int = 1) -> None:
+    def __init__(
+        self, config: AdmissionConfig, meter: LoadMeter, clock: Callable[[], float] = time.monotonic, workers: int = 1
+    ) -> None:
         self.config = config
         self.meter = meter
         self.workers = workers  # front ends sharing the engine (serve --workers N); this one's share is 1/N
@@ -211,15 +219,31 @@ class Admission:
         capacity, pressure, now = self.capacity, self.pressure, self._clock()
         if self.admitting and sessions and (sessions + 1 > capacity or pressure > 1):
             self.admitting, self._since = False, now
-            log.warning("%s new sessions: %d open, capacity %.1f, pressure %.2f (rtf %s, backlog %.1f s, "
-                        "queue delay %.2f s)", "refusing" if self.config.mode != "off" else "over capacity (admission "
-                        "off: still admitting)", sessions, capacity, pressure, _round(self.meter.rtf),
-                        self.meter.backlog, self.meter.queue_delay)
-        elif not self.admitting and (not sessions or (now - self._since >= self.config.hold and pressure < 0.5
-                                                      and sessions + 1 + READMIT_FREE * capacity <= capacity)):
+            log.warning(
+                "%s new sessions: %d open, capacity %.1f, pressure %.2f (rtf %s, backlog %.1f s, queue delay %.2f s)",
+                "refusing" if self.config.mode != "off" else "over capacity (admission off: still admitting)",
+                sessions,
+                capacity,
+                pressure,
+                _round(self.meter.rtf),
+                self.meter.backlog,
+                self.meter.queue_delay,
+            )
+        elif not self.admitting and (
+            not sessions
+            or (
+                now - self._since >= self.config.hold
+                and pressure < 0.5
+                and sessions + 1 + READMIT_FREE * capacity <= capacity
+            )
+        ):
             self.admitting, self._since = True, now
-            log.info("%s: %d open, capacity %.1f", "admitting new sessions again" if self.config.mode != "off"
-                     else "back within capacity", sessions, capacity)
+            log.info(
+                "%s: %d open, capacity %.1f",
+                "admitting new sessions again" if self.config.mode != "off" else "back within capacity",
+                sessions,
+                capacity,
+            )
 
     def admits(self, sessions: int) -> bool:
         """Whether one more session may join `sessions` open ones (always, with mode off)."""
@@ -243,12 +267,18 @@ class Admission:
         """The estimate and its inputs, for `/healthz` and the metrics."""
         self.update(sessions)
         capacity, free = self.capacity, self.free(sessions)
-        return {"mode": self.config.mode, "admitting": self.ready, "sessions": sessions,
-                "capacity": round(capacity, 1) if math.isfinite(capacity) else None,
-                "free": int(free) if math.isfinite(free) else None,
-                "rtf": _round(self.meter.rtf), "speech": _round(self.meter.speech),
-                "backlog_s": round(self.meter.backlog, 2), "queue_delay_s": round(self.meter.queue_delay, 3),
-                "pressure": round(self.pressure, 3)}
+        return {
+            "mode": self.config.mode,
+            "admitting": self.ready,
+            "sessions": sessions,
+            "capacity": round(capacity, 1) if math.isfinite(capacity) else None,
+            "free": int(free) if math.isfinite(free) else None,
+            "rtf": _round(self.meter.rtf),
+            "speech": _round(self.meter.speech),
+            "backlog_s": round(self.meter.backlog, 2),
+            "queue_delay_s": round(self.meter.queue_delay, 3),
+            "pressure": round(self.pressure, 3),
+        }
 
 
 def _round(value: float | None) -> float | None:

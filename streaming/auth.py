@@ -132,7 +132,7 @@ def handshake_token(headers, path: str) -> str | None:
         for protocol in header.split(","):
             protocol = protocol.strip()
             if protocol.startswith(OPENAI_KEY_PROTOCOL) and len(protocol) > len(OPENAI_KEY_PROTOCOL):
-                return protocol[len(OPENAI_KEY_PROTOCOL):]
+                return protocol[len(OPENAI_KEY_PROTOCOL) :]
     return None
 
 
@@ -231,8 +231,13 @@ def _native_error(code: str, message: str, first: dict | None) -> str:
 
 def _realtime_error(code: str, message: str, first: dict | None) -> str:
     kind = "invalid_request_error" if code == "unauthorized" else "server_error"
-    return json.dumps({"type": "error", "event_id": None, "error": {"type": kind, "code": code, "message": message,
-                                                                     "param": None, "event_id": None}})
+    return json.dumps(
+        {
+            "type": "error",
+            "event_id": None,
+            "error": {"type": kind, "code": code, "message": message, "param": None, "event_id": None},
+        }
+    )
 
 
 def _whisperlive_error(code: str, message: str, first: dict | None) -> str:

@@ -59,7 +59,9 @@ def faster_whisper_pass(model, clips, audios, **options) -> tuple[list[dict], fl
         segments, _ = model.transcribe(audio, language=language, **options)
         segments = list(segments)
         total += time.perf_counter() - start
-        rows.append({"text": "".join(s.text for s in segments).strip(), "tokens": [t for s in segments for t in s.tokens]})
+        rows.append(
+            {"text": "".join(s.text for s in segments).strip(), "tokens": [t for s in segments for t in s.tokens]}
+        )
     return rows, total
 
 
@@ -96,8 +98,16 @@ def run_bench_offline(args: argparse.Namespace) -> int:
     int8_rows, int8_time = faster_whisper_pass(int8, clips, audios, beam_size=1)
     del int8
     fp32 = WhisperModel(ct2_dir, device="cpu", compute_type="float32", cpu_threads=2)
-    greedy = dict(beam_size=1, temperature=0.0, without_timestamps=True, condition_on_previous_text=False,
-                  vad_filter=False, no_speech_threshold=None, log_prob_threshold=None, compression_ratio_threshold=None)
+    greedy = dict(
+        beam_size=1,
+        temperature=0.0,
+        without_timestamps=True,
+        condition_on_previous_text=False,
+        vad_filter=False,
+        no_speech_threshold=None,
+        log_prob_threshold=None,
+        compression_ratio_threshold=None,
+    )
     fp32_rows, fp32_time = faster_whisper_pass(fp32, clips, audios, **greedy)
     del fp32
 
@@ -109,29 +119,56 @@ def run_bench_offline(args: argparse.Namespace) -> int:
     per_clip = []
     for clip, a, ref, ours in zip(clips, int8_rows, fp32_rows, ours_rows):
         same = ref["tokens"] == ours["tokens"]
-        first_diff = next((i for i, (x, y) in enumerate(zip(ref["tokens"], ours["tokens"])) if x != y),
-                          None if same else min(len(ref["tokens"]), len(ours["tokens"])))
-        per_clip.append({"audio": clip.audio.name, "lang": clip.lang, "ref": clip.text, "ours": ours["text"],
-                         "fw_fp32": to_traditional(ref["text"]), "fw_int8": a["text"], "same_tokens_as_fw_fp32": same,
-                         "first_difference_at_token": first_diff})
+        first_diff = next(
+            (i for i, (x, y) in enumerate(zip(ref["tokens"], ours["tokens"])) if x != y),
+            None if same else min(len(ref["tokens"]), len(ours["tokens"])),
+        )
+        per_clip.append(
+            {
+                "audio": clip.audio.name,
+                "lang": clip.lang,
+                "ref": clip.text,
+                "ours": ours["text"],
+                "fw_fp32": to_traditional(ref["text"]),
+                "fw_int8": a["text"],
+                "same_tokens_as_fw_fp32": same,
+                "first_difference_at_token": first_diff,
+            }
+        )
     report = {
         "audio_seconds": round(seconds, 2),
-        "faster_whisper_int8_default": {**error_rates(clips, [r["text"] for r in int8_rows]), "rtf": int8_time / seconds},
-        "faster_whisper_fp32_greedy": {**error_rates(clips, [r["text"] for r in fp32_rows]), "rtf": fp32_time / seconds},
+        "faster_whisper_int8_default": {
+            **error_rates(clips, [r["text"] for r in int8_rows]),
+            "rtf": int8_time / seconds,
+        },
+        "faster_whisper_fp32_greedy": {
+            **error_rates(clips, [r["text"] for r in fp32_rows]),
+            "rtf": fp32_time / seconds,
+        },
         "ours_greedy": {**error_rates(clips, [r["text"] for r in ours_rows]), "rtf": ours_time / seconds},
-        "ours_greedy_short_window": {**error_rates(clips, [r["text"] for r in short_rows]), "rtf": short_time / seconds,
-                                          "window_seconds": args.window},
+        "ours_greedy_short_window": {
+            **error_rates(clips, [r["text"] for r in short_rows]),
+            "rtf": short_time / seconds,
+            "window_seconds": args.window,
+        },
         "rtf_ratio_ours_vs_fw_int8": ours_time / int8_time,
         "rtf_ratio_ours_short_window_vs_fw_int8": short_time / int8_time,
         "clips_token_identical_to_fw_fp32": sum(c["same_tokens_as_fw_fp32"] for c in per_clip),
         "clips": per_clip,
     }
-    for name in ("faster_whisper_int8_default", "faster_whisper_fp32_greedy", "ours_greedy", "ours_greedy_short_window"):
+    for name in (
+        "faster_whisper_int8_default",
+        "faster_whisper_fp32_greedy",
+        "ours_greedy",
+        "ours_greedy_short_window",
+    ):
         r = report[name]
         print(f"{name:30s} CER {100 * r['cer']:5.1f}%  RTF {r['rtf']:.3f}")
-    print(f"ours / faster-whisper int8 time: {report['rtf_ratio_ours_vs_fw_int8']:.2f}x (full window), "
-          f"{report['rtf_ratio_ours_short_window_vs_fw_int8']:.2f}x (window {args.window} s); "
-          f"token-identical to faster-whisper fp32 greedy on {report['clips_token_identical_to_fw_fp32']}/{len(clips)} clips")
+    print(
+        f"ours / faster-whisper int8 time: {report['rtf_ratio_ours_vs_fw_int8']:.2f}x (full window), "
+        f"{report['rtf_ratio_ours_short_window_vs_fw_int8']:.2f}x (window {args.window} s); "
+        f"token-identical to faster-whisper fp32 greedy on {report['clips_token_identical_to_fw_fp32']}/{len(clips)} clips"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(report, ensure_ascii=False, indent=2))
     return 0

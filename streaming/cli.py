@@ -17,16 +17,21 @@ from pathlib import Path
 from bench.options import add_load_arguments
 from bench.readme import add_readme_arguments
 from engines.options import add_bench_arguments, add_capacity_arguments, add_train_arguments
-from streaming.options import add_decoding_arguments, add_model_arguments, add_replay_arguments, add_serve_arguments
-from streaming.options import CLIPS_HELP, window_argument
+from streaming.options import (
+    CLIPS_HELP,
+    add_decoding_arguments,
+    add_model_arguments,
+    add_replay_arguments,
+    add_serve_arguments,
+    window_argument,
+)
 
 
 class _Version(argparse.Action):
     """--version, read from the installed package's metadata only when asked."""
 
     def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs) -> None:
-        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
-                         help="print the version and exit")
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help="print the version and exit")
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
         from importlib.metadata import version
@@ -49,8 +54,12 @@ def load_engine(args: argparse.Namespace):
     return load_backend(args, speculative=getattr(args, "speculative", "both"), medusa=args.medusa, **extra)
 
 
-def engine_options(fp32_weights: bool = False, cuda_graphs: str = "graph", max_batch: int | None = None,
-                   window_bucket: float | None = None) -> dict:
+def engine_options(
+    fp32_weights: bool = False,
+    cuda_graphs: str = "graph",
+    max_batch: int | None = None,
+    window_bucket: float | None = None,
+) -> dict:
     """Engine keyword arguments of --fp32-weights, --cuda-graphs, --max-batch and --window-bucket
     (only where they differ from the defaults, so that backends without these options are not
     handed them)."""
@@ -143,18 +152,24 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(run=run)
         return p
 
-    p = command("serve", "streaming.server:run_serve", "run the WebSocket server (native /v1/stream, metrics, demo page)")
+    p = command(
+        "serve", "streaming.server:run_serve", "run the WebSocket server (native /v1/stream, metrics, demo page)"
+    )
     add_model_arguments(p)
     add_serve_arguments(p)
 
-    p = command("transcribe", "streaming.cli:cmd_transcribe", "transcribe audio files (WAV/FLAC, other formats through ffmpeg)")
+    p = command(
+        "transcribe", "streaming.cli:cmd_transcribe", "transcribe audio files (WAV/FLAC, other formats through ffmpeg)"
+    )
     add_model_arguments(p)
     add_decoding_arguments(p)
     p.add_argument("files", nargs="+", metavar="AUDIO", help="audio files, any sample rate")
-    p.add_argument("--json", nargs="?", const="-", metavar="OUT",
-                   help="segments as JSON: printed, or written to OUT")
-    p.add_argument("--word-timestamps", action="store_true",
-                   help="word timings for every segment (text, start, end, probability; one more decoder pass per segment)")
+    p.add_argument("--json", nargs="?", const="-", metavar="OUT", help="segments as JSON: printed, or written to OUT")
+    p.add_argument(
+        "--word-timestamps",
+        action="store_true",
+        help="word timings for every segment (text, start, end, probability; one more decoder pass per segment)",
+    )
 
     p = command("eval", "streaming.cli:cmd_eval", "offline accuracy and speed on a manifest (docs/evaluation.md)")
     add_model_arguments(p)
@@ -163,41 +178,70 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="OUT", help="write the full report here")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N clips")
 
-    p = command("replay", "streaming.replay:run_replay", "replay clips to a server at real-time pace and measure latency")
+    p = command(
+        "replay", "streaming.replay:run_replay", "replay clips to a server at real-time pace and measure latency"
+    )
     add_replay_arguments(p)
 
-    p = command("bench-load", "bench.load:run_load", "N concurrent real-time streams looping clips through a server: "
-                "latency, losses, CER, server and client load (docs/benchmarks.md)")
+    p = command(
+        "bench-load",
+        "bench.load:run_load",
+        "N concurrent real-time streams looping clips through a server: "
+        "latency, losses, CER, server and client load (docs/benchmarks.md)",
+    )
     add_load_arguments(p)
-    p = command("bench-readme", "bench.readme:run_readme",
-                "regenerate every CPU figure README.md states, beside its peer, on this machine")
+    p = command(
+        "bench-readme",
+        "bench.readme:run_readme",
+        "regenerate every CPU figure README.md states, beside its peer, on this machine",
+    )
     add_readme_arguments(p)
 
-    p = command("build-trtllm", "engines.trtllm.build:run_build",
-                "TensorRT-LLM 1.2.x engines for a Whisper checkpoint (--dry-run prints the commands)")
+    p = command(
+        "build-trtllm",
+        "engines.trtllm.build:run_build",
+        "TensorRT-LLM 1.2.x engines for a Whisper checkpoint (--dry-run prints the commands)",
+    )
     from engines.trtllm.build import add_build_arguments  # standard library only
 
     add_build_arguments(p)
 
-    p = command("bench-offline", "streaming.bench_offline:run_bench_offline",
-                "our engine and faster-whisper on the same weights over a manifest")
+    p = command(
+        "bench-offline",
+        "streaming.bench_offline:run_bench_offline",
+        "our engine and faster-whisper on the same weights over a manifest",
+    )
     add_model_arguments(p)
     p.add_argument("manifest", metavar="MANIFEST_OR_FOLDER", help=CLIPS_HELP)
-    p.add_argument("--window", type=window_argument, default=2.0, metavar="SECONDS",
-                   help="the shortened encoder window of the fourth pass (default %(default)s)")
+    p.add_argument(
+        "--window",
+        type=window_argument,
+        default=2.0,
+        metavar="SECONDS",
+        help="the shortened encoder window of the fourth pass (default %(default)s)",
+    )
     p.add_argument("--json", metavar="OUT", help="write the full report here")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N clips")
 
-    p = command("train-medusa", "engines.medusa_train:run_train",
-                "train Medusa draft heads by self-distillation (labels: the model's own greedy output)")
+    p = command(
+        "train-medusa",
+        "engines.medusa_train:run_train",
+        "train Medusa draft heads by self-distillation (labels: the model's own greedy output)",
+    )
     add_train_arguments(p)
 
-    p = command("bench-engine", "engines.bench:run_bench",
-                "encoder/decoder speed on random weights of a model shape (CUDA graphs, HF baseline)")
+    p = command(
+        "bench-engine",
+        "engines.bench:run_bench",
+        "encoder/decoder speed on random weights of a model shape (CUDA graphs, HF baseline)",
+    )
     add_bench_arguments(p)
 
-    p = command("bench-capacity", "engines.capacity:run_capacity",
-                "N simulated real-time streams through the engine scheduler (random weights)")
+    p = command(
+        "bench-capacity",
+        "engines.capacity:run_capacity",
+        "N simulated real-time streams through the engine scheduler (random weights)",
+    )
     add_capacity_arguments(p)
     return parser
 
@@ -206,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     import engines  # noqa: F401  (sets the OpenMP wait policy before torch loads)
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     module, _, function = args.run.partition(":")
     return getattr(importlib.import_module(module), function)(args) or 0
 

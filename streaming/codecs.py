@@ -128,9 +128,7 @@ class AudioDecoder:
     resampler holds back a few ms of output that `flush` releases at the end of the stream.
     """
 
-    def __init__(
-        self, encoding: str = "pcm_s16le", sample_rate: int = SAMPLE_RATE, channels: int = 1
-    ) -> None:
+    def __init__(self, encoding: str = "pcm_s16le", sample_rate: int = SAMPLE_RATE, channels: int = 1) -> None:
         if encoding not in _SAMPLE_WIDTH:
             raise AudioFormatError(
                 "unsupported_encoding",
@@ -138,9 +136,7 @@ class AudioDecoder:
             )
         numeric = isinstance(sample_rate, (int, float)) and not isinstance(sample_rate, bool)
         if not numeric or not float(sample_rate).is_integer():
-            raise AudioFormatError(
-                "bad_request", f"sample_rate must be an integer in Hz, got {sample_rate!r}"
-            )
+            raise AudioFormatError("bad_request", f"sample_rate must be an integer in Hz, got {sample_rate!r}")
         if not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
             raise AudioFormatError(
                 "bad_request",
@@ -233,9 +229,7 @@ def _load_with_ffmpeg(path: Path, sample_rate: int, reason: str) -> np.ndarray:
     """Decode with the ffmpeg binary (mono float32 at `sample_rate`), for what libsndfile can't read."""
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:
-        raise AudioFileError(
-            f"{path}: not readable as WAV/FLAC/OGG ({reason}); install ffmpeg to read other formats"
-        )
+        raise AudioFileError(f"{path}: not readable as WAV/FLAC/OGG ({reason}); install ffmpeg to read other formats")
     command = [ffmpeg, "-nostdin", "-v", "error", "-i", str(path)]
     command += ["-f", "f32le", "-ac", "1", "-ar", str(sample_rate), "-"]
     result = subprocess.run(command, capture_output=True, check=False)

@@ -46,17 +46,35 @@ def run_eval(engine: Engine, clips: list[Clip], options: DecodingOptions, window
             stats["decoder_seconds"] += t.decoder_seconds
         audio_seconds += len(audio) / 16000
         wall += elapsed
-        results.append({"audio": clip.audio.name, "lang": clip.lang, "prompt": clip_options.prompt, "ref": clip.text, "hyp": hyp,
-                        "errors": clip_score.errors, "ref_tokens": clip_score.ref_tokens,
-                        "traditional": is_traditional(hyp) if clip.lang != "en" else None,
-                        "seconds": round(elapsed, 3), "duration": round(len(audio) / 16000, 3)})
+        results.append(
+            {
+                "audio": clip.audio.name,
+                "lang": clip.lang,
+                "prompt": clip_options.prompt,
+                "ref": clip.text,
+                "hyp": hyp,
+                "errors": clip_score.errors,
+                "ref_tokens": clip_score.ref_tokens,
+                "traditional": is_traditional(hyp) if clip.lang != "en" else None,
+                "seconds": round(elapsed, 3),
+                "duration": round(len(audio) / 16000, 3),
+            }
+        )
     cer, wer = corpus_score(cer_scores), corpus_score(wer_scores)
-    report = {"model": engine.name, "cer": cer.rate if cer.ref_tokens else None,
-              "wer_en": wer.rate if wer.ref_tokens else None, "rtf": wall / audio_seconds if audio_seconds else None,
-              "audio_seconds": round(audio_seconds, 3), "clips": results, "stats": stats}
-    print(f"clips {len(results)}  CER(zh+mix) {_pct(report['cer'])}  WER(en) {_pct(report['wer_en'])}  "
-          f"RTF {report['rtf']:.3f}  all zh hypotheses Traditional: "
-          f"{all(r['traditional'] for r in results if r['traditional'] is not None)}")
+    report = {
+        "model": engine.name,
+        "cer": cer.rate if cer.ref_tokens else None,
+        "wer_en": wer.rate if wer.ref_tokens else None,
+        "rtf": wall / audio_seconds if audio_seconds else None,
+        "audio_seconds": round(audio_seconds, 3),
+        "clips": results,
+        "stats": stats,
+    }
+    print(
+        f"clips {len(results)}  CER(zh+mix) {_pct(report['cer'])}  WER(en) {_pct(report['wer_en'])}  "
+        f"RTF {report['rtf']:.3f}  all zh hypotheses Traditional: "
+        f"{all(r['traditional'] for r in results if r['traditional'] is not None)}"
+    )
     return report
 
 

@@ -47,8 +47,11 @@ async def keepalive(connection: Connection, interval: float, timeout: float) -> 
             if reading and transport.is_reading():  # paused meanwhile: the pong may be behind unread audio
                 late += loop.time() - started
             if not pong.done() and late >= timeout:
-                log.warning("no pong from %s within %g s of reading its socket; closing the connection",
-                            connection.remote_address, timeout)
+                log.warning(
+                    "no pong from %s within %g s of reading its socket; closing the connection",
+                    connection.remote_address,
+                    timeout,
+                )
                 await close_or_abort(connection, CloseCode.INTERNAL_ERROR, "keepalive ping timeout", timeout)
                 return
         if pong.cancelled() or pong.exception() is not None:  # the connection closed

@@ -39,8 +39,17 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
 from .admission import Admission
-from .auth import FIRST_MESSAGES, SUBSCRIBER, Endpoint, KeyRing, NeedMore, Replay, handshake_token, origin_allowed
-from .auth import without_token
+from .auth import (
+    FIRST_MESSAGES,
+    SUBSCRIBER,
+    Endpoint,
+    KeyRing,
+    NeedMore,
+    Replay,
+    handshake_token,
+    origin_allowed,
+    without_token,
+)
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +186,9 @@ class Gate:
     def full(self) -> bool:
         return bool(self.limits.max_sessions) and self.active >= self.limits.max_sessions
 
-    def _refuse_http(self, reason: str, status: http.HTTPStatus, message: str, headers: dict | None = None,
-                     error: str | None = None):
+    def _refuse_http(
+        self, reason: str, status: http.HTTPStatus, message: str, headers: dict | None = None, error: str | None = None
+    ):
         self._metrics.rejected.labels(reason).inc()
         log.info("refused an upgrade (%s): %s", reason, message)
         return http_response(status, {"error": error or reason, "message": message}, headers)
@@ -188,33 +198,53 @@ class Gate:
         return self.capacity is not None and endpoint is not SUBSCRIBER and not self.capacity.admits(sessions)
 
     def _capacity_message(self) -> str:
-        return (f"the server is at its measured capacity ({self.capacity.capacity:.0f} sessions in real time); "
-                "retry later or connect to another instance")
+        return (
+            f"the server is at its measured capacity ({self.capacity.capacity:.0f} sessions in real time); "
+            "retry later or connect to another instance"
+        )
 
     # --- before the upgrade ------------------------------------------------------------------------
 
     def check(self, connection, request, endpoint: Endpoint):
         """None to go on with the handshake, or the HTTP response that refuses it."""
         if self.draining:
-            return self._refuse_http("draining", http.HTTPStatus.SERVICE_UNAVAILABLE,
-                                     "the server is shutting down; connect to another instance or retry shortly",
-                                     {"Retry-After": "5"})
+            return self._refuse_http(
+                "draining",
+                http.HTTPStatus.SERVICE_UNAVAILABLE,
+                "the server is shutting down; connect to another instance or retry shortly",
+                {"Retry-After": "5"},
+            )
         origin = request.headers.get("Origin")
         if not origin_allowed(origin, self.auth.allowed_origins):
-            return self._refuse_http("origin", http.HTTPStatus.FORBIDDEN,
-                                     f"the origin {origin} is not allowed to connect (see --allowed-origins)")
+            return self._refuse_http(
+                "origin",
+                http.HTTPStatus.FORBIDDEN,
+                f"the origin {origin} is not allowed to connect (see --allowed-origins)",
+            )
         if self.full:
-            return self._refuse_http("overloaded", http.HTTPStatus.SERVICE_UNAVAILABLE,
-                                     f"the server is at its limit of {self.limits.max_sessions} sessions; retry later "
-                                     "or connect to another instance", {"Retry-After": "5"})
+            return self._refuse_http(
+                "overloaded",
+                http.HTTPStatus.SERVICE_UNAVAILABLE,
+                f"the server is at its limit of {self.limits.max_sessions} sessions; retry later "
+                "or connect to another instance",
+                {"Retry-After": "5"},
+            )
         if self._beyond_capacity(endpoint, self.active):
-            return self._refuse_http("capacity", http.HTTPStatus.SERVICE_UNAVAILABLE, self._capacity_message(),
-                                     {"Retry-After": str(max(1, math.ceil(self.capacity.config.hold)))}, "overloaded")
+            return self._refuse_http(
+                "capacity",
+                http.HTTPStatus.SERVICE_UNAVAILABLE,
+                self._capacity_message(),
+                {"Retry-After": str(max(1, math.ceil(self.capacity.config.hold)))},
+                "overloaded",
+            )
         limit = self.limits.max_per_client
         if limit and self._per_client[self._client(connection, request)] >= limit:
-            return self._refuse_http("per_client", http.HTTPStatus.TOO_MANY_REQUESTS,
-                                     f"{limit} connections from your address are open already; close one first",
-                                     {"Retry-After": "5"})
+            return self._refuse_http(
+                "per_client",
+                http.HTTPStatus.TOO_MANY_REQUESTS,
+                f"{limit} connections from your address are open already; close one first",
+                {"Retry-After": "5"},
+            )
         if self.keys is None:
             return None
         token = handshake_token(request.headers, request.path)
@@ -230,12 +260,14 @@ class Gate:
         if endpoint.takes_first_message(browser) or browser:
             self._admissions[connection] = _Admission(False)  # the first message must carry it
             return None
-        return self._unauthorized("this server needs an API key: send the header Authorization: Bearer KEY "
-                                  "or add ?token=KEY to the URL")
+        return self._unauthorized(
+            "this server needs an API key: send the header Authorization: Bearer KEY or add ?token=KEY to the URL"
+        )
 
     def _unauthorized(self, message: str):
-        return self._refuse_http("unauthorized", http.HTTPStatus.UNAUTHORIZED, message,
-                                 {"WWW-Authenticate": 'Bearer realm="breeze-stream"'})
+        return self._refuse_http(
+            "unauthorized", http.HTTPStatus.UNAUTHORIZED, message, {"WWW-Authenticate": 'Bearer realm="breeze-stream"'}
+        )
 
     # --- after the upgrade ---------------------------------------------------------------------------
 
@@ -275,12 +307,19 @@ class Gate:
         limits = self.limits
         if limits.max_sessions and self.active > limits.max_sessions:
             self._metrics.rejected.labels("overloaded").inc()
-            return ("overloaded", f"the server is at its limit of {limits.max_sessions} sessions; retry later or "
-                    "connect to another instance", CloseCode.TRY_AGAIN_LATER)
+            return (
+                "overloaded",
+                f"the server is at its limit of {limits.max_sessions} sessions; retry later or "
+                "connect to another instance",
+                CloseCode.TRY_AGAIN_LATER,
+            )
         if limits.max_per_client and self._per_client[address] > limits.max_per_client:
             self._metrics.rejected.labels("per_client").inc()
-            return ("overloaded", f"{limits.max_per_client} connections from your address are open already; close "
-                    "one first", CloseCode.TRY_AGAIN_LATER)
+            return (
+                "overloaded",
+                f"{limits.max_per_client} connections from your address are open already; close one first",
+                CloseCode.TRY_AGAIN_LATER,
+            )
         if self._beyond_capacity(endpoint, self.active - 1):  # this one counted already
             self._metrics.rejected.labels("capacity").inc()
             return "overloaded", self._capacity_message(), CloseCode.TRY_AGAIN_LATER
@@ -290,16 +329,26 @@ class Gate:
         """The connection (replaying what was read) once its first message carried a valid key, else None."""
         browser = connection.request.headers.get("Origin") is not None
         if admission.reason or not endpoint.takes_first_message(browser):
-            await self._refuse(connection, endpoint, "unauthorized", admission.reason or "this server needs an API "
-                               "key: add ?token=KEY to the URL", CloseCode.POLICY_VIOLATION)
+            await self._refuse(
+                connection,
+                endpoint,
+                "unauthorized",
+                admission.reason or "this server needs an API key: add ?token=KEY to the URL",
+                CloseCode.POLICY_VIOLATION,
+            )
             return None
         read: list[str | bytes] = []
         self._waiting.add(connection)
         try:
             token = await asyncio.wait_for(self._read_token(connection, endpoint, read), self.limits.auth_timeout)
         except asyncio.TimeoutError:
-            await self._refuse(connection, endpoint, "unauthorized", f"no API key within {self.limits.auth_timeout:g} s "
-                               "of connecting; send it in the first message", CloseCode.POLICY_VIOLATION)
+            await self._refuse(
+                connection,
+                endpoint,
+                "unauthorized",
+                f"no API key within {self.limits.auth_timeout:g} s of connecting; send it in the first message",
+                CloseCode.POLICY_VIOLATION,
+            )
             return None
         except ConnectionClosed:
             return None
@@ -311,10 +360,19 @@ class Gate:
                 first = json.loads(read[0]) if read else None
             except (ValueError, UnicodeDecodeError):
                 pass
-            why = "the API key in the first message is not valid" if token else (
-                "this server needs an API key: add \"token\": \"KEY\" to the first message, or ?token=KEY to the URL")
-            await self._refuse(connection, endpoint, "unauthorized", why, CloseCode.POLICY_VIOLATION,
-                               first if isinstance(first, dict) else None)
+            why = (
+                "the API key in the first message is not valid"
+                if token
+                else ('this server needs an API key: add "token": "KEY" to the first message, or ?token=KEY to the URL')
+            )
+            await self._refuse(
+                connection,
+                endpoint,
+                "unauthorized",
+                why,
+                CloseCode.POLICY_VIOLATION,
+                first if isinstance(first, dict) else None,
+            )
             return None
         return Replay(connection, read)
 
@@ -332,15 +390,17 @@ class Gate:
             return token
         return None
 
-    async def _refuse(self, connection, endpoint: Endpoint, code: str, message: str, close_code: int,
-                      first: dict | None = None) -> None:
+    async def _refuse(
+        self, connection, endpoint: Endpoint, code: str, message: str, close_code: int, first: dict | None = None
+    ) -> None:
         log.info("refused a %s connection from %s (%s): %s", endpoint.name, self._client(connection), code, message)
         if close_code != CloseCode.GOING_AWAY:
             self._metrics.errors.labels(code).inc()
         text = endpoint.error(code, message, first)
         try:
-            await asyncio.wait_for(closing(connection, self._say_and_close(connection, text, close_code, code)),
-                                   REFUSAL_TIMEOUT)
+            await asyncio.wait_for(
+                closing(connection, self._say_and_close(connection, text, close_code, code)), REFUSAL_TIMEOUT
+            )
         except (asyncio.TimeoutError, ConnectionClosed):
             connection.transport.abort()
 

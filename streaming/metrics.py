@@ -12,8 +12,15 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
-from prometheus_client import multiprocess
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    multiprocess,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -39,48 +46,87 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.engine_load: EngineLoadCollector | None = None
         r = self.registry
-        self.sessions_active = Gauge("breeze_sessions_active", "Sessions connected now.", registry=r,
-                                     multiprocess_mode="livesum")
+        self.sessions_active = Gauge(
+            "breeze_sessions_active", "Sessions connected now.", registry=r, multiprocess_mode="livesum"
+        )
         self.sessions = Counter("breeze_sessions", "Sessions started (a valid start message).", registry=r)
         self.audio_seconds = Counter("breeze_audio_seconds", "Seconds of audio received from clients.", registry=r)
         self.segments = Counter("breeze_segments", "Speech segments the VAD opened.", registry=r)
         self.partials = Counter("breeze_partials", "Partial hypotheses sent.", registry=r)
         self.finals = Counter("breeze_finals", "Final hypotheses sent.", registry=r)
         self.decoder_forwards = Counter(
-            "breeze_decoder_forwards", "Decoder forward passes (a speculative verification pass counts once).", registry=r)
+            "breeze_decoder_forwards",
+            "Decoder forward passes (a speculative verification pass counts once).",
+            registry=r,
+        )
         self.tokens = Counter("breeze_tokens", "Tokens emitted into hypotheses (partials and finals).", registry=r)
         self.draft_proposed = Counter(
-            "breeze_draft_tokens_proposed", "Draft tokens proposed to the decoder, by source.", ["source"], registry=r)
+            "breeze_draft_tokens_proposed", "Draft tokens proposed to the decoder, by source.", ["source"], registry=r
+        )
         self.draft_accepted = Counter(
-            "breeze_draft_tokens_accepted", "Draft tokens the decoder accepted, by source.", ["source"], registry=r)
+            "breeze_draft_tokens_accepted", "Draft tokens the decoder accepted, by source.", ["source"], registry=r
+        )
         self.encoder_seconds = Counter("breeze_encoder_seconds", "Engine time spent in the encoder.", registry=r)
         self.decoder_seconds = Counter("breeze_decoder_seconds", "Engine time spent decoding.", registry=r)
         self.final_latency = Histogram(
-            "breeze_final_latency_seconds", "From the audio at a segment's end reaching the server to its final being sent.",
-            buckets=LATENCY_BUCKETS, registry=r)
+            "breeze_final_latency_seconds",
+            "From the audio at a segment's end reaching the server to its final being sent.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.errors = Counter("breeze_errors", "Error events sent to clients, by code.", ["code"], registry=r)
         self.rejected = Counter(  # streaming.limits: refusals before a session starts
-            "breeze_connections_rejected", "WebSocket upgrades refused, by reason.", ["reason"], registry=r)
-        self.engine_restarts = Gauge("breeze_engine_restarts", "Times the engine worker was restarted after a crash.",
-                                     registry=r, multiprocess_mode="max")
-        self.draining = Gauge("breeze_draining", "1 while the server drains (SIGTERM/SIGINT), else 0.", registry=r,
-                              multiprocess_mode="max")
+            "breeze_connections_rejected", "WebSocket upgrades refused, by reason.", ["reason"], registry=r
+        )
+        self.engine_restarts = Gauge(
+            "breeze_engine_restarts",
+            "Times the engine worker was restarted after a crash.",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.draining = Gauge(
+            "breeze_draining",
+            "1 while the server drains (SIGTERM/SIGINT), else 0.",
+            registry=r,
+            multiprocess_mode="max",
+        )
         # admission by measured capacity (streaming.admission); with `serve --workers N` each worker
         # reports its share of the capacity, its own sessions' backlog, and whether it admits
         self.load = LoadMeter()
-        self.capacity = Gauge("breeze_capacity_streams", "Real-time sessions the server estimates it can serve "
-                              "(streaming.admission; +Inf before sessions send speech).", registry=r,
-                              multiprocess_mode="livesum")
-        self.capacity_free = Gauge("breeze_capacity_free_streams", "More sessions it would admit now.", registry=r,
-                                   multiprocess_mode="livesum")
-        self.admitting = Gauge("breeze_admitting", "1 while new sessions are admitted, 0 while refused for capacity.",
-                               registry=r, multiprocess_mode="livemin")
-        self.final_backlog = Gauge("breeze_final_backlog_seconds", "Audio of closed segments waiting for their finals, "
-                                   "all sessions.", registry=r, multiprocess_mode="livesum")
-        self.final_rtf = Gauge("breeze_final_rtf", "Engine seconds per second of audio of recent finals.", registry=r,
-                               multiprocess_mode="livemax")
-        self.final_queue_delay = Gauge("breeze_final_queue_delay_seconds", "How long recent finals waited for the "
-                                       "engine, while audio waits for finals.", registry=r, multiprocess_mode="livemax")
+        self.capacity = Gauge(
+            "breeze_capacity_streams",
+            "Real-time sessions the server estimates it can serve "
+            "(streaming.admission; +Inf before sessions send speech).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.capacity_free = Gauge(
+            "breeze_capacity_free_streams", "More sessions it would admit now.", registry=r, multiprocess_mode="livesum"
+        )
+        self.admitting = Gauge(
+            "breeze_admitting",
+            "1 while new sessions are admitted, 0 while refused for capacity.",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.final_backlog = Gauge(
+            "breeze_final_backlog_seconds",
+            "Audio of closed segments waiting for their finals, all sessions.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.final_rtf = Gauge(
+            "breeze_final_rtf",
+            "Engine seconds per second of audio of recent finals.",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.final_queue_delay = Gauge(
+            "breeze_final_queue_delay_seconds",
+            "How long recent finals waited for the engine, while audio waits for finals.",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         for source in DRAFT_SOURCES:  # export zeros, so rates work before the first draft
             self.draft_proposed.labels(source)
             self.draft_accepted.labels(source)

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engines.alignment import Word
 from engines.audio import N_SAMPLES, SAMPLE_RATE
 from engines.decoding import DecodingOptions
-from engines.alignment import Word
 from engines.engine import Engine, Transcript
 
 from .segmenter import SegmentClosed, Segmenter
@@ -37,13 +37,16 @@ def speech_spans(audio: np.ndarray) -> list[tuple[int, int]]:
     return [(e.start, e.end) for e in events if isinstance(e, SegmentClosed)]
 
 
-def transcribe_audio(engine: Engine, audio: np.ndarray, options: DecodingOptions, window: float | None = None,
-                     words: bool = False) -> list[Segment]:
+def transcribe_audio(
+    engine: Engine, audio: np.ndarray, options: DecodingOptions, window: float | None = None, words: bool = False
+) -> list[Segment]:
     """Segments with text; segments the model finds no speech in are left out. `window`: the
     encoder sees each segment plus this many seconds of silence (None: the full 30 s window).
     `words`: segments carry word timings."""
     spans = [(0, len(audio))] if len(audio) <= N_SAMPLES else speech_spans(audio)
     futures = [engine.submit(audio[a:b], options, window=window, words=words) for a, b in spans]
-    segments = [Segment(a / SAMPLE_RATE, b / SAMPLE_RATE, f.result().text, f.result(), shift(f.result().words, a / SAMPLE_RATE))
-                for (a, b), f in zip(spans, futures)]
+    segments = [
+        Segment(a / SAMPLE_RATE, b / SAMPLE_RATE, f.result().text, f.result(), shift(f.result().words, a / SAMPLE_RATE))
+        for (a, b), f in zip(spans, futures)
+    ]
     return [s for s in segments if s.transcript.has_speech]

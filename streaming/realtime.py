@@ -79,9 +79,9 @@ from .metrics import Metrics
 from .segmenter import (
     SAMPLE_RATE,
     SegmentClosed,
-    SegmentEvent,
     Segmenter,
     SegmenterConfig,
+    SegmentEvent,
     SegmentGrew,
     SegmentStarted,
 )
@@ -97,10 +97,19 @@ MIN_COMMIT_MS = 100  # OpenAI's minimum for input_audio_buffer.commit
 SEMANTIC_HANGOVER_MS = {"low": 1200, "medium": 800, "auto": 800, "high": 500}
 GA_FORMATS = {"audio/pcm": "pcm_s16le", "audio/pcmu": "mulaw", "audio/pcma": "alaw"}
 BETA_FORMATS = {"pcm16": "pcm_s16le", "g711_ulaw": "mulaw", "g711_alaw": "alaw"}
-SETUP_EXAMPLE = ('{"type": "session.update", "session": {"type": "transcription", "audio": {"input": '
-                 '{"format": {"type": "audio/pcm", "rate": 24000}, "turn_detection": {"type": "server_vad"}}}}}')
-UNSUPPORTED_EVENTS = ("response.create", "response.cancel", "conversation.item.create", "conversation.item.delete",
-                      "conversation.item.truncate", "conversation.item.retrieve", "output_audio_buffer.clear")
+SETUP_EXAMPLE = (
+    '{"type": "session.update", "session": {"type": "transcription", "audio": {"input": '
+    '{"format": {"type": "audio/pcm", "rate": 24000}, "turn_detection": {"type": "server_vad"}}}}}'
+)
+UNSUPPORTED_EVENTS = (
+    "response.create",
+    "response.cancel",
+    "conversation.item.create",
+    "conversation.item.delete",
+    "conversation.item.truncate",
+    "conversation.item.retrieve",
+    "output_audio_buffer.clear",
+)
 
 
 def realtime_session(connection: ServerConnection, server: Server) -> RealtimeSession:
@@ -136,8 +145,12 @@ class Settings:
 
 def default_settings(config: SessionConfig) -> Settings:
     base = config.transcriber.segmenter
-    vad = {"type": "server_vad", "threshold": base.aggressiveness / 4, "prefix_padding_ms": base.pre_roll_ms,
-           "silence_duration_ms": base.hangover_ms}
+    vad = {
+        "type": "server_vad",
+        "threshold": base.aggressiveness / 4,
+        "prefix_padding_ms": base.pre_roll_ms,
+        "silence_duration_ms": base.hangover_ms,
+    }
     return Settings(language=None if config.language == "auto" else config.language, turn_detection=vad)
 
 
@@ -155,8 +168,9 @@ def _json(value: Any) -> str:
 def _opt_str(section: dict, key: str, param: str) -> str | None:
     value = section.get(key)
     if value is not None and not isinstance(value, str):
-        raise ClientError("invalid_type", f"Invalid type for '{param}.{key}': expected a string, got {_json(value)}",
-                          f"{param}.{key}")
+        raise ClientError(
+            "invalid_type", f"Invalid type for '{param}.{key}': expected a string, got {_json(value)}", f"{param}.{key}"
+        )
     return value
 
 
@@ -167,8 +181,11 @@ def _number(td: dict, key: str, param: str, low: float, high: float, integer: bo
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (not integer or float(value).is_integer())
     if not ok or not low <= value <= high:
         kind = "an integer" if integer else "a number"
-        raise ClientError("invalid_value", f"Invalid value for '{param}.{key}': expected {kind} from {low:g} to "
-                          f"{high:g}, got {_json(value)}", f"{param}.{key}")
+        raise ClientError(
+            "invalid_value",
+            f"Invalid value for '{param}.{key}': expected {kind} from {low:g} to {high:g}, got {_json(value)}",
+            f"{param}.{key}",
+        )
     return int(value) if integer else float(value)
 
 
@@ -179,9 +196,12 @@ def _language(section: dict, param: str, current: str | None) -> str | None:
     if language in (None, "", "auto"):
         return None
     if language.lower() not in WHISPER_LANGUAGES:
-        raise ClientError("invalid_value", f"Invalid value for '{param}.language': {language!r} is not an ISO-639-1 "
-                          "code this model knows; use for example \"zh\" or \"en\", or omit it to detect the language",
-                          f"{param}.language")
+        raise ClientError(
+            "invalid_value",
+            f"Invalid value for '{param}.language': {language!r} is not an ISO-639-1 "
+            'code this model knows; use for example "zh" or "en", or omit it to detect the language',
+            f"{param}.language",
+        )
     return language.lower()
 
 
@@ -208,17 +228,27 @@ def _turn_detection(value: Any, param: str, base: SegmenterConfig) -> dict | Non
         prefix = _number(td, "prefix_padding_ms", param, 0, 5000, integer=True)
         silence = _number(td, "silence_duration_ms", param, 0, 10000, integer=True)
         aggressiveness = base.aggressiveness if threshold is None else min(3, int(threshold * 4))
-        return {"type": "server_vad", "threshold": aggressiveness / 4 if threshold is None else threshold,
-                "prefix_padding_ms": base.pre_roll_ms if prefix is None else prefix,
-                "silence_duration_ms": max(base.frame_ms, base.hangover_ms if silence is None else silence)}
+        return {
+            "type": "server_vad",
+            "threshold": aggressiveness / 4 if threshold is None else threshold,
+            "prefix_padding_ms": base.pre_roll_ms if prefix is None else prefix,
+            "silence_duration_ms": max(base.frame_ms, base.hangover_ms if silence is None else silence),
+        }
     if kind == "semantic_vad":
         eagerness = td.get("eagerness", "auto")
         if eagerness not in SEMANTIC_HANGOVER_MS:
-            raise ClientError("invalid_value", f"Invalid value for '{param}.eagerness': {_json(eagerness)}; "
-                              "use low, medium, high or auto", f"{param}.eagerness")
+            raise ClientError(
+                "invalid_value",
+                f"Invalid value for '{param}.eagerness': {_json(eagerness)}; use low, medium, high or auto",
+                f"{param}.eagerness",
+            )
         return {"type": "semantic_vad", "eagerness": eagerness}
-    raise ClientError("invalid_value", f"Invalid value for '{param}.type': {_json(kind)}; use \"server_vad\", "
-                      "\"semantic_vad\", or turn_detection null for manual commits", f"{param}.type")
+    raise ClientError(
+        "invalid_value",
+        f"Invalid value for '{param}.type': {_json(kind)}; use \"server_vad\", "
+        '"semantic_vad", or turn_detection null for manual commits',
+        f"{param}.type",
+    )
 
 
 def segmenter_config(turn_detection: dict | None, base: SegmenterConfig) -> SegmenterConfig:
@@ -226,14 +256,23 @@ def segmenter_config(turn_detection: dict | None, base: SegmenterConfig) -> Segm
     if turn_detection is None:
         return base
     if turn_detection["type"] == "semantic_vad":
-        hangover, pre_roll, aggressiveness = SEMANTIC_HANGOVER_MS[turn_detection["eagerness"]], base.pre_roll_ms, base.aggressiveness
+        hangover, pre_roll, aggressiveness = (
+            SEMANTIC_HANGOVER_MS[turn_detection["eagerness"]],
+            base.pre_roll_ms,
+            base.aggressiveness,
+        )
     else:
         hangover = turn_detection["silence_duration_ms"]
         pre_roll = turn_detection["prefix_padding_ms"]
         aggressiveness = min(3, int(turn_detection["threshold"] * 4))
     hangover = max(hangover, base.frame_ms)
-    return replace(base, hangover_ms=hangover, pre_roll_ms=pre_roll, aggressiveness=aggressiveness,
-                   end_padding_ms=min(base.end_padding_ms, hangover))
+    return replace(
+        base,
+        hangover_ms=hangover,
+        pre_roll_ms=pre_roll,
+        aggressiveness=aggressiveness,
+        end_padding_ms=min(base.end_padding_ms, hangover),
+    )
 
 
 def _noise_reduction(value: Any, param: str) -> dict | None:
@@ -241,8 +280,11 @@ def _noise_reduction(value: Any, param: str) -> dict | None:
         return None
     value = _obj(value, param)
     if value.get("type") not in (None, "near_field", "far_field"):
-        raise ClientError("invalid_value", f"Invalid value for '{param}.type': {_json(value.get('type'))}; use "
-                          "near_field or far_field", f"{param}.type")
+        raise ClientError(
+            "invalid_value",
+            f"Invalid value for '{param}.type': {_json(value.get('type'))}; use near_field or far_field",
+            f"{param}.type",
+        )
     return value  # accepted and echoed; webrtcvad and Whisper get the audio as it is
 
 
@@ -258,8 +300,12 @@ def parse_ga(session: dict, settings: Settings, base: SegmenterConfig) -> Settin
     """A GA `session.update` (`session.type = "transcription"`, `audio.input.*`)."""
     kind = session.get("type")
     if kind not in (None, "transcription"):
-        raise ClientError("invalid_value", f"Invalid value for 'session.type': {_json(kind)}. This server only "
-                          "transcribes: use \"transcription\" (connect with ?intent=transcription)", "session.type")
+        raise ClientError(
+            "invalid_value",
+            f"Invalid value for 'session.type': {_json(kind)}. This server only "
+            'transcribes: use "transcription" (connect with ?intent=transcription)',
+            "session.type",
+        )
     audio = _obj(session.get("audio", {}), "session.audio")
     section = _obj(audio.get("input", {}), "session.audio.input")
     param = "session.audio.input"
@@ -267,16 +313,24 @@ def parse_ga(session: dict, settings: Settings, base: SegmenterConfig) -> Settin
         fmt = _obj(section["format"], f"{param}.format")
         encoding = GA_FORMATS.get(fmt.get("type"))
         if encoding is None:
-            raise ClientError("invalid_value", f"Invalid value for '{param}.format.type': {_json(fmt.get('type'))}; "
-                              f"use one of {', '.join(GA_FORMATS)}", f"{param}.format.type")
+            raise ClientError(
+                "invalid_value",
+                f"Invalid value for '{param}.format.type': {_json(fmt.get('type'))}; "
+                f"use one of {', '.join(GA_FORMATS)}",
+                f"{param}.format.type",
+            )
         rate = fmt.get("rate", 24000) if encoding == "pcm_s16le" else 8000
         settings = replace(settings, encoding=encoding, rate=rate)
     if "transcription" in section:
         settings = _transcription(section["transcription"], f"{param}.transcription", settings)
     if "turn_detection" in section:
-        settings = replace(settings, turn_detection=_turn_detection(section["turn_detection"], f"{param}.turn_detection", base))
+        settings = replace(
+            settings, turn_detection=_turn_detection(section["turn_detection"], f"{param}.turn_detection", base)
+        )
     if "noise_reduction" in section:
-        settings = replace(settings, noise_reduction=_noise_reduction(section["noise_reduction"], f"{param}.noise_reduction"))
+        settings = replace(
+            settings, noise_reduction=_noise_reduction(section["noise_reduction"], f"{param}.noise_reduction")
+        )
     if "include" in session:
         settings = replace(settings, include=_include(session["include"], "session.include"))
     return settings
@@ -288,16 +342,25 @@ def parse_beta(session: dict, settings: Settings, base: SegmenterConfig) -> Sett
         value = session["input_audio_format"]
         encoding = BETA_FORMATS.get(value) if isinstance(value, str) else None
         if encoding is None:
-            raise ClientError("invalid_value", f"Invalid value for 'session.input_audio_format': {_json(value)}; use "
-                              f"one of {', '.join(BETA_FORMATS)}", "session.input_audio_format")
+            raise ClientError(
+                "invalid_value",
+                f"Invalid value for 'session.input_audio_format': {_json(value)}; use one of {', '.join(BETA_FORMATS)}",
+                "session.input_audio_format",
+            )
         settings = replace(settings, encoding=encoding, rate=24000 if encoding == "pcm_s16le" else 8000)
     if "input_audio_transcription" in session:
         settings = _transcription(session["input_audio_transcription"], "session.input_audio_transcription", settings)
     if "turn_detection" in session:
-        settings = replace(settings, turn_detection=_turn_detection(session["turn_detection"], "session.turn_detection", base))
+        settings = replace(
+            settings, turn_detection=_turn_detection(session["turn_detection"], "session.turn_detection", base)
+        )
     if "input_audio_noise_reduction" in session:
-        settings = replace(settings, noise_reduction=_noise_reduction(session["input_audio_noise_reduction"],
-                                                                      "session.input_audio_noise_reduction"))
+        settings = replace(
+            settings,
+            noise_reduction=_noise_reduction(
+                session["input_audio_noise_reduction"], "session.input_audio_noise_reduction"
+            ),
+        )
     if "include" in session:
         settings = replace(settings, include=_include(session["include"], "session.include"))
     return settings
@@ -312,18 +375,35 @@ def ga_session(settings: Settings, session_id: str, model_name: str) -> dict:
         fmt = {"type": "audio/pcm", "rate": settings.rate}
     else:
         fmt = {"type": "audio/pcmu" if settings.encoding == "mulaw" else "audio/pcma"}
-    return {"type": "transcription", "object": "realtime.transcription_session", "id": session_id,
-            "audio": {"input": {"format": fmt, "transcription": _transcription_view(settings, model_name),
-                                "turn_detection": settings.turn_detection, "noise_reduction": settings.noise_reduction}},
-            "include": list(settings.include)}
+    return {
+        "type": "transcription",
+        "object": "realtime.transcription_session",
+        "id": session_id,
+        "audio": {
+            "input": {
+                "format": fmt,
+                "transcription": _transcription_view(settings, model_name),
+                "turn_detection": settings.turn_detection,
+                "noise_reduction": settings.noise_reduction,
+            }
+        },
+        "include": list(settings.include),
+    }
 
 
 def beta_session(settings: Settings, session_id: str, model_name: str) -> dict:
     fmt = {"pcm_s16le": "pcm16", "mulaw": "g711_ulaw", "alaw": "g711_alaw"}[settings.encoding]
-    return {"id": session_id, "object": "realtime.transcription_session", "modalities": ["text"],
-            "input_audio_format": fmt, "input_audio_transcription": _transcription_view(settings, model_name),
-            "turn_detection": settings.turn_detection, "input_audio_noise_reduction": settings.noise_reduction,
-            "include": list(settings.include), "client_secret": None}
+    return {
+        "id": session_id,
+        "object": "realtime.transcription_session",
+        "modalities": ["text"],
+        "input_audio_format": fmt,
+        "input_audio_transcription": _transcription_view(settings, model_name),
+        "turn_detection": settings.turn_detection,
+        "input_audio_noise_reduction": settings.noise_reduction,
+        "include": list(settings.include),
+        "client_secret": None,
+    }
 
 
 # --- segmentation with turns ------------------------------------------------------------------------
@@ -379,8 +459,12 @@ class TurnSegmenter:
                     self._indices[event.index] = self._next_index
                     self._next_index += 1
                 index = self._indices[event.index]
-                event = replace(event, index=index, start=event.start + self._offset,
-                                **({} if isinstance(event, SegmentStarted) else {"end": event.end + self._offset}))
+                event = replace(
+                    event,
+                    index=index,
+                    start=event.start + self._offset,
+                    **({} if isinstance(event, SegmentStarted) else {"end": event.end + self._offset}),
+                )
                 self.open = None if isinstance(event, SegmentClosed) else index
             else:
                 event = replace(event, start=event.start + self._offset, end=event.end + self._offset)
@@ -445,7 +529,9 @@ class RealtimeSession:
     async def run(self) -> None:
         self._out.start()
         self._event("transcription_session.created" if self._beta else "session.created", session=self._view())
-        log.info("realtime %s: connected from %s (%s)", self.id, self._ws.remote_address, "beta" if self._beta else "GA")
+        log.info(
+            "realtime %s: connected from %s (%s)", self.id, self._ws.remote_address, "beta" if self._beta else "GA"
+        )
         try:
             await self._serve()
         except ConnectionClosed as exc:
@@ -471,9 +557,16 @@ class RealtimeSession:
         """The server's maximum session duration (streaming.limits): commit and transcribe the buffer,
         then OpenAI's `session_expired` error and a close (1008)."""
         await self._finish()
-        self._event("error", error={"type": "invalid_request_error", "code": "session_expired", "param": None,
-                                    "message": f"Your session hit the maximum duration of {seconds:g} seconds; "
-                                               "connect again to go on.", "event_id": None})
+        self._event(
+            "error",
+            error={
+                "type": "invalid_request_error",
+                "code": "session_expired",
+                "param": None,
+                "message": f"Your session hit the maximum duration of {seconds:g} seconds; connect again to go on.",
+                "event_id": None,
+            },
+        )
         self._out.close(CloseCode.POLICY_VIOLATION, "session expired")
 
     async def _finish(self) -> None:
@@ -518,28 +611,42 @@ class RealtimeSession:
 
     def _parse(self, message: str | bytes) -> dict:
         if isinstance(message, bytes):
-            raise ClientError("invalid_message", "binary frames are not part of the Realtime protocol; send audio as "
-                              "{\"type\": \"input_audio_buffer.append\", \"audio\": \"<base64>\"} text frames")
+            raise ClientError(
+                "invalid_message",
+                "binary frames are not part of the Realtime protocol; send audio as "
+                '{"type": "input_audio_buffer.append", "audio": "<base64>"} text frames',
+            )
         if len(message) > self.config.max_frame_bytes:
-            raise ClientError("message_too_large", f"an event of {len(message)} bytes is over this server's limit of "
-                              f"{self.config.max_frame_bytes} bytes; append audio in chunks of 20-500 ms",
-                              metric="frame_too_large")
+            raise ClientError(
+                "message_too_large",
+                f"an event of {len(message)} bytes is over this server's limit of "
+                f"{self.config.max_frame_bytes} bytes; append audio in chunks of 20-500 ms",
+                metric="frame_too_large",
+            )
         try:
             event = json.loads(message)
         except ValueError as exc:
-            raise ClientError("invalid_json", f"the event is not valid JSON ({exc}); send one JSON object per text "
-                              "frame") from None
+            raise ClientError(
+                "invalid_json", f"the event is not valid JSON ({exc}); send one JSON object per text frame"
+            ) from None
         if not isinstance(event, dict) or not isinstance(event.get("type"), str):
-            raise ClientError("invalid_event", "an event must be a JSON object with a string \"type\"", "type")
+            raise ClientError("invalid_event", 'an event must be a JSON object with a string "type"', "type")
         return event
 
     def _dispatch(self, event: dict) -> None:
         kind = event["type"]
         if kind == "session.update":
             session = _obj(event.get("session"), "session")
-            flat = "type" not in session and "audio" not in session and any(k.startswith("input_audio") for k in session)
-            self._configure(parse_beta(session, self._settings, self._base) if flat
-                            else parse_ga(session, self._settings, self._base), "session.updated", beta=flat)
+            flat = (
+                "type" not in session and "audio" not in session and any(k.startswith("input_audio") for k in session)
+            )
+            self._configure(
+                parse_beta(session, self._settings, self._base)
+                if flat
+                else parse_ga(session, self._settings, self._base),
+                "session.updated",
+                beta=flat,
+            )
         elif kind == "transcription_session.update":
             self._beta = True
             session = _obj(event.get("session"), "session")
@@ -551,12 +658,20 @@ class RealtimeSession:
         elif kind == "input_audio_buffer.clear":
             self._clear()
         elif kind in UNSUPPORTED_EVENTS:
-            raise ClientError("unsupported_event", f"{kind} is not supported: this is a transcription session (it "
-                              "transcribes input audio and creates no responses)", "type")
+            raise ClientError(
+                "unsupported_event",
+                f"{kind} is not supported: this is a transcription session (it "
+                "transcribes input audio and creates no responses)",
+                "type",
+            )
         else:
-            raise ClientError("invalid_event_type", f"Invalid value for 'type': {_json(kind)}. A transcription session "
-                              "takes session.update, transcription_session.update, input_audio_buffer.append, "
-                              "input_audio_buffer.commit and input_audio_buffer.clear", "type")
+            raise ClientError(
+                "invalid_event_type",
+                f"Invalid value for 'type': {_json(kind)}. A transcription session "
+                "takes session.update, transcription_session.update, input_audio_buffer.append, "
+                "input_audio_buffer.commit and input_audio_buffer.clear",
+                "type",
+            )
 
     def _configure(self, settings: Settings, reply: str, beta: bool) -> None:
         previous = self._settings
@@ -565,7 +680,9 @@ class RealtimeSession:
             try:
                 decoder = AudioDecoder(settings.encoding, settings.rate)
             except AudioFormatError as exc:
-                raise ClientError("invalid_value", str(exc), "session.audio.input.format.rate", metric=exc.code) from None
+                raise ClientError(
+                    "invalid_value", str(exc), "session.audio.input.format.rate", metric=exc.code
+                ) from None
             if self._decoder is not None:
                 self._feed(self._decoder.flush())  # the old format's resampler tail
             self._decoder = decoder
@@ -573,14 +690,24 @@ class RealtimeSession:
         if not self._configured:
             self._configured = True
             self._metrics.sessions.inc()
-            log.info("realtime %s: set up: %s at %d Hz, language %s, %s", self.id, settings.encoding, settings.rate,
-                     settings.language or "auto", (settings.turn_detection or {"type": "manual commit"})["type"])
+            log.info(
+                "realtime %s: set up: %s at %d Hz, language %s, %s",
+                self.id,
+                settings.encoding,
+                settings.rate,
+                settings.language or "auto",
+                (settings.turn_detection or {"type": "manual commit"})["type"],
+            )
         if self._transcriber is not None:
             self._segmenter.reconfigure(segmenter_config(settings.turn_detection, self._base))
             if self._decoding(settings) != self._decoding(previous):  # from the next turn on
                 self._transcriber.set_options(self._decoding(settings))
-        self._event(reply, session=beta_session(settings, self.id, self._engine.name) if beta
-                    else ga_session(settings, self.id, self._engine.name))
+        self._event(
+            reply,
+            session=beta_session(settings, self.id, self._engine.name)
+            if beta
+            else ga_session(settings, self.id, self._engine.name),
+        )
 
     def _decoding(self, settings: Settings) -> DecodingOptions:
         """The transcription settings as decoding options: the language, and the prompt (the
@@ -597,16 +724,20 @@ class RealtimeSession:
 
     def _append(self, event: dict) -> None:
         if not self._configured:
-            raise ClientError("session_not_configured", "input_audio_buffer.append before the session was set up; this "
-                              f"audio was not accepted. First send {SETUP_EXAMPLE} (beta: transcription_session.update)")
+            raise ClientError(
+                "session_not_configured",
+                "input_audio_buffer.append before the session was set up; this "
+                f"audio was not accepted. First send {SETUP_EXAMPLE} (beta: transcription_session.update)",
+            )
         audio = event.get("audio")
         if not isinstance(audio, str):
             raise ClientError("invalid_type", "Invalid type for 'audio': expected a base64 string", "audio")
         try:
             data = base64.b64decode(audio, validate=True)
         except (binascii.Error, ValueError) as exc:
-            raise ClientError("invalid_base64", f"'audio' is not valid base64 ({exc}); this chunk was not accepted",
-                              "audio") from None
+            raise ClientError(
+                "invalid_base64", f"'audio' is not valid base64 ({exc}); this chunk was not accepted", "audio"
+            ) from None
         if self._transcriber is None:
             self._start()
         width = 2 if self._settings.encoding == "pcm_s16le" else 1
@@ -615,9 +746,15 @@ class RealtimeSession:
 
     def _start(self) -> None:
         self._segmenter = TurnSegmenter(segmenter_config(self._settings.turn_detection, self._base), self._on_segment)
-        self._transcriber = ItemTranscriber(self._engine, self._decoding(self._settings),
-                                            self._on_event, config=self.config.transcriber, metrics=self._metrics,
-                                            segmenter=self._segmenter, on_resolved=self._on_resolved)
+        self._transcriber = ItemTranscriber(
+            self._engine,
+            self._decoding(self._settings),
+            self._on_event,
+            config=self.config.transcriber,
+            metrics=self._metrics,
+            segmenter=self._segmenter,
+            on_resolved=self._on_resolved,
+        )
         self._metrics.sessions_active.inc()
 
     def _feed(self, audio: np.ndarray) -> None:
@@ -634,8 +771,11 @@ class RealtimeSession:
 
     def _commit(self) -> None:
         if self._buffer_ms < MIN_COMMIT_MS and (self._pending is None or not self._pending.segments):
-            raise ClientError("input_audio_buffer_commit_empty", f"buffer too small: expected at least {MIN_COMMIT_MS} ms "
-                              f"of audio, but the buffer only has {self._buffer_ms:.2f} ms of audio")
+            raise ClientError(
+                "input_audio_buffer_commit_empty",
+                f"buffer too small: expected at least {MIN_COMMIT_MS} ms "
+                f"of audio, but the buffer only has {self._buffer_ms:.2f} ms of audio",
+            )
         self._feed(self._decoder.flush())
         self._cut()  # under server VAD an open turn commits itself here
         if self._pending is not None or self._buffer_ms >= MIN_COMMIT_MS:
@@ -663,16 +803,20 @@ class RealtimeSession:
             self._pending.segments.append(event.index)
             self._items[event.index] = self._pending
             if self._vad:
-                self._event("input_audio_buffer.speech_started", item_id=self._pending.id,
-                            audio_start_ms=event.start * 1000 // SAMPLE_RATE)
+                self._event(
+                    "input_audio_buffer.speech_started",
+                    item_id=self._pending.id,
+                    audio_start_ms=event.start * 1000 // SAMPLE_RATE,
+                )
         elif isinstance(event, SegmentClosed):
             item = self._items.get(event.index)
             if item is None or item.committed or not self._vad:
                 return
             item.end = event.end
             if not self._committing:
-                self._event("input_audio_buffer.speech_stopped", item_id=item.id,
-                            audio_end_ms=event.end * 1000 // SAMPLE_RATE)
+                self._event(
+                    "input_audio_buffer.speech_stopped", item_id=item.id, audio_end_ms=event.end * 1000 // SAMPLE_RATE
+                )
             self._commit_item(item)
 
     def _commit_item(self, item: _Item) -> None:
@@ -685,14 +829,23 @@ class RealtimeSession:
         self._buffer_start = item.end
         previous, self._last_item = self._last_item, item.id
         self._event("input_audio_buffer.committed", item_id=item.id, previous_item_id=previous)
-        self._event("conversation.item.created" if self._beta else "conversation.item.added",
-                    item=self._item_view(item, None), previous_item_id=previous)
+        self._event(
+            "conversation.item.created" if self._beta else "conversation.item.added",
+            item=self._item_view(item, None),
+            previous_item_id=previous,
+        )
         self._committed.append(item)
         self._complete_ready()
 
     def _item_view(self, item: _Item, transcript: str | None) -> dict:
-        return {"id": item.id, "object": "realtime.item", "type": "message", "status": "completed", "role": "user",
-                "content": [{"type": "input_audio", "transcript": transcript}]}
+        return {
+            "id": item.id,
+            "object": "realtime.item",
+            "type": "message",
+            "status": "completed",
+            "role": "user",
+            "content": [{"type": "input_audio", "transcript": transcript}],
+        }
 
     def _on_event(self, event: Event) -> None:
         if isinstance(event, Failure):
@@ -704,9 +857,13 @@ class RealtimeSession:
         if isinstance(event, Partial):
             self._delta(item, event.segment, event.stable)
             if self._extension_partials:
-                self._event("x.transcription.partial", item_id=item.id, content_index=0,
-                            text=self._item_text(item, event.segment, event.text),
-                            stable=self._item_text(item, event.segment, event.stable))
+                self._event(
+                    "x.transcription.partial",
+                    item_id=item.id,
+                    content_index=0,
+                    text=self._item_text(item, event.segment, event.text),
+                    stable=self._item_text(item, event.segment, event.stable),
+                )
         elif isinstance(event, Final):
             item.finals[event.segment] = event.text
             self._delta(item, event.segment, event.text)
@@ -720,7 +877,7 @@ class RealtimeSession:
         sent = item.sent.get(segment, "")
         if len(text) <= len(sent) or not text.startswith(sent):
             return  # nothing new, or a correction: only .completed can carry it
-        delta = text[len(sent):]
+        delta = text[len(sent) :]
         if not sent:  # a later segment's first text: a space between two Latin words, as join_text does
             earlier = [s for s in item.segments if s < segment and item.sent.get(s)]
             last = item.sent[earlier[-1]].rstrip()[-1:] if earlier else ""
@@ -741,8 +898,13 @@ class RealtimeSession:
             item = self._committed.popleft()
             transcript = join_text([item.finals[s] for s in item.segments if s in item.finals])
             seconds = round(max(0, item.end - item.start) / SAMPLE_RATE, 3)
-            self._event("conversation.item.input_audio_transcription.completed", item_id=item.id, content_index=0,
-                        transcript=transcript, usage={"type": "duration", "seconds": seconds})
+            self._event(
+                "conversation.item.input_audio_transcription.completed",
+                item_id=item.id,
+                content_index=0,
+                transcript=transcript,
+                usage={"type": "duration", "seconds": seconds},
+            )
             if not self._beta:
                 self._event("conversation.item.done", item=self._item_view(item, transcript), previous_item_id=None)
             for s in item.segments:
@@ -754,9 +916,17 @@ class RealtimeSession:
         self._failed = True
         items = list(self._committed) + ([self._pending] if self._pending is not None else [])
         for item in items:
-            self._event("conversation.item.input_audio_transcription.failed", item_id=item.id, content_index=0,
-                        error={"type": "server_error", "code": "transcription_failed", "param": None,
-                               "message": "transcription failed on the server (the failure is logged)"})
+            self._event(
+                "conversation.item.input_audio_transcription.failed",
+                item_id=item.id,
+                content_index=0,
+                error={
+                    "type": "server_error",
+                    "code": "transcription_failed",
+                    "param": None,
+                    "message": "transcription failed on the server (the failure is logged)",
+                },
+            )
         self._committed.clear()
         self._pending = None
         self._server_error("transcription failed on the server; reconnect and start again (the failure is logged)")
@@ -770,10 +940,26 @@ class RealtimeSession:
     def _client_error(self, exc: ClientError, event_id: str | None) -> None:
         log.warning("realtime %s: error %s: %s", self.id, exc.code, exc)
         self._metrics.errors.labels(exc.metric).inc()
-        self._event("error", error={"type": "invalid_request_error", "code": exc.code, "message": str(exc),
-                                    "param": exc.param, "event_id": event_id})
+        self._event(
+            "error",
+            error={
+                "type": "invalid_request_error",
+                "code": exc.code,
+                "message": str(exc),
+                "param": exc.param,
+                "event_id": event_id,
+            },
+        )
 
     def _server_error(self, message: str) -> None:
         self._metrics.errors.labels("internal").inc()
-        self._event("error", error={"type": "server_error", "code": "internal_error", "message": message,
-                                    "param": None, "event_id": None})
+        self._event(
+            "error",
+            error={
+                "type": "server_error",
+                "code": "internal_error",
+                "message": message,
+                "param": None,
+                "event_id": None,
+            },
+        )

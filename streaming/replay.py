@@ -48,10 +48,11 @@ import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -154,8 +155,13 @@ def to_pcm16(audio: np.ndarray) -> np.ndarray:
     return np.clip(np.round(np.asarray(audio, np.float64) * 32767.0), -32768, 32767).astype(np.int16)
 
 
-def build_stream(clips: list[Clip], audios: list[np.ndarray], gap_s: float, sample_rate: int = SAMPLE_RATE,
-                 join: Callable[[list[np.ndarray]], Any] = np.concatenate) -> StreamPlan:
+def build_stream(
+    clips: list[Clip],
+    audios: list[np.ndarray],
+    gap_s: float,
+    sample_rate: int = SAMPLE_RATE,
+    join: Callable[[list[np.ndarray]], Any] = np.concatenate,
+) -> StreamPlan:
     """Silence of `gap_s`, clip, silence of `gap_s`, clip, ..., clip, silence of `gap_s`.
 
     `audios` are float or already int16; `join` makes the stream of the pieces (bench.load's
@@ -166,8 +172,7 @@ def build_stream(clips: list[Clip], audios: list[np.ndarray], gap_s: float, samp
     position = len(gap)
     for index, (clip, audio) in enumerate(zip(clips, audios)):
         pcm = audio if audio.dtype == np.int16 else to_pcm16(audio)
-        spans.append(ClipSpan(index, clip.name, position, position + len(pcm), clip.reference, clip.lang,
-                              sample_rate))
+        spans.append(ClipSpan(index, clip.name, position, position + len(pcm), clip.reference, clip.lang, sample_rate))
         pieces += [pcm, gap]
         position += len(pcm) + len(gap)
     return StreamPlan(join(pieces), spans, sample_rate)
@@ -181,9 +186,16 @@ def frame_schedule(n_frames: int, frame_s: float, speed: float = 1.0, t0: float 
     return t0 + np.arange(n_frames, dtype=np.float64) * frame_s / speed
 
 
-async def paced_send(n_frames: int, interval: float, send_frame: Callable[[int], Any], now: Callable[[], float],
-                     scheduled: np.ndarray, send_times: np.ndarray,
-                     stop: Callable[[], bool] | None = None, sleep: Callable[[float], Any] = asyncio.sleep) -> int:
+async def paced_send(
+    n_frames: int,
+    interval: float,
+    send_frame: Callable[[int], Any],
+    now: Callable[[], float],
+    scheduled: np.ndarray,
+    send_times: np.ndarray,
+    stop: Callable[[], bool] | None = None,
+    sleep: Callable[[float], Any] = asyncio.sleep,
+) -> int:
     """Call `send_frame(k)` for k = 0..n-1 on an absolute schedule: frame k is due at t0 + k * interval.
 
     A late frame (slow send, busy loop) goes out at once and the ones after it keep their due
@@ -218,8 +230,9 @@ def sample_send_time(send_times: np.ndarray, frame_samples: int, index: int) -> 
     return float(send_times[frame])
 
 
-def audio_send_time(send_times: np.ndarray, frame_samples: int, t_audio: float,
-                    sample_rate: int = SAMPLE_RATE, edge: str = "end") -> float:
+def audio_send_time(
+    send_times: np.ndarray, frame_samples: int, t_audio: float, sample_rate: int = SAMPLE_RATE, edge: str = "end"
+) -> float:
     return sample_send_time(send_times, frame_samples, sample_index(t_audio, sample_rate, edge))
 
 
@@ -290,14 +303,33 @@ class StreamLog:
 
 
 def _start_message(language: str) -> str:
-    return json.dumps({"type": "start", "sample_rate": SAMPLE_RATE, "encoding": "pcm_s16le", "channels": 1,
-                       "language": language, "partials": True})
+    return json.dumps(
+        {
+            "type": "start",
+            "sample_rate": SAMPLE_RATE,
+            "encoding": "pcm_s16le",
+            "channels": 1,
+            "language": language,
+            "partials": True,
+        }
+    )
 
 
-async def run_stream(url: str, plan: StreamPlan, *, stream: int, t_ref: float, frame_ms: float, speed: float,
-                     language: str = "zh", delay: float = 0.0, ready_timeout: float = 30.0,
-                     end_timeout: float = 120.0, on_audio: Callable[[float], None] | None = None,
-                     on_event: Callable[[StreamLog, float, dict], None] | None = None) -> StreamLog:
+async def run_stream(
+    url: str,
+    plan: StreamPlan,
+    *,
+    stream: int,
+    t_ref: float,
+    frame_ms: float,
+    speed: float,
+    language: str = "zh",
+    delay: float = 0.0,
+    ready_timeout: float = 30.0,
+    end_timeout: float = 120.0,
+    on_audio: Callable[[float], None] | None = None,
+    on_event: Callable[[StreamLog, float, dict], None] | None = None,
+) -> StreamLog:
     """Play the stream once over one connection and record the send and arrival times."""
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
@@ -305,8 +337,7 @@ async def run_stream(url: str, plan: StreamPlan, *, stream: int, t_ref: float, f
     frame_samples = int(round(frame_ms * plan.sample_rate / 1000))
     n_frames = -(-len(plan.pcm) // frame_samples)
     frame_s = frame_samples / plan.sample_rate
-    log = StreamLog(stream, frame_samples, plan.sample_rate, np.full(n_frames, math.nan),
-                    np.full(n_frames, math.nan))
+    log = StreamLog(stream, frame_samples, plan.sample_rate, np.full(n_frames, math.nan), np.full(n_frames, math.nan))
     now = lambda: clock() - t_ref  # noqa: E731
     ended = asyncio.Event()
 
@@ -343,8 +374,7 @@ async def run_stream(url: str, plan: StreamPlan, *, stream: int, t_ref: float, f
         await asyncio.sleep(delay)
     ws = None
     try:
-        async with connect(url, max_size=None, compression=None, open_timeout=ready_timeout,
-                           close_timeout=5) as ws:
+        async with connect(url, max_size=None, compression=None, open_timeout=ready_timeout, close_timeout=5) as ws:
             log.t_open = now()
             await ws.send(_start_message(language))
             try:
@@ -353,7 +383,8 @@ async def run_stream(url: str, plan: StreamPlan, *, stream: int, t_ref: float, f
                 raise _StreamFailed(f"no 'ready' within {ready_timeout:g} s of 'start'") from None
             if not first or first.get("type") != "ready":
                 raise _StreamFailed(
-                    f"expected 'ready' after 'start', got {json.dumps(first, ensure_ascii=False)[:300]}")
+                    f"expected 'ready' after 'start', got {json.dumps(first, ensure_ascii=False)[:300]}"
+                )
             log.t_ready = log.events[-1][0]
             log.session, log.model, log.language = first.get("session"), first.get("model"), first.get("language")
 
@@ -362,13 +393,14 @@ async def run_stream(url: str, plan: StreamPlan, *, stream: int, t_ref: float, f
                 pcm = plan.pcm
 
                 async def send_frame(k: int) -> None:
-                    chunk = pcm[k * frame_samples:(k + 1) * frame_samples]
+                    chunk = pcm[k * frame_samples : (k + 1) * frame_samples]
                     await ws.send(chunk.tobytes())
                     if on_audio is not None:
                         on_audio(len(chunk) / plan.sample_rate)
 
-                await paced_send(n_frames, frame_s / speed, send_frame, now, log.scheduled, log.send_times,
-                                 stop=receiver.done)
+                await paced_send(
+                    n_frames, frame_s / speed, send_frame, now, log.scheduled, log.send_times, stop=receiver.done
+                )
                 if receiver.done():
                     log.failure = "the server closed the connection before all audio was sent"
                 else:
@@ -432,7 +464,7 @@ def parse_prometheus(text: str) -> dict[str, float]:
         if not line or line.startswith("#"):
             continue
         if "{" in line:
-            name, rest = line[:line.index("{")], line[line.rindex("}") + 1:]
+            name, rest = line[: line.index("{")], line[line.rindex("}") + 1 :]
         else:
             name, _, rest = line.partition(" ")
         fields = rest.split()
@@ -468,8 +500,14 @@ def server_rtf(before: dict[str, float] | None, after: dict[str, float] | None) 
     if audio <= 0:
         return None
     encoder, decoder = delta["breeze_encoder_seconds_total"], delta["breeze_decoder_seconds_total"]
-    return {"rtf": (encoder + decoder) / audio, "encoder_rtf": encoder / audio, "decoder_rtf": decoder / audio,
-            "encoder_s": encoder, "decoder_s": decoder, "audio_s": audio}
+    return {
+        "rtf": (encoder + decoder) / audio,
+        "encoder_rtf": encoder / audio,
+        "decoder_rtf": decoder / audio,
+        "encoder_s": encoder,
+        "decoder_s": decoder,
+        "audio_s": audio,
+    }
 
 
 # --------------------------------------------------------------------------- analysis
@@ -526,8 +564,15 @@ def analyze_stream(log: StreamLog, spans: list[ClipSpan]) -> dict[str, Any]:
             seg_start, seg_end = float(fl[0]["event"].get("start", 0.0)), float(fl[0]["event"]["end"])
         else:
             seg_start, seg_end = float(ps[0]["event"].get("start", 0.0)), float(ps[-1]["event"]["end"])
-        row = {"segment": key, "start": seg_start, "end": seg_end, "partials": len(ps), "finals": len(fl),
-               "max_partial_gap": None, "max_partial_gap_audio": None}
+        row = {
+            "segment": key,
+            "start": seg_start,
+            "end": seg_end,
+            "partials": len(ps),
+            "finals": len(fl),
+            "max_partial_gap": None,
+            "max_partial_gap_audio": None,
+        }
         if seg_end - seg_start > LONG_SEGMENT_S and len(ps) >= 2:
             seg_gaps = np.diff([r["arrival"] for r in ps])
             seg_audio_gaps = np.diff([float(r["event"]["end"]) for r in ps])
@@ -542,13 +587,22 @@ def analyze_stream(log: StreamLog, spans: list[ClipSpan]) -> dict[str, Any]:
     # Per clip: finals assigned to it, hypothesis, latency from the clip's own end.
     clips = []
     for span in spans:
-        mine = sorted((r for r in finals if r["clip"] == span.index),
-                      key=lambda r: (float(r["event"].get("start", 0.0)), r["arrival"]))
+        mine = sorted(
+            (r for r in finals if r["clip"] == span.index),
+            key=lambda r: (float(r["event"].get("start", 0.0)), r["arrival"]),
+        )
         texts = [str(r["event"].get("text", "")).strip() for r in mine]
         clip_end_sent = sample_send_time(sends, fs, span.end - 1)
         clip_latency = (max(r["arrival"] for r in mine) - clip_end_sent) if mine else None
-        clips.append({"index": span.index, "finals": len(mine), "hypothesis": " ".join(t for t in texts if t),
-                      "clip_end_sent": clip_end_sent, "clip_end_latency": clip_latency})
+        clips.append(
+            {
+                "index": span.index,
+                "finals": len(mine),
+                "hypothesis": " ".join(t for t in texts if t),
+                "clip_end_sent": clip_end_sent,
+                "clip_end_latency": clip_latency,
+            }
+        )
 
     return {
         "stream": log.stream,
@@ -610,8 +664,12 @@ def score_group(lang: str | None) -> str | None:
 # --------------------------------------------------------------------------- whole run
 
 
-def summarize(plan: StreamPlan, analyses: list[dict], rtf: dict | None,
-              scorer: Callable[[str, str, str], tuple[int, int] | None] = _score_clip) -> dict[str, Any]:
+def summarize(
+    plan: StreamPlan,
+    analyses: list[dict],
+    rtf: dict | None,
+    scorer: Callable[[str, str, str], tuple[int, int] | None] = _score_clip,
+) -> dict[str, Any]:
     """Aggregate over streams: latency stats, per-clip results, corpus CER/WER, checks."""
     pool = lambda key: [v for a in analyses for v in a[key]]  # noqa: E731
     per_clip = []
@@ -620,12 +678,19 @@ def summarize(plan: StreamPlan, analyses: list[dict], rtf: dict | None,
     for span in plan.spans:
         rows = [a["clips"][span.index] for a in analyses]
         entry: dict[str, Any] = {
-            "index": span.index, "name": span.name, "lang": span.lang, "start": span.start_s, "end": span.end_s,
-            "duration": span.duration_s, "reference": span.reference,
+            "index": span.index,
+            "name": span.name,
+            "lang": span.lang,
+            "start": span.start_s,
+            "end": span.end_s,
+            "duration": span.duration_s,
+            "reference": span.reference,
             "hypotheses": [r["hypothesis"] for r in rows],
             "finals": [r["finals"] for r in rows],
             "clip_end_latency": [r["clip_end_latency"] for r in rows],
-            "errors": None, "ref_tokens": None, "error_rate": None,
+            "errors": None,
+            "ref_tokens": None,
+            "error_rate": None,
         }
         group = score_group(span.lang)
         if span.reference is not None and group is not None:
@@ -648,7 +713,11 @@ def summarize(plan: StreamPlan, analyses: list[dict], rtf: dict | None,
     accuracy = {}
     for group, (errors, tokens, n) in corpus.items():
         accuracy["cer_zh_mix" if group == "zh" else "wer_en"] = {
-            "rate": errors / tokens if tokens else None, "errors": errors, "ref_tokens": tokens, "clips": n}
+            "rate": errors / tokens if tokens else None,
+            "errors": errors,
+            "ref_tokens": tokens,
+            "clips": n,
+        }
     gaps = pool("partial_gaps")
     audio_gaps = pool("partial_gaps_audio")
     stop_to_end = [a["stop_to_end"] for a in analyses if a["stop_to_end"] is not None]
@@ -679,12 +748,21 @@ def summarize(plan: StreamPlan, analyses: list[dict], rtf: dict | None,
         "checks": checks,
         "ok": all(checks.values()),
         "per_clip": per_clip,
-        "per_stream": [{
-            "stream": a["stream"], "session": a["session"], "completed": a["completed"], "failure": a["failure"],
-            "final_latency": stats(a["final_latency"]), "clip_end_latency": stats(a["clip_end_latency"]),
-            "partial_lag": stats(a["partial_lag"]), "first_partial_latency": stats(a["first_partial_latency"]),
-            "stop_to_end": a["stop_to_end"], "counts": a["counts"],
-        } for a in analyses],
+        "per_stream": [
+            {
+                "stream": a["stream"],
+                "session": a["session"],
+                "completed": a["completed"],
+                "failure": a["failure"],
+                "final_latency": stats(a["final_latency"]),
+                "clip_end_latency": stats(a["clip_end_latency"]),
+                "partial_lag": stats(a["partial_lag"]),
+                "first_partial_latency": stats(a["first_partial_latency"]),
+                "stop_to_end": a["stop_to_end"],
+                "counts": a["counts"],
+            }
+            for a in analyses
+        ],
     }
 
 
@@ -699,9 +777,15 @@ class _Progress:
             try:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=total_s, unit="s", desc="replay", file=sys.stderr,
-                                bar_format="{desc} {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s audio "
-                                           "[{elapsed}<{remaining}]{postfix}", mininterval=0.25)
+                self.bar = tqdm(
+                    total=total_s,
+                    unit="s",
+                    desc="replay",
+                    file=sys.stderr,
+                    bar_format="{desc} {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s audio "
+                    "[{elapsed}<{remaining}]{postfix}",
+                    mininterval=0.25,
+                )
             except ImportError:  # pragma: no cover
                 self.bar = None
 
@@ -730,14 +814,24 @@ class _Progress:
             self.bar.close()
 
 
-async def replay(plan: StreamPlan, url: str, *, concurrency: int = 1, speed: float = 1.0, frame_ms: float = 40.0,
-                 language: str = "zh", stagger: float = 0.0, end_timeout: float = 120.0,
-                 progress: bool = True) -> tuple[list[StreamLog], dict | None, dict | None, float]:
+async def replay(
+    plan: StreamPlan,
+    url: str,
+    *,
+    concurrency: int = 1,
+    speed: float = 1.0,
+    frame_ms: float = 40.0,
+    language: str = "zh",
+    stagger: float = 0.0,
+    end_timeout: float = 120.0,
+    progress: bool = True,
+) -> tuple[list[StreamLog], dict | None, dict | None, float]:
     """Run `concurrency` streams of the plan; returns their logs, /metrics before and after, t_ref."""
     murl = metrics_url(url)
     before = await asyncio.to_thread(fetch_metrics, murl)
     bar = _Progress(plan.duration_s * concurrency, progress)
     t_ref = clock()
+
     def on_event(log: StreamLog, t: float, event: dict) -> None:
         latency = None
         if event.get("type") == "final" and isinstance(event.get("end"), (int, float)):
@@ -745,8 +839,19 @@ async def replay(plan: StreamPlan, url: str, *, concurrency: int = 1, speed: flo
         bar.event(log.stream, t, event, latency)
 
     def one(index: int):
-        return run_stream(url, plan, stream=index, t_ref=t_ref, frame_ms=frame_ms, speed=speed, language=language,
-                          delay=index * stagger, end_timeout=end_timeout, on_audio=bar.audio, on_event=on_event)
+        return run_stream(
+            url,
+            plan,
+            stream=index,
+            t_ref=t_ref,
+            frame_ms=frame_ms,
+            speed=speed,
+            language=language,
+            delay=index * stagger,
+            end_timeout=end_timeout,
+            on_audio=bar.audio,
+            on_event=on_event,
+        )
 
     try:
         logs = list(await asyncio.gather(*(one(i) for i in range(concurrency))))
@@ -786,18 +891,21 @@ def format_summary(summary: dict, config: dict) -> str:
     lines.append(
         f"replay of {summary['clips']} clips, {summary['stream_audio_s']:.1f} s of stream audio per stream, "
         f"{summary['streams']} stream(s), speed {config['speed']:g}, {config['frame_ms']:g} ms frames, "
-        f"gap {config['gap']:g} s -> {config['url']}")
+        f"gap {config['gap']:g} s -> {config['url']}"
+    )
     models = sorted({s.get("model") or "?" for s in config.get("sessions", [])})
     if models:
         lines.append(f"model: {', '.join(models)}")
     lines.append("")
     lines.append(f"{'latency (s)':<34}{'n':>6}{'p50':>9}{'p95':>9}{'max':>9}")
-    for key, label in (("final_latency", "final latency (segment end)"),
-                       ("clip_end_latency", "final latency (clip end)"),
-                       ("partial_lag", "partial lag"),
-                       ("first_partial_latency", "first-partial latency"),
-                       ("partial_gap", f"partial gap (segments > {LONG_SEGMENT_S:g} s)"),
-                       ("stop_to_end", "stop -> end")):
+    for key, label in (
+        ("final_latency", "final latency (segment end)"),
+        ("clip_end_latency", "final latency (clip end)"),
+        ("partial_lag", "partial lag"),
+        ("first_partial_latency", "first-partial latency"),
+        ("partial_gap", f"partial gap (segments > {LONG_SEGMENT_S:g} s)"),
+        ("stop_to_end", "stop -> end"),
+    ):
         s = summary[key]
         lines.append(f"{label:<34}{s['n']:>6}{_num(s['p50']):>9}{_num(s['p95']):>9}{_num(s['max']):>9}")
     if summary["partial_gap_audio_max"] is not None:
@@ -816,8 +924,10 @@ def format_summary(summary: dict, config: dict) -> str:
     lines.append("accuracy: " + ("; ".join(parts) if parts else "no references (plain audio files)"))
     rtf = summary["server_rtf"]
     if rtf:
-        lines.append(f"server RTF {rtf['rtf']:.3f} (encoder {rtf['encoder_rtf']:.3f}, decoder {rtf['decoder_rtf']:.3f})"
-                     f" over {rtf['audio_s']:.1f} s of audio, from /metrics")
+        lines.append(
+            f"server RTF {rtf['rtf']:.3f} (encoder {rtf['encoder_rtf']:.3f}, decoder {rtf['decoder_rtf']:.3f})"
+            f" over {rtf['audio_s']:.1f} s of audio, from /metrics"
+        )
     else:
         lines.append("server RTF: unavailable (/metrics not reachable or without breeze_* seconds counters)")
     c = summary["counts"]
@@ -825,31 +935,42 @@ def format_summary(summary: dict, config: dict) -> str:
         f"events: {c.get('finals', 0)} finals, {c.get('partials', 0)} partials, {c.get('segments', 0)} segments; "
         f"clips without final {c.get('clips_without_final', 0)}, lost finals {c.get('lost_finals', 0)}, "
         f"finals after end {c.get('finals_after_end', 0)}, duplicate finals {c.get('duplicate_finals', 0)}, "
-        f"finals outside clips {c.get('finals_outside_clips', 0)}, errors {c.get('errors', 0)}")
+        f"finals outside clips {c.get('finals_outside_clips', 0)}, errors {c.get('errors', 0)}"
+    )
     if summary["pacing_max_late"] is not None:
-        lines.append(f"pacing: largest lateness of a frame against its schedule {1000 * summary['pacing_max_late']:.1f} ms")
+        lines.append(
+            f"pacing: largest lateness of a frame against its schedule {1000 * summary['pacing_max_late']:.1f} ms"
+        )
     if summary["streams"] > 1 or any(not s["completed"] for s in summary["per_stream"]):
         lines.append("")
-        lines.append(f"{'stream':<8}{'session':<14}{'finals':>7}{'p50':>8}{'p95':>8}{'max':>8}{'stop->end':>11}  status")
+        lines.append(
+            f"{'stream':<8}{'session':<14}{'finals':>7}{'p50':>8}{'p95':>8}{'max':>8}{'stop->end':>11}  status"
+        )
         for s in summary["per_stream"]:
             fl = s["final_latency"]
             status = "ok" if s["completed"] else f"FAILED: {s['failure']}"
-            lines.append(f"{s['stream']:<8}{_fit(str(s['session'] or '-'), 13)} {s['counts']['finals']:>7}"
-                         f"{_num(fl['p50'], '{:.2f}'):>8}{_num(fl['p95'], '{:.2f}'):>8}{_num(fl['max'], '{:.2f}'):>8}"
-                         f"{_num(s['stop_to_end'], '{:.2f}'):>11}  {status}")
+            lines.append(
+                f"{s['stream']:<8}{_fit(str(s['session'] or '-'), 13)} {s['counts']['finals']:>7}"
+                f"{_num(fl['p50'], '{:.2f}'):>8}{_num(fl['p95'], '{:.2f}'):>8}{_num(fl['max'], '{:.2f}'):>8}"
+                f"{_num(s['stop_to_end'], '{:.2f}'):>11}  {status}"
+            )
     lines.append("")
     lines.append(f"{'#':>3}  {_fit('clip', 30)} {'lang':<5}{'dur':>6}{'finals':>8}{'err%':>8}{'lat(s)':>8}  hypothesis")
     for row in summary["per_clip"]:
         finals = ",".join(str(n) for n in row["finals"])
         lat = [v for v in row["clip_end_latency"] if v is not None]
         hyp = row["hypotheses"][0] if row["hypotheses"] else ""
-        lines.append(f"{row['index']:>3}  {_fit(row['name'], 30)} {(row['lang'] or '-'):<5}{row['duration']:>6.1f}"
-                     f"{finals:>8}{_pct(row['error_rate']):>8}{_num(max(lat) if lat else None, '{:.2f}'):>8}  "
-                     f"{_fit(hyp, 40).rstrip()}")
+        lines.append(
+            f"{row['index']:>3}  {_fit(row['name'], 30)} {(row['lang'] or '-'):<5}{row['duration']:>6.1f}"
+            f"{finals:>8}{_pct(row['error_rate']):>8}{_num(max(lat) if lat else None, '{:.2f}'):>8}  "
+            f"{_fit(hyp, 40).rstrip()}"
+        )
     lines.append("")
     if any(v < 0 for row in summary["per_clip"] for v in row["clip_end_latency"] if v is not None):
-        lines.append("negative lat(s): the clip's final arrived before its last sample was sent: the clip ends in "
-                     "more silence than the server's hangover, so its segment closed inside the clip")
+        lines.append(
+            "negative lat(s): the clip's final arrived before its last sample was sent: the clip ends in "
+            "more silence than the server's hangover, so its segment closed inside the clip"
+        )
     failed = [name for name, ok in summary["checks"].items() if not ok]
     lines.append("checks: " + ("all passed" if not failed else "FAILED " + ", ".join(failed)))
     return "\n".join(lines)
@@ -869,24 +990,48 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def build_report(plan: StreamPlan, logs: list[StreamLog], analyses: list[dict], summary: dict,
-                 config: dict) -> dict:
-    return _jsonable({
-        "config": config,
-        "clips": [{"index": s.index, "name": s.name, "lang": s.lang, "start": s.start_s, "end": s.end_s,
-                   "reference": s.reference} for s in plan.spans],
-        "summary": {k: v for k, v in summary.items() if k != "per_clip"},
-        "per_clip": summary["per_clip"],
-        "streams": [{
-            "stream": log.stream, "session": log.session, "model": log.model, "failure": log.failure,
-            "frame_samples": log.frame_samples, "sample_rate": log.sample_rate,
-            "t_open": log.t_open, "t_ready": log.t_ready, "t_first_frame": log.t_first_frame,
-            "t_stop": log.t_stop, "t_end": log.t_end, "t_closed": log.t_closed,
-            "close_code": log.close_code, "close_reason": log.close_reason,
-            "frame_send_times": log.send_times, "frame_scheduled": log.scheduled,
-            "events": analysis["records"], "segments": analysis["segments"],
-        } for log, analysis in zip(logs, analyses)],
-    })
+def build_report(plan: StreamPlan, logs: list[StreamLog], analyses: list[dict], summary: dict, config: dict) -> dict:
+    return _jsonable(
+        {
+            "config": config,
+            "clips": [
+                {
+                    "index": s.index,
+                    "name": s.name,
+                    "lang": s.lang,
+                    "start": s.start_s,
+                    "end": s.end_s,
+                    "reference": s.reference,
+                }
+                for s in plan.spans
+            ],
+            "summary": {k: v for k, v in summary.items() if k != "per_clip"},
+            "per_clip": summary["per_clip"],
+            "streams": [
+                {
+                    "stream": log.stream,
+                    "session": log.session,
+                    "model": log.model,
+                    "failure": log.failure,
+                    "frame_samples": log.frame_samples,
+                    "sample_rate": log.sample_rate,
+                    "t_open": log.t_open,
+                    "t_ready": log.t_ready,
+                    "t_first_frame": log.t_first_frame,
+                    "t_stop": log.t_stop,
+                    "t_end": log.t_end,
+                    "t_closed": log.t_closed,
+                    "close_code": log.close_code,
+                    "close_reason": log.close_reason,
+                    "frame_send_times": log.send_times,
+                    "frame_scheduled": log.scheduled,
+                    "events": analysis["records"],
+                    "segments": analysis["segments"],
+                }
+                for log, analysis in zip(logs, analyses)
+            ],
+        }
+    )
 
 
 def plot_latencies(plan: StreamPlan, analyses: list[dict], summary: dict, path: str) -> None:
@@ -899,8 +1044,16 @@ def plot_latencies(plan: StreamPlan, analyses: list[dict], summary: dict, path: 
     fig, ax = plt.subplots(figsize=(max(10.0, min(40.0, plan.duration_s / 8)), 5))
     for span in plan.spans:
         ax.axvspan(span.start_s, span.end_s, color="0.88" if span.index % 2 == 0 else "0.8", lw=0)
-        ax.text((span.start_s + span.end_s) / 2, 1.0, str(span.index), transform=ax.get_xaxis_transform(),
-                ha="center", va="bottom", fontsize="x-small", color="0.35")
+        ax.text(
+            (span.start_s + span.end_s) / 2,
+            1.0,
+            str(span.index),
+            transform=ax.get_xaxis_transform(),
+            ha="center",
+            va="bottom",
+            fontsize="x-small",
+            color="0.35",
+        )
     streams = len(analyses)
     px, py, fx, fy, cx, cy = [], [], [], [], [], []
     for analysis in analyses:
@@ -1000,7 +1153,7 @@ def run_replay(args: argparse.Namespace) -> int:
     try:
         clips = read_inputs(args.inputs)
         if args.limit:
-            clips = clips[:args.limit]
+            clips = clips[: args.limit]
         audios = [_load_audio(clip.path) for clip in clips]
     except ReplayInputError as exc:
         print(f"breeze-stream replay: {exc}", file=sys.stderr)
@@ -1028,16 +1181,26 @@ def run_replay(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _replay_plan(args: argparse.Namespace, plan: StreamPlan, language: str,
-                 plot: str | None) -> tuple[dict, dict] | None | bool:
+def _replay_plan(
+    args: argparse.Namespace, plan: StreamPlan, language: str, plot: str | None
+) -> tuple[dict, dict] | None | bool:
     """One run over `plan`: (summary, report), its plot drawn to `plot`; False when no stream could
     start, None on Ctrl-C."""
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     try:
-        logs, before, after, _ = asyncio.run(replay(
-            plan, args.url, concurrency=args.concurrency, speed=args.speed, frame_ms=args.frame_ms,
-            language=language, stagger=args.stagger, end_timeout=args.end_timeout,
-            progress=not args.no_progress))
+        logs, before, after, _ = asyncio.run(
+            replay(
+                plan,
+                args.url,
+                concurrency=args.concurrency,
+                speed=args.speed,
+                frame_ms=args.frame_ms,
+                language=language,
+                stagger=args.stagger,
+                end_timeout=args.end_timeout,
+                progress=not args.no_progress,
+            )
+        )
     except KeyboardInterrupt:
         print("breeze-stream replay: interrupted", file=sys.stderr)
         return None
@@ -1047,11 +1210,18 @@ def _replay_plan(args: argparse.Namespace, plan: StreamPlan, language: str,
     analyses = [analyze_stream(log, plan.spans) for log in logs]
     summary = summarize(plan, analyses, server_rtf(before, after))
     config = {
-        "url": args.url, "inputs": list(args.inputs), "concurrency": args.concurrency, "stagger": args.stagger,
-        "speed": args.speed, "gap": args.gap, "frame_ms": args.frame_ms, "language": language,
-        "started": started, "sessions": [{"session": log.session, "model": log.model, "language": log.language}
-                                         for log in logs],
-        "metrics_before": before, "metrics_after": after,
+        "url": args.url,
+        "inputs": list(args.inputs),
+        "concurrency": args.concurrency,
+        "stagger": args.stagger,
+        "speed": args.speed,
+        "gap": args.gap,
+        "frame_ms": args.frame_ms,
+        "language": language,
+        "started": started,
+        "sessions": [{"session": log.session, "model": log.model, "language": log.language} for log in logs],
+        "metrics_before": before,
+        "metrics_after": after,
     }
     print(_headline(summary) if args.quiet else format_summary(summary, config))
     if plot:

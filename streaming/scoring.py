@@ -26,8 +26,7 @@ LANGUAGES = ("zh", "mix", "en")
 _SPEAKER_TAG = re.compile(r"\[S\d+\]")
 # Han (with extensions and compatibility ideographs), kana, bopomofo, hangul: one token per character.
 _CJK = (
-    "\u3040-\u30ff\u3100-\u312f\u31a0-\u31bf\u3400-\u4dbf\u4e00-\u9fff"
-    "\uac00-\ud7af\uf900-\ufaff\U00020000-\U0003ffff"
+    "\u3040-\u30ff\u3100-\u312f\u31a0-\u31bf\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\U00020000-\U0003ffff"
 )
 _ZH_TOKEN = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+")
 

@@ -299,9 +299,7 @@ class Segmenter:
         self._open = self._opened(start, self._min_voiced_frames, frames[first:])
         self._confirm(self._open, events)
 
-    def _opened(
-        self, start: int, needed_voiced: int, frames: list[_Frame], index: int | None = None
-    ) -> _Open:
+    def _opened(self, start: int, needed_voiced: int, frames: list[_Frame], index: int | None = None) -> _Open:
         segment = _Open(start, needed_voiced, self._frame, index)
         for frame in frames:
             segment.add(frame)

@@ -55,8 +55,17 @@ from engines.engine import Engine
 from engines.trtllm.backend import create_engine
 
 from .admission import Admission, AdmissionConfig
-from .auth import NATIVE, REALTIME, SUBSCRIBER, TWILIO, Endpoint, parse_origins, read_keys
-from .auth import select_subprotocol, tls_context
+from .auth import (
+    NATIVE,
+    REALTIME,
+    SUBSCRIBER,
+    TWILIO,
+    Endpoint,
+    parse_origins,
+    read_keys,
+    select_subprotocol,
+    tls_context,
+)
 from .cli import engine_options
 from .keepalive import close_or_abort, keepalive
 from .limits import AuthConfig, Gate, Limits
@@ -102,7 +111,9 @@ class ServerConfig:
     trtllm_engine_dir: str | None = None
     self_test: bool = True
     medusa: str | None = None  # Medusa heads file; None: the shipped heads where they fit the model
-    fp32_weights: bool = False  # CPU: float32 products instead of fbgemm's fp16-packed weights (engines/fp16_weights.py)
+    fp32_weights: bool = (
+        False  # CPU: float32 products instead of fbgemm's fp16-packed weights (engines/fp16_weights.py)
+    )
     cuda_graphs: str = "graph"  # CUDA: graph | compile (Inductor-fused regions inside the graphs) | off
     max_batch: int | None = None  # rows of the engine's running batch; None: the engine's default for the device
     window_bucket: float | None = None  # seconds shortened encoder windows round up to; None: the engine's default
@@ -146,14 +157,23 @@ class Server:
         self.engine = engine
         self.metrics = Metrics()
         self.metrics.watch_engine(lambda: self.engine)
-        self.routes: dict[str, SessionFactory] = {"/v1/stream": native_session, "/v1/realtime": realtime_session,
-                                                  "/v1/twilio": twilio_session, CALLS_PREFIX: call_subscriber_session}
+        self.routes: dict[str, SessionFactory] = {
+            "/v1/stream": native_session,
+            "/v1/realtime": realtime_session,
+            "/v1/twilio": twilio_session,
+            CALLS_PREFIX: call_subscriber_session,
+        }
         # how each route takes a key in its first message and words a refusal (streaming.auth)
-        self.endpoints: dict[str, Endpoint] = {"/v1/stream": NATIVE, "/v1/realtime": REALTIME, "/v1/twilio": TWILIO,
-                                               CALLS_PREFIX: SUBSCRIBER}
+        self.endpoints: dict[str, Endpoint] = {
+            "/v1/stream": NATIVE,
+            "/v1/realtime": REALTIME,
+            "/v1/twilio": TWILIO,
+            CALLS_PREFIX: SUBSCRIBER,
+        }
         # new sessions by measured capacity; a worker of `serve --workers N` takes its share
-        self.admission = Admission(config.admission, self.metrics.load,
-                                   workers=config.workers if config.engine_address is not None else 1)
+        self.admission = Admission(
+            config.admission, self.metrics.load, workers=config.workers if config.engine_address is not None else 1
+        )
         if engine is not None:
             self.admission.device = str(engine.device).split(":")[0]
         self._publishing: asyncio.Task | None = None
@@ -183,11 +203,18 @@ class Server:
 
     async def start(self) -> None:
         max_size = FRAME_SLACK * self.config.session.max_frame_bytes
-        self._ws = await serve(self._handle, self.config.host, self.config.port, process_request=self._http,
-                               max_size=max_size, compression=None,  # PCM barely compresses; deflate costs CPU
-                               ping_interval=None,  # serve_connection runs streaming.keepalive instead
-                               ssl=self.ssl_context, select_subprotocol=select_subprotocol,
-                               reuse_port=self.config.reuse_port)
+        self._ws = await serve(
+            self._handle,
+            self.config.host,
+            self.config.port,
+            process_request=self._http,
+            max_size=max_size,
+            compression=None,  # PCM barely compresses; deflate costs CPU
+            ping_interval=None,  # serve_connection runs streaming.keepalive instead
+            ssl=self.ssl_context,
+            select_subprotocol=select_subprotocol,
+            reuse_port=self.config.reuse_port,
+        )
         if self.config.whisperlive.port is not None:
             self.whisperlive = WhisperLiveListener(self)
             try:
@@ -259,8 +286,12 @@ class Server:
             await asyncio.gather(drain, return_exceptions=True)
             connections = list(self._ws.all_connections) + (self.whisperlive.connections() if self.whisperlive else [])
             log.warning("%d connections still open %.1f s into the drain; closing them", len(connections), budget)
-            await asyncio.gather(*(close_or_abort(c, CloseCode.GOING_AWAY, "server shutting down", FORCE_CLOSE_TIMEOUT)
-                                   for c in connections))
+            await asyncio.gather(
+                *(
+                    close_or_abort(c, CloseCode.GOING_AWAY, "server shutting down", FORCE_CLOSE_TIMEOUT)
+                    for c in connections
+                )
+            )
         self._ws.close()
         if self._publishing is not None:
             self._publishing.cancel()
@@ -315,18 +346,25 @@ class Server:
         """None to go on with a WebSocket handshake, else the HTTP refusal (the WhisperLive listener's too)."""
         if self.engine is None:
             self.metrics.rejected.labels("loading").inc()
-            why = ("failed to load (see the server log)" if self._load_error is not None
-                   else "is still loading; connect again when GET /healthz answers 200")
+            why = (
+                "failed to load (see the server log)"
+                if self._load_error is not None
+                else "is still loading; connect again when GET /healthz answers 200"
+            )
             return respond(http.HTTPStatus.SERVICE_UNAVAILABLE, f"the model {why}\n")
         return self.gate.check(connection, request, endpoint)
 
-    async def serve_connection(self, connection: ServerConnection, endpoint: Endpoint,
-                               factory: Callable[[ServerConnection], Session]) -> None:
+    async def serve_connection(
+        self, connection: ServerConnection, endpoint: Endpoint, factory: Callable[[ServerConnection], Session]
+    ) -> None:
         """Admits a connection (limits, a key in its first message) and runs its session, with
         keepalive pings that a session the server pushes back on survives (streaming.keepalive)."""
         limits = self.config.limits
-        pings = asyncio.ensure_future(keepalive(connection, limits.ping_interval, limits.ping_timeout)) \
-            if limits.ping_interval else None
+        pings = (
+            asyncio.ensure_future(keepalive(connection, limits.ping_interval, limits.ping_timeout))
+            if limits.ping_interval
+            else None
+        )
         try:
             await self.gate.serve(connection, endpoint, lambda c: self.run_session(factory(c)))
         finally:
@@ -396,8 +434,14 @@ class Server:
             engine = self.engine_health()
             alive = engine is None or engine.get("alive", True)
             status = "ok" if alive else "engine_down"  # engine.restarts counts recoveries from crashes
-            body = {"status": status, "model": self.engine.name, "sessions": self.session_count,
-                    "draining": self.draining, "engine": engine, "capacity": self.admission.report(self.gate.active)}
+            body = {
+                "status": status,
+                "model": self.engine.name,
+                "sessions": self.session_count,
+                "draining": self.draining,
+                "engine": engine,
+                "capacity": self.admission.report(self.gate.active),
+            }
             code = http.HTTPStatus.OK if alive else http.HTTPStatus.SERVICE_UNAVAILABLE
             return respond(code, json.dumps(body) + "\n", "application/json")
         if self._load_error is not None:
@@ -423,8 +467,13 @@ class Server:
             status = "overloaded"
         else:
             status = "ready"
-        body = {"status": status, "sessions": self.session_count, "connections": self.gate.active,
-                "max_sessions": self.config.limits.max_sessions or None, "capacity": capacity}
+        body = {
+            "status": status,
+            "sessions": self.session_count,
+            "connections": self.gate.active,
+            "max_sessions": self.config.limits.max_sessions or None,
+            "capacity": capacity,
+        }
         code = http.HTTPStatus.OK if status == "ready" else http.HTTPStatus.SERVICE_UNAVAILABLE
         return respond(code, json.dumps(body) + "\n", "application/json")
 
@@ -446,28 +495,39 @@ class Server:
 
 def load_engine(config: ServerConfig):
     """The engine `config` names (backend, model, device and engine options), loaded in this process."""
-    return create_engine(config.backend, model=config.model, device=config.device, engine_dir=config.trtllm_engine_dir,
-                         script=config.script, self_test=config.self_test, medusa=config.medusa,
-                         **engine_options(config.fp32_weights, config.cuda_graphs, config.max_batch,
-                                          config.window_bucket))
+    return create_engine(
+        config.backend,
+        model=config.model,
+        device=config.device,
+        engine_dir=config.trtllm_engine_dir,
+        script=config.script,
+        self_test=config.self_test,
+        medusa=config.medusa,
+        **engine_options(config.fp32_weights, config.cuda_graphs, config.max_batch, config.window_bucket),
+    )
 
 
 def respond(status: http.HTTPStatus, body: str | bytes, content_type: str = "text/plain; charset=utf-8") -> Response:
     data = body.encode() if isinstance(body, str) else body
-    headers = Headers([
-        ("Date", email.utils.formatdate(usegmt=True)),
-        ("Connection", "close"),
-        ("Content-Length", str(len(data))),
-        ("Content-Type", content_type),
-        ("Cache-Control", "no-cache"),
-        ("X-Content-Type-Options", "nosniff"),
-    ])
+    headers = Headers(
+        [
+            ("Date", email.utils.formatdate(usegmt=True)),
+            ("Connection", "close"),
+            ("Content-Length", str(len(data))),
+            ("Content-Type", content_type),
+            ("Cache-Control", "no-cache"),
+            ("X-Content-Type-Options", "nosniff"),
+        ]
+    )
     return Response(status.value, status.phrase, headers, data)
 
 
 def not_found(path: str) -> Response:
-    return respond(http.HTTPStatus.NOT_FOUND, f"{path} not found: WebSocket at /v1/stream, /v1/realtime, /v1/twilio, "
-                   "/v1/calls/{callSid}; HTTP at /, /healthz, /readyz, /metrics\n")
+    return respond(
+        http.HTTPStatus.NOT_FOUND,
+        f"{path} not found: WebSocket at /v1/stream, /v1/realtime, /v1/twilio, "
+        "/v1/calls/{callSid}; HTTP at /, /healthz, /readyz, /metrics\n",
+    )
 
 
 def _in_daemon_thread(function: Callable[[], object], name: str) -> asyncio.Future:
@@ -503,45 +563,90 @@ async def _within(awaitable, deadline: float) -> None:
         log.warning("shutdown: %s", exc)
 
 
-
 # --- `breeze-stream serve` (its options: streaming.options) -------------------------------------------
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     segmenter = SegmenterConfig(**{name: getattr(args, f"segmenter_{name}") for name, _ in SEGMENTER_FLAGS.values()})
-    transcriber = TranscriberConfig(partial_interval=args.partial_interval, partial_window=args.partial_window,
-                                    final_window=args.final_window, speculative=args.speculative,
-                                    max_queued_audio=args.max_queued_audio, segmenter=segmenter,
-                                    condition_on_previous=args.condition_on_previous)
+    transcriber = TranscriberConfig(
+        partial_interval=args.partial_interval,
+        partial_window=args.partial_window,
+        final_window=args.final_window,
+        speculative=args.speculative,
+        max_queued_audio=args.max_queued_audio,
+        segmenter=segmenter,
+        condition_on_previous=args.condition_on_previous,
+    )
     if args.max_send_queue < 1 or args.max_frame_bytes < 1 or args.max_queued_audio < 0 or args.idle_timeout < 0:
-        raise ValueError("--max-send-queue and --max-frame-bytes must be >= 1, --max-queued-audio and --idle-timeout >= 0")
+        raise ValueError(
+            "--max-send-queue and --max-frame-bytes must be >= 1, --max-queued-audio and --idle-timeout >= 0"
+        )
     if args.workers < 0:
         raise ValueError("--workers must be >= 0")
-    if (args.max_batch is not None and args.max_batch < 1) or (args.window_bucket is not None and args.window_bucket <= 0):
+    if (args.max_batch is not None and args.max_batch < 1) or (
+        args.window_bucket is not None and args.window_bucket <= 0
+    ):
         raise ValueError("--max-batch must be >= 1 and --window-bucket > 0")
-    session = SessionConfig(max_frame_bytes=args.max_frame_bytes, idle_timeout=args.idle_timeout,
-                            language=args.language, max_send_queue=args.max_send_queue, transcriber=transcriber,
-                            prompt=check_prompt(args.prompt, "--prompt"))
-    limits = Limits(max_sessions=args.max_sessions, max_per_client=args.max_connections_per_client,
-                    trusted_proxies=tuple(c.strip() for c in args.trusted_proxies.split(",") if c.strip()),
-                    max_session_seconds=args.max_session_seconds, drain_timeout=args.drain_timeout,
-                    ping_interval=args.ping_interval, ping_timeout=args.ping_timeout)
-    admission = AdmissionConfig(mode=args.admission, floor=args.admission_floor,
-                                utilization=args.admission_utilization, max_wait=args.admission_max_wait)
+    session = SessionConfig(
+        max_frame_bytes=args.max_frame_bytes,
+        idle_timeout=args.idle_timeout,
+        language=args.language,
+        max_send_queue=args.max_send_queue,
+        transcriber=transcriber,
+        prompt=check_prompt(args.prompt, "--prompt"),
+    )
+    limits = Limits(
+        max_sessions=args.max_sessions,
+        max_per_client=args.max_connections_per_client,
+        trusted_proxies=tuple(c.strip() for c in args.trusted_proxies.split(",") if c.strip()),
+        max_session_seconds=args.max_session_seconds,
+        drain_timeout=args.drain_timeout,
+        ping_interval=args.ping_interval,
+        ping_timeout=args.ping_timeout,
+    )
+    admission = AdmissionConfig(
+        mode=args.admission,
+        floor=args.admission_floor,
+        utilization=args.admission_utilization,
+        max_wait=args.admission_max_wait,
+    )
     if args.api_key_file is not None:
         read_keys(args.api_key_file)  # AuthConfigError (a ValueError) now, not at the first connection
-    auth = AuthConfig(api_key_file=None if args.api_key_file is None else str(args.api_key_file),
-                      allowed_origins=parse_origins(args.allowed_origins))
+    auth = AuthConfig(
+        api_key_file=None if args.api_key_file is None else str(args.api_key_file),
+        allowed_origins=parse_origins(args.allowed_origins),
+    )
     tls_context(args.certfile, args.keyfile)  # the same: refuse to start with unusable TLS files
-    whisperlive = WhisperLiveConfig(port=args.whisperlive_port, max_clients=args.whisperlive_max_clients,
-                                    max_connection_time=args.whisperlive_max_connection_time)
+    whisperlive = WhisperLiveConfig(
+        port=args.whisperlive_port,
+        max_clients=args.whisperlive_max_clients,
+        max_connection_time=args.whisperlive_max_connection_time,
+    )
     calls = CallConfig(webhook=args.call_webhook, log_dir=args.call_log)
-    return ServerConfig(host=args.host, port=args.port, model=args.model, device=args.device, script=args.script,
-                        backend=args.backend, trtllm_engine_dir=args.trtllm_engine_dir, self_test=args.self_test,
-                        medusa=args.medusa, fp32_weights=args.fp32_weights, cuda_graphs=args.cuda_graphs, max_batch=args.max_batch,
-                        window_bucket=args.window_bucket, session=session,
-                        whisperlive=whisperlive, calls=calls, limits=limits, admission=admission,
-                        auth=auth, certfile=args.certfile, keyfile=args.keyfile, workers=args.workers)
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        model=args.model,
+        device=args.device,
+        script=args.script,
+        backend=args.backend,
+        trtllm_engine_dir=args.trtllm_engine_dir,
+        self_test=args.self_test,
+        medusa=args.medusa,
+        fp32_weights=args.fp32_weights,
+        cuda_graphs=args.cuda_graphs,
+        max_batch=args.max_batch,
+        window_bucket=args.window_bucket,
+        session=session,
+        whisperlive=whisperlive,
+        calls=calls,
+        limits=limits,
+        admission=admission,
+        auth=auth,
+        certfile=args.certfile,
+        keyfile=args.keyfile,
+        workers=args.workers,
+    )
 
 
 async def serve_until_stopped(config: ServerConfig) -> int:
@@ -569,8 +674,17 @@ async def serve_until_stopped(config: ServerConfig) -> int:
         return 1
     try:
         ws, web = ("wss", "https") if server.ssl_context is not None else ("ws", "http")
-        log.info("listening on %s://%s:%d/v1/stream, /v1/realtime, /v1/twilio, /v1/calls/{callSid} (demo page "
-                 "%s://%s:%d/); loading model %r", ws, config.host, server.port, web, config.host, server.port, config.model)
+        log.info(
+            "listening on %s://%s:%d/v1/stream, /v1/realtime, /v1/twilio, /v1/calls/{callSid} (demo page "
+            "%s://%s:%d/); loading model %r",
+            ws,
+            config.host,
+            server.port,
+            web,
+            config.host,
+            server.port,
+            config.model,
+        )
         if server.gate.keys is not None:
             log.info("API keys required (%d keys in %s)", len(server.gate.keys), config.auth.api_key_file)
         if server.whisperlive is not None:
@@ -585,8 +699,11 @@ async def serve_until_stopped(config: ServerConfig) -> int:
             server.engine.on_lost.append(lambda: loop.call_soon_threadsafe(stop.set))
         await stopping
         ready.cancel()  # still loading: close() does not wait for it
-        log.info("shutting down: flushing the finals of %d sessions (at most %g s)", server.session_count,
-                 config.limits.drain_timeout)
+        log.info(
+            "shutting down: flushing the finals of %d sessions (at most %g s)",
+            server.session_count,
+            config.limits.drain_timeout,
+        )
         return 0
     finally:
         await server.close()

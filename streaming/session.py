@@ -99,38 +99,57 @@ class Start:
     words: bool = False
 
 
-def parse_start(message: str | bytes, default_language: str = "zh", default_prompt: str = "",
-                condition_on_previous: bool = False) -> Start:
+def parse_start(
+    message: str | bytes, default_language: str = "zh", default_prompt: str = "", condition_on_previous: bool = False
+) -> Start:
     """Validates the first message; every failure says what to send instead."""
     if isinstance(message, bytes):
-        raise ProtocolError("bad_request", f"got audio before the start message; first send a text frame {START_EXAMPLE}",
-                            CloseCode.UNSUPPORTED_DATA)
+        raise ProtocolError(
+            "bad_request",
+            f"got audio before the start message; first send a text frame {START_EXAMPLE}",
+            CloseCode.UNSUPPORTED_DATA,
+        )
     try:
         start = json.loads(message)
     except ValueError as exc:
-        raise ProtocolError("bad_request", f"the start message is not valid JSON ({exc}); send {START_EXAMPLE}",
-                            CloseCode.INVALID_DATA) from None
+        raise ProtocolError(
+            "bad_request", f"the start message is not valid JSON ({exc}); send {START_EXAMPLE}", CloseCode.INVALID_DATA
+        ) from None
     if not isinstance(start, dict) or start.get("type") != "start":
-        raise ProtocolError("bad_request", f"the first message must be a start message, {START_EXAMPLE}", CloseCode.POLICY_VIOLATION)
+        raise ProtocolError(
+            "bad_request", f"the first message must be a start message, {START_EXAMPLE}", CloseCode.POLICY_VIOLATION
+        )
     encoding = start.get("encoding", "pcm_s16le")
     language = start.get("language", default_language)
     partials = start.get("partials", True)
     condition = start.get("condition_on_previous", condition_on_previous)
     words = start.get("words", False)
     if not isinstance(encoding, str):
-        raise ProtocolError("bad_request", f"encoding must be a string such as \"pcm_s16le\", got {encoding!r}",
-                            CloseCode.POLICY_VIOLATION)
+        raise ProtocolError(
+            "bad_request",
+            f'encoding must be a string such as "pcm_s16le", got {encoding!r}',
+            CloseCode.POLICY_VIOLATION,
+        )
     if language not in LANGUAGES:
-        raise ProtocolError("bad_request", f"language must be one of {', '.join(LANGUAGES)}, got {language!r}",
-                            CloseCode.POLICY_VIOLATION)
+        raise ProtocolError(
+            "bad_request",
+            f"language must be one of {', '.join(LANGUAGES)}, got {language!r}",
+            CloseCode.POLICY_VIOLATION,
+        )
     if not isinstance(partials, bool):
-        raise ProtocolError("bad_request", f"partials must be true or false, got {partials!r}", CloseCode.POLICY_VIOLATION)
+        raise ProtocolError(
+            "bad_request", f"partials must be true or false, got {partials!r}", CloseCode.POLICY_VIOLATION
+        )
     if not isinstance(condition, bool):
-        raise ProtocolError("bad_request", f"condition_on_previous must be true or false, got {condition!r}",
-                            CloseCode.POLICY_VIOLATION)
+        raise ProtocolError(
+            "bad_request", f"condition_on_previous must be true or false, got {condition!r}", CloseCode.POLICY_VIOLATION
+        )
     if not isinstance(words, bool):
-        raise ProtocolError("bad_request", f"words must be true (finals carry word timings) or false, got {words!r}",
-                            CloseCode.POLICY_VIOLATION)
+        raise ProtocolError(
+            "bad_request",
+            f"words must be true (finals carry word timings) or false, got {words!r}",
+            CloseCode.POLICY_VIOLATION,
+        )
     try:
         prompt = check_prompt(start["prompt"]) if "prompt" in start else default_prompt
     except ValueError as exc:
@@ -145,8 +164,10 @@ def parse_start(message: str | bytes, default_language: str = "zh", default_prom
 
 def word_list(words: list[Word]) -> list[dict]:
     """Word timings as the protocols send them: text, start and end (stream seconds), probability."""
-    return [{"text": w.text, "start": round(w.start, 3), "end": round(w.end, 3), "probability": round(w.probability, 3)}
-            for w in words]
+    return [
+        {"text": w.text, "start": round(w.start, 3), "end": round(w.end, 3), "probability": round(w.probability, 3)}
+        for w in words
+    ]
 
 
 def control_message(message: str) -> dict | None:
@@ -191,8 +212,11 @@ class NativeSession:
             self._error(exc.code, str(exc), exc.close_code)
         except Exception:
             log.exception("session %s: internal error", self.id)
-            self._error("internal", "the server failed on this session; reconnect and start again (the failure is logged)",
-                        CloseCode.INTERNAL_ERROR)
+            self._error(
+                "internal",
+                "the server failed on this session; reconnect and start again (the failure is logged)",
+                CloseCode.INTERNAL_ERROR,
+            )
         finally:
             if self._transcriber is not None:
                 await self._transcriber.aclose()  # nothing left to flush after a finish
@@ -213,8 +237,12 @@ class NativeSession:
         if self._transcriber is None:
             self._close(CloseCode.POLICY_VIOLATION, "max duration")
         else:
-            await self._finish(CloseCode.POLICY_VIOLATION, "max duration", "max_duration",
-                               f"this server ends sessions after {seconds:g} s; connect again to go on")
+            await self._finish(
+                CloseCode.POLICY_VIOLATION,
+                "max duration",
+                "max_duration",
+                f"this server ends sessions after {seconds:g} s; connect again to go on",
+            )
 
     # --- receiving ----------------------------------------------------------------------------
 
@@ -222,9 +250,14 @@ class NativeSession:
         try:
             message = await self._recv()
         except asyncio.TimeoutError:
-            raise ProtocolError("bad_request", f"no start message within {self.config.idle_timeout:g} s; "
-                                f"send {START_EXAMPLE} right after connecting", CloseCode.POLICY_VIOLATION) from None
-        start = parse_start(message, self.config.language, self.config.prompt, self.config.transcriber.condition_on_previous)
+            raise ProtocolError(
+                "bad_request",
+                f"no start message within {self.config.idle_timeout:g} s; send {START_EXAMPLE} right after connecting",
+                CloseCode.POLICY_VIOLATION,
+            ) from None
+        start = parse_start(
+            message, self.config.language, self.config.prompt, self.config.transcriber.condition_on_previous
+        )
         self._begin(start)
         while True:
             try:
@@ -247,16 +280,23 @@ class NativeSession:
             if kind == "update":
                 self._update(control)
             else:
-                raise ProtocolError("bad_request", f"expected binary audio frames, {{\"type\": \"update\", \"prompt\": \"...\"}} or "
-                                    f"{{\"type\": \"stop\"}} after start, got the text frame {message[:80]!r}; send audio as "
-                                    "binary WebSocket frames", CloseCode.UNSUPPORTED_DATA)
+                raise ProtocolError(
+                    "bad_request",
+                    f'expected binary audio frames, {{"type": "update", "prompt": "..."}} or '
+                    f'{{"type": "stop"}} after start, got the text frame {message[:80]!r}; send audio as '
+                    "binary WebSocket frames",
+                    CloseCode.UNSUPPORTED_DATA,
+                )
 
     async def _recv(self) -> str | bytes:
         message = await asyncio.wait_for(self._ws.recv(), self.config.idle_timeout or None)  # recv is cancel-safe
         if len(message) > self.config.max_frame_bytes:
-            raise ProtocolError("frame_too_large", f"a frame of {len(message)} bytes is over this server's limit of "
-                                f"{self.config.max_frame_bytes} bytes; send audio in frames of 20-100 ms",
-                                CloseCode.MESSAGE_TOO_BIG)
+            raise ProtocolError(
+                "frame_too_large",
+                f"a frame of {len(message)} bytes is over this server's limit of "
+                f"{self.config.max_frame_bytes} bytes; send audio in frames of 20-100 ms",
+                CloseCode.MESSAGE_TOO_BIG,
+            )
         return message
 
     def _update(self, update: dict) -> None:
@@ -264,13 +304,17 @@ class NativeSession:
         and the session goes on with the prompt it had."""
         try:
             if set(update) != {"type", "prompt"}:
-                raise ValueError(f"an update takes \"prompt\" (got the fields {', '.join(sorted(update))}); send "
-                                 "{\"type\": \"update\", \"prompt\": \"names and terms to expect\"}")
+                raise ValueError(
+                    f'an update takes "prompt" (got the fields {", ".join(sorted(update))}); send '
+                    '{"type": "update", "prompt": "names and terms to expect"}'
+                )
             prompt = check_prompt(update["prompt"])
         except ValueError as exc:
             log.warning("session %s: refused an update: %s", self.id, exc)
             self._metrics.errors.labels("bad_request").inc()
-            self._send({"type": "error", "code": "bad_request", "message": f"update refused, the prompt is unchanged: {exc}"})
+            self._send(
+                {"type": "error", "code": "bad_request", "message": f"update refused, the prompt is unchanged: {exc}"}
+            )
             return
         segment = self._transcriber.set_options(replace(self._transcriber.options, prompt=prompt))
         log.info("session %s: prompt of %d characters from segment %d on", self.id, len(prompt), segment)
@@ -282,14 +326,32 @@ class NativeSession:
         config = replace(self.config.transcriber, condition_on_previous=start.condition_on_previous, words=start.words)
         if not start.partials:
             config = replace(config, partial_interval=0.0)
-        self._transcriber = StreamingTranscriber(self._engine, options, self._on_event, config=config, metrics=self._metrics)
+        self._transcriber = StreamingTranscriber(
+            self._engine, options, self._on_event, config=config, metrics=self._metrics
+        )
         self._metrics.sessions.inc()
         self._metrics.sessions_active.inc()
-        log.info("session %s: started from %s, %s at %d Hz, language %s, prompt of %d characters%s", self.id,
-                 self._ws.remote_address, start.decoder.encoding, start.decoder.sample_rate, start.language,
-                 len(start.prompt), ", conditioned on previous finals" if start.condition_on_previous else "")
-        self._send({"type": "ready", "session": self.id, "model": self._engine.name, "sample_rate": start.decoder.sample_rate,
-                    "encoding": start.decoder.encoding, "language": start.language, "words": start.words})
+        log.info(
+            "session %s: started from %s, %s at %d Hz, language %s, prompt of %d characters%s",
+            self.id,
+            self._ws.remote_address,
+            start.decoder.encoding,
+            start.decoder.sample_rate,
+            start.language,
+            len(start.prompt),
+            ", conditioned on previous finals" if start.condition_on_previous else "",
+        )
+        self._send(
+            {
+                "type": "ready",
+                "session": self.id,
+                "model": self._engine.name,
+                "sample_rate": start.decoder.sample_rate,
+                "encoding": start.decoder.encoding,
+                "language": start.language,
+                "words": start.words,
+            }
+        )
 
     async def _finish(self, code: int, reason: str, end_reason: str | None, message: str | None = None) -> None:
         """Flush once, whoever asks (stop, idle timeout, shutdown); every caller waits for it."""
@@ -305,34 +367,57 @@ class NativeSession:
         if message is not None:
             end["message"] = message
         if leftover:
-            end["warning"] = (f"the stream ended {leftover} byte(s) into a {self._decoder.encoding} sample; they were "
-                              "dropped (send whole samples: every frame's bytes join the next frame's)")
+            end["warning"] = (
+                f"the stream ended {leftover} byte(s) into a {self._decoder.encoding} sample; they were "
+                "dropped (send whole samples: every frame's bytes join the next frame's)"
+            )
             log.warning("session %s: %s", self.id, end["warning"])
         self._send(end)
         self._close(code, reason)
-        log.info("session %s: ended (%s) after %.1f s of audio", self.id, end_reason or "stop", self._transcriber.seconds)
+        log.info(
+            "session %s: ended (%s) after %.1f s of audio", self.id, end_reason or "stop", self._transcriber.seconds
+        )
 
     # --- sending ------------------------------------------------------------------------------
 
     def _on_event(self, event: Event) -> None:
         if isinstance(event, Partial):
-            self._send({"type": "partial", "segment": event.segment, "start": round(event.start, 3),
-                        "end": round(event.end, 3), "text": event.text, "stable": event.stable})
+            self._send(
+                {
+                    "type": "partial",
+                    "segment": event.segment,
+                    "start": round(event.start, 3),
+                    "end": round(event.end, 3),
+                    "text": event.text,
+                    "stable": event.stable,
+                }
+            )
         elif isinstance(event, Final):
             t = event.transcript
-            final = {"type": "final", "segment": event.segment, "start": round(event.start, 3),
-                     "end": round(event.end, 3), "text": event.text,
-                     "stats": {"decoder_forwards": t.forwards, "tokens": len(t.tokens),
-                               "encoder_seconds": round(t.encoder_seconds, 4),
-                               "decoder_seconds": round(t.decoder_seconds, 4),
-                               "draft_accepted": t.draft_accepted}}
+            final = {
+                "type": "final",
+                "segment": event.segment,
+                "start": round(event.start, 3),
+                "end": round(event.end, 3),
+                "text": event.text,
+                "stats": {
+                    "decoder_forwards": t.forwards,
+                    "tokens": len(t.tokens),
+                    "encoder_seconds": round(t.encoder_seconds, 4),
+                    "decoder_seconds": round(t.decoder_seconds, 4),
+                    "draft_accepted": t.draft_accepted,
+                },
+            }
             if event.words is not None:
                 final["words"] = word_list(event.words)
                 final["stats"]["alignment_seconds"] = round(t.alignment_seconds, 4)
             self._send(final)
         elif isinstance(event, Failure):
-            self._error("internal", "transcription failed on the server; reconnect and start again (the failure is logged)",
-                        CloseCode.INTERNAL_ERROR)
+            self._error(
+                "internal",
+                "transcription failed on the server; reconnect and start again (the failure is logged)",
+                CloseCode.INTERNAL_ERROR,
+            )
 
     def _error(self, code: str, message: str, close_code: int) -> None:
         log.warning("session %s: error %s (close %d): %s", self.id, code, close_code, message)
@@ -355,15 +440,24 @@ class NativeSession:
         a close 1013 take their place, and the connection is cut if they are not out within
         REFUSAL_TIMEOUT (the sender's send and the receiver's recv then end with ConnectionClosed)."""
         waiting = self._outbox.qsize()
-        log.warning("session %s: %d events wait for a client that does not read them; ending the session", self.id,
-                    waiting)
+        log.warning(
+            "session %s: %d events wait for a client that does not read them; ending the session", self.id, waiting
+        )
         self._metrics.errors.labels("overloaded").inc()
         self._closing = True
         while not self._outbox.empty():
             self._outbox.get_nowait()
-        self._outbox.put_nowait(json.dumps({"type": "error", "code": "overloaded", "message": f"{waiting} events "
-                                            "waited for this client, which did not read them; read events as they "
-                                            "arrive, and connect again"}))
+        self._outbox.put_nowait(
+            json.dumps(
+                {
+                    "type": "error",
+                    "code": "overloaded",
+                    "message": f"{waiting} events "
+                    "waited for this client, which did not read them; read events as they "
+                    "arrive, and connect again",
+                }
+            )
+        )
         self._outbox.put_nowait(_Close(CloseCode.TRY_AGAIN_LATER, "send queue full"))
         asyncio.get_running_loop().call_later(REFUSAL_TIMEOUT, self._ws.transport.abort)
 

@@ -47,8 +47,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from engines.decoding import DecodingOptions
 from engines.alignment import Word
+from engines.decoding import DecodingOptions
 from engines.engine import Engine, Transcript
 
 from .metrics import Metrics
@@ -56,9 +56,9 @@ from .segmenter import (
     SAMPLE_RATE,
     SegmentClosed,
     SegmentDiscarded,
-    SegmentEvent,
     Segmenter,
     SegmenterConfig,
+    SegmentEvent,
     SegmentGrew,
     SegmentStarted,
 )
@@ -130,8 +130,10 @@ def check_prompt(value: object, name: str = "prompt") -> str:
     if not isinstance(value, str):
         raise ValueError(f"{name} must be a string of the names and terms to expect, got {json.dumps(value)[:60]}")
     if len(value) > MAX_PROMPT_CHARS:
-        raise ValueError(f"{name} has {len(value)} characters, more than the {MAX_PROMPT_CHARS} allowed; send the names "
-                         "and terms to expect (the model reads about the last 200 words of it)")
+        raise ValueError(
+            f"{name} has {len(value)} characters, more than the {MAX_PROMPT_CHARS} allowed; send the names "
+            "and terms to expect (the model reads about the last 200 words of it)"
+        )
     return value
 
 
@@ -159,7 +161,7 @@ def agreed_prefix(a: str, b: str) -> str:
         if x != y:
             break
         n += 1
-    if 0 < n and _wordchar(a[n - 1]) and (_wordchar(a[n:n + 1]) or _wordchar(b[n:n + 1])):
+    if 0 < n and _wordchar(a[n - 1]) and (_wordchar(a[n : n + 1]) or _wordchar(b[n : n + 1])):
         while n > 0 and _wordchar(a[n - 1]):
             n -= 1
     return a[:n]
@@ -196,9 +198,16 @@ class StreamingTranscriber:
     `emit` is called on the event loop, in event order, and must not block.
     """
 
-    def __init__(self, engine: Engine, options: DecodingOptions, emit: Callable[[Event], None], *,
-                 config: TranscriberConfig = TranscriberConfig(), metrics: Metrics | None = None,
-                 segmenter: Segmenter | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        options: DecodingOptions,
+        emit: Callable[[Event], None],
+        *,
+        config: TranscriberConfig = TranscriberConfig(),
+        metrics: Metrics | None = None,
+        segmenter: Segmenter | None = None,
+    ) -> None:
         self._engine = engine
         self._options = options
         self._emit = emit
@@ -303,8 +312,9 @@ class StreamingTranscriber:
     def _handle(self, events: list[SegmentEvent]) -> None:
         for event in events:
             if isinstance(event, SegmentStarted):
-                self._open = _Segment(event.index, event.start, event.start, np.zeros(0, np.float32), event.start,
-                                      options=self._options)
+                self._open = _Segment(
+                    event.index, event.start, event.start, np.zeros(0, np.float32), event.start, options=self._options
+                )
                 self._next_segment = event.index + 1
                 self._metrics.segments.inc()
             elif isinstance(event, SegmentGrew):
@@ -346,10 +356,15 @@ class StreamingTranscriber:
 
     def _maybe_partial(self) -> None:
         segment = self._open
-        if (segment is None or self._failed or self._closed or self._interval <= 0
-                or (self._partial is not None and not self._partial.done())
-                or (self._last_final is not None and not self._last_final.done())
-                or segment.end - segment.decoded_end < self._interval):
+        if (
+            segment is None
+            or self._failed
+            or self._closed
+            or self._interval <= 0
+            or (self._partial is not None and not self._partial.done())
+            or (self._last_final is not None and not self._last_final.done())
+            or segment.end - segment.decoded_end < self._interval
+        ):
             return
         segment.decoded_end = segment.end
         self._partial = self._spawn(self._run_partial(segment, segment.audio, segment.end))
@@ -357,8 +372,14 @@ class StreamingTranscriber:
     async def _run_partial(self, segment: _Segment, audio: np.ndarray, end: int) -> None:
         try:
             transcript = await self._engine.transcribe_async(
-                audio, self._decode_options(segment), window=self.config.partial_window, previous=segment.tokens or None,
-                speculative=self.config.speculative, final=False, stream=self)
+                audio,
+                self._decode_options(segment),
+                window=self.config.partial_window,
+                previous=segment.tokens or None,
+                speculative=self.config.speculative,
+                final=False,
+                stream=self,
+            )
         except Exception as exc:
             self._fail(exc, f"partial decode of segment {segment.index}")
             return
@@ -380,7 +401,7 @@ class StreamingTranscriber:
         """LocalAgreement-2, kept monotonic: the announced stable prefix stays the text's prefix."""
         stable = segment.stable
         if not text.startswith(stable):
-            text = stable + text[len(stable):]
+            text = stable + text[len(stable) :]
         if segment.previous is not None:
             agreed = agreed_prefix(segment.previous, text)
             if len(agreed) > len(stable):
@@ -396,14 +417,24 @@ class StreamingTranscriber:
         asked = time.monotonic()
         try:
             transcript = await self._engine.transcribe_async(
-                segment.audio, self._decode_options(segment), window=self.config.final_window, previous=segment.tokens or None,
-                speculative=self.config.speculative, final=True, stream=self, words=self.config.words)
+                segment.audio,
+                self._decode_options(segment),
+                window=self.config.final_window,
+                previous=segment.tokens or None,
+                speculative=self.config.speculative,
+                final=True,
+                stream=self,
+                words=self.config.words,
+            )
         except Exception as exc:
             self._fail(exc, f"final decode of segment {segment.index}")
             return
         self._metrics.count_decode(transcript)
-        self._metrics.load.final_decoded(len(segment.audio) / SAMPLE_RATE, transcript.encoder_seconds
-                                         + transcript.decoder_seconds, time.monotonic() - asked)
+        self._metrics.load.final_decoded(
+            len(segment.audio) / SAMPLE_RATE,
+            transcript.encoder_seconds + transcript.decoder_seconds,
+            time.monotonic() - asked,
+        )
         if before is not None:  # finals go out in segment order
             await asyncio.wait({before})
         if self._failed:
@@ -415,8 +446,14 @@ class StreamingTranscriber:
             self._metrics.finals.inc()
             self._metrics.final_latency.observe(time.monotonic() - arrival)
         else:
-            log.debug("segment %d [%.2f-%.2f s] holds no speech (no_speech_prob %.2f, text %r)",
-                      segment.index, start, end, transcript.no_speech_prob, transcript.text)
+            log.debug(
+                "segment %d [%.2f-%.2f s] holds no speech (no_speech_prob %.2f, text %r)",
+                segment.index,
+                start,
+                end,
+                transcript.no_speech_prob,
+                transcript.text,
+            )
             if segment.previous:
                 self._emit(Partial(segment.index, start, end, "", ""))
 

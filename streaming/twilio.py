@@ -115,8 +115,13 @@ class WebhookSender:
         if len(self._queue) >= self.config.webhook_queue:
             dropped = self._queue.popleft()
             self.failed += 1
-            log.error("call webhook %s: %d posts waiting; dropped the oldest (%s of call %s)", self.url,
-                      len(self._queue) + 1, dropped.get("type"), dropped.get("call_sid"))
+            log.error(
+                "call webhook %s: %d posts waiting; dropped the oldest (%s of call %s)",
+                self.url,
+                len(self._queue) + 1,
+                dropped.get("type"),
+                dropped.get("call_sid"),
+            )
         self._queue.append(payload)
         if self._task is None:
             self._wakeup = asyncio.Event()
@@ -159,16 +164,34 @@ class WebhookSender:
             if status is not None and status not in (408, 429) and status < 500:
                 break  # the receiver refuses it: retrying won't help
             if attempt < c.webhook_retries:
-                delay = min(c.webhook_backoff * 2 ** attempt, 30.0)
-                log.warning("call webhook %s: %s for %s of call %s; retry %d/%d in %.1f s", self.url, why,
-                            payload.get("type"), payload.get("call_sid"), attempt + 1, c.webhook_retries, delay)
+                delay = min(c.webhook_backoff * 2**attempt, 30.0)
+                log.warning(
+                    "call webhook %s: %s for %s of call %s; retry %d/%d in %.1f s",
+                    self.url,
+                    why,
+                    payload.get("type"),
+                    payload.get("call_sid"),
+                    attempt + 1,
+                    c.webhook_retries,
+                    delay,
+                )
                 await asyncio.sleep(delay)
         self.failed += 1
-        log.error("call webhook %s: gave up on %s of call %s (%s)", self.url, payload.get("type"), payload.get("call_sid"), why)
+        log.error(
+            "call webhook %s: gave up on %s of call %s (%s)",
+            self.url,
+            payload.get("type"),
+            payload.get("call_sid"),
+            why,
+        )
 
     def _post(self, data: bytes) -> int:
-        request = urllib.request.Request(self.url, data=data, method="POST",
-                                         headers={"Content-Type": "application/json", "User-Agent": "breeze-stream"})
+        request = urllib.request.Request(
+            self.url,
+            data=data,
+            method="POST",
+            headers={"Content-Type": "application/json", "User-Agent": "breeze-stream"},
+        )
         try:
             with urllib.request.urlopen(request, timeout=self.config.webhook_timeout) as response:
                 return response.status
@@ -183,7 +206,9 @@ _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 class _Call:
     sid: str
     streams: set[str] = field(default_factory=set)
-    history: list[dict] = field(default_factory=list)  # call_start, final, dtmf and call_end events, for late subscribers
+    history: list[dict] = field(
+        default_factory=list
+    )  # call_start, final, dtmf and call_end events, for late subscribers
     subscribers: set[asyncio.Queue] = field(default_factory=set)
     parameters: dict[str, dict] = field(default_factory=dict)  # streamSid -> customParameters
     ended: float | None = None  # monotonic time of call_end
@@ -212,8 +237,11 @@ class CallHub:
 
     def _prune(self) -> None:
         now = time.monotonic()
-        for sid in [s for s, c in self.calls.items()
-                    if c.ended is not None and now - c.ended > self.config.retention and not c.subscribers]:
+        for sid in [
+            s
+            for s, c in self.calls.items()
+            if c.ended is not None and now - c.ended > self.config.retention and not c.subscribers
+        ]:
             del self.calls[sid]
 
     def stream_started(self, call_sid: str, stream_sid: str, info: dict) -> None:
@@ -254,8 +282,9 @@ class CallHub:
         if self.config.log_dir is None:
             return
         path = Path(self.config.log_dir) / f"{_SAFE.sub('_', call_sid)[:128]}.jsonl"
-        line = json.dumps({**event, "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds")},
-                          ensure_ascii=False)
+        line = json.dumps(
+            {**event, "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds")}, ensure_ascii=False
+        )
         try:
             with path.open("a", encoding="utf-8") as f:
                 f.write(line + "\n")
@@ -361,8 +390,13 @@ class TwilioSession:
         if self._tracks:
             self._metrics.sessions_active.dec()
         self._hub.stream_ended(self.call_sid, self.stream_sid)
-        log.info("%s: call %s stream %s ended; seconds of audio by track: %s", self.id, self.call_sid,
-                 self.stream_sid, seconds)
+        log.info(
+            "%s: call %s stream %s ended; seconds of audio by track: %s",
+            self.id,
+            self.call_sid,
+            self.stream_sid,
+            seconds,
+        )
 
     async def _serve(self) -> None:
         idle = self.config.idle_timeout or None
@@ -371,8 +405,13 @@ class TwilioSession:
                 message = await asyncio.wait_for(self._ws.recv(), idle)
             except asyncio.TimeoutError:
                 if self.call_sid is not None and not self._stopped:
-                    log.info("%s: no messages for %g s; ending call %s stream %s", self.id, idle, self.call_sid,
-                             self.stream_sid)
+                    log.info(
+                        "%s: no messages for %g s; ending call %s stream %s",
+                        self.id,
+                        idle,
+                        self.call_sid,
+                        self.stream_sid,
+                    )
                     self._stopped = True
                     await self._end()
                     self._out.close(CloseCode.NORMAL_CLOSURE, "idle timeout")
@@ -415,8 +454,16 @@ class TwilioSession:
         elif kind == "dtmf":
             dtmf = event.get("dtmf") if isinstance(event.get("dtmf"), dict) else {}
             if self.call_sid is not None and not self._stopped and isinstance(dtmf.get("digit"), str):
-                self._hub.publish(self.call_sid, {"type": "dtmf", "call_sid": self.call_sid, "stream_sid": self.stream_sid,
-                                                  "track": _track_name(dtmf.get("track", "inbound")), "digit": dtmf["digit"]})
+                self._hub.publish(
+                    self.call_sid,
+                    {
+                        "type": "dtmf",
+                        "call_sid": self.call_sid,
+                        "stream_sid": self.stream_sid,
+                        "track": _track_name(dtmf.get("track", "inbound")),
+                        "digit": dtmf["digit"],
+                    },
+                )
         elif kind == "mark":
             pass  # echoes of marks a bidirectional stream queued: nothing to transcribe
         else:
@@ -431,7 +478,13 @@ class TwilioSession:
             self._complain("start without a start object", json.dumps(event)[:120])
             return
         call_sid, stream_sid = start.get("callSid"), start.get("streamSid", event.get("streamSid"))
-        if not isinstance(call_sid, str) or not call_sid or "/" in call_sid or not isinstance(stream_sid, str) or not stream_sid:
+        if (
+            not isinstance(call_sid, str)
+            or not call_sid
+            or "/" in call_sid
+            or not isinstance(stream_sid, str)
+            or not stream_sid
+        ):
             self._complain("start without callSid/streamSid", json.dumps(start)[:160])
             return
         media = start.get("mediaFormat") if isinstance(start.get("mediaFormat"), dict) else {}
@@ -442,13 +495,22 @@ class TwilioSession:
                 raise ValueError(f"encoding {media.get('encoding')!r} (use {', '.join(MEDIA_ENCODINGS)})")
             AudioDecoder(encoding, rate, channels)
         except ValueError as exc:
-            log.error("%s: call %s stream %s has an unsupported mediaFormat, %s: it will not be transcribed",
-                      self.id, call_sid, stream_sid, exc)
+            log.error(
+                "%s: call %s stream %s has an unsupported mediaFormat, %s: it will not be transcribed",
+                self.id,
+                call_sid,
+                stream_sid,
+                exc,
+            )
             self._unsupported = True
         parameters = start.get("customParameters") if isinstance(start.get("customParameters"), dict) else {}
         language = parameters.get("language", self.config.language)
-        if language not in ("auto", "zh", "en") and (not isinstance(language, str) or language.lower() not in WHISPER_LANGUAGES):
-            self._complain("custom parameter language", f"{language!r} is not a Whisper language; using {self.config.language}")
+        if language not in ("auto", "zh", "en") and (
+            not isinstance(language, str) or language.lower() not in WHISPER_LANGUAGES
+        ):
+            self._complain(
+                "custom parameter language", f"{language!r} is not a Whisper language; using {self.config.language}"
+            )
             language = self.config.language
         try:
             prompt = check_prompt(parameters.get("prompt"), "custom parameter prompt") or self.config.prompt
@@ -461,11 +523,25 @@ class TwilioSession:
         self._language = None if language == "auto" else language.lower()
         tracks = start.get("tracks") if isinstance(start.get("tracks"), list) else ["inbound"]
         self._metrics.sessions.inc()
-        log.info("%s: call %s stream %s started, tracks %s, %s, prompt of %d characters", self.id, call_sid, stream_sid,
-                 tracks, media, len(prompt))
-        self._hub.stream_started(call_sid, stream_sid, {
-            "account_sid": start.get("accountSid"), "tracks": tracks, "custom_parameters": parameters,
-            "media_format": media})
+        log.info(
+            "%s: call %s stream %s started, tracks %s, %s, prompt of %d characters",
+            self.id,
+            call_sid,
+            stream_sid,
+            tracks,
+            media,
+            len(prompt),
+        )
+        self._hub.stream_started(
+            call_sid,
+            stream_sid,
+            {
+                "account_sid": start.get("accountSid"),
+                "tracks": tracks,
+                "custom_parameters": parameters,
+                "media_format": media,
+            },
+        )
 
     def _media(self, event: dict) -> None:
         if self.call_sid is None:
@@ -503,26 +579,60 @@ class TwilioSession:
             if not self._tracks:
                 self._metrics.sessions_active.inc()
             config = replace(self.config.transcriber, segmenter=self._calls.segmenter)
-            transcriber = StreamingTranscriber(self._engine, DecodingOptions(language=self._language, prompt=self._prompt),
-                                               lambda event, name=name: self._on_event(name, event),
-                                               config=config, metrics=self._metrics)
+            transcriber = StreamingTranscriber(
+                self._engine,
+                DecodingOptions(language=self._language, prompt=self._prompt),
+                lambda event, name=name: self._on_event(name, event),
+                config=config,
+                metrics=self._metrics,
+            )
             track = self._tracks[name] = _Track(name, AudioDecoder(self._encoding, self._rate), transcriber)
         return track
 
     def _on_event(self, track: str, event: Event) -> None:
         ids = {"track": track, "call_sid": self.call_sid, "stream_sid": self.stream_sid}
         if isinstance(event, Partial):
-            self._hub.publish(self.call_sid, {"type": "partial", "segment": event.segment, "start": round(event.start, 3),
-                                              "end": round(event.end, 3), "text": event.text, "stable": event.stable, **ids})
+            self._hub.publish(
+                self.call_sid,
+                {
+                    "type": "partial",
+                    "segment": event.segment,
+                    "start": round(event.start, 3),
+                    "end": round(event.end, 3),
+                    "text": event.text,
+                    "stable": event.stable,
+                    **ids,
+                },
+            )
         elif isinstance(event, Final):
-            self._hub.publish(self.call_sid, {"type": "final", "segment": event.segment, "start": round(event.start, 3),
-                                              "end": round(event.end, 3), "text": event.text, **ids})
+            self._hub.publish(
+                self.call_sid,
+                {
+                    "type": "final",
+                    "segment": event.segment,
+                    "start": round(event.start, 3),
+                    "end": round(event.end, 3),
+                    "text": event.text,
+                    **ids,
+                },
+            )
         elif isinstance(event, Failure):
             self._metrics.errors.labels("internal").inc()
-            log.error("%s: transcription of call %s track %s failed; the track is no longer transcribed",
-                      self.id, self.call_sid, track)
-            self._hub.publish(self.call_sid, {"type": "error", "code": "internal", "message": "transcription of this "
-                                              "track failed on the server (the failure is logged)", **ids})
+            log.error(
+                "%s: transcription of call %s track %s failed; the track is no longer transcribed",
+                self.id,
+                self.call_sid,
+                track,
+            )
+            self._hub.publish(
+                self.call_sid,
+                {
+                    "type": "error",
+                    "code": "internal",
+                    "message": "transcription of this track failed on the server (the failure is logged)",
+                    **ids,
+                },
+            )
 
 
 def _track_name(value: object) -> str:
@@ -546,7 +656,7 @@ class CallSubscriber:
         self._metrics = server.metrics
         self._out = Outbox(connection)
         path = urlsplit(connection.request.path).path
-        self.call_sid = unquote(path[len(CALLS_PREFIX):]) if path.startswith(CALLS_PREFIX) else ""
+        self.call_sid = unquote(path[len(CALLS_PREFIX) :]) if path.startswith(CALLS_PREFIX) else ""
         self._queue: asyncio.Queue | None = None
         self._forwarder: asyncio.Task | None = None
 
@@ -582,10 +692,15 @@ class CallSubscriber:
         while True:
             event = await self._queue.get()
             if self._queue.qsize() > SUBSCRIBER_BACKLOG or self._out.backlog > SUBSCRIBER_BACKLOG:
-                log.warning("call subscriber %s: too slow (%d events waiting); disconnecting it", self.call_sid,
-                            self._queue.qsize())
+                log.warning(
+                    "call subscriber %s: too slow (%d events waiting); disconnecting it",
+                    self.call_sid,
+                    self._queue.qsize(),
+                )
                 self._metrics.errors.labels("overloaded").inc()
-                self._out.send({"type": "error", "code": "overloaded", "message": "this subscriber fell too far behind"})
+                self._out.send(
+                    {"type": "error", "code": "overloaded", "message": "this subscriber fell too far behind"}
+                )
                 self._out.close(CloseCode.TRY_AGAIN_LATER, "overloaded")
                 return
             self._out.send(event)

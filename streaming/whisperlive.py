@@ -98,10 +98,18 @@ class WhisperLiveListener:
         max_size = 4 * self.server.config.session.max_frame_bytes
         # close_timeout: websocket-client (the stock clients) answers the closing handshake but keeps
         # its TCP socket open, which would hold each finished session (and shutdown) for 10 s
-        self._ws = await serve(self._handle, self.server.config.host, self.config.port, process_request=self._http,
-                               max_size=max_size, compression=None, close_timeout=CLOSE_TIMEOUT,
-                               ping_interval=None,  # the server's serve_connection runs streaming.keepalive
-                               ssl=self.server.ssl_context, reuse_port=self.server.config.reuse_port)
+        self._ws = await serve(
+            self._handle,
+            self.server.config.host,
+            self.config.port,
+            process_request=self._http,
+            max_size=max_size,
+            compression=None,
+            close_timeout=CLOSE_TIMEOUT,
+            ping_interval=None,  # the server's serve_connection runs streaming.keepalive
+            ssl=self.server.ssl_context,
+            reuse_port=self.server.config.reuse_port,
+        )
 
     def close(self) -> None:
         """Stops accepting; the server's shutdown flushes the sessions."""
@@ -213,8 +221,11 @@ class WhisperLiveSession:
         try:
             first = await asyncio.wait_for(self._ws.recv(), self.config.idle_timeout or None)
         except asyncio.TimeoutError:
-            raise _Refused(f"no options message within {self.config.idle_timeout:g} s; send {FIRST_EXAMPLE} right "
-                           "after connecting", CloseCode.POLICY_VIOLATION) from None
+            raise _Refused(
+                f"no options message within {self.config.idle_timeout:g} s; send {FIRST_EXAMPLE} right "
+                "after connecting",
+                CloseCode.POLICY_VIOLATION,
+            ) from None
         options = self._options(first)
         limits = self._listener.config
         if len(self._listener.active) >= limits.max_clients:
@@ -244,16 +255,21 @@ class WhisperLiveSession:
             if self._finishing is not None:
                 continue
             if len(message) > self.config.max_frame_bytes:
-                raise _Refused(f"a frame of {len(message)} bytes is over this server's limit of "
-                               f"{self.config.max_frame_bytes} bytes; send 4096-sample frames", CloseCode.MESSAGE_TOO_BIG,
-                               "frame_too_large")
+                raise _Refused(
+                    f"a frame of {len(message)} bytes is over this server's limit of "
+                    f"{self.config.max_frame_bytes} bytes; send 4096-sample frames",
+                    CloseCode.MESSAGE_TOO_BIG,
+                    "frame_too_large",
+                )
             if message in (END_OF_AUDIO, END_OF_AUDIO.encode()):
                 await self._finish(disconnect=False)
                 self._out.close(CloseCode.NORMAL_CLOSURE)
                 return
             if isinstance(message, str):
-                raise _Refused(f"expected binary audio frames or END_OF_AUDIO, got the text frame {message[:60]!r}",
-                               CloseCode.UNSUPPORTED_DATA)
+                raise _Refused(
+                    f"expected binary audio frames or END_OF_AUDIO, got the text frame {message[:60]!r}",
+                    CloseCode.UNSUPPORTED_DATA,
+                )
             self._transcriber.feed(self._decode(message))
             await self._transcriber.room()  # the engine is far behind: stop reading until it catches up
 
@@ -262,36 +278,55 @@ class WhisperLiveSession:
             try:
                 first = first.decode()
             except UnicodeDecodeError:
-                raise _Refused(f"the first frame must be the JSON options, {FIRST_EXAMPLE}; got audio",
-                               CloseCode.UNSUPPORTED_DATA) from None
+                raise _Refused(
+                    f"the first frame must be the JSON options, {FIRST_EXAMPLE}; got audio", CloseCode.UNSUPPORTED_DATA
+                ) from None
         try:
             options = json.loads(first)
         except ValueError as exc:
-            raise _Refused(f"the first frame is not valid JSON ({exc}); send {FIRST_EXAMPLE}", CloseCode.INVALID_DATA) from None
+            raise _Refused(
+                f"the first frame is not valid JSON ({exc}); send {FIRST_EXAMPLE}", CloseCode.INVALID_DATA
+            ) from None
         if not isinstance(options, dict) or options.get("uid") in (None, ""):
-            raise _Refused(f"the first frame must be a JSON object with a \"uid\", {FIRST_EXAMPLE}",
-                           CloseCode.POLICY_VIOLATION)
+            raise _Refused(
+                f'the first frame must be a JSON object with a "uid", {FIRST_EXAMPLE}', CloseCode.POLICY_VIOLATION
+            )
         self._uid = options["uid"]
         language = options.get("language")
-        if language not in (None, "", "auto") and (not isinstance(language, str) or language.lower() not in WHISPER_LANGUAGES):
-            raise _Refused(f"language {language!r} is not a Whisper language code; use for example \"zh\" or \"en\", or "
-                           "null to detect it", CloseCode.POLICY_VIOLATION)
+        if language not in (None, "", "auto") and (
+            not isinstance(language, str) or language.lower() not in WHISPER_LANGUAGES
+        ):
+            raise _Refused(
+                f'language {language!r} is not a Whisper language code; use for example "zh" or "en", or '
+                "null to detect it",
+                CloseCode.POLICY_VIOLATION,
+            )
         task = options.get("task") or "transcribe"
         if task not in ("transcribe", "translate"):
-            raise _Refused(f"task must be \"transcribe\" or \"translate\", got {task!r}", CloseCode.POLICY_VIOLATION)
+            raise _Refused(f'task must be "transcribe" or "translate", got {task!r}', CloseCode.POLICY_VIOLATION)
         audio_format = options.get("audio_format") or "float32"
         if audio_format not in AUDIO_FORMATS:
-            raise _Refused(f"audio_format must be one of {', '.join(AUDIO_FORMATS)}, got {audio_format!r}",
-                           CloseCode.POLICY_VIOLATION, "unsupported_encoding")
+            raise _Refused(
+                f"audio_format must be one of {', '.join(AUDIO_FORMATS)}, got {audio_format!r}",
+                CloseCode.POLICY_VIOLATION,
+                "unsupported_encoding",
+            )
         last_n = options.get("send_last_n_segments", 10)
         if not isinstance(last_n, int) or isinstance(last_n, bool) or last_n < 0:
-            raise _Refused(f"send_last_n_segments must be a non-negative integer, got {last_n!r}", CloseCode.POLICY_VIOLATION)
+            raise _Refused(
+                f"send_last_n_segments must be a non-negative integer, got {last_n!r}", CloseCode.POLICY_VIOLATION
+            )
         try:
             prompt = check_prompt(options.get("initial_prompt"), "initial_prompt") or self.config.prompt
         except ValueError as exc:
             raise _Refused(str(exc), CloseCode.POLICY_VIOLATION) from None
-        return {"language": None if language in (None, "", "auto") else language.lower(), "task": task,
-                "audio_format": audio_format, "send_last_n_segments": last_n, "prompt": prompt}
+        return {
+            "language": None if language in (None, "", "auto") else language.lower(),
+            "task": task,
+            "audio_format": audio_format,
+            "send_last_n_segments": last_n,
+            "prompt": prompt,
+        }
 
     def _begin(self, options: dict) -> None:
         self._format = options["audio_format"]
@@ -299,15 +334,29 @@ class WhisperLiveSession:
         self._detect_language = options["language"] is None
         self._decoder = AudioDecoder("pcm_s16le" if self._format == "int16" else "pcm_f32le", 16000)
         decoding = DecodingOptions(language=options["language"], task=options["task"], prompt=options["prompt"])
-        self._transcriber = ItemTranscriber(self._engine, decoding, self._on_event, config=self.config.transcriber,
-                                                 metrics=self._metrics)
+        self._transcriber = ItemTranscriber(
+            self._engine, decoding, self._on_event, config=self.config.transcriber, metrics=self._metrics
+        )
         self._metrics.sessions.inc()
         self._metrics.sessions_active.inc()
-        log.info("whisperlive %s: started from %s, uid %s, %s, language %s, task %s, prompt of %d characters", self.id,
-                 self._ws.remote_address, self._uid, self._format, options["language"] or "auto", options["task"],
-                 len(options["prompt"]))
-        self._send({"message": "SERVER_READY", "backend": "faster_whisper", "server": "breeze-stream",
-                    "model": self._engine.name})
+        log.info(
+            "whisperlive %s: started from %s, uid %s, %s, language %s, task %s, prompt of %d characters",
+            self.id,
+            self._ws.remote_address,
+            self._uid,
+            self._format,
+            options["language"] or "auto",
+            options["task"],
+            len(options["prompt"]),
+        )
+        self._send(
+            {
+                "message": "SERVER_READY",
+                "backend": "faster_whisper",
+                "server": "breeze-stream",
+                "model": self._engine.name,
+            }
+        )
 
     def _decode(self, frame: bytes) -> np.ndarray:
         if self._format == "uint8":
@@ -336,7 +385,7 @@ class WhisperLiveSession:
             self._send({"segments": recent})
 
     def _recent(self) -> list[dict]:
-        return self._completed[-max(self._last_n, 1):]  # clients read segments[-1]: never an empty list
+        return self._completed[-max(self._last_n, 1) :]  # clients read segments[-1]: never an empty list
 
     def _send(self, message: dict) -> None:
         self._out.send({"uid": self._uid, **message})

@@ -122,8 +122,9 @@ class RemoteEngine:
                 self._pending.pop(request, None)  # no answer comes for a withdrawn request
             self._outbox.put(("cancel", request))
 
-    async def transcribe_async(self, audio: np.ndarray, options: DecodingOptions = DecodingOptions(),
-                               **keywords: Any) -> Any:
+    async def transcribe_async(
+        self, audio: np.ndarray, options: DecodingOptions = DecodingOptions(), **keywords: Any
+    ) -> Any:
         return await asyncio.wrap_future(self.submit(audio, options, **keywords))
 
     def health(self) -> dict[str, Any]:
@@ -155,8 +156,11 @@ class RemoteEngine:
             try:
                 message = self._connection.recv()
             except Exception as exc:  # noqa: BLE001 - EOF, a reset, or our own close() under the read
-                self._lose("this worker closed its engine connection" if self._closing
-                           else f"the engine process is gone ({type(exc).__name__})")
+                self._lose(
+                    "this worker closed its engine connection"
+                    if self._closing
+                    else f"the engine process is gone ({type(exc).__name__})"
+                )
                 return
             self._heard = time.monotonic()
             kind = message[0]
@@ -226,8 +230,9 @@ class EngineService:
             except Exception as exc:  # noqa: BLE001 - a bad handshake (wrong key) costs that connection only
                 log.warning("refused a connection to the engine socket: %s", exc)
                 continue
-            threading.Thread(target=self._serve, args=(worker, connection), name=f"breeze-service-{worker}",
-                             daemon=True).start()
+            threading.Thread(
+                target=self._serve, args=(worker, connection), name=f"breeze-service-{worker}", daemon=True
+            ).start()
 
     def _serve(self, worker: int, connection: Connection) -> None:
         self._loaded.wait()
@@ -236,9 +241,12 @@ class EngineService:
             connection.close()
             return
         outbox: queue.SimpleQueue = queue.SimpleQueue()
-        connection.send(("ready", {"name": self.engine.name, "device": str(self.engine.device), "state": self._state()}))
-        sender = threading.Thread(target=_drain_outbox, args=(connection, outbox), name=f"breeze-service-send-{worker}",
-                                  daemon=True)
+        connection.send(
+            ("ready", {"name": self.engine.name, "device": str(self.engine.device), "state": self._state()})
+        )
+        sender = threading.Thread(
+            target=_drain_outbox, args=(connection, outbox), name=f"breeze-service-send-{worker}", daemon=True
+        )
         sender.start()
         with self._lock:
             self._outboxes[worker] = outbox
@@ -354,9 +362,13 @@ def run_workers(config: Any, workers: int) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     for index in range(workers):
-        processes.append(context.Process(target=_worker_main, args=(child_config, index), name=f"breeze-worker-{index}"))
+        processes.append(
+            context.Process(target=_worker_main, args=(child_config, index), name=f"breeze-worker-{index}")
+        )
         processes[-1].start()
-    log.info("%d front-end workers on port %d; loading model %r in the engine process", workers, config.port, config.model)
+    log.info(
+        "%d front-end workers on port %d; loading model %r in the engine process", workers, config.port, config.model
+    )
     try:
         started = time.perf_counter()
         try:

@@ -11,12 +11,11 @@ import time
 from unittest import mock
 
 import numpy as np
-
-from engines.decoding import DecodingOptions
-from engines.engine import Engine
 from test_word_timings import PHRASES, first_word_errors, synthetic_phrases
 
 import engines.alignment
+from engines.decoding import DecodingOptions
+from engines.engine import Engine
 
 
 def start_errors(engine: Engine, audio: np.ndarray, onsets: list[float]) -> list[float]:
@@ -34,10 +33,15 @@ def main() -> None:
     errors = start_errors(engine, audio, onsets)
     with mock.patch.object(engines.alignment, "trim_silence", lambda words, audio: words):
         untrimmed = start_errors(engine, audio, onsets)
-    print(f"{len(PHRASES)} phrases, {len(audio) / 16000:.1f} s; first-word start error: mean {np.mean(errors):.3f} s, "
-          f"max {np.max(errors):.3f} s; without trim_silence (openai/whisper's timings alone): mean "
-          f"{np.mean(untrimmed):.3f} s, max {np.max(untrimmed):.3f} s")
-    segments = [audio[round(a * 16000):round(b * 16000)] for a, b in zip([0.0, *onsets[1:]], [*onsets[1:], len(audio) / 16000])]
+    print(
+        f"{len(PHRASES)} phrases, {len(audio) / 16000:.1f} s; first-word start error: mean {np.mean(errors):.3f} s, "
+        f"max {np.max(errors):.3f} s; without trim_silence (openai/whisper's timings alone): mean "
+        f"{np.mean(untrimmed):.3f} s, max {np.max(untrimmed):.3f} s"
+    )
+    segments = [
+        audio[round(a * 16000) : round(b * 16000)]
+        for a, b in zip([0.0, *onsets[1:]], [*onsets[1:], len(audio) / 16000])
+    ]
     segments.append(audio)
     cost = {False: [], True: []}
     aligned = []
@@ -51,8 +55,10 @@ def main() -> None:
                     aligned.append(transcript.alignment_seconds)
     engine.close()
     plain, timed = np.mean(cost[False]), np.mean(cost[True])
-    print(f"{len(cost[True])} finals each way: {plain * 1000:.0f} ms without words, {timed * 1000:.0f} ms with "
-          f"(x{timed / plain:.2f}); the alignment pass itself {np.mean(aligned) * 1000:.0f} ms per final")
+    print(
+        f"{len(cost[True])} finals each way: {plain * 1000:.0f} ms without words, {timed * 1000:.0f} ms with "
+        f"(x{timed / plain:.2f}); the alignment pass itself {np.mean(aligned) * 1000:.0f} ms per final"
+    )
 
 
 if __name__ == "__main__":

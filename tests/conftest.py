@@ -22,8 +22,18 @@ from engines.tokenizer import Tokenizer
 
 DEV_DIR = Path(os.environ.get("BREEZE_EVAL_DEV", Path(__file__).resolve().parents[2] / "shared" / "eval" / "dev"))
 """The dev clips of ../shared/eval (outside the repository); tests that need them skip without."""
-TINY_DIMS = ModelDims(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2, n_audio_layer=1,
-                      n_vocab=51865, n_text_ctx=448, n_text_state=64, n_text_head=2, n_text_layer=1)
+TINY_DIMS = ModelDims(
+    n_mels=80,
+    n_audio_ctx=1500,
+    n_audio_state=64,
+    n_audio_head=2,
+    n_audio_layer=1,
+    n_vocab=51865,
+    n_text_ctx=448,
+    n_text_state=64,
+    n_text_head=2,
+    n_text_layer=1,
+)
 TINY_TEXT = "好"
 """What the tiny model says for any audio."""
 
@@ -41,7 +51,9 @@ def tiny_model() -> Whisper:
     model = Whisper(TINY_DIMS)
     vocabulary = default_vocabulary()
     eot = vocabulary.index("<|endoftext|>")
-    token = vocabulary.index(TINY_TEXT.encode().decode("latin-1"))  # its UTF-8 bytes are all printable in GPT-2's byte map
+    token = vocabulary.index(
+        TINY_TEXT.encode().decode("latin-1")
+    )  # its UTF-8 bytes are all printable in GPT-2's byte map
     assert Tokenizer(vocabulary).decode([token]) == TINY_TEXT
     with torch.no_grad():
         for p in model.parameters():
@@ -58,8 +70,14 @@ def tiny_model() -> Whisper:
 def tiny_checkpoint() -> Checkpoint:
     """tiny_model() as a checkpoint with the embedded model's vocabulary and suppress list."""
     state = {name: tensor.clone() for name, tensor in tiny_model().state_dict().items()}
-    return Checkpoint(name="tiny-random", dims=TINY_DIMS, state_dict=state, vocabulary=default_vocabulary(),
-                      suppress_tokens=default_suppress_ids(), alignment_heads=None)
+    return Checkpoint(
+        name="tiny-random",
+        dims=TINY_DIMS,
+        state_dict=state,
+        vocabulary=default_vocabulary(),
+        suppress_tokens=default_suppress_ids(),
+        alignment_heads=None,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -78,8 +78,15 @@ class FakeConnection:
     """What sessions use of a ServerConnection: recv (the given messages, then the client's close),
     send, close, transport.abort, request, remote_address, id."""
 
-    def __init__(self, messages: list[str | bytes] = (), *, path: str = "/v1/stream", headers: dict | None = None,
-                 block_send: bool = False, end: str = "close") -> None:
+    def __init__(
+        self,
+        messages: list[str | bytes] = (),
+        *,
+        path: str = "/v1/stream",
+        headers: dict | None = None,
+        block_send: bool = False,
+        end: str = "close",
+    ) -> None:
         self.incoming: asyncio.Queue = asyncio.Queue()
         for message in messages:
             self.incoming.put_nowait(message)
@@ -138,8 +145,14 @@ class CliServer:
 
     def __init__(self, *args: str, env: dict | None = None) -> None:
         self.args = [sys.executable, "-m", "streaming.cli", "serve", "--host", "127.0.0.1", "--port", "0", *args]
-        self.proc = subprocess.Popen(self.args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        self.proc = subprocess.Popen(
+            self.args,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
         self.lines: list[str] = []
         self.port: int | None = None
 

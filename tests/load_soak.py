@@ -80,7 +80,7 @@ async def client(port: int, index: int, repeats: int, result: dict) -> None:
         reader = asyncio.ensure_future(read())
         for i in range(0, len(audio), frame):
             await asyncio.sleep(max(0.0, t0 + (i // frame) * FRAME - time.monotonic()))
-            await ws.send(audio[i:i + frame])
+            await ws.send(audio[i : i + frame])
         stopped = time.monotonic()
         await ws.send(json.dumps({"type": "stop"}))
         await asyncio.wait_for(ended.wait(), 60)
@@ -98,8 +98,19 @@ async def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model = str(tiny_pt(Path(tmp) / "tiny.pt")) if args.model == "tiny" else args.model
         env = dict(item.split("=", 1) for item in args.server_env)
-        server = CliServer("--model", model, "--device", "cpu", "--max-connections-per-client", "0",
-                           "--max-sessions", str(args.streams + 10), "--drain-timeout", "30", env=env)
+        server = CliServer(
+            "--model",
+            model,
+            "--device",
+            "cpu",
+            "--max-connections-per-client",
+            "0",
+            "--max-sessions",
+            str(args.streams + 10),
+            "--drain-timeout",
+            "30",
+            env=env,
+        )
         try:
             await asyncio.to_thread(server.start, 300)
             pid = server.proc.pid
@@ -131,21 +142,46 @@ async def run(args: argparse.Namespace) -> dict:
     minute1, minute2 = rss_at(60.0), rss_at(min(120.0, rss[-1][0]))
     latencies = np.array(result.pop("latencies", [0.0]))
     return {
-        "streams": args.streams, "seconds_of_audio_each": round(repeats * len(PHRASE) / RATE, 1), "wall_s": round(wall, 1),
-        "finals_expected": result["expected"], "finals_received": result["finals"],
-        "lost_finals": result["expected"] - result["finals"], "duplicate_or_unordered_streams": result["duplicate_or_unordered"],
-        "partials": result["partials"], "error_events": result.get("errors", []),
-        "close_codes": sorted(set(result["close_codes"])), "max_stop_to_end_s": round(result["stop_to_end"], 2),
-        "final_latency_s": {"p50": round(float(np.percentile(latencies, 50)), 3),
-                            "p95": round(float(np.percentile(latencies, 95)), 3), "max": round(float(latencies.max()), 3)},
-        "rss_mib": {"start": round(rss[0][1] / 2**20, 1), "minute_1": round(minute1 / 2**20, 1),
-                    "minute_2": round(minute2 / 2**20, 1), "max": round(max(r for _, r in rss) / 2**20, 1)},
+        "streams": args.streams,
+        "seconds_of_audio_each": round(repeats * len(PHRASE) / RATE, 1),
+        "wall_s": round(wall, 1),
+        "finals_expected": result["expected"],
+        "finals_received": result["finals"],
+        "lost_finals": result["expected"] - result["finals"],
+        "duplicate_or_unordered_streams": result["duplicate_or_unordered"],
+        "partials": result["partials"],
+        "error_events": result.get("errors", []),
+        "close_codes": sorted(set(result["close_codes"])),
+        "max_stop_to_end_s": round(result["stop_to_end"], 2),
+        "final_latency_s": {
+            "p50": round(float(np.percentile(latencies, 50)), 3),
+            "p95": round(float(np.percentile(latencies, 95)), 3),
+            "max": round(float(latencies.max()), 3),
+        },
+        "rss_mib": {
+            "start": round(rss[0][1] / 2**20, 1),
+            "minute_1": round(minute1 / 2**20, 1),
+            "minute_2": round(minute2 / 2**20, 1),
+            "max": round(max(r for _, r in rss) / 2**20, 1),
+        },
         "rss_growth_minute_1_to_2": round((minute2 - minute1) / minute1, 4),
         "rss_mib_every_10_s": [round(rss_at(t) / 2**20, 1) for t in np.arange(0.0, rss[-1][0] + 0.1, 10.0)],
-        "server": {k: v for k, v in counters.items() if k.split("{")[0] in (
-            "breeze_sessions_active", "breeze_sessions_total", "breeze_segments_total", "breeze_finals_total",
-            "breeze_partials_total", "breeze_errors_total", "breeze_final_latency_seconds_count",
-            "breeze_final_latency_seconds_sum") and (v or k == "breeze_sessions_active")},
+        "server": {
+            k: v
+            for k, v in counters.items()
+            if k.split("{")[0]
+            in (
+                "breeze_sessions_active",
+                "breeze_sessions_total",
+                "breeze_segments_total",
+                "breeze_finals_total",
+                "breeze_partials_total",
+                "breeze_errors_total",
+                "breeze_final_latency_seconds_count",
+                "breeze_final_latency_seconds_sum",
+            )
+            and (v or k == "breeze_sessions_active")
+        },
         "server_exit_code": exit_code,
     }
 
@@ -156,8 +192,13 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=120.0)
     parser.add_argument("--model", default="tiny", help="'tiny' (rigged, tests/hardening_helpers.py) or a --model spec")
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
-    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
-                        help="environment of the server process, e.g. MALLOC_ARENA_MAX=2")
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment of the server process, e.g. MALLOC_ARENA_MAX=2",
+    )
     args = parser.parse_args()
     report = asyncio.run(run(args))
     text = json.dumps(report, indent=2, ensure_ascii=False)
@@ -165,8 +206,13 @@ def main() -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(text + "\n")
-    ok = (report["lost_finals"] == 0 and not report["error_events"] and report["rss_growth_minute_1_to_2"] < 0.10
-          and report["server"].get("breeze_sessions_active", 0) == 0 and report["server_exit_code"] == 0)
+    ok = (
+        report["lost_finals"] == 0
+        and not report["error_events"]
+        and report["rss_growth_minute_1_to_2"] < 0.10
+        and report["server"].get("breeze_sessions_active", 0) == 0
+        and report["server_exit_code"] == 0
+    )
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

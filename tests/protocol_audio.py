@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-
 from conftest import DEV_DIR
 
 RATE = 16000
@@ -31,8 +30,9 @@ def pcm16(audio: np.ndarray) -> bytes:
 
 def two_phrases(rate: int = RATE) -> np.ndarray:
     """Speech 0.3-1.8 s and 2.8-4.3 s, 5.3 s in all."""
-    return np.concatenate([silence(0.3, rate), voiced(1.5, rate=rate), silence(1.0, rate), voiced(1.5, rate=rate),
-                           silence(1.0, rate)])
+    return np.concatenate(
+        [silence(0.3, rate), voiced(1.5, rate=rate), silence(1.0, rate), voiced(1.5, rate=rate), silence(1.0, rate)]
+    )
 
 
 def dev_manifest() -> dict[str, dict]:

@@ -25,12 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import soxr  # noqa: E402
+from conftest import DEV_DIR  # noqa: E402
 from openai import AsyncOpenAI  # noqa: E402
+from protocol_audio import RATE, dev_manifest, pcm16, silence  # noqa: E402
 from websockets.asyncio.client import connect  # noqa: E402
 
-from conftest import DEV_DIR  # noqa: E402
 from engines.engine import Engine  # noqa: E402
-from protocol_audio import RATE, dev_manifest, pcm16, silence  # noqa: E402
 from streaming.codecs import encode_mulaw, load_audio  # noqa: E402
 from streaming.scoring import corpus_score, score  # noqa: E402
 from streaming.server import Server, ServerConfig  # noqa: E402
@@ -43,7 +43,7 @@ async def native(port: int, audio: np.ndarray, speed: float) -> str:
         await ws.send(json.dumps({"type": "start", "partials": True}))
         data = pcm16(audio)
         for i in range(0, len(data), 3200):
-            await ws.send(data[i:i + 3200])
+            await ws.send(data[i : i + 3200])
             await asyncio.sleep(0.1 / speed)
         await ws.send(json.dumps({"type": "stop"}))
         events = [json.loads(m) async for m in ws]
@@ -54,12 +54,21 @@ async def realtime(port: int, audio: np.ndarray, speed: float) -> str:
     client = AsyncOpenAI(api_key="x", base_url=f"http://127.0.0.1:{port}/v1")
     texts, committed = {}, []
     async with client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
-        await conn.session.update(session={"type": "transcription", "audio": {"input": {
-            "format": {"type": "audio/pcm", "rate": 24000}, "transcription": {"model": "whisper-1", "language": "zh"},
-            "turn_detection": {"type": "server_vad"}}}})
+        await conn.session.update(
+            session={
+                "type": "transcription",
+                "audio": {
+                    "input": {
+                        "format": {"type": "audio/pcm", "rate": 24000},
+                        "transcription": {"model": "whisper-1", "language": "zh"},
+                        "turn_detection": {"type": "server_vad"},
+                    }
+                },
+            }
+        )
         data = pcm16(soxr.resample(audio, RATE, 24000))
         for i in range(0, len(data), 4800):
-            await conn.input_audio_buffer.append(audio=base64.b64encode(data[i:i + 4800]).decode())
+            await conn.input_audio_buffer.append(audio=base64.b64encode(data[i : i + 4800]).decode())
             await asyncio.sleep(0.1 / speed)
         await conn.input_audio_buffer.commit()
         async for event in conn:
@@ -80,13 +89,28 @@ async def twilio(port: int, audio: np.ndarray, speed: float, call: str) -> str:
         await sub.recv()
         async with connect(f"ws://127.0.0.1:{port}/v1/twilio") as ws:
             await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
-            await ws.send(json.dumps({"event": "start", "start": {"callSid": call, "streamSid": "MZ" + call,
-                                                                  "tracks": ["inbound"], "mediaFormat": {
-                                                                      "encoding": "audio/x-mulaw", "sampleRate": 8000,
-                                                                      "channels": 1}}}))
+            await ws.send(
+                json.dumps(
+                    {
+                        "event": "start",
+                        "start": {
+                            "callSid": call,
+                            "streamSid": "MZ" + call,
+                            "tracks": ["inbound"],
+                            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+                        },
+                    }
+                )
+            )
             for n, i in enumerate(range(0, len(data), 160)):
-                await ws.send(json.dumps({"event": "media", "media": {
-                    "track": "inbound", "payload": base64.b64encode(data[i:i + 160]).decode()}}))
+                await ws.send(
+                    json.dumps(
+                        {
+                            "event": "media",
+                            "media": {"track": "inbound", "payload": base64.b64encode(data[i : i + 160]).decode()},
+                        }
+                    )
+                )
                 if n % 5 == 4:
                     await asyncio.sleep(0.1 / speed)
             await ws.send(json.dumps({"event": "stop", "stop": {"callSid": call}}))
@@ -99,7 +123,7 @@ async def whisperlive(port: int, audio: np.ndarray, speed: float) -> str:
         await ws.send(json.dumps({"uid": "m", "language": "zh", "task": "transcribe"}))
         data = audio.astype("<f4").tobytes()
         for i in range(0, len(data), 16384):
-            await ws.send(data[i:i + 16384])
+            await ws.send(data[i : i + 16384])
             await asyncio.sleep(0.256 / speed)
         await ws.send(b"END_OF_AUDIO")
         done = {}
@@ -141,22 +165,29 @@ async def main() -> None:
     parser.add_argument("--limit", type=int, default=None)
     args = parser.parse_args()
     manifest = dev_manifest()
-    entries = list(manifest.values())[:args.limit]
+    entries = list(manifest.values())[: args.limit]
     audios = [np.concatenate([silence(0.5), load_audio(DEV_DIR / e["audio"]), silence(1.0)]) for e in entries]
     engine = Engine.load("default", device="cpu")
     speed, c = args.speed, args.concurrency
     try:
-        async with Server(ServerConfig(port=0, whisperlive=WhisperLiveConfig(port=0, max_clients=64)), engine=engine) as srv:
+        async with Server(
+            ServerConfig(port=0, whisperlive=WhisperLiveConfig(port=0, max_clients=64)), engine=engine
+        ) as srv:
             if args.only_phone_variants:
                 base = phone = []
             else:
                 base = await run_all("native 16 kHz", entries, audios, lambda a, i: native(srv.port, a, speed), c)
             if not args.only_phone_variants:
-                await run_all("realtime SDK pcm16 24 kHz", entries, audios, lambda a, i: realtime(srv.port, a, speed), c)
-                phone = await run_all("twilio mu-law 8 kHz", entries, audios, lambda a, i: twilio(srv.port, a, speed, f"CA{i}"), c)
+                await run_all(
+                    "realtime SDK pcm16 24 kHz", entries, audios, lambda a, i: realtime(srv.port, a, speed), c
+                )
+                phone = await run_all(
+                    "twilio mu-law 8 kHz", entries, audios, lambda a, i: twilio(srv.port, a, speed, f"CA{i}"), c
+                )
             if args.whisperlive:
-                await run_all("whisperlive float32", entries, audios,
-                              lambda a, i: whisperlive(srv.whisperlive.port, a, speed), c)
+                await run_all(
+                    "whisperlive float32", entries, audios, lambda a, i: whisperlive(srv.whisperlive.port, a, speed), c
+                )
         if args.phone_variants:
             native_segmenter = ServerConfig().session.transcriber.segmenter
             variants = {
@@ -169,8 +200,9 @@ async def main() -> None:
             for name, segmenter in variants.items():
                 config = ServerConfig(port=0, calls=CallConfig(segmenter=segmenter))
                 async with Server(config, engine=engine) as srv:
-                    await run_all(f"twilio: {name}", entries, audios,
-                                  lambda a, i: twilio(srv.port, a, speed, f"CA{i}"), c)
+                    await run_all(
+                        f"twilio: {name}", entries, audios, lambda a, i: twilio(srv.port, a, speed, f"CA{i}"), c
+                    )
         for entry, b, p in zip(entries, base, phone):
             if b != p:
                 print(f"  {entry['audio']}: native {b!r} / phone {p!r}")

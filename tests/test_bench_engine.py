@@ -5,11 +5,10 @@ import json
 import pytest
 import torch
 
-from engines.synthetic import SHAPES, synthetic_vocabulary
 from engines.capacity import SimConfig, simulate
-from engines.synthetic import WHISPER_SUPPRESS, random_engine
 from engines.capacity import main as capacity_main  # streaming.cli's main is the server's
 from engines.checkpoints import default_suppress_ids, default_vocabulary
+from engines.synthetic import SHAPES, WHISPER_SUPPRESS, random_engine, synthetic_vocabulary
 from engines.tokenizer import Tokenizer
 from streaming.cli import main
 
@@ -26,11 +25,42 @@ def one_thread():
 def test_bench_engine_cpu_tiny_writes_every_section(tmp_path, one_thread):
     pytest.importorskip("transformers")
     out = tmp_path / "bench.json"
-    rc = main(["bench-engine", "--shape", "tiny", "--random-weights", "--device", "cpu", "--batch", "1",
-               "--json", str(out), "--baseline", "hf", "--iters", "1", "--encoder-frames", "200", "--short-window", "0",
-               "--frames", "100", "--drafts", "0,1", "--draft-batch", "1", "--step-steps", "1", "--repeats", "1",
-               "--hf-steps", "2",
-               "--sections", "encoder,decoder,verify,step,hf"])
+    rc = main(
+        [
+            "bench-engine",
+            "--shape",
+            "tiny",
+            "--random-weights",
+            "--device",
+            "cpu",
+            "--batch",
+            "1",
+            "--json",
+            str(out),
+            "--baseline",
+            "hf",
+            "--iters",
+            "1",
+            "--encoder-frames",
+            "200",
+            "--short-window",
+            "0",
+            "--frames",
+            "100",
+            "--drafts",
+            "0,1",
+            "--draft-batch",
+            "1",
+            "--step-steps",
+            "1",
+            "--repeats",
+            "1",
+            "--hf-steps",
+            "2",
+            "--sections",
+            "encoder,decoder,verify,step,hf",
+        ]
+    )
     assert rc == 0
     report = json.loads(out.read_text())
     assert report["shape"] == "tiny" and report["dims"]["n_text_layer"] == SHAPES["tiny"].n_text_layer
@@ -55,8 +85,14 @@ def test_synthetic_vocabulary_has_the_special_ids_of_the_real_one():
     assert len(synthetic) == len(real)
     assert synthetic[50257:] == real[50257:]  # every special and timestamp token at its id
     a, b = Tokenizer(real), Tokenizer(synthetic)
-    assert (a.eot, a.sot, a.transcribe, a.no_timestamps, a.no_speech, a.language_ids) == \
-           (b.eot, b.sot, b.transcribe, b.no_timestamps, b.no_speech, b.language_ids)
+    assert (a.eot, a.sot, a.transcribe, a.no_timestamps, a.no_speech, a.language_ids) == (
+        b.eot,
+        b.sot,
+        b.transcribe,
+        b.no_timestamps,
+        b.no_speech,
+        b.language_ids,
+    )
 
 
 def test_whisper_suppress_list_is_the_embedded_models():
@@ -79,8 +115,31 @@ def test_capacity_simulation_runs_on_the_cpu(one_thread):
 
 def test_capacity_command_runs_each_seed_and_reports_the_spread(one_thread, tmp_path, capsys):
     out = tmp_path / "cap.json"
-    assert capacity_main(["--shape", "tiny", "--device", "cpu", "--streams", "2", "--seeds", "0,1", "--duration", "2",
-                          "--warmup", "0.5", "--prewarm", "0:0", "--max-batch", "8", "--json", str(out)]) == 0
+    assert (
+        capacity_main(
+            [
+                "--shape",
+                "tiny",
+                "--device",
+                "cpu",
+                "--streams",
+                "2",
+                "--seeds",
+                "0,1",
+                "--duration",
+                "2",
+                "--warmup",
+                "0.5",
+                "--prewarm",
+                "0:0",
+                "--max-batch",
+                "8",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert [(r["streams"], r["seed"]) for r in report["runs"]] == [(2, 0), (2, 1)]
     assert all(r["error_count"] == 0 and r["finals"] >= 1 for r in report["runs"])

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+from conftest import TINY_TEXT
+from hardening_helpers import RATE, CliServer, tiny_pt, voiced
 
 from bench import load as bench_load
 from bench.load import ClipLoop, plan_streams
-from conftest import TINY_TEXT
-from hardening_helpers import RATE, CliServer, tiny_pt, voiced
 from streaming.metrics import Metrics
 from streaming.server import Server, ServerConfig
 
@@ -55,9 +55,27 @@ def first_frame_spread(report: dict) -> float:
 
 async def test_staggered_streams_over_two_processes(server: Server, manifest: Path, tmp_path: Path, capsys):
     out = tmp_path / "report.json"
-    code, stdout = await bench([str(manifest), "--url", f"ws://127.0.0.1:{server.port}/v1/stream", "--streams", "4",
-                                "--processes", "2", "--duration", "6", "--gap", "1.0", "--ramp", "2.0", "--quiet",
-                                "--json", str(out)], capsys)
+    code, stdout = await bench(
+        [
+            str(manifest),
+            "--url",
+            f"ws://127.0.0.1:{server.port}/v1/stream",
+            "--streams",
+            "4",
+            "--processes",
+            "2",
+            "--duration",
+            "6",
+            "--gap",
+            "1.0",
+            "--ramp",
+            "2.0",
+            "--quiet",
+            "--json",
+            str(out),
+        ],
+        capsys,
+    )
     assert code == 0
     report = json.loads(out.read_text())
     counts = report["summary"]["counts"]
@@ -106,8 +124,24 @@ async def test_staggered_streams_over_two_processes(server: Server, manifest: Pa
 
 async def test_sync_starts_together_in_manifest_order(server: Server, manifest: Path, tmp_path: Path, capsys):
     out = tmp_path / "report.json"
-    code, stdout = await bench([str(manifest), "--url", f"ws://127.0.0.1:{server.port}/v1/stream", "--streams", "3",
-                                "--duration", "4", "--gap", "1.0", "--sync", "--quiet", "--json", str(out)], capsys)
+    code, stdout = await bench(
+        [
+            str(manifest),
+            "--url",
+            f"ws://127.0.0.1:{server.port}/v1/stream",
+            "--streams",
+            "3",
+            "--duration",
+            "4",
+            "--gap",
+            "1.0",
+            "--sync",
+            "--quiet",
+            "--json",
+            str(out),
+        ],
+        capsys,
+    )
     assert code == 0 and "lost=0 disconnects=0" in stdout
     report = json.loads(out.read_text())
     assert report["config"]["ramp"] == 0 and all(s["offset"] == 0 for s in report["streams"])
@@ -121,9 +155,25 @@ async def test_a_killed_server_is_reported_as_disconnects(manifest: Path, tmp_pa
     out = tmp_path / "report.json"
     try:
         await asyncio.to_thread(server.start, 60)
-        run = asyncio.ensure_future(bench(
-            [str(manifest), "--url", f"ws://127.0.0.1:{server.port}/v1/stream", "--streams", "2", "--duration", "30",
-             "--gap", "1.0", "--quiet", "--json", str(out)], capsys))
+        run = asyncio.ensure_future(
+            bench(
+                [
+                    str(manifest),
+                    "--url",
+                    f"ws://127.0.0.1:{server.port}/v1/stream",
+                    "--streams",
+                    "2",
+                    "--duration",
+                    "30",
+                    "--gap",
+                    "1.0",
+                    "--quiet",
+                    "--json",
+                    str(out),
+                ],
+                capsys,
+            )
+        )
         deadline = time.monotonic() + 30
         while "breeze_sessions_active 2.0" not in _metrics(server.port):  # both streams are playing
             assert time.monotonic() < deadline and not run.done()
@@ -160,8 +210,10 @@ def test_nothing_to_measure_exits_2(manifest: Path, capsys):
     assert bench_load.main([str(manifest), "--sync", "--ramp", "1"]) == 2
     assert bench_load.main([str(manifest.parent / "missing.jsonl")]) == 2
     with socket_nobody_listens_on() as port:
-        assert bench_load.main([str(manifest), "--url", f"ws://127.0.0.1:{port}/v1/stream", "--duration", "2",
-                                "--quiet"]) == 2
+        assert (
+            bench_load.main([str(manifest), "--url", f"ws://127.0.0.1:{port}/v1/stream", "--duration", "2", "--quiet"])
+            == 2
+        )
     assert "no stream got 'ready': cannot connect" in capsys.readouterr().err
 
 
@@ -184,21 +236,25 @@ class socket_nobody_listens_on:
 
 def test_plan_streams_orders_and_offsets():
     durations, groups = [2.0, 3.0, 1.0, 4.0], ["zh", "zh", "en", "zh"]
-    jobs = plan_streams(durations, groups, streams=8, duration=20.0, gap=1.0, ramp=4.0, seed=7, sync=False,
-                        language="zh")
+    jobs = plan_streams(
+        durations, groups, streams=8, duration=20.0, gap=1.0, ramp=4.0, seed=7, sync=False, language="zh"
+    )
     assert [j.offset for j in jobs] == [0.5 * i for i in range(8)]
     for job in jobs:  # whole clips until the stream holds the duration, each clip once per cycle
         held = 1.0 + sum(durations[i] + 1.0 for i in job.order)
         assert held >= 20.0 and held - durations[job.order[-1]] - 1.0 < 20.0
         assert sorted(job.order[:4]) == [0, 1, 2, 3]
     assert len({tuple(j.order) for j in jobs}) > 1
-    assert jobs == plan_streams(durations, groups, streams=8, duration=20.0, gap=1.0, ramp=4.0, seed=7, sync=False,
-                                language="zh")  # seeded
-    synced = plan_streams(durations, groups, streams=3, duration=9.0, gap=1.0, ramp=0.0, seed=7, sync=True,
-                          language="zh")
+    assert jobs == plan_streams(
+        durations, groups, streams=8, duration=20.0, gap=1.0, ramp=4.0, seed=7, sync=False, language="zh"
+    )  # seeded
+    synced = plan_streams(
+        durations, groups, streams=3, duration=9.0, gap=1.0, ramp=0.0, seed=7, sync=True, language="zh"
+    )
     assert all(j.order == [0, 1, 2] and j.offset == 0 for j in synced)
-    by_clip = plan_streams(durations, groups, streams=12, duration=20.0, gap=1.0, ramp=0.0, seed=1, sync=False,
-                           language="clip")
+    by_clip = plan_streams(
+        durations, groups, streams=12, duration=20.0, gap=1.0, ramp=0.0, seed=1, sync=False, language="clip"
+    )
     for job in by_clip:
         assert {groups[i] for i in job.order} == {job.language}
     assert {j.language for j in by_clip} == {"zh", "en"}
@@ -206,8 +262,13 @@ def test_plan_streams_orders_and_offsets():
 
 def test_clip_loop_reads_like_the_joined_array():
     rng = np.random.default_rng(0)
-    pieces = [np.zeros(5, np.int16), rng.integers(-99, 99, 7).astype(np.int16), np.zeros(0, np.int16),
-              rng.integers(-99, 99, 3).astype(np.int16), np.zeros(5, np.int16)]
+    pieces = [
+        np.zeros(5, np.int16),
+        rng.integers(-99, 99, 7).astype(np.int16),
+        np.zeros(0, np.int16),
+        rng.integers(-99, 99, 3).astype(np.int16),
+        np.zeros(5, np.int16),
+    ]
     joined, loop = np.concatenate(pieces), ClipLoop(pieces)
     assert len(loop) == len(joined) == 20
     for start in range(0, 22):

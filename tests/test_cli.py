@@ -12,20 +12,32 @@ import sys
 import time
 
 import pytest
-
 from hardening_helpers import REPO
+
 from streaming.cli import build_parser
 
-COMMANDS = ("serve", "transcribe", "eval", "replay", "bench-load", "bench-readme", "build-trtllm", "bench-offline", "train-medusa", "bench-engine",
-            "bench-capacity")
+COMMANDS = (
+    "serve",
+    "transcribe",
+    "eval",
+    "replay",
+    "bench-load",
+    "bench-readme",
+    "build-trtllm",
+    "bench-offline",
+    "train-medusa",
+    "bench-engine",
+    "bench-capacity",
+)
 
 
 def run_cli(*args: str) -> tuple[subprocess.CompletedProcess, float, float]:
     """`python -m streaming.cli ARGS` in a fresh interpreter: (result, wall seconds, CPU seconds)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "streaming.cli", *args], cwd=REPO, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "streaming.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return result, wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -48,8 +60,10 @@ def test_help_is_fast(command: str):
 
 
 def test_parsing_imports_nothing_heavy():
-    code = ("import sys\nfrom streaming.cli import build_parser\nbuild_parser().parse_args(['serve'])\n"
-            "print(' '.join(sorted(sys.modules)))")
+    code = (
+        "import sys\nfrom streaming.cli import build_parser\nbuild_parser().parse_args(['serve'])\n"
+        "print(' '.join(sorted(sys.modules)))"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     modules = set(result.stdout.split())
     assert "streaming.cli" in modules
@@ -107,17 +121,26 @@ def test_serve_defaults_match_the_configs():
     transcriber, session, limits, whisperlive = TranscriberConfig(), SessionConfig(), Limits(), WhisperLiveConfig()
     admission = AdmissionConfig()
     expected = {
-        "partial_interval": transcriber.partial_interval, "partial_window": transcriber.partial_window,
-        "final_window": transcriber.final_window, "max_queued_audio": transcriber.max_queued_audio,
-        "max_frame_bytes": session.max_frame_bytes, "idle_timeout": session.idle_timeout,
-        "max_send_queue": session.max_send_queue, "language": session.language,
-        "max_sessions": limits.max_sessions, "max_connections_per_client": limits.max_per_client,
-        "max_session_seconds": limits.max_session_seconds, "drain_timeout": limits.drain_timeout,
+        "partial_interval": transcriber.partial_interval,
+        "partial_window": transcriber.partial_window,
+        "final_window": transcriber.final_window,
+        "max_queued_audio": transcriber.max_queued_audio,
+        "max_frame_bytes": session.max_frame_bytes,
+        "idle_timeout": session.idle_timeout,
+        "max_send_queue": session.max_send_queue,
+        "language": session.language,
+        "max_sessions": limits.max_sessions,
+        "max_connections_per_client": limits.max_per_client,
+        "max_session_seconds": limits.max_session_seconds,
+        "drain_timeout": limits.drain_timeout,
         "whisperlive_max_clients": whisperlive.max_clients,
         "whisperlive_max_connection_time": whisperlive.max_connection_time,
-        "ping_interval": limits.ping_interval, "ping_timeout": limits.ping_timeout,
-        "admission": admission.mode, "admission_floor": admission.floor,
-        "admission_utilization": admission.utilization, "admission_max_wait": admission.max_wait,
+        "ping_interval": limits.ping_interval,
+        "ping_timeout": limits.ping_timeout,
+        "admission": admission.mode,
+        "admission_floor": admission.floor,
+        "admission_utilization": admission.utilization,
+        "admission_max_wait": admission.max_wait,
         "prompt": session.prompt,
         "condition_on_previous": transcriber.condition_on_previous,
     }
@@ -160,15 +183,16 @@ def tiny_pt_path(tmp_path):
 
 
 def test_transcribe_json_to_a_file(tmp_path):
-    from hardening_helpers import pcm16, phrases
-    import soundfile
     import numpy as np
+    import soundfile
+    from hardening_helpers import pcm16, phrases
 
     wav = tmp_path / "two.wav"
     soundfile.write(wav, np.frombuffer(pcm16(phrases(2)), "<i2"), 16000, subtype="PCM_16")
     out = tmp_path / "out.json"
-    result, _, _ = run_cli("transcribe", str(wav), "--model", str(tiny_pt_path(tmp_path)), "--device", "cpu",
-                           "--json", str(out))
+    result, _, _ = run_cli(
+        "transcribe", str(wav), "--model", str(tiny_pt_path(tmp_path)), "--device", "cpu", "--json", str(out)
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text(encoding="utf-8"))
     assert report[0]["file"] == str(wav) and report[0]["segments"]

@@ -13,15 +13,25 @@ import pytest
 import torch
 
 from engines.batching import Batch, Decoder, Sequence, _Tree
-from engines.synthetic import WHISPER_SUPPRESS, synthetic_vocabulary
 from engines.cuda_graphs import GraphOptions, bucket, step_inputs, tree_visibility
 from engines.decoding import DecodingOptions
 from engines.drafts import HypothesisDrafter
 from engines.model import ModelDims, Whisper
+from engines.synthetic import WHISPER_SUPPRESS, synthetic_vocabulary
 from engines.tokenizer import Tokenizer
 
-DIMS = ModelDims(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2, n_audio_layer=1,
-                 n_vocab=51865, n_text_ctx=448, n_text_state=64, n_text_head=2, n_text_layer=2)
+DIMS = ModelDims(
+    n_mels=80,
+    n_audio_ctx=1500,
+    n_audio_state=64,
+    n_audio_head=2,
+    n_audio_layer=1,
+    n_vocab=51865,
+    n_text_ctx=448,
+    n_text_state=64,
+    n_text_head=2,
+    n_text_layer=2,
+)
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +67,12 @@ def test_step_inputs_mask_matches_tree_ancestry():
     assert mask[0, 0, :5].all() and mask[0, 0, 5] and not mask[0, 0, 6:].any()
     assert mask[0, 2, 7] and not mask[0, 2, 5] and not mask[0, 2, 6]  # padding sees itself only
     sees = tree_visibility((-1, 0, 0, 1), 4)
-    assert sees.tolist() == [[True, False, False, False], [True, True, False, False],
-                             [True, False, True, False], [True, True, False, True]]
+    assert sees.tolist() == [
+        [True, False, False, False],
+        [True, True, False, False],
+        [True, False, True, False],
+        [True, True, False, True],
+    ]
 
 
 @torch.inference_mode()
@@ -69,7 +83,9 @@ def test_fused_cross_kv_matches_per_layer(parts):
     plain = Batch(model, tok, suppress, rows=4, graphs=GraphOptions(mode="eager", fused_cross_kv=False))
     fused.runner.store_cross(feats, 1)
     plain.runner.store_cross(feats, 1)
-    assert torch.allclose(fused.cross_k, plain.cross_k, atol=1e-5) and torch.allclose(fused.cross_v, plain.cross_v, atol=1e-5)
+    assert torch.allclose(fused.cross_k, plain.cross_k, atol=1e-5) and torch.allclose(
+        fused.cross_v, plain.cross_v, atol=1e-5
+    )
     assert fused.cross_k[:, 1:4, :, :150].abs().sum() > 0 and not fused.cross_k[:, 0].any()
 
 
@@ -79,9 +95,16 @@ def run_schedule(batch: Batch, tok: Tokenizer, groups, options, drafts=None):
     while pending or batch.active:
         while pending and pending[0][0] <= step:
             _, feats = pending.pop(0)
-            seqs = [Sequence(tok.prompt("zh"), "zh", options,
-                             [HypothesisDrafter(drafts[len(seqs_all) + i])] if drafts else [], frames=feats.shape[1])
-                    for i in range(feats.shape[0])]
+            seqs = [
+                Sequence(
+                    tok.prompt("zh"),
+                    "zh",
+                    options,
+                    [HypothesisDrafter(drafts[len(seqs_all) + i])] if drafts else [],
+                    frames=feats.shape[1],
+                )
+                for i in range(feats.shape[0])
+            ]
             seqs_all += seqs
             batch.admit(feats, seqs)
         batch.step()
@@ -100,7 +123,9 @@ def test_bucketed_step_gives_the_plain_tokens(parts, speculative):
     if speculative:  # the old hypothesis, with a wrong token in the middle: accepted, rejected, resynchronised
         drafts = [r.tokens[:5] + [11] + r.tokens[6:] for r in reference]
     plain = run_schedule(Batch(model, tok, suppress, rows=8), tok, groups, options, drafts)
-    bucketed = run_schedule(Batch(model, tok, suppress, rows=8, graphs=GraphOptions(mode="eager")), tok, groups, options, drafts)
+    bucketed = run_schedule(
+        Batch(model, tok, suppress, rows=8, graphs=GraphOptions(mode="eager")), tok, groups, options, drafts
+    )
     assert [r.tokens for r in plain] == [r.tokens for r in reference]
     assert [r.tokens for r in bucketed] == [r.tokens for r in reference]
     assert [r.forwards for r in bucketed] == [r.forwards for r in plain]
@@ -111,8 +136,10 @@ def test_bucketed_step_gives_the_plain_tokens(parts, speculative):
         assert [r.draft_accepted for r in bucketed] == [r.draft_accepted for r in plain]
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="the CPU form of the row kernels needs Triton's interpreter (conftest sets it where there is no GPU)")
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="the CPU form of the row kernels needs Triton's interpreter (conftest sets it where there is no GPU)",
+)
 @pytest.mark.parametrize("beyond", ["plain", "attention kernel"])
 def test_row_kernel_steps_give_the_plain_tokens(parts, beyond):
     """Buckets of at most 16 rows through the Triton row kernels (engines/decode_kernels.py; Triton's
@@ -143,8 +170,10 @@ def test_row_kernel_steps_give_the_plain_tokens(parts, beyond):
 def test_runner_pads_to_buckets(parts):
     model, tok, suppress = parts
     batch = Batch(model, tok, suppress, rows=8, graphs=GraphOptions(mode="eager"))
-    batch.admit(encode(model, 3, 200, 5), [Sequence(tok.prompt("zh"), "zh", DecodingOptions(max_new_tokens=5), [], frames=100)
-                                             for _ in range(3)])
+    batch.admit(
+        encode(model, 3, 200, 5),
+        [Sequence(tok.prompt("zh"), "zh", DecodingOptions(max_new_tokens=5), [], frames=100) for _ in range(3)],
+    )
     batch.step()
     assert batch.runner.stats.keys == {(4, 4, 256, 64, True)}  # 3 rows -> 4, prompt width 4, 100 frames of 256
     batch.step()
@@ -163,11 +192,13 @@ def test_graph_replay_equals_eager_step_on_gpu(parts):
     # differently, so across paths a near-tie of a random model may pick another token (the paths'
     # agreement is checked in float32: test_row_kernel_steps_give_the_plain_tokens, test_decode_kernels.py)
     kernels = {"row_kernels": True}  # steps of up to 16 rows through them, the prompt step (8 x 4 rows) plain
-    variants = {"plain eager": GraphOptions(mode="eager", row_kernels=False),
-                "plain graph": GraphOptions(record_in_background=False, row_kernels=False),
-                "kernels eager": GraphOptions(mode="eager", **kernels),
-                "kernels graph": GraphOptions(record_in_background=False, **kernels),
-                "background": GraphOptions(**kernels)}
+    variants = {
+        "plain eager": GraphOptions(mode="eager", row_kernels=False),
+        "plain graph": GraphOptions(record_in_background=False, row_kernels=False),
+        "kernels eager": GraphOptions(mode="eager", **kernels),
+        "kernels graph": GraphOptions(record_in_background=False, **kernels),
+        "background": GraphOptions(**kernels),
+    }
     for name, options in variants.items():
         batch = Batch(model, tok, suppress, rows=8, graphs=options)
         feats = encode(parts[0], 5, 400, 6).cuda().half()

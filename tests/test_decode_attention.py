@@ -92,7 +92,9 @@ def test_cross_attention_over_chunks_matches_sdpa(batch, width, frames):
     q, k, v, lengths = cross_step(batch, width, frames, seed=frames + width)
     torch.testing.assert_close(cross_attention(q, k, v, chunk=CROSS_BLOCK), sdpa_cross(q, k, v), **TOL)
     used = lengths.repeat_interleave(HEADS).to(torch.int32)
-    torch.testing.assert_close(cross_attention(q, k, v, used, chunk=2 * CROSS_BLOCK), sdpa_cross(q, k, v, lengths), **TOL)
+    torch.testing.assert_close(
+        cross_attention(q, k, v, used, chunk=2 * CROSS_BLOCK), sdpa_cross(q, k, v, lengths), **TOL
+    )
 
 
 def test_cross_attention_refuses_what_it_cannot_take():

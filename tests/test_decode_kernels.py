@@ -8,17 +8,27 @@ The GPU speed and the fp16 agreement are in BENCHMARKS.md."""
 import pytest
 import torch
 import torch.nn.functional as F
-
 from decoder_check import run_against_plain
-from engines.synthetic import random_model
+
 from engines.decode_kernels import GEMV_ROWS, MAX_ROWS, KernelDecoder, dependent_launch, row_linear
 from engines.model import ModelDims
+from engines.synthetic import random_model
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOL = {} if DEVICE.type == "cpu" else {"rtol": 1e-3, "atol": 1e-3}
 
-DIMS = ModelDims(n_mels=80, n_audio_ctx=64, n_audio_state=64, n_audio_head=4, n_audio_layer=1, n_vocab=500,
-                 n_text_ctx=32, n_text_state=64, n_text_head=4, n_text_layer=2)
+DIMS = ModelDims(
+    n_mels=80,
+    n_audio_ctx=64,
+    n_audio_state=64,
+    n_audio_head=4,
+    n_audio_layer=1,
+    n_vocab=500,
+    n_text_ctx=32,
+    n_text_state=64,
+    n_text_head=4,
+    n_text_layer=2,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -70,8 +80,8 @@ def test_row_linear_stores_keys_and_values_at_the_rows_slots(batch, width, slots
     assert_close(q, expected[:, :d])
     for m, slot in enumerate(slots.tolist()):
         row = m // width
-        assert_close(k_cache[row, :, slot], expected[m, d:2 * d].view(heads, dh))
-        assert_close(v_cache[row, :, slot], expected[m, 2 * d:].view(heads, dh))
+        assert_close(k_cache[row, :, slot], expected[m, d : 2 * d].view(heads, dh))
+        assert_close(v_cache[row, :, slot], expected[m, 2 * d :].view(heads, dh))
     written = {(m // width, s) for m, s in enumerate(slots.tolist())}
     untouched = [(r, s) for r in range(4) for s in range(n_ctx) if (r, s) not in written]
     assert all(k_cache[r, :, s].abs().sum() == 0 and v_cache[r, :, s].abs().sum() == 0 for r, s in untouched)
@@ -85,8 +95,18 @@ def test_row_linear_refuses_more_rows_than_a_tile():
 
 
 @pytest.mark.parametrize("batch,width", [(1, 1), (1, 2), (3, 1), (2, 4)])
-@pytest.mark.parametrize("dependent", [False, pytest.param(True, marks=pytest.mark.skipif(
-    not dependent_launch(DEVICE), reason="programmatic dependent launch needs a Hopper GPU or later"))])
+@pytest.mark.parametrize(
+    "dependent",
+    [
+        False,
+        pytest.param(
+            True,
+            marks=pytest.mark.skipif(
+                not dependent_launch(DEVICE), reason="programmatic dependent launch needs a Hopper GPU or later"
+            ),
+        ),
+    ],
+)
 def test_kernel_decoder_matches_hidden_and_writes_the_same_cache(model, batch, width, dependent):
     kernels = KernelDecoder(model.decoder, dependent=dependent)
     got, expected, kernel_cache, plain_cache = run_against_plain(model, kernels.hidden, batch, width)
@@ -129,6 +149,6 @@ def test_long_reduction_is_right_every_time_on_gpu():
     torch.manual_seed(5)
     x, w, b = torch.randn(MAX_ROWS, 5120).half(), (torch.randn(1280, 5120) / 70).half(), torch.randn(1280).half()
     res = torch.randn(MAX_ROWS, 1280).half()
-    expected = (res.float() + F.linear(x.float(), w.float(), b.float()))
+    expected = res.float() + F.linear(x.float(), w.float(), b.float())
     worst = max((row_linear(x, w, b, residual=res).float() - expected).abs().max().item() for _ in range(200))
     assert worst < 0.02

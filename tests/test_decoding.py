@@ -5,14 +5,24 @@ import random
 import pytest
 import torch
 
-from engines.checkpoints import default_suppress_ids, default_vocabulary
 from engines.batching import Decoder
+from engines.checkpoints import default_suppress_ids, default_vocabulary
 from engines.decoding import DecodingOptions, Draft, LogitFilter, repetition_period
 from engines.model import ModelDims, Whisper, causal_mask
 from engines.tokenizer import Tokenizer
 
-DIMS = ModelDims(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2, n_audio_layer=1,
-                 n_vocab=51865, n_text_ctx=448, n_text_state=64, n_text_head=2, n_text_layer=2)
+DIMS = ModelDims(
+    n_mels=80,
+    n_audio_ctx=1500,
+    n_audio_state=64,
+    n_audio_head=2,
+    n_audio_layer=1,
+    n_vocab=51865,
+    n_text_ctx=448,
+    n_text_state=64,
+    n_text_head=2,
+    n_text_layer=2,
+)
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +88,9 @@ def test_speculative_output_is_plain_greedy_output(decoder):
     rng = random.Random(0)
     reference = [r.tokens for r in plain]
     drafters = [
-        [ListDrafter("hypothesis", lambda g, ref=reference[0]: ref[len(g):])],  # perfect draft
+        [ListDrafter("hypothesis", lambda g, ref=reference[0]: ref[len(g) :])],  # perfect draft
         [ListDrafter("hypothesis", lambda g: [rng.randrange(50000) for _ in range(5)])],  # junk
-        [ListDrafter("hypothesis", lambda g, ref=reference[2]: ref[len(g):len(g) + 3] + [1, 2, 3])],  # half right
+        [ListDrafter("hypothesis", lambda g, ref=reference[2]: ref[len(g) : len(g) + 3] + [1, 2, 3])],  # half right
         [],  # no draft in the same batch
     ]
     spec = decoder.decode(feats, options, drafters)

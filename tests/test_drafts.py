@@ -1,12 +1,11 @@
 """Draft sources: previous-hypothesis lookup and Medusa trees, verified exactly."""
 
 import torch
+from test_decoding import decoder, features  # noqa: F401  (module fixture and helper)
 
 from engines.decoding import DecodingOptions
 from engines.drafts import HypothesisDrafter, MedusaDrafter
 from engines.medusa import MedusaHeads
-
-from test_decoding import decoder, features  # noqa: F401  (module fixture and helper)
 
 
 def test_hypothesis_draft_continues_the_old_hypothesis():

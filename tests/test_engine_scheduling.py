@@ -6,21 +6,26 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_DIMS, TINY_TEXT, tiny_model
 
 from engines.audio import N_FRAMES
 from engines.checkpoints import Checkpoint, default_suppress_ids, default_vocabulary
 from engines.decoding import DecodingOptions
 from engines.engine import Engine
 
-from conftest import TINY_DIMS, TINY_TEXT, tiny_model
-
 OPTIONS = DecodingOptions(language="zh")
 
 
 def checkpoint(model) -> Checkpoint:
     state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    return Checkpoint(name="tiny", dims=TINY_DIMS, state_dict=state, vocabulary=default_vocabulary(),
-                      suppress_tokens=default_suppress_ids(), alignment_heads=None)
+    return Checkpoint(
+        name="tiny",
+        dims=TINY_DIMS,
+        state_dict=state,
+        vocabulary=default_vocabulary(),
+        suppress_tokens=default_suppress_ids(),
+        alignment_heads=None,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +64,9 @@ def test_cpu_partials_respect_their_row_cap_and_finals_run_one_at_a_time(tiny_ch
     def recording_admit(features, sequences):
         admit(features, sequences)
         active = [s.tag for s in engine.batch.active]
-        seen.append((sum(not r.final for r in active), sum(r.final for r in active),
-                     sum(not s.tag.final for s in sequences)))
+        seen.append(
+            (sum(not r.final for r in active), sum(r.final for r in active), sum(not s.tag.final for s in sequences))
+        )
 
     engine.batch.admit = recording_admit
     try:
@@ -89,11 +95,20 @@ def test_a_final_supersedes_its_streams_partials(looping_engine):
 def test_the_encoder_thread_gives_the_serial_engines_transcripts(tiny_checkpoint):
     """overlap_encoder (on by default on CUDA) moves encoder calls to a thread of their own; the
     decoder's results must not change, whatever the mix of windows, partials and finals."""
+
     def run(overlap: bool) -> list[str]:
         engine = Engine(tiny_checkpoint, device="cpu", overlap_encoder=overlap)
         try:
-            futures = [engine.submit(audio(1.0 + i / 2, i), OPTIONS, window=2.0 if i % 2 else None,
-                                     final=i % 3 == 0, stream=None if i % 3 == 0 else i) for i in range(8)]
+            futures = [
+                engine.submit(
+                    audio(1.0 + i / 2, i),
+                    OPTIONS,
+                    window=2.0 if i % 2 else None,
+                    final=i % 3 == 0,
+                    stream=None if i % 3 == 0 else i,
+                )
+                for i in range(8)
+            ]
             results = [f.result(timeout=60) for f in futures]
             assert engine.health()["encoding"] == 0
             return [r.text for r in results]

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import soundfile
-
 from hardening_helpers import REPO, phrases, tiny_pt
+
 from streaming import replay
 from streaming.manifest import Clip, read_clips
 from streaming.options import add_replay_arguments
@@ -35,8 +35,11 @@ def write_folder(folder: Path) -> Path:
 
 def test_folder_clips(tmp_path: Path):
     folder = write_folder(tmp_path / "mine")
-    assert read_clips(folder) == [Clip(folder / "a-short.wav", "好", "zh"), Clip(folder / "b-longer.wav", "你好", "zh"),
-                                  Clip(folder / "c-english.wav", "good", "en")]
+    assert read_clips(folder) == [
+        Clip(folder / "a-short.wav", "好", "zh"),
+        Clip(folder / "b-longer.wav", "你好", "zh"),
+        Clip(folder / "c-english.wav", "good", "en"),
+    ]
     (folder / "b-longer.txt").unlink()
     with pytest.raises(ValueError, match=r"b-longer\.wav: no transcript b-longer\.txt beside it"):
         read_clips(folder)
@@ -55,13 +58,32 @@ def test_manifest_errors_name_the_line(tmp_path: Path):
 def test_eval_of_a_folder(tmp_path: Path):
     folder = write_folder(tmp_path / "mine")
     out = tmp_path / "eval.json"
-    result = subprocess.run([sys.executable, "-m", "streaming.cli", "eval", str(folder), "--model",
-                             str(tiny_pt(tmp_path / "tiny.pt")), "--device", "cpu", "--json", str(out)],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "streaming.cli",
+            "eval",
+            str(folder),
+            "--model",
+            str(tiny_pt(tmp_path / "tiny.pt")),
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text(encoding="utf-8"))
     assert [(c["audio"], c["lang"], c["hyp"]) for c in report["clips"]] == [
-        ("a-short.wav", "zh", "好"), ("b-longer.wav", "zh", "好"), ("c-english.wav", "en", "好")]
+        ("a-short.wav", "zh", "好"),
+        ("b-longer.wav", "zh", "好"),
+        ("c-english.wav", "en", "好"),
+    ]
     assert report["cer"] == pytest.approx(1 / 3)  # 你 missing of 你好; 好 right
     assert report["wer_en"] == 1.0
 
@@ -74,8 +96,18 @@ async def test_replay_of_a_folder(tiny_engine, tmp_path: Path):
     add_replay_arguments(parser)
     out = tmp_path / "replay.json"
     async with Server(ServerConfig(port=0), engine=tiny_engine) as server:
-        args = parser.parse_args([str(folder), "--url", f"ws://127.0.0.1:{server.port}/v1/stream", "--speed", "4",
-                                  "--no-progress", "--json", str(out)])
+        args = parser.parse_args(
+            [
+                str(folder),
+                "--url",
+                f"ws://127.0.0.1:{server.port}/v1/stream",
+                "--speed",
+                "4",
+                "--no-progress",
+                "--json",
+                str(out),
+            ]
+        )
         code = await asyncio.to_thread(replay.run_replay, args)
     assert code == 0
     groups = json.loads(out.read_text(encoding="utf-8"))["groups"]

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from test_decoding import DIMS
 
 from engines.batching import Decoder
 from engines.checkpoints import default_suppress_ids, default_vocabulary
@@ -11,8 +12,6 @@ from engines.drafts import HypothesisDrafter
 from engines.fp16_weights import PackedLinear, pack_fp16_weights
 from engines.model import Linear, Whisper
 from engines.tokenizer import Tokenizer
-
-from test_decoding import DIMS
 
 
 def random_model(seed: int = 0) -> Whisper:
@@ -59,7 +58,9 @@ def test_speculation_is_exact_with_packed_weights():
     feats = model.encoder(torch.randn(2, 80, 400))
     options = DecodingOptions(max_new_tokens=40)
     plain = decoder.decode(feats, options)
-    drafts = [[HypothesisDrafter(r.tokens[: len(r.tokens) // 2] + [11, 12] + r.tokens[len(r.tokens) // 2:])] for r in plain]
+    drafts = [
+        [HypothesisDrafter(r.tokens[: len(r.tokens) // 2] + [11, 12] + r.tokens[len(r.tokens) // 2 :])] for r in plain
+    ]
     spec = decoder.decode(feats, options, drafts)
     assert [r.tokens for r in spec] == [r.tokens for r in plain]
     assert sum(r.forwards for r in spec) < sum(r.forwards for r in plain)

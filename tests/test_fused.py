@@ -6,15 +6,25 @@ cache writes) exactly, in float32 on the CPU. The GPU speed is in BENCHMARKS.md.
 
 import pytest
 import torch
+from decoder_check import run_against_plain
 from torch._dynamo.utils import counters
 
-from decoder_check import run_against_plain
-from engines.synthetic import random_model
 from engines.fused import FusedDecoder, FusedEncoder
 from engines.model import ModelDims
+from engines.synthetic import random_model
 
-DIMS = ModelDims(n_mels=80, n_audio_ctx=64, n_audio_state=64, n_audio_head=4, n_audio_layer=2, n_vocab=500,
-                 n_text_ctx=32, n_text_state=64, n_text_head=4, n_text_layer=3)
+DIMS = ModelDims(
+    n_mels=80,
+    n_audio_ctx=64,
+    n_audio_state=64,
+    n_audio_head=4,
+    n_audio_layer=2,
+    n_vocab=500,
+    n_text_ctx=32,
+    n_text_state=64,
+    n_text_head=4,
+    n_text_layer=3,
+)
 
 
 @pytest.fixture(scope="module")

@@ -30,12 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hardening_helpers import FakeConnection, pcm16, voiced
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as sync_connect
 
-from hardening_helpers import FakeConnection, pcm16, voiced
 from streaming.codecs import ALAW_TO_PCM16, ENCODINGS, MULAW_TO_PCM16, AudioDecoder, encode_alaw, encode_mulaw
 from streaming.limits import Limits
 from streaming.metrics import Metrics
@@ -59,11 +59,18 @@ def examples(n: int) -> int:
 
 # --- generators --------------------------------------------------------------------------------------
 
-json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6),
-                         st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12))
-json_values = st.recursive(json_scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                                 st.dictionaries(st.text(max_size=6), inner, max_size=3)),
-                           max_leaves=6)
+json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+    max_leaves=6,
+)
 VALID_FIELDS = {
     "encoding": st.sampled_from(ENCODINGS),
     "sample_rate": st.sampled_from([8000, 16000, 22050, 24000, 44100, 48000, 16000.0]),
@@ -96,7 +103,9 @@ def start_message(draw) -> str | bytes:
     if kind == "bad field":
         name = draw(st.sampled_from(sorted(INVALID_FIELDS)))
         fields[name] = draw(INVALID_FIELDS[name])
-    kind_value = "start" if kind != "type" else draw(st.one_of(st.sampled_from(["stop", "Start", "", "ready"]), json_scalars))
+    kind_value = (
+        "start" if kind != "type" else draw(st.one_of(st.sampled_from(["stop", "Start", "", "ready"]), json_scalars))
+    )
     return json.dumps({"type": kind_value, **fields}, allow_nan=True)
 
 
@@ -107,11 +116,13 @@ def frame(draw) -> str | bytes:
         return draw(st.binary(max_size=800))
     if kind == "speech":
         start = draw(st.integers(0, len(SPEECH) - 2))
-        return SPEECH[start:start + draw(st.integers(1, 6400))]
+        return SPEECH[start : start + draw(st.integers(1, 6400))]
     if kind == "big":
         return draw(st.binary(min_size=LIMIT - 2, max_size=LIMIT + 64))
     if kind == "stop":
-        return json.dumps({"type": "stop", **draw(st.dictionaries(st.sampled_from(["reason", "x"]), json_scalars, max_size=1))})
+        return json.dumps(
+            {"type": "stop", **draw(st.dictionaries(st.sampled_from(["reason", "x"]), json_scalars, max_size=1))}
+        )
     if kind == "text":
         return draw(st.text(max_size=40))
     return json.dumps(draw(json_values))
@@ -137,10 +148,19 @@ def _start_problems(message: str | bytes) -> tuple[set[str], int] | None:
     encoding = start.get("encoding", "pcm_s16le")
     rate = start.get("sample_rate", 16000)
     channels = start.get("channels", 1)
-    field_errors = (not isinstance(encoding, str) or start.get("language", "zh") not in LANGUAGES
-                    or not isinstance(start.get("partials", True), bool))
-    format_errors = (not isinstance(rate, (int, float)) or isinstance(rate, bool) or not float(rate).is_integer()
-                     or not 8000 <= rate <= 48000 or isinstance(channels, bool) or channels != 1)
+    field_errors = (
+        not isinstance(encoding, str)
+        or start.get("language", "zh") not in LANGUAGES
+        or not isinstance(start.get("partials", True), bool)
+    )
+    format_errors = (
+        not isinstance(rate, (int, float))
+        or isinstance(rate, bool)
+        or not float(rate).is_integer()
+        or not 8000 <= rate <= 48000
+        or isinstance(channels, bool)
+        or channels != 1
+    )
     unknown_encoding = isinstance(encoding, str) and encoding not in ENCODINGS
     if field_errors:
         return {"bad_request"}, 1008
@@ -221,10 +241,12 @@ def loop():
 @pytest.fixture(scope="module", autouse=True)
 def report():
     yield
-    line = (f"fuzz: {COUNTS['messages']} messages ({COUNTS['messages_socket']} over sockets) in {COUNTS['sessions']} "
-            f"sessions; {COUNTS['invalid']} invalid, {COUNTS['answered']} answered with an error event; "
-            f"{COUNTS['ended']} ended with stop; {COUNTS['partials']} partials and {COUNTS['finals']} finals sent; "
-            f"{COUNTS['decoder_frames']} decoder frames")
+    line = (
+        f"fuzz: {COUNTS['messages']} messages ({COUNTS['messages_socket']} over sockets) in {COUNTS['sessions']} "
+        f"sessions; {COUNTS['invalid']} invalid, {COUNTS['answered']} answered with an error event; "
+        f"{COUNTS['ended']} ended with stop; {COUNTS['partials']} partials and {COUNTS['finals']} finals sent; "
+        f"{COUNTS['decoder_frames']} decoder frames"
+    )
     print("\n" + line)
     if os.environ.get("BREEZE_FUZZ_REPORT"):
         Path(os.environ["BREEZE_FUZZ_REPORT"]).write_text(json.dumps(dict(COUNTS), indent=2) + "\n")
@@ -320,8 +342,12 @@ def test_native_protocol_over_sockets(socket_server, messages):
 
 
 @settings(max_examples=examples(300), deadline=None)
-@given(encoding=st.sampled_from(ENCODINGS), rate=st.sampled_from([8000, 11025, 16000, 22050, 24000, 44100, 48000]),
-       data=st.binary(max_size=6000), cuts=st.lists(st.integers(0, 6000), max_size=8))
+@given(
+    encoding=st.sampled_from(ENCODINGS),
+    rate=st.sampled_from([8000, 11025, 16000, 22050, 24000, 44100, 48000]),
+    data=st.binary(max_size=6000),
+    cuts=st.lists(st.integers(0, 6000), max_size=8),
+)
 def test_decoder_frames_cut_anywhere(encoding, rate, data, cuts):
     pieces = [data[a:b] for a, b in zip([0, *sorted(cuts)], [*sorted(cuts), len(data)])]
     whole = AudioDecoder(encoding, rate)
@@ -355,12 +381,23 @@ def test_g711_tables_round_trip(data):
 
 
 @settings(max_examples=examples(100), deadline=None)
-@given(rate=st.one_of(st.integers(-10, 100000), st.floats(allow_nan=True), st.booleans(), st.text(max_size=5), st.none()),
-       channels=st.one_of(st.integers(-2, 4), st.booleans(), st.none()), encoding=st.one_of(st.sampled_from(ENCODINGS), st.text(max_size=8)))
+@given(
+    rate=st.one_of(st.integers(-10, 100000), st.floats(allow_nan=True), st.booleans(), st.text(max_size=5), st.none()),
+    channels=st.one_of(st.integers(-2, 4), st.booleans(), st.none()),
+    encoding=st.one_of(st.sampled_from(ENCODINGS), st.text(max_size=8)),
+)
 def test_decoder_formats(rate, channels, encoding):
     from streaming.codecs import AudioFormatError
-    valid = (encoding in ENCODINGS and isinstance(rate, (int, float)) and not isinstance(rate, bool)
-             and float(rate).is_integer() and 8000 <= rate <= 48000 and channels == 1 and not isinstance(channels, bool))
+
+    valid = (
+        encoding in ENCODINGS
+        and isinstance(rate, (int, float))
+        and not isinstance(rate, bool)
+        and float(rate).is_integer()
+        and 8000 <= rate <= 48000
+        and channels == 1
+        and not isinstance(channels, bool)
+    )
     try:
         AudioDecoder(encoding, rate, channels)
     except AudioFormatError as exc:

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_TEXT, receive_all
+from hardening_helpers import CliServer, FakeConnection, pcm16, phrases, silence, tiny_pt, voiced
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import engines.engine as engine_module
-from conftest import TINY_TEXT, receive_all
 from engines.engine import Engine
-from hardening_helpers import CliServer, FakeConnection, pcm16, phrases, silence, tiny_pt, voiced
 from streaming import auth
 from streaming.adapters import Outbox
 from streaming.admission import AdmissionConfig
@@ -57,8 +57,17 @@ def url(server: Server, path: str = "/v1/stream", port: int | None = None, schem
     return f"{scheme}://127.0.0.1:{port or server.port}{path}"
 
 
-async def native(server: Server, audio: np.ndarray = TWO_PHRASES, *, path: str = "/v1/stream", start: dict | None = None,
-                 frame_bytes: int = 6400, pace: float = 0.005, stop: bool = True, **connect_args) -> tuple[list[dict], int]:
+async def native(
+    server: Server,
+    audio: np.ndarray = TWO_PHRASES,
+    *,
+    path: str = "/v1/stream",
+    start: dict | None = None,
+    frame_bytes: int = 6400,
+    pace: float = 0.005,
+    stop: bool = True,
+    **connect_args,
+) -> tuple[list[dict], int]:
     """A native-protocol stream: start, audio, stop; (events, close code)."""
     async with connect(url(server, path), **connect_args) as ws:
         reader = asyncio.ensure_future(receive_all(ws))
@@ -66,7 +75,7 @@ async def native(server: Server, audio: np.ndarray = TWO_PHRASES, *, path: str =
             await ws.send(json.dumps(start or {"type": "start"}))
             data = pcm16(audio)
             for i in range(0, len(data), frame_bytes):
-                await ws.send(data[i:i + frame_bytes])
+                await ws.send(data[i : i + frame_bytes])
                 await asyncio.sleep(pace)
             if stop:
                 await ws.send(json.dumps({"type": "stop"}))
@@ -141,6 +150,7 @@ def test_key_rotation_and_bad_files(tmp_path: Path, key_file: Path):
 
 def test_handshake_tokens():
     from websockets.datastructures import Headers
+
     assert handshake_token(Headers({"Authorization": "Bearer abc"}), "/v1/stream") == "abc"
     assert handshake_token(Headers({"Authorization": "bearer  abc "}), "/v1/stream") == "abc"
     assert handshake_token(Headers({"Authorization": "Basic abc"}), "/v1/stream") is None
@@ -158,18 +168,31 @@ async def test_native_auth(tiny_engine, key_file: Path):
         assert await upgrade_status(srv) == 401
         assert await upgrade_status(srv, additional_headers={"Authorization": "Bearer wrong"}) == 401
         assert await upgrade_status(srv, "/v1/stream?token=wrong") == 401
-        status, headers, body = await http_get(srv.port, "/v1/stream", {"Upgrade": "websocket", "Connection": "Upgrade",
-                                                                        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-                                                                        "Sec-WebSocket-Version": "13"})
+        status, headers, body = await http_get(
+            srv.port,
+            "/v1/stream",
+            {
+                "Upgrade": "websocket",
+                "Connection": "Upgrade",
+                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                "Sec-WebSocket-Version": "13",
+            },
+        )
         assert status == 401 and headers["www-authenticate"].startswith("Bearer") and b"API key" in body
         # a key in the header, in the URL, or (a browser) in the start message
-        for kwargs in ({"additional_headers": {"Authorization": f"Bearer {KEY}"}}, {"path": f"/v1/stream?token={OTHER_KEY}"},
-                       {"origin": "http://page.example", "start": {"type": "start", "token": KEY}}):
+        for kwargs in (
+            {"additional_headers": {"Authorization": f"Bearer {KEY}"}},
+            {"path": f"/v1/stream?token={OTHER_KEY}"},
+            {"origin": "http://page.example", "start": {"type": "start", "token": KEY}},
+        ):
             events, code = await native(srv, **kwargs)
             assert code == 1000 and [f["text"] for f in finals(events)] == [TINY_TEXT] * 2, (kwargs, events)
         # a browser without a key, or with a wrong one: told by an error event it can show
-        for kwargs in ({"origin": "http://page.example"}, {"origin": "http://page.example", "path": "/v1/stream?token=bad"},
-                       {"origin": "http://page.example", "start": {"type": "start", "token": "bad"}}):
+        for kwargs in (
+            {"origin": "http://page.example"},
+            {"origin": "http://page.example", "path": "/v1/stream?token=bad"},
+            {"origin": "http://page.example", "start": {"type": "start", "token": "bad"}},
+        ):
             events, code = await native(srv, **kwargs)
             assert code == 1008 and events[-1]["type"] == "error" and events[-1]["code"] == "unauthorized", events
             assert all(e["type"] == "error" for e in events), "nothing of a session before the key"
@@ -200,10 +223,15 @@ async def test_every_endpoint_needs_the_key(tiny_engine, key_file: Path):
             assert await upgrade_status(srv, f"{path}?token={KEY}") == 101, path
 
         # OpenAI Realtime: the SDK's Authorization header; a browser's key subprotocol
-        async with connect(url(srv, "/v1/realtime?partials=true"), additional_headers={"Authorization": f"Bearer {KEY}"}) as ws:
+        async with connect(
+            url(srv, "/v1/realtime?partials=true"), additional_headers={"Authorization": f"Bearer {KEY}"}
+        ) as ws:
             assert json.loads(await ws.recv())["type"] == "session.created"
-        async with connect(url(srv, "/v1/realtime"), origin="http://page.example",
-                           subprotocols=["realtime", f"openai-insecure-api-key.{KEY}"]) as ws:
+        async with connect(
+            url(srv, "/v1/realtime"),
+            origin="http://page.example",
+            subprotocols=["realtime", f"openai-insecure-api-key.{KEY}"],
+        ) as ws:
             assert ws.subprotocol == "realtime" and json.loads(await ws.recv())["type"] == "session.created"
         async with connect(url(srv, "/v1/realtime"), origin="http://page.example") as ws:  # browser, no key
             events = await receive_all(ws)
@@ -243,7 +271,9 @@ async def test_every_endpoint_needs_the_key(tiny_engine, key_file: Path):
 
 
 async def test_allowed_origins(tiny_engine):
-    config = ServerConfig(port=0, auth=AuthConfig(allowed_origins=auth.parse_origins("https://app.example, http://127.0.0.1:1/")))
+    config = ServerConfig(
+        port=0, auth=AuthConfig(allowed_origins=auth.parse_origins("https://app.example, http://127.0.0.1:1/"))
+    )
     async with Server(config, engine=tiny_engine) as srv:
         assert await upgrade_status(srv, origin="https://evil.example") == 403
         assert await upgrade_status(srv, "/v1/realtime", origin="https://evil.example") == 403
@@ -256,9 +286,28 @@ async def test_allowed_origins(tiny_engine):
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl (the command) makes the test certificate")
 async def test_tls(tiny_engine, tmp_path: Path, key_file: Path):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     client = ssl.create_default_context(cafile=str(cert))
     config = ServerConfig(port=0, certfile=str(cert), keyfile=str(key), auth=AuthConfig(api_key_file=str(key_file)))
     async with Server(config, engine=tiny_engine) as srv:
@@ -367,8 +416,9 @@ async def test_connections_per_client_behind_a_trusted_proxy(tiny_engine):
 async def test_session_duration(tiny_engine):
     config = ServerConfig(port=0, limits=Limits(max_session_seconds=1.0))
     async with Server(config, engine=tiny_engine) as srv:
-        events, code = await native(srv, np.concatenate([silence(0.2), voiced(4.0)]), frame_bytes=3200, pace=0.05,
-                                    stop=False)
+        events, code = await native(
+            srv, np.concatenate([silence(0.2), voiced(4.0)]), frame_bytes=3200, pace=0.05, stop=False
+        )
     assert code == 1008
     assert [e["type"] for e in events][-2:] == ["final", "end"], "the open segment is flushed first"
     assert events[-1]["reason"] == "max_duration" and "1 s" in events[-1]["message"]
@@ -379,13 +429,28 @@ async def test_realtime_session_duration(tiny_engine):
     async with Server(config, engine=tiny_engine) as srv:
         async with connect(url(srv, "/v1/realtime")) as ws:
             await ws.recv()
-            await ws.send(json.dumps({"type": "session.update", "session": {"type": "transcription", "audio": {
-                "input": {"format": {"type": "audio/pcm", "rate": 16000}}}}}))
+            await ws.send(
+                json.dumps(
+                    {
+                        "type": "session.update",
+                        "session": {
+                            "type": "transcription",
+                            "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}},
+                        },
+                    }
+                )
+            )
             data = pcm16(np.concatenate([silence(0.2), voiced(3.0)]))
             try:
                 for i in range(0, len(data), 3200):
-                    await ws.send(json.dumps({"type": "input_audio_buffer.append",
-                                              "audio": base64.b64encode(data[i:i + 3200]).decode()}))
+                    await ws.send(
+                        json.dumps(
+                            {
+                                "type": "input_audio_buffer.append",
+                                "audio": base64.b64encode(data[i : i + 3200]).decode(),
+                            }
+                        )
+                    )
                     await asyncio.sleep(0.03)
             except ConnectionClosed:
                 pass
@@ -400,7 +465,9 @@ async def test_idle_timeout_flushes_then_closes(tiny_engine):
     config = ServerConfig(port=0, session=SessionConfig(idle_timeout=0.4))
     async with Server(config, engine=tiny_engine) as srv:
         events, code = await native(srv, voiced(1.0), stop=False, pace=0)
-    assert code == 1000 and [e["type"] for e in events][-2:] == ["final", "end"] and events[-1]["reason"] == "idle_timeout"
+    assert (
+        code == 1000 and [e["type"] for e in events][-2:] == ["final", "end"] and events[-1]["reason"] == "idle_timeout"
+    )
 
 
 class SlowEngine:
@@ -528,6 +595,7 @@ async def test_drain_flushes_every_stream(tiny_engine):
 
 async def test_drain_timeout_bounds_the_shutdown(tiny_engine):
     """An engine that never answers: the drain gives up at its timeout and closes with 1001."""
+
     class Stuck:
         name, device = "stuck", "cpu"
 
@@ -575,7 +643,9 @@ async def test_sigterm_with_five_streams(tmp_path: Path):
         server.kill()
     assert code == 0, server.output()
     assert elapsed < 10, f"exit {elapsed:.1f} s after SIGTERM"
-    print(f"\nSIGTERM with 5 streams mid-segment: every stream got its finals, end and 1001; exit 0 {elapsed:.2f} s after")
+    print(
+        f"\nSIGTERM with 5 streams mid-segment: every stream got its finals, end and 1001; exit 0 {elapsed:.2f} s after"
+    )
     for ws, events in zip(clients, results):
         types = [e["type"] for e in events]
         assert types[-1] == "end" and events[-1]["reason"] == "shutdown", types
@@ -598,6 +668,7 @@ async def test_decode_exception_fails_only_its_session(tiny_engine, monkeypatch)
 
     monkeypatch.setattr(AudioDecoder, "decode", decode)
     async with Server(ServerConfig(port=0), engine=tiny_engine) as srv:
+
         async def bad() -> tuple[list[dict], int]:
             async with connect(url(srv)) as ws:
                 await ws.send(json.dumps({"type": "start"}))
@@ -632,12 +703,13 @@ async def test_engine_failure_fails_only_its_request(tiny_engine, monkeypatch):
     monkeypatch.setattr(engine_module, "clip_mel", clip_mel)
     poisoned = np.concatenate([silence(0.2), voiced(1.5, peak=POISON_PEAK / 32768)])
     async with Server(ServerConfig(port=0), engine=tiny_engine) as srv:
+
         async def bad():
             data = (np.round(poisoned * 32768)).astype("<i2").tobytes()
             async with connect(url(srv)) as ws:
                 await ws.send(json.dumps({"type": "start"}))
                 for i in range(0, len(data), 3200):
-                    await ws.send(data[i:i + 3200])
+                    await ws.send(data[i : i + 3200])
                     await asyncio.sleep(0.005)
                 events = await receive_all(ws)
             return events, ws.close_code
@@ -712,17 +784,29 @@ async def test_fifty_clients_killed_mid_stream(tiny_engine):
             await ws.recv()
             data = pcm16(audio)
             for i in range(0, len(data), 3200):
-                await ws.send(data[i:i + 3200])
+                await ws.send(data[i : i + 3200])
                 await asyncio.sleep(0.01)
 
         async def realtime_client(ws):
             await ws.recv()
-            await ws.send(json.dumps({"type": "session.update", "session": {"type": "transcription", "audio": {
-                "input": {"format": {"type": "audio/pcm", "rate": 16000}}}}}))
+            await ws.send(
+                json.dumps(
+                    {
+                        "type": "session.update",
+                        "session": {
+                            "type": "transcription",
+                            "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}},
+                        },
+                    }
+                )
+            )
             data = pcm16(audio)
             for i in range(0, len(data), 3200):
-                await ws.send(json.dumps({"type": "input_audio_buffer.append",
-                                          "audio": base64.b64encode(data[i:i + 3200]).decode()}))
+                await ws.send(
+                    json.dumps(
+                        {"type": "input_audio_buffer.append", "audio": base64.b64encode(data[i : i + 3200]).decode()}
+                    )
+                )
                 await asyncio.sleep(0.01)
 
         async def twilio_client(ws, i):
@@ -734,7 +818,7 @@ async def test_fifty_clients_killed_mid_stream(tiny_engine):
         async def client(i: int):
             kind = ("/v1/stream", "/v1/realtime", "/v1/twilio")[i % 3]
             ws = await connect(url(srv, kind))
-            run = (native_client(ws) if i % 3 == 0 else realtime_client(ws) if i % 3 == 1 else twilio_client(ws, i))
+            run = native_client(ws) if i % 3 == 0 else realtime_client(ws) if i % 3 == 1 else twilio_client(ws, i)
             feeding = asyncio.ensure_future(run)
             await asyncio.sleep(0.3 + 0.02 * (i % 10))  # mid-stream, mid-segment
             ws.transport.abort()  # killed: no close frame, no stop
@@ -757,7 +841,9 @@ async def test_fifty_clients_killed_mid_stream(tiny_engine):
 # --- the demo page with auth on ----------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="Debian chromium at /usr/bin/chromium drives the page")
+@pytest.mark.skipif(
+    not Path("/usr/bin/chromium").exists(), reason="Debian chromium at /usr/bin/chromium drives the page"
+)
 async def test_demo_page_with_auth(tiny_engine, key_file: Path, tmp_path: Path):
     """The page passes its own ?token= on to /v1/stream; without it the page shows `unauthorized`."""
     async_api = pytest.importorskip("playwright.async_api")
@@ -768,8 +854,9 @@ async def test_demo_page_with_auth(tiny_engine, key_file: Path, tmp_path: Path):
     soundfile.write(wav, np.concatenate([silence(0.5), voiced(1.5), silence(1.5)]), 16000, subtype="PCM_16")
     config = ServerConfig(port=0, auth=AuthConfig(api_key_file=str(key_file)))
     async with Server(config, engine=tiny_engine) as srv, async_api.async_playwright() as p:
-        browser = await p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
-                                          args=QUIET_FLAGS + fake_mic_flags(wav))
+        browser = await p.chromium.launch(
+            executable_path="/usr/bin/chromium", headless=True, args=QUIET_FLAGS + fake_mic_flags(wav)
+        )
         try:
             page = await browser.new_page()
             errors = []
@@ -793,13 +880,31 @@ async def test_demo_page_with_auth(tiny_engine, key_file: Path, tmp_path: Path):
 
 def test_serve_arguments(tmp_path: Path, key_file: Path):
     from test_server import serve_args
+
     from streaming.server import config_from_args, run_serve
 
-    config = config_from_args(serve_args("--api-key-file", str(key_file), "--allowed-origins", "https://a.example/",
-                                         "--max-sessions", "5", "--max-connections-per-client", "2",
-                                         "--max-session-seconds", "60", "--max-queued-audio", "10",
-                                         "--max-send-queue", "50", "--drain-timeout", "3",
-                                         "--trusted-proxies", "10.0.0.0/8, 192.168.1.1"))
+    config = config_from_args(
+        serve_args(
+            "--api-key-file",
+            str(key_file),
+            "--allowed-origins",
+            "https://a.example/",
+            "--max-sessions",
+            "5",
+            "--max-connections-per-client",
+            "2",
+            "--max-session-seconds",
+            "60",
+            "--max-queued-audio",
+            "10",
+            "--max-send-queue",
+            "50",
+            "--drain-timeout",
+            "3",
+            "--trusted-proxies",
+            "10.0.0.0/8, 192.168.1.1",
+        )
+    )
     assert config.auth == AuthConfig(api_key_file=str(key_file), allowed_origins=("https://a.example",))
     assert dataclasses.astuple(config.limits)[:3] == (5, 2, 60.0) and config.limits.drain_timeout == 3
     assert config.limits.trusted_proxies == ("10.0.0.0/8", "192.168.1.1")
@@ -819,4 +924,5 @@ def test_replay_connection():
         replay = Replay(connection, ["a"])
         assert await replay.recv() == "a" and await replay.recv() == "b"
         assert replay.remote_address == connection.remote_address
+
     asyncio.run(go())

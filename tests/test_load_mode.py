@@ -12,14 +12,14 @@ import math
 
 import pytest
 import torch
+from conftest import receive_all
+from protocol_audio import pcm16, two_phrases
+from test_server import http_get
 from websockets.asyncio.client import connect
 
-from conftest import receive_all
 from engines.synthetic import RANDOM_PREFIX, SHAPES, TOKENS_PER_SECOND, random_engine, synthetic_vocabulary
 from engines.tokenizer import Tokenizer
-from protocol_audio import pcm16, two_phrases
 from streaming.server import Server, ServerConfig
-from test_server import http_get
 
 
 def test_synthetic_tokens_decode_to_unique_cjk_pairs():
@@ -57,12 +57,16 @@ async def test_server_serves_a_random_model_and_says_so():
     async with Server(config) as server:
         await server.wait_ready()
         status, _, body = await http_get(server.port, "/healthz")
-        assert status == 200 and json.loads(body)["model"].startswith("random:tiny") and "random" in json.loads(body)["model"][7:]
+        assert (
+            status == 200
+            and json.loads(body)["model"].startswith("random:tiny")
+            and "random" in json.loads(body)["model"][7:]
+        )
         async with connect(f"ws://127.0.0.1:{server.port}/v1/stream") as ws:
             await ws.send(json.dumps({"type": "start"}))
             audio = pcm16(two_phrases())
             for i in range(0, len(audio), 3200):
-                await ws.send(audio[i:i + 3200])
+                await ws.send(audio[i : i + 3200])
             await ws.send(json.dumps({"type": "stop"}))
             events = await receive_all(ws)
     assert events[0]["type"] == "ready" and "random weights" in events[0]["model"]

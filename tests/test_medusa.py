@@ -9,14 +9,34 @@ import pytest
 import torch
 
 from engines.medusa import SHIPPED_HEADS, MedusaHeads, load_heads, read_heads_meta, save_heads
-from engines.medusa_train import (evaluate, head_loss, head_targets, is_held_out, list_clips, main as train_main,
-                                  train_heads)
+from engines.medusa_train import evaluate, head_loss, head_targets, is_held_out, list_clips, train_heads
+from engines.medusa_train import main as train_main
 from engines.model import ModelDims, Whisper
 
-TINY = ModelDims(n_mels=80, n_audio_ctx=1500, n_audio_state=32, n_audio_head=2, n_audio_layer=1,
-                 n_vocab=51865, n_text_ctx=448, n_text_state=32, n_text_head=2, n_text_layer=1)
-BASE = ModelDims(n_mels=80, n_audio_ctx=1500, n_audio_state=512, n_audio_head=8, n_audio_layer=6,
-                 n_vocab=51865, n_text_ctx=448, n_text_state=512, n_text_head=8, n_text_layer=6)
+TINY = ModelDims(
+    n_mels=80,
+    n_audio_ctx=1500,
+    n_audio_state=32,
+    n_audio_head=2,
+    n_audio_layer=1,
+    n_vocab=51865,
+    n_text_ctx=448,
+    n_text_state=32,
+    n_text_head=2,
+    n_text_layer=1,
+)
+BASE = ModelDims(
+    n_mels=80,
+    n_audio_ctx=1500,
+    n_audio_state=512,
+    n_audio_head=8,
+    n_audio_layer=6,
+    n_vocab=51865,
+    n_text_ctx=448,
+    n_text_state=512,
+    n_text_head=8,
+    n_text_layer=6,
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +61,9 @@ def test_shapes_and_zero_init_equals_base_head(tiny_model):
     assert logits.shape == (2, 5, 4, TINY.n_vocab)
     for k in range(4):
         assert torch.equal(out[..., k, :], hidden)
-        torch.testing.assert_close(logits[..., k, :], base)  # float32 tolerance: GEMM blocking varies with the row count
+        torch.testing.assert_close(
+            logits[..., k, :], base
+        )  # float32 tolerance: GEMM blocking varies with the row count
     assert heads.topk(tiny_model, hidden, 3).shape == (2, 5, 4, 3)
     # fp16 hidden states with fp32 parameters (the engine on CUDA)
     assert heads(hidden.half()).dtype == torch.float16
@@ -55,8 +77,11 @@ def test_save_load_round_trip(tmp_path):
     with torch.no_grad():
         for p in heads.parameters():
             p.normal_(0, 0.1)
-    path = save_heads(tmp_path / "h.safetensors", heads,
-                      {"base_model": "tiny", "data_recipe": "test-v1", "heldout": {"top1": [0.5, 0.25, 0.1]}})
+    path = save_heads(
+        tmp_path / "h.safetensors",
+        heads,
+        {"base_model": "tiny", "data_recipe": "test-v1", "heldout": {"top1": [0.5, 0.25, 0.1]}},
+    )
     meta = read_heads_meta(path)
     assert meta["n_state"] == str(TINY.n_text_state)
     assert meta["n_heads"] == "3" and meta["base_model"] == "tiny" and meta["data_recipe"] == "test-v1"
@@ -84,6 +109,7 @@ def test_load_errors(tmp_path):
         load_heads(path, BASE)
     other = tmp_path / "other.safetensors"
     from safetensors.torch import save_file
+
     save_file({"x": torch.zeros(2)}, str(other))
     with pytest.raises(ValueError, match="not a breeze-stream Medusa heads file"):
         load_heads(other, TINY)
@@ -124,21 +150,54 @@ def test_training_reduces_loss_and_resumes(tmp_path):
     heads = MedusaHeads(TINY.n_text_state, 2)
     before, _, _ = head_loss(heads, weight, hidden, targets)
     ckpt = tmp_path / "h.ckpt"
-    history = train_heads(heads, weight, hidden, targets, epochs=4, batch_size=32, lr=5e-2, progress=False,
-                          eval_set=(hidden, targets), ckpt=ckpt, log=lambda m: None)
+    history = train_heads(
+        heads,
+        weight,
+        hidden,
+        targets,
+        epochs=4,
+        batch_size=32,
+        lr=5e-2,
+        progress=False,
+        eval_set=(hidden, targets),
+        ckpt=ckpt,
+        log=lambda m: None,
+    )
     after, correct, count = head_loss(heads, weight, hidden, targets)
     assert after < before * 0.5
     assert min(history[-1]["heldout"]["top1"]) > 0.1  # chance: 1 / 512
     assert [h["epoch"] for h in history] == [-1, 0, 1, 2, 3] and ckpt.is_file()
     # resuming continues after the last finished epoch
     again = MedusaHeads(TINY.n_text_state, 2)
-    history = train_heads(again, weight, hidden, targets, epochs=5, batch_size=32, lr=5e-2, progress=False,
-                          eval_set=(hidden, targets), ckpt=ckpt, resume=True, log=lambda m: None)
+    history = train_heads(
+        again,
+        weight,
+        hidden,
+        targets,
+        epochs=5,
+        batch_size=32,
+        lr=5e-2,
+        progress=False,
+        eval_set=(hidden, targets),
+        ckpt=ckpt,
+        resume=True,
+        log=lambda m: None,
+    )
     assert [h["epoch"] for h in history] == [-1, 0, 1, 2, 3, 4]
     # the sampled softmax (CPU default) trains too
     sampled = MedusaHeads(TINY.n_text_state, 2)
-    train_heads(sampled, weight, hidden, targets, epochs=4, batch_size=32, lr=5e-2, progress=False,
-                negatives=64, log=lambda m: None)
+    train_heads(
+        sampled,
+        weight,
+        hidden,
+        targets,
+        epochs=4,
+        batch_size=32,
+        lr=5e-2,
+        progress=False,
+        negatives=64,
+        log=lambda m: None,
+    )
     assert head_loss(sampled, weight, hidden, targets)[0] < before * 0.5
     e = evaluate(sampled, weight, hidden, targets)
     assert len(e["top1"]) == 2 and 1.0 <= e["tokens_per_forward_chain"] <= 3.0
@@ -178,9 +237,32 @@ def test_train_command_end_to_end(tiny_model, tmp_path, capsys):
         lines.append(json.dumps({"audio": f"clips/{i}.wav", "text": f"sentence {i}", "recipe": "noise-test"}))
     (tmp_path / "manifest.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "heads.safetensors"
-    args = ["--model", str(model_path), "--audio", str(tmp_path / "manifest.jsonl"), "--out", str(out),
-            "--heads", "2", "--layers", "1", "--epochs", "1", "--device", "cpu", "--max-tokens", "6", "--holdout", "0.3",
-            "--label-batch", "4", "--verify", "1", "--negatives", "64"]
+    args = [
+        "--model",
+        str(model_path),
+        "--audio",
+        str(tmp_path / "manifest.jsonl"),
+        "--out",
+        str(out),
+        "--heads",
+        "2",
+        "--layers",
+        "1",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--max-tokens",
+        "6",
+        "--holdout",
+        "0.3",
+        "--label-batch",
+        "4",
+        "--verify",
+        "1",
+        "--negatives",
+        "64",
+    ]
     assert train_main(args) == 0
     captured = capsys.readouterr()
     assert "label check: 1/1 clips decode to the same tokens as Engine.transcribe" in captured.err
@@ -192,7 +274,12 @@ def test_train_command_end_to_end(tiny_model, tmp_path, capsys):
     index = json.loads((tmp_path / "heads.safetensors.cache" / "index.json").read_text())
     assert sum(len(s["clips"]) for s in index["shards"]) == 6
     # a second run reuses the cache and resumes the checkpoint
-    assert train_main(args[:-8] + ["--epochs", "2", "--resume", "--label-batch", "4", "--verify", "0", "--negatives", "64"]) == 0
+    assert (
+        train_main(
+            args[:-8] + ["--epochs", "2", "--resume", "--label-batch", "4", "--verify", "0", "--negatives", "64"]
+        )
+        == 0
+    )
     assert "resumed" in capsys.readouterr().err
 
 
@@ -203,6 +290,7 @@ def test_inputs(tmp_path):
     clips = list_clips(tmp_path)
     assert sorted(c.id for c in clips) == ["a/x.wav", "y.wav"]
     from engines.medusa_train import _eval_root
+
     with pytest.raises(SystemExit, match="evaluation data"):
         list_clips(_eval_root() / "dev")
     # the held-out split is a stable function of the group

@@ -14,9 +14,17 @@ transformers = pytest.importorskip("transformers")
 def tiny_hf_model(seed: int = 0):
     torch.manual_seed(seed)
     config = transformers.WhisperConfig(
-        vocab_size=51865, num_mel_bins=80, d_model=64, encoder_layers=2, decoder_layers=2,
-        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256,
-        max_source_positions=1500, max_target_positions=448,
+        vocab_size=51865,
+        num_mel_bins=80,
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=256,
+        decoder_ffn_dim=256,
+        max_source_positions=1500,
+        max_target_positions=448,
     )
     model = transformers.WhisperForConditionalGeneration(config).eval()
     with torch.no_grad():  # layer norms start at 1/0: randomise them so a mapping mix-up shows
@@ -28,8 +36,18 @@ def tiny_hf_model(seed: int = 0):
 
 def ours_from_hf(hf) -> Whisper:
     c = hf.config
-    dims = ModelDims(c.num_mel_bins, c.max_source_positions, c.d_model, c.encoder_attention_heads, c.encoder_layers,
-                     c.vocab_size, c.max_target_positions, c.d_model, c.decoder_attention_heads, c.decoder_layers)
+    dims = ModelDims(
+        c.num_mel_bins,
+        c.max_source_positions,
+        c.d_model,
+        c.encoder_attention_heads,
+        c.encoder_layers,
+        c.vocab_size,
+        c.max_target_positions,
+        c.d_model,
+        c.decoder_attention_heads,
+        c.decoder_layers,
+    )
     model = Whisper(dims)
     model.load_state_dict(hf_to_openai(hf.state_dict()))
     return model.eval()
@@ -50,7 +68,7 @@ def test_clip_mel_pads_normalised_domain_with_zeros():
     assert mel.shape == (80, len(audio) // 160)
     padded = pad_mel(mel)
     assert padded.shape == (80, 3000)
-    assert torch.equal(padded[:, : mel.shape[1]], mel) and not padded[:, mel.shape[1]:].any()
+    assert torch.equal(padded[:, : mel.shape[1]], mel) and not padded[:, mel.shape[1] :].any()
 
 
 @torch.inference_mode()
@@ -65,14 +83,18 @@ def test_logits_match_transformers_fp32():
     cross = ours.decoder.cross_kv(features)
     cache = ours.new_cache(2)
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-    logits = ours.decoder.logits(ours.decoder.hidden(tokens, positions, cache, None, cross, causal_mask(positions, 448)))
+    logits = ours.decoder.logits(
+        ours.decoder.hidden(tokens, positions, cache, None, cross, causal_mask(positions, 448))
+    )
     assert (logits - theirs).abs().max() < 1e-4
 
     # the same logits one token at a time through the static cache
     cache = ours.new_cache(2)
     for t in range(tokens.shape[1]):
         pos = torch.full((2, 1), t)
-        step = ours.decoder.logits(ours.decoder.hidden(tokens[:, t : t + 1], pos, cache, None, cross, causal_mask(pos, 448)))
+        step = ours.decoder.logits(
+            ours.decoder.hidden(tokens[:, t : t + 1], pos, cache, None, cross, causal_mask(pos, 448))
+        )
         assert (step[:, 0] - theirs[:, t]).abs().max() < 1e-4
 
 
@@ -81,8 +103,16 @@ def test_cache_rows_let_sequences_sit_at_different_lengths():
     ours = ours_from_hf(tiny_hf_model(3))
     cross = ours.decoder.cross_kv(ours.encoder(torch.randn(3, 80, 3000)))
     tokens = torch.randint(0, 50000, (3, 6))
-    full = ours.decoder.logits(ours.decoder.hidden(tokens, torch.arange(6).expand(3, 6), ours.new_cache(3), None, cross,
-                                                   causal_mask(torch.arange(6).expand(3, 6), 448)))
+    full = ours.decoder.logits(
+        ours.decoder.hidden(
+            tokens,
+            torch.arange(6).expand(3, 6),
+            ours.new_cache(3),
+            None,
+            cross,
+            causal_mask(torch.arange(6).expand(3, 6), 448),
+        )
+    )
     # row 1 alone, written into row 2 of a larger cache, fed in two chunks
     cache = ours.new_cache(4)
     rows = torch.tensor([2])
@@ -102,7 +132,9 @@ def test_fused_qkv_keeps_outputs_and_parameter_names():
 
     def run(model):
         cross = model.decoder.cross_kv(model.encoder(mel))
-        return model.decoder.logits(model.decoder.hidden(tokens, positions, model.new_cache(1), None, cross, causal_mask(positions, 448)))
+        return model.decoder.logits(
+            model.decoder.hidden(tokens, positions, model.new_cache(1), None, cross, causal_mask(positions, 448))
+        )
 
     names = set(ours.state_dict())
     before = run(ours)

@@ -18,19 +18,19 @@ import socket
 import time
 
 import numpy as np
+from conftest import TINY_TEXT
+from hardening_helpers import pcm16, phrases
+from test_hardening import http_get
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from conftest import TINY_TEXT
 from engines.engine import Engine
-from hardening_helpers import pcm16, phrases
 from streaming import limits
 from streaming.admission import Admission, AdmissionConfig, LoadMeter
 from streaming.limits import Limits
 from streaming.server import Server, ServerConfig
 from streaming.session import SessionConfig
 from streaming.transcriber import TranscriberConfig
-from test_hardening import http_get
 
 RATE = 16000
 
@@ -58,8 +58,15 @@ def url(server: Server, path: str = "/v1/stream") -> str:
     return f"ws://127.0.0.1:{server.port}{path}"
 
 
-async def stream(server: Server, audio: np.ndarray, *, frame_s: float = 0.1, speed: float | None = None,
-                 start: dict | None = None, **connect_args) -> tuple[list[dict], int | None, str | None, list[float]]:
+async def stream(
+    server: Server,
+    audio: np.ndarray,
+    *,
+    frame_s: float = 0.1,
+    speed: float | None = None,
+    start: dict | None = None,
+    **connect_args,
+) -> tuple[list[dict], int | None, str | None, list[float]]:
     """start, `audio` in frames (at `speed` times real time; None: as fast as the server reads), stop;
     (events, close code, close reason, final latencies: arrival minus the time the audio at its end was sent)."""
     received: list[tuple[float, dict]] = []
@@ -80,12 +87,15 @@ async def stream(server: Server, audio: np.ndarray, *, frame_s: float = 0.1, spe
         for k, i in enumerate(range(0, len(data), step)):
             if speed is not None:
                 await asyncio.sleep(max(0.0, began + k * frame_s / speed - time.monotonic()))
-            await ws.send(data[i:i + step])
+            await ws.send(data[i : i + step])
             sent.append(((i + step) / 2 / RATE, time.monotonic()))
         await ws.send(json.dumps({"type": "stop"}))
         await asyncio.wait_for(reader, 60)
-    latencies = [at - next(t for end, t in sent if end >= event["end"] - 1e-6)
-                 for at, event in received if event["type"] == "final"]
+    latencies = [
+        at - next(t for end, t in sent if end >= event["end"] - 1e-6)
+        for at, event in received
+        if event["type"] == "final"
+    ]
     return [event for _, event in received], ws.close_code, ws.close_reason, latencies
 
 
@@ -111,8 +121,11 @@ async def test_backpressured_fast_sender_outlives_the_ping_timeout(tiny_engine):
     """A client sending far faster than a slow engine transcribes: the server stops reading it for
     many ping timeouts, yet keeps the connection and sends every final and `end`."""
     slow = SerialEngine(tiny_engine, rtf=0.5)
-    config = ServerConfig(port=0, limits=Limits(ping_interval=0.2, ping_timeout=0.5),
-                          session=SessionConfig(transcriber=TranscriberConfig(max_queued_audio=2.0)))
+    config = ServerConfig(
+        port=0,
+        limits=Limits(ping_interval=0.2, ping_timeout=0.5),
+        session=SessionConfig(transcriber=TranscriberConfig(max_queued_audio=2.0)),
+    )
     async with Server(config, engine=slow) as srv:
         client = asyncio.ensure_future(stream(srv, phrases(12, speech=1.0, pause=0.8), frame_s=0.1))
         paused = await longest_pause(srv, client)
@@ -224,8 +237,9 @@ async def test_streams_beyond_measured_capacity_are_refused_at_connect(tiny_engi
     full and 200 again once the streams end; the estimate is in /metrics and /healthz."""
     slow = SerialEngine(tiny_engine, rtf=0.5)
     admission = AdmissionConfig(floor=2, utilization=0.8, hold=1.0, horizon=10.0)
-    config = ServerConfig(port=0, admission=admission,
-                          session=SessionConfig(transcriber=TranscriberConfig(partial_interval=0)))
+    config = ServerConfig(
+        port=0, admission=admission, session=SessionConfig(transcriber=TranscriberConfig(partial_interval=0))
+    )
     audio = phrases(7, speech=1.0, pause=0.8)
     async with Server(config, engine=slow) as srv:
         admitted = [asyncio.ensure_future(stream(srv, audio, speed=1.0)) for _ in range(2)]
@@ -238,8 +252,13 @@ async def test_streams_beyond_measured_capacity_are_refused_at_connect(tiny_engi
                 async with connect(url(srv)):
                     refused.append(101)
             except InvalidStatus as exc:
-                refused.append((exc.response.status_code, exc.response.headers.get("Retry-After"),
-                                json.loads(exc.response.body)["error"]))
+                refused.append(
+                    (
+                        exc.response.status_code,
+                        exc.response.headers.get("Retry-After"),
+                        json.loads(exc.response.body)["error"],
+                    )
+                )
             await asyncio.sleep(0.3)
         ready, readiness = await get_json(srv.port, "/readyz")
         health = (await get_json(srv.port, "/healthz"))[1]["capacity"]
@@ -250,7 +269,9 @@ async def test_streams_beyond_measured_capacity_are_refused_at_connect(tiny_engi
     assert refused == [(503, "1", "overloaded")] * 4, refused
     assert ready == 503 and readiness["status"] == "overloaded" and ready_after == 200
     assert 1.5 < health["capacity"] < 3.5 and 0.45 < health["rtf"] < 0.6 and health["free"] == 0, health
-    assert "breeze_capacity_streams" in metrics and 'breeze_connections_rejected_total{reason="capacity"} 4.0' in metrics
+    assert (
+        "breeze_capacity_streams" in metrics and 'breeze_connections_rejected_total{reason="capacity"} 4.0' in metrics
+    )
     latencies = []
     for events, code, _, latency in results:
         assert code == 1000 and events[-1] == {"type": "end"}
@@ -273,8 +294,9 @@ async def test_client_that_stops_reading_is_told_why(tiny_engine):
     them wait, the waiting ones are dropped for the `overloaded` error and a close 1013 "send queue
     full", which a client that reads again within limits.REFUSAL_TIMEOUT gets; one that does not
     is cut then. Either way the session ends."""
-    config = ServerConfig(port=0, session=SessionConfig(max_send_queue=4, transcriber=TranscriberConfig(
-        partial_interval=0.05)))
+    config = ServerConfig(
+        port=0, session=SessionConfig(max_send_queue=4, transcriber=TranscriberConfig(partial_interval=0.05))
+    )
     async with Server(config, engine=tiny_engine) as srv:
         for reads_again in (True, False):
             sock = socket.socket()
@@ -292,7 +314,7 @@ async def test_client_that_stops_reading_is_told_why(tiny_engine):
                 for i in range(0, len(data), step):
                     if overloaded(srv) > overflows:
                         break
-                    await ws.send(data[i:i + step])
+                    await ws.send(data[i : i + step])
                     await asyncio.sleep(0.02)  # 0.1 s of audio in 20 ms
                 else:
                     raise AssertionError("the send queue never filled")

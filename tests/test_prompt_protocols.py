@@ -15,20 +15,20 @@ import json
 import numpy as np
 import pytest
 import soxr
+from conftest import TINY_TEXT, receive_all
+from protocol_audio import RATE, pcm16, silence, two_phrases, voiced
+from test_realtime import COMPLETED, append_all, beta_sdk, completed, events_until, ga_session, sdk
+from test_server import serve_args
+from test_twilio import CALL, STREAM, media_messages, mulaw8k, play, start_message, subscribe, transcript
+from test_whisperlive import OPTIONS, check_segments, float32, session
 from websockets.asyncio.client import connect
 
-from conftest import TINY_TEXT, receive_all
 from engines.decoding import DecodingOptions
 from engines.engine import Engine
-from protocol_audio import RATE, pcm16, silence, two_phrases, voiced
 from streaming.server import Server, ServerConfig, config_from_args
 from streaming.session import SessionConfig
 from streaming.transcriber import MAX_PROMPT_CHARS
 from streaming.whisperlive import WhisperLiveConfig
-from test_server import serve_args
-from test_realtime import COMPLETED, append_all, beta_sdk, completed, events_until, ga_session, sdk
-from test_twilio import CALL, STREAM, media_messages, mulaw8k, play, start_message, subscribe, transcript
-from test_whisperlive import OPTIONS, check_segments, float32, session
 
 PROMPT = "聯發科 Breeze 台積電"
 
@@ -72,7 +72,7 @@ async def native(server: Server, messages: list) -> tuple[list[dict], int]:
                 await ws.send(json.dumps(message))
                 continue
             for i in range(0, len(message), 3200):
-                await ws.send(message[i:i + 3200])
+                await ws.send(message[i : i + 3200])
                 await asyncio.sleep(0.005)
         events = await asyncio.wait_for(reader, 30)
     return events, ws.close_code
@@ -104,8 +104,9 @@ async def test_native_update_applies_from_the_next_segment(server: Server, engin
     gets the new one; the server says from which segment on."""
     phrase1 = pcm16(np.concatenate([silence(0.3), voiced(1.5)]))
     rest = pcm16(np.concatenate([silence(1.0), voiced(1.5), silence(1.0)]))
-    events, code = await native(server, [{"type": "start", "prompt": PROMPT}, phrase1,
-                                         {"type": "update", "prompt": "新的提示"}, rest])
+    events, code = await native(
+        server, [{"type": "start", "prompt": PROMPT}, phrase1, {"type": "update", "prompt": "新的提示"}, rest]
+    )
     assert code == 1000
     assert {"type": "updated", "prompt": "新的提示", "segment": 1} in events
     assert [options.prompt for options in engine.finals()] == [PROMPT, "新的提示"]
@@ -113,19 +114,39 @@ async def test_native_update_applies_from_the_next_segment(server: Server, engin
     assert prompts == sorted(prompts, key=lambda p: p == "新的提示")  # never back to the old one
 
 
-@pytest.mark.parametrize("update", [{"type": "update", "prompt": 42}, {"type": "update", "prompt": "x" * (MAX_PROMPT_CHARS + 1)},
-                                    {"type": "update"}, {"type": "update", "prompt": "ok", "language": "en"}])
+@pytest.mark.parametrize(
+    "update",
+    [
+        {"type": "update", "prompt": 42},
+        {"type": "update", "prompt": "x" * (MAX_PROMPT_CHARS + 1)},
+        {"type": "update"},
+        {"type": "update", "prompt": "ok", "language": "en"},
+    ],
+)
 async def test_a_bad_update_is_refused_and_the_session_goes_on(server: Server, engine: RecordingEngine, update: dict):
-    events, code = await native(server, [{"type": "start", "prompt": PROMPT}, pcm16(voiced(0.5)), update,
-                                         pcm16(np.concatenate([voiced(1.0), silence(1.0)]))])
+    events, code = await native(
+        server,
+        [
+            {"type": "start", "prompt": PROMPT},
+            pcm16(voiced(0.5)),
+            update,
+            pcm16(np.concatenate([voiced(1.0), silence(1.0)])),
+        ],
+    )
     errors = [e for e in events if e["type"] == "error"]
     assert len(errors) == 1 and errors[0]["code"] == "bad_request" and "prompt" in errors[0]["message"]
     assert code == 1000 and events[-1] == {"type": "end"} and [e["type"] for e in events].count("final") == 1
     assert {options.prompt for _, options in engine.requests} == {PROMPT}
 
 
-@pytest.mark.parametrize("start", [{"type": "start", "prompt": ["a"]}, {"type": "start", "prompt": "x" * (MAX_PROMPT_CHARS + 1)},
-                                   {"type": "start", "condition_on_previous": "yes"}])
+@pytest.mark.parametrize(
+    "start",
+    [
+        {"type": "start", "prompt": ["a"]},
+        {"type": "start", "prompt": "x" * (MAX_PROMPT_CHARS + 1)},
+        {"type": "start", "condition_on_previous": "yes"},
+    ],
+)
 async def test_a_bad_start_prompt_ends_the_session(server: Server, start: dict):
     events, code = await native(server, [start])
     assert code == 1008 and len(events) == 1 and events[0]["type"] == "error" and events[0]["code"] == "bad_request"
@@ -164,8 +185,17 @@ async def test_realtime_beta_prompt_and_its_update(server: Server, engine: Recor
 async def test_realtime_refuses_a_prompt_too_long(server: Server):
     async with connect(f"ws://127.0.0.1:{server.port}/v1/realtime?intent=transcription") as ws:
         await ws.recv()  # session.created
-        await ws.send(json.dumps({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
-            "transcription": {"prompt": "x" * (MAX_PROMPT_CHARS + 1)}}}}}))
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "session.update",
+                    "session": {
+                        "type": "transcription",
+                        "audio": {"input": {"transcription": {"prompt": "x" * (MAX_PROMPT_CHARS + 1)}}},
+                    },
+                }
+            )
+        )
         error = json.loads(await ws.recv())
     assert error["type"] == "error" and error["error"]["code"] == "invalid_value"
     assert error["error"]["param"] == "session.audio.input.transcription.prompt"

@@ -35,10 +35,18 @@ def reference_tokenizer():
     return tokenizers.Tokenizer.from_file(str(default_files()[0]["tokenizer.json"]))
 
 
-@pytest.mark.parametrize("text", [
-    " 聯發科 Breeze-ASR-25 台積電", "Hello world, it's 3.5 e-mail!", " 在密碼學中,加密是將明文資訊改變為難以讀取的密文",
-    "  spaces   here\n\tand a newline", " 賴清德 蔡英文 TSMC NVIDIA's H100", "😀 ㄅㄆㄇ 〇一二三 ²³ Ⅻ", " 中文English混合123abc",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        " 聯發科 Breeze-ASR-25 台積電",
+        "Hello world, it's 3.5 e-mail!",
+        " 在密碼學中,加密是將明文資訊改變為難以讀取的密文",
+        "  spaces   here\n\tand a newline",
+        " 賴清德 蔡英文 TSMC NVIDIA's H100",
+        "😀 ㄅㄆㄇ 〇一二三 ²³ Ⅻ",
+        " 中文English混合123abc",
+    ],
+)
 def test_encode_matches_the_reference_tokenizer(tok, reference_tokenizer, text):
     ids = tok.encode(text)
     assert ids == reference_tokenizer.encode(text, add_special_tokens=False).ids
@@ -63,7 +71,7 @@ def test_segment_prompt_layout_and_cap(tok):
     tokens, prefix = segment_prompt(tok, "zh", options, 448)
     fixed = tok.encode(" 台積電")
     assert prefix == 224 and tokens[1 : 1 + len(fixed)] == fixed
-    assert tokens[1 + len(fixed) : prefix] == tok.encode(" " + words)[-(223 - len(fixed)):]
+    assert tokens[1 + len(fixed) : prefix] == tok.encode(" " + words)[-(223 - len(fixed)) :]
     assert segment_prompt(tok, "zh", options, 448, max_text=10)[1] == 11
     assert segment_prompt(tok, "zh", options, 448, max_text=0) == (start, 0)
 
@@ -76,16 +84,35 @@ def models():
     """A tiny random transformers Whisper, and ours with the same weights."""
     torch.manual_seed(3)
     config = transformers.WhisperConfig(
-        vocab_size=51865, num_mel_bins=80, d_model=64, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=256, decoder_ffn_dim=256, max_source_positions=1500,
-        max_target_positions=448)
+        vocab_size=51865,
+        num_mel_bins=80,
+        d_model=64,
+        encoder_layers=1,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=256,
+        decoder_ffn_dim=256,
+        max_source_positions=1500,
+        max_target_positions=448,
+    )
     hf = transformers.WhisperForConditionalGeneration(config).eval()
     with torch.no_grad():
         for p in hf.parameters():
             p.normal_(0, 0.1)  # varied outputs that do not collapse into a loop at once
     c = hf.config
-    dims = ModelDims(c.num_mel_bins, c.max_source_positions, c.d_model, c.encoder_attention_heads, c.encoder_layers,
-                     c.vocab_size, c.max_target_positions, c.d_model, c.decoder_attention_heads, c.decoder_layers)
+    dims = ModelDims(
+        c.num_mel_bins,
+        c.max_source_positions,
+        c.d_model,
+        c.encoder_attention_heads,
+        c.encoder_layers,
+        c.vocab_size,
+        c.max_target_positions,
+        c.d_model,
+        c.decoder_attention_heads,
+        c.decoder_layers,
+    )
     ours = Whisper(dims)
     ours.load_state_dict(hf_to_openai(hf.state_dict()))
     return hf, ours.eval()
@@ -105,7 +132,11 @@ def mel(batch: int, seed: int) -> torch.Tensor:
 def reference_greedy(hf, reference_tokenizer, tok: Tokenizer, mel: torch.Tensor, prompt: str, options: DecodingOptions):
     """Greedy decoding the slow way, in transformers: the whole sequence at every step, the prompt
     built from the reference tokenizer. Returns (tokens, no-speech probability, sum of log-probs)."""
-    prefix = [tok.sot_prev] + reference_tokenizer.encode(" " + prompt.strip(), add_special_tokens=False).ids if prompt else []
+    prefix = (
+        [tok.sot_prev] + reference_tokenizer.encode(" " + prompt.strip(), add_special_tokens=False).ids
+        if prompt
+        else []
+    )
     forced = prefix + tok.prompt("zh")
     rules = LogitFilter(tok, default_suppress_ids(), 51865, options, torch.device("cpu"))
     generated: list[int] = []
@@ -158,8 +189,9 @@ def test_beam_search_takes_the_prompt(models, decoder, reference_tokenizer):
         feats = ours.encoder(mel(1, seed=2))
     options = DecodingOptions(max_new_tokens=8, beam_size=2, prompt=PROMPTS[0])
     result = decoder.decode(feats, options)[0]
-    _, no_speech, _ = reference_greedy(hf, reference_tokenizer, decoder.tokenizer, mel(1, seed=2), PROMPTS[0],
-                                       DecodingOptions(max_new_tokens=1))
+    _, no_speech, _ = reference_greedy(
+        hf, reference_tokenizer, decoder.tokenizer, mel(1, seed=2), PROMPTS[0], DecodingOptions(max_new_tokens=1)
+    )
     assert result.no_speech_prob == pytest.approx(no_speech, abs=1e-4)
     assert result.tokens and decoder.tokenizer.sot_prev not in result.tokens
 
@@ -177,8 +209,11 @@ def test_speculation_with_a_prompt_is_plain_greedy(models, decoder):
     options = DecodingOptions(max_new_tokens=40, prompt=PROMPTS[1])
     plain = decoder.decode(feats, options)
     half = [r.tokens[: len(r.tokens) // 2] + [11, 12] for r in plain]
-    drafters = [[MedusaDrafter(ours, heads)], [HypothesisDrafter(half[1]), MedusaDrafter(ours, heads)],
-                [HypothesisDrafter(plain[2].tokens)]]
+    drafters = [
+        [MedusaDrafter(ours, heads)],
+        [HypothesisDrafter(half[1]), MedusaDrafter(ours, heads)],
+        [HypothesisDrafter(plain[2].tokens)],
+    ]
     spec = decoder.decode(feats, options, drafters)
     assert [r.tokens for r in spec] == [r.tokens for r in plain]
     assert spec[0].draft_proposed["medusa"] > 0
@@ -211,8 +246,16 @@ def alone(models, decoder):
     return feats, results
 
 
-@pytest.mark.parametrize("graphs,speculative", [(None, False), (None, True), (GraphOptions(mode="eager"), False),
-                                                (GraphOptions(mode="eager"), True), ("row kernels", True)])
+@pytest.mark.parametrize(
+    "graphs,speculative",
+    [
+        (None, False),
+        (None, True),
+        (GraphOptions(mode="eager"), False),
+        (GraphOptions(mode="eager"), True),
+        ("row kernels", True),
+    ],
+)
 def test_a_batch_of_different_prompts_gives_each_row_what_it_gives_alone(models, decoder, alone, graphs, speculative):
     """Prompts of 0, 8 and 100+ tokens (one row with timestamps, each with its own window length)
     share the batch, admitted at different steps: the plain batch, the bucketed step a CUDA graph

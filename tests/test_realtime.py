@@ -14,11 +14,11 @@ import json
 import numpy as np
 import pytest
 import soxr
+from conftest import DEV_DIR, TINY_TEXT, receive_all
+from protocol_audio import RATE, dev_manifest, pcm16, silence, two_phrases, voiced
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from conftest import DEV_DIR, TINY_TEXT, receive_all
-from protocol_audio import RATE, dev_manifest, pcm16, silence, two_phrases, voiced
 from streaming.codecs import encode_alaw, encode_mulaw, load_audio
 from streaming.realtime import segmenter_config
 from streaming.scoring import score
@@ -43,19 +43,30 @@ def sdk(server: Server) -> AsyncOpenAI:
 def beta_sdk(server: Server) -> AsyncOpenAI:
     """The beta client dials wss:// whatever the base_url's scheme (every SDK version so far), so a
     plain ws:// server is named by websocket_base_url, a documented client option."""
-    return AsyncOpenAI(api_key="sk-test", base_url=f"http://127.0.0.1:{server.port}/v1",
-                       websocket_base_url=f"ws://127.0.0.1:{server.port}/v1")
+    return AsyncOpenAI(
+        api_key="sk-test",
+        base_url=f"http://127.0.0.1:{server.port}/v1",
+        websocket_base_url=f"ws://127.0.0.1:{server.port}/v1",
+    )
 
 
 def ga_session(fmt: dict, turn_detection: dict | None = {"type": "server_vad"}, language: str = "zh") -> dict:
-    return {"type": "transcription", "audio": {"input": {
-        "format": fmt, "transcription": {"model": "gpt-4o-transcribe", "language": language},
-        "turn_detection": turn_detection, "noise_reduction": {"type": "near_field"}}}}
+    return {
+        "type": "transcription",
+        "audio": {
+            "input": {
+                "format": fmt,
+                "transcription": {"model": "gpt-4o-transcribe", "language": language},
+                "turn_detection": turn_detection,
+                "noise_reduction": {"type": "near_field"},
+            }
+        },
+    }
 
 
 async def append_all(conn, data: bytes, chunk: int, pace: float = 0.005) -> None:
     for i in range(0, len(data), chunk):
-        await conn.input_audio_buffer.append(audio=base64.b64encode(data[i:i + chunk]).decode())
+        await conn.input_audio_buffer.append(audio=base64.b64encode(data[i : i + chunk]).decode())
         await asyncio.sleep(pace)
 
 
@@ -106,7 +117,7 @@ def check_items(events: list, added: str) -> list[str]:
             done.append(e.item_id)
         elif e.type == "error":
             raise AssertionError(f"unexpected error event: {e}")
-    assert done == order[:len(done)], "completed out of commit order"
+    assert done == order[: len(done)], "completed out of commit order"
     return done
 
 
@@ -135,16 +146,28 @@ async def test_ga_server_vad_pcm16(server: Server):
     assert 0 <= started[0] <= 300 and 2400 <= started[1] <= 2800, started
     assert 1800 <= stopped[0] <= 2200 and 4300 <= stopped[1] <= 4700, stopped
     assert "conversation.item.done" in kinds and "x.transcription.partial" not in kinds
-    assert all(e.item_id == events[kinds.index("input_audio_buffer.speech_started")].item_id
-               for e in events[:kinds.index("input_audio_buffer.committed")] if e.type == DELTA)
+    assert all(
+        e.item_id == events[kinds.index("input_audio_buffer.speech_started")].item_id
+        for e in events[: kinds.index("input_audio_buffer.committed")]
+        if e.type == DELTA
+    )
 
 
 async def test_beta_g711_ulaw(server: Server):
     audio = soxr.resample(two_phrases(), RATE, 8000)
     async with beta_sdk(server).beta.realtime.connect(model="gpt-4o-transcribe") as conn:
-        await conn.transcription_session.update(session={
-            "input_audio_format": "g711_ulaw", "input_audio_transcription": {"model": "gpt-4o-transcribe", "language": "zh"},
-            "turn_detection": {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500}})
+        await conn.transcription_session.update(
+            session={
+                "input_audio_format": "g711_ulaw",
+                "input_audio_transcription": {"model": "gpt-4o-transcribe", "language": "zh"},
+                "turn_detection": {
+                    "type": "server_vad",
+                    "threshold": 0.5,
+                    "prefix_padding_ms": 300,
+                    "silence_duration_ms": 500,
+                },
+            }
+        )
         await append_all(conn, encode_mulaw(audio), 800)
         events = await events_until(conn, completed(2))
     kinds = [e.type for e in events]
@@ -187,25 +210,47 @@ async def test_manual_commit_pcma_and_clear(server: Server):
 
 async def test_clear_drops_the_open_turn(server: Server):
     async with connect(f"ws://127.0.0.1:{server.port}/v1/realtime?intent=transcription&partials=true") as ws:
-        await ws.send(json.dumps({"type": "session.update", "session": ga_session({"type": "audio/pcm", "rate": 16000})}))
+        await ws.send(
+            json.dumps({"type": "session.update", "session": ga_session({"type": "audio/pcm", "rate": 16000})})
+        )
         first = voiced(1.2)
         for i in range(0, len(first), 1600):
-            await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm16(first[i:i + 1600])).decode()}))
+            await ws.send(
+                json.dumps(
+                    {
+                        "type": "input_audio_buffer.append",
+                        "audio": base64.b64encode(pcm16(first[i : i + 1600])).decode(),
+                    }
+                )
+            )
         events = [json.loads(await ws.recv()) for _ in range(3)]
-        assert [e["type"] for e in events] == ["session.created", "session.updated", "input_audio_buffer.speech_started"]
+        assert [e["type"] for e in events] == [
+            "session.created",
+            "session.updated",
+            "input_audio_buffer.speech_started",
+        ]
         dropped = events[2]["item_id"]
         await ws.send(json.dumps({"type": "input_audio_buffer.clear"}))
         rest = np.concatenate([silence(0.5), voiced(1.5), silence(0.7)])
         for i in range(0, len(rest), 1600):  # 100 ms at a time, so partials have time to run
-            await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm16(rest[i:i + 1600])).decode()}))
+            await ws.send(
+                json.dumps(
+                    {"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm16(rest[i : i + 1600])).decode()}
+                )
+            )
             await asyncio.sleep(0.02)
         while (event := json.loads(await ws.recv()))["type"] != COMPLETED:
             events.append(event)
         events.append(event)
     kinds = [e["type"] for e in events]
     assert "input_audio_buffer.cleared" in kinds
-    assert not [e for e in events if e.get("item_id") == dropped and e["type"] not in (DELTA, "x.transcription.partial")
-                and e["type"] != "input_audio_buffer.speech_started"]
+    assert not [
+        e
+        for e in events
+        if e.get("item_id") == dropped
+        and e["type"] not in (DELTA, "x.transcription.partial")
+        and e["type"] != "input_audio_buffer.speech_started"
+    ]
     assert event["item_id"] != dropped and event["transcript"] == TINY_TEXT
     partials = [e for e in events if e["type"] == "x.transcription.partial"]
     assert partials and all(p["text"].startswith(p["stable"]) for p in partials)
@@ -217,22 +262,54 @@ SESSION = {"type": "session.update", "session": ga_session({"type": "audio/pcm",
 BAD_EVENTS = {
     # case: (frames, error code, param)
     "malformed JSON": (['{"type": "session.update", '], "invalid_json", None),
-    "not an object": (['[1, 2]'], "invalid_event", "type"),
+    "not an object": (["[1, 2]"], "invalid_event", "type"),
     "unknown event type": (['{"type": "input_audio_buffer.flush"}'], "invalid_event_type", "type"),
-    "audio before session set-up": (['{"type": "input_audio_buffer.append", "audio": "AAAA"}'], "session_not_configured", None),
+    "audio before session set-up": (
+        ['{"type": "input_audio_buffer.append", "audio": "AAAA"}'],
+        "session_not_configured",
+        None,
+    ),
     "malformed base64": ([SESSION, '{"type": "input_audio_buffer.append", "audio": "***"}'], "invalid_base64", "audio"),
     "audio not a string": ([SESSION, '{"type": "input_audio_buffer.append", "audio": 5}'], "invalid_type", "audio"),
-    "conversation session": (['{"type": "session.update", "session": {"type": "realtime"}}'], "invalid_value", "session.type"),
-    "unknown format": (['{"type": "session.update", "session": {"type": "transcription", "audio": {"input": {"format": '
-                        '{"type": "audio/opus"}}}}}'], "invalid_value", "session.audio.input.format.type"),
-    "rate out of range": (['{"type": "session.update", "session": {"type": "transcription", "audio": {"input": {"format": '
-                           '{"type": "audio/pcm", "rate": 96000}}}}}'], "invalid_value", "session.audio.input.format.rate"),
-    "unknown language": (['{"type": "transcription_session.update", "session": {"input_audio_transcription": '
-                          '{"language": "xx"}}}'], "invalid_value", "session.input_audio_transcription.language"),
-    "bad VAD threshold": (['{"type": "transcription_session.update", "session": {"turn_detection": '
-                           '{"type": "server_vad", "threshold": 2}}}'], "invalid_value", "session.turn_detection.threshold"),
-    "beta format unknown": (['{"type": "transcription_session.update", "session": {"input_audio_format": "mp3"}}'],
-                            "invalid_value", "session.input_audio_format"),
+    "conversation session": (
+        ['{"type": "session.update", "session": {"type": "realtime"}}'],
+        "invalid_value",
+        "session.type",
+    ),
+    "unknown format": (
+        [
+            '{"type": "session.update", "session": {"type": "transcription", "audio": {"input": {"format": '
+            '{"type": "audio/opus"}}}}}'
+        ],
+        "invalid_value",
+        "session.audio.input.format.type",
+    ),
+    "rate out of range": (
+        [
+            '{"type": "session.update", "session": {"type": "transcription", "audio": {"input": {"format": '
+            '{"type": "audio/pcm", "rate": 96000}}}}}'
+        ],
+        "invalid_value",
+        "session.audio.input.format.rate",
+    ),
+    "unknown language": (
+        ['{"type": "transcription_session.update", "session": {"input_audio_transcription": {"language": "xx"}}}'],
+        "invalid_value",
+        "session.input_audio_transcription.language",
+    ),
+    "bad VAD threshold": (
+        [
+            '{"type": "transcription_session.update", "session": {"turn_detection": '
+            '{"type": "server_vad", "threshold": 2}}}'
+        ],
+        "invalid_value",
+        "session.turn_detection.threshold",
+    ),
+    "beta format unknown": (
+        ['{"type": "transcription_session.update", "session": {"input_audio_format": "mp3"}}'],
+        "invalid_value",
+        "session.input_audio_format",
+    ),
     "response.create": (['{"type": "response.create"}'], "unsupported_event", "type"),
     "binary frame": ([b"\x00\x01" * 100], "invalid_message", None),
     "empty commit": ([SESSION, '{"type": "input_audio_buffer.commit"}'], "input_audio_buffer_commit_empty", None),
@@ -252,7 +329,9 @@ async def test_bad_input_gets_an_error_event_and_the_session_goes_on(server: Ser
             events.append(event)
         errors = [e["error"] for e in events if e["type"] == "error"]
         assert len(errors) == 1, events
-        assert errors[0]["type"] == "invalid_request_error" and errors[0]["code"] == code and errors[0]["param"] == param
+        assert (
+            errors[0]["type"] == "invalid_request_error" and errors[0]["code"] == code and errors[0]["param"] == param
+        )
         assert len(errors[0]["message"]) > 30  # says what was wrong and how to fix it
         # the session is still usable
         await ws.send(json.dumps(SESSION))
@@ -333,13 +412,17 @@ async def test_shutdown_commits_the_open_turn(tiny_engine):
         await closing
     assert ws.close_code == 1001
     kinds = [e["type"] for e in events]
-    assert "input_audio_buffer.committed" in kinds and kinds.index("input_audio_buffer.committed") < kinds.index(COMPLETED)
+    assert "input_audio_buffer.committed" in kinds and kinds.index("input_audio_buffer.committed") < kinds.index(
+        COMPLETED
+    )
     assert [e["transcript"] for e in events if e["type"] == COMPLETED] == [TINY_TEXT]
 
 
 def test_turn_detection_maps_to_the_segmenter():
     base = SegmenterConfig()
-    vad = segmenter_config({"type": "server_vad", "threshold": 0.9, "prefix_padding_ms": 100, "silence_duration_ms": 150}, base)
+    vad = segmenter_config(
+        {"type": "server_vad", "threshold": 0.9, "prefix_padding_ms": 100, "silence_duration_ms": 150}, base
+    )
     assert (vad.aggressiveness, vad.pre_roll_ms, vad.hangover_ms, vad.end_padding_ms) == (3, 100, 150, 150)
     assert segmenter_config({"type": "semantic_vad", "eagerness": "low"}, base).hangover_ms == 1200
     assert segmenter_config(None, base) == base
@@ -347,7 +430,9 @@ def test_turn_detection_maps_to_the_segmenter():
 
 # --- the embedded default model on a dev clip ----------------------------------------------------
 
-needs_dev = pytest.mark.skipif(not DEV_DIR.is_dir(), reason=f"dev clips not found at {DEV_DIR} (the ../shared checkout)")
+needs_dev = pytest.mark.skipif(
+    not DEV_DIR.is_dir(), reason=f"dev clips not found at {DEV_DIR} (the ../shared checkout)"
+)
 
 
 @pytest.mark.dev
@@ -363,14 +448,23 @@ async def test_dev_clip_matches_the_native_endpoint(default_engine):
             await conn.session.update(session=ga_session({"type": "audio/pcm", "rate": 24000}))
             await append_all(conn, pcm16(soxr.resample(audio, RATE, 24000)), 4800, pace=0.025)
             await conn.input_audio_buffer.commit()  # manual commit under server VAD closes the last turn
-            events = await events_until(conn, lambda ev: ev[-1].type == COMPLETED and not any(
-                e.type == "input_audio_buffer.committed" and e.item_id not in {c.item_id for c in ev if c.type == COMPLETED}
-                for e in ev), timeout=60)
+            events = await events_until(
+                conn,
+                lambda ev: (
+                    ev[-1].type == COMPLETED
+                    and not any(
+                        e.type == "input_audio_buffer.committed"
+                        and e.item_id not in {c.item_id for c in ev if c.type == COMPLETED}
+                        for e in ev
+                    )
+                ),
+                timeout=60,
+            )
         async with connect(f"ws://127.0.0.1:{srv.port}/v1/stream") as ws:
             await ws.send(json.dumps({"type": "start"}))
             data = pcm16(audio)
             for i in range(0, len(data), 3200):
-                await ws.send(data[i:i + 3200])
+                await ws.send(data[i : i + 3200])
             await ws.send(json.dumps({"type": "stop"}))
             native = [json.loads(m) async for m in ws]
     realtime_text = "".join(e.transcript for e in events if e.type == COMPLETED)

@@ -137,15 +137,20 @@ def synthetic_log() -> StreamLog:
     n = 125
     sends = np.arange(n) * 0.04
     ev = lambda kind, seg, start, end, text="": {  # noqa: E731
-        "type": kind, "segment": seg, "start": start, "end": end, "text": text}
+        "type": kind,
+        "segment": seg,
+        "start": start,
+        "end": end,
+        "text": text,
+    }
     events = [
         (-0.10, {"type": "ready", "session": "s1", "model": "fake", "sample_rate": 16000}),
-        (0.60, ev("final", 2, 0.08, 0.24, "嗯")),          # over the leading silence: latency 0.40
-        (0.86, ev("partial", 0, 0.48, 0.80, "你")),        # lag 0.10, first partial 0.86 - 0.48 = 0.38
-        (1.46, ev("partial", 0, 0.48, 1.20, "你好")),      # lag 0.30
-        (2.08, ev("final", 0, 0.48, 1.52, "你好")),        # latency 0.60; clip 0 ends in frame 37 (1.48)
-        (2.56, ev("partial", 1, 1.96, 2.40, "今天")),      # lag 0.20, first partial 2.56 - 1.96 = 0.60
-        (3.16, ev("partial", 1, 1.96, 2.80, "今天天")),    # lag 0.40
+        (0.60, ev("final", 2, 0.08, 0.24, "嗯")),  # over the leading silence: latency 0.40
+        (0.86, ev("partial", 0, 0.48, 0.80, "你")),  # lag 0.10, first partial 0.86 - 0.48 = 0.38
+        (1.46, ev("partial", 0, 0.48, 1.20, "你好")),  # lag 0.30
+        (2.08, ev("final", 0, 0.48, 1.52, "你好")),  # latency 0.60; clip 0 ends in frame 37 (1.48)
+        (2.56, ev("partial", 1, 1.96, 2.40, "今天")),  # lag 0.20, first partial 2.56 - 1.96 = 0.60
+        (3.16, ev("partial", 1, 1.96, 2.80, "今天天")),  # lag 0.40
         (3.66, ev("partial", 1, 1.96, 3.20, "今天天氣")),  # lag 0.50
         (4.11, ev("partial", 1, 1.96, 4.00, "今天天氣很")),  # lag 0.15
         (5.28, ev("final", 1, 1.96, 4.52, "今天天氣很好")),  # latency 0.80; clip 1 ends in frame 112 (4.48)
@@ -248,8 +253,9 @@ breeze_final_latency_seconds_bucket{le="+Inf"} 4
     before = parse_prometheus(text)
     assert before["breeze_decoder_seconds_total"] == 2.0
     assert before["breeze_final_latency_seconds_bucket"] == 4
-    after = dict(before, breeze_encoder_seconds_total=6.0, breeze_decoder_seconds_total=3.0,
-                 breeze_audio_seconds_total=30.0)
+    after = dict(
+        before, breeze_encoder_seconds_total=6.0, breeze_decoder_seconds_total=3.0, breeze_audio_seconds_total=30.0
+    )
     rtf = server_rtf(before, after)
     assert rtf["rtf"] == approx(0.2) and rtf["encoder_rtf"] == approx(0.15) and rtf["decoder_rtf"] == approx(0.05)
     assert server_rtf(None, after) is None and server_rtf(before, before) is None
@@ -281,8 +287,10 @@ class FakeServer:
     def process_request(self, connection, request):
         if request.path == "/metrics":
             m = self.metrics
-            body = (f"breeze_audio_seconds_total {m['audio']}\nbreeze_encoder_seconds_total {m['encoder']}\n"
-                    f"breeze_decoder_seconds_total{{kind=\"x\"}} {m['decoder']}\n")
+            body = (
+                f"breeze_audio_seconds_total {m['audio']}\nbreeze_encoder_seconds_total {m['encoder']}\n"
+                f'breeze_decoder_seconds_total{{kind="x"}} {m["decoder"]}\n'
+            )
             return connection.respond(200, body)
         return None
 
@@ -290,16 +298,26 @@ class FakeServer:
         start = json.loads(await ws.recv())
         assert start["type"] == "start" and start["encoding"] == "pcm_s16le" and start["sample_rate"] == 16000
         self.sessions += 1
-        await ws.send(json.dumps({"type": "ready", "session": f"fake{self.sessions}", "model": "fake",
-                                  "sample_rate": 16000}))
+        await ws.send(
+            json.dumps({"type": "ready", "session": f"fake{self.sessions}", "model": "fake", "sample_rate": 16000})
+        )
         buffer = np.zeros(0, np.int16)
         position = 0  # samples analysed
         segment, seg_start, last_voiced, quiet, frames_in_seg = -1, None, 0, 0, 0
 
         async def final():
             nonlocal seg_start
-            await ws.send(json.dumps({"type": "final", "segment": segment, "start": seg_start / SR,
-                                      "end": last_voiced / SR, "text": "你好"}))
+            await ws.send(
+                json.dumps(
+                    {
+                        "type": "final",
+                        "segment": segment,
+                        "start": seg_start / SR,
+                        "end": last_voiced / SR,
+                        "text": "你好",
+                    }
+                )
+            )
             seg_start = None
 
         async for message in ws:
@@ -336,8 +354,18 @@ class FakeServer:
                 if quiet >= 5:
                     await final()
                 elif frames_in_seg % 3 == 0:
-                    await ws.send(json.dumps({"type": "partial", "segment": segment, "start": seg_start / SR,
-                                              "end": position / SR, "text": "你", "stable": ""}))
+                    await ws.send(
+                        json.dumps(
+                            {
+                                "type": "partial",
+                                "segment": segment,
+                                "start": seg_start / SR,
+                                "end": position / SR,
+                                "text": "你",
+                                "stable": "",
+                            }
+                        )
+                    )
 
 
 @pytest.fixture
@@ -358,9 +386,12 @@ def write_clips(tmp_path):
     soundfile.write(tmp_path / "short.wav", tone[: int(0.8 * SR)], SR, subtype="PCM_16")
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text(
-        json.dumps({"audio": "long.wav", "text": "你好", "lang": "zh"}, ensure_ascii=False) + "\n"
-        + json.dumps({"audio": "short.wav", "text": "你好嗎", "lang": "zh"}, ensure_ascii=False) + "\n",
-        encoding="utf-8")
+        json.dumps({"audio": "long.wav", "text": "你好", "lang": "zh"}, ensure_ascii=False)
+        + "\n"
+        + json.dumps({"audio": "short.wav", "text": "你好嗎", "lang": "zh"}, ensure_ascii=False)
+        + "\n",
+        encoding="utf-8",
+    )
     return manifest
 
 
@@ -373,8 +404,26 @@ def parse(argv):
 async def test_end_to_end_against_fake_server(fake_server, tmp_path, capsys):
     manifest = write_clips(tmp_path)
     out_json, out_png = tmp_path / "out.json", tmp_path / "out.png"
-    args = parse([str(manifest), "--url", fake_server.url, "--speed", "20", "--gap", "0.5", "--concurrency", "2",
-                  "--stagger", "0.05", "--json", str(out_json), "--plot", str(out_png), "--no-progress"])
+    args = parse(
+        [
+            str(manifest),
+            "--url",
+            fake_server.url,
+            "--speed",
+            "20",
+            "--gap",
+            "0.5",
+            "--concurrency",
+            "2",
+            "--stagger",
+            "0.05",
+            "--json",
+            str(out_json),
+            "--plot",
+            str(out_png),
+            "--no-progress",
+        ]
+    )
     code = await asyncio.to_thread(replay.run_replay, args)
     printed = capsys.readouterr().out
     assert code == 0, printed
@@ -412,8 +461,21 @@ async def test_end_to_end_against_fake_server(fake_server, tmp_path, capsys):
 
 async def test_plain_wav_inputs_and_quiet(fake_server, tmp_path, capsys):
     write_clips(tmp_path)
-    args = parse([str(tmp_path / "short.wav"), "--url", fake_server.url, "--speed", "20", "--gap", "0.3",
-                  "--frame-ms", "20", "--no-progress", "--quiet"])
+    args = parse(
+        [
+            str(tmp_path / "short.wav"),
+            "--url",
+            fake_server.url,
+            "--speed",
+            "20",
+            "--gap",
+            "0.3",
+            "--frame-ms",
+            "20",
+            "--no-progress",
+            "--quiet",
+        ]
+    )
     code = await asyncio.to_thread(replay.run_replay, args)
     out = capsys.readouterr().out
     assert code == 0, out
@@ -452,13 +514,30 @@ async def test_each_clip_streams_in_its_own_language(tiny_engine, tmp_path):
 
     write_clips(tmp_path)
     manifest = tmp_path / "languages.jsonl"
-    manifest.write_text("".join(json.dumps(entry) + "\n" for entry in (
-        {"audio": "long.wav", "text": "你好", "lang": "zh"}, {"audio": "short.wav", "text": "hello", "lang": "en"},
-        {"audio": "short.wav", "text": "你好 offer", "lang": "mix"})), encoding="utf-8")
+    manifest.write_text(
+        "".join(
+            json.dumps(entry) + "\n"
+            for entry in (
+                {"audio": "long.wav", "text": "你好", "lang": "zh"},
+                {"audio": "short.wav", "text": "hello", "lang": "en"},
+                {"audio": "short.wav", "text": "你好 offer", "lang": "mix"},
+            )
+        ),
+        encoding="utf-8",
+    )
     out = tmp_path / "report.json"
     async with Server(ServerConfig(port=0), engine=tiny_engine) as server:
-        common = ["--url", f"ws://127.0.0.1:{server.port}/v1/stream", "--speed", "4", "--gap", "0.3", "--no-progress",
-                  "--json", str(out)]
+        common = [
+            "--url",
+            f"ws://127.0.0.1:{server.port}/v1/stream",
+            "--speed",
+            "4",
+            "--gap",
+            "0.3",
+            "--no-progress",
+            "--json",
+            str(out),
+        ]
         await asyncio.to_thread(replay.run_replay, parse([str(manifest), *common]))
         groups = json.loads(out.read_text(encoding="utf-8"))["groups"]
         assert [g["config"]["language"] for g in groups] == ["zh", "en"]

@@ -38,15 +38,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_TEXT
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from conftest import TINY_TEXT
-
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
-NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None)
-needs_nginx = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (Debian: apt-get install nginx; .ci/run does)")
+NGINX = shutil.which("nginx") or next(
+    (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
+)
+needs_nginx = pytest.mark.skipif(
+    NGINX is None, reason="nginx is not installed (Debian: apt-get install nginx; .ci/run does)"
+)
 
 RATE = 16000
 FRAME = 3200  # bytes of pcm_s16le: 0.1 s
@@ -54,6 +57,7 @@ SERVER_LINE = re.compile(r"^(\s*)server breeze:8765 resolve (.*);$", re.M)
 
 
 # --- audio ---------------------------------------------------------------------------------------
+
 
 def voiced(seconds: float, f0: float = 140.0) -> bytes:
     """A harmonic buzz that webrtcvad takes for steady speech, as pcm_s16le."""
@@ -70,6 +74,7 @@ def silence(seconds: float) -> bytes:
 
 # --- processes -----------------------------------------------------------------------------------
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -83,7 +88,7 @@ def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int | None, st
             return response.status, response.read().decode(), dict(response.headers)
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode(), dict(exc.headers)
-    except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout):
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
         return None, "", {}
 
 
@@ -132,8 +137,9 @@ class Cluster:
 
     def _spawn(self, args: list[str], log: Path) -> subprocess.Popen:
         with open(log, "wb") as out:
-            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                    start_new_session=True)  # its own process group, killed as one
+            proc = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+            )  # its own process group, killed as one
         self.procs.append(proc)
         return proc
 
@@ -142,8 +148,21 @@ class Cluster:
         for _ in range(n):
             port = free_port()
             log = self.tmp / f"replica-{port}.log"
-            args = [sys.executable, "-m", "streaming.cli", "serve", "--model", str(model or self.model), "--device", "cpu",
-                    "--host", "127.0.0.1", "--port", str(port), *flags]
+            args = [
+                sys.executable,
+                "-m",
+                "streaming.cli",
+                "serve",
+                "--model",
+                str(model or self.model),
+                "--device",
+                "cpu",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                *flags,
+            ]
             started.append(Replica(port, self._spawn(args, log), log))
         if wait:
             for replica in started:
@@ -167,16 +186,23 @@ class Cluster:
         (prefix / "temp").mkdir(parents=True)
         port = free_port()
         conf = prefix / "nginx.conf"
-        conf.write_text(edit(render_nginx_conf((DEPLOY / "nginx.conf").read_text(), [r.port for r in upstream], port,
-                                               prefix / "temp")))
+        conf.write_text(
+            edit(
+                render_nginx_conf(
+                    (DEPLOY / "nginx.conf").read_text(), [r.port for r in upstream], port, prefix / "temp"
+                )
+            )
+        )
         check = subprocess.run(nginx_command(conf, prefix, test=True), capture_output=True, text=True, timeout=20)
         assert check.returncode == 0, f"nginx -t:\n{check.stderr}"
         proc = self._spawn(nginx_command(conf, prefix), prefix / "nginx.out")
         deadline = time.monotonic() + 10
         while http_get(port, "/nginx-healthz", timeout=1)[0] != 200:
             if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"nginx did not start:\n{(prefix / 'nginx.out').read_text(errors='replace')}"
-                            f"{(prefix / 'error.log').read_text(errors='replace') if (prefix / 'error.log').exists() else ''}")
+                pytest.fail(
+                    f"nginx did not start:\n{(prefix / 'nginx.out').read_text(errors='replace')}"
+                    f"{(prefix / 'error.log').read_text(errors='replace') if (prefix / 'error.log').exists() else ''}"
+                )
             time.sleep(0.05)
         self.nginx_port = port
         return port
@@ -203,13 +229,17 @@ def render_nginx_conf(text: str, ports: list[int], listen: int, temp: Path) -> s
     port (same parameters, without `resolve`, which open-source NGINX has only from 1.27.3 and a
     loopback address does not need), `listen 8080` a loopback port, and temp paths go under `temp`."""
     match = SERVER_LINE.search(text)
-    assert match and len(SERVER_LINE.findall(text)) == 1, "deploy/nginx.conf: expected one `server breeze:8765 resolve ...;`"
+    assert match and len(SERVER_LINE.findall(text)) == 1, (
+        "deploy/nginx.conf: expected one `server breeze:8765 resolve ...;`"
+    )
     indent, params = match.groups()
     servers = "\n".join(f"{indent}server 127.0.0.1:{port} {params};" for port in ports)
-    text = text[:match.start()] + servers + text[match.end():]
+    text = text[: match.start()] + servers + text[match.end() :]
     assert text.count("listen 8080;") == 1, "deploy/nginx.conf: expected one `listen 8080;`"
     text = text.replace("listen 8080;", f"listen 127.0.0.1:{listen};")
-    temps = "".join(f"\n    {kind}_temp_path {temp / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    temps = "".join(
+        f"\n    {kind}_temp_path {temp / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
     return text.replace("http {", "http {" + temps, 1)
 
 
@@ -217,8 +247,18 @@ def nginx_command(conf: Path, prefix: Path, test: bool = False) -> list[str]:
     main = f"daemon off; pid {prefix / 'nginx.pid'};"
     if os.geteuid() == 0:
         main += " user root;"  # workers must reach the tmp prefix; the test never binds a privileged port
-    return [NGINX, *(["-t", "-q"] if test else []), "-c", str(conf), "-p", str(prefix), "-e", str(prefix / "error.log"),
-            "-g", main]
+    return [
+        NGINX,
+        *(["-t", "-q"] if test else []),
+        "-c",
+        str(conf),
+        "-p",
+        str(prefix),
+        "-e",
+        str(prefix / "error.log"),
+        "-g",
+        main,
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -239,6 +279,7 @@ def cluster(tiny_model_file, tmp_path):
 
 
 # --- clients -------------------------------------------------------------------------------------
+
 
 class Client:
     """One native-protocol session: opened with start, events collected in the background."""
@@ -294,7 +335,7 @@ class Client:
 
     async def send_audio(self, pcm: bytes, pace: float = 0.002) -> None:
         for i in range(0, len(pcm), FRAME):
-            await self.ws.send(pcm[i:i + FRAME])
+            await self.ws.send(pcm[i : i + FRAME])
             await asyncio.sleep(pace)
 
     async def finish(self, timeout: float = 15.0) -> None:
@@ -315,6 +356,7 @@ class Client:
 
 async def open_located(url: str, replicas: list[Replica]) -> Client:
     """Opens a session and finds the replica that took it (the one whose active-sessions gauge went up)."""
+
     def gauges() -> list[float | None]:  # None: the replica is gone
         return [r.sessions() if r.proc.poll() is None else None for r in replicas]
 
@@ -343,6 +385,7 @@ async def within(seconds: float, coroutine):
 
 
 # --- the balancer, live --------------------------------------------------------------------------
+
 
 @needs_nginx
 async def test_sessions_spread_least_conn(cluster: Cluster):
@@ -398,14 +441,19 @@ async def test_sigterm_drains_mid_stream_while_new_sessions_go_elsewhere(cluster
         await clients[0].wait_closed(10)
         assert_completed(clients[0], code=1001, reason="shutdown")  # the open segment's final, then end
         status, body, _ = await asyncio.to_thread(http_get, draining.port, "/readyz")
-        assert draining.proc.poll() is None and status == 503 and json.loads(body)["status"] == "draining", (status, body)
+        assert draining.proc.poll() is None and status == 503 and json.loads(body)["status"] == "draining", (
+            status,
+            body,
+        )
 
         # new sessions while it drains: NGINX tries it (fewest connections), gets 503, retries elsewhere
         others = [r for r in replicas if r is not draining]
         newcomers = [await open_located(cluster.url(), replicas) for _ in range(3)]
         assert all(c.replica in others for c in newcomers), [c.replica.port for c in newcomers]
         assert draining.proc.poll() is None, "the drain ended before the new sessions came: nothing was diverted"
-        rejected = await asyncio.to_thread(metric, draining.port, "breeze_connections_rejected_total", 'reason="draining"')
+        rejected = await asyncio.to_thread(
+            metric, draining.port, "breeze_connections_rejected_total", 'reason="draining"'
+        )
         assert rejected is not None and rejected >= 1, "NGINX never tried the draining replica"
 
         # everyone else is untouched: the sessions that were open and the new ones complete normally
@@ -438,8 +486,10 @@ async def test_drain_exits_within_drain_timeout_with_unresponsive_client(cluster
         try:
             rc = await asyncio.to_thread(replica.proc.wait, 3 + 1.0)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"still running {time.monotonic() - signalled:.1f} s after SIGTERM with "
-                                 f"--drain-timeout 3:\n{replica.log_tail()}") from None
+            raise AssertionError(
+                f"still running {time.monotonic() - signalled:.1f} s after SIGTERM with "
+                f"--drain-timeout 3:\n{replica.log_tail()}"
+            ) from None
         finally:
             stuck.ws.transport.abort()
         assert rc == 0, replica.log_tail()
@@ -491,7 +541,9 @@ async def test_full_replica_diverts_new_sessions(cluster: Cluster):
         assert status == 503 and json.loads(body)["status"] == "full", (status, body)
         clients = [await open_located(cluster.url(), replicas) for _ in range(4)]
         assert all(c.replica is not full for c in clients), [c.replica.port for c in clients]
-        assert await asyncio.to_thread(metric, full.port, "breeze_connections_rejected_total", 'reason="overloaded"') >= 1
+        assert (
+            await asyncio.to_thread(metric, full.port, "breeze_connections_rejected_total", 'reason="overloaded"') >= 1
+        )
 
         # every replica full: the client gets a clear 503 with Retry-After, not a hang
         with pytest.raises(InvalidStatus) as refused:
@@ -538,8 +590,11 @@ async def test_misconfigured_balancer_and_unloadable_model_fail_clearly(cluster:
     bad = cluster.start_replicas(1, model=broken_model, wait=False)[0]
 
     def no_upgrade(text: str) -> str:
-        lines = [line for line in text.splitlines() if "proxy_set_header Upgrade" not in line
-                 and "proxy_set_header Connection" not in line]
+        lines = [
+            line
+            for line in text.splitlines()
+            if "proxy_set_header Upgrade" not in line and "proxy_set_header Connection" not in line
+        ]
         assert len(lines) == len(text.splitlines()) - 2
         return "\n".join(lines)
 
@@ -570,13 +625,20 @@ async def test_misconfigured_balancer_and_unloadable_model_fail_clearly(cluster:
 
 # --- deploy/, statically -------------------------------------------------------------------------
 
+
 @needs_nginx
 def test_nginx_conf_is_valid(tmp_path: Path):
     """`nginx -t` on deploy/nginx.conf (rendered for loopback as the live tests run it), and the
     directives the live tests rely on. The unrendered file needs NGINX >= 1.27.3 for `resolve`."""
     text = (DEPLOY / "nginx.conf").read_text()
-    for directive in ("least_conn;", "proxy_set_header Upgrade $http_upgrade;", "proxy_set_header Connection $connection_upgrade;",
-                      "proxy_http_version 1.1;", "proxy_next_upstream error timeout http_503;", "zone breeze"):
+    for directive in (
+        "least_conn;",
+        "proxy_set_header Upgrade $http_upgrade;",
+        "proxy_set_header Connection $connection_upgrade;",
+        "proxy_http_version 1.1;",
+        "proxy_next_upstream error timeout http_503;",
+        "zone breeze",
+    ):
         assert directive in text, directive
     assert int(re.search(r"proxy_read_timeout (\d+)s;", text).group(1)) >= 3600
     (tmp_path / "temp").mkdir()
@@ -588,8 +650,17 @@ def test_nginx_conf_is_valid(tmp_path: Path):
     found = re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", version)
     if found and tuple(map(int, found.groups())) >= (1, 27, 3):
         raw = tmp_path / "raw.conf"
-        raw.write_text(text.replace("http {", "http {" + "".join(
-            f"\n    {k}_temp_path {tmp_path / 'temp' / k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")), 1))
+        raw.write_text(
+            text.replace(
+                "http {",
+                "http {"
+                + "".join(
+                    f"\n    {k}_temp_path {tmp_path / 'temp' / k};"
+                    for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+                ),
+                1,
+            )
+        )
         check = subprocess.run(nginx_command(raw, tmp_path, test=True), capture_output=True, text=True, timeout=20)
         assert check.returncode == 0, check.stderr
 
@@ -654,7 +725,9 @@ def test_kubernetes_manifests():
     port = int(env.get("BREEZE_PORT", 8765))
     assert port == ports["http"]
     parsed = serve_parser().parse_args(["--port", str(port), *args])
-    assert parsed.max_sessions > 0 and parsed.max_connections_per_client == 0, "behind a proxy: limit per client at the ingress"
+    assert parsed.max_sessions > 0 and parsed.max_connections_per_client == 0, (
+        "behind a proxy: limit per client at the ingress"
+    )
     pre_stop = container["lifecycle"]["preStop"]
     sleep = int(pre_stop["sleep"]["seconds"]) if "sleep" in pre_stop else int(pre_stop["exec"]["command"][-1])
     assert "kill" not in json.dumps(pre_stop), "a second signal cuts the drain short: preStop must not signal"
@@ -672,14 +745,20 @@ def test_kubernetes_manifests():
     assert service_port["targetPort"] in ("http", ports["http"])
     backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
     assert backend["name"] == service["metadata"]["name"]
-    assert backend["port"].get("number") == service_port["port"] or backend["port"].get("name") == service_port.get("name")
+    assert backend["port"].get("number") == service_port["port"] or backend["port"].get("name") == service_port.get(
+        "name"
+    )
     annotations = ingress["metadata"]["annotations"]
     assert int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 3600
     assert "http_503" in annotations["nginx.ingress.kubernetes.io/proxy-next-upstream"]
     assert annotations["nginx.org/websocket-services"] == service["metadata"]["name"]
 
     # HPA on the active sessions per pod (Prometheus adapter), scaling the Deployment
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+    }
     (hpa_metric,) = hpa["spec"]["metrics"]
     assert hpa_metric["type"] == "Pods" and hpa_metric["pods"]["metric"]["name"] == "breeze_sessions_active"
     target = float(hpa_metric["pods"]["target"]["averageValue"])
@@ -687,7 +766,9 @@ def test_kubernetes_manifests():
     assert hpa["spec"]["minReplicas"] >= 2 and hpa["spec"]["maxReplicas"] >= hpa["spec"]["minReplicas"]
 
     # every volume claim the pods mount is declared; kustomization.yaml lists files that exist
-    claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["spec"].get("volumes", []) if "persistentVolumeClaim" in v}
+    claims = {
+        v["persistentVolumeClaim"]["claimName"] for v in pod["spec"].get("volumes", []) if "persistentVolumeClaim" in v
+    }
     assert claims <= {c["metadata"]["name"] for c in objects.get("PersistentVolumeClaim", [])}, claims
     yaml = pytest.importorskip("yaml")
     kustomization = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
@@ -696,8 +777,11 @@ def test_kubernetes_manifests():
     # the adapter exposes exactly that metric name
     values = yaml.safe_load((DEPLOY / "k8s" / "prometheus-adapter-values.yaml").read_text())
     rules = values["rules"]["custom"]
-    assert any("breeze_sessions_active" in rule["seriesQuery"] and rule["name"].get("as", "breeze_sessions_active")
-               == "breeze_sessions_active" for rule in rules)
+    assert any(
+        "breeze_sessions_active" in rule["seriesQuery"]
+        and rule["name"].get("as", "breeze_sessions_active") == "breeze_sessions_active"
+        for rule in rules
+    )
 
 
 def test_compose_file():
@@ -717,5 +801,6 @@ def test_compose_file():
     grace = breeze["stop_grace_period"]
     assert int(grace.rstrip("s")) >= float(flag_value(command, "--drain-timeout")) + 5
     assert int(breeze["deploy"]["replicas"]) >= 2
-    assert nginx["image"].startswith("nginx:") and tuple(map(int, nginx["image"].split(":")[1].split("-")[0].split("."))) >= (1, 27), \
-        "`resolve` in upstream blocks needs open-source NGINX >= 1.27.3"
+    assert nginx["image"].startswith("nginx:") and tuple(
+        map(int, nginx["image"].split(":")[1].split("-")[0].split("."))
+    ) >= (1, 27), "`resolve` in upstream blocks needs open-source NGINX >= 1.27.3"

@@ -20,9 +20,9 @@ from streaming.segmenter import (
     SAMPLE_RATE,
     SegmentClosed,
     SegmentDiscarded,
-    SegmentEvent,
     Segmenter,
     SegmenterConfig,
+    SegmentEvent,
     SegmentGrew,
     SegmentStarted,
 )
@@ -33,9 +33,7 @@ needs_espeak = pytest.mark.skipif(
     shutil.which("espeak-ng") is None,
     reason="espeak-ng not installed (apt-get install espeak-ng): these tests need speech-like audio",
 )
-needs_dev = pytest.mark.skipif(
-    not DEV_DIR.is_dir(), reason=f"dev clips not found at {DEV_DIR} (set BREEZE_EVAL_DEV)"
-)
+needs_dev = pytest.mark.skipif(not DEV_DIR.is_dir(), reason=f"dev clips not found at {DEV_DIR} (set BREEZE_EVAL_DEV)")
 
 
 def seconds(s: float) -> np.ndarray:
@@ -271,7 +269,10 @@ def test_fast_single_syllables_are_kept():
 
 def test_bad_config_is_rejected():
     bad_configs = (
-        {"frame_ms": 25}, {"aggressiveness": 4}, {"start_voiced_frames": 9}, {"end_padding_ms": 900},
+        {"frame_ms": 25},
+        {"aggressiveness": 4},
+        {"start_voiced_frames": 9},
+        {"end_padding_ms": 900},
         {"cut_search_ms": 30000},
     )
     for bad in bad_configs:

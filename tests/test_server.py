@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soxr
+from conftest import DEV_DIR, TINY_TEXT, receive_all
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from conftest import DEV_DIR, TINY_TEXT, receive_all
 from engines.engine import Engine
 from engines.text import convert
 from streaming.codecs import encode_mulaw, load_audio
@@ -63,14 +63,21 @@ def url(server: Server, path: str = "/v1/stream") -> str:
     return f"ws://127.0.0.1:{server.port}{path}"
 
 
-async def stream(server: Server, audio: bytes, *, start: dict | None = None, frame_bytes: int = 3200,
-                 pace: float = 0.01, stop: bool = True) -> tuple[list[dict], int]:
+async def stream(
+    server: Server,
+    audio: bytes,
+    *,
+    start: dict | None = None,
+    frame_bytes: int = 3200,
+    pace: float = 0.01,
+    stop: bool = True,
+) -> tuple[list[dict], int]:
     """Sends start, the audio in frames (`pace` seconds apart), stop; returns (events, close code)."""
     async with connect(url(server)) as ws:
         await ws.send(json.dumps(start or {"type": "start"}))
         reader = asyncio.ensure_future(receive_all(ws))
         for i in range(0, len(audio), frame_bytes):
-            await ws.send(audio[i:i + frame_bytes])
+            await ws.send(audio[i : i + frame_bytes])
             await asyncio.sleep(pace)
         if stop:
             await ws.send(json.dumps({"type": "stop"}))
@@ -139,7 +146,7 @@ async def test_odd_byte_frames_give_the_same_finals(server: Server):
     for size in itertools.cycle((3, 1, 1999, 3201, 5)):
         if position >= len(audio):
             break
-        cuts.append(audio[position:position + size])
+        cuts.append(audio[position : position + size])
         position += size
     async with connect(url(server)) as ws:
         await ws.send(json.dumps({"type": "start"}))
@@ -296,16 +303,28 @@ async def test_http(tiny_engine, web_root: Path):
         status, headers, body = await http_get(srv.port, "/metrics")
         assert status == 200 and headers["content-type"].startswith("text/plain")
         text = body.decode()
-        for name in ("breeze_sessions_active", "breeze_sessions_total", "breeze_audio_seconds_total",
-                     "breeze_segments_total", "breeze_partials_total", "breeze_finals_total",
-                     "breeze_decoder_forwards_total", "breeze_tokens_total", "breeze_encoder_seconds_total",
-                     "breeze_decoder_seconds_total", "breeze_final_latency_seconds_bucket",
-                     'breeze_draft_tokens_proposed_total{source="hypothesis"}',
-                     'breeze_draft_tokens_accepted_total{source="medusa"}', 'breeze_errors_total{code="internal"}'):
+        for name in (
+            "breeze_sessions_active",
+            "breeze_sessions_total",
+            "breeze_audio_seconds_total",
+            "breeze_segments_total",
+            "breeze_partials_total",
+            "breeze_finals_total",
+            "breeze_decoder_forwards_total",
+            "breeze_tokens_total",
+            "breeze_encoder_seconds_total",
+            "breeze_decoder_seconds_total",
+            "breeze_final_latency_seconds_bucket",
+            'breeze_draft_tokens_proposed_total{source="hypothesis"}',
+            'breeze_draft_tokens_accepted_total{source="medusa"}',
+            'breeze_errors_total{code="internal"}',
+        ):
             assert name in text, name
         assert "breeze_finals_total 2.0" in text and "breeze_segments_total 2.0" in text
         assert "breeze_final_latency_seconds_count 2.0" in text
-        assert "_created" not in text  # counters export no creation timestamps (breeze_sessions_created read as a count)
+        assert (
+            "_created" not in text
+        )  # counters export no creation timestamps (breeze_sessions_created read as a count)
 
         status, headers, body = await http_get(srv.port, "/")
         assert status == 200 and headers["content-type"] == "text/html; charset=utf-8" and b"demo" in body
@@ -313,8 +332,15 @@ async def test_http(tiny_engine, web_root: Path):
         assert status == 200 and headers["content-type"] == "text/javascript; charset=utf-8"
         status, headers, _ = await http_get(srv.port, "/style.css")
         assert status == 200 and headers["content-type"] == "text/css; charset=utf-8"
-        for path in ("/missing.html", "/../outside.txt", "/%2e%2e/outside.txt", "/js/..%2f..%2f..%2foutside.txt",
-                     "/.secret", "/js/", "/v1/nothing"):
+        for path in (
+            "/missing.html",
+            "/../outside.txt",
+            "/%2e%2e/outside.txt",
+            "/js/..%2f..%2f..%2foutside.txt",
+            "/.secret",
+            "/js/",
+            "/v1/nothing",
+        ):
             status, _, body = await http_get(srv.port, path)
             assert status == 404 and b"SECRET" not in body, path
         status, _, _ = await http_get(srv.port, "/v1/stream")  # no upgrade: not a WebSocket request
@@ -372,8 +398,22 @@ def serve_args(*argv: str) -> argparse.Namespace:
 
 
 def test_serve_arguments():
-    config = config_from_args(serve_args("--port", "0", "--silence-ms", "300", "--partial-window", "full",
-                                         "--max-frame-bytes", "4096", "--language", "auto", "--vad-aggressiveness", "3"))
+    config = config_from_args(
+        serve_args(
+            "--port",
+            "0",
+            "--silence-ms",
+            "300",
+            "--partial-window",
+            "full",
+            "--max-frame-bytes",
+            "4096",
+            "--language",
+            "auto",
+            "--vad-aggressiveness",
+            "3",
+        )
+    )
     assert config.port == 0 and config.model == "default" and config.session.language == "auto"
     assert config.session.max_frame_bytes == 4096 and config.session.transcriber.partial_window is None
     segmenter = config.session.transcriber.segmenter
@@ -388,8 +428,10 @@ def test_cuda_graph_modes_reach_the_engine():
 
     assert config_from_args(serve_args()).cuda_graphs == "graph"
     config = config_from_args(serve_args("--cuda-graphs", "compile", "--fp32-weights"))
-    assert engine_options(config.fp32_weights, config.cuda_graphs) == {"fp16_weights": False,
-                                                                        "cuda_graphs": GraphOptions(mode="compile")}
+    assert engine_options(config.fp32_weights, config.cuda_graphs) == {
+        "fp16_weights": False,
+        "cuda_graphs": GraphOptions(mode="compile"),
+    }
     assert engine_options(cuda_graphs="off") == {"cuda_graphs": False}
     assert engine_options() == {}  # defaults are not passed (other backends do not take them)
     with pytest.raises(SystemExit):
@@ -398,7 +440,9 @@ def test_cuda_graph_modes_reach_the_engine():
 
 # --- the embedded default model on dev clips -----------------------------------------------------
 
-needs_dev = pytest.mark.skipif(not DEV_DIR.is_dir(), reason=f"dev clips not found at {DEV_DIR} (the ../shared checkout)")
+needs_dev = pytest.mark.skipif(
+    not DEV_DIR.is_dir(), reason=f"dev clips not found at {DEV_DIR} (the ../shared checkout)"
+)
 
 
 @pytest.fixture
@@ -437,7 +481,11 @@ async def test_dev_clip(default_server: Server, clip: str):
 async def test_dev_no_final_without_speech(default_server: Server, noise: str):
     """White noise this loud opens VAD segments, so the model's no-speech verdict is what keeps
     finals (and partials) away."""
-    audio = silence(30) if noise == "silence" else (np.random.default_rng(0).standard_normal(30 * RATE) * 0.1).astype(np.float32)
+    audio = (
+        silence(30)
+        if noise == "silence"
+        else (np.random.default_rng(0).standard_normal(30 * RATE) * 0.1).astype(np.float32)
+    )
     events, code = await replay(default_server, audio, speed=15.0)
     assert code == 1000
     assert check_contract(events, 30.0) == {}, events

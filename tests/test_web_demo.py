@@ -19,7 +19,6 @@ Every page run asserts that the page logged no console error and threw no except
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -33,10 +32,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+from conftest import TINY_TEXT  # what the tiny rigged model says for any audio
 
 from streaming.scoring import score
 from streaming.server import Server, ServerConfig
-from conftest import TINY_TEXT  # what the tiny rigged model says for any audio
 
 CHROMIUM = Path("/usr/bin/chromium")
 REPO = Path(__file__).resolve().parents[1]
@@ -112,7 +111,10 @@ async def demo_state(page) -> dict:
 
 async def wait_state(page, states: tuple[str, ...], timeout_s: float) -> str:
     await page.wait_for_function(
-        "states => states.includes(window.breezeDemo && window.breezeDemo.state)", arg=list(states), timeout=timeout_s * 1000)
+        "states => states.includes(window.breezeDemo && window.breezeDemo.state)",
+        arg=list(states),
+        timeout=timeout_s * 1000,
+    )
     return await page.evaluate("window.breezeDemo.state")
 
 
@@ -121,18 +123,23 @@ async def wait_for(page, condition: str, arg=None, timeout_s: float = 30.0, what
     if the page goes to its error state meanwhile."""
     try:
         await page.wait_for_function(
-            f"arg => window.breezeDemo.state === 'error' || ({condition})(arg)", arg=arg, timeout=timeout_s * 1000)
+            f"arg => window.breezeDemo.state === 'error' || ({condition})(arg)", arg=arg, timeout=timeout_s * 1000
+        )
     except async_api.TimeoutError:
         state = await demo_state(page)
-        pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what or condition}: page status "
-                    f"{await page.inner_text('[data-testid=status]')!r}, {state['samplesSent'] / 16000:.1f} s of audio sent, "
-                    f"{state['partials']} partials (last {state['lastPartial']}), finals {[f['text'] for f in state['finals']]}, "
-                    f"errors {state['errors']}")
+        pytest.fail(
+            f"timed out after {timeout_s:.0f} s waiting for {what or condition}: page status "
+            f"{await page.inner_text('[data-testid=status]')!r}, {state['samplesSent'] / 16000:.1f} s of audio sent, "
+            f"{state['partials']} partials (last {state['lastPartial']}), finals {[f['text'] for f in state['finals']]}, "
+            f"errors {state['errors']}"
+        )
     state = await demo_state(page)
     if state["state"] == "error" and not await page.evaluate(f"arg => ({condition})(arg)", arg):
         alert = await page.inner_text('[data-testid="error"]') if await page.is_visible('[data-testid="error"]') else ""
-        pytest.fail(f"the page went to its error state while waiting for {what or condition}: {alert!r}; "
-                    f"status {await page.inner_text('[data-testid=status]')!r}")
+        pytest.fail(
+            f"the page went to its error state while waiting for {what or condition}: {alert!r}; "
+            f"status {await page.inner_text('[data-testid=status]')!r}"
+        )
 
 
 async def screenshot(page, path: Path) -> None:
@@ -147,11 +154,14 @@ async def finals_texts(page) -> list[str]:
 def speech_wav(path: Path) -> Path:
     """espeak-ng speech (16 kHz, 16-bit PCM) between 0.5 s and 2 s of silence."""
     raw = path.with_suffix(".espeak.wav")
-    subprocess.run(["espeak-ng", "-v", "en", "-s", "150", "-w", str(raw),
-                    "testing the browser demo, one two three four five"], check=True)
+    subprocess.run(
+        ["espeak-ng", "-v", "en", "-s", "150", "-w", str(raw), "testing the browser demo, one two three four five"],
+        check=True,
+    )
     audio, sr = soundfile.read(raw, dtype="float32")
     if sr != 16000:
         import soxr
+
         audio = soxr.resample(audio, sr, 16000)
     audio = np.concatenate([np.zeros(8000, np.float32), audio, np.zeros(32000, np.float32)])
     soundfile.write(path, audio, 16000, subtype="PCM_16")
@@ -167,8 +177,10 @@ def closed_port() -> int:
 # ----------------------------------------------------------------------------- tiny model
 
 
-@pytest.mark.skipif(shutil.which("espeak-ng") is None,
-                    reason="espeak-ng not installed (apt-get install espeak-ng): the tiny-model page test needs speech-like audio")
+@pytest.mark.skipif(
+    shutil.which("espeak-ng") is None,
+    reason="espeak-ng not installed (apt-get install espeak-ng): the tiny-model page test needs speech-like audio",
+)
 async def test_demo_page_with_tiny_model(tiny_engine, tmp_path):
     wav = speech_wav(tmp_path / "speech.wav")
     duration = soundfile.info(wav).duration
@@ -185,9 +197,16 @@ async def test_demo_page_with_tiny_model(tiny_engine, tmp_path):
             await page.click('[data-testid="start"]')
             await wait_for(page, "() => window.breezeDemo.state === 'streaming'", timeout_s=20, what="streaming")
             assert "streaming" in await page.inner_text('[data-testid="status"]')
-            await wait_for(page, "n => window.breezeDemo.samplesSent >= n", arg=int((duration + 0.5) * 16000),
-                           timeout_s=duration + 20, what="the whole WAV sent")
-            await wait_for(page, "() => document.querySelector('[data-testid=finals] > *') !== null", timeout_s=30, what="a final")
+            await wait_for(
+                page,
+                "n => window.breezeDemo.samplesSent >= n",
+                arg=int((duration + 0.5) * 16000),
+                timeout_s=duration + 20,
+                what="the whole WAV sent",
+            )
+            await wait_for(
+                page, "() => document.querySelector('[data-testid=finals] > *') !== null", timeout_s=30, what="a final"
+            )
             await page.click('[data-testid="stop"]')
             assert await wait_state(page, ("closed", "error"), 60) == "closed"
             state = await demo_state(page)
@@ -221,7 +240,9 @@ async def test_demo_page_with_tiny_model(tiny_engine, tmp_path):
             state = await demo_state(page)
             assert state["ended"]
             assert state["resampling"] and state["contextRate"] != 16000, state["contextRate"]
-            assert elapsed >= duration * 0.9, f"the file must play at real-time pace: {duration:.1f} s took {elapsed:.1f} s"
+            assert elapsed >= duration * 0.9, (
+                f"the file must play at real-time pace: {duration:.1f} s took {elapsed:.1f} s"
+            )
             assert abs(state["samplesSent"] - duration * 16000) < 0.1 * 16000
             assert [f["text"] for f in state["finals"]] and all(f["text"] == TINY_TEXT for f in state["finals"])
             assert len(await finals_texts(page)) == len(state["finals"])
@@ -264,13 +285,21 @@ def two_passes(clip: Path, out: Path) -> Path:
 
 
 @pytest.mark.dev
-@pytest.mark.skipif(not DEV_CLIP.exists(), reason=f"dev clip not found at {DEV_CLIP} (the shared eval set sits in ../shared next to "
-                    "the repository; BREEZE_EVAL_DEV points elsewhere)")
+@pytest.mark.skipif(
+    not DEV_CLIP.exists(),
+    reason=f"dev clip not found at {DEV_CLIP} (the shared eval set sits in ../shared next to "
+    "the repository; BREEZE_EVAL_DEV points elsewhere)",
+)
 async def test_demo_transcribes_dev_clip(default_engine, tmp_path):
-    reference = next(json.loads(line)["text"] for line in (DEV_DIR / "manifest.jsonl").read_text().splitlines()
-                     if line.strip() and json.loads(line)["audio"] == DEV_CLIP.name)
+    reference = next(
+        json.loads(line)["text"]
+        for line in (DEV_DIR / "manifest.jsonl").read_text().splitlines()
+        if line.strip() and json.loads(line)["audio"] == DEV_CLIP.name
+    )
     info = soundfile.info(DEV_CLIP)
-    assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16"), "Chromium's fake capture wants 16-bit PCM"
+    assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16"), (
+        "Chromium's fake capture wants 16-bit PCM"
+    )
     wav = two_passes(DEV_CLIP, tmp_path / "two-passes.wav")
     duration = soundfile.info(wav).duration
     async with running_server(default_engine) as url, async_api.async_playwright() as p:
@@ -283,22 +312,34 @@ async def test_demo_transcribes_dev_clip(default_engine, tmp_path):
             await wait_for(page, "() => window.breezeDemo.state === 'streaming'", timeout_s=30, what="streaming")
 
             # A final with the clip's Traditional characters, while the second pass plays.
-            await wait_for(page, """chars => [...document.querySelectorAll('[data-testid="finals"] > *')]
+            await wait_for(
+                page,
+                """chars => [...document.querySelectorAll('[data-testid="finals"] > *')]
                                      .some(e => [...chars].some(c => e.innerText.includes(c)))""",
-                           arg=TRADITIONAL, timeout_s=duration + 30, what="a final with the clip's Traditional characters")
+                arg=TRADITIONAL,
+                timeout_s=duration + 30,
+                what="a final with the clip's Traditional characters",
+            )
             # The README's picture: the first final listed, the second pass's partial under way.
             shot = tmp_path / "demo.png"
             try:
                 await page.wait_for_function(
                     "() => document.querySelector('[data-testid=partial] .stable') !== null && "
-                    "document.querySelector('[data-testid=partial]').innerText.length >= 12", timeout=(duration / 2 + 10) * 1000)
+                    "document.querySelector('[data-testid=partial]').innerText.length >= 12",
+                    timeout=(duration / 2 + 10) * 1000,
+                )
             except async_api.TimeoutError:
                 pass
             await screenshot(page, shot)
 
             # Let the audio play out (then silence: %noloop), stop, and collect every final.
-            await wait_for(page, "n => window.breezeDemo.samplesSent >= n", arg=int(duration * 16000),
-                           timeout_s=duration + 30, what="the whole WAV sent")
+            await wait_for(
+                page,
+                "n => window.breezeDemo.samplesSent >= n",
+                arg=int(duration * 16000),
+                timeout_s=duration + 30,
+                what="the whole WAV sent",
+            )
             await page.click('[data-testid="stop"]')
             assert await wait_state(page, ("closed", "error"), 120) == "closed"
             state = await demo_state(page)
@@ -312,7 +353,9 @@ async def test_demo_transcribes_dev_clip(default_engine, tmp_path):
     hypothesis = "".join(f["text"] for f in state["finals"])
     assert sum(c in hypothesis for c in TRADITIONAL) >= 5, hypothesis
     assert not any(c in hypothesis for c in SIMPLIFIED), f"Simplified characters in {hypothesis}"
-    assert len(state["finals"]) >= 2, f"two passes with a 1.5 s pause between them must give two segments: {state['finals']}"
+    assert len(state["finals"]) >= 2, (
+        f"two passes with a 1.5 s pause between them must give two segments: {state['finals']}"
+    )
     cer = score(reference * 2, hypothesis, "zh").rate
     segments = sorted(state["segments"].values(), key=lambda s: s["start"])
     first_partials = [s["firstPartialMs"] for s in segments if s["firstPartialMs"] is not None]
@@ -320,7 +363,10 @@ async def test_demo_transcribes_dev_clip(default_engine, tmp_path):
     lags = state["partialLagsMs"]
     report = {
         "clip": DEV_CLIP.name,
-        "finals": [{k: f[k] for k in ("segment", "start", "end", "text", "latencyMs", "firstPartialMs")} for f in state["finals"]],
+        "finals": [
+            {k: f[k] for k in ("segment", "start", "end", "text", "latencyMs", "firstPartialMs")}
+            for f in state["finals"]
+        ],
         "cer": cer,
         "first_partial_ms_after_segment_start": first_partials,
         "first_partial_audio_end_s": [s["firstPartialEnd"] for s in segments],
@@ -332,11 +378,13 @@ async def test_demo_transcribes_dev_clip(default_engine, tmp_path):
         "screenshot": str(shot),
     }
     (tmp_path / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2))
-    print(f"\nweb demo, {DEV_CLIP.name} twice as the microphone: CER {cer:.1%}; first partial after segment start (ms): "
-          f"{[round(x) for x in first_partials]}; after the page's voice onset (-40 dBFS): "
-          f"{state['firstPartialAfterOnsetMs']:.0f} ms; after the Start click: {state['firstPartialAfterClickMs']:.0f} ms; "
-          f"partial lag p50 {report['partial_lag_ms_p50']:.0f} ms, max {report['partial_lag_ms_max']:.0f} ms; "
-          f"final latency (ms): {[round(x) for x in final_latencies]}; {tmp_path / 'report.json'}")
+    print(
+        f"\nweb demo, {DEV_CLIP.name} twice as the microphone: CER {cer:.1%}; first partial after segment start (ms): "
+        f"{[round(x) for x in first_partials]}; after the page's voice onset (-40 dBFS): "
+        f"{state['firstPartialAfterOnsetMs']:.0f} ms; after the Start click: {state['firstPartialAfterClickMs']:.0f} ms; "
+        f"partial lag p50 {report['partial_lag_ms_p50']:.0f} ms, max {report['partial_lag_ms_max']:.0f} ms; "
+        f"final latency (ms): {[round(x) for x in final_latencies]}; {tmp_path / 'report.json'}"
+    )
     assert cer < 0.35, f"CER {cer:.1%}: {hypothesis}"
     # Every segment shows a provisional partial before its final. Issue 4's figure (first partial
     # within 1.5 s of the start of speech, CPU) is reported above rather than asserted: on a

@@ -13,11 +13,11 @@ import time
 
 import numpy as np
 import pytest
+from conftest import DEV_DIR, TINY_TEXT
+from protocol_audio import dev_manifest, pcm16, silence, two_phrases, voiced
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from conftest import DEV_DIR, TINY_TEXT
-from protocol_audio import dev_manifest, pcm16, silence, two_phrases, voiced
 from streaming.codecs import load_audio
 from streaming.scoring import score
 from streaming.server import Server, ServerConfig
@@ -38,7 +38,9 @@ OPTIONS = {"uid": "c0ffee", "language": "zh", "task": "transcribe", "model": "sm
 
 async def listener(engine, **config) -> Server:
     whisperlive = WhisperLiveConfig(port=0, **config)
-    srv = Server(ServerConfig(port=0, whisperlive=whisperlive, session=SessionConfig(max_frame_bytes=LIMIT)), engine=engine)
+    srv = Server(
+        ServerConfig(port=0, whisperlive=whisperlive, session=SessionConfig(max_frame_bytes=LIMIT)), engine=engine
+    )
     await srv.start()
     return srv
 
@@ -64,14 +66,21 @@ async def receive_all(ws: ClientConnection) -> list[dict]:
     return messages
 
 
-async def session(server: Server, audio: bytes, options: dict = OPTIONS, frame: int = 16384, pace: float = 0.01,
-                  end: str | bytes | None = b"END_OF_AUDIO", path: str = "") -> tuple[list[dict], int]:
+async def session(
+    server: Server,
+    audio: bytes,
+    options: dict = OPTIONS,
+    frame: int = 16384,
+    pace: float = 0.01,
+    end: str | bytes | None = b"END_OF_AUDIO",
+    path: str = "",
+) -> tuple[list[dict], int]:
     """Options, audio frames, END_OF_AUDIO; all messages until the server closes, and the close code."""
     async with connect(url(server, path)) as ws:
         await ws.send(json.dumps(options))
         reader = asyncio.ensure_future(receive_all(ws))
         for i in range(0, len(audio), frame):
-            await ws.send(audio[i:i + frame])
+            await ws.send(audio[i : i + frame])
             await asyncio.sleep(pace)
         if end is not None:
             await ws.send(end)
@@ -82,8 +91,13 @@ async def session(server: Server, audio: bytes, options: dict = OPTIONS, frame: 
 def check_segments(messages: list[dict], uid: str = "c0ffee", model: str = "tiny-random") -> list[dict]:
     """WhisperLive's shapes: uid everywhere, SERVER_READY first, segment times as 3-decimal strings,
     completed segments that never change or overlap; returns the completed segments."""
-    assert messages[0] == {"uid": uid, "message": "SERVER_READY", "backend": "faster_whisper",
-                           "server": "breeze-stream", "model": model}
+    assert messages[0] == {
+        "uid": uid,
+        "message": "SERVER_READY",
+        "backend": "faster_whisper",
+        "server": "breeze-stream",
+        "model": model,
+    }
     done: dict[str, dict] = {}
     for message in messages[1:]:
         assert message["uid"] == uid
@@ -123,16 +137,28 @@ async def test_float32_two_phrases(server: Server):
 async def test_int16_old_client_keys_and_text_end_of_audio(server: Server):
     """The first message of older clients (iOS app, whisper-live-client) with extra keys; int16
     audio; END_OF_AUDIO as a text frame still flushes the open segment."""
-    options = {"uid": "ios-1", "language": None, "task": "transcribe", "model": "small", "use_vad": True,
-               "max_clients": 4, "max_connection_time": 600, "multilingual": True, "audio_format": "int16"}
-    messages, code = await session(server, pcm16(np.concatenate([silence(0.3), voiced(1.2)])), options=options,
-                                   end="END_OF_AUDIO")
+    options = {
+        "uid": "ios-1",
+        "language": None,
+        "task": "transcribe",
+        "model": "small",
+        "use_vad": True,
+        "max_clients": 4,
+        "max_connection_time": 600,
+        "multilingual": True,
+        "audio_format": "int16",
+    }
+    messages, code = await session(
+        server, pcm16(np.concatenate([silence(0.3), voiced(1.2)])), options=options, end="END_OF_AUDIO"
+    )
     assert code == 1000
     completed = check_segments(messages, uid="ios-1")
     assert [s["text"] for s in completed] == [TINY_TEXT]
     assert float(completed[0]["end"]) == pytest.approx(1.5, abs=0.05)  # the flush: speech ran to the end
     language = [m for m in messages if "language" in m]
-    assert len(language) == 1 and language[0]["language"].isalpha()  # detected (language null): whatever the tiny model says
+    assert (
+        len(language) == 1 and language[0]["language"].isalpha()
+    )  # detected (language null): whatever the tiny model says
 
 
 async def test_wait_when_full(tiny_engine):
@@ -225,13 +251,17 @@ def run_stock_client(port: int, audio: np.ndarray, lang: str | None, pace: float
     """StreamingTranscriptionClient as its docstring shows it: int16 chunks in, callbacks out."""
     committed, partials = [], []
     client = StreamingTranscriptionClient(
-        "127.0.0.1", port, lang=lang, model="small",
+        "127.0.0.1",
+        port,
+        lang=lang,
+        model="small",
         on_partial_transcript=lambda text, segments: partials.append(text),
-        on_committed_transcript=lambda text, segments: committed.append(text))
+        on_committed_transcript=lambda text, segments: committed.append(text),
+    )
     data = pcm16(audio)
     with client:
         for i in range(0, len(data), 8192):  # 4096 samples, as the stock client sends
-            client.send(data[i:i + 8192], pcm_format="int16")
+            client.send(data[i : i + 8192], pcm_format="int16")
             time.sleep(pace)
     return committed, partials
 

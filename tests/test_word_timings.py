@@ -14,15 +14,15 @@ import pytest
 import soundfile as sf
 import soxr
 import torch
-
 from conftest import DEV_DIR, TINY_TEXT
+from test_server import RATE, check_contract, pcm16, silence, stream, voiced
+
 from engines.alignment import default_heads, dtw, median_filter, split_words
 from engines.checkpoints import default_vocabulary, load_checkpoint
 from engines.decoding import DecodingOptions
 from engines.tokenizer import _BYTES, Tokenizer
 from streaming.codecs import load_audio
 from streaming.server import Server, ServerConfig
-from test_server import RATE, check_contract, pcm16, silence, stream, voiced
 
 # openai/whisper, whisper/__init__.py: _ALIGNMENT_HEADS["base"], a base85 gzipped boolean array [layers, heads]
 OPENAI_BASE_HEADS = b"ABzY8KQ!870{>%RzyTQH3`Q^yNP!>##QT-<FaQ7m"
@@ -67,7 +67,7 @@ def test_dtw_is_whispers_recurrence(shape: tuple[int, int]):
 def test_median_filter_is_a_sliding_median():
     x = torch.randn(3, 4, 30, generator=torch.Generator().manual_seed(0))
     padded = np.pad(x.numpy(), ((0, 0), (0, 0), (3, 3)), mode="reflect")
-    expected = np.stack([np.median(padded[..., i:i + 7], axis=-1) for i in range(30)], axis=-1)
+    expected = np.stack([np.median(padded[..., i : i + 7], axis=-1) for i in range(30)], axis=-1)
     np.testing.assert_allclose(median_filter(x, 7).numpy(), expected, rtol=0, atol=0)
 
 
@@ -109,8 +109,13 @@ needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="esp
 # phrases whose first words whisper-base gets right from espeak-ng's English voice, and the
 # silences after them (espeak-ng's Mandarin voice is not intelligible to whisper-base: it writes
 # "V4V4V3F5112" for 谢谢你的帮忙, so the speech here is English)
-PHRASES = [("good morning everyone", 0.8), ("the meeting starts at ten", 1.2), ("please send me the report", 0.6),
-           ("thank you very much", 1.0), ("call me back tomorrow", 0.9)]
+PHRASES = [
+    ("good morning everyone", 0.8),
+    ("the meeting starts at ten", 1.2),
+    ("please send me the report", 0.6),
+    ("thank you very much", 1.0),
+    ("call me back tomorrow", 0.9),
+]
 LEAD = 0.5
 
 
@@ -121,7 +126,7 @@ def speak(text: str) -> np.ndarray:
         audio, rate = sf.read(f.name, dtype="float32")
     audio = soxr.resample(audio, rate, RATE)
     loud = np.flatnonzero(np.abs(audio) > 0.01)
-    return audio[loud[0]:loud[-1] + 1]
+    return audio[loud[0] : loud[-1] + 1]
 
 
 def synthetic_phrases() -> tuple[np.ndarray, list[float]]:
@@ -186,8 +191,9 @@ async def test_native_protocol_words_on_the_stream_clock(default_engine, phrases
     """Each phrase is a VAD segment of its own; its final's words are in stream seconds."""
     audio, onsets = phrases
     async with Server(ServerConfig(port=0), engine=default_engine) as server:
-        events, code = await stream(server, pcm16(audio), start={"type": "start", "language": "en", "words": True},
-                                    pace=0.005)
+        events, code = await stream(
+            server, pcm16(audio), start={"type": "start", "language": "en", "words": True}, pace=0.005
+        )
     assert code == 1000 and events[0]["words"] is True
     finals = check_contract(events, len(audio) / RATE)
     for final in finals.values():
@@ -236,7 +242,9 @@ async def test_words_must_be_a_boolean(tiny_server, value):
 
 # --- Mandarin: real speech from the dev set, joined with a known pause --------------------------
 
-needs_dev = pytest.mark.skipif(not DEV_DIR.is_dir(), reason=f"dev clips not found at {DEV_DIR} (the ../shared checkout)")
+needs_dev = pytest.mark.skipif(
+    not DEV_DIR.is_dir(), reason=f"dev clips not found at {DEV_DIR} (the ../shared checkout)"
+)
 
 
 def speech_onset(audio: np.ndarray) -> float:
@@ -264,6 +272,8 @@ async def test_mandarin_words_over_the_native_protocol(default_engine):
         words = final["words"]
         check_words(words, final["start"], final["end"])
         assert "".join(w["text"] for w in words) == final["text"]
-        assert all(len(w["text"].rstrip("，。？！：；、")) <= 4 for w in words), words  # characters, or a token of a few
+        assert all(len(w["text"].rstrip("，。？！：；、")) <= 4 for w in words), (
+            words
+        )  # characters, or a token of a few
         print(f"first word {words[0]} vs speech onset {onset:.2f} s")
         assert abs(words[0]["start"] - onset) <= 0.3

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_TEXT, receive_all
+from protocol_audio import pcm16, two_phrases, voiced
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from conftest import TINY_TEXT, receive_all
 from engines.decoding import DecodingOptions
-from protocol_audio import pcm16, two_phrases, voiced
 from streaming.replay import parse_prometheus
 from streaming.workers import EngineAddress, EngineService, RemoteEngine
 
@@ -151,9 +151,27 @@ def free_port() -> int:
 
 def start_server(port: int, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "streaming.cli", "serve", "--model", "random:tiny", "--device", "cpu",
-                             "--port", str(port), "--workers", "2", *extra],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "streaming.cli",
+            "serve",
+            "--model",
+            "random:tiny",
+            "--device",
+            "cpu",
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+            *extra,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 async def get(port: int, path: str) -> tuple[int, bytes]:
@@ -185,7 +203,7 @@ async def one_stream(port: int, audio: bytes, *, stop: bool = True, pace: float 
         events = asyncio.ensure_future(receive_all(ws))
         try:
             for i in range(0, len(audio), 3200):
-                await ws.send(audio[i:i + 3200])
+                await ws.send(audio[i : i + 3200])
                 await asyncio.sleep(pace)
             if stop:
                 await ws.send(json.dumps({"type": "stop"}))

@@ -36,11 +36,11 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -69,20 +69,32 @@ class SelfTestFailed(RuntimeError):
 
 # ---- command line ------------------------------------------------------------------------------
 
+
 def load_backend(args: argparse.Namespace, **engine_kwargs):
     """The engine that the parsed arguments ask for (streaming.cli's load_engine calls this).
 
     Reads `model`, `device`, and where present `script`, `backend`, `trtllm_engine_dir`,
     `self_test`; `engine_kwargs` go to Engine (torch and trtllm-encoder)."""
-    return create_engine(getattr(args, "backend", "torch") or "torch", model=args.model, device=args.device,
-                         engine_dir=getattr(args, "trtllm_engine_dir", None),
-                         script=getattr(args, "script", "traditional"), self_test=getattr(args, "self_test", True),
-                         **engine_kwargs)
+    return create_engine(
+        getattr(args, "backend", "torch") or "torch",
+        model=args.model,
+        device=args.device,
+        engine_dir=getattr(args, "trtllm_engine_dir", None),
+        script=getattr(args, "script", "traditional"),
+        self_test=getattr(args, "self_test", True),
+        **engine_kwargs,
+    )
 
 
-def create_engine(backend: str = "torch", model: str = "default", device: str = "auto",
-                  engine_dir: str | Path | None = None, script: str = "traditional", self_test: bool = True,
-                  **engine_kwargs):
+def create_engine(
+    backend: str = "torch",
+    model: str = "default",
+    device: str = "auto",
+    engine_dir: str | Path | None = None,
+    script: str = "traditional",
+    self_test: bool = True,
+    **engine_kwargs,
+):
     """Engine (torch, trtllm-encoder) or ExecutorEngine (trtllm); raises BackendUnavailable
     naming what is missing, SelfTestFailed when the loaded backend gives wrong results.
 
@@ -117,6 +129,7 @@ def create_engine(backend: str = "torch", model: str = "default", device: str = 
 
 # ---- environment checks ------------------------------------------------------------------------
 
+
 def components(backend: str) -> tuple[str, ...]:
     return ("encoder",) if backend == "trtllm-encoder" else ("encoder", "decoder")
 
@@ -128,20 +141,27 @@ def read_manifest(engine_dir: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise BackendUnavailable(f"{path}: unreadable ({exc}); rebuild with `breeze-stream build-trtllm --force`") from None
+        raise BackendUnavailable(
+            f"{path}: unreadable ({exc}); rebuild with `breeze-stream build-trtllm --force`"
+        ) from None
 
 
 def engine_dir_problems(engine_dir: Path | None, backend: str) -> list[str]:
     """What the engine directory lacks for `backend`."""
-    build = "build them with `breeze-stream build-trtllm --model MODEL --out DIR" + \
-            (" --encoder-only`" if backend == "trtllm-encoder" else "`")
+    build = "build them with `breeze-stream build-trtllm --model MODEL --out DIR" + (
+        " --encoder-only`" if backend == "trtllm-encoder" else "`"
+    )
     if engine_dir is None:
         return [f"--backend {backend} needs --trtllm-engine-dir DIR (or $BREEZE_TRTLLM_ENGINE_DIR): {build}"]
     engine_dir = Path(engine_dir)
     if not engine_dir.is_dir():
         return [f"engine directory {engine_dir} does not exist: {build}"]
-    missing = [f"{c}/{f}" for c in components(backend) for f in ("config.json", "rank0.engine")
-               if not (engine_dir / c / f).is_file()]
+    missing = [
+        f"{c}/{f}"
+        for c in components(backend)
+        for f in ("config.json", "rank0.engine")
+        if not (engine_dir / c / f).is_file()
+    ]
     problems = []
     if missing:
         problems.append(f"engine directory {engine_dir} is incomplete: no {', '.join(missing)} ({build})")
@@ -150,12 +170,16 @@ def engine_dir_problems(engine_dir: Path | None, backend: str) -> list[str]:
         built = manifest.get("components", [])
         lacking = [c for c in components(backend) if c not in built]
         if lacking:
-            problems.append(f"{engine_dir} was built without the {' and '.join(lacking)} (--encoder-only?); "
-                            f"--backend {backend} needs it: rebuild without --encoder-only")
+            problems.append(
+                f"{engine_dir} was built without the {' and '.join(lacking)} (--encoder-only?); "
+                f"--backend {backend} needs it: rebuild without --encoder-only"
+            )
     return problems
 
 
-def trtllm_problems(find_spec=importlib.util.find_spec, import_module=importlib.import_module) -> tuple[list[str], str | None]:
+def trtllm_problems(
+    find_spec=importlib.util.find_spec, import_module=importlib.import_module
+) -> tuple[list[str], str | None]:
     """Whether TensorRT-LLM imports here, and its version."""
     fix = f"run in {TRTLLM_IMAGE} (docker/Dockerfile.gpu) or `pip install tensorrt-llm=={TRTLLM_VERSION}`"
     if find_spec("tensorrt_llm") is None:
@@ -166,8 +190,10 @@ def trtllm_problems(find_spec=importlib.util.find_spec, import_module=importlib.
         return [f"tensorrt_llm is installed but does not import ({type(exc).__name__}: {exc}): {fix}"], None
     version = str(getattr(module, "__version__", "unknown"))
     if not version.startswith(TRTLLM_SERIES):
-        return [f"TensorRT-LLM {version} is installed; these backends are pinned to {TRTLLM_SERIES}x (1.3+ removed "
-                f"the engine path): {fix}"], version
+        return [
+            f"TensorRT-LLM {version} is installed; these backends are pinned to {TRTLLM_SERIES}x (1.3+ removed "
+            f"the engine path): {fix}"
+        ], version
     return [], version
 
 
@@ -186,13 +212,17 @@ def manifest_problems(manifest: dict | None, version: str | None, capability: tu
     problems = []
     built = (manifest.get("versions") or {}).get("tensorrt_llm")
     if built and version and built != version:
-        problems.append(f"the engines were built with TensorRT-LLM {built} but {version} is installed; TensorRT engines "
-                        "only load in the version that built them: rebuild with `breeze-stream build-trtllm --force`")
+        problems.append(
+            f"the engines were built with TensorRT-LLM {built} but {version} is installed; TensorRT engines "
+            "only load in the version that built them: rebuild with `breeze-stream build-trtllm --force`"
+        )
     gpus = manifest.get("gpus") or []
     cap = gpus[0].get("compute_cap") if gpus else None
     if cap and capability is not None and cap != f"{capability[0]}.{capability[1]}":
-        problems.append(f"the engines were built for compute capability {cap} ({gpus[0].get('name', '?')}) but this GPU "
-                        f"is {capability[0]}.{capability[1]}: rebuild them on this GPU")
+        problems.append(
+            f"the engines were built for compute capability {cap} ({gpus[0].get('name', '?')}) but this GPU "
+            f"is {capability[0]}.{capability[1]}: rebuild them on this GPU"
+        )
     return problems
 
 
@@ -213,6 +243,7 @@ def check_environment(backend: str, engine_dir: str | Path | None, device: str =
 
 # ---- engine configuration ----------------------------------------------------------------------
 
+
 def read_engine_config(engine_dir: Path, component: str) -> dict:
     """trtllm-build's `<component>/config.json`: {'pretrained_config': ..., 'build_config': ...}."""
     path = Path(engine_dir) / component / "config.json"
@@ -229,8 +260,12 @@ def encoder_config_problems(config: dict, dims: ModelDims) -> list[str]:
     """Does the encoder engine fit the checkpoint that the PyTorch decoder loads?"""
     pre, build = config["pretrained_config"], config["build_config"]
     problems = []
-    for key, want in (("n_mels", dims.n_mels), ("hidden_size", dims.n_audio_state),
-                      ("num_hidden_layers", dims.n_audio_layer), ("num_attention_heads", dims.n_audio_head)):
+    for key, want in (
+        ("n_mels", dims.n_mels),
+        ("hidden_size", dims.n_audio_state),
+        ("num_hidden_layers", dims.n_audio_layer),
+        ("num_attention_heads", dims.n_audio_head),
+    ):
         if pre.get(key) != want:
             problems.append(f"encoder {key} {pre.get(key)} != the checkpoint's {want}")
     if build.get("max_input_len", 0) < N_FRAMES:
@@ -255,6 +290,7 @@ def decoder_config_problems(config: dict, n_vocab: int) -> list[str]:
 
 
 # ---- the self-test clip ------------------------------------------------------------------------
+
 
 def self_test_clip(seconds: float = 2.0, seed: int = 0) -> np.ndarray:
     """A short, deterministic, speech-like signal: a voiced harmonic series with a gliding pitch and
@@ -292,8 +328,10 @@ def self_test_encoder(engine, encoder: Callable, weight_only: str | None = None)
         score = encoder_agreement(engine.model.encoder, encoder, batch)
         scores.append(score)
         if score < threshold:
-            raise SelfTestFailed(f"TensorRT-LLM's encoder disagrees with PyTorch's on the self-test clip ({frames} mel "
-                                 f"frames): mean cosine similarity {score:.4f} < {threshold}")
+            raise SelfTestFailed(
+                f"TensorRT-LLM's encoder disagrees with PyTorch's on the self-test clip ({frames} mel "
+                f"frames): mean cosine similarity {score:.4f} < {threshold}"
+            )
     return scores
 
 
@@ -310,12 +348,17 @@ def self_test_pipeline(engine, timeout: float = SELF_TEST_TIMEOUT):
     n_vocab = len(engine.tokenizer.vocabulary)
     if transcript is None or any(not 0 <= t < n_vocab for t in transcript.tokens):
         raise SelfTestFailed(f"the self-test decode returned {transcript!r}")
-    log.info("self-test passed: %d tokens in %.2f s (%r)", len(transcript.tokens), time.perf_counter() - started,
-             transcript.text[:40])
+    log.info(
+        "self-test passed: %d tokens in %.2f s (%r)",
+        len(transcript.tokens),
+        time.perf_counter() - started,
+        transcript.text[:40],
+    )
     return transcript
 
 
 # ---- trtllm-encoder ----------------------------------------------------------------------------
+
 
 class TrtEncoder:
     """TensorRT-LLM's Whisper encoder engine as a callable: mel [B, n_mels, T] -> features [B, T/2, D].
@@ -335,7 +378,8 @@ class TrtEncoder:
         self.max_frames = int(build.get("max_input_len", N_FRAMES))
         self.remove_padding = bool(build.get("plugin_config", {}).get("remove_input_padding", True))
         self.dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[
-            config["pretrained_config"].get("dtype", "float16")]
+            config["pretrained_config"].get("dtype", "float16")
+        ]
 
     @classmethod
     def from_dir(cls, engine_dir: Path, device: str | torch.device = "cuda") -> TrtEncoder:
@@ -351,8 +395,9 @@ class TrtEncoder:
 
     def __call__(self, mel: torch.Tensor) -> torch.Tensor:
         if mel.shape[-1] > self.max_frames or mel.shape[-1] % 2:
-            raise ValueError(f"encoder input of {mel.shape[-1]} mel frames: the engine takes an even number up to "
-                             f"{self.max_frames}")
+            raise ValueError(
+                f"encoder input of {mel.shape[-1]} mel frames: the engine takes an even number up to {self.max_frames}"
+            )
         out = [self._run(chunk) for chunk in mel.split(self.max_batch)]
         out = out[0] if len(out) == 1 else torch.cat(out)
         return out.to(mel.dtype)  # the decoder's dtype, whatever precision the engine was built in
@@ -363,8 +408,11 @@ class TrtEncoder:
         lengths = torch.full((b,), t, dtype=torch.int32, device=self.device)
         positions = torch.arange(t // 2, dtype=torch.int32, device=self.device).expand(b, -1)
         if self.remove_padding:
-            return {"input_features": mel.transpose(1, 2).reshape(b * t, n_mels).contiguous(),
-                    "input_lengths": lengths, "position_ids": positions.reshape(-1).contiguous()}
+            return {
+                "input_features": mel.transpose(1, 2).reshape(b * t, n_mels).contiguous(),
+                "input_lengths": lengths,
+                "position_ids": positions.reshape(-1).contiguous(),
+            }
         return {"input_features": mel.contiguous(), "input_lengths": lengths, "position_ids": positions.contiguous()}
 
     def _run(self, mel: torch.Tensor) -> torch.Tensor:
@@ -377,9 +425,13 @@ class TrtEncoder:
         from tensorrt_llm._utils import torch_dtype_to_trt, trt_dtype_to_torch
         from tensorrt_llm.runtime.session import TensorInfo
 
-        infos = [TensorInfo(name, torch_dtype_to_trt(tensor.dtype), tuple(tensor.shape)) for name, tensor in inputs.items()]
-        outputs = {info.name: torch.empty(tuple(info.shape), dtype=trt_dtype_to_torch(info.dtype), device=self.device)
-                   for info in self.session.infer_shapes(infos)}
+        infos = [
+            TensorInfo(name, torch_dtype_to_trt(tensor.dtype), tuple(tensor.shape)) for name, tensor in inputs.items()
+        ]
+        outputs = {
+            info.name: torch.empty(tuple(info.shape), dtype=trt_dtype_to_torch(info.dtype), device=self.device)
+            for info in self.session.infer_shapes(infos)
+        }
         stream = torch.cuda.current_stream(self.device)
         if not self.session.run(inputs=inputs, outputs=outputs, stream=stream.cuda_stream):
             raise RuntimeError("TensorRT-LLM encoder engine execution failed")
@@ -387,8 +439,9 @@ class TrtEncoder:
         return outputs
 
 
-def _create_encoder_engine(engine_dir: Path, model: str, device: str, script: str, self_test: bool,
-                           manifest: dict | None, engine_kwargs: dict):
+def _create_encoder_engine(
+    engine_dir: Path, model: str, device: str, script: str, self_test: bool, manifest: dict | None, engine_kwargs: dict
+):
     from engines.checkpoints import load_checkpoint
     from engines.engine import Engine
 
@@ -412,8 +465,10 @@ def finish_encoder_engine(engine, encoder: Callable, self_test: bool, weight_onl
     (1.3 GB in fp16 for the Breeze shape): from here on only the engine's encoder runs."""
     if self_test:
         scores = self_test_encoder(engine, encoder, weight_only)
-        log.info("self-test: TensorRT-LLM encoder agrees with PyTorch's (mean cosine %s)",
-                 ", ".join(f"{s:.4f}" for s in scores))
+        log.info(
+            "self-test: TensorRT-LLM encoder agrees with PyTorch's (mean cosine %s)",
+            ", ".join(f"{s:.4f}" for s in scores),
+        )
         self_test_pipeline(engine)
     engine.backend = "trtllm-encoder"
     engine.model.encoder.to("meta")
@@ -423,6 +478,7 @@ def finish_encoder_engine(engine, encoder: Callable, self_test: bool, weight_onl
 
 
 # ---- trtllm: TensorRT-LLM's Executor for the whole model ---------------------------------------
+
 
 @dataclass(eq=False)
 class _Pending:
@@ -449,10 +505,23 @@ class ExecutorEngine:
     as 0), speculative drafts. A newer partial of the same stream cancels the older one, as in
     Engine."""
 
-    def __init__(self, executor, bindings, *, name: str, vocabulary: list[str], suppress_tokens: list[int],
-                 n_mels: int = 80, max_seq_len: int = 448, max_input_len: int = 14, max_beam_width: int = 1,
-                 script: str = "traditional",
-                 window_bucket: float = 1.0, device: str = "cuda", poll_seconds: float = 0.01):
+    def __init__(
+        self,
+        executor,
+        bindings,
+        *,
+        name: str,
+        vocabulary: list[str],
+        suppress_tokens: list[int],
+        n_mels: int = 80,
+        max_seq_len: int = 448,
+        max_input_len: int = 14,
+        max_beam_width: int = 1,
+        script: str = "traditional",
+        window_bucket: float = 1.0,
+        device: str = "cuda",
+        poll_seconds: float = 0.01,
+    ):
         from engines.tokenizer import Tokenizer
 
         self.executor = executor
@@ -464,7 +533,9 @@ class ExecutorEngine:
         self.suppress_tokens = sorted(set(suppress_tokens))
         self.n_mels = n_mels
         self.max_seq_len = max_seq_len
-        self.max_input_len = max_input_len  # the decoder engine's longest prompt: a previous-text prompt is trimmed to fit
+        self.max_input_len = (
+            max_input_len  # the decoder engine's longest prompt: a previous-text prompt is trimmed to fit
+        )
         self.max_beam_width = max_beam_width
         self.script = script
         self.window_bucket = window_bucket
@@ -480,9 +551,16 @@ class ExecutorEngine:
         self._worker.start()
 
     @classmethod
-    def from_dir(cls, engine_dir: Path, *, model: str = "default", script: str = "traditional",
-                 manifest: dict | None = None, kv_cache_free_gpu_memory_fraction: float = 0.5,
-                 cross_kv_cache_fraction: float = 0.5) -> ExecutorEngine:
+    def from_dir(
+        cls,
+        engine_dir: Path,
+        *,
+        model: str = "default",
+        script: str = "traditional",
+        manifest: dict | None = None,
+        kv_cache_free_gpu_memory_fraction: float = 0.5,
+        cross_kv_cache_fraction: float = 0.5,
+    ) -> ExecutorEngine:
         import tensorrt_llm.bindings.executor as trtllm
 
         vocabulary, suppress, name = _vocabulary(engine_dir, model, manifest)
@@ -493,32 +571,58 @@ class ExecutorEngine:
             raise BackendUnavailable(f"{engine_dir}/decoder:\n  - " + "\n  - ".join(problems))
         build = decoder["build_config"]
         # cross_kv_cache_fraction is required for encoder-decoder models ("Must set crossKvCacheFraction")
-        kv_cache = trtllm.KvCacheConfig(free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction,
-                                        cross_kv_cache_fraction=cross_kv_cache_fraction)
-        config = trtllm.ExecutorConfig(max_batch_size=build["max_batch_size"], max_beam_width=build.get("max_beam_width", 1),
-                                       kv_cache_config=kv_cache)
-        executor = trtllm.Executor(Path(engine_dir) / "encoder", Path(engine_dir) / "decoder",
-                                   trtllm.ModelType.ENCODER_DECODER, config)
-        return cls(executor, trtllm, name=name, vocabulary=vocabulary, suppress_tokens=suppress,
-                   n_mels=encoder["pretrained_config"].get("n_mels", 80), max_seq_len=build["max_seq_len"],
-                   max_input_len=build.get("max_input_len", 14),
-                   max_beam_width=build.get("max_beam_width", 1), script=script)
+        kv_cache = trtllm.KvCacheConfig(
+            free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction, cross_kv_cache_fraction=cross_kv_cache_fraction
+        )
+        config = trtllm.ExecutorConfig(
+            max_batch_size=build["max_batch_size"],
+            max_beam_width=build.get("max_beam_width", 1),
+            kv_cache_config=kv_cache,
+        )
+        executor = trtllm.Executor(
+            Path(engine_dir) / "encoder", Path(engine_dir) / "decoder", trtllm.ModelType.ENCODER_DECODER, config
+        )
+        return cls(
+            executor,
+            trtllm,
+            name=name,
+            vocabulary=vocabulary,
+            suppress_tokens=suppress,
+            n_mels=encoder["pretrained_config"].get("n_mels", 80),
+            max_seq_len=build["max_seq_len"],
+            max_input_len=build.get("max_input_len", 14),
+            max_beam_width=build.get("max_beam_width", 1),
+            script=script,
+        )
 
     # -- Engine's surface ----------------------------------------------------------------------
 
-    def submit(self, audio: np.ndarray, options: DecodingOptions = DecodingOptions(), *, window: float | None = None,
-               previous: list[int] | None = None, speculative: str | None = None, final: bool = True,
-               stream: object | None = None) -> Future:
+    def submit(
+        self,
+        audio: np.ndarray,
+        options: DecodingOptions = DecodingOptions(),
+        *,
+        window: float | None = None,
+        previous: list[int] | None = None,
+        speculative: str | None = None,
+        final: bool = True,
+        stream: object | None = None,
+    ) -> Future:
         """Queues one segment; `previous` and `speculative` are accepted and ignored (no drafts here)."""
         if options.language is None:
             raise ValueError("--backend trtllm cannot detect the language: name one (e.g. --language zh)")
         if options.timestamps:
-            raise ValueError("--backend trtllm decodes without timestamps (TensorRT-LLM has no Whisper timestamp rules)")
+            raise ValueError(
+                "--backend trtllm decodes without timestamps (TensorRT-LLM has no Whisper timestamp rules)"
+            )
         if options.beam_size > self.max_beam_width:
-            raise ValueError(f"beam size {options.beam_size} > the decoder engine's max_beam_width {self.max_beam_width}")
+            raise ValueError(
+                f"beam size {options.beam_size} > the decoder engine's max_beam_width {self.max_beam_width}"
+            )
         start = len(self.tokenizer.prompt(options.language, options.task, False))
-        prompt, _ = segment_prompt(self.tokenizer, options.language, options, self.max_seq_len,
-                                   max_text=self.max_input_len - start - 1)  # 1: <|startofprev|>
+        prompt, _ = segment_prompt(
+            self.tokenizer, options.language, options, self.max_seq_len, max_text=self.max_input_len - start - 1
+        )  # 1: <|startofprev|>
         pending = _Pending(Future(), np.asarray(audio, dtype=np.float32), options, window, final, stream, prompt, 0)
         with self._lock:
             if self._closed:
@@ -563,12 +667,18 @@ class ExecutorEngine:
         mel = pad_mel(clip_mel(pending.audio, self.n_mels), pending.frames)  # [n_mels, T]
         features = mel.T.contiguous().to(self.device, torch.float16)  # [T, n_mels]
         max_tokens = max(1, min(pending.options.max_new_tokens, self.max_seq_len - len(pending.prompt)))
-        return t.Request(input_token_ids=pending.prompt, max_tokens=max_tokens, streaming=False,
-                         sampling_config=t.SamplingConfig(beam_width=pending.options.beam_size),
-                         output_config=t.OutputConfig(return_log_probs=True, exclude_input_from_output=True),
-                         end_id=self.tokenizer.eot, pad_id=self.tokenizer.eot,
-                         bad_words=[[token] for token in self.suppress_tokens] or None,
-                         encoder_input_features=features, encoder_output_length=pending.frames // 2)
+        return t.Request(
+            input_token_ids=pending.prompt,
+            max_tokens=max_tokens,
+            streaming=False,
+            sampling_config=t.SamplingConfig(beam_width=pending.options.beam_size),
+            output_config=t.OutputConfig(return_log_probs=True, exclude_input_from_output=True),
+            end_id=self.tokenizer.eot,
+            pad_id=self.tokenizer.eot,
+            bad_words=[[token] for token in self.suppress_tokens] or None,
+            encoder_input_features=features,
+            encoder_output_length=pending.frames // 2,
+        )
 
     def _run(self) -> None:
         while True:
@@ -613,8 +723,11 @@ class ExecutorEngine:
             if not pending.final and pending.stream is not None and pending.seq < latest.get(pending.stream, 0):
                 pending.future.set_result(None)
         with self._lock:
-            stale = [p for p in self._running.values()
-                     if not p.final and p.stream is not None and p.seq < latest.get(p.stream, 0)]
+            stale = [
+                p
+                for p in self._running.values()
+                if not p.final and p.stream is not None and p.seq < latest.get(p.stream, 0)
+            ]
             for pending in stale:
                 del self._running[pending.request_id]
         for pending in stale:
@@ -646,7 +759,7 @@ class ExecutorEngine:
 
         tokens = list(result.output_token_ids[0])
         if tokens[: len(pending.prompt)] == pending.prompt:  # in case the input was not excluded
-            tokens = tokens[len(pending.prompt):]
+            tokens = tokens[len(pending.prompt) :]
         ended = self.tokenizer.eot in tokens
         if ended:
             tokens = tokens[: tokens.index(self.tokenizer.eot)]
@@ -656,9 +769,18 @@ class ExecutorEngine:
         language = pending.options.language
         if self.script == "traditional" and language in ("zh", "yue"):
             text = chinese_text(text)
-        return Transcript(text=text, tokens=tokens, language=language, no_speech_prob=0.0, avg_logprob=avg_logprob,
-                          looped=repetition_period(tokens) > 0, window_frames=pending.frames, encoder_seconds=0.0,
-                          decoder_seconds=time.perf_counter() - pending.started, forwards=len(tokens) + ended)
+        return Transcript(
+            text=text,
+            tokens=tokens,
+            language=language,
+            no_speech_prob=0.0,
+            avg_logprob=avg_logprob,
+            looped=repetition_period(tokens) > 0,
+            window_frames=pending.frames,
+            encoder_seconds=0.0,
+            decoder_seconds=time.perf_counter() - pending.started,
+            forwards=len(tokens) + ended,
+        )
 
 
 def _vocabulary(engine_dir: Path, model: str, manifest: dict | None) -> tuple[list[str], list[int], str]:
@@ -666,8 +788,11 @@ def _vocabulary(engine_dir: Path, model: str, manifest: dict | None) -> tuple[li
     (build-trtllm writes them), else the checkpoint --model names, else the embedded default's."""
     path = Path(engine_dir) / VOCABULARY
     if path.is_file() and manifest:
-        return (json.loads(path.read_text(encoding="utf-8")), list(manifest.get("suppress_tokens") or []),
-                manifest.get("name") or str(engine_dir))
+        return (
+            json.loads(path.read_text(encoding="utf-8")),
+            list(manifest.get("suppress_tokens") or []),
+            manifest.get("name") or str(engine_dir),
+        )
     from engines.checkpoints import SPECIAL_SUPPRESS, default_suppress_ids, default_vocabulary, load_checkpoint
 
     if model != "default":

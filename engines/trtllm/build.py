@@ -42,9 +42,9 @@ import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from . import MANIFEST, MANIFEST_FORMAT, TRTLLM_IMAGE, TRTLLM_SERIES, TRTLLM_VERSION, VOCABULARY, WHISPER_EXAMPLES
 
@@ -89,8 +89,10 @@ class BuildOptions:
         """Everything wrong with the options (all of it at once, not the first thing)."""
         out = []
         if self.dtype not in DTYPES:
-            out.append(f"--dtype must be one of {', '.join(DTYPES)} (TensorRT-LLM's Whisper support matrix is FP16 "
-                       f"and INT8/INT4 weight-only; there is no FP8), got {self.dtype!r}")
+            out.append(
+                f"--dtype must be one of {', '.join(DTYPES)} (TensorRT-LLM's Whisper support matrix is FP16 "
+                f"and INT8/INT4 weight-only; there is no FP8), got {self.dtype!r}"
+            )
         if self.weight_only not in (None, *WEIGHT_ONLY):
             out.append(f"weight-only precision must be one of {', '.join(WEIGHT_ONLY)}, got {self.weight_only!r}")
         if self.max_batch < 1:
@@ -98,13 +100,17 @@ class BuildOptions:
         if self.max_beam_width < 1:
             out.append(f"--max-beam-width must be at least 1, got {self.max_beam_width}")
         if self.max_input_len < PROMPT_TOKENS:
-            out.append(f"--max-input-len must hold the decoder prompt ({PROMPT_TOKENS} tokens with a code-switching "
-                       f"prefix), got {self.max_input_len}")
+            out.append(
+                f"--max-input-len must hold the decoder prompt ({PROMPT_TOKENS} tokens with a code-switching "
+                f"prefix), got {self.max_input_len}"
+            )
         if self.max_seq_len > N_TEXT_CTX:
             out.append(f"--max-seq-len cannot exceed Whisper's {N_TEXT_CTX} decoder positions, got {self.max_seq_len}")
         if self.max_seq_len <= self.max_input_len:
-            out.append(f"--max-seq-len ({self.max_seq_len}) must exceed --max-input-len ({self.max_input_len}): "
-                       "it counts the prompt and the new tokens")
+            out.append(
+                f"--max-seq-len ({self.max_seq_len}) must exceed --max-input-len ({self.max_input_len}): "
+                "it counts the prompt and the new tokens"
+            )
         if self.out.exists() and not self.out.is_dir():
             out.append(f"--out {self.out} exists and is not a directory")
         return out
@@ -179,6 +185,7 @@ def render_command(argv: tuple[str, ...] | list[str]) -> str:
 
 # ---- the commands ------------------------------------------------------------------------------
 
+
 def precision(options: BuildOptions) -> list[str]:
     if options.weight_only is None:
         return []
@@ -186,34 +193,69 @@ def precision(options: BuildOptions) -> list[str]:
 
 
 def convert_checkpoint_command(options: BuildOptions, python: str = sys.executable) -> list[str]:
-    return [python, str(options.examples / "convert_checkpoint.py"),
-            "--model_dir", str(options.assets), "--model_name", SLOT, "--dtype", options.dtype,
-            *precision(options), "--output_dir", str(options.checkpoint_dir)]
+    return [
+        python,
+        str(options.examples / "convert_checkpoint.py"),
+        "--model_dir",
+        str(options.assets),
+        "--model_name",
+        SLOT,
+        "--dtype",
+        options.dtype,
+        *precision(options),
+        "--output_dir",
+        str(options.checkpoint_dir),
+    ]
 
 
 def encoder_build_command(options: BuildOptions, trtllm_build: str = "trtllm-build") -> list[str]:
-    return [trtllm_build, "--checkpoint_dir", str(options.checkpoint_dir / "encoder"),
-            "--output_dir", str(options.out / "encoder"),
-            "--moe_plugin", "disable",
-            "--max_batch_size", str(options.max_batch),
-            "--gemm_plugin", "disable",
-            "--bert_attention_plugin", options.dtype,
-            "--max_input_len", str(ENCODER_INPUT_LEN),
-            "--max_seq_len", str(ENCODER_INPUT_LEN)]
+    return [
+        trtllm_build,
+        "--checkpoint_dir",
+        str(options.checkpoint_dir / "encoder"),
+        "--output_dir",
+        str(options.out / "encoder"),
+        "--moe_plugin",
+        "disable",
+        "--max_batch_size",
+        str(options.max_batch),
+        "--gemm_plugin",
+        "disable",
+        "--bert_attention_plugin",
+        options.dtype,
+        "--max_input_len",
+        str(ENCODER_INPUT_LEN),
+        "--max_seq_len",
+        str(ENCODER_INPUT_LEN),
+    ]
 
 
 def decoder_build_command(options: BuildOptions, trtllm_build: str = "trtllm-build") -> list[str]:
-    return [trtllm_build, "--checkpoint_dir", str(options.checkpoint_dir / "decoder"),
-            "--output_dir", str(options.out / "decoder"),
-            "--moe_plugin", "disable",
-            "--max_beam_width", str(options.max_beam_width),
-            "--max_batch_size", str(options.max_batch),
-            "--max_seq_len", str(options.max_seq_len),
-            "--max_input_len", str(options.max_input_len),
-            "--max_encoder_input_len", str(ENCODER_INPUT_LEN),
-            "--gemm_plugin", options.dtype,
-            "--bert_attention_plugin", options.dtype,
-            "--gpt_attention_plugin", options.dtype]
+    return [
+        trtllm_build,
+        "--checkpoint_dir",
+        str(options.checkpoint_dir / "decoder"),
+        "--output_dir",
+        str(options.out / "decoder"),
+        "--moe_plugin",
+        "disable",
+        "--max_beam_width",
+        str(options.max_beam_width),
+        "--max_batch_size",
+        str(options.max_batch),
+        "--max_seq_len",
+        str(options.max_seq_len),
+        "--max_input_len",
+        str(options.max_input_len),
+        "--max_encoder_input_len",
+        str(ENCODER_INPUT_LEN),
+        "--gemm_plugin",
+        options.dtype,
+        "--bert_attention_plugin",
+        options.dtype,
+        "--gpt_attention_plugin",
+        options.dtype,
+    ]
 
 
 def plan(options: BuildOptions, build: Builder | None = None) -> list[Step]:
@@ -225,39 +267,91 @@ def plan(options: BuildOptions, build: Builder | None = None) -> list[Step]:
     steps: list[Step] = []
     if source.kind == "breeze":
         file = BREEZE_FILE if options.revision == BREEZE_REVISION else "whisper-github/<sha256>/breeze-asr-25.pt"
-        steps.append(Step(f"fetch the OpenAI-format .pt MediaTek publishes ({BREEZE_REPO}@{options.revision[:12]}; "
-                          "sha256 checked against its folder name)",
-                          ("hf", "download", BREEZE_REPO, file, "--revision", options.revision,
-                           "--local-dir", str(options.download_dir)), True, act("fetch_breeze")))
-        steps.append(Step("put it in the converter's slot",
-                          ("ln", "-sfn", str(Path("..") / "download" / file), str(options.pt)), True, act("link_breeze")))
+        steps.append(
+            Step(
+                f"fetch the OpenAI-format .pt MediaTek publishes ({BREEZE_REPO}@{options.revision[:12]}; "
+                "sha256 checked against its folder name)",
+                (
+                    "hf",
+                    "download",
+                    BREEZE_REPO,
+                    file,
+                    "--revision",
+                    options.revision,
+                    "--local-dir",
+                    str(options.download_dir),
+                ),
+                True,
+                act("fetch_breeze"),
+            )
+        )
+        steps.append(
+            Step(
+                "put it in the converter's slot",
+                ("ln", "-sfn", str(Path("..") / "download" / file), str(options.pt)),
+                True,
+                act("link_breeze"),
+            )
+        )
     elif source.kind == "openai-pt":
         target = Path(source.spec).expanduser().resolve()
-        steps.append(Step("put the OpenAI .pt in the converter's slot (its format is checked first)",
-                          ("ln", "-sfn", str(target), str(options.pt)), True, act("link_pt")))
+        steps.append(
+            Step(
+                "put the OpenAI .pt in the converter's slot (its format is checked first)",
+                ("ln", "-sfn", str(target), str(options.pt)),
+                True,
+                act("link_pt"),
+            )
+        )
     else:
-        steps.append(Step("convert to an OpenAI-format .pt (breeze-stream's own converter)",
-                          (python, "-m", "engines.trtllm.convert", source.spec, str(options.pt), "--dtype", "float16"),
-                          True, act("convert")))
-    steps.append(Step("TensorRT-LLM checkpoint conversion (OpenAI .pt -> encoder/ and decoder/)",
-                      tuple(convert_checkpoint_command(options, python))))
+        steps.append(
+            Step(
+                "convert to an OpenAI-format .pt (breeze-stream's own converter)",
+                (python, "-m", "engines.trtllm.convert", source.spec, str(options.pt), "--dtype", "float16"),
+                True,
+                act("convert"),
+            )
+        )
+    steps.append(
+        Step(
+            "TensorRT-LLM checkpoint conversion (OpenAI .pt -> encoder/ and decoder/)",
+            tuple(convert_checkpoint_command(options, python)),
+        )
+    )
     steps.append(Step("encoder engine", tuple(encoder_build_command(options, trtllm_build))))
     if not options.encoder_only:
         steps.append(Step("decoder engine", tuple(decoder_build_command(options, trtllm_build))))
-    steps.append(Step(f"write {options.out / VOCABULARY} and {options.out / MANIFEST} (versions, flags, commands, "
-                      "GPU); the manifest last", (), True, act("write_manifest")))
+    steps.append(
+        Step(
+            f"write {options.out / VOCABULARY} and {options.out / MANIFEST} (versions, flags, commands, "
+            "GPU); the manifest last",
+            (),
+            True,
+            act("write_manifest"),
+        )
+    )
     if not options.keep_checkpoint:
-        steps.append(Step("remove the intermediate TensorRT-LLM checkpoint (--keep-checkpoint keeps it)",
-                          ("rm", "-rf", str(options.checkpoint_dir)), True, act("remove_checkpoint")))
+        steps.append(
+            Step(
+                "remove the intermediate TensorRT-LLM checkpoint (--keep-checkpoint keeps it)",
+                ("rm", "-rf", str(options.checkpoint_dir)),
+                True,
+                act("remove_checkpoint"),
+            )
+        )
     return steps
 
 
 def render_plan(options: BuildOptions, steps: list[Step]) -> str:
-    lines = [f"# breeze-stream build-trtllm --dry-run: TensorRT-LLM {TRTLLM_VERSION} (pinned; image {TRTLLM_IMAGE})",
-             f"# model {options.model} -> {options.out}; nothing below was run"]
+    lines = [
+        f"# breeze-stream build-trtllm --dry-run: TensorRT-LLM {TRTLLM_VERSION} (pinned; image {TRTLLM_IMAGE})",
+        f"# model {options.model} -> {options.out}; nothing below was run",
+    ]
     if options.max_seq_len < N_TEXT_CTX:
-        lines.append(f"# note: decoder --max_seq_len {options.max_seq_len} < {N_TEXT_CTX} leaves {options.max_seq_len - 4} "
-                     "new tokens after the usual 4-token prompt; 30 s of Mandarin can need more")
+        lines.append(
+            f"# note: decoder --max_seq_len {options.max_seq_len} < {N_TEXT_CTX} leaves {options.max_seq_len - 4} "
+            "new tokens after the usual 4-token prompt; 30 s of Mandarin can need more"
+        )
     for i, step in enumerate(steps, 1):
         lines.append(f"# {i}. {step.title}" + (" [in-process]" if step.in_process else ""))
         if step.argv:
@@ -266,6 +360,7 @@ def render_plan(options: BuildOptions, steps: list[Step]) -> str:
 
 
 # ---- the environment ---------------------------------------------------------------------------
+
 
 def trtllm_version() -> str | None:
     """The installed TensorRT-LLM's version without importing it (importing needs a GPU and MPI)."""
@@ -313,28 +408,41 @@ def gpu_info() -> list[dict[str, str]] | None:
     return parse_nvidia_smi(done.stdout)
 
 
-def preflight(options: BuildOptions, *, version: str | None = None, which=shutil.which,
-              gpus: list[dict[str, str]] | None | bool = False) -> list[str]:
+def preflight(
+    options: BuildOptions,
+    *,
+    version: str | None = None,
+    which=shutil.which,
+    gpus: list[dict[str, str]] | None | bool = False,
+) -> list[str]:
     """What a real build lacks here (all of it at once). `version`, `which` and `gpus` are for tests."""
     problems = []
     version = trtllm_version() if version is None else version
     if not version:
-        problems.append(f"TensorRT-LLM is not installed: build inside {TRTLLM_IMAGE} (docker/Dockerfile.gpu) or "
-                        f"`pip install tensorrt-llm=={TRTLLM_VERSION}` on a Linux machine with an NVIDIA GPU")
+        problems.append(
+            f"TensorRT-LLM is not installed: build inside {TRTLLM_IMAGE} (docker/Dockerfile.gpu) or "
+            f"`pip install tensorrt-llm=={TRTLLM_VERSION}` on a Linux machine with an NVIDIA GPU"
+        )
     elif not version.startswith(TRTLLM_SERIES):
-        problems.append(f"TensorRT-LLM {version} is installed, but build-trtllm is pinned to {TRTLLM_SERIES}x "
-                        f"(the last releases with convert_checkpoint.py and trtllm-build; 1.3+ removed them): use "
-                        f"{TRTLLM_IMAGE}, or see docs/trtllm.md (from the README), \"The 1.3+ route\", for the LLM-API route")
+        problems.append(
+            f"TensorRT-LLM {version} is installed, but build-trtllm is pinned to {TRTLLM_SERIES}x "
+            f"(the last releases with convert_checkpoint.py and trtllm-build; 1.3+ removed them): use "
+            f'{TRTLLM_IMAGE}, or see docs/trtllm.md (from the README), "The 1.3+ route", for the LLM-API route'
+        )
     if which("trtllm-build") is None:
         problems.append("trtllm-build is not on PATH (it comes with the tensorrt-llm package)")
     if not (options.examples / "convert_checkpoint.py").is_file():
-        problems.append(f"{options.examples / 'convert_checkpoint.py'} not found: pass --trtllm-examples (or set "
-                        f"TRTLLM_WHISPER_EXAMPLES) to examples/models/core/whisper of TensorRT-LLM v{TRTLLM_VERSION} "
-                        f"(in {TRTLLM_IMAGE} it is {WHISPER_EXAMPLES})")
+        problems.append(
+            f"{options.examples / 'convert_checkpoint.py'} not found: pass --trtllm-examples (or set "
+            f"TRTLLM_WHISPER_EXAMPLES) to examples/models/core/whisper of TensorRT-LLM v{TRTLLM_VERSION} "
+            f"(in {TRTLLM_IMAGE} it is {WHISPER_EXAMPLES})"
+        )
     gpus = gpu_info() if gpus is False else gpus
     if not gpus:
-        problems.append("no NVIDIA GPU visible (nvidia-smi is missing or lists none): trtllm-build compiles for the GPU "
-                        "it runs on; with Docker, run with --gpus all")
+        problems.append(
+            "no NVIDIA GPU visible (nvidia-smi is missing or lists none): trtllm-build compiles for the GPU "
+            "it runs on; with Docker, run with --gpus all"
+        )
     source = resolve_source(options.model)
     if source.kind == "openai-pt" and not Path(source.spec).expanduser().is_file():
         problems.append(f"--model {source.spec}: no such file")
@@ -346,6 +454,7 @@ def preflight(options: BuildOptions, *, version: str | None = None, which=shutil
 
 
 # ---- running it --------------------------------------------------------------------------------
+
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     digest = hashlib.sha256()
@@ -394,21 +503,33 @@ class Builder:
         o = self.options
         file = BREEZE_FILE
         if o.revision != BREEZE_REVISION:
-            files = [f for f in HfApi().list_repo_files(BREEZE_REPO, revision=o.revision)
-                     if f.startswith("whisper-github/") and f.endswith("/breeze-asr-25.pt")]
+            files = [
+                f
+                for f in HfApi().list_repo_files(BREEZE_REPO, revision=o.revision)
+                if f.startswith("whisper-github/") and f.endswith("/breeze-asr-25.pt")
+            ]
             if len(files) != 1:
-                raise BuildError(f"{BREEZE_REPO}@{o.revision}: expected one whisper-github/<sha256>/breeze-asr-25.pt, "
-                                 f"found {files or 'none'}")
+                raise BuildError(
+                    f"{BREEZE_REPO}@{o.revision}: expected one whisper-github/<sha256>/breeze-asr-25.pt, "
+                    f"found {files or 'none'}"
+                )
             file = files[0]
         path = Path(hf_hub_download(BREEZE_REPO, file, revision=o.revision, local_dir=o.download_dir))
         expected = file.split("/")[-2]
         self.say(f"checking sha256 of {path} ({path.stat().st_size / 1e9:.2f} GB)")
         got = sha256_file(path)
         if got != expected:
-            raise BuildError(f"{path}: sha256 {got} does not match {expected} (the folder name MediaTek gives it); "
-                             "delete it and run again")
-        self.fetched = {"repo": BREEZE_REPO, "revision": o.revision, "file": file, "sha256": got,
-                        "bytes": path.stat().st_size}
+            raise BuildError(
+                f"{path}: sha256 {got} does not match {expected} (the folder name MediaTek gives it); "
+                "delete it and run again"
+            )
+        self.fetched = {
+            "repo": BREEZE_REPO,
+            "revision": o.revision,
+            "file": file,
+            "sha256": got,
+            "bytes": path.stat().st_size,
+        }
         self._breeze_file = file
 
     def link_breeze(self) -> None:
@@ -442,9 +563,13 @@ class Builder:
         dims = self.checkpoint.dims
         problems = []
         if dims.n_audio_ctx * 2 != ENCODER_INPUT_LEN:
-            problems.append(f"n_audio_ctx {dims.n_audio_ctx} (the recipe's encoder input is {ENCODER_INPUT_LEN} frames)")
+            problems.append(
+                f"n_audio_ctx {dims.n_audio_ctx} (the recipe's encoder input is {ENCODER_INPUT_LEN} frames)"
+            )
         if self.options.max_seq_len > dims.n_text_ctx:
-            problems.append(f"--max-seq-len {self.options.max_seq_len} exceeds the model's n_text_ctx {dims.n_text_ctx}")
+            problems.append(
+                f"--max-seq-len {self.options.max_seq_len} exceeds the model's n_text_ctx {dims.n_text_ctx}"
+            )
         if problems:
             raise BuildError(f"{self.options.model}: " + "; ".join(problems))
 
@@ -485,15 +610,23 @@ def build_manifest(options: BuildOptions, checkpoint, source: dict, commands: li
         "vocabulary": VOCABULARY,
         "components": ["encoder"] if options.encoder_only else ["encoder", "decoder"],
         "options": {
-            "dtype": options.dtype, "weight_only": options.weight_only, "max_batch": options.max_batch,
-            "max_beam_width": options.max_beam_width, "max_seq_len": options.max_seq_len,
-            "max_input_len": options.max_input_len, "encoder_input_len": ENCODER_INPUT_LEN,
+            "dtype": options.dtype,
+            "weight_only": options.weight_only,
+            "max_batch": options.max_batch,
+            "max_beam_width": options.max_beam_width,
+            "max_seq_len": options.max_seq_len,
+            "max_input_len": options.max_input_len,
+            "encoder_input_len": ENCODER_INPUT_LEN,
         },
         "commands": commands,
         "versions": {
-            "tensorrt_llm": trtllm_version(), "tensorrt_llm_pinned": TRTLLM_VERSION,
-            "tensorrt": package_version("tensorrt") or package_version("tensorrt-cu12") or package_version("tensorrt-cu13"),
-            "torch": package_version("torch"), "breeze_stream": package_version("breeze-stream"),
+            "tensorrt_llm": trtllm_version(),
+            "tensorrt_llm_pinned": TRTLLM_VERSION,
+            "tensorrt": package_version("tensorrt")
+            or package_version("tensorrt-cu12")
+            or package_version("tensorrt-cu13"),
+            "torch": package_version("torch"),
+            "breeze_stream": package_version("breeze-stream"),
             "python": platform.python_version(),
         },
         "gpus": gpu_info(),
@@ -503,40 +636,79 @@ def build_manifest(options: BuildOptions, checkpoint, source: dict, commands: li
 
 # ---- command line ------------------------------------------------------------------------------
 
+
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True,
-                        help=f"{BREEZE_REPO} (fetches the OpenAI .pt MediaTek publishes), an OpenAI .pt, or anything "
-                             "--model takes elsewhere (Hugging Face directory or hub id, CTranslate2 directory), converted")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help=f"{BREEZE_REPO} (fetches the OpenAI .pt MediaTek publishes), an OpenAI .pt, or anything "
+        "--model takes elsewhere (Hugging Face directory or hub id, CTranslate2 directory), converted",
+    )
     parser.add_argument("--out", required=True, type=Path, help="engine directory to create")
-    parser.add_argument("--dtype", choices=DTYPES, default="float16", help="activations and plugins (default %(default)s)")
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default="float16", help="activations and plugins (default %(default)s)"
+    )
     quant = parser.add_mutually_exclusive_group()
-    quant.add_argument("--int8-weight-only", dest="weight_only", action="store_const", const="int8",
-                       help="INT8 weight-only quantization (W8A16) of encoder and decoder")
-    quant.add_argument("--int4-weight-only", dest="weight_only", action="store_const", const="int4",
-                       help="INT4 weight-only quantization (W4A16); validate accuracy before use")
+    quant.add_argument(
+        "--int8-weight-only",
+        dest="weight_only",
+        action="store_const",
+        const="int8",
+        help="INT8 weight-only quantization (W8A16) of encoder and decoder",
+    )
+    quant.add_argument(
+        "--int4-weight-only",
+        dest="weight_only",
+        action="store_const",
+        const="int4",
+        help="INT4 weight-only quantization (W4A16); validate accuracy before use",
+    )
     parser.add_argument("--max-batch", type=int, default=64, help="engine max batch size (default %(default)s)")
     parser.add_argument("--max-beam-width", type=int, default=1, help="decoder beams (default %(default)s)")
-    parser.add_argument("--max-seq-len", type=int, default=N_TEXT_CTX,
-                        help="decoder prompt + new tokens (default %(default)s = Whisper's whole context)")
-    parser.add_argument("--max-input-len", type=int, default=14,
-                        help="decoder prompt tokens (default %(default)s); a vocabulary prompt (--prompt) is trimmed "
-                             "from the left to fit, so build with up to 228 to keep whole prompts")
-    parser.add_argument("--encoder-only", action="store_true",
-                        help="build only the encoder (enough for --backend trtllm-encoder)")
+    parser.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=N_TEXT_CTX,
+        help="decoder prompt + new tokens (default %(default)s = Whisper's whole context)",
+    )
+    parser.add_argument(
+        "--max-input-len",
+        type=int,
+        default=14,
+        help="decoder prompt tokens (default %(default)s); a vocabulary prompt (--prompt) is trimmed "
+        "from the left to fit, so build with up to 228 to keep whole prompts",
+    )
+    parser.add_argument(
+        "--encoder-only", action="store_true", help="build only the encoder (enough for --backend trtllm-encoder)"
+    )
     parser.add_argument("--revision", default=BREEZE_REVISION, help="hub revision of Breeze-ASR-25 (default: pinned)")
-    parser.add_argument("--trtllm-examples", type=Path, default=Path(os.environ.get("TRTLLM_WHISPER_EXAMPLES", WHISPER_EXAMPLES)),
-                        help="TensorRT-LLM's examples/models/core/whisper (default $TRTLLM_WHISPER_EXAMPLES or %(default)s)")
+    parser.add_argument(
+        "--trtllm-examples",
+        type=Path,
+        default=Path(os.environ.get("TRTLLM_WHISPER_EXAMPLES", WHISPER_EXAMPLES)),
+        help="TensorRT-LLM's examples/models/core/whisper (default $TRTLLM_WHISPER_EXAMPLES or %(default)s)",
+    )
     parser.add_argument("--keep-checkpoint", action="store_true", help="keep the intermediate TensorRT-LLM checkpoint")
     parser.add_argument("--force", action="store_true", help="rebuild over a finished build")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
 
 
 def options_from_args(args: argparse.Namespace) -> BuildOptions:
-    return BuildOptions(model=args.model, out=Path(args.out).expanduser().absolute(), dtype=args.dtype,
-                        weight_only=args.weight_only, max_batch=args.max_batch, max_beam_width=args.max_beam_width,
-                        max_seq_len=args.max_seq_len, max_input_len=args.max_input_len, encoder_only=args.encoder_only,
-                        revision=args.revision, examples=Path(args.trtllm_examples).expanduser(),
-                        keep_checkpoint=args.keep_checkpoint, force=args.force)
+    return BuildOptions(
+        model=args.model,
+        out=Path(args.out).expanduser().absolute(),
+        dtype=args.dtype,
+        weight_only=args.weight_only,
+        max_batch=args.max_batch,
+        max_beam_width=args.max_beam_width,
+        max_seq_len=args.max_seq_len,
+        max_input_len=args.max_input_len,
+        encoder_only=args.encoder_only,
+        revision=args.revision,
+        examples=Path(args.trtllm_examples).expanduser(),
+        keep_checkpoint=args.keep_checkpoint,
+        force=args.force,
+    )
 
 
 def run_build(args: argparse.Namespace) -> int:

@@ -67,8 +67,10 @@ def read_openai_dims(path: str | Path) -> ModelDims:
     except Exception as exc:  # noqa: BLE001 -- any unreadable file gets the same clear message
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
     if not isinstance(data, dict) or "dims" not in data or "model_state_dict" not in data:
-        raise ValueError(f"{path}: not an OpenAI Whisper checkpoint (expected a dict with 'dims' and 'model_state_dict'); "
-                         "convert it with `python -m engines.trtllm.convert`")
+        raise ValueError(
+            f"{path}: not an OpenAI Whisper checkpoint (expected a dict with 'dims' and 'model_state_dict'); "
+            "convert it with `python -m engines.trtllm.convert`"
+        )
     dims = ModelDims(**data["dims"])
     check_state_dict(data["model_state_dict"], dims, str(path))
     return dims
@@ -85,10 +87,16 @@ def convert(spec: str, out: str | Path, dtype: str = "float16", progress=print) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engines.trtllm.convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", help="Hugging Face directory or hub id, CTranslate2 directory, OpenAI .pt, or 'default'")
+    parser.add_argument(
+        "model", help="Hugging Face directory or hub id, CTranslate2 directory, OpenAI .pt, or 'default'"
+    )
     parser.add_argument("out", help="where to write the OpenAI-format .pt")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float16",
-                        help="cast floating tensors (TensorRT-LLM's converter casts to float16 itself); default %(default)s")
+    parser.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default="float16",
+        help="cast floating tensors (TensorRT-LLM's converter casts to float16 itself); default %(default)s",
+    )
     args = parser.parse_args(argv)
     checkpoint = convert(args.model, args.out, args.dtype)
     print(f"wrote {args.out}: {checkpoint.name}, {checkpoint.dims}")
