@@ -16,7 +16,7 @@ from engines.trtllm import BACKENDS
 SHAPE_NAMES = ("base", "breeze", "large-v2", "tiny")
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
 DEVICE_HELP = "auto (CUDA when there is a GPU, else the CPU) | cpu | cuda | cuda:N"
-SPECULATIVE = ("off", "hypothesis", "medusa", "both")
+SPECULATIVE = ("off", "hypothesis", "lookup", "medusa", "both")
 LANGUAGES = ("zh", "en", "auto")
 """What --language takes in every command and the native protocol's start message: auto detects."""
 
