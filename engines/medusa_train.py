@@ -644,6 +644,11 @@ def run_train(args: argparse.Namespace) -> int:
     weight = labeller.model.decoder.token_embedding.weight.detach().to(device, torch.float32).clone()
     dims, name = checkpoint.dims, labeller.name
     del labeller, checkpoint
+    peak_labels = None
+    if device.type == "cuda":  # the frozen model's peak, then the heads' own from here on
+        peak_labels = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
     wanted = {c.id for c in clips}
     groups = {c.id: c.group for c in clips}
@@ -715,7 +720,10 @@ def run_train(args: argparse.Namespace) -> int:
         "label_seconds": round(label_seconds, 1),
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.perf_counter() - t_start, 1),
-        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+        "peak_gpu_gib_model": round(peak_labels, 2) if peak_labels is not None else None,
+        "peak_gpu_gib_training": round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if peak_labels is not None
+        else None,
         "heldout": final,
         "untrained": before,
     }

@@ -49,7 +49,8 @@ from engines.medusa import read_heads_meta
 for path in sys.argv[1:3]:
     s = json.loads(open(path).read().strip().splitlines()[-1])
     print(f"{path.rsplit('/', 1)[-1]}: {s['clips']} clips, {s['positions']} positions, labels {s['label_seconds']} s, "
-          f"training {s['train_seconds']} s, peak GPU memory {s['peak_gpu_gib']} GiB, total {s['total_seconds']} s")
+          f"training {s['train_seconds']} s, total {s['total_seconds']} s; peak GPU memory: frozen model and labels "
+          f"{s['peak_gpu_gib_model']} GiB, heads training {s['peak_gpu_gib_training']} GiB")
 meta = read_heads_meta(sys.argv[3])
 print(f"heads: n_state {meta['n_state']}, {meta['n_heads']} heads x {meta['n_layers']} blocks, epochs {meta['epochs']}, "
       f"base model {meta['base_model']}")
