@@ -19,11 +19,11 @@ from websockets.frames import CloseCode
 from engines.tokenizer import LANGUAGES as WHISPER_LANGUAGES
 
 from .limits import REFUSAL_TIMEOUT, closing
-from .transcriber import StreamingTranscriber, join_text
+from .transcriber import join_text
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Outbox", "Complaints", "ItemTranscriber", "join_text", "WHISPER_LANGUAGES"]
+__all__ = ["Outbox", "Complaints", "join_text", "WHISPER_LANGUAGES"]
 
 
 @dataclass(frozen=True)
@@ -119,25 +119,3 @@ class Complaints:
                 self._prefix,
                 ", ".join(f"{kind} x{n}" for kind, n in sorted(self.counts.items())),
             )
-
-
-class ItemTranscriber(StreamingTranscriber):
-    """The streaming transcriber with what the adapters need besides: `cut` closes the open segment
-    now (an OpenAI commit, an idle WhisperLive client) without waiting for its final, and `on_resolved(index)` is called once a
-    segment's final is resolved (its `Final` emitted, or found to hold no speech: OpenAI items
-    need a `.completed` either way).
-
-    It reaches into StreamingTranscriber's internals (`_handle`, `_segmenter`, `_final`); tests/test_realtime.py covers each hook, so a change there shows up as a failure.
-    """
-
-    def __init__(self, *args, on_resolved=None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._on_resolved = on_resolved
-
-    def cut(self) -> None:
-        self._handle(self._segmenter.flush())
-
-    async def _final(self, segment, arrival, before) -> None:
-        await super()._final(segment, arrival, before)
-        if self._on_resolved is not None and not self._failed and not self._closed:
-            self._on_resolved(segment.index)

@@ -73,7 +73,7 @@ from websockets.frames import CloseCode
 from engines.decoding import DecodingOptions
 from engines.engine import Engine
 
-from .adapters import WHISPER_LANGUAGES, ItemTranscriber, Outbox, join_text
+from .adapters import WHISPER_LANGUAGES, Outbox, join_text
 from .codecs import AudioDecoder, AudioFormatError
 from .metrics import Metrics
 from .segmenter import (
@@ -86,7 +86,7 @@ from .segmenter import (
     SegmentStarted,
 )
 from .session import SessionConfig
-from .transcriber import Event, Failure, Final, Partial, check_prompt
+from .transcriber import Event, Failure, Final, Partial, StreamingTranscriber, check_prompt
 
 if TYPE_CHECKING:
     from .server import Server
@@ -512,7 +512,7 @@ class RealtimeSession:
         self._configured = False
         self._decoder: AudioDecoder | None = None
         self._segmenter: TurnSegmenter | None = None
-        self._transcriber: ItemTranscriber | None = None
+        self._transcriber: StreamingTranscriber | None = None
         self._buffer_ms = 0.0  # audio appended since the last commit or clear
         self._fed = 0  # 16 kHz samples fed to the transcriber
         self._buffer_start = 0  # where the uncommitted buffer begins, in fed samples
@@ -746,7 +746,7 @@ class RealtimeSession:
 
     def _start(self) -> None:
         self._segmenter = TurnSegmenter(segmenter_config(self._settings.turn_detection, self._base), self._on_segment)
-        self._transcriber = ItemTranscriber(
+        self._transcriber = StreamingTranscriber(
             self._engine,
             self._decoding(self._settings),
             self._on_event,

@@ -195,7 +195,9 @@ class _Segment:
 class StreamingTranscriber:
     """Per-session policy; `feed` audio as it arrives, then `finish` (stop) or `aclose` (gone).
 
-    `emit` is called on the event loop, in event order, and must not block.
+    `emit` is called on the event loop, in event order, and must not block. `on_resolved(index)`,
+    where given, is called once a segment's final is resolved: its `Final` emitted, or the segment
+    found to hold no speech (OpenAI items need a `.completed` either way).
     """
 
     def __init__(
@@ -207,8 +209,10 @@ class StreamingTranscriber:
         config: TranscriberConfig = TranscriberConfig(),
         metrics: Metrics | None = None,
         segmenter: Segmenter | None = None,
+        on_resolved: Callable[[int], None] | None = None,
     ) -> None:
         self._engine = engine
+        self._on_resolved = on_resolved
         self._options = options
         self._emit = emit
         self.config = config
@@ -272,6 +276,11 @@ class StreamingTranscriber:
         while len(self._arrivals) > 1 and self._arrivals[0][0] < keep_from:
             self._arrivals.popleft()
         self._maybe_partial()
+
+    def cut(self) -> None:
+        """Closes the open segment now (an OpenAI commit, an idle WhisperLive client); its final
+        follows as for any closed segment, and the stream goes on."""
+        self._handle(self._segmenter.flush())
 
     async def finish(self) -> None:
         """End of stream: closes the open segment and waits until every final is emitted."""
@@ -456,6 +465,8 @@ class StreamingTranscriber:
             )
             if segment.previous:
                 self._emit(Partial(segment.index, start, end, "", ""))
+        if self._on_resolved is not None and not self._closed:
+            self._on_resolved(segment.index)
 
     def _fail(self, exc: Exception, what: str) -> None:
         log.error("%s failed: %s", what, exc, exc_info=exc)

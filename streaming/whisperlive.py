@@ -51,10 +51,10 @@ from websockets.http11 import Request, Response
 
 from engines.decoding import DecodingOptions
 
-from .adapters import WHISPER_LANGUAGES, ItemTranscriber, Outbox
+from .adapters import WHISPER_LANGUAGES, Outbox
 from .auth import WHISPERLIVE
 from .codecs import AudioDecoder
-from .transcriber import Event, Failure, Final, Partial, check_prompt
+from .transcriber import Event, Failure, Final, Partial, StreamingTranscriber, check_prompt
 
 if TYPE_CHECKING:
     from .server import Server
@@ -162,7 +162,7 @@ class WhisperLiveSession:
         self._uid: object = None
         self._format = "float32"
         self._decoder: AudioDecoder | None = None
-        self._transcriber: ItemTranscriber | None = None
+        self._transcriber: StreamingTranscriber | None = None
         self._last_n = 10
         self._completed: list[dict] = []
         self._detect_language = False
@@ -334,7 +334,7 @@ class WhisperLiveSession:
         self._detect_language = options["language"] is None
         self._decoder = AudioDecoder("pcm_s16le" if self._format == "int16" else "pcm_f32le", 16000)
         decoding = DecodingOptions(language=options["language"], task=options["task"], prompt=options["prompt"])
-        self._transcriber = ItemTranscriber(
+        self._transcriber = StreamingTranscriber(
             self._engine, decoding, self._on_event, config=self.config.transcriber, metrics=self._metrics
         )
         self._metrics.sessions.inc()
