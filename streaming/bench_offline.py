@@ -28,7 +28,7 @@ from engines.decoding import DecodingOptions
 from engines.engine import Engine
 from engines.text import to_traditional
 
-from .codecs import load_audio
+from .audio.codecs import load_audio
 from .manifest import read_clips
 from .scoring import corpus_score, score
 

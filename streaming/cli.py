@@ -83,8 +83,8 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
             print(f"error: {path}: no such file", file=sys.stderr)
     if not paths:
         return 1  # reported before torch and the model load
-    from streaming.codecs import AudioFileError, load_audio
-    from streaming.offline import transcribe_audio
+    from streaming.audio.codecs import AudioFileError, load_audio
+    from streaming.audio.offline import transcribe_audio
 
     engine = load_engine(args)
     options = decoding_options(args)
@@ -114,7 +114,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 
 def segment_json(segment) -> dict:
     """One segment of `transcribe --json`: times, text, and the word timings when asked for."""
-    from streaming.session import word_list
+    from streaming.protocols.native import word_list
 
     out = {"start": round(segment.start, 2), "end": round(segment.end, 2), "text": segment.text}
     if segment.words is not None:
@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = command(
-        "serve", "streaming.server:run_serve", "run the WebSocket server (native /v1/stream, metrics, demo page)"
+        "serve", "streaming.server.app:run_serve", "run the WebSocket server (native /v1/stream, metrics, demo page)"
     )
     add_model_arguments(p)
     add_serve_arguments(p)

@@ -17,9 +17,9 @@ from engines.decoding import DecodingOptions
 from engines.engine import Engine
 from engines.text import is_traditional
 
-from .codecs import load_audio
+from .audio.codecs import load_audio
+from .audio.offline import transcribe_audio
 from .manifest import Clip
-from .offline import transcribe_audio
 from .scoring import Score, corpus_score, score
 
 

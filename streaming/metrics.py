@@ -2,7 +2,7 @@
 
 Every server owns its registry (not prometheus-client's global one), so several servers in one
 process, as in the tests, never share or clash over counters. The workers of `serve --workers N`
-(streaming.workers) run prometheus-client's multiprocess mode: PROMETHEUS_MULTIPROC_DIR is set
+(streaming.server.workers) run prometheus-client's multiprocess mode: PROMETHEUS_MULTIPROC_DIR is set
 before they start, each keeps its values in files there, and `render` sums every worker's, so a
 scrape that reaches any worker sees the whole server.
 """
@@ -26,7 +26,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from engines.engine import Transcript
 
-from .admission import LoadMeter
+from .server.admission import LoadMeter
 
 # Counters and histograms would also export a `<name>_created` Unix timestamp per series, which reads
 # like a count (`breeze_sessions_created`) and doubles the lines; no dashboard needs it.
@@ -75,7 +75,7 @@ class Metrics:
             registry=r,
         )
         self.errors = Counter("breeze_errors", "Error events sent to clients, by code.", ["code"], registry=r)
-        self.rejected = Counter(  # streaming.limits: refusals before a session starts
+        self.rejected = Counter(  # streaming.server.gate: refusals before a session starts
             "breeze_connections_rejected", "WebSocket upgrades refused, by reason.", ["reason"], registry=r
         )
         self.engine_restarts = Gauge(
@@ -90,13 +90,13 @@ class Metrics:
             registry=r,
             multiprocess_mode="max",
         )
-        # admission by measured capacity (streaming.admission); with `serve --workers N` each worker
+        # admission by measured capacity (streaming.server.admission); with `serve --workers N` each worker
         # reports its share of the capacity, its own sessions' backlog, and whether it admits
         self.load = LoadMeter()
         self.capacity = Gauge(
             "breeze_capacity_streams",
             "Real-time sessions the server estimates it can serve "
-            "(streaming.admission; +Inf before sessions send speech).",
+            "(streaming.server.admission; +Inf before sessions send speech).",
             registry=r,
             multiprocess_mode="livesum",
         )
@@ -152,7 +152,7 @@ class Metrics:
             self.draft_accepted.labels(source).inc(n)
 
     def publish(self, capacity: dict) -> None:
-        """The admission estimate (streaming.admission.Admission.report) into its gauges."""
+        """The admission estimate (streaming.server.admission.Admission.report) into its gauges."""
         inf = float("inf")
         self.capacity.set(inf if capacity["capacity"] is None else capacity["capacity"])
         self.capacity_free.set(inf if capacity["free"] is None else capacity["free"])

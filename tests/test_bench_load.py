@@ -19,7 +19,7 @@ from hardening_helpers import RATE, CliServer, tiny_pt, voiced
 from bench import load as bench_load
 from bench.load import ClipLoop, plan_streams
 from streaming.metrics import Metrics
-from streaming.server import Server, ServerConfig
+from streaming.server.app import Server, ServerConfig
 
 CLIP_SECONDS = (1.0, 1.2, 1.4)
 

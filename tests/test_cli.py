@@ -67,7 +67,7 @@ def test_parsing_imports_nothing_heavy():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     modules = set(result.stdout.split())
     assert "streaming.cli" in modules
-    for heavy in ("torch", "numpy", "websockets", "streaming.server", "engines.engine", "engines.model"):
+    for heavy in ("torch", "numpy", "websockets", "streaming.server.app", "engines.engine", "engines.model"):
         assert heavy not in modules, heavy
 
 
@@ -108,15 +108,15 @@ def test_shared_options_mean_the_same_everywhere():
 def test_serve_defaults_match_the_configs():
     """streaming.options writes serve's defaults as literals (so that --help imports nothing); they are
     the config dataclasses' defaults."""
-    from streaming.limits import Limits
+    from streaming.audio.segmenter import SegmenterConfig
+    from streaming.audio.transcriber import TranscriberConfig
     from streaming.options import SEGMENTER_FLAGS
-    from streaming.segmenter import SegmenterConfig
-    from streaming.session import SessionConfig
-    from streaming.transcriber import TranscriberConfig
-    from streaming.whisperlive import WhisperLiveConfig
+    from streaming.protocols.native import SessionConfig
+    from streaming.protocols.whisperlive import WhisperLiveConfig
+    from streaming.server.gate import Limits
 
     args = build_parser().parse_args(["serve"])
-    from streaming.admission import AdmissionConfig
+    from streaming.server.admission import AdmissionConfig
 
     transcriber, session, limits, whisperlive = TranscriberConfig(), SessionConfig(), Limits(), WhisperLiveConfig()
     admission = AdmissionConfig()

@@ -89,7 +89,7 @@ def test_eval_of_a_folder(tmp_path: Path):
 
 
 async def test_replay_of_a_folder(tiny_engine, tmp_path: Path):
-    from streaming.server import Server, ServerConfig
+    from streaming.server.app import Server, ServerConfig
 
     folder = write_folder(tmp_path / "mine")
     parser = argparse.ArgumentParser()

@@ -29,17 +29,17 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import engines.engine as engine_module
 from engines.engine import Engine
-from streaming import auth
-from streaming.adapters import Outbox
-from streaming.admission import AdmissionConfig
-from streaming.auth import KeyRing, Replay, handshake_token, without_token
-from streaming.codecs import AudioDecoder
-from streaming.limits import AuthConfig, Gate, Limits
+from streaming.audio.codecs import AudioDecoder
+from streaming.audio.transcriber import TranscriberConfig
 from streaming.metrics import Metrics
-from streaming.server import Server, ServerConfig
-from streaming.session import NativeSession, SessionConfig
-from streaming.transcriber import TranscriberConfig
-from streaming.whisperlive import WhisperLiveConfig
+from streaming.protocols.base import Outbox
+from streaming.protocols.native import NativeSession, SessionConfig
+from streaming.protocols.whisperlive import WhisperLiveConfig
+from streaming.server import auth
+from streaming.server.admission import AdmissionConfig
+from streaming.server.app import Server, ServerConfig
+from streaming.server.auth import KeyRing, Replay, handshake_token, without_token
+from streaming.server.gate import AuthConfig, Gate, Limits
 
 KEY = "k3y-0123456789abcdef"
 OTHER_KEY = "second-key-fedcba9876543210"
@@ -385,7 +385,7 @@ def test_client_address_behind_trusted_proxies():
 
     from websockets.datastructures import Headers
 
-    from streaming.limits import client_address, proxy_networks
+    from streaming.server.gate import client_address, proxy_networks
 
     proxies = proxy_networks(("10.0.0.0/8", "127.0.0.1"))
     lb = SimpleNamespace(remote_address=("10.1.2.3", 4000))
@@ -881,7 +881,7 @@ async def test_demo_page_with_auth(tiny_engine, key_file: Path, tmp_path: Path):
 def test_serve_arguments(tmp_path: Path, key_file: Path):
     from test_server import serve_args
 
-    from streaming.server import config_from_args, run_serve
+    from streaming.server.app import config_from_args, run_serve
 
     config = config_from_args(
         serve_args(

@@ -25,10 +25,10 @@ from websockets.asyncio.client import connect
 
 from engines.decoding import DecodingOptions
 from engines.engine import Engine
-from streaming.server import Server, ServerConfig, config_from_args
-from streaming.session import SessionConfig
-from streaming.transcriber import MAX_PROMPT_CHARS
-from streaming.whisperlive import WhisperLiveConfig
+from streaming.audio.transcriber import MAX_PROMPT_CHARS
+from streaming.protocols.native import SessionConfig
+from streaming.protocols.whisperlive import WhisperLiveConfig
+from streaming.server.app import Server, ServerConfig, config_from_args
 
 PROMPT = "聯發科 Breeze 台積電"
 

@@ -19,11 +19,11 @@ from protocol_audio import RATE, dev_manifest, pcm16, silence, two_phrases, voic
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from streaming.codecs import encode_alaw, encode_mulaw, load_audio
-from streaming.realtime import segmenter_config
+from streaming.audio.codecs import encode_alaw, encode_mulaw, load_audio
+from streaming.audio.segmenter import SegmenterConfig
+from streaming.protocols.realtime import segmenter_config
 from streaming.scoring import score
-from streaming.segmenter import SegmenterConfig
-from streaming.server import Server, ServerConfig
+from streaming.server.app import Server, ServerConfig
 
 AsyncOpenAI = pytest.importorskip("openai", reason="the openai SDK (pyproject test extra) is not installed").AsyncOpenAI
 COMPLETED = "conversation.item.input_audio_transcription.completed"

@@ -510,7 +510,7 @@ async def test_server_error_mid_stream(fake_server, tmp_path, capsys):
 async def test_each_clip_streams_in_its_own_language(tiny_engine, tmp_path):
     """Without --language, zh and mix clips stream in zh sessions and en clips in an en session (the
     real server's ready events confirm it); --language en puts every clip in one en session."""
-    from streaming.server import Server, ServerConfig
+    from streaming.server.app import Server, ServerConfig
 
     write_clips(tmp_path)
     manifest = tmp_path / "languages.jsonl"

@@ -1,4 +1,4 @@
-"""`serve --workers N` (streaming.workers): front-end processes in front of one engine process.
+"""`serve --workers N` (streaming.server.workers): front-end processes in front of one engine process.
 
 The engine service and RemoteEngine are checked in one process over their real Unix socket
 (results, errors, superseded partials, cancellation, a lost engine); then the real command runs
@@ -29,7 +29,7 @@ from websockets.exceptions import ConnectionClosed
 
 from engines.decoding import DecodingOptions
 from streaming.replay import parse_prometheus
-from streaming.workers import EngineAddress, EngineService, RemoteEngine
+from streaming.server.workers import EngineAddress, EngineService, RemoteEngine
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -26,7 +26,7 @@ The transcriber owns a session's `Segmenter` and turns its segments into engine 
   outstanding, and the audio of segments waiting for finals is bounded by `max_queued_audio`:
   sessions `await room()` after feeding, which waits while the bound is exceeded;
 - the work of finals (audio waiting, engine and queue time) goes to `metrics.load`, from which
-  the server estimates its capacity (streaming.admission).
+  the server estimates its capacity (streaming.server.admission).
 
 Events come out in an order a client can rely on: all partials of a segment before its final,
 finals in segment order, nothing of a segment after its final, and no partial of a segment
@@ -51,7 +51,7 @@ from engines.alignment import Word
 from engines.decoding import DecodingOptions
 from engines.engine import Engine, Transcript
 
-from .metrics import Metrics
+from ..metrics import Metrics
 from .segmenter import (
     SAMPLE_RATE,
     SegmentClosed,

@@ -11,15 +11,15 @@ it); anything else is 404. A WhisperLive-compatible listener runs on a port of i
 The socket listens before the model is loaded (loading takes seconds to minutes), so health
 checks see 503 rather than a refused connection; WebSocket handshakes get 503 until then too.
 `GET /readyz` is 200 while the server takes new sessions, 503 while loading, draining, at
-`--max-sessions`, above the measured capacity (streaming.admission) or with the engine worker
+`--max-sessions`, above the measured capacity (streaming.server.admission) or with the engine worker
 down (load balancers route by it); `GET /healthz` reports the engine worker (alive, restarts
 after crashes, the last error) and the capacity estimate, and is 503 only when the process
-should be replaced. Keepalive pings are the server's own (streaming.keepalive): a session the
+should be replaced. Keepalive pings are the server's own (streaming.server.keepalive): a session the
 server pushes back on is not timed out for a pong it has not read yet.
 
-Every WebSocket upgrade, on every endpoint, goes through `Gate` (streaming.limits): API keys,
+Every WebSocket upgrade, on every endpoint, goes through `Gate` (streaming.server.gate): API keys,
 allowed origins, and the session and per-client limits; sessions then get the session limits
-(duration, idle, frame size, queued audio, send queue; streaming.session). Optional TLS:
+(duration, idle, frame size, queued audio, send queue; streaming.protocols.native). Optional TLS:
 `--certfile`/`--keyfile` (the WhisperLive listener too).
 
 Shutdown (SIGINT/SIGTERM) drains: new upgrades get 503 and `/readyz` 503 (the listener stays up
@@ -54,6 +54,16 @@ from websockets.http11 import Request, Response
 from engines.engine import Engine
 from engines.trtllm.backend import create_engine
 
+from ..audio.segmenter import SegmenterConfig
+from ..audio.transcriber import TranscriberConfig, check_prompt
+from ..cli import engine_options
+from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ..metrics import Metrics
+from ..options import SEGMENTER_FLAGS
+from ..protocols.native import NativeSession, SessionConfig
+from ..protocols.realtime import realtime_session
+from ..protocols.twilio import CALLS_PREFIX, CallConfig, CallHub, call_subscriber_session, twilio_session
+from ..protocols.whisperlive import WhisperLiveConfig, WhisperLiveListener
 from .admission import Admission, AdmissionConfig
 from .auth import (
     NATIVE,
@@ -66,23 +76,13 @@ from .auth import (
     select_subprotocol,
     tls_context,
 )
-from .cli import engine_options
+from .gate import AuthConfig, Gate, Limits
 from .keepalive import close_or_abort, keepalive
-from .limits import AuthConfig, Gate, Limits
-from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .metrics import Metrics
-from .options import SEGMENTER_FLAGS
-from .realtime import realtime_session
-from .segmenter import SegmenterConfig
-from .session import NativeSession, SessionConfig
-from .transcriber import TranscriberConfig, check_prompt
-from .twilio import CALLS_PREFIX, CallConfig, CallHub, call_subscriber_session, twilio_session
-from .whisperlive import WhisperLiveConfig, WhisperLiveListener
 from .workers import EngineAddress, RemoteEngine, run_workers
 
 log = logging.getLogger(__name__)
 
-WEB_ROOT = Path(__file__).resolve().parents[1] / "web"
+WEB_ROOT = Path(__file__).resolve().parents[2] / "web"
 CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -163,7 +163,7 @@ class Server:
             "/v1/twilio": twilio_session,
             CALLS_PREFIX: call_subscriber_session,
         }
-        # how each route takes a key in its first message and words a refusal (streaming.auth)
+        # how each route takes a key in its first message and words a refusal (streaming.server.auth)
         self.endpoints: dict[str, Endpoint] = {
             "/v1/stream": NATIVE,
             "/v1/realtime": REALTIME,
@@ -210,7 +210,7 @@ class Server:
             process_request=self._http,
             max_size=max_size,
             compression=None,  # PCM barely compresses; deflate costs CPU
-            ping_interval=None,  # serve_connection runs streaming.keepalive instead
+            ping_interval=None,  # serve_connection runs streaming.server.keepalive instead
             ssl=self.ssl_context,
             select_subprotocol=select_subprotocol,
             reuse_port=self.config.reuse_port,
@@ -358,7 +358,7 @@ class Server:
         self, connection: ServerConnection, endpoint: Endpoint, factory: Callable[[ServerConnection], Session]
     ) -> None:
         """Admits a connection (limits, a key in its first message) and runs its session, with
-        keepalive pings that a session the server pushes back on survives (streaming.keepalive)."""
+        keepalive pings that a session the server pushes back on survives (streaming.server.keepalive)."""
         limits = self.config.limits
         pings = (
             asyncio.ensure_future(keepalive(connection, limits.ping_interval, limits.ping_timeout))
@@ -452,7 +452,7 @@ class Server:
 
     def _ready(self) -> Response:
         """Readiness: 200 while new sessions are taken; 503 loading, draining, full, overloaded (above the
-        measured capacity, streaming.admission) or engine down."""
+        measured capacity, streaming.server.admission) or engine down."""
         engine = self.engine_health() if self.engine is not None else None
         capacity = self.admission.report(self.gate.active)
         if self.engine is None:

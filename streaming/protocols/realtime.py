@@ -73,10 +73,8 @@ from websockets.frames import CloseCode
 from engines.decoding import DecodingOptions
 from engines.engine import Engine
 
-from .adapters import WHISPER_LANGUAGES, Outbox, join_text
-from .codecs import AudioDecoder, AudioFormatError
-from .metrics import Metrics
-from .segmenter import (
+from ..audio.codecs import AudioDecoder, AudioFormatError
+from ..audio.segmenter import (
     SAMPLE_RATE,
     SegmentClosed,
     Segmenter,
@@ -85,11 +83,13 @@ from .segmenter import (
     SegmentGrew,
     SegmentStarted,
 )
-from .session import SessionConfig
-from .transcriber import Event, Failure, Final, Partial, StreamingTranscriber, check_prompt
+from ..audio.transcriber import Event, Failure, Final, Partial, StreamingTranscriber, check_prompt
+from ..metrics import Metrics
+from .base import WHISPER_LANGUAGES, Outbox, join_text
+from .native import SessionConfig
 
 if TYPE_CHECKING:
-    from .server import Server
+    from ..server.app import Server
 
 log = logging.getLogger(__name__)
 
@@ -554,7 +554,7 @@ class RealtimeSession:
         self._out.close(CloseCode.GOING_AWAY, "server shutting down")
 
     async def expire(self, seconds: float) -> None:
-        """The server's maximum session duration (streaming.limits): commit and transcribe the buffer,
+        """The server's maximum session duration (streaming.server.gate): commit and transcribe the buffer,
         then OpenAI's `session_expired` error and a close (1008)."""
         await self._finish()
         self._event(

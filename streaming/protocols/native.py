@@ -23,13 +23,13 @@ fix it, then a close with the matching WebSocket close code (RFC 6455, 7.4.1):
   again later; reason "send queue full"); the waiting events are dropped, and the connection is
   cut if the error and close have not gone out within limits.REFUSAL_TIMEOUT.
 
-`ServerConfig.limits` (streaming.limits) adds what happens before a session starts: keys, the
+`ServerConfig.limits` (streaming.server.gate) adds what happens before a session starts: keys, the
 session and per-client limits (HTTP 401/403/429/503 before the upgrade, or an `unauthorized` /
 `overloaded` error event and close 1008 / 1013 after it). A session that reaches the server's
 maximum duration flushes its finals, then gets `end` with `"reason": "max_duration"` and a
 close 1008. While the engine is behind by more than `max_queued_audio` seconds of this session's
 audio, the session stops reading frames (TCP pushes back on the client) rather than queue more;
-the server's keepalive does not count that time against the client's pong (streaming.keepalive).
+the server's keepalive does not count that time against the client's pong (streaming.server.keepalive).
 
 Without errors the session closes with 1000 after `end` (on `stop`; on the idle timeout with
 `"reason": "idle_timeout"` in `end`), or with 1001 after `end` with `"reason": "shutdown"` when
@@ -54,10 +54,10 @@ from engines.decoding import DecodingOptions
 from engines.engine import Engine
 from engines.options import LANGUAGES
 
-from .codecs import AudioDecoder, AudioFormatError
-from .limits import REFUSAL_TIMEOUT, closing
-from .metrics import Metrics
-from .transcriber import Event, Failure, Final, Partial, StreamingTranscriber, TranscriberConfig, check_prompt
+from ..audio.codecs import AudioDecoder, AudioFormatError
+from ..audio.transcriber import Event, Failure, Final, Partial, StreamingTranscriber, TranscriberConfig, check_prompt
+from ..metrics import Metrics
+from ..server.gate import REFUSAL_TIMEOUT, closing
 
 log = logging.getLogger(__name__)
 

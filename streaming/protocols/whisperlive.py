@@ -7,7 +7,7 @@ Off by default; `breeze-stream serve --whisperlive-port 9090` turns it on. Any p
   `language` (null or "auto" to detect; any Whisper language code), `task` (transcribe or
   translate), `audio_format` (float32, the default; int16; uint8), `send_last_n_segments` (10)
   and `initial_prompt` (null, or names and terms to expect: the decoder's previous-text prompt for
-  every segment, as WhisperLive's faster-whisper backend uses it; default `serve --prompt`) are read (with `--api-key-file`, also `token`: streaming.auth); every other key (model, use_vad, vad_parameters, max_clients, max_connection_time,
+  every segment, as WhisperLive's faster-whisper backend uses it; default `serve --prompt`) are read (with `--api-key-file`, also `token`: streaming.server.auth); every other key (model, use_vad, vad_parameters, max_clients, max_connection_time,
   ...) is accepted and ignored;
 - a full listener answers `{"uid", "status": "WAIT", "message": <minutes until a slot frees>}` and
   closes (1013, try again later);
@@ -51,13 +51,13 @@ from websockets.http11 import Request, Response
 
 from engines.decoding import DecodingOptions
 
-from .adapters import WHISPER_LANGUAGES, Outbox
-from .auth import WHISPERLIVE
-from .codecs import AudioDecoder
-from .transcriber import Event, Failure, Final, Partial, StreamingTranscriber, check_prompt
+from ..audio.codecs import AudioDecoder
+from ..audio.transcriber import Event, Failure, Final, Partial, StreamingTranscriber, check_prompt
+from ..server.auth import WHISPERLIVE
+from .base import WHISPER_LANGUAGES, Outbox
 
 if TYPE_CHECKING:
-    from .server import Server
+    from ..server.app import Server
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class WhisperLiveListener:
             max_size=max_size,
             compression=None,
             close_timeout=CLOSE_TIMEOUT,
-            ping_interval=None,  # the server's serve_connection runs streaming.keepalive
+            ping_interval=None,  # the server's serve_connection runs streaming.server.keepalive
             ssl=self.server.ssl_context,
             reuse_port=self.server.config.reuse_port,
         )
@@ -131,7 +131,7 @@ class WhisperLiveListener:
         return max(0.0, min(remaining)) / 60 if remaining else 0.0
 
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
-        """The server's checks (model loaded, keys, origins, limits; streaming.limits)."""
+        """The server's checks (model loaded, keys, origins, limits; streaming.server.gate)."""
         return self.server.check_upgrade(connection, request, WHISPERLIVE)
 
     async def _handle(self, connection: ServerConnection) -> None:

@@ -56,13 +56,13 @@ from websockets.frames import CloseCode
 
 from engines.decoding import DecodingOptions
 
-from .adapters import WHISPER_LANGUAGES, Complaints, Outbox
-from .codecs import AudioDecoder
-from .segmenter import SegmenterConfig
-from .transcriber import Event, Failure, Final, Partial, StreamingTranscriber, check_prompt
+from ..audio.codecs import AudioDecoder
+from ..audio.segmenter import SegmenterConfig
+from ..audio.transcriber import Event, Failure, Final, Partial, StreamingTranscriber, check_prompt
+from .base import WHISPER_LANGUAGES, Complaints, Outbox
 
 if TYPE_CHECKING:
-    from .server import Server
+    from ..server.app import Server
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ so recent work counts most and a changed load shows within a horizon):
 - rtf: engine seconds per second of audio of finals, as the engine reports each request's encoder
   and decoder time (on a GPU, its share of a batch, so batching shows as a lower cost). Finals
   are the work that cannot be dropped; partials are skipped while the engine is behind
-  (streaming.transcriber), so they get what `utilization` leaves.
+  (streaming.audio.transcriber), so they get what `utilization` leaves.
 - speech: seconds of audio sent for finals per session-second (segments closed / session time):
   a phone call is partly silence, a replay at twice real time counts twice.
 - one session costs rtf x speech engine seconds per second, and finals may use `utilization` of

@@ -1,6 +1,6 @@
 """Pieces the protocol adapters share (OpenAI Realtime, WhisperLive, Twilio and its subscribers).
 
-Every adapter follows the native session's rules (streaming.session): one writer task per
+Every adapter follows the native session's rules (streaming.protocols.native): one writer task per
 connection, so events, errors and the close go out in the order they were queued; nothing is
 sent after a close is queued; a vanished client just ends the writer.
 """
@@ -18,8 +18,8 @@ from websockets.frames import CloseCode
 
 from engines.tokenizer import LANGUAGES as WHISPER_LANGUAGES
 
-from .limits import REFUSAL_TIMEOUT, closing
-from .transcriber import join_text
+from ..audio.transcriber import join_text
+from ..server.gate import REFUSAL_TIMEOUT, closing
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class Outbox:
 
     async def wait(self) -> None:
         """Until the close went out (or the client vanished); what the client still sends meanwhile
-        is read and dropped (streaming.limits.discard_incoming), so the close is not held up."""
+        is read and dropped (streaming.server.gate.discard_incoming), so the close is not held up."""
         if self._task is not None:
             await closing(self._ws, self._task)
 

@@ -5,8 +5,8 @@ the WhisperLive listener):
 
 - `Gate.check` runs on the HTTP upgrade request, before any WebSocket handshake, and answers
   with an HTTP status where it can: 503 while the model loads, while draining, at
-  `max_sessions`, or above the measured capacity (streaming.admission; with Retry-After); 429 past `max_per_client` connections from one address;
-  403 for an Origin not in `--allowed-origins`; 401 for a missing or wrong key (streaming.auth
+  `max_sessions`, or above the measured capacity (streaming.server.admission; with Retry-After); 429 past `max_per_client` connections from one address;
+  403 for an Origin not in `--allowed-origins`; 401 for a missing or wrong key (streaming.server.auth
   says when a browser is upgraded instead, to be told by an error event).
 - `Gate.serve` runs the connection after the upgrade: it counts it, checks the limits again (a
   burst of upgrades can pass the HTTP check together; the loser gets the protocol's `overloaded`
@@ -96,7 +96,7 @@ class Limits:
     trusted_proxies: tuple[str, ...] = ()
     """Networks (CIDR) of load balancers whose X-Forwarded-For names the client."""
     ping_interval: float = 20.0
-    """Seconds between the server's keepalive pings (0: none; streaming.keepalive)."""
+    """Seconds between the server's keepalive pings (0: none; streaming.server.keepalive)."""
     ping_timeout: float = 20.0
     """Seconds of reading the socket without the pong before the connection is closed with 1011
     (time the server does not read a client it pushes back on does not count)."""
@@ -156,7 +156,7 @@ def _trusted(address: str, proxies: tuple) -> bool:
 
 def http_response(status: http.HTTPStatus, body: dict, headers: dict[str, str] | None = None):
     """A JSON HTTP response (the server's `respond`, plus extra headers)."""
-    from .server import respond
+    from .app import respond
 
     response = respond(status, json.dumps(body) + "\n", "application/json")
     for name, value in (headers or {}).items():
@@ -194,7 +194,7 @@ class Gate:
         return http_response(status, {"error": error or reason, "message": message}, headers)
 
     def _beyond_capacity(self, endpoint: Endpoint, sessions: int) -> bool:
-        """Whether one more session would exceed the measured capacity (streaming.admission)."""
+        """Whether one more session would exceed the measured capacity (streaming.server.admission)."""
         return self.capacity is not None and endpoint is not SUBSCRIBER and not self.capacity.admits(sessions)
 
     def _capacity_message(self) -> str:

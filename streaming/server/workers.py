@@ -328,14 +328,14 @@ def _worker_main(config: Any, index: int) -> None:
     """A front-end worker: the whole server with a RemoteEngine; exits when it drained or the engine is gone."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s worker{index} %(name)s: %(message)s")
     logging.getLogger("websockets").setLevel(logging.WARNING)
-    from .server import run_server
+    from .app import run_server
 
     raise SystemExit(run_server(config))
 
 
 def run_workers(config: Any, workers: int) -> int:
     """Serves with `workers` front-end processes and this process as the engine; returns the exit status."""
-    from .server import load_engine
+    from .app import load_engine
 
     if config.port == 0:
         log.error("--workers needs a fixed --port (the workers share it)")
