@@ -10,7 +10,7 @@ every stream at once with the clips in manifest order (the synchronized load of 
 
 The streams are dealt round-robin to `--processes` spawned OS processes, each with its own event
 loop (uvloop where installed). Each process times its streams on its own send clock with
-`streaming.replay.run_stream`, which also defines the latencies (DESIGN.md, Measuring), and sends
+`bench.replay.run_stream`, which also defines the latencies (DESIGN.md, Measuring), and sends
 their summaries back here to be merged:
 
 - latency (s; n, p50, p95, p99, max, mean): final (arrival - send time of the audio at the final's
@@ -55,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from streaming.replay import (
+from .replay import (
     SAMPLE_RATE,
     Clip,
     ReplayInputError,
@@ -95,7 +95,7 @@ LATENCIES = {
     "partial_gap": "partial_gaps",
     "partial_lag": "partial_lag",
 }
-"""Report name -> the list of `streaming.replay.analyze_stream` that holds it."""
+"""Report name -> the list of `bench.replay.analyze_stream` that holds it."""
 
 
 # --------------------------------------------------------------------------- what each stream plays

@@ -259,8 +259,8 @@ def test_eval_manifest_prompt_replaces_the_command_prompt(engine: RecordingEngin
     """`eval --prompt` for every clip, a manifest line's "prompt" for its own clip; the report says which."""
     import soundfile
 
+    from bench.evaluate import run_eval
     from streaming.cli import decoding_options
-    from streaming.evaluate import run_eval
     from streaming.manifest import read_clips
     from streaming.options import add_decoding_arguments
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import soundfile
 
-from streaming import replay
-from streaming.options import add_replay_arguments
-from streaming.replay import (
+from bench import replay
+from bench.options import add_replay_arguments
+from bench.replay import (
     ClipSpan,
     StreamLog,
     analyze_stream,

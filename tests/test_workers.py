@@ -27,8 +27,8 @@ from protocol_audio import pcm16, two_phrases, voiced
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from bench.replay import parse_prometheus
 from engines.decoding import DecodingOptions
-from streaming.replay import parse_prometheus
 from streaming.server.workers import EngineAddress, EngineService, RemoteEngine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,7 +155,7 @@ def start_server(port: int, *extra: str) -> subprocess.Popen:
         [
             sys.executable,
             "-m",
-            "streaming.cli",
+            "breeze_stream",
             "serve",
             "--model",
             "random:tiny",
