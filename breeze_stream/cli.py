@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = command(
-        "serve", "streaming.server.app:run_serve", "run the WebSocket server (native /v1/stream, metrics, demo page)"
+        "serve", "streaming.server.serve:run_serve", "run the WebSocket server (native /v1/stream, metrics, demo page)"
     )
     add_model_arguments(p)
     add_serve_arguments(p)

@@ -321,7 +321,7 @@ async def test_tls(tiny_engine, tmp_path: Path, key_file: Path):
         writer.write(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert (await reader.read()).startswith(b"HTTP/1.1 200")
         writer.close()
-        with pytest.raises(Exception):  # plain ws:// to a TLS port
+        with pytest.raises(Exception):  # noqa: B017 - plain ws:// to a TLS port fails by the handshake or the socket
             async with connect(url(srv), open_timeout=3):
                 pass
     with pytest.raises(auth.AuthConfigError):
@@ -606,7 +606,7 @@ async def test_drain_timeout_bounds_the_shutdown(tiny_engine):
         srv = Server(ServerConfig(port=0, limits=Limits(drain_timeout=timeout)), engine=Stuck())
         await srv.start()
         ws = await open_stream(srv)
-        await wait_until(lambda: sample(srv, "breeze_audio_seconds_total") >= 1.0)
+        await wait_until(lambda srv=srv: sample(srv, "breeze_audio_seconds_total") >= 1.0)
         started = time.monotonic()
         closing = asyncio.ensure_future(srv.close())
         if force:
@@ -881,7 +881,7 @@ async def test_demo_page_with_auth(tiny_engine, key_file: Path, tmp_path: Path):
 def test_serve_arguments(tmp_path: Path, key_file: Path):
     from test_server import serve_args
 
-    from streaming.server.app import config_from_args, run_serve
+    from streaming.server.serve import config_from_args, run_serve
 
     config = config_from_args(
         serve_args(

@@ -28,7 +28,8 @@ from engines.engine import Engine
 from streaming.audio.transcriber import MAX_PROMPT_CHARS
 from streaming.protocols.native import SessionConfig
 from streaming.protocols.whisperlive import WhisperLiveConfig
-from streaming.server.app import Server, ServerConfig, config_from_args
+from streaming.server.app import Server, ServerConfig
+from streaming.server.serve import config_from_args
 
 PROMPT = "聯發科 Breeze 台積電"
 

@@ -50,7 +50,7 @@ def beta_sdk(server: Server) -> AsyncOpenAI:
     )
 
 
-def ga_session(fmt: dict, turn_detection: dict | None = {"type": "server_vad"}, language: str = "zh") -> dict:
+def ga_session(fmt: dict, turn_detection: dict | None = {"type": "server_vad"}, language: str = "zh") -> dict:  # noqa: B006 - read, never mutated
     return {
         "type": "transcription",
         "audio": {

@@ -26,7 +26,9 @@ from engines.text import convert
 from streaming.audio.codecs import encode_mulaw, load_audio
 from streaming.options import add_model_arguments, add_serve_arguments
 from streaming.protocols.native import SessionConfig
-from streaming.server.app import WEB_ROOT, Server, ServerConfig, config_from_args, run_serve
+from streaming.server.app import Server, ServerConfig
+from streaming.server.http import WEB_ROOT
+from streaming.server.serve import config_from_args, run_serve
 
 RATE = 16000
 LIMIT = 64 * 1024  # frame limit of the test server

@@ -26,7 +26,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from streaming.audio.codecs import encode_mulaw, load_audio
-from streaming.protocols.twilio import PHONE_SEGMENTER, CallConfig
+from streaming.protocols.calls import PHONE_SEGMENTER, CallConfig
 from streaming.scoring import score
 from streaming.server.app import Server, ServerConfig
 

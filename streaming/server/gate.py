@@ -50,6 +50,7 @@ from .auth import (
     origin_allowed,
     without_token,
 )
+from .http import json_response
 
 log = logging.getLogger(__name__)
 
@@ -154,16 +155,6 @@ def _trusted(address: str, proxies: tuple) -> bool:
     return any(ip in network for network in proxies)
 
 
-def http_response(status: http.HTTPStatus, body: dict, headers: dict[str, str] | None = None):
-    """A JSON HTTP response (the server's `respond`, plus extra headers)."""
-    from .app import respond
-
-    response = respond(status, json.dumps(body) + "\n", "application/json")
-    for name, value in (headers or {}).items():
-        response.headers[name] = value
-    return response
-
-
 class Gate:
     """The auth and connection limits of one server; `metrics.rejected` counts refusals by reason."""
 
@@ -191,7 +182,7 @@ class Gate:
     ):
         self._metrics.rejected.labels(reason).inc()
         log.info("refused an upgrade (%s): %s", reason, message)
-        return http_response(status, {"error": error or reason, "message": message}, headers)
+        return json_response(status, {"error": error or reason, "message": message}, headers)
 
     def _beyond_capacity(self, endpoint: Endpoint, sessions: int) -> bool:
         """Whether one more session would exceed the measured capacity (streaming.server.admission)."""

@@ -328,7 +328,7 @@ def _worker_main(config: Any, index: int) -> None:
     """A front-end worker: the whole server with a RemoteEngine; exits when it drained or the engine is gone."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s worker{index} %(name)s: %(message)s")
     logging.getLogger("websockets").setLevel(logging.WARNING)
-    from .app import run_server
+    from .serve import run_server
 
     raise SystemExit(run_server(config))
 
