@@ -111,7 +111,7 @@ def test_serve_defaults_match_the_configs():
     from streaming.audio.segmenter import SegmenterConfig
     from streaming.audio.transcriber import TranscriberConfig
     from streaming.options import SEGMENTER_FLAGS
-    from streaming.protocols.native import SessionConfig
+    from streaming.protocols.base import SessionConfig
     from streaming.protocols.whisperlive import WhisperLiveConfig
     from streaming.server.gate import Limits
 

@@ -39,7 +39,8 @@ from websockets.sync.client import connect as sync_connect
 from streaming.audio.codecs import ALAW_TO_PCM16, ENCODINGS, MULAW_TO_PCM16, AudioDecoder, encode_alaw, encode_mulaw
 from streaming.audio.transcriber import TranscriberConfig
 from streaming.metrics import Metrics
-from streaming.protocols.native import LANGUAGES, NativeSession, SessionConfig
+from streaming.protocols.base import SessionConfig, SessionContext
+from streaming.protocols.native import LANGUAGES, NativeSession
 from streaming.server.app import Server, ServerConfig
 from streaming.server.gate import Limits
 
@@ -256,7 +257,7 @@ def report():
 @given(messages=sequences)
 def test_native_session_in_process(tiny_engine, loop, messages):
     connection = FakeConnection(messages)
-    session = NativeSession(connection, tiny_engine, Metrics(), CONFIG)
+    session = NativeSession(connection, SessionContext(tiny_engine, Metrics(), CONFIG))
     loop.run_until_complete(asyncio.wait_for(session.run(), 30))  # raises if the session raised
     COUNTS["sessions"] += 1
     check(messages, connection.events(), connection.close_code, closed_by_client=True)

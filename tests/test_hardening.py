@@ -32,8 +32,8 @@ from engines.engine import Engine
 from streaming.audio.codecs import AudioDecoder
 from streaming.audio.transcriber import TranscriberConfig
 from streaming.metrics import Metrics
-from streaming.protocols.base import Outbox
-from streaming.protocols.native import NativeSession, SessionConfig
+from streaming.protocols.base import Outbox, SessionConfig, SessionContext
+from streaming.protocols.native import NativeSession
 from streaming.protocols.whisperlive import WhisperLiveConfig
 from streaming.server import auth
 from streaming.server.admission import AdmissionConfig
@@ -519,13 +519,13 @@ async def test_slow_reader_is_disconnected(tiny_engine):
     """A client that stops reading: its events queue up to max_send_queue, then it is cut off."""
     config = SessionConfig(max_send_queue=8)
     connection = FakeConnection([json.dumps({"type": "start"})], block_send=True, end="open")
-    session = NativeSession(connection, tiny_engine, Metrics(), config)
+    session = NativeSession(connection, SessionContext(tiny_engine, Metrics(), config))
     task = asyncio.ensure_future(session.run())
     await wait_until(lambda: session._transcriber is not None)
     for i in range(40):
-        session._send({"type": "partial", "segment": 0, "start": 0, "end": i, "text": "x" * 100, "stable": ""})
-    assert session._outbox.qsize() == 2, "the waiting events are dropped for the error and the close"
-    error, close = session._outbox.get_nowait(), session._outbox.get_nowait()
+        session._out.send({"type": "partial", "segment": 0, "start": 0, "end": i, "text": "x" * 100, "stable": ""})
+    assert session._out.backlog == 2, "the waiting events are dropped for the error and the close"
+    error, close = session._out._queue.get_nowait(), session._out._queue.get_nowait()
     assert json.loads(error)["code"] == "overloaded" and (close.code, close.reason) == (1013, "send queue full")
     assert not connection.aborted, "the client gets limits.REFUSAL_TIMEOUT to read them"
     await asyncio.wait_for(task, 5)

@@ -26,7 +26,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from engines.engine import Engine
 from streaming.audio.transcriber import TranscriberConfig
-from streaming.protocols.native import SessionConfig
+from streaming.protocols.base import SessionConfig
 from streaming.server import gate
 from streaming.server.admission import Admission, AdmissionConfig, LoadMeter
 from streaming.server.app import Server, ServerConfig

@@ -26,7 +26,7 @@ from websockets.asyncio.client import connect
 from engines.decoding import DecodingOptions
 from engines.engine import Engine
 from streaming.audio.transcriber import MAX_PROMPT_CHARS
-from streaming.protocols.native import SessionConfig
+from streaming.protocols.base import SessionConfig
 from streaming.protocols.whisperlive import WhisperLiveConfig
 from streaming.server.app import Server, ServerConfig
 from streaming.server.serve import config_from_args

@@ -25,7 +25,7 @@ from engines.engine import Engine
 from engines.text import convert
 from streaming.audio.codecs import encode_mulaw, load_audio
 from streaming.options import add_model_arguments, add_serve_arguments
-from streaming.protocols.native import SessionConfig
+from streaming.protocols.base import SessionConfig
 from streaming.server.app import Server, ServerConfig
 from streaming.server.http import WEB_ROOT
 from streaming.server.serve import config_from_args, run_serve

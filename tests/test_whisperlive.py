@@ -19,7 +19,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from streaming.audio.codecs import load_audio
-from streaming.protocols.native import SessionConfig
+from streaming.protocols.base import SessionConfig
 from streaming.protocols.whisperlive import WhisperLiveConfig
 from streaming.scoring import score
 from streaming.server.app import Server, ServerConfig

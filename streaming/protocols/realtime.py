@@ -54,7 +54,6 @@ disconnects ends its session at once.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
@@ -62,16 +61,14 @@ import logging
 import secrets
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
 from engines.decoding import DecodingOptions
-from engines.engine import Engine
 
 from ..audio.codecs import AudioDecoder, AudioFormatError
 from ..audio.segmenter import (
@@ -80,11 +77,9 @@ from ..audio.segmenter import (
     SegmentEvent,
     SegmentStarted,
 )
-from ..audio.transcriber import Event, Failure, Final, Partial, StreamingTranscriber
+from ..audio.transcriber import Event, Failure, Final, Partial, StreamingTranscriber, join_text
 from ..audio.turns import TurnSegmenter
-from ..metrics import Metrics
-from .base import Outbox, join_text
-from .native import SessionConfig
+from .base import ProtocolSession, SessionContext
 from .realtime_settings import (
     ClientError,
     Settings,
@@ -97,9 +92,6 @@ from .realtime_settings import (
     segmenter_config,
     short_json,
 )
-
-if TYPE_CHECKING:
-    from ..server.app import Server
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +109,6 @@ UNSUPPORTED_EVENTS = (
     "conversation.item.retrieve",
     "output_audio_buffer.clear",
 )
-
-
-def realtime_session(connection: ServerConnection, server: Server) -> RealtimeSession:
-    return RealtimeSession(connection, server.engine, server.metrics, server.config.session)
 
 
 # --- the session ------------------------------------------------------------------------------------
@@ -142,25 +130,20 @@ def _id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(10)}"
 
 
-class RealtimeSession:
+class RealtimeSession(ProtocolSession):
     """One `/v1/realtime` connection: a transcription session."""
 
-    def __init__(self, connection: ServerConnection, engine: Engine, metrics: Metrics, config: SessionConfig) -> None:
-        self.id = _id("sess")
-        self._ws = connection
-        self._engine = engine
-        self._metrics = metrics
-        self.config = config
-        self._base = config.transcriber.segmenter
-        self._out = Outbox(connection, config.max_send_queue)
+    label = "realtime"
+
+    def __init__(self, connection: ServerConnection, context: SessionContext) -> None:
+        super().__init__(connection, context, _id("sess"), context.config.max_send_queue)
+        self._base = self.config.transcriber.segmenter
         self._beta = "realtime=v1" in connection.request.headers.get("OpenAI-Beta", "")
         query = parse_qs(urlsplit(connection.request.path).query)
         self._extension_partials = query.get("partials", ["false"])[-1].lower() in ("1", "true", "yes")
-        self._settings = default_settings(config)
+        self._settings = default_settings(self.config)
         self._configured = False
-        self._decoder: AudioDecoder | None = None
         self._segmenter: TurnSegmenter | None = None
-        self._transcriber: StreamingTranscriber | None = None
         self._buffer_ms = 0.0  # audio appended since the last commit or clear
         self._fed = 0  # 16 kHz samples fed to the transcriber
         self._buffer_start = 0  # where the uncommitted buffer begins, in fed samples
@@ -169,42 +152,29 @@ class RealtimeSession:
         self._items: dict[int, _Item] = {}  # segment index -> item of uncompleted items
         self._last_item: str | None = None
         self._committing = False
-        self._finishing: asyncio.Future | None = None
         self._failed = False
 
     # --- lifecycle ----------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        self._out.start()
+    async def _serve(self) -> None:
         self._event("transcription_session.created" if self._beta else "session.created", session=self._view())
         log.info(
             "realtime %s: connected from %s (%s)", self.id, self._ws.remote_address, "beta" if self._beta else "GA"
         )
-        try:
-            await self._serve()
-        except ConnectionClosed as exc:
-            if self._finishing is None:
-                log.info("realtime %s: client closed (%s)", self.id, exc)
-        except Exception:
-            log.exception("realtime %s: internal error", self.id)
-            self._server_error("the server failed on this session; reconnect and start again (the failure is logged)")
-            self._out.close(CloseCode.INTERNAL_ERROR, "internal error")
-        finally:
-            if self._transcriber is not None:
-                await self._transcriber.aclose()
-                self._metrics.sessions_active.dec()
-            self._out.close(CloseCode.NORMAL_CLOSURE)
-            await self._out.wait()
+        await self._receive_loop()
 
-    async def shutdown(self) -> None:
-        """Server stopping: commit the buffer, wait for its transcript, close with 1001."""
-        await self._finish()
-        self._out.close(CloseCode.GOING_AWAY, "server shutting down")
+    def _internal_error(self) -> None:
+        self._server_error("the server failed on this session; reconnect and start again (the failure is logged)")
+        self._out.close(CloseCode.INTERNAL_ERROR, "internal error")
+
+    async def _drain(self) -> None:
+        """Server stopping: commit the buffer and wait for its transcript (then the close, 1001)."""
+        await self._finish(self._flush)
 
     async def expire(self, seconds: float) -> None:
         """The server's maximum session duration (streaming.server.gate): commit and transcribe the buffer,
         then OpenAI's `session_expired` error and a close (1008)."""
-        await self._finish()
+        await self._finish(self._flush)
         self._event(
             "error",
             error={
@@ -217,14 +187,10 @@ class RealtimeSession:
         )
         self._out.close(CloseCode.POLICY_VIOLATION, "session expired")
 
-    async def _finish(self) -> None:
-        if self._finishing is None:
-            self._finishing = asyncio.ensure_future(self._flush())
-        await asyncio.shield(self._finishing)
-
     async def _flush(self) -> None:
         if self._transcriber is None or self._failed:
             return
+        assert self._decoder is not None
         self._feed(self._decoder.flush())
         self._cut()
         if self._pending is not None and self._pending.segments:
@@ -233,29 +199,30 @@ class RealtimeSession:
 
     # --- receiving ----------------------------------------------------------------------------
 
-    async def _serve(self) -> None:
-        idle = self.config.idle_timeout or None
-        while True:
-            try:
-                message = await asyncio.wait_for(self._ws.recv(), idle)
-            except asyncio.TimeoutError:
-                if self._transcriber is not None and self._vad and self._segmenter.open is not None:
-                    log.info("realtime %s: no events for %g s; closing the open turn", self.id, idle)
-                    self._cut()
-                continue
-            if self._finishing is not None:
-                continue  # shutting down: the buffer was committed
-            event_id = None
-            try:
-                event = self._parse(message)
-                event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
-                self._dispatch(event)
-            except ClientError as exc:
-                self._client_error(exc, event_id)
-            if self._failed:
-                return
-            if self._transcriber is not None:
-                await self._transcriber.room()  # the engine is far behind: stop reading until it catches up
+    async def _on_idle(self) -> bool:
+        if (
+            self._transcriber is not None
+            and self._vad
+            and self._segmenter is not None
+            and self._segmenter.open is not None
+        ):
+            log.info("realtime %s: no events for %g s; closing the open turn", self.id, self.config.idle_timeout)
+            self._cut()
+        return False
+
+    async def _on_message(self, message: str | bytes) -> bool:
+        event_id = None
+        try:
+            event = self._parse(message)
+            event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
+            self._dispatch(event)
+        except ClientError as exc:
+            self._client_error(exc, event_id)
+        if self._failed:
+            return True
+        if self._transcriber is not None:
+            await self._transcriber.room()  # the engine is far behind: stop reading until it catches up
+        return False
 
     def _parse(self, message: str | bytes) -> dict:
         if isinstance(message, bytes):

@@ -12,8 +12,7 @@ from typing import Any
 
 from ..audio.segmenter import SegmenterConfig
 from ..audio.transcriber import check_prompt
-from .base import WHISPER_LANGUAGES
-from .native import SessionConfig
+from .base import WHISPER_LANGUAGES, SessionConfig
 
 SEMANTIC_HANGOVER_MS = {"low": 1200, "medium": 800, "auto": 800, "high": 500}
 GA_FORMATS = {"audio/pcm": "pcm_s16le", "audio/pcmu": "mulaw", "audio/pcma": "alaw"}

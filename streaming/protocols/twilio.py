@@ -40,7 +40,7 @@ import binascii
 import json
 import logging
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from websockets.asyncio.server import ServerConnection
@@ -51,11 +51,7 @@ from engines.decoding import DecodingOptions
 
 from ..audio.codecs import AudioDecoder
 from ..audio.transcriber import Event, Failure, Final, Partial, StreamingTranscriber, check_prompt
-from .base import WHISPER_LANGUAGES, Complaints, Outbox
-from .calls import CallHub
-
-if TYPE_CHECKING:
-    from ..server.app import Server
+from .base import WHISPER_LANGUAGES, Complaints, ProtocolSession, SessionContext
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +63,6 @@ SUBSCRIBER_BACKLOG = 10000  # events queued for one subscriber before it is drop
 # --- the Twilio side --------------------------------------------------------------------------------
 
 
-def twilio_session(connection: ServerConnection, server: Server) -> TwilioSession:
-    return TwilioSession(connection, server)
-
-
 @dataclass
 class _Track:
     name: str
@@ -78,19 +70,16 @@ class _Track:
     transcriber: StreamingTranscriber
 
 
-class TwilioSession:
+class TwilioSession(ProtocolSession):
     """One Media Streams connection: one stream of one call, with one transcriber per track."""
 
-    def __init__(self, connection: ServerConnection, server: Server) -> None:
-        self._ws = connection
-        self._engine = server.engine
-        self._metrics = server.metrics
-        self._hub: CallHub = server.calls
-        self.config = server.config.session
-        self._calls = server.config.calls
-        self._out = Outbox(connection, self.config.max_send_queue)
-        self.id = f"twilio {connection.id.hex[:8]}"
-        self._complain = Complaints(log, self.id)
+    label = "twilio"
+    reads_after_finish = True  # media after stop is reported, not silently dropped
+
+    def __init__(self, connection: ServerConnection, context: SessionContext) -> None:
+        super().__init__(connection, context, connection.id.hex[:8], context.config.max_send_queue)
+        self._hub = context.calls
+        self._complain = Complaints(log, self.name)
         self.call_sid: str | None = None
         self.stream_sid: str | None = None
         self._encoding = "mulaw"
@@ -100,36 +89,25 @@ class TwilioSession:
         self._tracks: dict[str, _Track] = {}
         self._sequence = -1
         self._stopped = False
-        self._ending: asyncio.Future | None = None
         self._unsupported = False
 
-    async def run(self) -> None:
-        self._out.start()
-        try:
-            await self._serve()
-        except ConnectionClosed as exc:
-            if not self._stopped and self.call_sid is not None:
-                log.info("%s: closed without stop (%s); flushing call %s", self.id, exc, self.call_sid)
-        except Exception:
-            log.exception("%s: internal error", self.id)
-        finally:
-            await self._end()
-            self._complain.summary()
-            self._out.close(CloseCode.NORMAL_CLOSURE)
-            await self._out.wait()
+    def _client_closed(self, exc: ConnectionClosed) -> None:
+        if not self._stopped and self.call_sid is not None:
+            log.info("%s: closed without stop (%s); flushing call %s", self.name, exc, self.call_sid)
 
-    async def shutdown(self) -> None:
-        await self._end()
-        self._out.close(CloseCode.GOING_AWAY, "server shutting down")
+    def _internal_error(self) -> None:
+        """Twilio reads nothing the server sends: the log (streaming.protocols.base) is all."""
 
-    async def _end(self) -> None:
-        """Flushes every track and ends the stream on the hub, once (stop, close or shutdown)."""
-        if self._ending is None:
-            self._ending = asyncio.ensure_future(self._flush())
-        await asyncio.shield(self._ending)
+    async def _teardown(self) -> None:
+        await self._finish(self._flush)  # a stream whose socket closed without stop is flushed all the same
+        self._complain.summary()
+
+    async def _drain(self) -> None:
+        await self._finish(self._flush)
 
     async def _flush(self) -> None:
-        if self.call_sid is None:
+        """Flushes every track and ends the stream on the hub (stop, close or shutdown, once)."""
+        if self.call_sid is None or self.stream_sid is None:
             return
         for track in self._tracks.values():
             track.transcriber.feed(track.decoder.flush())
@@ -142,48 +120,46 @@ class TwilioSession:
         self._hub.stream_ended(self.call_sid, self.stream_sid)
         log.info(
             "%s: call %s stream %s ended; seconds of audio by track: %s",
-            self.id,
+            self.name,
             self.call_sid,
             self.stream_sid,
             seconds,
         )
 
-    async def _serve(self) -> None:
-        idle = self.config.idle_timeout or None
-        while True:
-            try:
-                message = await asyncio.wait_for(self._ws.recv(), idle)
-            except asyncio.TimeoutError:
-                if self.call_sid is not None and not self._stopped:
-                    log.info(
-                        "%s: no messages for %g s; ending call %s stream %s",
-                        self.id,
-                        idle,
-                        self.call_sid,
-                        self.stream_sid,
-                    )
-                    self._stopped = True
-                    await self._end()
-                    self._out.close(CloseCode.NORMAL_CLOSURE, "idle timeout")
-                    return
-                continue
-            if isinstance(message, bytes):
-                self._complain("binary frame", f"{len(message)} bytes; Media Streams sends JSON text frames")
-                continue
-            if len(message) > self.config.max_frame_bytes:
-                self._complain("oversized message", f"{len(message)} bytes, over {self.config.max_frame_bytes}")
-                continue
-            try:
-                event = json.loads(message)
-            except ValueError as exc:
-                self._complain("invalid JSON", f"{exc}: {message[:60]!r}")
-                continue
-            if not isinstance(event, dict) or not isinstance(event.get("event"), str):
-                self._complain("message without an event", f"{message[:60]!r}")
-                continue
-            await self._dispatch(event)
-            for track in list(self._tracks.values()):
-                await track.transcriber.room()  # the engine is far behind: stop reading until it catches up
+    async def _on_idle(self) -> bool:
+        if self.call_sid is None or self._stopped:
+            return False
+        log.info(
+            "%s: no messages for %g s; ending call %s stream %s",
+            self.name,
+            self.config.idle_timeout,
+            self.call_sid,
+            self.stream_sid,
+        )
+        self._stopped = True
+        await self._finish(self._flush)
+        self._out.close(CloseCode.NORMAL_CLOSURE, "idle timeout")
+        return True
+
+    async def _on_message(self, message: str | bytes) -> bool:
+        if isinstance(message, bytes):
+            self._complain("binary frame", f"{len(message)} bytes; Media Streams sends JSON text frames")
+            return False
+        if len(message) > self.config.max_frame_bytes:
+            self._complain("oversized message", f"{len(message)} bytes, over {self.config.max_frame_bytes}")
+            return False
+        try:
+            event = json.loads(message)
+        except ValueError as exc:
+            self._complain("invalid JSON", f"{exc}: {message[:60]!r}")
+            return False
+        if not isinstance(event, dict) or not isinstance(event.get("event"), str):
+            self._complain("message without an event", f"{message[:60]!r}")
+            return False
+        await self._dispatch(event)
+        for track in list(self._tracks.values()):
+            await track.transcriber.room()  # the engine is far behind: stop reading until it catches up
+        return False
 
     async def _dispatch(self, event: dict) -> None:
         kind = event["event"]
@@ -192,13 +168,13 @@ class TwilioSession:
         elif kind == "start":
             self._start(event)
         elif kind == "connected":
-            log.info("%s: connected (protocol %s, version %s)", self.id, event.get("protocol"), event.get("version"))
+            log.info("%s: connected (protocol %s, version %s)", self.name, event.get("protocol"), event.get("version"))
         elif kind == "stop":
             if self.call_sid is None:
                 self._complain("stop before start", json.dumps(event)[:120])
             elif not self._stopped:
                 self._stopped = True
-                await self._end()
+                await self._finish(self._flush)
             else:
                 self._complain("second stop", json.dumps(event)[:120])
         elif kind == "dtmf":
@@ -247,7 +223,7 @@ class TwilioSession:
         except ValueError as exc:
             log.error(
                 "%s: call %s stream %s has an unsupported mediaFormat, %s: it will not be transcribed",
-                self.id,
+                self.name,
                 call_sid,
                 stream_sid,
                 exc,
@@ -275,7 +251,7 @@ class TwilioSession:
         self._metrics.sessions.inc()
         log.info(
             "%s: call %s stream %s started, tracks %s, %s, prompt of %d characters",
-            self.id,
+            self.name,
             call_sid,
             stream_sid,
             tracks,
@@ -300,7 +276,7 @@ class TwilioSession:
         if self._stopped:
             self._complain("media after stop", f"call {self.call_sid}")
             return
-        if self._ending is not None:
+        if self._finishing is not None:
             return  # the server is shutting down: the stream was flushed
         media = event.get("media")
         payload = media.get("payload") if isinstance(media, dict) else None
@@ -328,7 +304,7 @@ class TwilioSession:
         if track is None:
             if not self._tracks:
                 self._metrics.sessions_active.inc()
-            config = replace(self.config.transcriber, segmenter=self._calls.segmenter)
+            config = replace(self.config.transcriber, segmenter=self._hub.config.segmenter)
             transcriber = StreamingTranscriber(
                 self._engine,
                 DecodingOptions(language=self._language, prompt=self._prompt),
@@ -370,7 +346,7 @@ class TwilioSession:
             self._metrics.errors.labels("internal").inc()
             log.error(
                 "%s: transcription of call %s track %s failed; the track is no longer transcribed",
-                self.id,
+                self.name,
                 self.call_sid,
                 track,
             )
@@ -393,32 +369,25 @@ def _track_name(value: object) -> str:
 # --- subscribers: /v1/calls/{callSid} ---------------------------------------------------------------
 
 
-def call_subscriber_session(connection: ServerConnection, server: Server) -> CallSubscriber:
-    return CallSubscriber(connection, server)
-
-
-class CallSubscriber:
+class CallSubscriber(ProtocolSession):
     """A server-to-client feed of one call's transcript; client messages are ignored."""
 
-    def __init__(self, connection: ServerConnection, server: Server) -> None:
-        self._ws = connection
-        self._hub: CallHub = server.calls
-        self._metrics = server.metrics
-        self._out = Outbox(connection)
-        path = urlsplit(connection.request.path).path
-        self.call_sid = unquote(path[len(CALLS_PREFIX) :]) if path.startswith(CALLS_PREFIX) else ""
-        self._queue: asyncio.Queue | None = None
-        self._forwarder: asyncio.Task | None = None
+    label = "call subscriber"
 
-    async def run(self) -> None:
-        self._out.start()
+    def __init__(self, connection: ServerConnection, context: SessionContext) -> None:
+        path = urlsplit(connection.request.path).path
+        call_sid = unquote(path[len(CALLS_PREFIX) :]) if path.startswith(CALLS_PREFIX) else ""
+        super().__init__(connection, context, call_sid, None)
+        self._hub = context.calls
+        self.call_sid = call_sid
+        self._queue: asyncio.Queue[dict[str, Any]] | None = None
+        self._forwarder: asyncio.Task[None] | None = None
+
+    async def _serve(self) -> None:
         if not self.call_sid or "/" in self.call_sid:
             message = "subscribe at /v1/calls/{callSid}, with the callSid of the Twilio call (for example /v1/calls/CA0123...)"
             log.warning("call subscriber: bad path %r", self._ws.request.path)
-            self._metrics.errors.labels("bad_request").inc()
-            self._out.send({"type": "error", "code": "bad_request", "message": message})
-            self._out.close(CloseCode.POLICY_VIOLATION, "bad_request")
-            await self._out.wait()
+            self._error("bad_request", message, CloseCode.POLICY_VIOLATION)
             return
         self._queue, status, history = self._hub.subscribe(self.call_sid)
         log.info("call subscriber from %s: call %s (%s)", self._ws.remote_address, self.call_sid, status)
@@ -426,17 +395,26 @@ class CallSubscriber:
         for event in history:
             self._queue.put_nowait(event)  # what was said so far, before anything newer
         self._forwarder = asyncio.get_running_loop().create_task(self._forward())
-        try:
-            async for _ in self._ws:
-                pass  # server-to-client: client messages are ignored
-        except ConnectionClosed:
-            pass
-        finally:
+        await self._receive_loop()
+
+    def _idle_timeout(self) -> None:
+        return None  # a subscriber only listens
+
+    async def _on_message(self, message: str | bytes) -> bool:
+        return False  # server-to-client: client messages are ignored
+
+    def _client_closed(self, exc: ConnectionClosed) -> None:
+        pass  # how a subscription ends
+
+    def _error_message(self, code: str, message: str) -> dict[str, Any]:
+        return {"type": "error", "code": code, "message": message}
+
+    async def _teardown(self) -> None:
+        if self._queue is not None:
             self._hub.unsubscribe(self.call_sid, self._queue)
+        if self._forwarder is not None:
             self._forwarder.cancel()
             await asyncio.gather(self._forwarder, return_exceptions=True)
-            self._out.close(CloseCode.NORMAL_CLOSURE)
-            await self._out.wait()
 
     async def _forward(self) -> None:
         while True:
@@ -447,19 +425,14 @@ class CallSubscriber:
                     self.call_sid,
                     self._queue.qsize(),
                 )
-                self._metrics.errors.labels("overloaded").inc()
-                self._out.send(
-                    {"type": "error", "code": "overloaded", "message": "this subscriber fell too far behind"}
-                )
-                self._out.close(CloseCode.TRY_AGAIN_LATER, "overloaded")
+                self._error("overloaded", "this subscriber fell too far behind", CloseCode.TRY_AGAIN_LATER)
                 return
             self._out.send(event)
             if event["type"] == "call_end" and self._hub.status(self.call_sid) == "ended":
                 self._out.close(CloseCode.NORMAL_CLOSURE, "call ended")
                 return
 
-    async def shutdown(self) -> None:
+    async def _drain(self) -> None:
         """Server stopping: the call's own streams flush first; wait for its end, then go away."""
         if self._forwarder is not None and self._hub.status(self.call_sid) == "active":
             await asyncio.wait({self._forwarder}, timeout=25)
-        self._out.close(CloseCode.GOING_AWAY, "server shutting down")

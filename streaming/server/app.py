@@ -2,10 +2,9 @@
 
 `process_request` answers the HTTP side before any WebSocket handshake: `GET /healthz` (200 once
 the model is loaded, 503 before), `GET /metrics` (Prometheus text), and the files of `web/`
-(`/` is `index.html`). WebSocket paths are looked up in `Server.routes` (`/v1/stream` is the
-native protocol, `/v1/realtime` OpenAI Realtime transcription, `/v1/twilio` Twilio Media Streams,
-`/v1/calls/{callSid}` the transcripts of calls; a key ending in "/" matches every path under
-it); anything else is 404. A WhisperLive-compatible listener runs on a port of its own when
+(`/` is `index.html`). WebSocket paths are looked up in streaming.protocols.routes (`/v1/stream`
+is the native protocol, `/v1/realtime` OpenAI Realtime transcription, `/v1/twilio` Twilio Media
+Streams, `/v1/calls/{callSid}` the transcripts of calls); anything else is 404. A WhisperLive-compatible listener runs on a port of its own when
 `ServerConfig.whisperlive.port` is set.
 
 The socket listens before the model is loaded (loading takes seconds to minutes), so health
@@ -19,7 +18,7 @@ server pushes back on is not timed out for a pong it has not read yet.
 
 Every WebSocket upgrade, on every endpoint, goes through `Gate` (streaming.server.gate): API keys,
 allowed origins, and the session and per-client limits; sessions then get the session limits
-(duration, idle, frame size, queued audio, send queue; streaming.protocols.native). Optional TLS:
+(duration, idle, frame size, queued audio, send queue; streaming.protocols.base). Optional TLS:
 `--certfile`/`--keyfile` (the WhisperLive listener too).
 
 Shutdown (SIGINT/SIGTERM) drains: new upgrades get 503 and `/readyz` 503 (the listener stays up
@@ -38,7 +37,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server as WebSocketServer
@@ -52,24 +50,20 @@ from engines.trtllm.backend import create_engine
 from ..cli import engine_options
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..metrics import Metrics
+from ..protocols.base import ProtocolSession, SessionConfig, SessionContext
 from ..protocols.calls import CallConfig, CallHub
-from ..protocols.native import NativeSession, SessionConfig
-from ..protocols.realtime import realtime_session
-from ..protocols.twilio import CALLS_PREFIX, call_subscriber_session, twilio_session
-from ..protocols.whisperlive import WhisperLiveConfig, WhisperLiveListener
+from ..protocols.routes import WEBSOCKET_PATHS, find_route
+from ..protocols.whisperlive import WhisperLiveConfig
 from .admission import Admission, AdmissionConfig
 from .auth import (
-    NATIVE,
-    REALTIME,
-    SUBSCRIBER,
-    TWILIO,
     Endpoint,
     select_subprotocol,
     tls_context,
 )
 from .gate import AuthConfig, Gate, Limits
-from .http import WEB_ROOT, json_response, respond, static_file
+from .http import WEB_ROOT, json_response, not_found, respond, static_file
 from .keepalive import close_or_abort, keepalive
+from .whisperlive_port import WhisperLiveListener
 from .workers import EngineAddress, RemoteEngine
 
 log = logging.getLogger(__name__)
@@ -112,19 +106,6 @@ class ServerConfig:
     workers: int = 0  # `serve --workers N`: front-end processes (0: this process serves and runs the engine)
 
 
-class Session(Protocol):
-    async def run(self) -> None: ...
-
-    async def shutdown(self) -> None: ...
-
-
-SessionFactory = Callable[[ServerConnection, "Server"], Session]
-
-
-def native_session(connection: ServerConnection, server: Server) -> NativeSession:
-    return NativeSession(connection, server.engine, server.metrics, server.config.session)
-
-
 class Server:
     """`async with Server(config, engine=...) as server:` listens on `server.port` (0 picks a free one).
 
@@ -136,19 +117,6 @@ class Server:
         self.engine = engine
         self.metrics = Metrics()
         self.metrics.watch_engine(lambda: self.engine)
-        self.routes: dict[str, SessionFactory] = {
-            "/v1/stream": native_session,
-            "/v1/realtime": realtime_session,
-            "/v1/twilio": twilio_session,
-            CALLS_PREFIX: call_subscriber_session,
-        }
-        # how each route takes a key in its first message and words a refusal (streaming.server.auth)
-        self.endpoints: dict[str, Endpoint] = {
-            "/v1/stream": NATIVE,
-            "/v1/realtime": REALTIME,
-            "/v1/twilio": TWILIO,
-            CALLS_PREFIX: SUBSCRIBER,
-        }
         # new sessions by measured capacity; a worker of `serve --workers N` takes its share
         self.admission = Admission(
             config.admission, self.metrics.load, workers=config.workers if config.engine_address is not None else 1
@@ -158,12 +126,12 @@ class Server:
         self._publishing: asyncio.Task | None = None
         self.gate = Gate(config.limits, config.auth, self.metrics, self.admission)
         self.ssl_context = tls_context(config.certfile, config.keyfile)
-        self._expiring: dict[Session, asyncio.Task] = {}
+        self._expiring: dict[ProtocolSession, asyncio.Task[None]] = {}
         self._closing: asyncio.Future | None = None
         self._force = asyncio.Event()
         self.calls = CallHub(config.calls)  # transcripts of Twilio calls, to subscribers, webhook and log
         self.whisperlive: WhisperLiveListener | None = None
-        self._sessions: set[Session] = set()
+        self._sessions: set[ProtocolSession] = set()
         self._loading: asyncio.Future[Engine] | None = None
         self._load_error: Exception | None = None
         self._ws: WebSocketServer | None = None
@@ -305,21 +273,16 @@ class Server:
 
     # --- WebSocket ------------------------------------------------------------------------------
 
-    def route_key(self, path: str) -> str | None:
-        """The key of `routes` a WebSocket path goes to: itself, or the longest key ending in "/" above it."""
-        if path in self.routes:
-            return path
-        prefixes = [key for key in self.routes if key.endswith("/") and path.startswith(key)]
-        return max(prefixes, key=len) if prefixes else None
-
-    def route(self, path: str) -> SessionFactory | None:
-        """The session factory of a WebSocket path."""
-        key = self.route_key(path)
-        return None if key is None else self.routes[key]
+    @property
+    def context(self) -> SessionContext:
+        """What sessions see of this server (the engine is loaded: upgrades wait for it)."""
+        assert self.engine is not None
+        return SessionContext(self.engine, self.metrics, self.config.session, self.calls)
 
     async def _handle(self, connection: ServerConnection) -> None:
-        key = self.route_key(urlsplit(connection.request.path).path)
-        await self.serve_connection(connection, self.endpoints.get(key, NATIVE), lambda c: self.routes[key](c, self))
+        route = find_route(urlsplit(connection.request.path).path)
+        assert route is not None  # _http refused the upgrade of every other path
+        await self.serve_connection(connection, route.endpoint, lambda c: route.session(c, self.context))
 
     def check_upgrade(self, connection: ServerConnection, request: Request, endpoint: Endpoint) -> Response | None:
         """None to go on with a WebSocket handshake, else the HTTP refusal (the WhisperLive listener's too)."""
@@ -334,7 +297,7 @@ class Server:
         return self.gate.check(connection, request, endpoint)
 
     async def serve_connection(
-        self, connection: ServerConnection, endpoint: Endpoint, factory: Callable[[ServerConnection], Session]
+        self, connection: ServerConnection, endpoint: Endpoint, factory: Callable[[ServerConnection], ProtocolSession]
     ) -> None:
         """Admits a connection (limits, a key in its first message) and runs its session, with
         keepalive pings that a session the server pushes back on survives (streaming.server.keepalive)."""
@@ -351,7 +314,7 @@ class Server:
                 pings.cancel()
                 await asyncio.gather(pings, return_exceptions=True)
 
-    async def run_session(self, session: Session) -> None:
+    async def run_session(self, session: ProtocolSession) -> None:
         """Runs a session to its end, within the maximum duration; shutdown flushes it."""
         self._sessions.add(session)
         self.metrics.load.session_opened()
@@ -372,14 +335,13 @@ class Server:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
 
-    def _expire(self, session: Session, limit: float) -> None:
+    def _expire(self, session: ProtocolSession, limit: float) -> None:
         """The session reached the maximum duration (0: the server is draining): flush it and end it."""
         if session not in self._sessions or session in self._expiring:
             return
-        expire = getattr(session, "expire", None)
-        if limit and expire is not None:
+        if limit:
             log.info("a session reached the maximum duration of %g s; ending it", limit)
-            ending = expire(limit)
+            ending = session.expire(limit)
         else:
             ending = session.shutdown()
         self._expiring[session] = asyncio.ensure_future(ending)
@@ -388,9 +350,9 @@ class Server:
 
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
-        key = self.route_key(path)
-        if key is not None:
-            return self.check_upgrade(connection, request, self.endpoints.get(key, NATIVE))
+        route = find_route(path)
+        if route is not None:
+            return self.check_upgrade(connection, request, route.endpoint)
         if path == "/healthz":
             return self._health()
         if path == "/readyz":
@@ -457,7 +419,7 @@ class Server:
         return json_response(code, body)
 
     def _static(self, path: str) -> Response:
-        return static_file(self.config.web_root, path)
+        return static_file(self.config.web_root, path) or not_found(path, WEBSOCKET_PATHS)
 
 
 def load_engine(config: ServerConfig):

@@ -42,11 +42,10 @@ def respond(status: http.HTTPStatus, body: str | bytes, content_type: str = "tex
     return Response(status.value, status.phrase, headers, data)
 
 
-def not_found(path: str) -> Response:
+def not_found(path: str, websocket_paths: str) -> Response:
     return respond(
         http.HTTPStatus.NOT_FOUND,
-        f"{path} not found: WebSocket at /v1/stream, /v1/realtime, /v1/twilio, "
-        "/v1/calls/{callSid}; HTTP at /, /healthz, /readyz, /metrics\n",
+        f"{path} not found: WebSocket at {websocket_paths}; HTTP at /, /healthz, /readyz, /metrics\n",
     )
 
 
@@ -58,17 +57,17 @@ def json_response(status: http.HTTPStatus, body: dict, headers: dict[str, str] |
     return response
 
 
-def static_file(web_root: Path, path: str) -> Response:
-    """A file under web_root; nothing outside it, no dotfiles, no directory listings."""
+def static_file(web_root: Path, path: str) -> Response | None:
+    """A file under web_root (None: not found); nothing outside it, no dotfiles, no directory listings."""
     root = web_root.resolve()
     relative = unquote(path).lstrip("/")
     if relative == "" or relative.endswith("/"):
         relative += "index.html"
     parts = Path(relative).parts
     if "\0" in relative or any(part.startswith(".") for part in parts):
-        return not_found(path)
+        return None
     file = (root / relative).resolve()
     if not file.is_relative_to(root) or not file.is_file():
-        return not_found(path)
+        return None
     content_type = CONTENT_TYPES.get(file.suffix.lower(), "application/octet-stream")
     return respond(http.HTTPStatus.OK, file.read_bytes(), content_type)

@@ -11,8 +11,9 @@ import signal
 from ..audio.segmenter import SegmenterConfig
 from ..audio.transcriber import TranscriberConfig, check_prompt
 from ..options import SEGMENTER_FLAGS
+from ..protocols.base import SessionConfig
 from ..protocols.calls import CallConfig
-from ..protocols.native import SessionConfig
+from ..protocols.routes import WEBSOCKET_PATHS
 from ..protocols.whisperlive import WhisperLiveConfig
 from .admission import AdmissionConfig
 from .app import Server, ServerConfig
@@ -132,11 +133,11 @@ async def serve_until_stopped(config: ServerConfig) -> int:
     try:
         ws, web = ("wss", "https") if server.ssl_context is not None else ("ws", "http")
         log.info(
-            "listening on %s://%s:%d/v1/stream, /v1/realtime, /v1/twilio, /v1/calls/{callSid} (demo page "
-            "%s://%s:%d/); loading model %r",
+            "listening on %s://%s:%d%s (demo page %s://%s:%d/); loading model %r",
             ws,
             config.host,
             server.port,
+            WEBSOCKET_PATHS,
             web,
             config.host,
             server.port,
