@@ -163,7 +163,14 @@ class Server:
             reuse_port=self.config.reuse_port,
         )
         if self.config.whisperlive.port is not None:
-            self.whisperlive = WhisperLiveListener(self)
+            self.whisperlive = WhisperLiveListener(
+                self,
+                self.config.whisperlive,
+                self.config.host,
+                max_size,
+                self.ssl_context,
+                self.config.reuse_port,
+            )
             try:
                 await self.whisperlive.start()
             except OSError:

@@ -16,7 +16,7 @@ from ..protocols.calls import CallConfig
 from ..protocols.routes import WEBSOCKET_PATHS
 from ..protocols.whisperlive import WhisperLiveConfig
 from .admission import AdmissionConfig
-from .app import Server, ServerConfig
+from .app import Server, ServerConfig, load_engine
 from .auth import parse_origins, read_keys, tls_context
 from .gate import AuthConfig, Limits
 from .workers import RemoteEngine, run_workers
@@ -176,7 +176,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if not getattr(args, "verbose", False):
         logging.getLogger("websockets").setLevel(logging.WARNING)  # one INFO line per HTTP request otherwise
     if config.workers:
-        return run_workers(config, config.workers)
+        return run_workers(config, config.workers, load_engine, run_server)
     return run_server(config)
 
 

@@ -3,29 +3,51 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from ssl import SSLContext
+from typing import Protocol
 
 from websockets.asyncio.server import Server as WebSocketServer
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.http11 import Request, Response
 
+from ..protocols.base import ProtocolSession, SessionContext
 from ..protocols.whisperlive import Seats, WhisperLiveConfig, WhisperLiveSession
-from .auth import WHISPERLIVE
-
-if TYPE_CHECKING:
-    from .app import Server
+from .auth import WHISPERLIVE, Endpoint
 
 CLOSE_TIMEOUT = 2.0
+
+
+class Host(Protocol):
+    """What the listener uses of its server (streaming.server.app.Server)."""
+
+    @property
+    def context(self) -> SessionContext: ...
+
+    def check_upgrade(self, connection: ServerConnection, request: Request, endpoint: Endpoint) -> Response | None: ...
+
+    async def serve_connection(
+        self, connection: ServerConnection, endpoint: Endpoint, factory: Callable[[ServerConnection], ProtocolSession]
+    ) -> None: ...
 
 
 class WhisperLiveListener:
     """The listener's socket; its sessions share the server's checks, limits and keepalive, and one
     `Seats` (for WAIT)."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(
+        self,
+        server: Host,
+        config: WhisperLiveConfig,
+        host: str,
+        max_size: int,
+        ssl: SSLContext | None = None,
+        reuse_port: bool = False,
+    ) -> None:
         self.server = server
-        self.config: WhisperLiveConfig = server.config.whisperlive
-        self.seats = Seats(self.config)
+        self.config = config
+        self.seats = Seats(config)
+        self._host, self._max_size, self._ssl, self._reuse_port = host, max_size, ssl, reuse_port
         self._ws: WebSocketServer | None = None
 
     @property
@@ -33,20 +55,19 @@ class WhisperLiveListener:
         return self._ws.sockets[0].getsockname()[1]
 
     async def start(self) -> None:
-        max_size = 4 * self.server.config.session.max_frame_bytes
         # close_timeout: websocket-client (the stock clients) answers the closing handshake but keeps
         # its TCP socket open, which would hold each finished session (and shutdown) for 10 s
         self._ws = await serve(
             self._handle,
-            self.server.config.host,
+            self._host,
             self.config.port,
             process_request=self._http,
-            max_size=max_size,
+            max_size=self._max_size,
             compression=None,
             close_timeout=CLOSE_TIMEOUT,
             ping_interval=None,  # the server's serve_connection runs streaming.server.keepalive
-            ssl=self.server.ssl_context,
-            reuse_port=self.server.config.reuse_port,
+            ssl=self._ssl,
+            reuse_port=self._reuse_port,
         )
 
     def close(self) -> None:

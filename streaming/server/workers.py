@@ -43,6 +43,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Client, Connection, Listener, wait
@@ -324,19 +325,17 @@ def worker_config(config: Any, address: EngineAddress, workers: int) -> Any:
     return replace(config, engine_address=address, reuse_port=True, limits=limits)
 
 
-def _worker_main(config: Any, index: int) -> None:
+def _worker_main(config: Any, index: int, serve: Callable[[Any], int]) -> None:
     """A front-end worker: the whole server with a RemoteEngine; exits when it drained or the engine is gone."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s worker{index} %(name)s: %(message)s")
     logging.getLogger("websockets").setLevel(logging.WARNING)
-    from .serve import run_server
-
-    raise SystemExit(run_server(config))
+    raise SystemExit(serve(config))
 
 
-def run_workers(config: Any, workers: int) -> int:
-    """Serves with `workers` front-end processes and this process as the engine; returns the exit status."""
-    from .app import load_engine
-
+def run_workers(config: Any, workers: int, load_engine: Callable[[Any], Any], serve: Callable[[Any], int]) -> int:
+    """Serves with `workers` front-end processes, each running `serve(config)` (a module-level function:
+    it travels to the spawned process by name), and this process as the engine, `load_engine(config)`;
+    returns the exit status."""
     if config.port == 0:
         log.error("--workers needs a fixed --port (the workers share it)")
         return 2
@@ -363,7 +362,7 @@ def run_workers(config: Any, workers: int) -> int:
     signal.signal(signal.SIGINT, on_signal)
     for index in range(workers):
         processes.append(
-            context.Process(target=_worker_main, args=(child_config, index), name=f"breeze-worker-{index}")
+            context.Process(target=_worker_main, args=(child_config, index, serve), name=f"breeze-worker-{index}")
         )
         processes[-1].start()
     log.info(
@@ -381,7 +380,7 @@ def run_workers(config: Any, workers: int) -> int:
             return 1
         service.loaded(engine)
         log.info("model %s loaded on %s in %.1f s", engine.name, engine.device, time.perf_counter() - started)
-        status = _supervise(processes, context, child_config, stopping, config.limits.drain_timeout)
+        status = _supervise(processes, context, child_config, serve, stopping, config.limits.drain_timeout)
         engine.close()
         return status
     finally:
@@ -392,7 +391,14 @@ def run_workers(config: Any, workers: int) -> int:
         shutil.rmtree(private, ignore_errors=True)
 
 
-def _supervise(processes: list, context: Any, config: Any, stopping: threading.Event, drain_timeout: float) -> int:
+def _supervise(
+    processes: list,
+    context: Any,
+    config: Any,
+    serve: Callable[[Any], int],
+    stopping: threading.Event,
+    drain_timeout: float,
+) -> int:
     """Restarts workers that die until a signal, then waits for them to drain. Gives up (1) when
     workers keep dying within seconds of their start (a port in use, a bad option)."""
     started = {index: time.monotonic() for index in range(len(processes))}
@@ -414,7 +420,7 @@ def _supervise(processes: list, context: Any, config: Any, stopping: threading.E
                     return 1
                 log.error("worker %d exited with %s; starting it again", index, process.exitcode)
                 time.sleep(WORKER_RESTART_PAUSE)
-                processes[index] = context.Process(target=_worker_main, args=(config, index), name=process.name)
+                processes[index] = context.Process(target=_worker_main, args=(config, index, serve), name=process.name)
                 processes[index].start()
                 started[index] = time.monotonic()
     log.info("shutting down: the workers flush their sessions' finals (at most %g s)", drain_timeout)
