@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def decoding_options(args: argparse.Namespace):
@@ -30,11 +31,11 @@ def engine_options(
     cuda_graphs: str = "graph",
     max_batch: int | None = None,
     window_bucket: float | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """Engine keyword arguments of --fp32-weights, --cuda-graphs, --max-batch and --window-bucket
     (only where they differ from the defaults, so that backends without these options are not
     handed them)."""
-    extra: dict = {"fp16_weights": False} if fp32_weights else {}
+    extra: dict[str, Any] = {"fp16_weights": False} if fp32_weights else {}
     if max_batch is not None:
         extra["max_batch"] = max_batch
     if window_bucket is not None:
@@ -83,7 +84,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def segment_json(segment) -> dict:
+def segment_json(segment) -> dict[str, Any]:
     """One segment of `transcribe --json`: times, text, and the word timings when asked for."""
     from streaming.protocols.native import word_list
 

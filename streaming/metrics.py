@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -90,43 +91,8 @@ class Metrics:
             registry=r,
             multiprocess_mode="max",
         )
-        # admission by measured capacity (streaming.server.admission); with `serve --workers N` each worker
-        # reports its share of the capacity, its own sessions' backlog, and whether it admits
         self.load = LoadMeter()
-        self.capacity = Gauge(
-            "breeze_capacity_streams",
-            "Real-time sessions the server estimates it can serve "
-            "(streaming.server.admission; +Inf before sessions send speech).",
-            registry=r,
-            multiprocess_mode="livesum",
-        )
-        self.capacity_free = Gauge(
-            "breeze_capacity_free_streams", "More sessions it would admit now.", registry=r, multiprocess_mode="livesum"
-        )
-        self.admitting = Gauge(
-            "breeze_admitting",
-            "1 while new sessions are admitted, 0 while refused for capacity.",
-            registry=r,
-            multiprocess_mode="livemin",
-        )
-        self.final_backlog = Gauge(
-            "breeze_final_backlog_seconds",
-            "Audio of closed segments waiting for their finals, all sessions.",
-            registry=r,
-            multiprocess_mode="livesum",
-        )
-        self.final_rtf = Gauge(
-            "breeze_final_rtf",
-            "Engine seconds per second of audio of recent finals.",
-            registry=r,
-            multiprocess_mode="livemax",
-        )
-        self.final_queue_delay = Gauge(
-            "breeze_final_queue_delay_seconds",
-            "How long recent finals waited for the engine, while audio waits for finals.",
-            registry=r,
-            multiprocess_mode="livemax",
-        )
+        self._add_capacity_gauges()
         for source in DRAFT_SOURCES:  # export zeros, so rates work before the first draft
             self.draft_proposed.labels(source)
             self.draft_accepted.labels(source)
@@ -134,6 +100,47 @@ class Metrics:
             self.errors.labels(code)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
+
+    def _add_capacity_gauges(self) -> None:
+        """Admission by measured capacity (streaming.server.admission); with `serve --workers N` each
+        worker reports its share of the capacity, its own sessions' backlog, and whether it admits."""
+        self.capacity = Gauge(
+            "breeze_capacity_streams",
+            "Real-time sessions the server estimates it can serve "
+            "(streaming.server.admission; +Inf before sessions send speech).",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.capacity_free = Gauge(
+            "breeze_capacity_free_streams",
+            "More sessions it would admit now.",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.admitting = Gauge(
+            "breeze_admitting",
+            "1 while new sessions are admitted, 0 while refused for capacity.",
+            registry=self.registry,
+            multiprocess_mode="livemin",
+        )
+        self.final_backlog = Gauge(
+            "breeze_final_backlog_seconds",
+            "Audio of closed segments waiting for their finals, all sessions.",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.final_rtf = Gauge(
+            "breeze_final_rtf",
+            "Engine seconds per second of audio of recent finals.",
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
+        self.final_queue_delay = Gauge(
+            "breeze_final_queue_delay_seconds",
+            "How long recent finals waited for the engine, while audio waits for finals.",
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
 
     def watch_engine(self, engine: Callable[[], object | None]) -> None:
         """Export the load figures of `engine()` (its `load_stats()`) at every scrape."""
@@ -151,7 +158,7 @@ class Metrics:
         for source, n in transcript.draft_accepted.items():
             self.draft_accepted.labels(source).inc(n)
 
-    def publish(self, capacity: dict) -> None:
+    def publish(self, capacity: dict[str, Any]) -> None:
         """The admission estimate (streaming.server.admission.Admission.report) into its gauges."""
         inf = float("inf")
         self.capacity.set(inf if capacity["capacity"] is None else capacity["capacity"])

@@ -42,8 +42,10 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import Any
 
 import numpy as np
 
@@ -337,10 +339,14 @@ class StreamingTranscriber:
                 arrival = self._arrival(event.end)
                 self._account(segment.end - segment.start)
                 task = self._spawn(self._final(segment, arrival, self._last_final))
-                task.add_done_callback(lambda _, n=segment.end - segment.start: self._account(-n))
+                task.add_done_callback(partial(self._release, segment.end - segment.start))
                 self._last_final = task
             elif isinstance(event, SegmentDiscarded):
                 log.debug("discarded a %d ms voiced blip at %.2f s", event.voiced_ms, event.start / SAMPLE_RATE)
+
+    def _release(self, samples: int, _: asyncio.Task[None]) -> None:
+        """A final is resolved: its audio no longer waits."""
+        self._account(-samples)
 
     def _arrival(self, position: int) -> float:
         """When the audio up to sample `position` had reached the server."""
@@ -349,7 +355,7 @@ class StreamingTranscriber:
                 return arrived
         return self._arrivals[-1][1] if self._arrivals else time.monotonic()
 
-    def _spawn(self, coroutine) -> asyncio.Task[None]:
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._settled)
@@ -438,6 +444,7 @@ class StreamingTranscriber:
         except Exception as exc:
             self._fail(exc, f"final decode of segment {segment.index}")
             return
+        assert transcript is not None  # only partials are ever dropped
         self._metrics.count_decode(transcript)
         self._metrics.load.final_decoded(
             len(segment.audio) / SAMPLE_RATE,

@@ -3,6 +3,7 @@ segment and swap the VAD settings mid-stream."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
@@ -22,7 +23,7 @@ class TurnSegmenter:
     VAD settings at the next point where no segment is open. Segment indices and positions stay
     those of the whole stream across swaps; `observe` sees every event before the transcriber."""
 
-    def __init__(self, config: SegmenterConfig, observe) -> None:
+    def __init__(self, config: SegmenterConfig, observe: Callable[[SegmentEvent], None]) -> None:
         self._config = config
         self._inner = Segmenter(config)
         self._observe = observe
@@ -67,12 +68,10 @@ class TurnSegmenter:
                     self._indices[event.index] = self._next_index
                     self._next_index += 1
                 index = self._indices[event.index]
-                event = replace(
-                    event,
-                    index=index,
-                    start=event.start + self._offset,
-                    **({} if isinstance(event, SegmentStarted) else {"end": event.end + self._offset}),
-                )
+                if isinstance(event, SegmentStarted):
+                    event = replace(event, index=index, start=event.start + self._offset)
+                else:
+                    event = replace(event, index=index, start=event.start + self._offset, end=event.end + self._offset)
                 self.open = None if isinstance(event, SegmentClosed) else index
             else:
                 event = replace(event, start=event.start + self._offset, end=event.end + self._offset)

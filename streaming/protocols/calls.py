@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from ..audio.segmenter import SegmenterConfig
 from .webhook import WebhookSender
@@ -52,11 +53,11 @@ _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 class _Call:
     sid: str
     streams: set[str] = field(default_factory=set)
-    history: list[dict] = field(
+    history: list[dict[str, Any]] = field(
         default_factory=list
     )  # call_start, final, dtmf and call_end events, for late subscribers
     subscribers: set[asyncio.Queue] = field(default_factory=set)
-    parameters: dict[str, dict] = field(default_factory=dict)  # streamSid -> customParameters
+    parameters: dict[str, dict[str, Any]] = field(default_factory=dict[str, Any])  # streamSid -> customParameters
     ended: float | None = None  # monotonic time of call_end
 
     @property
@@ -100,7 +101,7 @@ class CallHub:
         ]:
             del self.calls[sid]
 
-    def stream_started(self, call_sid: str, stream_sid: str, info: dict) -> None:
+    def stream_started(self, call_sid: str, stream_sid: str, info: dict[str, Any]) -> None:
         call = self._call(call_sid)
         if call.ended is not None:  # a new stream on a call that had ended: it goes on
             call.ended = None
@@ -108,7 +109,7 @@ class CallHub:
         call.parameters[stream_sid] = info.get("custom_parameters", {})
         self._publish(call, {"type": "call_start", "call_sid": call_sid, "stream_sid": stream_sid, **info}, keep=True)
 
-    def publish(self, call_sid: str, event: dict) -> None:
+    def publish(self, call_sid: str, event: dict[str, Any]) -> None:
         """A partial, final or dtmf event of a stream of this call."""
         call = self._call(call_sid)
         kind = event["type"]
@@ -127,14 +128,14 @@ class CallHub:
         if self.webhook is not None:
             self.webhook.post(event)
 
-    def _publish(self, call: _Call, event: dict, keep: bool) -> None:
+    def _publish(self, call: _Call, event: dict[str, Any], keep: bool) -> None:
         if keep:
             call.history.append(event)
             self._log(call.sid, event)
         for queue in call.subscribers:
             queue.put_nowait(event)
 
-    def _log(self, call_sid: str, event: dict) -> None:
+    def _log(self, call_sid: str, event: dict[str, Any]) -> None:
         if self.config.log_dir is None:
             return
         path = Path(self.config.log_dir) / f"{_SAFE.sub('_', call_sid)[:128]}.jsonl"
@@ -147,7 +148,7 @@ class CallHub:
         except OSError as exc:
             log.error("call log %s: %s", path, exc)
 
-    def subscribe(self, call_sid: str) -> tuple[asyncio.Queue, str, list[dict]]:
+    def subscribe(self, call_sid: str) -> tuple[asyncio.Queue, str, list[dict[str, Any]]]:
         """A queue of the call's events from now on, its status, and what was said so far."""
         call = self._call(call_sid)
         queue: asyncio.Queue = asyncio.Queue()

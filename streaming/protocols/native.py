@@ -136,7 +136,7 @@ def parse_start(
     return Start(decoder, language, partials, prompt, condition, words)
 
 
-def word_list(words: list[Word]) -> list[dict]:
+def word_list(words: list[Word]) -> list[dict[str, Any]]:
     """Word timings as the protocols send them: text, start and end (stream seconds), probability."""
     return [
         {"text": w.text, "start": round(w.start, 3), "end": round(w.end, 3), "probability": round(w.probability, 3)}
@@ -144,7 +144,7 @@ def word_list(words: list[Word]) -> list[dict]:
     ]
 
 
-def control_message(message: str) -> dict | None:
+def control_message(message: str) -> dict[str, Any] | None:
     """A text frame after start as a JSON object with a type (stop, update), else None."""
     try:
         parsed = json.loads(message)
@@ -231,7 +231,7 @@ class NativeSession(ProtocolSession):
                 CloseCode.MESSAGE_TOO_BIG,
             )
 
-    def _update(self, update: dict) -> None:
+    def _update(self, update: dict[str, Any]) -> None:
         """`update`: a new prompt from the next segment on. A bad one is refused with an error event
         and the session goes on with the prompt it had."""
         try:

@@ -224,7 +224,7 @@ class RealtimeSession(ProtocolSession):
             await self._transcriber.room()  # the engine is far behind: stop reading until it catches up
         return False
 
-    def _parse(self, message: str | bytes) -> dict:
+    def _parse(self, message: str | bytes) -> dict[str, Any]:
         if isinstance(message, bytes):
             raise ClientError(
                 "invalid_message",
@@ -248,7 +248,7 @@ class RealtimeSession(ProtocolSession):
             raise ClientError("invalid_event", 'an event must be a JSON object with a string "type"', "type")
         return event
 
-    def _dispatch(self, event: dict) -> None:
+    def _dispatch(self, event: dict[str, Any]) -> None:
         kind = event["type"]
         if kind == "session.update":
             session = json_object(event.get("session"), "session")
@@ -330,14 +330,14 @@ class RealtimeSession(ProtocolSession):
         prompt = self.config.prompt if settings.prompt is None else settings.prompt
         return DecodingOptions(language=settings.language, prompt=prompt)
 
-    def _view(self) -> dict:
+    def _view(self) -> dict[str, Any]:
         return (beta_session if self._beta else ga_session)(self._settings, self.id, self._engine.name)
 
     @property
     def _vad(self) -> bool:
         return self._settings.turn_detection is not None
 
-    def _append(self, event: dict) -> None:
+    def _append(self, event: dict[str, Any]) -> None:
         if not self._configured:
             raise ClientError(
                 "session_not_configured",
@@ -452,7 +452,7 @@ class RealtimeSession(ProtocolSession):
         self._committed.append(item)
         self._complete_ready()
 
-    def _item_view(self, item: _Item, transcript: str | None) -> dict:
+    def _item_view(self, item: _Item, transcript: str | None) -> dict[str, Any]:
         return {
             "id": item.id,
             "object": "realtime.item",

@@ -38,8 +38,8 @@ class Settings:
     language: str | None = "zh"  # None: detect
     model: str | None = None
     prompt: str | None = None
-    turn_detection: dict | None = None  # effective server_vad / semantic_vad settings, None: manual commit
-    noise_reduction: dict | None = None
+    turn_detection: dict[str, Any] | None = None  # effective server_vad / semantic_vad settings, None: manual commit
+    noise_reduction: dict[str, Any] | None = None
     include: tuple[str, ...] = ()
 
 
@@ -54,7 +54,7 @@ def default_settings(config: SessionConfig) -> Settings:
     return Settings(language=None if config.language == "auto" else config.language, turn_detection=vad)
 
 
-def json_object(value: Any, param: str) -> dict:
+def json_object(value: Any, param: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ClientError(
             "invalid_type", f"Invalid type for '{param}': expected an object, got {short_json(value)}", param
@@ -67,7 +67,7 @@ def short_json(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _opt_str(section: dict, key: str, param: str) -> str | None:
+def _opt_str(section: dict[str, Any], key: str, param: str) -> str | None:
     value = section.get(key)
     if value is not None and not isinstance(value, str):
         raise ClientError(
@@ -78,7 +78,7 @@ def _opt_str(section: dict, key: str, param: str) -> str | None:
     return value
 
 
-def _number(td: dict, key: str, param: str, low: float, high: float, integer: bool) -> float | int | None:
+def _number(td: dict[str, Any], key: str, param: str, low: float, high: float, integer: bool) -> float | int | None:
     value = td.get(key)
     if value is None:
         return None
@@ -93,7 +93,7 @@ def _number(td: dict, key: str, param: str, low: float, high: float, integer: bo
     return int(value) if integer else float(value)
 
 
-def _language(section: dict, param: str, current: str | None) -> str | None:
+def _language(section: dict[str, Any], param: str, current: str | None) -> str | None:
     if "language" not in section:
         return current
     language = _opt_str(section, "language", param)
@@ -122,7 +122,7 @@ def _transcription(section: Any, param: str, settings: Settings) -> Settings:
     return replace(settings, model=model, prompt=prompt, language=_language(section, param, settings.language))
 
 
-def _turn_detection(value: Any, param: str, base: SegmenterConfig) -> dict | None:
+def _turn_detection(value: Any, param: str, base: SegmenterConfig) -> dict[str, Any] | None:
     if value is None:
         return None
     td = json_object(value, param)
@@ -155,7 +155,7 @@ def _turn_detection(value: Any, param: str, base: SegmenterConfig) -> dict | Non
     )
 
 
-def segmenter_config(turn_detection: dict | None, base: SegmenterConfig) -> SegmenterConfig:
+def segmenter_config(turn_detection: dict[str, Any] | None, base: SegmenterConfig) -> SegmenterConfig:
     """The webrtcvad segmenter settings of a session's turn detection."""
     if turn_detection is None:
         return base
@@ -179,7 +179,7 @@ def segmenter_config(turn_detection: dict | None, base: SegmenterConfig) -> Segm
     )
 
 
-def _noise_reduction(value: Any, param: str) -> dict | None:
+def _noise_reduction(value: Any, param: str) -> dict[str, Any] | None:
     if value is None:
         return None
     value = json_object(value, param)
@@ -200,7 +200,7 @@ def _include(value: Any, param: str) -> tuple[str, ...]:
     return tuple(value)  # logprobs are not produced: the key is accepted and echoed
 
 
-def parse_ga(session: dict, settings: Settings, base: SegmenterConfig) -> Settings:
+def parse_ga(session: dict[str, Any], settings: Settings, base: SegmenterConfig) -> Settings:
     """A GA `session.update` (`session.type = "transcription"`, `audio.input.*`)."""
     kind = session.get("type")
     if kind not in (None, "transcription"):
@@ -240,7 +240,7 @@ def parse_ga(session: dict, settings: Settings, base: SegmenterConfig) -> Settin
     return settings
 
 
-def parse_beta(session: dict, settings: Settings, base: SegmenterConfig) -> Settings:
+def parse_beta(session: dict[str, Any], settings: Settings, base: SegmenterConfig) -> Settings:
     """A beta `transcription_session.update` (flat fields)."""
     if "input_audio_format" in session:
         value = session["input_audio_format"]
@@ -270,11 +270,11 @@ def parse_beta(session: dict, settings: Settings, base: SegmenterConfig) -> Sett
     return settings
 
 
-def _transcription_view(settings: Settings, model_name: str) -> dict:
+def _transcription_view(settings: Settings, model_name: str) -> dict[str, Any]:
     return {"model": settings.model or model_name, "language": settings.language, "prompt": settings.prompt or ""}
 
 
-def ga_session(settings: Settings, session_id: str, model_name: str) -> dict:
+def ga_session(settings: Settings, session_id: str, model_name: str) -> dict[str, Any]:
     if settings.encoding == "pcm_s16le":
         fmt = {"type": "audio/pcm", "rate": settings.rate}
     else:
@@ -295,7 +295,7 @@ def ga_session(settings: Settings, session_id: str, model_name: str) -> dict:
     }
 
 
-def beta_session(settings: Settings, session_id: str, model_name: str) -> dict:
+def beta_session(settings: Settings, session_id: str, model_name: str) -> dict[str, Any]:
     fmt = {"pcm_s16le": "pcm16", "mulaw": "g711_ulaw", "alaw": "g711_alaw"}[settings.encoding]
     return {
         "id": session_id,

@@ -161,7 +161,7 @@ class TwilioSession(ProtocolSession):
             await track.transcriber.room()  # the engine is far behind: stop reading until it catches up
         return False
 
-    async def _dispatch(self, event: dict) -> None:
+    async def _dispatch(self, event: dict[str, Any]) -> None:
         kind = event["event"]
         if kind == "media":
             self._media(event)
@@ -195,7 +195,7 @@ class TwilioSession(ProtocolSession):
         else:
             self._complain("unknown event", f"{kind!r}")
 
-    def _start(self, event: dict) -> None:
+    def _start(self, event: dict[str, Any]) -> None:
         if self.call_sid is not None:
             self._complain("second start", f"this connection is call {self.call_sid} stream {self.stream_sid}")
             return
@@ -269,7 +269,7 @@ class TwilioSession(ProtocolSession):
             },
         )
 
-    def _media(self, event: dict) -> None:
+    def _media(self, event: dict[str, Any]) -> None:
         if self.call_sid is None:
             self._complain("media before start", "no stream is set up yet")
             return

@@ -10,6 +10,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +28,13 @@ class WebhookSender:
         self.timeout = timeout
         self.limit = limit
         """Posts waiting at most; past that the oldest is dropped (and logged)."""
-        self._queue: deque[dict] = deque()
+        self._queue: deque[dict[str, Any]] = deque()
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self.delivered = 0
         self.failed = 0
 
-    def post(self, payload: dict) -> None:
+    def post(self, payload: dict[str, Any]) -> None:
         """Queues a payload; never waits."""
         if len(self._queue) >= self.limit:
             dropped = self._queue.popleft()
@@ -72,7 +73,7 @@ class WebhookSender:
                 if self._queue:
                     self._queue.popleft()
 
-    async def _deliver(self, payload: dict) -> None:
+    async def _deliver(self, payload: dict[str, Any]) -> None:
         data = json.dumps(payload, ensure_ascii=False).encode()
         for attempt in range(self.retries + 1):
             try:

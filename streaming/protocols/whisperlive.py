@@ -211,7 +211,7 @@ class WhisperLiveSession(ProtocolSession):
         await self._transcriber.room()  # the engine is far behind: stop reading until it catches up
         return False
 
-    def _options(self, first: str | bytes) -> dict:
+    def _options(self, first: str | bytes) -> dict[str, Any]:
         if isinstance(first, bytes):
             try:
                 first = first.decode()
@@ -266,7 +266,7 @@ class WhisperLiveSession(ProtocolSession):
             "prompt": prompt,
         }
 
-    def _begin(self, options: dict) -> None:
+    def _begin(self, options: dict[str, Any]) -> None:
         self._format = options["audio_format"]
         self._last_n = options["send_last_n_segments"]
         self._detect_language = options["language"] is None
@@ -325,8 +325,8 @@ class WhisperLiveSession(ProtocolSession):
                 recent.append({**segment, "completed": False})
             self._send({"segments": recent})
 
-    def _recent(self) -> list[dict]:
+    def _recent(self) -> list[dict[str, Any]]:
         return self._completed[-max(self._last_n, 1) :]  # clients read segments[-1]: never an empty list
 
-    def _send(self, message: dict) -> None:
+    def _send(self, message: dict[str, Any]) -> None:
         self._out.send({"uid": self._uid, **message})

@@ -54,6 +54,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +264,7 @@ class Admission:
             return 0.0
         return max(0.0, math.floor(self.capacity) - sessions) if math.isfinite(self.capacity) else math.inf
 
-    def report(self, sessions: int) -> dict:
+    def report(self, sessions: int) -> dict[str, Any]:
         """The estimate and its inputs, for `/healthz` and the metrics."""
         self.update(sessions)
         capacity, free = self.capacity, self.free(sessions)

@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server as WebSocketServer
@@ -371,7 +372,7 @@ class Server:
             return respond(http.HTTPStatus.OK, self.metrics.render(), METRICS_CONTENT_TYPE)
         return self._static(path)
 
-    def engine_health(self) -> dict | None:
+    def engine_health(self) -> dict[str, Any] | None:
         """The engine worker's state (engines.engine.Engine.health), where the engine reports one."""
         health = getattr(self.engine, "health", None)
         return health() if callable(health) else None

@@ -39,6 +39,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 log = logging.getLogger(__name__)
@@ -186,13 +187,13 @@ class Endpoint:
     name: str
     first_message: str
     token: Callable[[str | bytes], tuple[str | None, str | bytes]]
-    error: Callable[[str, str, dict | None], str | None]
+    error: Callable[[str, str, dict[str, Any] | None], str | None]
 
     def takes_first_message(self, browser: bool) -> bool:
         return self.first_message == "always" or (self.first_message == "browser" and browser)
 
 
-def _json_object(message: str | bytes) -> dict | None:
+def _json_object(message: str | bytes) -> dict[str, Any] | None:
     try:
         value = json.loads(message)
     except (ValueError, UnicodeDecodeError):
@@ -225,11 +226,11 @@ def _no_token(message: str | bytes) -> tuple[str | None, str | bytes]:
     return None, message
 
 
-def _native_error(code: str, message: str, first: dict | None) -> str:
+def _native_error(code: str, message: str, first: dict[str, Any] | None) -> str:
     return json.dumps({"type": "error", "code": code, "message": message}, ensure_ascii=False)
 
 
-def _realtime_error(code: str, message: str, first: dict | None) -> str:
+def _realtime_error(code: str, message: str, first: dict[str, Any] | None) -> str:
     kind = "invalid_request_error" if code == "unauthorized" else "server_error"
     return json.dumps(
         {
@@ -240,14 +241,14 @@ def _realtime_error(code: str, message: str, first: dict | None) -> str:
     )
 
 
-def _whisperlive_error(code: str, message: str, first: dict | None) -> str:
+def _whisperlive_error(code: str, message: str, first: dict[str, Any] | None) -> str:
     uid = first.get("uid") if first else None
     if code == "overloaded":
         return json.dumps({"uid": uid, "status": "WAIT", "message": 1.0})  # minutes, WhisperLive's shape
     return json.dumps({"uid": uid, "status": "ERROR", "message": message}, ensure_ascii=False)
 
 
-def _silent(code: str, message: str, first: dict | None) -> None:
+def _silent(code: str, message: str, first: dict[str, Any] | None) -> None:
     return None  # Twilio reads nothing the server sends back
 
 

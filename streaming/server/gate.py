@@ -34,6 +34,7 @@ import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
@@ -178,7 +179,12 @@ class Gate:
         return bool(self.limits.max_sessions) and self.active >= self.limits.max_sessions
 
     def _refuse_http(
-        self, reason: str, status: http.HTTPStatus, message: str, headers: dict | None = None, error: str | None = None
+        self,
+        reason: str,
+        status: http.HTTPStatus,
+        message: str,
+        headers: dict[str, Any] | None = None,
+        error: str | None = None,
     ):
         self._metrics.rejected.labels(reason).inc()
         log.info("refused an upgrade (%s): %s", reason, message)
@@ -382,7 +388,13 @@ class Gate:
         return None
 
     async def _refuse(
-        self, connection, endpoint: Endpoint, code: str, message: str, close_code: int, first: dict | None = None
+        self,
+        connection,
+        endpoint: Endpoint,
+        code: str,
+        message: str,
+        close_code: int,
+        first: dict[str, Any] | None = None,
     ) -> None:
         log.info("refused a %s connection from %s (%s): %s", endpoint.name, self._client(connection), code, message)
         if close_code != CloseCode.GOING_AWAY:

@@ -7,6 +7,7 @@ import email.utils
 import http
 import json
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote
 
 from websockets.datastructures import Headers
@@ -49,7 +50,7 @@ def not_found(path: str, websocket_paths: str) -> Response:
     )
 
 
-def json_response(status: http.HTTPStatus, body: dict, headers: dict[str, str] | None = None) -> Response:
+def json_response(status: http.HTTPStatus, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
     """A JSON body, with extra headers (Retry-After, WWW-Authenticate)."""
     response = respond(status, json.dumps(body) + "\n", "application/json")
     for name, value in (headers or {}).items():

@@ -24,7 +24,8 @@ from .workers import RemoteEngine, run_workers
 log = logging.getLogger(__name__)
 
 
-def config_from_args(args: argparse.Namespace) -> ServerConfig:
+def session_config(args: argparse.Namespace) -> SessionConfig:
+    """The session and transcriber settings of `serve`'s options; ValueError names a bad one."""
     segmenter = SegmenterConfig(**{name: getattr(args, f"segmenter_{name}") for name, _ in SEGMENTER_FLAGS.values()})
     transcriber = TranscriberConfig(
         partial_interval=args.partial_interval,
@@ -39,13 +40,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise ValueError(
             "--max-send-queue and --max-frame-bytes must be >= 1, --max-queued-audio and --idle-timeout >= 0"
         )
-    if args.workers < 0:
-        raise ValueError("--workers must be >= 0")
-    if (args.max_batch is not None and args.max_batch < 1) or (
-        args.window_bucket is not None and args.window_bucket <= 0
-    ):
-        raise ValueError("--max-batch must be >= 1 and --window-bucket > 0")
-    session = SessionConfig(
+    return SessionConfig(
         max_frame_bytes=args.max_frame_bytes,
         idle_timeout=args.idle_timeout,
         language=args.language,
@@ -53,6 +48,17 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         transcriber=transcriber,
         prompt=check_prompt(args.prompt, "--prompt"),
     )
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The server `serve`'s options ask for; ValueError names a bad option or an unusable key or TLS file."""
+    session = session_config(args)
+    if args.workers < 0:
+        raise ValueError("--workers must be >= 0")
+    if (args.max_batch is not None and args.max_batch < 1) or (
+        args.window_bucket is not None and args.window_bucket <= 0
+    ):
+        raise ValueError("--max-batch must be >= 1 and --window-bucket > 0")
     limits = Limits(
         max_sessions=args.max_sessions,
         max_per_client=args.max_connections_per_client,

@@ -89,7 +89,7 @@ class RemoteEngine:
         self._heard = time.monotonic()
         self._lost: str | None = None
         self._closing = False
-        self.on_lost: list = []  # callables run (in the receiving thread) when the engine process is gone
+        self.on_lost: list[Any] = []  # callables run (in the receiving thread) when the engine process is gone
         threading.Thread(target=self._send_loop, name="breeze-remote-send", daemon=True).start()
         threading.Thread(target=self._receive_loop, name="breeze-remote-receive", daemon=True).start()
 
@@ -357,7 +357,7 @@ def run_workers(config: Any, workers: int, load_engine: Callable[[Any], Any], se
             if process.pid is not None and process.is_alive():
                 os.kill(process.pid, signal.SIGTERM)  # a second signal closes what is left, in the workers too
 
-    processes: list = []
+    processes: list[Any] = []
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     for index in range(workers):
@@ -392,7 +392,7 @@ def run_workers(config: Any, workers: int, load_engine: Callable[[Any], Any], se
 
 
 def _supervise(
-    processes: list,
+    processes: list[Any],
     context: Any,
     config: Any,
     serve: Callable[[Any], int],
@@ -427,7 +427,7 @@ def _supervise(
     return 0 if _wait_for(processes, drain_timeout + 5.0) else 1
 
 
-def _wait_for(processes: list, timeout: float) -> bool:
+def _wait_for(processes: list[Any], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     for process in processes:
         process.join(max(0.0, deadline - time.monotonic()))
