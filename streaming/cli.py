@@ -9,17 +9,22 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engines.decoding import DecodingOptions
+    from streaming.audio.offline import Segment
 
 
-def decoding_options(args: argparse.Namespace):
+def decoding_options(args: argparse.Namespace) -> DecodingOptions:
     from engines.decoding import DecodingOptions
 
     language = None if args.language == "auto" else args.language
     return DecodingOptions(language=language, beam_size=args.beam_size, timestamps=args.timestamps, prompt=args.prompt)
 
 
-def load_engine(args: argparse.Namespace):
+def load_engine(args: argparse.Namespace) -> Any:
+    """The engine the options name: engines.engine.Engine, or a TensorRT-LLM backend."""
     from engines.trtllm.backend import load_backend  # --backend torch is engines.engine.Engine.load
 
     extra = engine_options(getattr(args, "fp32_weights", False), getattr(args, "cuda_graphs", "graph"))
@@ -84,7 +89,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def segment_json(segment) -> dict[str, Any]:
+def segment_json(segment: Segment) -> dict[str, Any]:
     """One segment of `transcribe --json`: times, text, and the word timings when asked for."""
     from streaming.protocols.native import word_list
 

@@ -31,7 +31,7 @@ from .server.admission import LoadMeter
 
 # Counters and histograms would also export a `<name>_created` Unix timestamp per series, which reads
 # like a count (`breeze_sessions_created`) and doubles the lines; no dashboard needs it.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus-client leaves it unannotated
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 ERROR_CODES = ("bad_request", "unsupported_encoding", "frame_too_large", "unauthorized", "overloaded", "internal")
 DRAFT_SOURCES = ("hypothesis", "medusa")
@@ -171,7 +171,7 @@ class Metrics:
     def render(self) -> bytes:
         if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # a worker of several: every worker's values, summed
             registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # unannotated upstream
             if self.engine_load is not None:  # the engine's figures, the same in every worker: once
                 registry.register(self.engine_load)
             return generate_latest(registry)

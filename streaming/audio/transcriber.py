@@ -45,13 +45,13 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from engines.alignment import Word
 from engines.decoding import DecodingOptions
-from engines.engine import Engine, Transcript
+from engines.engine import Transcript
 
 from ..metrics import Metrics
 from .segmenter import (
@@ -64,8 +64,20 @@ from .segmenter import (
     SegmentGrew,
     SegmentStarted,
 )
+from .turns import TurnSegmenter
 
 log = logging.getLogger(__name__)
+
+
+class TranscriptionEngine(Protocol):
+    """What the streaming side needs of an engine: engines.engine.Engine in this process, or
+    streaming.server.workers.RemoteEngine in a worker of `serve --workers N`."""
+
+    name: str
+
+    async def transcribe_async(
+        self, audio: np.ndarray, options: DecodingOptions = ..., **kwargs: Any
+    ) -> Transcript | None: ...
 
 
 @dataclass(frozen=True)
@@ -204,13 +216,13 @@ class StreamingTranscriber:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: TranscriptionEngine,
         options: DecodingOptions,
         emit: Callable[[Event], None],
         *,
         config: TranscriberConfig = TranscriberConfig(),
         metrics: Metrics | None = None,
-        segmenter: Segmenter | None = None,
+        segmenter: Segmenter | TurnSegmenter | None = None,
         on_resolved: Callable[[int], None] | None = None,
     ) -> None:
         self._engine = engine

@@ -23,11 +23,10 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
-from engines.engine import Engine
 from engines.tokenizer import LANGUAGES as WHISPER_LANGUAGES
 
 from ..audio.codecs import AudioDecoder
-from ..audio.transcriber import StreamingTranscriber, TranscriberConfig
+from ..audio.transcriber import StreamingTranscriber, TranscriberConfig, TranscriptionEngine
 from ..metrics import Metrics
 from ..server.gate import REFUSAL_TIMEOUT, closing
 from .calls import CallConfig, CallHub
@@ -57,7 +56,7 @@ class SessionConfig:
 class SessionContext:
     """What a session may use of its server."""
 
-    engine: Engine
+    engine: TranscriptionEngine
     metrics: Metrics
     config: SessionConfig
     calls: CallHub = field(default_factory=lambda: CallHub(CallConfig()))
@@ -195,6 +194,8 @@ class ProtocolSession:
     ) -> None:
         self.id = session_id
         self._ws = connection
+        assert connection.request is not None  # sessions start after the handshake
+        self.request = connection.request
         self.context = context
         self._engine = context.engine
         self._metrics = context.metrics

@@ -56,7 +56,7 @@ class _Call:
     history: list[dict[str, Any]] = field(
         default_factory=list
     )  # call_start, final, dtmf and call_end events, for late subscribers
-    subscribers: set[asyncio.Queue] = field(default_factory=set)
+    subscribers: set[asyncio.Queue[dict[str, Any]]] = field(default_factory=set)
     parameters: dict[str, dict[str, Any]] = field(default_factory=dict[str, Any])  # streamSid -> customParameters
     ended: float | None = None  # monotonic time of call_end
 
@@ -115,7 +115,7 @@ class CallHub:
         kind = event["type"]
         self._publish(call, event, keep=kind in ("final", "dtmf"))
         if kind == "final" and self.webhook is not None:
-            self.webhook.post({**event, "custom_parameters": call.parameters.get(event.get("stream_sid"), {})})
+            self.webhook.post({**event, "custom_parameters": call.parameters.get(str(event.get("stream_sid")), {})})
 
     def stream_ended(self, call_sid: str, stream_sid: str) -> None:
         call = self._call(call_sid)
@@ -148,14 +148,14 @@ class CallHub:
         except OSError as exc:
             log.error("call log %s: %s", path, exc)
 
-    def subscribe(self, call_sid: str) -> tuple[asyncio.Queue, str, list[dict[str, Any]]]:
+    def subscribe(self, call_sid: str) -> tuple[asyncio.Queue[dict[str, Any]], str, list[dict[str, Any]]]:
         """A queue of the call's events from now on, its status, and what was said so far."""
         call = self._call(call_sid)
-        queue: asyncio.Queue = asyncio.Queue()
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         call.subscribers.add(queue)
         return queue, call.status, list(call.history)
 
-    def unsubscribe(self, call_sid: str, queue: asyncio.Queue) -> None:
+    def unsubscribe(self, call_sid: str, queue: asyncio.Queue[dict[str, Any]]) -> None:
         call = self.calls.get(call_sid)
         if call is not None:
             call.subscribers.discard(queue)

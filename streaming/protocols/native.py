@@ -248,6 +248,7 @@ class NativeSession(ProtocolSession):
                 {"type": "error", "code": "bad_request", "message": f"update refused, the prompt is unchanged: {exc}"}
             )
             return
+        assert self._transcriber is not None  # updates come after start
         segment = self._transcriber.set_options(replace(self._transcriber.options, prompt=prompt))
         log.info("session %s: prompt of %d characters from segment %d on", self.id, len(prompt), segment)
         self._out.send({"type": "updated", "prompt": prompt, "segment": segment})
@@ -286,6 +287,7 @@ class NativeSession(ProtocolSession):
         )
 
     async def _flush(self, code: int, reason: str, end_reason: str | None, message: str | None = None) -> None:
+        assert self._transcriber is not None and self._decoder is not None  # a flush comes after start
         leftover = self._decoder.pending_bytes
         self._transcriber.feed(self._decoder.flush())
         await self._transcriber.finish()
@@ -320,7 +322,7 @@ class NativeSession(ProtocolSession):
             )
         elif isinstance(event, Final):
             t = event.transcript
-            final = {
+            final: dict[str, Any] = {
                 "type": "final",
                 "segment": event.segment,
                 "start": round(event.start, 3),

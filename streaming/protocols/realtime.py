@@ -138,8 +138,8 @@ class RealtimeSession(ProtocolSession):
     def __init__(self, connection: ServerConnection, context: SessionContext) -> None:
         super().__init__(connection, context, _id("sess"), context.config.max_send_queue)
         self._base = self.config.transcriber.segmenter
-        self._beta = "realtime=v1" in connection.request.headers.get("OpenAI-Beta", "")
-        query = parse_qs(urlsplit(connection.request.path).query)
+        self._beta = "realtime=v1" in self.request.headers.get("OpenAI-Beta", "")
+        query = parse_qs(urlsplit(self.request.path).query)
         self._extension_partials = query.get("partials", ["false"])[-1].lower() in ("1", "true", "yes")
         self._settings = default_settings(self.config)
         self._configured = False
@@ -313,7 +313,7 @@ class RealtimeSession(ProtocolSession):
                 settings.language or "auto",
                 (settings.turn_detection or {"type": "manual commit"})["type"],
             )
-        if self._transcriber is not None:
+        if self._transcriber is not None and self._segmenter is not None:
             self._segmenter.reconfigure(segmenter_config(settings.turn_detection, self._base))
             if self._decoding(settings) != self._decoding(previous):  # from the next turn on
                 self._transcriber.set_options(self._decoding(settings))
@@ -357,6 +357,7 @@ class RealtimeSession(ProtocolSession):
             self._start()
         width = 2 if self._settings.encoding == "pcm_s16le" else 1
         self._buffer_ms += 1000 * len(data) / width / self._settings.rate
+        assert self._decoder is not None  # set up with the session
         self._feed(self._decoder.decode(data))
 
     def _start(self) -> None:
@@ -378,6 +379,7 @@ class RealtimeSession(ProtocolSession):
             self._transcriber.feed(audio)
 
     def _cut(self) -> None:
+        assert self._transcriber is not None  # cuts come after audio
         self._committing = True
         try:
             self._transcriber.cut()
@@ -391,13 +393,14 @@ class RealtimeSession(ProtocolSession):
                 f"buffer too small: expected at least {MIN_COMMIT_MS} ms "
                 f"of audio, but the buffer only has {self._buffer_ms:.2f} ms of audio",
             )
+        assert self._decoder is not None  # a commit of audio comes after the setup
         self._feed(self._decoder.flush())
         self._cut()  # under server VAD an open turn commits itself here
         if self._pending is not None or self._buffer_ms >= MIN_COMMIT_MS:
             self._commit_item(self._pending or _Item(_id("item"), self._buffer_start))
 
     def _clear(self) -> None:
-        if self._transcriber is not None:
+        if self._transcriber is not None and self._segmenter is not None:
             self._decoder = AudioDecoder(self._settings.encoding, self._settings.rate)  # drop the resampler's tail
             self._segmenter.clear()
             if self._pending is not None:  # its segments' events are dropped from now on

@@ -182,14 +182,14 @@ def segmenter_config(turn_detection: dict[str, Any] | None, base: SegmenterConfi
 def _noise_reduction(value: Any, param: str) -> dict[str, Any] | None:
     if value is None:
         return None
-    value = json_object(value, param)
-    if value.get("type") not in (None, "near_field", "far_field"):
+    section = json_object(value, param)
+    if section.get("type") not in (None, "near_field", "far_field"):
         raise ClientError(
             "invalid_value",
-            f"Invalid value for '{param}.type': {short_json(value.get('type'))}; use near_field or far_field",
+            f"Invalid value for '{param}.type': {short_json(section.get('type'))}; use near_field or far_field",
             f"{param}.type",
         )
-    return value  # accepted and echoed; webrtcvad and Whisper get the audio as it is
+    return section  # accepted and echoed; webrtcvad and Whisper get the audio as it is
 
 
 def _include(value: Any, param: str) -> tuple[str, ...]:
@@ -215,7 +215,7 @@ def parse_ga(session: dict[str, Any], settings: Settings, base: SegmenterConfig)
     param = "session.audio.input"
     if "format" in section:
         fmt = json_object(section["format"], f"{param}.format")
-        encoding = GA_FORMATS.get(fmt.get("type"))
+        encoding = GA_FORMATS.get(str(fmt.get("type")))
         if encoding is None:
             raise ClientError(
                 "invalid_value",

@@ -40,6 +40,7 @@ import binascii
 import json
 import logging
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -178,7 +179,7 @@ class TwilioSession(ProtocolSession):
             else:
                 self._complain("second stop", json.dumps(event)[:120])
         elif kind == "dtmf":
-            dtmf = event.get("dtmf") if isinstance(event.get("dtmf"), dict) else {}
+            dtmf = _object(event.get("dtmf"))
             if self.call_sid is not None and not self._stopped and isinstance(dtmf.get("digit"), str):
                 self._hub.publish(
                     self.call_sid,
@@ -213,7 +214,7 @@ class TwilioSession(ProtocolSession):
         ):
             self._complain("start without callSid/streamSid", json.dumps(start)[:160])
             return
-        media = start.get("mediaFormat") if isinstance(start.get("mediaFormat"), dict) else {}
+        media = _object(start.get("mediaFormat"))
         encoding = MEDIA_ENCODINGS.get(media.get("encoding", "audio/x-mulaw"))
         rate, channels = media.get("sampleRate", 8000), media.get("channels", 1)
         try:
@@ -229,7 +230,7 @@ class TwilioSession(ProtocolSession):
                 exc,
             )
             self._unsupported = True
-        parameters = start.get("customParameters") if isinstance(start.get("customParameters"), dict) else {}
+        parameters = _object(start.get("customParameters"))
         language = parameters.get("language", self.config.language)
         if language not in ("auto", "zh", "en") and (
             not isinstance(language, str) or language.lower() not in WHISPER_LANGUAGES
@@ -278,8 +279,8 @@ class TwilioSession(ProtocolSession):
             return
         if self._finishing is not None:
             return  # the server is shutting down: the stream was flushed
-        media = event.get("media")
-        payload = media.get("payload") if isinstance(media, dict) else None
+        media = _object(event.get("media"))
+        payload = media.get("payload")
         if not isinstance(payload, str):
             self._complain("media without a payload", json.dumps(event)[:120])
             return
@@ -308,7 +309,7 @@ class TwilioSession(ProtocolSession):
             transcriber = StreamingTranscriber(
                 self._engine,
                 DecodingOptions(language=self._language, prompt=self._prompt),
-                lambda event, name=name: self._on_event(name, event),
+                partial(self._on_event, name),
                 config=config,
                 metrics=self._metrics,
             )
@@ -316,10 +317,12 @@ class TwilioSession(ProtocolSession):
         return track
 
     def _on_event(self, track: str, event: Event) -> None:
+        call_sid = self.call_sid
+        assert call_sid is not None  # tracks start with the stream
         ids = {"track": track, "call_sid": self.call_sid, "stream_sid": self.stream_sid}
         if isinstance(event, Partial):
             self._hub.publish(
-                self.call_sid,
+                call_sid,
                 {
                     "type": "partial",
                     "segment": event.segment,
@@ -332,7 +335,7 @@ class TwilioSession(ProtocolSession):
             )
         elif isinstance(event, Final):
             self._hub.publish(
-                self.call_sid,
+                call_sid,
                 {
                     "type": "final",
                     "segment": event.segment,
@@ -351,7 +354,7 @@ class TwilioSession(ProtocolSession):
                 track,
             )
             self._hub.publish(
-                self.call_sid,
+                call_sid,
                 {
                     "type": "error",
                     "code": "internal",
@@ -359,6 +362,11 @@ class TwilioSession(ProtocolSession):
                     **ids,
                 },
             )
+
+
+def _object(value: object) -> dict[str, Any]:
+    """A JSON object of Twilio's, or {} where the field is missing or of another type."""
+    return value if isinstance(value, dict) else {}
 
 
 def _track_name(value: object) -> str:
@@ -375,9 +383,9 @@ class CallSubscriber(ProtocolSession):
     label = "call subscriber"
 
     def __init__(self, connection: ServerConnection, context: SessionContext) -> None:
-        path = urlsplit(connection.request.path).path
-        call_sid = unquote(path[len(CALLS_PREFIX) :]) if path.startswith(CALLS_PREFIX) else ""
-        super().__init__(connection, context, call_sid, None)
+        super().__init__(connection, context, "", None)
+        path = urlsplit(self.request.path).path
+        self.id = call_sid = unquote(path[len(CALLS_PREFIX) :]) if path.startswith(CALLS_PREFIX) else ""
         self._hub = context.calls
         self.call_sid = call_sid
         self._queue: asyncio.Queue[dict[str, Any]] | None = None
@@ -386,7 +394,7 @@ class CallSubscriber(ProtocolSession):
     async def _serve(self) -> None:
         if not self.call_sid or "/" in self.call_sid:
             message = "subscribe at /v1/calls/{callSid}, with the callSid of the Twilio call (for example /v1/calls/CA0123...)"
-            log.warning("call subscriber: bad path %r", self._ws.request.path)
+            log.warning("call subscriber: bad path %r", self.request.path)
             self._error("bad_request", message, CloseCode.POLICY_VIOLATION)
             return
         self._queue, status, history = self._hub.subscribe(self.call_sid)
@@ -417,13 +425,15 @@ class CallSubscriber(ProtocolSession):
             await asyncio.gather(self._forwarder, return_exceptions=True)
 
     async def _forward(self) -> None:
+        queue = self._queue
+        assert queue is not None  # subscribed before forwarding
         while True:
-            event = await self._queue.get()
-            if self._queue.qsize() > SUBSCRIBER_BACKLOG or self._out.backlog > SUBSCRIBER_BACKLOG:
+            event = await queue.get()
+            if queue.qsize() > SUBSCRIBER_BACKLOG or self._out.backlog > SUBSCRIBER_BACKLOG:
                 log.warning(
                     "call subscriber %s: too slow (%d events waiting); disconnecting it",
                     self.call_sid,
-                    self._queue.qsize(),
+                    queue.qsize(),
                 )
                 self._error("overloaded", "this subscriber fell too far behind", CloseCode.TRY_AGAIN_LATER)
                 return

@@ -29,7 +29,7 @@ class WebhookSender:
         self.limit = limit
         """Posts waiting at most; past that the oldest is dropped (and logged)."""
         self._queue: deque[dict[str, Any]] = deque()
-        self._wakeup: asyncio.Event | None = None
+        self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.delivered = 0
         self.failed = 0
@@ -48,7 +48,6 @@ class WebhookSender:
             )
         self._queue.append(payload)
         if self._task is None:
-            self._wakeup = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._run())
         self._wakeup.set()
 
@@ -117,6 +116,6 @@ class WebhookSender:
         )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return response.status
+                return int(response.status)
         except urllib.error.HTTPError as exc:
             return exc.code

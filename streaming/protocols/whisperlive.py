@@ -298,7 +298,9 @@ class WhisperLiveSession(ProtocolSession):
 
     def _decode(self, frame: bytes) -> np.ndarray:
         if self._format == "uint8":
-            return (np.frombuffer(frame, np.uint8).astype(np.float32) - 128.0) / 128.0
+            samples: np.ndarray = (np.frombuffer(frame, np.uint8).astype(np.float32) - 128.0) / 128.0
+            return samples
+        assert self._decoder is not None  # set at the options message
         return self._decoder.decode(frame)
 
     # --- sending ------------------------------------------------------------------------------
