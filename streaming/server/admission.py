@@ -127,7 +127,9 @@ class LoadMeter:
     """The engine's work on finals, as the sessions' transcribers and the server report it."""
 
     def __init__(self, horizon: float = AdmissionConfig.horizon, clock: Callable[[], float] = time.monotonic) -> None:
-        fading = lambda: Fading(horizon, clock)  # noqa: E731
+        def fading() -> Fading:
+            return Fading(horizon, clock)
+
         self._final_audio, self._final_engine = fading(), fading()  # decoded finals: audio, engine seconds
         self._asked, self._session_time = fading(), fading()  # audio of closed segments; session-seconds
         self._delay, self._delays = fading(), fading()  # queue delays of finals, and how many

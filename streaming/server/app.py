@@ -34,10 +34,10 @@ import http
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server as WebSocketServer
@@ -45,9 +45,9 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
-from engines.engine import Engine
 from engines.trtllm.backend import create_engine
 
+from ..audio.transcriber import TranscriptionEngine
 from ..cli import engine_options
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..metrics import Metrics
@@ -68,6 +68,19 @@ from .whisperlive_port import WhisperLiveListener
 from .workers import EngineAddress, RemoteEngine
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class ServedEngine(TranscriptionEngine, Protocol):
+    """What the server uses of an engine besides transcription: engines.engine.Engine, RemoteEngine
+    (streaming.server.workers) or a TensorRT-LLM backend."""
+
+    @property
+    def device(self) -> object: ...
+
+    def close(self) -> None: ...
+
 
 FORCE_CLOSE_TIMEOUT = 1.0  # seconds a connection still open at the drain timeout gets for its close handshake
 FRAME_SLACK = 4  # the WebSocket layer cuts frames over FRAME_SLACK x the limit without reading them
@@ -113,7 +126,7 @@ class Server:
     Without an engine it loads `config.model` in a thread after the socket is listening.
     """
 
-    def __init__(self, config: ServerConfig = ServerConfig(), engine: Engine | None = None) -> None:
+    def __init__(self, config: ServerConfig = ServerConfig(), engine: ServedEngine | None = None) -> None:
         self.config = config
         self.engine = engine
         self.metrics = Metrics()
@@ -124,22 +137,24 @@ class Server:
         )
         if engine is not None:
             self.admission.device = str(engine.device).split(":")[0]
-        self._publishing: asyncio.Task | None = None
+        self._publishing: asyncio.Task[None] | None = None
         self.gate = Gate(config.limits, config.auth, self.metrics, self.admission)
         self.ssl_context = tls_context(config.certfile, config.keyfile)
         self._expiring: dict[ProtocolSession, asyncio.Task[None]] = {}
-        self._closing: asyncio.Future | None = None
+        self._closing: asyncio.Future[None] | None = None
         self._force = asyncio.Event()
         self.calls = CallHub(config.calls)  # transcripts of Twilio calls, to subscribers, webhook and log
         self.whisperlive: WhisperLiveListener | None = None
         self._sessions: set[ProtocolSession] = set()
-        self._loading: asyncio.Future[Engine] | None = None
+        self._loading: asyncio.Future[ServedEngine] | None = None
         self._load_error: Exception | None = None
         self._ws: WebSocketServer | None = None
 
     @property
     def port(self) -> int:
-        return self._ws.sockets[0].getsockname()[1]
+        assert self._ws is not None, "the server is not started"
+        port: int = self._ws.sockets[0].getsockname()[1]
+        return port
 
     @property
     def session_count(self) -> int:
@@ -181,19 +196,19 @@ class Server:
             self._loading = _in_daemon_thread(self._load, "breeze-load")  # exit never waits for a load
         self._publishing = asyncio.ensure_future(self._publish_capacity())
 
-    def _load(self) -> Engine:
+    def _load(self) -> ServedEngine:
         started = time.perf_counter()
         if self.config.engine_address is not None:  # a worker of `serve --workers N`
             try:
-                engine = RemoteEngine.connect(self.config.engine_address)
+                remote = RemoteEngine.connect(self.config.engine_address)
             except Exception as exc:
                 log.error("%s", exc)
                 self._load_error = exc
                 raise
-            self.admission.device = str(engine.device).split(":")[0]
-            self.engine = engine
-            log.info("engine process ready: model %s on %s", engine.name, engine.device)
-            return engine
+            self.admission.device = str(remote.device).split(":")[0]
+            self.engine = remote
+            log.info("engine process ready: model %s on %s", remote.name, remote.device)
+            return remote
         try:
             engine = load_engine(self.config)
         except Exception as exc:
@@ -205,10 +220,11 @@ class Server:
         log.info("model %s loaded on %s in %.1f s", engine.name, engine.device, time.perf_counter() - started)
         return engine
 
-    async def wait_ready(self) -> Engine:
+    async def wait_ready(self) -> ServedEngine:
         """The engine, once loaded; raises what loading raised."""
         if self._loading is not None:
             return await asyncio.shield(self._loading)
+        assert self.engine is not None  # given to the constructor
         return self.engine
 
     async def close(self) -> None:
@@ -225,6 +241,8 @@ class Server:
         self._force.set()
 
     async def _close(self) -> None:
+        ws = self._ws
+        assert ws is not None  # close() returns early unless started
         timeout = self.config.limits.drain_timeout
         deadline = time.monotonic() + timeout
         self.gate.start_draining()
@@ -239,7 +257,7 @@ class Server:
         if not drain.done():
             drain.cancel()
             await asyncio.gather(drain, return_exceptions=True)
-            connections = list(self._ws.all_connections) + (self.whisperlive.connections() if self.whisperlive else [])
+            connections = list(ws.all_connections) + (self.whisperlive.connections() if self.whisperlive else [])
             log.warning("%d connections still open %.1f s into the drain; closing them", len(connections), budget)
             await asyncio.gather(
                 *(
@@ -247,10 +265,10 @@ class Server:
                     for c in connections
                 )
             )
-        self._ws.close()
+        ws.close()
         if self._publishing is not None:
             self._publishing.cancel()
-        await _within(self._ws.wait_closed(), deadline)
+        await _within(ws.wait_closed(), deadline)
         if self.whisperlive is not None:
             await _within(self.whisperlive.wait_closed(), deadline)
         await self.calls.aclose(timeout=max(0.5, min(10.0, deadline - time.monotonic())))  # queued webhook posts
@@ -288,6 +306,7 @@ class Server:
         return SessionContext(self.engine, self.metrics, self.config.session, self.calls)
 
     async def _handle(self, connection: ServerConnection) -> None:
+        assert connection.request is not None  # the handshake is done
         route = find_route(urlsplit(connection.request.path).path)
         assert route is not None  # _http refused the upgrade of every other path
         await self.serve_connection(connection, route.endpoint, lambda c: route.session(c, self.context))
@@ -430,9 +449,9 @@ class Server:
         return static_file(self.config.web_root, path) or not_found(path, WEBSOCKET_PATHS)
 
 
-def load_engine(config: ServerConfig):
+def load_engine(config: ServerConfig) -> ServedEngine:
     """The engine `config` names (backend, model, device and engine options), loaded in this process."""
-    return create_engine(
+    engine: ServedEngine = create_engine(
         config.backend,
         model=config.model,
         device=config.device,
@@ -442,22 +461,29 @@ def load_engine(config: ServerConfig):
         medusa=config.medusa,
         **engine_options(config.fp32_weights, config.cuda_graphs, config.max_batch, config.window_bucket),
     )
+    return engine
 
 
-def _in_daemon_thread(function: Callable[[], object], name: str) -> asyncio.Future:
+def _in_daemon_thread(function: Callable[[], T], name: str) -> asyncio.Future[T]:
     """Runs `function` in a daemon thread (an exiting process does not wait for it); a future of its result."""
     loop = asyncio.get_running_loop()
-    future = loop.create_future()
+    future: asyncio.Future[T] = loop.create_future()
 
-    def settle(result: object, error: BaseException | None) -> None:
-        if not future.done():
-            future.set_exception(error) if error is not None else future.set_result(result)
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]  # None only with an error
 
     def target() -> None:
+        result: T | None = None
+        error: BaseException | None = None
         try:
-            result, error = function(), None
+            result = function()
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting side
-            result, error = None, exc
+            error = exc
         try:
             loop.call_soon_threadsafe(settle, result, error)
         except RuntimeError:  # the loop is gone: nobody waits any more
@@ -467,7 +493,7 @@ def _in_daemon_thread(function: Callable[[], object], name: str) -> asyncio.Futu
     return future
 
 
-async def _within(awaitable, deadline: float) -> None:
+async def _within(awaitable: Awaitable[object], deadline: float) -> None:
     """Awaits until `deadline` (time.monotonic) at most; what is left over is logged, not raised."""
     try:
         await asyncio.wait_for(awaitable, max(0.1, deadline - time.monotonic()))

@@ -37,7 +37,7 @@ async def keepalive(connection: Connection, interval: float, timeout: float) -> 
     while True:
         await asyncio.sleep(interval)
         try:
-            pong = await connection.ping()
+            pong = asyncio.ensure_future(await connection.ping())  # the Future of the pong
         except Exception:  # noqa: BLE001 - ConnectionClosed: the connection is over
             return
         late = 0.0

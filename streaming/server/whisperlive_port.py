@@ -52,7 +52,9 @@ class WhisperLiveListener:
 
     @property
     def port(self) -> int:
-        return self._ws.sockets[0].getsockname()[1]
+        assert self._ws is not None, "the listener is not started"
+        port: int = self._ws.sockets[0].getsockname()[1]
+        return port
 
     async def start(self) -> None:
         # close_timeout: websocket-client (the stock clients) answers the closing handshake but keeps

@@ -82,9 +82,9 @@ class RemoteEngine:
         self.device: str = hello["device"]
         self._connection = connection
         self._ids = itertools.count()
-        self._pending: dict[int, Future] = {}
+        self._pending: dict[int, Future[Any]] = {}
         self._lock = threading.Lock()
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._state: dict[str, Any] = hello.get("state", {})
         self._heard = time.monotonic()
         self._lost: str | None = None
@@ -103,8 +103,8 @@ class RemoteEngine:
             raise RuntimeError(f"the engine process failed to load the model: {payload}")
         return cls(connection, payload)
 
-    def submit(self, audio: np.ndarray, options: DecodingOptions = DecodingOptions(), **keywords: Any) -> Future:
-        future: Future = Future()
+    def submit(self, audio: np.ndarray, options: DecodingOptions = DecodingOptions(), **keywords: Any) -> Future[Any]:
+        future: Future[Any] = Future()
         if keywords.get("stream") is not None:
             keywords["stream"] = id(keywords["stream"])  # the engine keys partials by stream; objects stay here
         with self._lock:
@@ -116,7 +116,7 @@ class RemoteEngine:
         self._outbox.put(("submit", request, np.asarray(audio, dtype=np.float32), options, keywords))
         return future
 
-    def _withdraw(self, request: int, future: Future) -> None:
+    def _withdraw(self, request: int, future: Future[Any]) -> None:
         """A request its caller cancelled (the client left) is withdrawn from the engine too."""
         if future.cancelled():
             with self._lock:
@@ -188,7 +188,7 @@ class RemoteEngine:
                 callback()
 
 
-def _settle(future: Future, value: Any, error: bool) -> None:
+def _settle(future: Future[Any], value: Any, error: bool) -> None:
     try:
         future.set_exception(value) if error else future.set_result(value)
     except InvalidStateError:  # cancelled meanwhile: its client left
@@ -204,7 +204,7 @@ class EngineService:
         self.engine: Any = None
         self.failure: str | None = None
         self._loaded = threading.Event()
-        self._outboxes: dict[int, queue.SimpleQueue] = {}
+        self._outboxes: dict[int, queue.SimpleQueue[Any]] = {}
         self._lock = threading.Lock()
         self._listener = Listener(address.path, family="AF_UNIX", authkey=address.authkey)
         threading.Thread(target=self._accept_loop, name="breeze-service-accept", daemon=True).start()
@@ -241,7 +241,7 @@ class EngineService:
             connection.send(("failed", self.failure))
             connection.close()
             return
-        outbox: queue.SimpleQueue = queue.SimpleQueue()
+        outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         connection.send(
             ("ready", {"name": self.engine.name, "device": str(self.engine.device), "state": self._state()})
         )
@@ -251,7 +251,7 @@ class EngineService:
         sender.start()
         with self._lock:
             self._outboxes[worker] = outbox
-        futures: dict[int, Future] = {}
+        futures: dict[int, Future[Any]] = {}
         try:
             while True:
                 try:
@@ -294,7 +294,7 @@ class EngineService:
         self._listener.close()
 
 
-def _answer(outbox: queue.SimpleQueue, futures: dict[int, Future], request: int, future: Future) -> None:
+def _answer(outbox: queue.SimpleQueue[Any], futures: dict[int, Future[Any]], request: int, future: Future[Any]) -> None:
     futures.pop(request, None)
     if future.cancelled():
         return
@@ -302,7 +302,7 @@ def _answer(outbox: queue.SimpleQueue, futures: dict[int, Future], request: int,
     outbox.put(("error", request, error) if error is not None else ("result", request, future.result()))
 
 
-def _drain_outbox(connection: Connection, outbox: queue.SimpleQueue) -> None:
+def _drain_outbox(connection: Connection, outbox: queue.SimpleQueue[Any]) -> None:
     while (message := outbox.get()) is not None:
         try:
             connection.send(message)
@@ -411,7 +411,7 @@ def _supervise(
             if process.exitcode is not None:
                 from prometheus_client import multiprocess
 
-                multiprocess.mark_process_dead(process.pid)
+                multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]  # unannotated upstream
                 quick_deaths += time.monotonic() - started[index] < QUICK_DEATH
                 if quick_deaths >= 2 * len(processes):
                     log.error("workers keep exiting at start (the last with %s); giving up", process.exitcode)
