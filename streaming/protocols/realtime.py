@@ -56,11 +56,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
-import secrets
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -80,6 +77,7 @@ from ..audio.segmenter import (
 from ..audio.transcriber import Event, Failure, Final, Partial, StreamingTranscriber, join_text
 from ..audio.turns import TurnSegmenter
 from .base import ProtocolSession, SessionContext
+from .realtime_items import Item, error_body, item_view, new_id, parse_event
 from .realtime_settings import (
     ClientError,
     Settings,
@@ -111,32 +109,13 @@ UNSUPPORTED_EVENTS = (
 )
 
 
-# --- the session ------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Item:
-    id: str
-    start: int  # stream samples
-    end: int = 0
-    segments: list[int] = field(default_factory=list)
-    finals: dict[int, str] = field(default_factory=dict)
-    resolved: set[int] = field(default_factory=set)
-    sent: dict[int, str] = field(default_factory=dict)  # per segment: text already sent as deltas
-    committed: bool = False
-
-
-def _id(prefix: str) -> str:
-    return f"{prefix}_{secrets.token_hex(10)}"
-
-
 class RealtimeSession(ProtocolSession):
     """One `/v1/realtime` connection: a transcription session."""
 
     label = "realtime"
 
     def __init__(self, connection: ServerConnection, context: SessionContext) -> None:
-        super().__init__(connection, context, _id("sess"), context.config.max_send_queue)
+        super().__init__(connection, context, new_id("sess"), context.config.max_send_queue)
         self._base = self.config.transcriber.segmenter
         self._beta = "realtime=v1" in self.request.headers.get("OpenAI-Beta", "")
         query = parse_qs(urlsplit(self.request.path).query)
@@ -147,9 +126,9 @@ class RealtimeSession(ProtocolSession):
         self._buffer_ms = 0.0  # audio appended since the last commit or clear
         self._fed = 0  # 16 kHz samples fed to the transcriber
         self._buffer_start = 0  # where the uncommitted buffer begins, in fed samples
-        self._pending: _Item | None = None  # the uncommitted item
-        self._committed: deque[_Item] = deque()  # committed, transcription not completed yet
-        self._items: dict[int, _Item] = {}  # segment index -> item of uncompleted items
+        self._pending: Item | None = None  # the uncommitted item
+        self._committed: deque[Item] = deque()  # committed, transcription not completed yet
+        self._items: dict[int, Item] = {}  # segment index -> item of uncompleted items
         self._last_item: str | None = None
         self._committing = False
         self._failed = False
@@ -175,16 +154,8 @@ class RealtimeSession(ProtocolSession):
         """The server's maximum session duration (streaming.server.gate): commit and transcribe the buffer,
         then OpenAI's `session_expired` error and a close (1008)."""
         await self._finish(self._flush)
-        self._event(
-            "error",
-            error={
-                "type": "invalid_request_error",
-                "code": "session_expired",
-                "param": None,
-                "message": f"Your session hit the maximum duration of {seconds:g} seconds; connect again to go on.",
-                "event_id": None,
-            },
-        )
+        message = f"Your session hit the maximum duration of {seconds:g} seconds; connect again to go on."
+        self._event("error", error=error_body("invalid_request_error", "session_expired", message))
         self._out.close(CloseCode.POLICY_VIOLATION, "session expired")
 
     async def _flush(self) -> None:
@@ -213,7 +184,7 @@ class RealtimeSession(ProtocolSession):
     async def _on_message(self, message: str | bytes) -> bool:
         event_id = None
         try:
-            event = self._parse(message)
+            event = parse_event(message, self.config.max_frame_bytes)
             event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
             self._dispatch(event)
         except ClientError as exc:
@@ -223,30 +194,6 @@ class RealtimeSession(ProtocolSession):
         if self._transcriber is not None:
             await self._transcriber.room()  # the engine is far behind: stop reading until it catches up
         return False
-
-    def _parse(self, message: str | bytes) -> dict[str, Any]:
-        if isinstance(message, bytes):
-            raise ClientError(
-                "invalid_message",
-                "binary frames are not part of the Realtime protocol; send audio as "
-                '{"type": "input_audio_buffer.append", "audio": "<base64>"} text frames',
-            )
-        if len(message) > self.config.max_frame_bytes:
-            raise ClientError(
-                "message_too_large",
-                f"an event of {len(message)} bytes is over this server's limit of "
-                f"{self.config.max_frame_bytes} bytes; append audio in chunks of 20-500 ms",
-                metric="frame_too_large",
-            )
-        try:
-            event = json.loads(message)
-        except ValueError as exc:
-            raise ClientError(
-                "invalid_json", f"the event is not valid JSON ({exc}); send one JSON object per text frame"
-            ) from None
-        if not isinstance(event, dict) or not isinstance(event.get("type"), str):
-            raise ClientError("invalid_event", 'an event must be a JSON object with a string "type"', "type")
-        return event
 
     def _dispatch(self, event: dict[str, Any]) -> None:
         kind = event["type"]
@@ -397,7 +344,7 @@ class RealtimeSession(ProtocolSession):
         self._feed(self._decoder.flush())
         self._cut()  # under server VAD an open turn commits itself here
         if self._pending is not None or self._buffer_ms >= MIN_COMMIT_MS:
-            self._commit_item(self._pending or _Item(_id("item"), self._buffer_start))
+            self._commit_item(self._pending or Item(new_id("item"), self._buffer_start))
 
     def _clear(self) -> None:
         if self._transcriber is not None and self._segmenter is not None:
@@ -417,7 +364,7 @@ class RealtimeSession(ProtocolSession):
         """The segmenter's events, as the transcriber gets them (synchronously, in stream order)."""
         if isinstance(event, SegmentStarted):
             if self._pending is None:
-                self._pending = _Item(_id("item"), event.start if self._vad else min(event.start, self._buffer_start))
+                self._pending = Item(new_id("item"), event.start if self._vad else min(event.start, self._buffer_start))
             self._pending.segments.append(event.index)
             self._items[event.index] = self._pending
             if self._vad:
@@ -437,7 +384,7 @@ class RealtimeSession(ProtocolSession):
                 )
             self._commit_item(item)
 
-    def _commit_item(self, item: _Item) -> None:
+    def _commit_item(self, item: Item) -> None:
         item.committed = True
         if not item.end:  # a commit, not a VAD turn: the item holds the whole buffer
             item.end = self._fed
@@ -449,21 +396,11 @@ class RealtimeSession(ProtocolSession):
         self._event("input_audio_buffer.committed", item_id=item.id, previous_item_id=previous)
         self._event(
             "conversation.item.created" if self._beta else "conversation.item.added",
-            item=self._item_view(item, None),
+            item=item_view(item, None),
             previous_item_id=previous,
         )
         self._committed.append(item)
         self._complete_ready()
-
-    def _item_view(self, item: _Item, transcript: str | None) -> dict[str, Any]:
-        return {
-            "id": item.id,
-            "object": "realtime.item",
-            "type": "message",
-            "status": "completed",
-            "role": "user",
-            "content": [{"type": "input_audio", "transcript": transcript}],
-        }
 
     def _on_event(self, event: Event) -> None:
         if isinstance(event, Failure):
@@ -479,30 +416,20 @@ class RealtimeSession(ProtocolSession):
                     "x.transcription.partial",
                     item_id=item.id,
                     content_index=0,
-                    text=self._item_text(item, event.segment, event.text),
-                    stable=self._item_text(item, event.segment, event.stable),
+                    text=item.text(event.segment, event.text),
+                    stable=item.text(event.segment, event.stable),
                 )
         elif isinstance(event, Final):
             item.finals[event.segment] = event.text
             self._delta(item, event.segment, event.text)
 
-    def _item_text(self, item: _Item, segment: int, text: str) -> str:
-        earlier = [item.finals.get(s, item.sent.get(s, "")) for s in item.segments if s < segment]
-        return join_text([*earlier, text])
-
-    def _delta(self, item: _Item, segment: int, text: str) -> None:
+    def _delta(self, item: Item, segment: int, text: str) -> None:
         """Sends what `text` adds to what this segment already sent, if it extends it."""
-        sent = item.sent.get(segment, "")
-        if len(text) <= len(sent) or not text.startswith(sent):
-            return  # nothing new, or a correction: only .completed can carry it
-        delta = text[len(sent) :]
-        if not sent:  # a later segment's first text: a space between two Latin words, as join_text does
-            earlier = [s for s in item.segments if s < segment and item.sent.get(s)]
-            last = item.sent[earlier[-1]].rstrip()[-1:] if earlier else ""
-            if last.isascii() and last.isalnum() and delta[:1].isascii() and delta[:1].isalnum():
-                delta = " " + delta
-        item.sent[segment] = text
-        self._event("conversation.item.input_audio_transcription.delta", item_id=item.id, content_index=0, delta=delta)
+        delta = item.delta(segment, text)
+        if delta is not None:
+            self._event(
+                "conversation.item.input_audio_transcription.delta", item_id=item.id, content_index=0, delta=delta
+            )
 
     def _on_resolved(self, segment: int) -> None:
         item = self._items.get(segment)
@@ -524,7 +451,7 @@ class RealtimeSession(ProtocolSession):
                 usage={"type": "duration", "seconds": seconds},
             )
             if not self._beta:
-                self._event("conversation.item.done", item=self._item_view(item, transcript), previous_item_id=None)
+                self._event("conversation.item.done", item=item_view(item, transcript), previous_item_id=None)
             for s in item.segments:
                 self._items.pop(s, None)
 
@@ -553,31 +480,13 @@ class RealtimeSession(ProtocolSession):
     # --- sending ------------------------------------------------------------------------------
 
     def _event(self, kind: str, **fields: Any) -> None:
-        self._out.send({"type": kind, "event_id": _id("event"), **fields})
+        self._out.send({"type": kind, "event_id": new_id("event"), **fields})
 
     def _client_error(self, exc: ClientError, event_id: str | None) -> None:
         log.warning("realtime %s: error %s: %s", self.id, exc.code, exc)
         self._metrics.errors.labels(exc.metric).inc()
-        self._event(
-            "error",
-            error={
-                "type": "invalid_request_error",
-                "code": exc.code,
-                "message": str(exc),
-                "param": exc.param,
-                "event_id": event_id,
-            },
-        )
+        self._event("error", error=error_body("invalid_request_error", exc.code, str(exc), exc.param, event_id))
 
     def _server_error(self, message: str) -> None:
         self._metrics.errors.labels("internal").inc()
-        self._event(
-            "error",
-            error={
-                "type": "server_error",
-                "code": "internal_error",
-                "message": message,
-                "param": None,
-                "event_id": None,
-            },
-        )
+        self._event("error", error=error_body("server_error", "internal_error", message))

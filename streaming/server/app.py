@@ -32,12 +32,11 @@ from __future__ import annotations
 import asyncio
 import http
 import logging
-import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server as WebSocketServer
@@ -61,6 +60,7 @@ from .auth import (
     select_subprotocol,
     tls_context,
 )
+from .background import in_daemon_thread, within
 from .gate import AuthConfig, Gate, Limits
 from .http import WEB_ROOT, json_response, not_found, respond, static_file
 from .keepalive import close_or_abort, keepalive
@@ -68,8 +68,6 @@ from .whisperlive_port import WhisperLiveListener
 from .workers import EngineAddress, RemoteEngine
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 
 class ServedEngine(TranscriptionEngine, Protocol):
@@ -193,7 +191,7 @@ class Server:
                 self._ws.close()
                 raise
         if self.engine is None:
-            self._loading = _in_daemon_thread(self._load, "breeze-load")  # exit never waits for a load
+            self._loading = in_daemon_thread(self._load, "breeze-load")  # exit never waits for a load
         self._publishing = asyncio.ensure_future(self._publish_capacity())
 
     def _load(self) -> ServedEngine:
@@ -268,15 +266,15 @@ class Server:
         ws.close()
         if self._publishing is not None:
             self._publishing.cancel()
-        await _within(ws.wait_closed(), deadline)
+        await within(ws.wait_closed(), deadline)
         if self.whisperlive is not None:
-            await _within(self.whisperlive.wait_closed(), deadline)
+            await within(self.whisperlive.wait_closed(), deadline)
         await self.calls.aclose(timeout=max(0.5, min(10.0, deadline - time.monotonic())))  # queued webhook posts
         if self._loading is not None:  # we loaded the engine, so we stop it
             if not self._loading.done():
                 log.warning("shutting down while the model is still loading")
             elif self._loading.exception() is None:
-                await _within(_in_daemon_thread(self._loading.result().close, "breeze-engine-close"), deadline)
+                await within(in_daemon_thread(self._loading.result().close, "breeze-engine-close"), deadline)
 
     async def _publish_capacity(self) -> None:
         """Keeps the admission gauges current (with several workers, a scrape reads every worker's)."""
@@ -462,42 +460,3 @@ def load_engine(config: ServerConfig) -> ServedEngine:
         **engine_options(config.fp32_weights, config.cuda_graphs, config.max_batch, config.window_bucket),
     )
     return engine
-
-
-def _in_daemon_thread(function: Callable[[], T], name: str) -> asyncio.Future[T]:
-    """Runs `function` in a daemon thread (an exiting process does not wait for it); a future of its result."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(result: T | None, error: BaseException | None) -> None:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)  # type: ignore[arg-type]  # None only with an error
-
-    def target() -> None:
-        result: T | None = None
-        error: BaseException | None = None
-        try:
-            result = function()
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting side
-            error = exc
-        try:
-            loop.call_soon_threadsafe(settle, result, error)
-        except RuntimeError:  # the loop is gone: nobody waits any more
-            pass
-
-    threading.Thread(target=target, name=name, daemon=True).start()
-    return future
-
-
-async def _within(awaitable: Awaitable[object], deadline: float) -> None:
-    """Awaits until `deadline` (time.monotonic) at most; what is left over is logged, not raised."""
-    try:
-        await asyncio.wait_for(awaitable, max(0.1, deadline - time.monotonic()))
-    except asyncio.TimeoutError:
-        log.warning("shutdown: gave up waiting at the drain timeout")
-    except Exception as exc:  # noqa: BLE001 - shutting down: report and go on
-        log.warning("shutdown: %s", exc)
