@@ -55,26 +55,21 @@ from typing import Any
 
 import numpy as np
 
-from .replay import (
+from .analysis import analyze_stream, fetch_metrics, metrics_url, score_group, server_rtf, stats
+from .pacing import (
     SAMPLE_RATE,
     Clip,
     ReplayInputError,
     StreamLog,
     StreamPlan,
-    _load_audio,
-    analyze_stream,
     build_stream,
-    check_stream_arguments,
     clock,
-    fetch_metrics,
-    metrics_url,
+    load_clip_audio,
     read_inputs,
     run_stream,
-    score_group,
-    server_rtf,
-    stats,
     to_pcm16,
 )
+from .replay import check_stream_arguments
 
 READY_TIMEOUT = 30.0
 """Seconds for a connection to open and answer `start` with `ready`."""
@@ -688,7 +683,7 @@ def run_load(args: argparse.Namespace) -> int:
         return 2
     try:
         clips = read_inputs(args.inputs)
-        pcms = [to_pcm16(_load_audio(clip.path)) for clip in clips]
+        pcms = [to_pcm16(load_clip_audio(clip.path)) for clip in clips]
     except ReplayInputError as exc:
         print(f"breeze-stream bench-load: {exc}", file=sys.stderr)
         return 2

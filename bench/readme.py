@@ -171,7 +171,9 @@ def replay_figures(url: str, clips, audios, streams: int) -> dict:
     """`streams` streams of the clips at real-time pace, one session per language; pooled figures."""
     import asyncio
 
-    from .replay import analyze_stream, build_stream, language_groups, replay, stats, summarize
+    from .analysis import analyze_stream, stats, summarize
+    from .pacing import build_stream
+    from .replay import language_groups, replay
 
     latencies, first_partials, errors, tokens, finals, clip_count = [], [], 0, 0, 0, 0
     for language, members in language_groups(clips, None):
@@ -204,7 +206,8 @@ def memory_figures(server: ServerProcess, url: str, clips, audios, streams: int,
     """VmRSS before, at its peak while `streams` streams play the first `seconds` of audio, and after."""
     import asyncio
 
-    from .replay import build_stream, replay
+    from .pacing import build_stream
+    from .replay import replay
 
     chosen, total = [], 0.0
     for clip, audio in zip(clips, audios):
@@ -256,10 +259,10 @@ def run_readme(args: argparse.Namespace) -> int:
     if "offline" in parts:
         report["offline"] = offline(clips, args.window)
     if parts & {"replay", "memory"}:
-        from .replay import _load_audio, read_inputs
+        from .pacing import load_clip_audio, read_inputs
 
         replay_clips = read_inputs([args.clips])[: args.limit]
-        audios = [_load_audio(clip.path) for clip in replay_clips]
+        audios = [load_clip_audio(clip.path) for clip in replay_clips]
         server = ServerProcess()
         try:
             if "memory" in parts:  # first, so that its 'before' is the freshly loaded server

@@ -27,7 +27,7 @@ from protocol_audio import pcm16, two_phrases, voiced
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from bench.replay import parse_prometheus
+from bench.analysis import parse_prometheus
 from engines.decoding import DecodingOptions
 from streaming.server.workers import EngineAddress, EngineService, RemoteEngine
 
