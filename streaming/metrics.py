@@ -1,4 +1,4 @@
-"""Prometheus metrics of one server, with the names DESIGN.md fixes for dashboards and checks.
+"""Prometheus metrics of one server, with the names docs/architecture.md fixes for dashboards and checks.
 
 Every server owns its registry (not prometheus-client's global one), so several servers in one
 process, as in the tests, never share or clash over counters. The workers of `serve --workers N`

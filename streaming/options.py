@@ -134,7 +134,7 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `serve` besides --model and --device (streaming.cli adds those)."""
+    """Arguments of `serve` besides --model and --device (breeze_stream.cli adds those)."""
     _add_stream_arguments(parser)
     _add_process_arguments(parser)
     guard = parser.add_argument_group("auth, limits and shutdown (every WebSocket endpoint)")

@@ -86,7 +86,7 @@ class TranscriberConfig:
     """Seconds of new segment audio between two partial decodes."""
     partial_window: float | None = 2.0
     """Partials run the encoder on the segment plus this many seconds of silence (None: the full
-    30 s window). DESIGN.md, Encoder window: 2 s cost 0.2 CER points and saved 3.75x encoder time;
+    30 s window). docs/architecture.md, Streaming policy: 2 s cost 0.2 CER points and saved 3.75x encoder time;
     the engine falls back to the full window when a short window makes the decoder loop."""
     final_window: float | None = None
     """The encoder window of finals, as for partials (None: the full 30 s window)."""

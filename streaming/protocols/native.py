@@ -1,4 +1,4 @@
-"""The native protocol, `ws://HOST:PORT/v1/stream` (DESIGN.md): one connection, one session.
+"""The native protocol, `ws://HOST:PORT/v1/stream` (docs/native-protocol.md): one connection, one session.
 
 The client sends a `start` text frame, binary audio frames, then a `stop` text frame; the server
 answers `ready`, then `partial`/`final` events as the transcriber produces them, and after
@@ -6,8 +6,8 @@ answers `ready`, then `partial`/`final` events as the transcriber produces them,
 partials showed text but whose final decode finds no speech gets a last partial with empty
 `text` and `stable` (a retraction) and no final.
 
-Errors end the session: an `error` event with the DESIGN.md code and a message saying how to
-fix it, then a close with the matching WebSocket close code (RFC 6455, 7.4.1):
+Errors end the session: an `error` event with its code (docs/architecture.md) and a message saying
+how to fix it, then a close with the matching WebSocket close code (RFC 6455, 7.4.1):
 
 - start message not JSON: bad_request, 1007 (invalid frame payload data);
 - binary frame before start, or a text frame other than stop or update where audio is expected:
@@ -15,13 +15,14 @@ fix it, then a close with the matching WebSocket close code (RFC 6455, 7.4.1):
 - start message not an object or not of type start, fields of the wrong type, unknown
   language, sample rate outside 8-48 kHz, channels != 1: bad_request, 1008 (policy violation);
 - unknown encoding: unsupported_encoding, 1003 (unsupported data);
-- frame over the limit: frame_too_large, 1009 (message too big); past 4 times (server.FRAME_SLACK) the
-  limit the WebSocket layer refuses the frame unread, with 1009 and no event;
+- frame over the limit: frame_too_large, 1009 (message too big); past 4 times the limit
+  (streaming.server.app.FRAME_SLACK) the WebSocket layer refuses the frame unread, with 1009 and no
+  event;
 - no start message within the idle timeout: bad_request, 1008;
 - the engine failed on this session's audio: internal, 1011 (internal error);
 - the client reads events so slowly that `max_send_queue` of them wait: overloaded, 1013 (try
   again later; reason "send queue full"); the waiting events are dropped, and the connection is
-  cut if the error and close have not gone out within limits.REFUSAL_TIMEOUT.
+  cut if the error and close have not gone out within streaming.server.gate.REFUSAL_TIMEOUT.
 
 `ServerConfig.limits` (streaming.server.gate) adds what happens before a session starts: keys, the
 session and per-client limits (HTTP 401/403/429/503 before the upgrade, or an `unauthorized` /
