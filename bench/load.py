@@ -1,7 +1,7 @@
 """Load generator: many concurrent real-time streams against a running server, from one command.
 
 `breeze-stream bench-load MANIFEST_OR_AUDIO... --url ws://HOST:PORT/v1/stream --streams N --duration S`
-plays N streams over the native protocol (DESIGN.md) at real-time pace. Each stream loops the
+plays N streams over the native protocol (docs/architecture.md) at real-time pace. Each stream loops the
 clips in its own seeded shuffle, with `--gap` seconds of silence before, between and after them,
 until it holds `--duration` seconds of audio (whole clips only: the last one may run past), then
 sends `stop` and waits for `end`. Stream i starts i * ramp / N seconds after the first (`--ramp`,
@@ -10,7 +10,7 @@ every stream at once with the clips in manifest order (the synchronized load of 
 
 The streams are dealt round-robin to `--processes` spawned OS processes, each with its own event
 loop (uvloop where installed). Each process times its streams on its own send clock with
-`streaming.replay.run_stream`, which also defines the latencies (DESIGN.md, Measuring), and sends
+`bench.replay.run_stream`, which also defines the latencies (docs/architecture.md, Measuring), and sends
 their summaries back here to be merged:
 
 - latency (s; n, p50, p95, p99, max, mean): final (arrival - send time of the audio at the final's
@@ -55,26 +55,21 @@ from typing import Any
 
 import numpy as np
 
-from streaming.replay import (
+from .analysis import analyze_stream, fetch_metrics, metrics_url, score_group, server_rtf, stats
+from .pacing import (
     SAMPLE_RATE,
     Clip,
     ReplayInputError,
     StreamLog,
     StreamPlan,
-    _load_audio,
-    analyze_stream,
     build_stream,
-    check_stream_arguments,
     clock,
-    fetch_metrics,
-    metrics_url,
+    load_clip_audio,
     read_inputs,
     run_stream,
-    score_group,
-    server_rtf,
-    stats,
     to_pcm16,
 )
+from .replay import check_stream_arguments
 
 READY_TIMEOUT = 30.0
 """Seconds for a connection to open and answer `start` with `ready`."""
@@ -95,7 +90,7 @@ LATENCIES = {
     "partial_gap": "partial_gaps",
     "partial_lag": "partial_lag",
 }
-"""Report name -> the list of `streaming.replay.analyze_stream` that holds it."""
+"""Report name -> the list of `bench.replay.analyze_stream` that holds it."""
 
 
 # --------------------------------------------------------------------------- what each stream plays
@@ -688,7 +683,7 @@ def run_load(args: argparse.Namespace) -> int:
         return 2
     try:
         clips = read_inputs(args.inputs)
-        pcms = [to_pcm16(_load_audio(clip.path)) for clip in clips]
+        pcms = [to_pcm16(load_clip_audio(clip.path)) for clip in clips]
     except ReplayInputError as exc:
         print(f"breeze-stream bench-load: {exc}", file=sys.stderr)
         return 2

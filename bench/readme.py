@@ -4,10 +4,10 @@ One run, each figure beside its peer measured in the same run, so that a busy ma
 
 1. offline speed and accuracy: faster-whisper int8 with its defaults (beam 1) and our engine
    (greedy, full 30 s window, then the shortened window of `--window`) on the same clips and the
-   same whisper-base weights, in this process (streaming.bench_offline); speed as the ratio of
+   same whisper-base weights, in this process (bench.offline); speed as the ratio of
    the two times, not as absolute real-time factors;
 2. live latency: the default server started as a subprocess (`breeze-stream serve`), the clips
-   replayed to it at real-time pace by one stream, then by three streams at once (streaming.replay:
+   replayed to it at real-time pace by one stream, then by three streams at once (bench.replay:
    final latency from the segment's end, first-partial latency, streaming CER); three streams
    whose segments end at the same moments are the peer of one;
 3. memory: the server's resident set (VmRSS) while `--memory-streams` streams play the first
@@ -95,8 +95,9 @@ def offline(clips, window: float) -> dict:
         ) from None
 
     from engines.engine import Engine
-    from streaming.bench_offline import default_ct2_dir, engine_pass, error_rates, faster_whisper_pass
-    from streaming.codecs import load_audio
+    from streaming.audio.codecs import load_audio
+
+    from .offline import default_ct2_dir, engine_pass, error_rates, faster_whisper_pass
 
     torch.set_num_threads(2)
     logging.getLogger("faster_whisper").setLevel(logging.WARNING)  # a line per clip otherwise
@@ -128,7 +129,7 @@ class ServerProcess:
     """`breeze-stream serve --port 0` with the default model; its port from the 'listening on' line."""
 
     def __init__(self) -> None:
-        command = [sys.executable, "-m", "streaming.cli", "serve", "--host", "127.0.0.1", "--port", "0"]
+        command = [sys.executable, "-m", "breeze_stream", "serve", "--host", "127.0.0.1", "--port", "0"]
         self.proc = subprocess.Popen(
             command,
             stdout=subprocess.DEVNULL,
@@ -170,7 +171,9 @@ def replay_figures(url: str, clips, audios, streams: int) -> dict:
     """`streams` streams of the clips at real-time pace, one session per language; pooled figures."""
     import asyncio
 
-    from streaming.replay import analyze_stream, build_stream, language_groups, replay, stats, summarize
+    from .analysis import analyze_stream, stats, summarize
+    from .pacing import build_stream
+    from .replay import language_groups, replay
 
     latencies, first_partials, errors, tokens, finals, clip_count = [], [], 0, 0, 0, 0
     for language, members in language_groups(clips, None):
@@ -203,7 +206,8 @@ def memory_figures(server: ServerProcess, url: str, clips, audios, streams: int,
     """VmRSS before, at its peak while `streams` streams play the first `seconds` of audio, and after."""
     import asyncio
 
-    from streaming.replay import build_stream, replay
+    from .pacing import build_stream
+    from .replay import replay
 
     chosen, total = [], 0.0
     for clip, audio in zip(clips, audios):
@@ -255,10 +259,10 @@ def run_readme(args: argparse.Namespace) -> int:
     if "offline" in parts:
         report["offline"] = offline(clips, args.window)
     if parts & {"replay", "memory"}:
-        from streaming.replay import _load_audio, read_inputs
+        from .pacing import load_clip_audio, read_inputs
 
         replay_clips = read_inputs([args.clips])[: args.limit]
-        audios = [_load_audio(clip.path) for clip in replay_clips]
+        audios = [load_clip_audio(clip.path) for clip in replay_clips]
         server = ServerProcess()
         try:
             if "memory" in parts:  # first, so that its 'before' is the freshly loaded server

@@ -277,7 +277,7 @@ class Labeller:
 def verify_labels(checkpoint, device: torch.device, clips: list[Clip], labeller: Labeller, options, log) -> None:
     """The labels must be what the engine itself outputs: compare a few clips with
     Engine.transcribe (speculation off where the engine has the switch)."""
-    from streaming.codecs import load_audio
+    from streaming.audio.codecs import load_audio
 
     from .engine import Engine
 
@@ -304,7 +304,7 @@ def verify_labels(checkpoint, device: torch.device, clips: list[Clip], labeller:
 def build_cache(labeller: Labeller, clips: list[Clip], cache: HiddenCache, options, batch: int) -> None:
     from tqdm import tqdm
 
-    from streaming.codecs import load_audio
+    from streaming.audio.codecs import load_audio
 
     from .audio import SAMPLE_RATE
 

@@ -1,53 +1,30 @@
-"""`breeze-stream` command line: serve, transcribe, eval, replay, the load generator and the benchmarks.
-
-Parsing imports only the option modules (streaming.options, engines.options): torch, the engine and
-the server load once a command runs, so `--help` and `--version` answer at once and a missing
-input file is reported before the model loads. Each command names its function as "module:function".
+"""The runtime's commands: `transcribe`, and the engine every command loads (its options as engine
+arguments). The `breeze-stream` dispatcher, which wires these and the tools' commands, is
+breeze_stream.cli.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from bench.options import add_load_arguments
-from bench.readme import add_readme_arguments
-from engines.options import add_bench_arguments, add_capacity_arguments, add_train_arguments
-from streaming.options import (
-    CLIPS_HELP,
-    add_decoding_arguments,
-    add_model_arguments,
-    add_replay_arguments,
-    add_serve_arguments,
-    window_argument,
-)
+if TYPE_CHECKING:
+    from engines.decoding import DecodingOptions
+    from streaming.audio.offline import Segment
 
 
-class _Version(argparse.Action):
-    """--version, read from the installed package's metadata only when asked."""
-
-    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs) -> None:
-        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help="print the version and exit")
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        from importlib.metadata import version
-
-        print(f"breeze-stream {version('breeze-stream')}")
-        parser.exit()
-
-
-def decoding_options(args: argparse.Namespace):
+def decoding_options(args: argparse.Namespace) -> DecodingOptions:
     from engines.decoding import DecodingOptions
 
     language = None if args.language == "auto" else args.language
     return DecodingOptions(language=language, beam_size=args.beam_size, timestamps=args.timestamps, prompt=args.prompt)
 
 
-def load_engine(args: argparse.Namespace):
+def load_engine(args: argparse.Namespace) -> Any:
+    """The engine the options name: engines.engine.Engine, or a TensorRT-LLM backend."""
     from engines.trtllm.backend import load_backend  # --backend torch is engines.engine.Engine.load
 
     extra = engine_options(getattr(args, "fp32_weights", False), getattr(args, "cuda_graphs", "graph"))
@@ -59,11 +36,11 @@ def engine_options(
     cuda_graphs: str = "graph",
     max_batch: int | None = None,
     window_bucket: float | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """Engine keyword arguments of --fp32-weights, --cuda-graphs, --max-batch and --window-bucket
     (only where they differ from the defaults, so that backends without these options are not
     handed them)."""
-    extra: dict = {"fp16_weights": False} if fp32_weights else {}
+    extra: dict[str, Any] = {"fp16_weights": False} if fp32_weights else {}
     if max_batch is not None:
         extra["max_batch"] = max_batch
     if window_bucket is not None:
@@ -83,8 +60,8 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
             print(f"error: {path}: no such file", file=sys.stderr)
     if not paths:
         return 1  # reported before torch and the model load
-    from streaming.codecs import AudioFileError, load_audio
-    from streaming.offline import transcribe_audio
+    from streaming.audio.codecs import AudioFileError, load_audio
+    from streaming.audio.offline import transcribe_audio
 
     engine = load_engine(args)
     options = decoding_options(args)
@@ -112,150 +89,11 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def segment_json(segment) -> dict:
+def segment_json(segment: Segment) -> dict[str, Any]:
     """One segment of `transcribe --json`: times, text, and the word timings when asked for."""
-    from streaming.session import word_list
+    from streaming.protocols.native import word_list
 
     out = {"start": round(segment.start, 2), "end": round(segment.end, 2), "text": segment.text}
     if segment.words is not None:
         out["words"] = word_list(segment.words)
     return out
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from streaming.manifest import read_clips
-
-    try:
-        clips = read_clips(Path(args.manifest))[: args.limit]
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1  # reported before torch and the model load
-    from streaming.evaluate import run_eval
-
-    engine = load_engine(args)
-    report = run_eval(engine, clips, decoding_options(args), window=args.window)
-    engine.close()
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, ensure_ascii=False, indent=2))
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Every command and option; imports nothing heavy (tests/test_cli.py checks it)."""
-    parser = argparse.ArgumentParser(prog="breeze-stream", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--version", action=_Version)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def command(name: str, run: str, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
-        p.set_defaults(run=run)
-        return p
-
-    p = command(
-        "serve", "streaming.server:run_serve", "run the WebSocket server (native /v1/stream, metrics, demo page)"
-    )
-    add_model_arguments(p)
-    add_serve_arguments(p)
-
-    p = command(
-        "transcribe", "streaming.cli:cmd_transcribe", "transcribe audio files (WAV/FLAC, other formats through ffmpeg)"
-    )
-    add_model_arguments(p)
-    add_decoding_arguments(p)
-    p.add_argument("files", nargs="+", metavar="AUDIO", help="audio files, any sample rate")
-    p.add_argument("--json", nargs="?", const="-", metavar="OUT", help="segments as JSON: printed, or written to OUT")
-    p.add_argument(
-        "--word-timestamps",
-        action="store_true",
-        help="word timings for every segment (text, start, end, probability; one more decoder pass per segment)",
-    )
-
-    p = command("eval", "streaming.cli:cmd_eval", "offline accuracy and speed on a manifest (docs/evaluation.md)")
-    add_model_arguments(p)
-    add_decoding_arguments(p)
-    p.add_argument("manifest", metavar="MANIFEST_OR_FOLDER", help=CLIPS_HELP)
-    p.add_argument("--json", metavar="OUT", help="write the full report here")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N clips")
-
-    p = command(
-        "replay", "streaming.replay:run_replay", "replay clips to a server at real-time pace and measure latency"
-    )
-    add_replay_arguments(p)
-
-    p = command(
-        "bench-load",
-        "bench.load:run_load",
-        "N concurrent real-time streams looping clips through a server: "
-        "latency, losses, CER, server and client load (docs/benchmarks.md)",
-    )
-    add_load_arguments(p)
-    p = command(
-        "bench-readme",
-        "bench.readme:run_readme",
-        "regenerate every CPU figure README.md states, beside its peer, on this machine",
-    )
-    add_readme_arguments(p)
-
-    p = command(
-        "build-trtllm",
-        "engines.trtllm.build:run_build",
-        "TensorRT-LLM 1.2.x engines for a Whisper checkpoint (--dry-run prints the commands)",
-    )
-    from engines.trtllm.build import add_build_arguments  # standard library only
-
-    add_build_arguments(p)
-
-    p = command(
-        "bench-offline",
-        "streaming.bench_offline:run_bench_offline",
-        "our engine and faster-whisper on the same weights over a manifest",
-    )
-    add_model_arguments(p)
-    p.add_argument("manifest", metavar="MANIFEST_OR_FOLDER", help=CLIPS_HELP)
-    p.add_argument(
-        "--window",
-        type=window_argument,
-        default=2.0,
-        metavar="SECONDS",
-        help="the shortened encoder window of the fourth pass (default %(default)s)",
-    )
-    p.add_argument("--json", metavar="OUT", help="write the full report here")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N clips")
-
-    p = command(
-        "train-medusa",
-        "engines.medusa_train:run_train",
-        "train Medusa draft heads by self-distillation (labels: the model's own greedy output)",
-    )
-    add_train_arguments(p)
-
-    p = command(
-        "bench-engine",
-        "engines.bench:run_bench",
-        "encoder/decoder speed on random weights of a model shape (CUDA graphs, HF baseline)",
-    )
-    add_bench_arguments(p)
-
-    p = command(
-        "bench-capacity",
-        "engines.capacity:run_capacity",
-        "N simulated real-time streams through the engine scheduler (random weights)",
-    )
-    add_capacity_arguments(p)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    import engines  # noqa: F401  (sets the OpenMP wait policy before torch loads)
-
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    module, _, function = args.run.partition(":")
-    return getattr(importlib.import_module(module), function)(args) or 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

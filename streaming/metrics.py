@@ -1,8 +1,8 @@
-"""Prometheus metrics of one server, with the names DESIGN.md fixes for dashboards and checks.
+"""Prometheus metrics of one server, with the names docs/architecture.md fixes for dashboards and checks.
 
 Every server owns its registry (not prometheus-client's global one), so several servers in one
 process, as in the tests, never share or clash over counters. The workers of `serve --workers N`
-(streaming.workers) run prometheus-client's multiprocess mode: PROMETHEUS_MULTIPROC_DIR is set
+(streaming.server.workers) run prometheus-client's multiprocess mode: PROMETHEUS_MULTIPROC_DIR is set
 before they start, each keeps its values in files there, and `render` sums every worker's, so a
 scrape that reaches any worker sees the whole server.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -26,11 +27,11 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from engines.engine import Transcript
 
-from .admission import LoadMeter
+from .server.admission import LoadMeter
 
 # Counters and histograms would also export a `<name>_created` Unix timestamp per series, which reads
 # like a count (`breeze_sessions_created`) and doubles the lines; no dashboard needs it.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus-client leaves it unannotated
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 ERROR_CODES = ("bad_request", "unsupported_encoding", "frame_too_large", "unauthorized", "overloaded", "internal")
 DRAFT_SOURCES = ("hypothesis", "lookup", "medusa")
@@ -75,7 +76,7 @@ class Metrics:
             registry=r,
         )
         self.errors = Counter("breeze_errors", "Error events sent to clients, by code.", ["code"], registry=r)
-        self.rejected = Counter(  # streaming.limits: refusals before a session starts
+        self.rejected = Counter(  # streaming.server.gate: refusals before a session starts
             "breeze_connections_rejected", "WebSocket upgrades refused, by reason.", ["reason"], registry=r
         )
         self.engine_restarts = Gauge(
@@ -90,43 +91,8 @@ class Metrics:
             registry=r,
             multiprocess_mode="max",
         )
-        # admission by measured capacity (streaming.admission); with `serve --workers N` each worker
-        # reports its share of the capacity, its own sessions' backlog, and whether it admits
         self.load = LoadMeter()
-        self.capacity = Gauge(
-            "breeze_capacity_streams",
-            "Real-time sessions the server estimates it can serve "
-            "(streaming.admission; +Inf before sessions send speech).",
-            registry=r,
-            multiprocess_mode="livesum",
-        )
-        self.capacity_free = Gauge(
-            "breeze_capacity_free_streams", "More sessions it would admit now.", registry=r, multiprocess_mode="livesum"
-        )
-        self.admitting = Gauge(
-            "breeze_admitting",
-            "1 while new sessions are admitted, 0 while refused for capacity.",
-            registry=r,
-            multiprocess_mode="livemin",
-        )
-        self.final_backlog = Gauge(
-            "breeze_final_backlog_seconds",
-            "Audio of closed segments waiting for their finals, all sessions.",
-            registry=r,
-            multiprocess_mode="livesum",
-        )
-        self.final_rtf = Gauge(
-            "breeze_final_rtf",
-            "Engine seconds per second of audio of recent finals.",
-            registry=r,
-            multiprocess_mode="livemax",
-        )
-        self.final_queue_delay = Gauge(
-            "breeze_final_queue_delay_seconds",
-            "How long recent finals waited for the engine, while audio waits for finals.",
-            registry=r,
-            multiprocess_mode="livemax",
-        )
+        self._add_capacity_gauges()
         for source in DRAFT_SOURCES:  # export zeros, so rates work before the first draft
             self.draft_proposed.labels(source)
             self.draft_accepted.labels(source)
@@ -134,6 +100,47 @@ class Metrics:
             self.errors.labels(code)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
+
+    def _add_capacity_gauges(self) -> None:
+        """Admission by measured capacity (streaming.server.admission); with `serve --workers N` each
+        worker reports its share of the capacity, its own sessions' backlog, and whether it admits."""
+        self.capacity = Gauge(
+            "breeze_capacity_streams",
+            "Real-time sessions the server estimates it can serve "
+            "(streaming.server.admission; +Inf before sessions send speech).",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.capacity_free = Gauge(
+            "breeze_capacity_free_streams",
+            "More sessions it would admit now.",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.admitting = Gauge(
+            "breeze_admitting",
+            "1 while new sessions are admitted, 0 while refused for capacity.",
+            registry=self.registry,
+            multiprocess_mode="livemin",
+        )
+        self.final_backlog = Gauge(
+            "breeze_final_backlog_seconds",
+            "Audio of closed segments waiting for their finals, all sessions.",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.final_rtf = Gauge(
+            "breeze_final_rtf",
+            "Engine seconds per second of audio of recent finals.",
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
+        self.final_queue_delay = Gauge(
+            "breeze_final_queue_delay_seconds",
+            "How long recent finals waited for the engine, while audio waits for finals.",
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
 
     def watch_engine(self, engine: Callable[[], object | None]) -> None:
         """Export the load figures of `engine()` (its `load_stats()`) at every scrape."""
@@ -151,8 +158,8 @@ class Metrics:
         for source, n in transcript.draft_accepted.items():
             self.draft_accepted.labels(source).inc(n)
 
-    def publish(self, capacity: dict) -> None:
-        """The admission estimate (streaming.admission.Admission.report) into its gauges."""
+    def publish(self, capacity: dict[str, Any]) -> None:
+        """The admission estimate (streaming.server.admission.Admission.report) into its gauges."""
         inf = float("inf")
         self.capacity.set(inf if capacity["capacity"] is None else capacity["capacity"])
         self.capacity_free.set(inf if capacity["free"] is None else capacity["free"])
@@ -164,7 +171,7 @@ class Metrics:
     def render(self) -> bytes:
         if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # a worker of several: every worker's values, summed
             registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # unannotated upstream
             if self.engine_load is not None:  # the engine's figures, the same in every worker: once
                 registry.register(self.engine_load)
             return generate_latest(registry)

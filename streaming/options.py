@@ -134,7 +134,18 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `serve` besides --model and --device (streaming.cli adds those)."""
+    """Arguments of `serve` besides --model and --device (breeze_stream.cli adds those)."""
+    _add_stream_arguments(parser)
+    _add_process_arguments(parser)
+    guard = parser.add_argument_group("auth, limits and shutdown (every WebSocket endpoint)")
+    _add_auth_arguments(guard)
+    _add_admission_arguments(guard)
+    _add_limit_arguments(guard)
+    _add_protocol_arguments(parser)
+
+
+def _add_stream_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where to listen, and how sessions are transcribed."""
     parser.add_argument(
         "--host", default="127.0.0.1", help="interface to listen on, 0.0.0.0 for all (default %(default)s)"
     )
@@ -190,6 +201,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="add each stream's earlier finals to the prompt of its next segments (Whisper's "
         "condition_on_previous_text; a native start message may set condition_on_previous)",
     )
+
+
+def _add_process_arguments(parser: argparse.ArgumentParser) -> None:
+    """The engine's batch, the worker processes, and the size and idle limits of a session."""
     parser.add_argument(
         "--max-batch",
         type=int,
@@ -227,8 +242,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="a session without frames this long flushes its finals and ends, 0 for never (default %(default)s)",
     )
-    guard = parser.add_argument_group("auth, limits and shutdown (every WebSocket endpoint)")
-    guard.add_argument(
+
+
+def _add_auth_arguments(group: argparse._ArgumentGroup) -> None:
+    """Keys, origins and TLS."""
+    group.add_argument(
         "--api-key-file",
         type=Path,
         default=None,
@@ -236,32 +254,36 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="require one of the keys in FILE (one a line; re-read when it changes): Authorization: Bearer, "
         "?token=, or a token in the first message (default: no auth)",
     )
-    guard.add_argument(
+    group.add_argument(
         "--allowed-origins",
         default=None,
         metavar="LIST",
         help="comma-separated browser origins allowed to connect, e.g. https://app.example.com; list this "
         "server's own for its demo page (default: any)",
     )
-    guard.add_argument(
+    group.add_argument(
         "--certfile", default=None, metavar="PEM", help="TLS certificate chain: serve wss:// and https://"
     )
-    guard.add_argument("--keyfile", default=None, metavar="PEM", help="TLS private key (if not in --certfile)")
-    guard.add_argument(
+    group.add_argument("--keyfile", default=None, metavar="PEM", help="TLS private key (if not in --certfile)")
+    group.add_argument(
         "--max-sessions",
         type=int,
         default=256,
         metavar="N",
         help="WebSocket connections at once; more get HTTP 503 (default %(default)s, 0: no limit)",
     )
-    guard.add_argument(
+    group.add_argument(
         "--max-connections-per-client",
         type=int,
         default=32,
         metavar="N",
         help="connections at once from one client address; more get HTTP 429 (default %(default)s, 0: no limit)",
     )
-    guard.add_argument(
+
+
+def _add_admission_arguments(group: argparse._ArgumentGroup) -> None:
+    """How many sessions are taken: the session limits and the measured capacity (streaming.server.admission)."""
+    group.add_argument(
         "--admission",
         choices=("measured", "off"),
         default="measured",
@@ -269,14 +291,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "the capacity it measures (engine time per second of final audio, speech per session, audio "
         "waiting for finals); off: only --max-sessions limits them (default %(default)s)",
     )
-    guard.add_argument(
+    group.add_argument(
         "--admission-floor",
         type=int,
         default=None,
         metavar="N",
         help="sessions admitted before anything is measured (default 8 on a CPU, 32 on a GPU)",
     )
-    guard.add_argument(
+    group.add_argument(
         "--admission-utilization",
         type=float,
         default=None,
@@ -284,28 +306,32 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="share of the engine's time the finals of admitted sessions may take (default 0.5 on a "
         "CPU, where finals queue one by one behind partials, 0.8 on a GPU)",
     )
-    guard.add_argument(
+    group.add_argument(
         "--admission-max-wait",
         type=float,
         default=2.0,
         metavar="SECONDS",
         help="no new session while finals wait this long for the engine (default %(default)s)",
     )
-    guard.add_argument(
+
+
+def _add_limit_arguments(group: argparse._ArgumentGroup) -> None:
+    """What a session may take, shutdown and keepalive."""
+    group.add_argument(
         "--trusted-proxies",
         default="",
         metavar="LIST",
         help="comma-separated networks of load balancers (e.g. 10.0.0.0/8): connections from them count "
         "against the client named in X-Forwarded-For (default: none; the peer address counts)",
     )
-    guard.add_argument(
+    group.add_argument(
         "--max-session-seconds",
         type=float,
         default=14400.0,
         metavar="SECONDS",
         help="longest session; then its finals are flushed and it ends (default %(default)s, 0: no limit)",
     )
-    guard.add_argument(
+    group.add_argument(
         "--max-queued-audio",
         type=float,
         default=60.0,
@@ -313,14 +339,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="a session's audio waiting for finals before the server stops reading its frames "
         "(default %(default)s, 0: no limit)",
     )
-    guard.add_argument(
+    group.add_argument(
         "--max-send-queue",
         type=int,
         default=1024,
         metavar="EVENTS",
         help="events waiting for a client that does not read them before it is disconnected (default %(default)s)",
     )
-    guard.add_argument(
+    group.add_argument(
         "--drain-timeout",
         type=float,
         default=30.0,
@@ -328,14 +354,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="on SIGTERM/SIGINT, time sessions get to flush their finals; the server exits within it "
         "(default %(default)s)",
     )
-    guard.add_argument(
+    group.add_argument(
         "--ping-interval",
         type=float,
         default=20.0,
         metavar="SECONDS",
         help="keepalive pings to every WebSocket client (default %(default)s, 0: none)",
     )
-    guard.add_argument(
+    group.add_argument(
         "--ping-timeout",
         type=float,
         default=20.0,
@@ -343,6 +369,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="a client whose pong is this late is closed with 1011; time the server spends not reading a "
         "client it pushes back on (see --max-queued-audio) does not count (default %(default)s)",
     )
+
+
+def _add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
+    """The compatible protocols and the segmenter."""
     compat = parser.add_argument_group("compatible protocols (OpenAI Realtime at /v1/realtime is always on)")
     compat.add_argument(
         "--whisperlive-port",
@@ -388,66 +418,3 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
             metavar="N",
             help=f"{text} (default %(default)s)",
         )
-
-
-def add_pacing_arguments(parser: argparse.ArgumentParser) -> None:
-    """How replay and bench-load lay out the clips they stream: silence around them, frame size."""
-    parser.add_argument(
-        "--gap",
-        type=float,
-        default=1.5,
-        metavar="S",
-        help="seconds of silence before, between and after the clips (default 1.5)",
-    )
-    parser.add_argument(
-        "--frame-ms", type=float, default=40.0, metavar="MS", help="audio per binary frame, 20-100 ms (default 40)"
-    )
-
-
-def add_replay_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument(
-        "inputs",
-        nargs="+",
-        metavar="MANIFEST_FOLDER_OR_AUDIO",
-        help=CLIPS_HELP + ", or audio files (no reference, no CER)",
-    )
-    parser.add_argument(
-        "--url", default="ws://127.0.0.1:8765/v1/stream", help="native protocol endpoint (default %(default)s)"
-    )
-    parser.add_argument(
-        "--concurrency",
-        type=int,
-        default=1,
-        metavar="N",
-        help="independent streams at once, each playing every clip (default 1)",
-    )
-    parser.add_argument(
-        "--stagger", type=float, default=0.0, metavar="S", help="start stream i after i*S seconds (default 0)"
-    )
-    parser.add_argument("--speed", type=float, default=1.0, help="pace as a multiple of real time (default 1.0)")
-    add_pacing_arguments(parser)
-    add_language_argument(
-        parser,
-        default=None,
-        help="language of every session's start message (default: each clip's manifest lang, "
-        "mix as zh, one session per language; zh for audio files)",
-    )
-    parser.add_argument("--limit", type=int, default=None, metavar="N", help="replay only the first N clips")
-    parser.add_argument(
-        "--end-timeout",
-        type=float,
-        default=120.0,
-        metavar="S",
-        help="how long to wait for 'end' after 'stop' (default 120)",
-    )
-    parser.add_argument(
-        "--json",
-        dest="json_out",
-        default=None,
-        metavar="OUT",
-        help="write raw events with send/arrival times, per-clip results and the summary",
-    )
-    parser.add_argument("--plot", default=None, metavar="OUT.png", help="draw the latencies over stream time")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--quiet", action="store_true", help="print only the headline figures")
-    return parser

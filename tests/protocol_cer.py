@@ -28,14 +28,14 @@ import soxr  # noqa: E402
 from conftest import DEV_DIR  # noqa: E402
 from openai import AsyncOpenAI  # noqa: E402
 from protocol_audio import RATE, dev_manifest, pcm16, silence  # noqa: E402
+from streaming.codecs import encode_mulaw, load_audio  # noqa: E402
+from streaming.twilio import CallConfig  # noqa: E402
+from streaming.whisperlive import WhisperLiveConfig  # noqa: E402
 from websockets.asyncio.client import connect  # noqa: E402
 
 from engines.engine import Engine  # noqa: E402
-from streaming.codecs import encode_mulaw, load_audio  # noqa: E402
 from streaming.scoring import corpus_score, score  # noqa: E402
 from streaming.server import Server, ServerConfig  # noqa: E402
-from streaming.twilio import CallConfig  # noqa: E402
-from streaming.whisperlive import WhisperLiveConfig  # noqa: E402
 
 
 async def native(port: int, audio: np.ndarray, speed: float) -> str:

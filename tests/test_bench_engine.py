@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
+from breeze_stream.cli import main
 from engines.capacity import SimConfig, simulate
-from engines.capacity import main as capacity_main  # streaming.cli's main is the server's
+from engines.capacity import main as capacity_main  # breeze_stream.cli's main is the server's
 from engines.checkpoints import default_suppress_ids, default_vocabulary
 from engines.synthetic import SHAPES, WHISPER_SUPPRESS, random_engine, synthetic_vocabulary
 from engines.tokenizer import Tokenizer
-from streaming.cli import main
 
 
 @pytest.fixture

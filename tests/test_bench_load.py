@@ -19,7 +19,7 @@ from hardening_helpers import RATE, CliServer, tiny_pt, voiced
 from bench import load as bench_load
 from bench.load import ClipLoop, plan_streams
 from streaming.metrics import Metrics
-from streaming.server import Server, ServerConfig
+from streaming.server.app import Server, ServerConfig
 
 CLIP_SECONDS = (1.0, 1.2, 1.4)
 
@@ -281,7 +281,7 @@ def test_engine_load_metrics_absent_without_load_stats(tiny_engine):
     """An engine without load_stats (the TensorRT-LLM executor), or none yet: no load names, no failure."""
     for engine in (None, object()):
         metrics = Metrics()
-        metrics.watch_engine(lambda: engine)
+        metrics.watch_engine(lambda engine=engine: engine)
         text = metrics.render().decode()
         assert "breeze_sessions_active" in text
         assert not any(name in text for name in ("breeze_engine_steps", "breeze_engine_queue_depth"))

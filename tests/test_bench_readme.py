@@ -32,7 +32,7 @@ def test_live_and_memory_figures(tmp_path: Path):
         [
             sys.executable,
             "-m",
-            "streaming.cli",
+            "breeze_stream",
             "bench-readme",
             str(folder),
             "--parts",

@@ -2,7 +2,7 @@
 
 soxr's extension prints "nanobind: leaked N instances" when a resampler is still alive while the
 interpreter tears the module down: a session still open at exit (a drain cut short, a task the loop
-abandoned) holds one. streaming.codecs frees every live decoder's resampler at exit.
+abandoned) holds one. streaming.audio.codecs frees every live decoder's resampler at exit.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def test_decoder_alive_at_exit_is_released():
     """A decoder that a daemon thread still holds when the interpreter exits: the worst case, made certain."""
     code = (
         "import threading, time\n"
-        "from streaming.codecs import AudioDecoder\n"
+        "from streaming.audio.codecs import AudioDecoder\n"
         "def hold():\n"
         "    decoder = AudioDecoder('pcm_s16le', 8000)\n"
         "    time.sleep(60)\n"

@@ -14,7 +14,7 @@ import time
 import pytest
 from hardening_helpers import REPO
 
-from streaming.cli import build_parser
+from breeze_stream.cli import build_parser
 
 COMMANDS = (
     "serve",
@@ -32,11 +32,11 @@ COMMANDS = (
 
 
 def run_cli(*args: str) -> tuple[subprocess.CompletedProcess, float, float]:
-    """`python -m streaming.cli ARGS` in a fresh interpreter: (result, wall seconds, CPU seconds)."""
+    """`python -m breeze_stream ARGS` in a fresh interpreter: (result, wall seconds, CPU seconds)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, "-m", "streaming.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "breeze_stream", *args], cwd=REPO, capture_output=True, text=True, timeout=120
     )
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -61,13 +61,13 @@ def test_help_is_fast(command: str):
 
 def test_parsing_imports_nothing_heavy():
     code = (
-        "import sys\nfrom streaming.cli import build_parser\nbuild_parser().parse_args(['serve'])\n"
+        "import sys\nfrom breeze_stream.cli import build_parser\nbuild_parser().parse_args(['serve'])\n"
         "print(' '.join(sorted(sys.modules)))"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     modules = set(result.stdout.split())
-    assert "streaming.cli" in modules
-    for heavy in ("torch", "numpy", "websockets", "streaming.server", "engines.engine", "engines.model"):
+    assert "breeze_stream.cli" in modules
+    for heavy in ("torch", "numpy", "websockets", "streaming.server.app", "engines.engine", "engines.model"):
         assert heavy not in modules, heavy
 
 
@@ -108,15 +108,15 @@ def test_shared_options_mean_the_same_everywhere():
 def test_serve_defaults_match_the_configs():
     """streaming.options writes serve's defaults as literals (so that --help imports nothing); they are
     the config dataclasses' defaults."""
-    from streaming.limits import Limits
+    from streaming.audio.segmenter import SegmenterConfig
+    from streaming.audio.transcriber import TranscriberConfig
     from streaming.options import SEGMENTER_FLAGS
-    from streaming.segmenter import SegmenterConfig
-    from streaming.session import SessionConfig
-    from streaming.transcriber import TranscriberConfig
-    from streaming.whisperlive import WhisperLiveConfig
+    from streaming.protocols.base import SessionConfig
+    from streaming.protocols.whisperlive import WhisperLiveConfig
+    from streaming.server.gate import Limits
 
     args = build_parser().parse_args(["serve"])
-    from streaming.admission import AdmissionConfig
+    from streaming.server.admission import AdmissionConfig
 
     transcriber, session, limits, whisperlive = TranscriberConfig(), SessionConfig(), Limits(), WhisperLiveConfig()
     admission = AdmissionConfig()

@@ -9,8 +9,8 @@ import pytest
 import soundfile
 import soxr
 
-from streaming import codecs
-from streaming.codecs import (
+from streaming.audio import codecs
+from streaming.audio.codecs import (
     ALAW_TO_PCM16,
     ENCODINGS,
     MULAW_TO_PCM16,

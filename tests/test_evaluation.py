@@ -16,9 +16,9 @@ import pytest
 import soundfile
 from hardening_helpers import REPO, phrases, tiny_pt
 
-from streaming import replay
+from bench import replay
+from bench.options import add_replay_arguments
 from streaming.manifest import Clip, read_clips
-from streaming.options import add_replay_arguments
 
 REFERENCES = {"a-short": "好", "b-longer": "你好", "c-english": "good"}
 
@@ -62,7 +62,7 @@ def test_eval_of_a_folder(tmp_path: Path):
         [
             sys.executable,
             "-m",
-            "streaming.cli",
+            "breeze_stream",
             "eval",
             str(folder),
             "--model",
@@ -89,7 +89,7 @@ def test_eval_of_a_folder(tmp_path: Path):
 
 
 async def test_replay_of_a_folder(tiny_engine, tmp_path: Path):
-    from streaming.server import Server, ServerConfig
+    from streaming.server.app import Server, ServerConfig
 
     folder = write_folder(tmp_path / "mine")
     parser = argparse.ArgumentParser()

@@ -36,12 +36,13 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as sync_connect
 
-from streaming.codecs import ALAW_TO_PCM16, ENCODINGS, MULAW_TO_PCM16, AudioDecoder, encode_alaw, encode_mulaw
-from streaming.limits import Limits
+from streaming.audio.codecs import ALAW_TO_PCM16, ENCODINGS, MULAW_TO_PCM16, AudioDecoder, encode_alaw, encode_mulaw
+from streaming.audio.transcriber import TranscriberConfig
 from streaming.metrics import Metrics
-from streaming.server import Server, ServerConfig
-from streaming.session import LANGUAGES, NativeSession, SessionConfig
-from streaming.transcriber import TranscriberConfig
+from streaming.protocols.base import SessionConfig, SessionContext
+from streaming.protocols.native import LANGUAGES, NativeSession
+from streaming.server.app import Server, ServerConfig
+from streaming.server.gate import Limits
 
 SCALE = float(os.environ.get("BREEZE_FUZZ_SCALE", "1"))
 LIMIT = 8192  # the fuzzed servers' frame limit: oversized frames stay cheap to generate
@@ -132,7 +133,7 @@ frames = st.integers(0, 40).flatmap(lambda n: st.lists(frame(), min_size=n, max_
 sequences = st.tuples(start_message(), frames).map(lambda t: [t[0], *t[1]])
 
 
-# --- the oracle: what DESIGN.md and streaming.session promise for a sequence ------------------------
+# --- the oracle: what DESIGN.md and streaming.protocols.native promise for a sequence ------------------------
 
 
 def _start_problems(message: str | bytes) -> tuple[set[str], int] | None:
@@ -256,7 +257,7 @@ def report():
 @given(messages=sequences)
 def test_native_session_in_process(tiny_engine, loop, messages):
     connection = FakeConnection(messages)
-    session = NativeSession(connection, tiny_engine, Metrics(), CONFIG)
+    session = NativeSession(connection, SessionContext(tiny_engine, Metrics(), CONFIG))
     loop.run_until_complete(asyncio.wait_for(session.run(), 30))  # raises if the session raised
     COUNTS["sessions"] += 1
     check(messages, connection.events(), connection.close_code, closed_by_client=True)
@@ -387,7 +388,7 @@ def test_g711_tables_round_trip(data):
     encoding=st.one_of(st.sampled_from(ENCODINGS), st.text(max_size=8)),
 )
 def test_decoder_formats(rate, channels, encoding):
-    from streaming.codecs import AudioFormatError
+    from streaming.audio.codecs import AudioFormatError
 
     valid = (
         encoding in ENCODINGS

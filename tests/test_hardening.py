@@ -29,17 +29,17 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import engines.engine as engine_module
 from engines.engine import Engine
-from streaming import auth
-from streaming.adapters import Outbox
-from streaming.admission import AdmissionConfig
-from streaming.auth import KeyRing, Replay, handshake_token, without_token
-from streaming.codecs import AudioDecoder
-from streaming.limits import AuthConfig, Gate, Limits
+from streaming.audio.codecs import AudioDecoder
+from streaming.audio.transcriber import TranscriberConfig
 from streaming.metrics import Metrics
-from streaming.server import Server, ServerConfig
-from streaming.session import NativeSession, SessionConfig
-from streaming.transcriber import TranscriberConfig
-from streaming.whisperlive import WhisperLiveConfig
+from streaming.protocols.base import Outbox, SessionConfig, SessionContext
+from streaming.protocols.native import NativeSession
+from streaming.protocols.whisperlive import WhisperLiveConfig
+from streaming.server import auth
+from streaming.server.admission import AdmissionConfig
+from streaming.server.app import Server, ServerConfig
+from streaming.server.auth import KeyRing, Replay, handshake_token, without_token
+from streaming.server.gate import AuthConfig, Gate, Limits
 
 KEY = "k3y-0123456789abcdef"
 OTHER_KEY = "second-key-fedcba9876543210"
@@ -321,7 +321,7 @@ async def test_tls(tiny_engine, tmp_path: Path, key_file: Path):
         writer.write(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert (await reader.read()).startswith(b"HTTP/1.1 200")
         writer.close()
-        with pytest.raises(Exception):  # plain ws:// to a TLS port
+        with pytest.raises(Exception):  # noqa: B017 - plain ws:// to a TLS port fails by the handshake or the socket
             async with connect(url(srv), open_timeout=3):
                 pass
     with pytest.raises(auth.AuthConfigError):
@@ -385,7 +385,7 @@ def test_client_address_behind_trusted_proxies():
 
     from websockets.datastructures import Headers
 
-    from streaming.limits import client_address, proxy_networks
+    from streaming.server.gate import client_address, proxy_networks
 
     proxies = proxy_networks(("10.0.0.0/8", "127.0.0.1"))
     lb = SimpleNamespace(remote_address=("10.1.2.3", 4000))
@@ -519,13 +519,13 @@ async def test_slow_reader_is_disconnected(tiny_engine):
     """A client that stops reading: its events queue up to max_send_queue, then it is cut off."""
     config = SessionConfig(max_send_queue=8)
     connection = FakeConnection([json.dumps({"type": "start"})], block_send=True, end="open")
-    session = NativeSession(connection, tiny_engine, Metrics(), config)
+    session = NativeSession(connection, SessionContext(tiny_engine, Metrics(), config))
     task = asyncio.ensure_future(session.run())
     await wait_until(lambda: session._transcriber is not None)
     for i in range(40):
-        session._send({"type": "partial", "segment": 0, "start": 0, "end": i, "text": "x" * 100, "stable": ""})
-    assert session._outbox.qsize() == 2, "the waiting events are dropped for the error and the close"
-    error, close = session._outbox.get_nowait(), session._outbox.get_nowait()
+        session._out.send({"type": "partial", "segment": 0, "start": 0, "end": i, "text": "x" * 100, "stable": ""})
+    assert session._out.backlog == 2, "the waiting events are dropped for the error and the close"
+    error, close = session._out._queue.get_nowait(), session._out._queue.get_nowait()
     assert json.loads(error)["code"] == "overloaded" and (close.code, close.reason) == (1013, "send queue full")
     assert not connection.aborted, "the client gets limits.REFUSAL_TIMEOUT to read them"
     await asyncio.wait_for(task, 5)
@@ -606,7 +606,7 @@ async def test_drain_timeout_bounds_the_shutdown(tiny_engine):
         srv = Server(ServerConfig(port=0, limits=Limits(drain_timeout=timeout)), engine=Stuck())
         await srv.start()
         ws = await open_stream(srv)
-        await wait_until(lambda: sample(srv, "breeze_audio_seconds_total") >= 1.0)
+        await wait_until(lambda srv=srv: sample(srv, "breeze_audio_seconds_total") >= 1.0)
         started = time.monotonic()
         closing = asyncio.ensure_future(srv.close())
         if force:
@@ -881,7 +881,7 @@ async def test_demo_page_with_auth(tiny_engine, key_file: Path, tmp_path: Path):
 def test_serve_arguments(tmp_path: Path, key_file: Path):
     from test_server import serve_args
 
-    from streaming.server import config_from_args, run_serve
+    from streaming.server.serve import config_from_args, run_serve
 
     config = config_from_args(
         serve_args(

@@ -19,7 +19,7 @@ from websockets.asyncio.client import connect
 
 from engines.synthetic import RANDOM_PREFIX, SHAPES, TOKENS_PER_SECOND, random_engine, synthetic_vocabulary
 from engines.tokenizer import Tokenizer
-from streaming.server import Server, ServerConfig
+from streaming.server.app import Server, ServerConfig
 
 
 def test_synthetic_tokens_decode_to_unique_cjk_pairs():

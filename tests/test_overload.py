@@ -25,12 +25,12 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from engines.engine import Engine
-from streaming import limits
-from streaming.admission import Admission, AdmissionConfig, LoadMeter
-from streaming.limits import Limits
-from streaming.server import Server, ServerConfig
-from streaming.session import SessionConfig
-from streaming.transcriber import TranscriberConfig
+from streaming.audio.transcriber import TranscriberConfig
+from streaming.protocols.base import SessionConfig
+from streaming.server import gate
+from streaming.server.admission import Admission, AdmissionConfig, LoadMeter
+from streaming.server.app import Server, ServerConfig
+from streaming.server.gate import Limits
 
 RATE = 16000
 
@@ -167,7 +167,7 @@ class Clock:
 
 
 def test_capacity_estimate_and_hysteresis():
-    """The estimator's arithmetic on known measurements (streaming.admission's docstring)."""
+    """The estimator's arithmetic on known measurements (streaming.server.admission's docstring)."""
     clock = Clock()
     meter = LoadMeter(horizon=30.0, clock=clock)
     admission = Admission(AdmissionConfig(floor=2, utilization=0.8, max_wait=2.0, hold=5.0), meter, clock=clock)
@@ -207,7 +207,7 @@ def test_capacity_estimate_and_hysteresis():
 
 def test_floor_and_utilization_default_by_device():
     """Unset on the command line, the floor and utilization follow the engine's device: a CPU
-    queues finals one by one behind partials, a GPU batches them (streaming.admission)."""
+    queues finals one by one behind partials, a GPU batches them (streaming.server.admission)."""
     clock = Clock()
     meter = LoadMeter(horizon=30.0, clock=clock)
     admission = Admission(AdmissionConfig(), meter, clock=clock)
@@ -292,7 +292,7 @@ def overloaded(server: Server) -> float:
 async def test_client_that_stops_reading_is_told_why(tiny_engine):
     """A client that stops reading its events while partials keep coming: once `max_send_queue` of
     them wait, the waiting ones are dropped for the `overloaded` error and a close 1013 "send queue
-    full", which a client that reads again within limits.REFUSAL_TIMEOUT gets; one that does not
+    full", which a client that reads again within gate.REFUSAL_TIMEOUT gets; one that does not
     is cut then. Either way the session ends."""
     config = ServerConfig(
         port=0, session=SessionConfig(max_send_queue=4, transcriber=TranscriberConfig(partial_interval=0.05))
@@ -319,7 +319,7 @@ async def test_client_that_stops_reading_is_told_why(tiny_engine):
                 else:
                     raise AssertionError("the send queue never filled")
                 if not reads_again:
-                    await asyncio.sleep(limits.REFUSAL_TIMEOUT + 0.5)
+                    await asyncio.sleep(gate.REFUSAL_TIMEOUT + 0.5)
                 ws.transport.resume_reading()
                 events = []
                 with contextlib.suppress(ConnectionClosed):

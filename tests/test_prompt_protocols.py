@@ -25,10 +25,11 @@ from websockets.asyncio.client import connect
 
 from engines.decoding import DecodingOptions
 from engines.engine import Engine
-from streaming.server import Server, ServerConfig, config_from_args
-from streaming.session import SessionConfig
-from streaming.transcriber import MAX_PROMPT_CHARS
-from streaming.whisperlive import WhisperLiveConfig
+from streaming.audio.transcriber import MAX_PROMPT_CHARS
+from streaming.protocols.base import SessionConfig
+from streaming.protocols.whisperlive import WhisperLiveConfig
+from streaming.server.app import Server, ServerConfig
+from streaming.server.serve import config_from_args
 
 PROMPT = "聯發科 Breeze 台積電"
 
@@ -262,8 +263,8 @@ def test_eval_manifest_prompt_replaces_the_command_prompt(engine: RecordingEngin
     """`eval --prompt` for every clip, a manifest line's "prompt" for its own clip; the report says which."""
     import soundfile
 
+    from bench.evaluate import run_eval
     from streaming.cli import decoding_options
-    from streaming.evaluate import run_eval
     from streaming.manifest import read_clips
     from streaming.options import add_decoding_arguments
 

@@ -19,11 +19,11 @@ from protocol_audio import RATE, dev_manifest, pcm16, silence, two_phrases, voic
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from streaming.codecs import encode_alaw, encode_mulaw, load_audio
-from streaming.realtime import segmenter_config
+from streaming.audio.codecs import encode_alaw, encode_mulaw, load_audio
+from streaming.audio.segmenter import SegmenterConfig
+from streaming.protocols.realtime import segmenter_config
 from streaming.scoring import score
-from streaming.segmenter import SegmenterConfig
-from streaming.server import Server, ServerConfig
+from streaming.server.app import Server, ServerConfig
 
 AsyncOpenAI = pytest.importorskip("openai", reason="the openai SDK (pyproject test extra) is not installed").AsyncOpenAI
 COMPLETED = "conversation.item.input_audio_transcription.completed"
@@ -50,7 +50,7 @@ def beta_sdk(server: Server) -> AsyncOpenAI:
     )
 
 
-def ga_session(fmt: dict, turn_detection: dict | None = {"type": "server_vad"}, language: str = "zh") -> dict:
+def ga_session(fmt: dict, turn_detection: dict | None = {"type": "server_vad"}, language: str = "zh") -> dict:  # noqa: B006 - read, never mutated
     return {
         "type": "transcription",
         "audio": {

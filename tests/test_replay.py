@@ -13,20 +13,10 @@ import numpy as np
 import pytest
 import soundfile
 
-from streaming import replay
-from streaming.options import add_replay_arguments
-from streaming.replay import (
-    ClipSpan,
-    StreamLog,
-    analyze_stream,
-    assign_clip,
-    audio_send_time,
-    frame_schedule,
-    paced_send,
-    parse_prometheus,
-    server_rtf,
-    stats,
-)
+from bench import analysis, pacing, replay, report
+from bench.analysis import analyze_stream, assign_clip, parse_prometheus, server_rtf, stats
+from bench.options import add_replay_arguments
+from bench.pacing import ClipSpan, StreamLog, audio_send_time, frame_schedule, paced_send
 
 SR = 16000
 FRAME = 640  # 40 ms
@@ -190,13 +180,13 @@ def test_latencies_on_synthetic_log():
 
 def test_summary_scores_and_checks():
     a = analyze_stream(synthetic_log(), SPANS)
-    plan = replay.StreamPlan(np.zeros(80000, np.int16), SPANS)
-    s = replay.summarize(plan, [a, a], rtf=None)  # two identical streams pool their values
+    plan = pacing.StreamPlan(np.zeros(80000, np.int16), SPANS)
+    s = analysis.summarize(plan, [a, a], rtf=None)  # two identical streams pool their values
     assert s["final_latency"]["n"] == 6 and s["final_latency"]["p50"] == approx(0.60)
     assert s["accuracy"]["cer_zh_mix"] == {"rate": 0.0, "errors": 0, "ref_tokens": 16, "clips": 2}
     assert s["per_clip"][1]["error_rate"] == 0.0  # simplified reference, traditional hypothesis
     assert s["ok"]
-    text = replay.format_summary(s, {"speed": 1.0, "frame_ms": 40, "gap": 1.5, "url": "ws://x/v1/stream"})
+    text = report.format_summary(s, {"speed": 1.0, "frame_ms": 40, "gap": 1.5, "url": "ws://x/v1/stream"})
     assert "final latency (segment end)" in text and "checks: all passed" in text
 
 
@@ -213,8 +203,8 @@ def test_contract_counters():
     c = a["counts"]
     assert c["lost_finals"] == 1 and a["lost_segments"] == [7]
     assert c["errors"] == 1 and c["duplicate_finals"] == 1 and c["finals_after_end"] == 1
-    plan = replay.StreamPlan(np.zeros(80000, np.int16), SPANS)
-    s = replay.summarize(plan, [a], rtf=None)
+    plan = pacing.StreamPlan(np.zeros(80000, np.int16), SPANS)
+    s = analysis.summarize(plan, [a], rtf=None)
     assert not s["ok"]
     assert not s["checks"]["no_lost_finals"] and not s["checks"]["no_errors"]
 
@@ -259,13 +249,13 @@ breeze_final_latency_seconds_bucket{le="+Inf"} 4
     rtf = server_rtf(before, after)
     assert rtf["rtf"] == approx(0.2) and rtf["encoder_rtf"] == approx(0.15) and rtf["decoder_rtf"] == approx(0.05)
     assert server_rtf(None, after) is None and server_rtf(before, before) is None
-    assert replay.metrics_url("ws://127.0.0.1:8765/v1/stream") == "http://127.0.0.1:8765/metrics"
-    assert replay.metrics_url("wss://h/v1/stream?x=1") == "https://h/metrics"
+    assert analysis.metrics_url("ws://127.0.0.1:8765/v1/stream") == "http://127.0.0.1:8765/metrics"
+    assert analysis.metrics_url("wss://h/v1/stream?x=1") == "https://h/metrics"
 
 
 def test_build_stream_layout():
-    clips = [replay.Clip("a", "a.wav", "x", "zh"), replay.Clip("b", "b.wav", "y", "en")]
-    plan = replay.build_stream(clips, [np.full(16000, 0.5, np.float32), np.full(8000, -0.5, np.float32)], gap_s=0.5)
+    clips = [pacing.Clip("a", "a.wav", "x", "zh"), pacing.Clip("b", "b.wav", "y", "en")]
+    plan = pacing.build_stream(clips, [np.full(16000, 0.5, np.float32), np.full(8000, -0.5, np.float32)], gap_s=0.5)
     assert len(plan.pcm) == 8000 + 16000 + 8000 + 8000 + 8000
     assert [(s.start, s.end) for s in plan.spans] == [(8000, 24000), (32000, 40000)]
     assert plan.pcm[:8000].max() == 0 and plan.pcm[8000] == round(0.5 * 32767) and plan.pcm[-1] == 0
@@ -510,7 +500,7 @@ async def test_server_error_mid_stream(fake_server, tmp_path, capsys):
 async def test_each_clip_streams_in_its_own_language(tiny_engine, tmp_path):
     """Without --language, zh and mix clips stream in zh sessions and en clips in an en session (the
     real server's ready events confirm it); --language en puts every clip in one en session."""
-    from streaming.server import Server, ServerConfig
+    from streaming.server.app import Server, ServerConfig
 
     write_clips(tmp_path)
     manifest = tmp_path / "languages.jsonl"

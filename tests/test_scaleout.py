@@ -151,7 +151,7 @@ class Cluster:
             args = [
                 sys.executable,
                 "-m",
-                "streaming.cli",
+                "breeze_stream",
                 "serve",
                 "--model",
                 str(model or self.model),

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streaming.codecs import load_audio
-from streaming.segmenter import (
+from streaming.audio.codecs import load_audio
+from streaming.audio.segmenter import (
     SAMPLE_RATE,
     SegmentClosed,
     SegmentDiscarded,

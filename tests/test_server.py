@@ -23,10 +23,12 @@ from websockets.exceptions import InvalidStatus
 
 from engines.engine import Engine
 from engines.text import convert
-from streaming.codecs import encode_mulaw, load_audio
+from streaming.audio.codecs import encode_mulaw, load_audio
 from streaming.options import add_model_arguments, add_serve_arguments
-from streaming.server import WEB_ROOT, Server, ServerConfig, config_from_args, run_serve
-from streaming.session import SessionConfig
+from streaming.protocols.base import SessionConfig
+from streaming.server.app import Server, ServerConfig
+from streaming.server.http import WEB_ROOT
+from streaming.server.serve import config_from_args, run_serve
 
 RATE = 16000
 LIMIT = 64 * 1024  # frame limit of the test server
@@ -86,7 +88,7 @@ async def stream(
 
 
 def check_contract(events: list[dict], duration: float) -> dict[int, dict]:
-    """DESIGN.md's ordering rules (and the retraction rule of streaming.session); returns the finals by segment."""
+    """DESIGN.md's ordering rules (and the retraction rule of streaming.protocols.native); returns the finals by segment."""
     assert events[0]["type"] == "ready" and events[-1]["type"] == "end", events
     finals: dict[int, dict] = {}
     stable: dict[int, str] = {}

@@ -16,9 +16,8 @@ import pytest
 
 from engines.decoding import DecodingOptions
 from engines.engine import Transcript
-from streaming.metrics import Metrics
-from streaming.segmenter import SegmentClosed, SegmentEvent, SegmentGrew, SegmentStarted
-from streaming.transcriber import (
+from streaming.audio.segmenter import SegmentClosed, SegmentEvent, SegmentGrew, SegmentStarted
+from streaming.audio.transcriber import (
     Event,
     Failure,
     Final,
@@ -27,6 +26,7 @@ from streaming.transcriber import (
     TranscriberConfig,
     agreed_prefix,
 )
+from streaming.metrics import Metrics
 
 RATE = 16000
 

@@ -524,7 +524,7 @@ def test_a_non_openai_pt_is_refused_before_tensorrt_llm_sees_it(tmp_path, monkey
 
 
 def test_build_is_registered_in_the_cli(capsys):
-    from streaming import cli
+    from breeze_stream import cli
 
     try:
         code = cli.main(["build-trtllm", "--model", build.BREEZE_REPO, "--out", "/engines/x", "--dry-run"])

@@ -25,10 +25,10 @@ from protocol_audio import RATE, dev_manifest, pcm16, silence, two_phrases, voic
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from streaming.codecs import encode_mulaw, load_audio
+from streaming.audio.codecs import encode_mulaw, load_audio
+from streaming.protocols.calls import PHONE_SEGMENTER, CallConfig
 from streaming.scoring import score
-from streaming.server import Server, ServerConfig
-from streaming.twilio import PHONE_SEGMENTER, CallConfig
+from streaming.server.app import Server, ServerConfig
 
 CALL = "CA0123456789abcdef0123456789abcdef"
 STREAM = "MZ0123456789abcdef0123456789abcdef"
@@ -312,7 +312,7 @@ async def test_bad_messages_are_logged_and_ignored(server: Server, caplog):
         {**media[0], "sequenceNumber": str(10**7)},  # after stop
     ]
     ws = await subscribe(server)
-    with caplog.at_level(logging.WARNING, logger="streaming.twilio"):
+    with caplog.at_level(logging.WARNING, logger="streaming.protocols.twilio"):
         replies = await play(server, bad)
         events = await transcript(ws)
     assert replies == []

@@ -35,7 +35,7 @@ import soundfile
 from conftest import TINY_TEXT  # what the tiny rigged model says for any audio
 
 from streaming.scoring import score
-from streaming.server import Server, ServerConfig
+from streaming.server.app import Server, ServerConfig
 
 CHROMIUM = Path("/usr/bin/chromium")
 REPO = Path(__file__).resolve().parents[1]

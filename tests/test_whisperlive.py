@@ -18,11 +18,11 @@ from protocol_audio import dev_manifest, pcm16, silence, two_phrases, voiced
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from streaming.codecs import load_audio
+from streaming.audio.codecs import load_audio
+from streaming.protocols.base import SessionConfig
+from streaming.protocols.whisperlive import WhisperLiveConfig
 from streaming.scoring import score
-from streaming.server import Server, ServerConfig
-from streaming.session import SessionConfig
-from streaming.whisperlive import WhisperLiveConfig
+from streaming.server.app import Server, ServerConfig
 
 try:
     from whisper_live.client import StreamingTranscriptionClient

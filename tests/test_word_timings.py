@@ -21,8 +21,8 @@ from engines.alignment import default_heads, dtw, median_filter, split_words
 from engines.checkpoints import default_vocabulary, load_checkpoint
 from engines.decoding import DecodingOptions
 from engines.tokenizer import _BYTES, Tokenizer
-from streaming.codecs import load_audio
-from streaming.server import Server, ServerConfig
+from streaming.audio.codecs import load_audio
+from streaming.server.app import Server, ServerConfig
 
 # openai/whisper, whisper/__init__.py: _ALIGNMENT_HEADS["base"], a base85 gzipped boolean array [layers, heads]
 OPENAI_BASE_HEADS = b"ABzY8KQ!870{>%RzyTQH3`Q^yNP!>##QT-<FaQ7m"

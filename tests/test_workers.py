@@ -1,4 +1,4 @@
-"""`serve --workers N` (streaming.workers): front-end processes in front of one engine process.
+"""`serve --workers N` (streaming.server.workers): front-end processes in front of one engine process.
 
 The engine service and RemoteEngine are checked in one process over their real Unix socket
 (results, errors, superseded partials, cancellation, a lost engine); then the real command runs
@@ -27,9 +27,9 @@ from protocol_audio import pcm16, two_phrases, voiced
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from bench.analysis import parse_prometheus
 from engines.decoding import DecodingOptions
-from streaming.replay import parse_prometheus
-from streaming.workers import EngineAddress, EngineService, RemoteEngine
+from streaming.server.workers import EngineAddress, EngineService, RemoteEngine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,7 +155,7 @@ def start_server(port: int, *extra: str) -> subprocess.Popen:
         [
             sys.executable,
             "-m",
-            "streaming.cli",
+            "breeze_stream",
             "serve",
             "--model",
             "random:tiny",

@@ -27,7 +27,7 @@ PY
 
 start_server() {  # start_server TAG ARGS...: serve in the background, log to $OUT/r/server-TAG.log
   local tag=$1; shift
-  python3 -m streaming.cli serve --port $PORT --max-sessions 5000 --max-connections-per-client 0 "$@" \
+  python3 -m breeze_stream serve --port $PORT --max-sessions 5000 --max-connections-per-client 0 "$@" \
     > "$OUT/r/server-$tag.log" 2>&1 &
   SERVER=$!
   wait_healthy ${HEALTHY_S:-150} || { echo "server $tag did not become healthy"; tail -30 "$OUT/r/server-$tag.log"; return 1; }
@@ -36,7 +36,7 @@ start_server() {  # start_server TAG ARGS...: serve in the background, log to $O
 
 stop_server() {
   kill -TERM $SERVER 2>/dev/null; wait $SERVER 2>/dev/null
-  pkill -f "streaming.cli serve" 2>/dev/null; sleep 1
+  pkill -f "breeze_stream serve" 2>/dev/null; sleep 1
 }
 
 sample_gpu() {  # sample_gpu TAG: GPU utilisation every 0.5 s until stop_gpu

@@ -6,7 +6,7 @@ source bench/gpu/common.sh
 replay_load() {  # replay_load TAG N LIMIT: N real-time streams from 4 replay processes, the first LIMIT clips
   local tag=$1 n=$2 limit=$3 pids=()
   for i in 1 2 3 4; do
-    python3 -m streaming.cli replay "$MANIFEST" --url $URL --concurrency $((n / 4)) --limit $limit --stagger 0.05 \
+    python3 -m breeze_stream replay "$MANIFEST" --url $URL --concurrency $((n / 4)) --limit $limit --stagger 0.05 \
       --no-progress --quiet --json "$OUT/r/$tag-$n-$i.json" > "$OUT/r/$tag-$n-$i.txt" 2>&1 &
     pids+=($!)
   done
@@ -20,7 +20,7 @@ for mode in "single:" "workers4:--workers 4"; do
   for n in $1; do
     sample_gpu $tag-$n
     if [ "$n" = "${1##* }" ]; then  # the largest load: where the time goes
-      (sleep 15; for p in $(pgrep -f "streaming.cli serve"); do timeout 20 py-spy record -r 40 -d 12 --format raw -o "$OUT/r/pyspy-$p.txt" --pid $p --nonblocking > /dev/null 2>&1 & done; wait) &
+      (sleep 15; for p in $(pgrep -f "breeze_stream serve"); do timeout 20 py-spy record -r 40 -d 12 --format raw -o "$OUT/r/pyspy-$p.txt" --pid $p --nonblocking > /dev/null 2>&1 & done; wait) &
     fi
     replay_load $tag $n 4
     stop_gpu; echo "  GPU mean $(gpu_mean $tag-$n)"

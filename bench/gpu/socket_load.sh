@@ -10,7 +10,7 @@ WARM_STREAMS=${WARM_STREAMS:-200}  # 0: no warm-up load
 WARM_S=${WARM_S:-25}
 CLIENTS=${CLIENTS:-4}
 load() {  # load TAG N SECONDS
-  python3 -m streaming.cli bench-load "$MANIFEST" --url $URL --streams $2 --duration $3 --processes $(( $2 < CLIENTS ? $2 : CLIENTS )) --language zh \
+  python3 -m breeze_stream bench-load "$MANIFEST" --url $URL --streams $2 --duration $3 --processes $(( $2 < CLIENTS ? $2 : CLIENTS )) --language zh \
     --quiet --json "$OUT/r/load-$1-$2.json" 2> "$OUT/r/load-$1-$2.err"
 }
 profile() {  # profile TAG: 12 s of py-spy on every server process, 15 s from now

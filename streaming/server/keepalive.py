@@ -1,7 +1,7 @@
 """Keepalive pings that a session the server pushes back on survives.
 
 The server pushes back on a client that sends audio faster than the engine transcribes it by
-not reading its socket (streaming.transcriber, `room()`); the websockets library then pauses
+not reading its socket (streaming.audio.transcriber, `room()`); the websockets library then pauses
 the transport once `max_queue` frames wait unread. A pong from that client sits unread behind
 its audio, so the library's own keepalive (`serve(ping_interval=..., ping_timeout=...)`) would
 fail a healthy session with 1011 "keepalive ping timeout" and lose its finals (issue 27).
@@ -37,7 +37,7 @@ async def keepalive(connection: Connection, interval: float, timeout: float) -> 
     while True:
         await asyncio.sleep(interval)
         try:
-            pong = await connection.ping()
+            pong = asyncio.ensure_future(await connection.ping())  # the Future of the pong
         except Exception:  # noqa: BLE001 - ConnectionClosed: the connection is over
             return
         late = 0.0

@@ -8,22 +8,28 @@ replaces `--prompt` for the clip.
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 import time
 from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tqdm import tqdm
-
-from engines.decoding import DecodingOptions
-from engines.engine import Engine
-from engines.text import is_traditional
-
-from .codecs import load_audio
-from .manifest import Clip
-from .offline import transcribe_audio
-from .scoring import Score, corpus_score, score
+if TYPE_CHECKING:
+    from engines.decoding import DecodingOptions
+    from engines.engine import Engine
+    from streaming.manifest import Clip
 
 
 def run_eval(engine: Engine, clips: list[Clip], options: DecodingOptions, window: float | None = None) -> dict:
+    from tqdm import tqdm
+
+    from engines.text import is_traditional
+    from streaming.audio.codecs import load_audio
+    from streaming.audio.offline import transcribe_audio
+    from streaming.scoring import Score, corpus_score, score
+
     results, cer_scores, wer_scores = [], [], []
     stats = {"decoder_forwards": 0, "tokens": 0, "encoder_seconds": 0.0, "decoder_seconds": 0.0}
     audio_seconds = wall = 0.0
@@ -76,6 +82,25 @@ def run_eval(engine: Engine, clips: list[Clip], options: DecodingOptions, window
         f"{all(r['traditional'] for r in results if r['traditional'] is not None)}"
     )
     return report
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """`breeze-stream eval`: a missing manifest is reported before torch and the model load."""
+    from streaming.manifest import read_clips
+
+    try:
+        clips = read_clips(Path(args.manifest))[: args.limit]
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1  # reported before torch and the model load
+    from streaming.cli import decoding_options, load_engine
+
+    engine = load_engine(args)
+    report = run_eval(engine, clips, decoding_options(args), window=args.window)
+    engine.close()
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, ensure_ascii=False, indent=2))
+    return 0
 
 
 def _pct(rate: float | None) -> str:

@@ -7,7 +7,7 @@ Off by default; `breeze-stream serve --whisperlive-port 9090` turns it on. Any p
   `language` (null or "auto" to detect; any Whisper language code), `task` (transcribe or
   translate), `audio_format` (float32, the default; int16; uint8), `send_last_n_segments` (10)
   and `initial_prompt` (null, or names and terms to expect: the decoder's previous-text prompt for
-  every segment, as WhisperLive's faster-whisper backend uses it; default `serve --prompt`) are read (with `--api-key-file`, also `token`: streaming.auth); every other key (model, use_vad, vad_parameters, max_clients, max_connection_time,
+  every segment, as WhisperLive's faster-whisper backend uses it; default `serve --prompt`) are read (with `--api-key-file`, also `token`: streaming.server.auth); every other key (model, use_vad, vad_parameters, max_clients, max_connection_time,
   ...) is accepted and ignored;
 - a full listener answers `{"uid", "status": "WAIT", "message": <minutes until a slot frees>}` and
   closes (1013, try again later);
@@ -40,30 +40,23 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import Any
 
 import numpy as np
-from websockets.asyncio.server import Server as WebSocketServer
-from websockets.asyncio.server import ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
+from websockets.asyncio.server import ServerConnection
 from websockets.frames import CloseCode
-from websockets.http11 import Request, Response
 
 from engines.decoding import DecodingOptions
 
-from .adapters import WHISPER_LANGUAGES, ItemTranscriber, Outbox
-from .auth import WHISPERLIVE
-from .codecs import AudioDecoder
-from .transcriber import Event, Failure, Final, Partial, check_prompt
-
-if TYPE_CHECKING:
-    from .server import Server
+from ..audio.codecs import AudioDecoder
+from ..audio.transcriber import Event, Failure, Final, Partial, StreamingTranscriber, check_prompt
+from .base import WHISPER_LANGUAGES, ProtocolError, ProtocolSession, SessionContext
 
 log = logging.getLogger(__name__)
 
 END_OF_AUDIO = "END_OF_AUDIO"
 AUDIO_FORMATS = ("float32", "int16", "uint8")
-CLOSE_TIMEOUT = 2.0
 FIRST_EXAMPLE = '{"uid": "<uuid>", "language": "zh", "task": "transcribe", "model": "small", "use_vad": true}'
 
 
@@ -81,48 +74,17 @@ class WhisperLiveConfig:
             raise ValueError("the WhisperLive listener needs max_clients >= 1 and max_connection_time > 0")
 
 
-class WhisperLiveListener:
-    """The listener's socket and its bookkeeping of sessions (for WAIT)."""
+class Seats:
+    """The listener's sessions, for WAIT: at most `config.max_clients` at once, each for at most
+    `config.max_connection_time` seconds."""
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        self.config: WhisperLiveConfig = server.config.whisperlive
+    def __init__(self, config: WhisperLiveConfig) -> None:
+        self.config = config
         self.active: dict[WhisperLiveSession, float] = {}  # session -> start time (monotonic)
-        self._ws: WebSocketServer | None = None
 
     @property
-    def port(self) -> int:
-        return self._ws.sockets[0].getsockname()[1]
-
-    async def start(self) -> None:
-        max_size = 4 * self.server.config.session.max_frame_bytes
-        # close_timeout: websocket-client (the stock clients) answers the closing handshake but keeps
-        # its TCP socket open, which would hold each finished session (and shutdown) for 10 s
-        self._ws = await serve(
-            self._handle,
-            self.server.config.host,
-            self.config.port,
-            process_request=self._http,
-            max_size=max_size,
-            compression=None,
-            close_timeout=CLOSE_TIMEOUT,
-            ping_interval=None,  # the server's serve_connection runs streaming.keepalive
-            ssl=self.server.ssl_context,
-            reuse_port=self.server.config.reuse_port,
-        )
-
-    def close(self) -> None:
-        """Stops accepting; the server's shutdown flushes the sessions."""
-        if self._ws is not None:
-            self._ws.close(close_connections=False)
-
-    async def wait_closed(self) -> None:
-        if self._ws is not None:
-            await self._ws.wait_closed()
-
-    def connections(self) -> list[ServerConnection]:
-        """Every connection, those whose close handshake has begun too (a drain must cut those)."""
-        return list(self._ws.all_connections) if self._ws is not None else []
+    def full(self) -> bool:
+        return len(self.active) >= self.config.max_clients
 
     def wait_minutes(self) -> float:
         """Minutes until the oldest session reaches its time limit (WhisperLive's estimate)."""
@@ -130,85 +92,55 @@ class WhisperLiveListener:
         remaining = [self.config.max_connection_time - (now - started) for started in self.active.values()]
         return max(0.0, min(remaining)) / 60 if remaining else 0.0
 
-    def _http(self, connection: ServerConnection, request: Request) -> Response | None:
-        """The server's checks (model loaded, keys, origins, limits; streaming.limits)."""
-        return self.server.check_upgrade(connection, request, WHISPERLIVE)
 
-    async def _handle(self, connection: ServerConnection) -> None:
-        await self.server.serve_connection(connection, WHISPERLIVE, lambda c: WhisperLiveSession(c, self))
-
-
-class _Refused(Exception):
-    def __init__(self, message: str, close_code: int, metric: str = "bad_request") -> None:
-        super().__init__(message)
-        self.close_code = close_code
-        self.metric = metric
+def _refused(message: str, close_code: int, code: str = "bad_request") -> ProtocolError:
+    return ProtocolError(code, message, close_code)
 
 
 def _fmt(seconds: float) -> str:
     return f"{seconds:.3f}"
 
 
-class WhisperLiveSession:
-    def __init__(self, connection: ServerConnection, listener: WhisperLiveListener) -> None:
-        self.id = secrets.token_hex(6)
-        self._ws = connection
-        self._listener = listener
-        server = listener.server
-        self._engine = server.engine
-        self._metrics = server.metrics
-        self.config = server.config.session
-        self._out = Outbox(connection, self.config.max_send_queue)
+class WhisperLiveSession(ProtocolSession):
+    label = "whisperlive"
+
+    def __init__(self, connection: ServerConnection, context: SessionContext, seats: Seats) -> None:
+        super().__init__(connection, context, secrets.token_hex(6), context.config.max_send_queue)
+        self._seats = seats
         self._uid: object = None
         self._format = "float32"
-        self._decoder: AudioDecoder | None = None
-        self._transcriber: ItemTranscriber | None = None
         self._last_n = 10
-        self._completed: list[dict] = []
+        self._completed: list[dict[str, Any]] = []
         self._detect_language = False
-        self._finishing: asyncio.Future | None = None
         self._started = time.monotonic()
+        self._deadline = self._started + seats.config.max_connection_time
 
     # --- lifecycle ----------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        self._out.start()
-        try:
-            await self._serve()
-        except ConnectionClosed as exc:
-            if self._finishing is None:
-                log.info("whisperlive %s: client closed (%s)", self.id, exc)
-        except _Refused as exc:
-            log.warning("whisperlive %s: %s", self.id, exc)
-            self._metrics.errors.labels(exc.metric).inc()
-            self._send({"status": "ERROR", "message": str(exc)})
-            self._out.close(exc.close_code, "bad request")
-        except Exception:
-            log.exception("whisperlive %s: internal error", self.id)
-            self._metrics.errors.labels("internal").inc()
-            self._send({"status": "ERROR", "message": "the server failed on this session (the failure is logged)"})
-            self._out.close(CloseCode.INTERNAL_ERROR, "internal error")
-        finally:
-            self._listener.active.pop(self, None)
-            if self._transcriber is not None:
-                await self._transcriber.aclose()
-                self._metrics.sessions_active.dec()
-            self._out.close(CloseCode.NORMAL_CLOSURE)
-            await self._out.wait()
+    def _refuse(self, exc: ProtocolError) -> None:
+        self._error(exc.code, str(exc), exc.close_code, "bad request")
 
-    async def shutdown(self) -> None:
-        if self._transcriber is None:
-            self._out.close(CloseCode.GOING_AWAY, "server shutting down")
-            return
-        await self._finish(disconnect=True)
-        self._out.close(CloseCode.GOING_AWAY, "server shutting down")
+    def _internal_error(self) -> None:
+        self._error(
+            "internal",
+            "the server failed on this session (the failure is logged)",
+            CloseCode.INTERNAL_ERROR,
+            "internal error",
+        )
 
-    async def _finish(self, disconnect: bool) -> None:
-        if self._finishing is None:
-            self._finishing = asyncio.ensure_future(self._flush(disconnect))
-        await asyncio.shield(self._finishing)
+    def _error_message(self, code: str, message: str) -> dict[str, Any]:
+        return {"uid": self._uid, "status": "ERROR", "message": message}
+
+    async def _teardown(self) -> None:
+        self._seats.active.pop(self, None)
+        await super()._teardown()
+
+    async def _drain(self) -> None:
+        if self._transcriber is not None:
+            await self._finish(partial(self._flush, True))
 
     async def _flush(self, disconnect: bool) -> None:
+        assert self._transcriber is not None and self._decoder is not None
         self._transcriber.feed(self._decoder.flush())
         await self._transcriber.finish()
         if disconnect:
@@ -221,74 +153,80 @@ class WhisperLiveSession:
         try:
             first = await asyncio.wait_for(self._ws.recv(), self.config.idle_timeout or None)
         except asyncio.TimeoutError:
-            raise _Refused(
+            raise _refused(
                 f"no options message within {self.config.idle_timeout:g} s; send {FIRST_EXAMPLE} right "
                 "after connecting",
                 CloseCode.POLICY_VIOLATION,
             ) from None
         options = self._options(first)
-        limits = self._listener.config
-        if len(self._listener.active) >= limits.max_clients:
-            wait = self._listener.wait_minutes()
-            log.info("whisperlive %s: full (%d sessions); WAIT %.1f min", self.id, len(self._listener.active), wait)
+        if self._seats.full:
+            wait = self._seats.wait_minutes()
+            log.info("whisperlive %s: full (%d sessions); WAIT %.1f min", self.id, len(self._seats.active), wait)
             self._metrics.errors.labels("overloaded").inc()
             self._send({"status": "WAIT", "message": wait})
             self._out.close(CloseCode.TRY_AGAIN_LATER, "server full")
             return
-        self._listener.active[self] = self._started
+        self._seats.active[self] = self._started
         self._begin(options)
-        deadline = self._started + limits.max_connection_time
-        while True:
-            timeout = deadline - time.monotonic()
-            if self.config.idle_timeout:
-                timeout = min(timeout, self.config.idle_timeout)
-            try:
-                message = await asyncio.wait_for(self._ws.recv(), max(timeout, 0.001))
-            except asyncio.TimeoutError:
-                if time.monotonic() >= deadline:
-                    log.info("whisperlive %s: reached the session limit of %g s", self.id, limits.max_connection_time)
-                    await self._finish(disconnect=True)
-                    self._out.close(CloseCode.NORMAL_CLOSURE, "session time limit")
-                    return
-                self._transcriber.cut()  # idle: the open segment gets its final; the session goes on
-                continue
-            if self._finishing is not None:
-                continue
-            if len(message) > self.config.max_frame_bytes:
-                raise _Refused(
-                    f"a frame of {len(message)} bytes is over this server's limit of "
-                    f"{self.config.max_frame_bytes} bytes; send 4096-sample frames",
-                    CloseCode.MESSAGE_TOO_BIG,
-                    "frame_too_large",
-                )
-            if message in (END_OF_AUDIO, END_OF_AUDIO.encode()):
-                await self._finish(disconnect=False)
-                self._out.close(CloseCode.NORMAL_CLOSURE)
-                return
-            if isinstance(message, str):
-                raise _Refused(
-                    f"expected binary audio frames or END_OF_AUDIO, got the text frame {message[:60]!r}",
-                    CloseCode.UNSUPPORTED_DATA,
-                )
-            self._transcriber.feed(self._decode(message))
-            await self._transcriber.room()  # the engine is far behind: stop reading until it catches up
+        await self._receive_loop()
 
-    def _options(self, first: str | bytes) -> dict:
+    def _idle_timeout(self) -> float:
+        """The idle timeout, or less where the session's time limit comes first."""
+        timeout = self._deadline - time.monotonic()
+        if self.config.idle_timeout:
+            timeout = min(timeout, self.config.idle_timeout)
+        return max(timeout, 0.001)
+
+    async def _on_idle(self) -> bool:
+        if time.monotonic() >= self._deadline:
+            log.info(
+                "whisperlive %s: reached the session limit of %g s", self.id, self._seats.config.max_connection_time
+            )
+            await self._finish(partial(self._flush, True))
+            self._out.close(CloseCode.NORMAL_CLOSURE, "session time limit")
+            return True
+        assert self._transcriber is not None
+        self._transcriber.cut()  # idle: the open segment gets its final; the session goes on
+        return False
+
+    async def _on_message(self, message: str | bytes) -> bool:
+        assert self._transcriber is not None
+        if len(message) > self.config.max_frame_bytes:
+            raise _refused(
+                f"a frame of {len(message)} bytes is over this server's limit of "
+                f"{self.config.max_frame_bytes} bytes; send 4096-sample frames",
+                CloseCode.MESSAGE_TOO_BIG,
+                "frame_too_large",
+            )
+        if message in (END_OF_AUDIO, END_OF_AUDIO.encode()):
+            await self._finish(partial(self._flush, False))
+            self._out.close(CloseCode.NORMAL_CLOSURE)
+            return True
+        if isinstance(message, str):
+            raise _refused(
+                f"expected binary audio frames or END_OF_AUDIO, got the text frame {message[:60]!r}",
+                CloseCode.UNSUPPORTED_DATA,
+            )
+        self._transcriber.feed(self._decode(message))
+        await self._transcriber.room()  # the engine is far behind: stop reading until it catches up
+        return False
+
+    def _options(self, first: str | bytes) -> dict[str, Any]:
         if isinstance(first, bytes):
             try:
                 first = first.decode()
             except UnicodeDecodeError:
-                raise _Refused(
+                raise _refused(
                     f"the first frame must be the JSON options, {FIRST_EXAMPLE}; got audio", CloseCode.UNSUPPORTED_DATA
                 ) from None
         try:
             options = json.loads(first)
         except ValueError as exc:
-            raise _Refused(
+            raise _refused(
                 f"the first frame is not valid JSON ({exc}); send {FIRST_EXAMPLE}", CloseCode.INVALID_DATA
             ) from None
         if not isinstance(options, dict) or options.get("uid") in (None, ""):
-            raise _Refused(
+            raise _refused(
                 f'the first frame must be a JSON object with a "uid", {FIRST_EXAMPLE}', CloseCode.POLICY_VIOLATION
             )
         self._uid = options["uid"]
@@ -296,30 +234,30 @@ class WhisperLiveSession:
         if language not in (None, "", "auto") and (
             not isinstance(language, str) or language.lower() not in WHISPER_LANGUAGES
         ):
-            raise _Refused(
+            raise _refused(
                 f'language {language!r} is not a Whisper language code; use for example "zh" or "en", or '
                 "null to detect it",
                 CloseCode.POLICY_VIOLATION,
             )
         task = options.get("task") or "transcribe"
         if task not in ("transcribe", "translate"):
-            raise _Refused(f'task must be "transcribe" or "translate", got {task!r}', CloseCode.POLICY_VIOLATION)
+            raise _refused(f'task must be "transcribe" or "translate", got {task!r}', CloseCode.POLICY_VIOLATION)
         audio_format = options.get("audio_format") or "float32"
         if audio_format not in AUDIO_FORMATS:
-            raise _Refused(
+            raise _refused(
                 f"audio_format must be one of {', '.join(AUDIO_FORMATS)}, got {audio_format!r}",
                 CloseCode.POLICY_VIOLATION,
                 "unsupported_encoding",
             )
         last_n = options.get("send_last_n_segments", 10)
         if not isinstance(last_n, int) or isinstance(last_n, bool) or last_n < 0:
-            raise _Refused(
+            raise _refused(
                 f"send_last_n_segments must be a non-negative integer, got {last_n!r}", CloseCode.POLICY_VIOLATION
             )
         try:
             prompt = check_prompt(options.get("initial_prompt"), "initial_prompt") or self.config.prompt
         except ValueError as exc:
-            raise _Refused(str(exc), CloseCode.POLICY_VIOLATION) from None
+            raise _refused(str(exc), CloseCode.POLICY_VIOLATION) from None
         return {
             "language": None if language in (None, "", "auto") else language.lower(),
             "task": task,
@@ -328,13 +266,13 @@ class WhisperLiveSession:
             "prompt": prompt,
         }
 
-    def _begin(self, options: dict) -> None:
+    def _begin(self, options: dict[str, Any]) -> None:
         self._format = options["audio_format"]
         self._last_n = options["send_last_n_segments"]
         self._detect_language = options["language"] is None
         self._decoder = AudioDecoder("pcm_s16le" if self._format == "int16" else "pcm_f32le", 16000)
         decoding = DecodingOptions(language=options["language"], task=options["task"], prompt=options["prompt"])
-        self._transcriber = ItemTranscriber(
+        self._transcriber = StreamingTranscriber(
             self._engine, decoding, self._on_event, config=self.config.transcriber, metrics=self._metrics
         )
         self._metrics.sessions.inc()
@@ -360,16 +298,21 @@ class WhisperLiveSession:
 
     def _decode(self, frame: bytes) -> np.ndarray:
         if self._format == "uint8":
-            return (np.frombuffer(frame, np.uint8).astype(np.float32) - 128.0) / 128.0
+            samples: np.ndarray = (np.frombuffer(frame, np.uint8).astype(np.float32) - 128.0) / 128.0
+            return samples
+        assert self._decoder is not None  # set at the options message
         return self._decoder.decode(frame)
 
     # --- sending ------------------------------------------------------------------------------
 
     def _on_event(self, event: Event) -> None:
         if isinstance(event, Failure):
-            self._metrics.errors.labels("internal").inc()
-            self._send({"status": "ERROR", "message": "transcription failed on the server (the failure is logged)"})
-            self._out.close(CloseCode.INTERNAL_ERROR, "transcription failed")
+            self._error(
+                "internal",
+                "transcription failed on the server (the failure is logged)",
+                CloseCode.INTERNAL_ERROR,
+                "transcription failed",
+            )
             return
         segment = {"start": _fmt(event.start), "end": _fmt(event.end), "text": event.text}
         if isinstance(event, Final):
@@ -384,8 +327,8 @@ class WhisperLiveSession:
                 recent.append({**segment, "completed": False})
             self._send({"segments": recent})
 
-    def _recent(self) -> list[dict]:
+    def _recent(self) -> list[dict[str, Any]]:
         return self._completed[-max(self._last_n, 1) :]  # clients read segments[-1]: never an empty list
 
-    def _send(self, message: dict) -> None:
+    def _send(self, message: dict[str, Any]) -> None:
         self._out.send({"uid": self._uid, **message})

@@ -78,7 +78,8 @@ def _as_pcm16(samples: np.ndarray) -> np.ndarray:
     x = np.asarray(samples)
     if np.issubdtype(x.dtype, np.floating):
         x = np.round(np.clip(x, -1.0, 1.0) * 32768.0)
-    return np.clip(x, -32768, 32767).astype(np.int32).ravel()
+    pcm: np.ndarray = np.clip(x, -32768, 32767).astype(np.int32).ravel()
+    return pcm
 
 
 def encode_mulaw(samples: np.ndarray) -> bytes:
@@ -171,7 +172,8 @@ class AudioDecoder:
         samples = _decode_samples(self.encoding, data[:whole])
         if self._resampler is None:
             return samples
-        return self._resampler.resample_chunk(samples)
+        resampled: np.ndarray = self._resampler.resample_chunk(samples)
+        return resampled
 
     def flush(self) -> np.ndarray:
         """The resampler's tail at end of stream; resets the decoder for a new stream.
@@ -182,7 +184,7 @@ class AudioDecoder:
         self._partial = b""
         if self._resampler is None:
             return np.zeros(0, np.float32)
-        tail = self._resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+        tail: np.ndarray = self._resampler.resample_chunk(np.zeros(0, np.float32), last=True)
         self._resampler.clear()
         return tail
 

@@ -5,8 +5,8 @@ the WhisperLive listener):
 
 - `Gate.check` runs on the HTTP upgrade request, before any WebSocket handshake, and answers
   with an HTTP status where it can: 503 while the model loads, while draining, at
-  `max_sessions`, or above the measured capacity (streaming.admission; with Retry-After); 429 past `max_per_client` connections from one address;
-  403 for an Origin not in `--allowed-origins`; 401 for a missing or wrong key (streaming.auth
+  `max_sessions`, or above the measured capacity (streaming.server.admission; with Retry-After); 429 past `max_per_client` connections from one address;
+  403 for an Origin not in `--allowed-origins`; 401 for a missing or wrong key (streaming.server.auth
   says when a browser is upgraded instead, to be told by an error event).
 - `Gate.serve` runs the connection after the upgrade: it counts it, checks the limits again (a
   burst of upgrades can pass the HTTP check together; the loser gets the protocol's `overloaded`
@@ -34,10 +34,15 @@ import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
+from websockets.asyncio.server import ServerConnection
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
+from websockets.http11 import Request, Response
 
+from ..metrics import Metrics
 from .admission import Admission
 from .auth import (
     FIRST_MESSAGES,
@@ -50,13 +55,16 @@ from .auth import (
     origin_allowed,
     without_token,
 )
+from .http import json_response
 
 log = logging.getLogger(__name__)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 REFUSAL_TIMEOUT = 2.0  # seconds a refused client gets to read its error event before the close
 
 
-async def discard_incoming(connection) -> None:
+async def discard_incoming(connection: ServerConnection) -> None:
     """Reads and drops what a client still sends after its session stopped reading.
 
     The WebSocket library stops reading the socket once `max_queue` frames wait unread (that is
@@ -70,7 +78,7 @@ async def discard_incoming(connection) -> None:
         pass
 
 
-async def closing(connection, close: Awaitable[None]) -> None:
+async def closing(connection: ServerConnection, close: Awaitable[None]) -> None:
     """Awaits `close` (a close handshake under way) while discarding what the client still sends."""
     discard = asyncio.ensure_future(discard_incoming(connection))
     try:
@@ -96,7 +104,7 @@ class Limits:
     trusted_proxies: tuple[str, ...] = ()
     """Networks (CIDR) of load balancers whose X-Forwarded-For names the client."""
     ping_interval: float = 20.0
-    """Seconds between the server's keepalive pings (0: none; streaming.keepalive)."""
+    """Seconds between the server's keepalive pings (0: none; streaming.server.keepalive)."""
     ping_timeout: float = 20.0
     """Seconds of reading the socket without the pong before the connection is closed with 1011
     (time the server does not read a client it pushes back on does not count)."""
@@ -125,14 +133,16 @@ class _Admission:
     reason: str = ""  # why not, for the client
 
 
-def proxy_networks(cidrs: tuple[str, ...]) -> tuple:
+def proxy_networks(cidrs: tuple[str, ...]) -> tuple[Network, ...]:
     try:
         return tuple(ipaddress.ip_network(c.strip(), strict=False) for c in cidrs)
     except ValueError as exc:
         raise ValueError(f"--trusted-proxies: {exc} (give networks like 10.0.0.0/8 or 127.0.0.1)") from None
 
 
-def client_address(connection, headers=None, proxies: tuple = ()) -> str:
+def client_address(
+    connection: ServerConnection, headers: Headers | None = None, proxies: tuple[Network, ...] = ()
+) -> str:
     """The client's address: the peer's, or behind trusted proxies the last X-Forwarded-For hop
     that is not one of them (hops further left are the client's word, not a proxy's)."""
     address = connection.remote_address
@@ -142,11 +152,11 @@ def client_address(connection, headers=None, proxies: tuple = ()) -> str:
     hops = [hop.strip() for value in headers.get_all("X-Forwarded-For") for hop in value.split(",") if hop.strip()]
     for hop in reversed(hops):
         if not _trusted(hop, proxies):
-            return hop
+            return str(hop)
     return hops[0] if hops else peer
 
 
-def _trusted(address: str, proxies: tuple) -> bool:
+def _trusted(address: str, proxies: tuple[Network, ...]) -> bool:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:  # not an address (a garbled header): never a proxy, so it is the client's own word
@@ -154,20 +164,10 @@ def _trusted(address: str, proxies: tuple) -> bool:
     return any(ip in network for network in proxies)
 
 
-def http_response(status: http.HTTPStatus, body: dict, headers: dict[str, str] | None = None):
-    """A JSON HTTP response (the server's `respond`, plus extra headers)."""
-    from .server import respond
-
-    response = respond(status, json.dumps(body) + "\n", "application/json")
-    for name, value in (headers or {}).items():
-        response.headers[name] = value
-    return response
-
-
 class Gate:
     """The auth and connection limits of one server; `metrics.rejected` counts refusals by reason."""
 
-    def __init__(self, limits: Limits, auth: AuthConfig, metrics, capacity: Admission | None = None) -> None:
+    def __init__(self, limits: Limits, auth: AuthConfig, metrics: Metrics, capacity: Admission | None = None) -> None:
         self.limits = limits
         self.capacity = capacity
         self.auth = auth
@@ -176,8 +176,8 @@ class Gate:
         self.active = 0
         self._per_client: Counter[str] = Counter()
         self._proxies = proxy_networks(limits.trusted_proxies)
-        self._admissions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._waiting: set = set()  # connections waiting for a first message with their token
+        self._admissions: weakref.WeakKeyDictionary[ServerConnection, _Admission] = weakref.WeakKeyDictionary()
+        self._waiting: set[ServerConnection] = set()  # connections waiting for a first message with their token
         self._idle = asyncio.Event()
         self._idle.set()
         self.draining = False
@@ -187,17 +187,23 @@ class Gate:
         return bool(self.limits.max_sessions) and self.active >= self.limits.max_sessions
 
     def _refuse_http(
-        self, reason: str, status: http.HTTPStatus, message: str, headers: dict | None = None, error: str | None = None
-    ):
+        self,
+        reason: str,
+        status: http.HTTPStatus,
+        message: str,
+        headers: dict[str, Any] | None = None,
+        error: str | None = None,
+    ) -> Response:
         self._metrics.rejected.labels(reason).inc()
         log.info("refused an upgrade (%s): %s", reason, message)
-        return http_response(status, {"error": error or reason, "message": message}, headers)
+        return json_response(status, {"error": error or reason, "message": message}, headers)
 
     def _beyond_capacity(self, endpoint: Endpoint, sessions: int) -> bool:
-        """Whether one more session would exceed the measured capacity (streaming.admission)."""
+        """Whether one more session would exceed the measured capacity (streaming.server.admission)."""
         return self.capacity is not None and endpoint is not SUBSCRIBER and not self.capacity.admits(sessions)
 
     def _capacity_message(self) -> str:
+        assert self.capacity is not None  # refusals for capacity need an estimate
         return (
             f"the server is at its measured capacity ({self.capacity.capacity:.0f} sessions in real time); "
             "retry later or connect to another instance"
@@ -205,7 +211,7 @@ class Gate:
 
     # --- before the upgrade ------------------------------------------------------------------------
 
-    def check(self, connection, request, endpoint: Endpoint):
+    def check(self, connection: ServerConnection, request: Request, endpoint: Endpoint) -> Response | None:
         """None to go on with the handshake, or the HTTP response that refuses it."""
         if self.draining:
             return self._refuse_http(
@@ -234,7 +240,7 @@ class Gate:
                 "capacity",
                 http.HTTPStatus.SERVICE_UNAVAILABLE,
                 self._capacity_message(),
-                {"Retry-After": str(max(1, math.ceil(self.capacity.config.hold)))},
+                {"Retry-After": str(max(1, math.ceil(self.capacity.config.hold if self.capacity else 1)))},
                 "overloaded",
             )
         limit = self.limits.max_per_client
@@ -264,14 +270,16 @@ class Gate:
             "this server needs an API key: send the header Authorization: Bearer KEY or add ?token=KEY to the URL"
         )
 
-    def _unauthorized(self, message: str):
+    def _unauthorized(self, message: str) -> Response:
         return self._refuse_http(
             "unauthorized", http.HTTPStatus.UNAUTHORIZED, message, {"WWW-Authenticate": 'Bearer realm="breeze-stream"'}
         )
 
     # --- after the upgrade ---------------------------------------------------------------------------
 
-    async def serve(self, connection, endpoint: Endpoint, run: Callable[[object], Awaitable[None]]) -> None:
+    async def serve(
+        self, connection: ServerConnection, endpoint: Endpoint, run: Callable[[ServerConnection], Awaitable[None]]
+    ) -> None:
         """Counts the connection while `run(connection)` serves it, unless limits or auth refuse it."""
         address = self._client(connection)
         self.active += 1
@@ -284,9 +292,10 @@ class Gate:
                 return
             admission = self._admissions.pop(connection, None)
             if admission is not None and not admission.authorized:
-                connection = await self._first_message(connection, endpoint, admission)
-                if connection is None:
+                replay = await self._first_message(connection, endpoint, admission)
+                if replay is None:
                     return
+                connection = replay
             await run(connection)
         finally:
             self.active -= 1
@@ -296,7 +305,7 @@ class Gate:
             if not self.active:
                 self._idle.set()
 
-    def _client(self, connection, request=None) -> str:
+    def _client(self, connection: ServerConnection, request: Request | None = None) -> str:
         """The client address this gate counts; `request`: the upgrade request, before the handshake."""
         request = request or getattr(connection, "request", None)
         return client_address(connection, None if request is None else request.headers, self._proxies)
@@ -325,9 +334,11 @@ class Gate:
             return "overloaded", self._capacity_message(), CloseCode.TRY_AGAIN_LATER
         return None
 
-    async def _first_message(self, connection, endpoint: Endpoint, admission: _Admission):
+    async def _first_message(
+        self, connection: ServerConnection, endpoint: Endpoint, admission: _Admission
+    ) -> ServerConnection | None:
         """The connection (replaying what was read) once its first message carried a valid key, else None."""
-        browser = connection.request.headers.get("Origin") is not None
+        browser = connection.request is not None and connection.request.headers.get("Origin") is not None
         if admission.reason or not endpoint.takes_first_message(browser):
             await self._refuse(
                 connection,
@@ -354,7 +365,7 @@ class Gate:
             return None
         finally:
             self._waiting.discard(connection)
-        if token is None or not self.keys.check(token):
+        if token is None or self.keys is None or not self.keys.check(token):
             first = None
             try:
                 first = json.loads(read[0]) if read else None
@@ -374,10 +385,10 @@ class Gate:
                 first if isinstance(first, dict) else None,
             )
             return None
-        return Replay(connection, read)
+        return cast(ServerConnection, Replay(connection, read))  # a stand-in: the messages read come first
 
     @staticmethod
-    async def _read_token(connection, endpoint: Endpoint, read: list[str | bytes]) -> str | None:
+    async def _read_token(connection: ServerConnection, endpoint: Endpoint, read: list[str | bytes]) -> str | None:
         """Reads messages (into `read`, the key taken out) until the one that should carry the key."""
         while len(read) < FIRST_MESSAGES:
             message = await connection.recv()
@@ -391,7 +402,13 @@ class Gate:
         return None
 
     async def _refuse(
-        self, connection, endpoint: Endpoint, code: str, message: str, close_code: int, first: dict | None = None
+        self,
+        connection: ServerConnection,
+        endpoint: Endpoint,
+        code: str,
+        message: str,
+        close_code: int,
+        first: dict[str, Any] | None = None,
     ) -> None:
         log.info("refused a %s connection from %s (%s): %s", endpoint.name, self._client(connection), code, message)
         if close_code != CloseCode.GOING_AWAY:
@@ -405,7 +422,7 @@ class Gate:
             connection.transport.abort()
 
     @staticmethod
-    async def _say_and_close(connection, text: str | None, close_code: int, reason: str) -> None:
+    async def _say_and_close(connection: ServerConnection, text: str | None, close_code: int, reason: str) -> None:
         if text is not None:
             await connection.send(text)
         await connection.close(close_code, reason)

@@ -26,7 +26,7 @@ The transcriber owns a session's `Segmenter` and turns its segments into engine 
   outstanding, and the audio of segments waiting for finals is bounded by `max_queued_audio`:
   sessions `await room()` after feeding, which waits while the bound is exceeded;
 - the work of finals (audio waiting, engine and queue time) goes to `metrics.load`, from which
-  the server estimates its capacity (streaming.admission).
+  the server estimates its capacity (streaming.server.admission).
 
 Events come out in an order a client can rely on: all partials of a segment before its final,
 finals in segment order, nothing of a segment after its final, and no partial of a segment
@@ -42,16 +42,18 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import Any, Protocol
 
 import numpy as np
 
 from engines.alignment import Word
 from engines.decoding import DecodingOptions
-from engines.engine import Engine, Transcript
+from engines.engine import Transcript
 
-from .metrics import Metrics
+from ..metrics import Metrics
 from .segmenter import (
     SAMPLE_RATE,
     SegmentClosed,
@@ -62,8 +64,20 @@ from .segmenter import (
     SegmentGrew,
     SegmentStarted,
 )
+from .turns import TurnSegmenter
 
 log = logging.getLogger(__name__)
+
+
+class TranscriptionEngine(Protocol):
+    """What the streaming side needs of an engine: engines.engine.Engine in this process, or
+    streaming.server.workers.RemoteEngine in a worker of `serve --workers N`."""
+
+    name: str
+
+    async def transcribe_async(
+        self, audio: np.ndarray, options: DecodingOptions = ..., **kwargs: Any
+    ) -> Transcript | None: ...
 
 
 @dataclass(frozen=True)
@@ -72,7 +86,7 @@ class TranscriberConfig:
     """Seconds of new segment audio between two partial decodes."""
     partial_window: float | None = 2.0
     """Partials run the encoder on the segment plus this many seconds of silence (None: the full
-    30 s window). DESIGN.md, Encoder window: 2 s cost 0.2 CER points and saved 3.75x encoder time;
+    30 s window). docs/architecture.md, Streaming policy: 2 s cost 0.2 CER points and saved 3.75x encoder time;
     the engine falls back to the full window when a short window makes the decoder loop."""
     final_window: float | None = None
     """The encoder window of finals, as for partials (None: the full 30 s window)."""
@@ -197,20 +211,24 @@ class _Segment:
 class StreamingTranscriber:
     """Per-session policy; `feed` audio as it arrives, then `finish` (stop) or `aclose` (gone).
 
-    `emit` is called on the event loop, in event order, and must not block.
+    `emit` is called on the event loop, in event order, and must not block. `on_resolved(index)`,
+    where given, is called once a segment's final is resolved: its `Final` emitted, or the segment
+    found to hold no speech (OpenAI items need a `.completed` either way).
     """
 
     def __init__(
         self,
-        engine: Engine,
+        engine: TranscriptionEngine,
         options: DecodingOptions,
         emit: Callable[[Event], None],
         *,
         config: TranscriberConfig = TranscriberConfig(),
         metrics: Metrics | None = None,
-        segmenter: Segmenter | None = None,
+        segmenter: Segmenter | TurnSegmenter | None = None,
+        on_resolved: Callable[[int], None] | None = None,
     ) -> None:
         self._engine = engine
+        self._on_resolved = on_resolved
         self._options = options
         self._emit = emit
         self.config = config
@@ -276,6 +294,11 @@ class StreamingTranscriber:
             self._arrivals.popleft()
         self._maybe_partial()
 
+    def cut(self) -> None:
+        """Closes the open segment now (an OpenAI commit, an idle WhisperLive client); its final
+        follows as for any closed segment, and the stream goes on."""
+        self._handle(self._segmenter.flush())
+
     async def finish(self) -> None:
         """End of stream: closes the open segment and waits until every final is emitted."""
         self._handle(self._segmenter.flush())
@@ -331,10 +354,14 @@ class StreamingTranscriber:
                 arrival = self._arrival(event.end)
                 self._account(segment.end - segment.start)
                 task = self._spawn(self._final(segment, arrival, self._last_final))
-                task.add_done_callback(lambda _, n=segment.end - segment.start: self._account(-n))
+                task.add_done_callback(partial(self._release, segment.end - segment.start))
                 self._last_final = task
             elif isinstance(event, SegmentDiscarded):
                 log.debug("discarded a %d ms voiced blip at %.2f s", event.voiced_ms, event.start / SAMPLE_RATE)
+
+    def _release(self, samples: int, _: asyncio.Task[None]) -> None:
+        """A final is resolved: its audio no longer waits."""
+        self._account(-samples)
 
     def _arrival(self, position: int) -> float:
         """When the audio up to sample `position` had reached the server."""
@@ -343,7 +370,7 @@ class StreamingTranscriber:
                 return arrived
         return self._arrivals[-1][1] if self._arrivals else time.monotonic()
 
-    def _spawn(self, coroutine) -> asyncio.Task[None]:
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._settled)
@@ -432,6 +459,7 @@ class StreamingTranscriber:
         except Exception as exc:
             self._fail(exc, f"final decode of segment {segment.index}")
             return
+        assert transcript is not None  # only partials are ever dropped
         self._metrics.count_decode(transcript)
         self._metrics.load.final_decoded(
             len(segment.audio) / SAMPLE_RATE,
@@ -459,6 +487,8 @@ class StreamingTranscriber:
             )
             if segment.previous:
                 self._emit(Partial(segment.index, start, end, "", ""))
+        if self._on_resolved is not None and not self._closed:
+            self._on_resolved(segment.index)
 
     def _fail(self, exc: Exception, what: str) -> None:
         log.error("%s failed: %s", what, exc, exc_info=exc)

@@ -36,10 +36,15 @@ import logging
 import os
 import ssl
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from websockets.asyncio.server import ServerConnection
+from websockets.datastructures import Headers
+from websockets.typing import Subprotocol
 
 log = logging.getLogger(__name__)
 
@@ -118,13 +123,13 @@ class KeyRing:
 # --- what a request carries -----------------------------------------------------------------------
 
 
-def handshake_token(headers, path: str) -> str | None:
+def handshake_token(headers: Headers, path: str) -> str | None:
     """The key a WebSocket upgrade request carries: Bearer header, ?token=, or the OpenAI subprotocol."""
     authorization = headers.get("Authorization")
     if authorization:
         scheme, _, value = authorization.strip().partition(" ")
         if scheme.lower() == "bearer" and value.strip():
-            return value.strip()
+            return str(value.strip())
     for name, value in parse_qsl(urlsplit(path).query, keep_blank_values=True):
         if name == TOKEN_PARAM and value:
             return value
@@ -132,7 +137,7 @@ def handshake_token(headers, path: str) -> str | None:
         for protocol in header.split(","):
             protocol = protocol.strip()
             if protocol.startswith(OPENAI_KEY_PROTOCOL) and len(protocol) > len(OPENAI_KEY_PROTOCOL):
-                return protocol[len(OPENAI_KEY_PROTOCOL) :]
+                return str(protocol[len(OPENAI_KEY_PROTOCOL) :])
     return None
 
 
@@ -145,9 +150,9 @@ def without_token(path: str) -> str:
     return urlunsplit(("", "", parts.path, urlencode(query), parts.fragment))
 
 
-def select_subprotocol(connection, subprotocols) -> str | None:
+def select_subprotocol(connection: ServerConnection, subprotocols: Sequence[Subprotocol]) -> Subprotocol | None:
     """websockets' subprotocol hook: OpenAI's browser clients offer `realtime` next to their key."""
-    return "realtime" if "realtime" in subprotocols else None
+    return Subprotocol("realtime") if "realtime" in subprotocols else None
 
 
 def normalise_origin(origin: str) -> str:
@@ -186,13 +191,13 @@ class Endpoint:
     name: str
     first_message: str
     token: Callable[[str | bytes], tuple[str | None, str | bytes]]
-    error: Callable[[str, str, dict | None], str | None]
+    error: Callable[[str, str, dict[str, Any] | None], str | None]
 
     def takes_first_message(self, browser: bool) -> bool:
         return self.first_message == "always" or (self.first_message == "browser" and browser)
 
 
-def _json_object(message: str | bytes) -> dict | None:
+def _json_object(message: str | bytes) -> dict[str, Any] | None:
     try:
         value = json.loads(message)
     except (ValueError, UnicodeDecodeError):
@@ -225,11 +230,11 @@ def _no_token(message: str | bytes) -> tuple[str | None, str | bytes]:
     return None, message
 
 
-def _native_error(code: str, message: str, first: dict | None) -> str:
+def _native_error(code: str, message: str, first: dict[str, Any] | None) -> str:
     return json.dumps({"type": "error", "code": code, "message": message}, ensure_ascii=False)
 
 
-def _realtime_error(code: str, message: str, first: dict | None) -> str:
+def _realtime_error(code: str, message: str, first: dict[str, Any] | None) -> str:
     kind = "invalid_request_error" if code == "unauthorized" else "server_error"
     return json.dumps(
         {
@@ -240,14 +245,14 @@ def _realtime_error(code: str, message: str, first: dict | None) -> str:
     )
 
 
-def _whisperlive_error(code: str, message: str, first: dict | None) -> str:
+def _whisperlive_error(code: str, message: str, first: dict[str, Any] | None) -> str:
     uid = first.get("uid") if first else None
     if code == "overloaded":
         return json.dumps({"uid": uid, "status": "WAIT", "message": 1.0})  # minutes, WhisperLive's shape
     return json.dumps({"uid": uid, "status": "ERROR", "message": message}, ensure_ascii=False)
 
 
-def _silent(code: str, message: str, first: dict | None) -> None:
+def _silent(code: str, message: str, first: dict[str, Any] | None) -> None:
     return None  # Twilio reads nothing the server sends back
 
 
@@ -264,22 +269,23 @@ class Replay:
     """A connection whose next `recv` returns messages already read (by the first-message check);
     everything else is the connection's own."""
 
-    def __init__(self, connection, messages: list[str | bytes]) -> None:
+    def __init__(self, connection: ServerConnection, messages: list[str | bytes]) -> None:
         self._connection = connection
         self._buffered = deque(messages)
 
     async def recv(self, decode: bool | None = None) -> str | bytes:
         if self._buffered:
             return self._buffered.popleft()
-        return await self._connection.recv(decode)
+        message: str | bytes = await self._connection.recv(decode)
+        return message
 
-    async def __aiter__(self):
+    async def __aiter__(self) -> AsyncIterator[str | bytes]:
         while self._buffered:
             yield self._buffered.popleft()
         async for message in self._connection:
             yield message
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._connection, name)
 
 

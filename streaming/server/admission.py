@@ -14,7 +14,7 @@ so recent work counts most and a changed load shows within a horizon):
 - rtf: engine seconds per second of audio of finals, as the engine reports each request's encoder
   and decoder time (on a GPU, its share of a batch, so batching shows as a lower cost). Finals
   are the work that cannot be dropped; partials are skipped while the engine is behind
-  (streaming.transcriber), so they get what `utilization` leaves.
+  (streaming.audio.transcriber), so they get what `utilization` leaves.
 - speech: seconds of audio sent for finals per session-second (segments closed / session time):
   a phone call is partly silence, a replay at twice real time counts twice.
 - one session costs rtf x speech engine seconds per second, and finals may use `utilization` of
@@ -54,6 +54,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,9 @@ class LoadMeter:
     """The engine's work on finals, as the sessions' transcribers and the server report it."""
 
     def __init__(self, horizon: float = AdmissionConfig.horizon, clock: Callable[[], float] = time.monotonic) -> None:
-        fading = lambda: Fading(horizon, clock)  # noqa: E731
+        def fading() -> Fading:
+            return Fading(horizon, clock)
+
         self._final_audio, self._final_engine = fading(), fading()  # decoded finals: audio, engine seconds
         self._asked, self._session_time = fading(), fading()  # audio of closed segments; session-seconds
         self._delay, self._delays = fading(), fading()  # queue delays of finals, and how many
@@ -263,7 +266,7 @@ class Admission:
             return 0.0
         return max(0.0, math.floor(self.capacity) - sessions) if math.isfinite(self.capacity) else math.inf
 
-    def report(self, sessions: int) -> dict:
+    def report(self, sessions: int) -> dict[str, Any]:
         """The estimate and its inputs, for `/healthz` and the metrics."""
         self.update(sessions)
         capacity, free = self.capacity, self.free(sessions)

@@ -1,4 +1,4 @@
-"""The native protocol, `ws://HOST:PORT/v1/stream` (DESIGN.md): one connection, one session.
+"""The native protocol, `ws://HOST:PORT/v1/stream` (docs/native-protocol.md): one connection, one session.
 
 The client sends a `start` text frame, binary audio frames, then a `stop` text frame; the server
 answers `ready`, then `partial`/`final` events as the transcriber produces them, and after
@@ -6,8 +6,8 @@ answers `ready`, then `partial`/`final` events as the transcriber produces them,
 partials showed text but whose final decode finds no speech gets a last partial with empty
 `text` and `stable` (a retraction) and no final.
 
-Errors end the session: an `error` event with the DESIGN.md code and a message saying how to
-fix it, then a close with the matching WebSocket close code (RFC 6455, 7.4.1):
+Errors end the session: an `error` event with its code (docs/architecture.md) and a message saying
+how to fix it, then a close with the matching WebSocket close code (RFC 6455, 7.4.1):
 
 - start message not JSON: bad_request, 1007 (invalid frame payload data);
 - binary frame before start, or a text frame other than stop or update where audio is expected:
@@ -15,21 +15,22 @@ fix it, then a close with the matching WebSocket close code (RFC 6455, 7.4.1):
 - start message not an object or not of type start, fields of the wrong type, unknown
   language, sample rate outside 8-48 kHz, channels != 1: bad_request, 1008 (policy violation);
 - unknown encoding: unsupported_encoding, 1003 (unsupported data);
-- frame over the limit: frame_too_large, 1009 (message too big); past 4 times (server.FRAME_SLACK) the
-  limit the WebSocket layer refuses the frame unread, with 1009 and no event;
+- frame over the limit: frame_too_large, 1009 (message too big); past 4 times the limit
+  (streaming.server.app.FRAME_SLACK) the WebSocket layer refuses the frame unread, with 1009 and no
+  event;
 - no start message within the idle timeout: bad_request, 1008;
 - the engine failed on this session's audio: internal, 1011 (internal error);
 - the client reads events so slowly that `max_send_queue` of them wait: overloaded, 1013 (try
   again later; reason "send queue full"); the waiting events are dropped, and the connection is
-  cut if the error and close have not gone out within limits.REFUSAL_TIMEOUT.
+  cut if the error and close have not gone out within streaming.server.gate.REFUSAL_TIMEOUT.
 
-`ServerConfig.limits` (streaming.limits) adds what happens before a session starts: keys, the
+`ServerConfig.limits` (streaming.server.gate) adds what happens before a session starts: keys, the
 session and per-client limits (HTTP 401/403/429/503 before the upgrade, or an `unauthorized` /
 `overloaded` error event and close 1008 / 1013 after it). A session that reaches the server's
 maximum duration flushes its finals, then gets `end` with `"reason": "max_duration"` and a
 close 1008. While the engine is behind by more than `max_queued_audio` seconds of this session's
 audio, the session stops reading frames (TCP pushes back on the client) rather than queue more;
-the server's keepalive does not count that time against the client's pong (streaming.keepalive).
+the server's keepalive does not count that time against the client's pong (streaming.server.keepalive).
 
 Without errors the session closes with 1000 after `end` (on `stop`; on the idle timeout with
 `"reason": "idle_timeout"` in `end`), or with 1001 after `end` with `"reason": "shutdown"` when
@@ -43,50 +44,24 @@ import asyncio
 import json
 import logging
 import secrets
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any
 
 from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
 from engines.alignment import Word
 from engines.decoding import DecodingOptions
-from engines.engine import Engine
 from engines.options import LANGUAGES
 
-from .codecs import AudioDecoder, AudioFormatError
-from .limits import REFUSAL_TIMEOUT, closing
-from .metrics import Metrics
-from .transcriber import Event, Failure, Final, Partial, StreamingTranscriber, TranscriberConfig, check_prompt
+from ..audio.codecs import AudioDecoder, AudioFormatError
+from ..audio.transcriber import Event, Failure, Final, Partial, StreamingTranscriber, check_prompt
+from .base import ProtocolError, ProtocolSession, SessionContext
 
 log = logging.getLogger(__name__)
 
 START_EXAMPLE = '{"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le", "channels": 1, "language": "zh"}'
-
-
-@dataclass(frozen=True)
-class SessionConfig:
-    max_frame_bytes: int = 1 << 20
-    """Largest frame accepted (audio or text)."""
-    idle_timeout: float = 30.0
-    """Seconds without any frame after which the session flushes and ends (0: never)."""
-    language: str = "zh"
-    """Language of sessions whose start message names none."""
-    prompt: str = ""
-    """Prompt of sessions that send none (`serve --prompt`): names and terms every session expects."""
-    max_send_queue: int = 1024
-    """Events queued for a client that does not read them; past it the client is disconnected
-    (error code overloaded, logged), so a stalled reader cannot grow the server's memory."""
-    transcriber: TranscriberConfig = field(default_factory=TranscriberConfig)
-
-
-class ProtocolError(Exception):
-    """The client broke the protocol; the session ends with this error event and close code."""
-
-    def __init__(self, code: str, message: str, close_code: int) -> None:
-        super().__init__(message)
-        self.code = code
-        self.close_code = close_code
 
 
 @dataclass(frozen=True)
@@ -162,7 +137,7 @@ def parse_start(
     return Start(decoder, language, partials, prompt, condition, words)
 
 
-def word_list(words: list[Word]) -> list[dict]:
+def word_list(words: list[Word]) -> list[dict[str, Any]]:
     """Word timings as the protocols send them: text, start and end (stream seconds), probability."""
     return [
         {"text": w.text, "start": round(w.start, 3), "end": round(w.end, 3), "probability": round(w.probability, 3)}
@@ -170,7 +145,7 @@ def word_list(words: list[Word]) -> list[dict]:
     ]
 
 
-def control_message(message: str) -> dict | None:
+def control_message(message: str) -> dict[str, Any] | None:
     """A text frame after start as a JSON object with a type (stop, update), else None."""
     try:
         parsed = json.loads(message)
@@ -179,117 +154,76 @@ def control_message(message: str) -> dict | None:
     return parsed if isinstance(parsed, dict) and isinstance(parsed.get("type"), str) else None
 
 
-@dataclass(frozen=True)
-class _Close:
-    code: int
-    reason: str
+class NativeSession(ProtocolSession):
+    """One `/v1/stream` connection."""
 
+    label = "session"
 
-class NativeSession:
-    """One `/v1/stream` connection. Only the sender task writes to the socket, so events,
-    errors, `end` and the close go out in the order they were queued."""
-
-    def __init__(self, connection: ServerConnection, engine: Engine, metrics: Metrics, config: SessionConfig) -> None:
-        self.id = secrets.token_hex(6)
-        self._ws = connection
-        self._engine = engine
-        self._metrics = metrics
-        self.config = config
-        self._outbox: asyncio.Queue[str | _Close] = asyncio.Queue()
-        self._decoder: AudioDecoder | None = None
-        self._transcriber: StreamingTranscriber | None = None
-        self._finishing: asyncio.Task[None] | None = None
-        self._closing = False  # a close is queued: nothing more goes out
-
-    async def run(self) -> None:
-        sender = asyncio.get_running_loop().create_task(self._send_loop())
-        try:
-            await self._serve()
-        except ConnectionClosed as exc:
-            if not self._closing and self._finishing is None:
-                log.info("session %s: client closed without stop (%s)", self.id, exc)
-        except ProtocolError as exc:
-            self._error(exc.code, str(exc), exc.close_code)
-        except Exception:
-            log.exception("session %s: internal error", self.id)
-            self._error(
-                "internal",
-                "the server failed on this session; reconnect and start again (the failure is logged)",
-                CloseCode.INTERNAL_ERROR,
-            )
-        finally:
-            if self._transcriber is not None:
-                await self._transcriber.aclose()  # nothing left to flush after a finish
-                self._decoder.close()
-                self._metrics.sessions_active.dec()
-            self._close(CloseCode.NORMAL_CLOSURE, "")  # unless an earlier close is queued
-            await closing(self._ws, sender)  # frames the client still sends must not hold up the close
-
-    async def shutdown(self) -> None:
-        """The server is stopping: flush finals, send `end`, close with 1001 (going away)."""
-        if self._transcriber is None:
-            self._close(CloseCode.GOING_AWAY, "server shutting down")
-        else:
-            await self._finish(CloseCode.GOING_AWAY, "server shutting down", "shutdown")
+    def __init__(self, connection: ServerConnection, context: SessionContext) -> None:
+        super().__init__(connection, context, secrets.token_hex(6), context.config.max_send_queue)
 
     async def expire(self, seconds: float) -> None:
         """The session reached the server's maximum duration: flush finals, `end`, close 1008."""
         if self._transcriber is None:
-            self._close(CloseCode.POLICY_VIOLATION, "max duration")
+            self._out.close(CloseCode.POLICY_VIOLATION, "max duration")
         else:
+            message = f"this server ends sessions after {seconds:g} s; connect again to go on"
             await self._finish(
-                CloseCode.POLICY_VIOLATION,
-                "max duration",
-                "max_duration",
-                f"this server ends sessions after {seconds:g} s; connect again to go on",
+                partial(self._flush, CloseCode.POLICY_VIOLATION, "max duration", "max_duration", message)
             )
+
+    async def _drain(self) -> None:
+        """The server is stopping: flush finals, send `end`, close with 1001 (going away)."""
+        if self._transcriber is not None:
+            await self._finish(partial(self._flush, CloseCode.GOING_AWAY, "server shutting down", "shutdown"))
 
     # --- receiving ----------------------------------------------------------------------------
 
     async def _serve(self) -> None:
         try:
-            message = await self._recv()
+            message = await asyncio.wait_for(self._ws.recv(), self._idle_timeout())
         except asyncio.TimeoutError:
             raise ProtocolError(
                 "bad_request",
                 f"no start message within {self.config.idle_timeout:g} s; send {START_EXAMPLE} right after connecting",
                 CloseCode.POLICY_VIOLATION,
             ) from None
+        self._check_size(message)
         start = parse_start(
             message, self.config.language, self.config.prompt, self.config.transcriber.condition_on_previous
         )
         self._begin(start)
-        while True:
-            try:
-                message = await self._recv()
-            except asyncio.TimeoutError:
-                log.info("session %s: idle for %g s, ending it", self.id, self.config.idle_timeout)
-                await self._finish(CloseCode.NORMAL_CLOSURE, "idle timeout", "idle_timeout")
-                return
-            if self._finishing is not None:
-                continue  # shutting down: audio after the flush has nowhere to go
-            if isinstance(message, bytes):
-                self._transcriber.feed(self._decoder.decode(message))
-                await self._transcriber.room()  # the engine is far behind: stop reading until it catches up
-                continue
-            control = control_message(message)
-            kind = control and control["type"]
-            if kind == "stop":
-                await self._finish(CloseCode.NORMAL_CLOSURE, "", None)
-                return
-            if kind == "update":
-                self._update(control)
-            else:
-                raise ProtocolError(
-                    "bad_request",
-                    f'expected binary audio frames, {{"type": "update", "prompt": "..."}} or '
-                    f'{{"type": "stop"}} after start, got the text frame {message[:80]!r}; send audio as '
-                    "binary WebSocket frames",
-                    CloseCode.UNSUPPORTED_DATA,
-                )
+        await self._receive_loop()
 
-    async def _recv(self) -> str | bytes:
-        message = await asyncio.wait_for(self._ws.recv(), self.config.idle_timeout or None)  # recv is cancel-safe
+    async def _on_idle(self) -> bool:
+        log.info("session %s: idle for %g s, ending it", self.id, self.config.idle_timeout)
+        await self._finish(partial(self._flush, CloseCode.NORMAL_CLOSURE, "idle timeout", "idle_timeout"))
+        return True
+
+    async def _on_message(self, message: str | bytes) -> bool:
+        self._check_size(message)
+        assert self._transcriber is not None and self._decoder is not None
+        if isinstance(message, bytes):
+            self._transcriber.feed(self._decoder.decode(message))
+            await self._transcriber.room()  # the engine is far behind: stop reading until it catches up
+            return False
+        control = control_message(message)
+        kind = control and control["type"]
+        if kind == "stop":
+            await self._finish(partial(self._flush, CloseCode.NORMAL_CLOSURE, "", None))
+            return True
+        if control is not None and kind == "update":
+            self._update(control)
+            return False
+        raise ProtocolError(
+            "bad_request",
+            f'expected binary audio frames, {{"type": "update", "prompt": "..."}} or '
+            f'{{"type": "stop"}} after start, got the text frame {message[:80]!r}; send audio as '
+            "binary WebSocket frames",
+            CloseCode.UNSUPPORTED_DATA,
+        )
+
+    def _check_size(self, message: str | bytes) -> None:
         if len(message) > self.config.max_frame_bytes:
             raise ProtocolError(
                 "frame_too_large",
@@ -297,9 +231,8 @@ class NativeSession:
                 f"{self.config.max_frame_bytes} bytes; send audio in frames of 20-100 ms",
                 CloseCode.MESSAGE_TOO_BIG,
             )
-        return message
 
-    def _update(self, update: dict) -> None:
+    def _update(self, update: dict[str, Any]) -> None:
         """`update`: a new prompt from the next segment on. A bad one is refused with an error event
         and the session goes on with the prompt it had."""
         try:
@@ -312,13 +245,14 @@ class NativeSession:
         except ValueError as exc:
             log.warning("session %s: refused an update: %s", self.id, exc)
             self._metrics.errors.labels("bad_request").inc()
-            self._send(
+            self._out.send(
                 {"type": "error", "code": "bad_request", "message": f"update refused, the prompt is unchanged: {exc}"}
             )
             return
+        assert self._transcriber is not None  # updates come after start
         segment = self._transcriber.set_options(replace(self._transcriber.options, prompt=prompt))
         log.info("session %s: prompt of %d characters from segment %d on", self.id, len(prompt), segment)
-        self._send({"type": "updated", "prompt": prompt, "segment": segment})
+        self._out.send({"type": "updated", "prompt": prompt, "segment": segment})
 
     def _begin(self, start: Start) -> None:
         self._decoder = start.decoder
@@ -341,7 +275,7 @@ class NativeSession:
             len(start.prompt),
             ", conditioned on previous finals" if start.condition_on_previous else "",
         )
-        self._send(
+        self._out.send(
             {
                 "type": "ready",
                 "session": self.id,
@@ -353,13 +287,8 @@ class NativeSession:
             }
         )
 
-    async def _finish(self, code: int, reason: str, end_reason: str | None, message: str | None = None) -> None:
-        """Flush once, whoever asks (stop, idle timeout, shutdown); every caller waits for it."""
-        if self._finishing is None:
-            self._finishing = asyncio.ensure_future(self._flush(code, reason, end_reason, message))
-        await asyncio.shield(self._finishing)
-
-    async def _flush(self, code: int, reason: str, end_reason: str | None, message: str | None) -> None:
+    async def _flush(self, code: int, reason: str, end_reason: str | None, message: str | None = None) -> None:
+        assert self._transcriber is not None and self._decoder is not None  # a flush comes after start
         leftover = self._decoder.pending_bytes
         self._transcriber.feed(self._decoder.flush())
         await self._transcriber.finish()
@@ -372,8 +301,8 @@ class NativeSession:
                 "dropped (send whole samples: every frame's bytes join the next frame's)"
             )
             log.warning("session %s: %s", self.id, end["warning"])
-        self._send(end)
-        self._close(code, reason)
+        self._out.send(end)
+        self._out.close(code, reason)
         log.info(
             "session %s: ended (%s) after %.1f s of audio", self.id, end_reason or "stop", self._transcriber.seconds
         )
@@ -382,7 +311,7 @@ class NativeSession:
 
     def _on_event(self, event: Event) -> None:
         if isinstance(event, Partial):
-            self._send(
+            self._out.send(
                 {
                     "type": "partial",
                     "segment": event.segment,
@@ -394,7 +323,7 @@ class NativeSession:
             )
         elif isinstance(event, Final):
             t = event.transcript
-            final = {
+            final: dict[str, Any] = {
                 "type": "final",
                 "segment": event.segment,
                 "start": round(event.start, 3),
@@ -411,7 +340,7 @@ class NativeSession:
             if event.words is not None:
                 final["words"] = word_list(event.words)
                 final["stats"]["alignment_seconds"] = round(t.alignment_seconds, 4)
-            self._send(final)
+            self._out.send(final)
         elif isinstance(event, Failure):
             self._error(
                 "internal",
@@ -419,58 +348,17 @@ class NativeSession:
                 CloseCode.INTERNAL_ERROR,
             )
 
-    def _error(self, code: str, message: str, close_code: int) -> None:
-        log.warning("session %s: error %s (close %d): %s", self.id, code, close_code, message)
-        if self._closing:  # already ending (the client left, or an earlier error): nobody to tell
-            return
-        self._metrics.errors.labels(code).inc()
-        self._send({"type": "error", "code": code, "message": message})
-        self._close(close_code, code)
+    def _error_message(self, code: str, message: str) -> dict[str, Any]:
+        return {"type": "error", "code": code, "message": message}
 
-    def _send(self, event: dict) -> None:
-        if self._closing:
-            return
-        if self._outbox.qsize() >= self.config.max_send_queue:
-            self._drop_slow_client()
-            return
-        self._outbox.put_nowait(json.dumps(event, ensure_ascii=False))
-
-    def _drop_slow_client(self) -> None:
-        """The client stopped reading: the events waiting for it are dropped, the `overloaded` error and
-        a close 1013 take their place, and the connection is cut if they are not out within
-        REFUSAL_TIMEOUT (the sender's send and the receiver's recv then end with ConnectionClosed)."""
-        waiting = self._outbox.qsize()
-        log.warning(
-            "session %s: %d events wait for a client that does not read them; ending the session", self.id, waiting
-        )
+    def _last_words(self, waiting: int) -> dict[str, Any]:
+        """The client stopped reading: the events waiting for it are dropped for the `overloaded`
+        error and a close 1013 (streaming.protocols.base.Outbox)."""
         self._metrics.errors.labels("overloaded").inc()
-        self._closing = True
-        while not self._outbox.empty():
-            self._outbox.get_nowait()
-        self._outbox.put_nowait(
-            json.dumps(
-                {
-                    "type": "error",
-                    "code": "overloaded",
-                    "message": f"{waiting} events "
-                    "waited for this client, which did not read them; read events as they "
-                    "arrive, and connect again",
-                }
-            )
-        )
-        self._outbox.put_nowait(_Close(CloseCode.TRY_AGAIN_LATER, "send queue full"))
-        asyncio.get_running_loop().call_later(REFUSAL_TIMEOUT, self._ws.transport.abort)
-
-    def _close(self, code: int, reason: str) -> None:
-        if not self._closing:
-            self._closing = True
-            self._outbox.put_nowait(_Close(code, reason))
-
-    async def _send_loop(self) -> None:
-        """Writes queued events, then the close; a vanished client just ends it."""
-        try:
-            while not isinstance(item := await self._outbox.get(), _Close):
-                await self._ws.send(item)
-            await self._ws.close(item.code, item.reason)
-        except ConnectionClosed:
-            pass
+        return {
+            "type": "error",
+            "code": "overloaded",
+            "message": f"{waiting} events "
+            "waited for this client, which did not read them; read events as they "
+            "arrive, and connect again",
+        }

@@ -27,10 +27,9 @@ from engines.checkpoints import cache_dir, default_files
 from engines.decoding import DecodingOptions
 from engines.engine import Engine
 from engines.text import to_traditional
-
-from .codecs import load_audio
-from .manifest import read_clips
-from .scoring import corpus_score, score
+from streaming.audio.codecs import load_audio
+from streaming.manifest import read_clips
+from streaming.scoring import corpus_score, score
 
 
 def default_ct2_dir() -> Path:

@@ -43,6 +43,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Client, Connection, Listener, wait
@@ -81,14 +82,14 @@ class RemoteEngine:
         self.device: str = hello["device"]
         self._connection = connection
         self._ids = itertools.count()
-        self._pending: dict[int, Future] = {}
+        self._pending: dict[int, Future[Any]] = {}
         self._lock = threading.Lock()
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._state: dict[str, Any] = hello.get("state", {})
         self._heard = time.monotonic()
         self._lost: str | None = None
         self._closing = False
-        self.on_lost: list = []  # callables run (in the receiving thread) when the engine process is gone
+        self.on_lost: list[Any] = []  # callables run (in the receiving thread) when the engine process is gone
         threading.Thread(target=self._send_loop, name="breeze-remote-send", daemon=True).start()
         threading.Thread(target=self._receive_loop, name="breeze-remote-receive", daemon=True).start()
 
@@ -102,8 +103,8 @@ class RemoteEngine:
             raise RuntimeError(f"the engine process failed to load the model: {payload}")
         return cls(connection, payload)
 
-    def submit(self, audio: np.ndarray, options: DecodingOptions = DecodingOptions(), **keywords: Any) -> Future:
-        future: Future = Future()
+    def submit(self, audio: np.ndarray, options: DecodingOptions = DecodingOptions(), **keywords: Any) -> Future[Any]:
+        future: Future[Any] = Future()
         if keywords.get("stream") is not None:
             keywords["stream"] = id(keywords["stream"])  # the engine keys partials by stream; objects stay here
         with self._lock:
@@ -115,7 +116,7 @@ class RemoteEngine:
         self._outbox.put(("submit", request, np.asarray(audio, dtype=np.float32), options, keywords))
         return future
 
-    def _withdraw(self, request: int, future: Future) -> None:
+    def _withdraw(self, request: int, future: Future[Any]) -> None:
         """A request its caller cancelled (the client left) is withdrawn from the engine too."""
         if future.cancelled():
             with self._lock:
@@ -187,7 +188,7 @@ class RemoteEngine:
                 callback()
 
 
-def _settle(future: Future, value: Any, error: bool) -> None:
+def _settle(future: Future[Any], value: Any, error: bool) -> None:
     try:
         future.set_exception(value) if error else future.set_result(value)
     except InvalidStateError:  # cancelled meanwhile: its client left
@@ -203,7 +204,7 @@ class EngineService:
         self.engine: Any = None
         self.failure: str | None = None
         self._loaded = threading.Event()
-        self._outboxes: dict[int, queue.SimpleQueue] = {}
+        self._outboxes: dict[int, queue.SimpleQueue[Any]] = {}
         self._lock = threading.Lock()
         self._listener = Listener(address.path, family="AF_UNIX", authkey=address.authkey)
         threading.Thread(target=self._accept_loop, name="breeze-service-accept", daemon=True).start()
@@ -240,7 +241,7 @@ class EngineService:
             connection.send(("failed", self.failure))
             connection.close()
             return
-        outbox: queue.SimpleQueue = queue.SimpleQueue()
+        outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         connection.send(
             ("ready", {"name": self.engine.name, "device": str(self.engine.device), "state": self._state()})
         )
@@ -250,7 +251,7 @@ class EngineService:
         sender.start()
         with self._lock:
             self._outboxes[worker] = outbox
-        futures: dict[int, Future] = {}
+        futures: dict[int, Future[Any]] = {}
         try:
             while True:
                 try:
@@ -293,7 +294,7 @@ class EngineService:
         self._listener.close()
 
 
-def _answer(outbox: queue.SimpleQueue, futures: dict[int, Future], request: int, future: Future) -> None:
+def _answer(outbox: queue.SimpleQueue[Any], futures: dict[int, Future[Any]], request: int, future: Future[Any]) -> None:
     futures.pop(request, None)
     if future.cancelled():
         return
@@ -301,7 +302,7 @@ def _answer(outbox: queue.SimpleQueue, futures: dict[int, Future], request: int,
     outbox.put(("error", request, error) if error is not None else ("result", request, future.result()))
 
 
-def _drain_outbox(connection: Connection, outbox: queue.SimpleQueue) -> None:
+def _drain_outbox(connection: Connection, outbox: queue.SimpleQueue[Any]) -> None:
     while (message := outbox.get()) is not None:
         try:
             connection.send(message)
@@ -324,19 +325,17 @@ def worker_config(config: Any, address: EngineAddress, workers: int) -> Any:
     return replace(config, engine_address=address, reuse_port=True, limits=limits)
 
 
-def _worker_main(config: Any, index: int) -> None:
+def _worker_main(config: Any, index: int, serve: Callable[[Any], int]) -> None:
     """A front-end worker: the whole server with a RemoteEngine; exits when it drained or the engine is gone."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s worker{index} %(name)s: %(message)s")
     logging.getLogger("websockets").setLevel(logging.WARNING)
-    from .server import run_server
-
-    raise SystemExit(run_server(config))
+    raise SystemExit(serve(config))
 
 
-def run_workers(config: Any, workers: int) -> int:
-    """Serves with `workers` front-end processes and this process as the engine; returns the exit status."""
-    from .server import load_engine
-
+def run_workers(config: Any, workers: int, load_engine: Callable[[Any], Any], serve: Callable[[Any], int]) -> int:
+    """Serves with `workers` front-end processes, each running `serve(config)` (a module-level function:
+    it travels to the spawned process by name), and this process as the engine, `load_engine(config)`;
+    returns the exit status."""
     if config.port == 0:
         log.error("--workers needs a fixed --port (the workers share it)")
         return 2
@@ -358,12 +357,12 @@ def run_workers(config: Any, workers: int) -> int:
             if process.pid is not None and process.is_alive():
                 os.kill(process.pid, signal.SIGTERM)  # a second signal closes what is left, in the workers too
 
-    processes: list = []
+    processes: list[Any] = []
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     for index in range(workers):
         processes.append(
-            context.Process(target=_worker_main, args=(child_config, index), name=f"breeze-worker-{index}")
+            context.Process(target=_worker_main, args=(child_config, index, serve), name=f"breeze-worker-{index}")
         )
         processes[-1].start()
     log.info(
@@ -381,7 +380,7 @@ def run_workers(config: Any, workers: int) -> int:
             return 1
         service.loaded(engine)
         log.info("model %s loaded on %s in %.1f s", engine.name, engine.device, time.perf_counter() - started)
-        status = _supervise(processes, context, child_config, stopping, config.limits.drain_timeout)
+        status = _supervise(processes, context, child_config, serve, stopping, config.limits.drain_timeout)
         engine.close()
         return status
     finally:
@@ -392,7 +391,14 @@ def run_workers(config: Any, workers: int) -> int:
         shutil.rmtree(private, ignore_errors=True)
 
 
-def _supervise(processes: list, context: Any, config: Any, stopping: threading.Event, drain_timeout: float) -> int:
+def _supervise(
+    processes: list[Any],
+    context: Any,
+    config: Any,
+    serve: Callable[[Any], int],
+    stopping: threading.Event,
+    drain_timeout: float,
+) -> int:
     """Restarts workers that die until a signal, then waits for them to drain. Gives up (1) when
     workers keep dying within seconds of their start (a port in use, a bad option)."""
     started = {index: time.monotonic() for index in range(len(processes))}
@@ -405,7 +411,7 @@ def _supervise(processes: list, context: Any, config: Any, stopping: threading.E
             if process.exitcode is not None:
                 from prometheus_client import multiprocess
 
-                multiprocess.mark_process_dead(process.pid)
+                multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]  # unannotated upstream
                 quick_deaths += time.monotonic() - started[index] < QUICK_DEATH
                 if quick_deaths >= 2 * len(processes):
                     log.error("workers keep exiting at start (the last with %s); giving up", process.exitcode)
@@ -414,14 +420,14 @@ def _supervise(processes: list, context: Any, config: Any, stopping: threading.E
                     return 1
                 log.error("worker %d exited with %s; starting it again", index, process.exitcode)
                 time.sleep(WORKER_RESTART_PAUSE)
-                processes[index] = context.Process(target=_worker_main, args=(config, index), name=process.name)
+                processes[index] = context.Process(target=_worker_main, args=(config, index, serve), name=process.name)
                 processes[index].start()
                 started[index] = time.monotonic()
     log.info("shutting down: the workers flush their sessions' finals (at most %g s)", drain_timeout)
     return 0 if _wait_for(processes, drain_timeout + 5.0) else 1
 
 
-def _wait_for(processes: list, timeout: float) -> bool:
+def _wait_for(processes: list[Any], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     for process in processes:
         process.join(max(0.0, deadline - time.monotonic()))

@@ -1,0 +1,1 @@
+"""The audio pipeline of a session: codecs and resampling, VAD segments, the streaming transcriber."""

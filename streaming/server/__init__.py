@@ -1,0 +1,1 @@
+"""The server process: the listener and its HTTP side, who may connect, admission, keepalive, workers."""
