@@ -122,8 +122,8 @@ def save_tiny_model(path: Path) -> Path:
     TINY_TEXT to any audio) as an OpenAI-format .pt, which `breeze-stream serve --model PATH` loads."""
     import torch
 
-    from engines.checkpoints import default_vocabulary
-    from engines.model import ModelDims, Whisper
+    from engines.weights.checkpoints import default_vocabulary
+    from engines.whisper.model import ModelDims, Whisper
 
     dims = ModelDims(
         n_mels=80,

@@ -36,8 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cuda_graphs import GraphOptions, StepRunner, step_inputs
-from .model import KVCache, ModelDims, Whisper
+from engines.gpu.cuda_graphs import GraphOptions, StepRunner, step_inputs
+from engines.whisper.model import KVCache, ModelDims, Whisper
+
 from .options import add_bench_arguments
 from .synthetic import SHAPES, random_model, synthetic_vocabulary
 
@@ -144,11 +145,11 @@ def bench_encoder(
         shapes += [(b, short) for b in (batches[0], max(batches))]
     graphed = None
     if model.device.type == "cuda":
-        from .cuda_graphs import GraphedEncoder
+        from engines.gpu.cuda_graphs import GraphedEncoder
 
         graphed = GraphedEncoder(model.encoder, batch_buckets=tuple(sorted(set(batches))))
         if fused:  # Inductor-fused blocks (the engine's "compile" mode), graphed as well
-            from .fused import FusedEncoder
+            from engines.gpu.fused import FusedEncoder
 
             fused = GraphedEncoder(FusedEncoder(model.encoder), batch_buckets=tuple(sorted(set(batches))))
     for b, frames in shapes:
@@ -340,9 +341,10 @@ def bench_mixed(
 def bench_exact(model: Whisper, sequences: int = 8, tokens: int = 48) -> dict:
     """Greedy decodes of the same segments (half full windows, half 6 s) by the plain eager batch,
     the bucketed step run eagerly and the graphed step: identical tokens?"""
+    from engines.whisper.decoding import DecodingOptions
+    from engines.whisper.tokenizer import Tokenizer
+
     from .batching import Batch, Sequence
-    from .decoding import DecodingOptions
-    from .tokenizer import Tokenizer
 
     tok = Tokenizer(synthetic_vocabulary(model.dims.n_vocab))
     gen = torch.Generator(device=model.device).manual_seed(3)
@@ -389,7 +391,7 @@ class _RandomDrafter:
         self.n, self.rng = n, np.random.default_rng(seed)
 
     def propose(self, generated, limit):
-        from .decoding import Draft
+        from engines.whisper.decoding import Draft
 
         return Draft.chain(self.rng.integers(0, 50000, min(self.n, limit)).tolist(), self.source)
 
@@ -406,9 +408,10 @@ def bench_step(
     mode: str = "graph",
 ) -> list[dict]:
     """The running batch's step() end to end (host work included), graphed (in `mode`) where CUDA is."""
+    from engines.whisper.decoding import DecodingOptions
+    from engines.whisper.tokenizer import Tokenizer
+
     from .batching import Batch, Sequence
-    from .decoding import DecodingOptions
-    from .tokenizer import Tokenizer
 
     tok = Tokenizer(synthetic_vocabulary(model.dims.n_vocab))
     mode = mode if model.device.type == "cuda" else "eager"
@@ -462,7 +465,7 @@ def bench_probe(model: Whisper, pools: _Pools, batch: int, timer: Timer, copy_gb
     nbytes = 2 * k.numel() * k.element_size()
     out = []
     if model.device.type == "cuda":
-        from .cuda_graphs import cross_attention_report
+        from engines.gpu.cuda_graphs import cross_attention_report
 
         for b in sorted({1, 32, batch}):
             report = cross_attention_report(h, dh, k.shape[2], model.dtype, model.device, batch=b)

@@ -81,7 +81,7 @@ def measure_token_rate(manifest: Path) -> dict:
 
     from tokenizers import Tokenizer as HFTokenizer
 
-    from .checkpoints import default_files
+    from engines.weights.checkpoints import default_files
 
     tok = HFTokenizer.from_file(str(default_files()[0]["tokenizer.json"]))
     totals = {"zh+mix": [0, 0, 0.0], "all": [0, 0, 0.0]}
@@ -247,7 +247,7 @@ def _pct(values: list[float], q: float) -> float | None:
 
 
 async def _simulate(engine, config: SimConfig, probe: _EngineProbe) -> dict:
-    from .decoding import DecodingOptions
+    from engines.whisper.decoding import DecodingOptions
 
     loop = asyncio.get_running_loop()
     t0 = loop.time()
@@ -432,7 +432,8 @@ def run_capacity(args: argparse.Namespace) -> int:
         return 0
     import datetime
 
-    from .cuda_graphs import GraphOptions
+    from engines.gpu.cuda_graphs import GraphOptions
+
     from .engine import resolve_device
 
     device = resolve_device(args.device)

@@ -30,21 +30,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .alignment import Word, default_heads, word_timings
-from .audio import FRAMES_PER_SECOND, N_FRAMES, N_SAMPLES, SAMPLE_RATE, clip_mel, pad_mel
+from engines.gpu.cuda_graphs import GraphedEncoder, GraphOptions
+from engines.gpu.fused import FusedEncoder
+from engines.speculative.drafts import HypothesisDrafter, MedusaDrafter
+from engines.speculative.medusa import SHIPPED_HEADS, MedusaHeads, load_heads
+from engines.weights.checkpoints import Checkpoint, load_checkpoint
+from engines.weights.fp16 import available as fp16_available
+from engines.weights.fp16 import pack_fp16_weights
+from engines.whisper.alignment import Word, default_heads, word_timings
+from engines.whisper.audio import FRAMES_PER_SECOND, N_FRAMES, N_SAMPLES, SAMPLE_RATE, clip_mel, pad_mel
+from engines.whisper.decoding import DecodingOptions, DecodingResult, detect_language, segment_prompt
+from engines.whisper.model import Whisper
+from engines.whisper.text import chinese_pieces, chinese_text
+from engines.whisper.tokenizer import Tokenizer
+
 from .batching import Batch, Decoder, Sequence
-from .checkpoints import Checkpoint, load_checkpoint
-from .cuda_graphs import GraphedEncoder, GraphOptions
-from .decoding import DecodingOptions, DecodingResult, detect_language, segment_prompt
-from .drafts import HypothesisDrafter, MedusaDrafter
-from .fp16_weights import available as fp16_available
-from .fp16_weights import pack_fp16_weights
-from .fused import FusedEncoder
-from .medusa import SHIPPED_HEADS, MedusaHeads, load_heads
-from .model import Whisper
 from .synthetic import RANDOM_PREFIX, random_engine
-from .text import chinese_pieces, chinese_text
-from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ class Engine:
         self.model = Whisper(checkpoint.dims)
         self.model.load_state_dict(checkpoint.state_dict)
         self.model.to(self.device, self.dtype).eval().fuse()
-        # on the CPU, matrix products through fbgemm's fp16 GEMM (engines/fp16_weights.py); None: where available
+        # on the CPU, matrix products through fbgemm's fp16 GEMM (engines/weights/fp16.py); None: where available
         if fp16_weights is None:
             fp16_weights = self.device.type == "cpu" and fp16_available()
         self.fp16_weights = fp16_weights
@@ -178,7 +179,7 @@ class Engine:
             self.model.encoder if encoder is None else encoder
         )  # mel -> features; engines.trtllm swaps in a TensorRT-LLM engine
         self.suppress_tokens = checkpoint.suppress_tokens
-        # cross-attention heads whose weights follow the speech, for word timings (engines/alignment.py)
+        # cross-attention heads whose weights follow the speech, for word timings (engines/whisper/alignment.py)
         dims = checkpoint.dims
         self.alignment_heads = checkpoint.alignment_heads or default_heads(dims.n_text_layer, dims.n_text_head)
         self.heads = self._load_heads(checkpoint, medusa)
@@ -209,7 +210,7 @@ class Engine:
         # row slows the others' steps: finals run one at a time, each as soon as possible, and no partial
         # starts beside a final; a GPU batches them all
         self.partials_beside_finals = self.concurrent_finals = cuda
-        # decoder steps as CUDA graphs per batch-size bucket (engines/cuda_graphs.py); eager on the CPU
+        # decoder steps as CUDA graphs per batch-size bucket (engines/gpu/cuda_graphs.py); eager on the CPU
         self.graphs = None
         if self.device.type == "cuda" and cuda_graphs:
             self.graphs = cuda_graphs if isinstance(cuda_graphs, GraphOptions) else GraphOptions()
@@ -266,7 +267,7 @@ class Engine:
 
     @classmethod
     def load(cls, spec: str = "default", device: str = "auto", **kwargs) -> Engine:
-        """The engine of a model spec: a checkpoint (engines.checkpoints), or `random:SHAPE`, random
+        """The engine of a model spec: a checkpoint (engines.weights.checkpoints), or `random:SHAPE`, random
         weights of a real shape for load tests (engines.synthetic)."""
         if spec.startswith(RANDOM_PREFIX):
             log.warning("model %s: RANDOM WEIGHTS of that shape, for load tests; transcripts are meaningless", spec)
@@ -694,7 +695,7 @@ class Engine:
         return transcript
 
     def _word_timings(self, request: Request, res: DecodingResult, features: torch.Tensor) -> list[Word]:
-        """Timed words of a decoded final (one more decoder pass over its tokens, engines/alignment.py)."""
+        """Timed words of a decoded final (one more decoder pass over its tokens, engines/whisper/alignment.py)."""
         sot_sequence = self.tokenizer.prompt(res.language, request.options.task, timestamps=True)
         return word_timings(
             self.model,

@@ -25,7 +25,7 @@ SECTIONS = ("encoder", "decoder", "verify", "mixed", "step", "exact", "probe", "
 TOKENS_PER_SECOND = 5.43
 """Whisper tokens per second of speech in the dev references (zh + mix): bench-capacity's default (engines.capacity.measure_token_rate)."""
 DEFAULT_HEADS = 4
-"""Medusa heads a new set has (train-medusa --heads; engines.medusa.MedusaHeads)."""
+"""Medusa heads a new set has (train-medusa --heads; engines.speculative.medusa.MedusaHeads)."""
 
 
 def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
@@ -197,7 +197,7 @@ def add_capacity_arguments(parser: argparse.ArgumentParser) -> None:
         "--graph-mode",
         default="graph",
         choices=["graph", "compile"],
-        help="GraphOptions.mode: plain CUDA graphs, or Inductor-fused regions inside them (engines/fused.py)",
+        help="GraphOptions.mode: plain CUDA graphs, or Inductor-fused regions inside them (engines/gpu/fused.py)",
     )
     parser.add_argument(
         "--prewarm",

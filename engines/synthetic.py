@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import torch
 
-from .model import ModelDims, Whisper
+from engines.whisper.model import ModelDims, Whisper
+from engines.whisper.tokenizer import LANGUAGES, byte_encoder
+
 from .options import (
     TOKENS_PER_SECOND,  # Whisper tokens per second of speech, dev references (engines.capacity --measure-rate)
 )
-from .tokenizer import LANGUAGES, byte_encoder
 
 SHAPES = {
     # Breeze-ASR-25 is Whisper large-v2's shape
@@ -226,7 +227,8 @@ def random_engine(
     """An Engine on random weights of `shape` (a key of SHAPES), rigged as the module doc says,
     decoding `tokens_per_second` tokens per second of audio (None: requests set their own
     `max_new_tokens`). `engine_options` go to Engine (max_batch, speculative, cuda_graphs, ...)."""
-    from .checkpoints import Checkpoint
+    from engines.weights.checkpoints import Checkpoint
+
     from .engine import Engine, resolve_device
 
     if shape not in SHAPES:

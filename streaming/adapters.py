@@ -16,7 +16,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
-from engines.tokenizer import LANGUAGES as WHISPER_LANGUAGES
+from engines.whisper.tokenizer import LANGUAGES as WHISPER_LANGUAGES
 
 from .limits import REFUSAL_TIMEOUT, closing
 from .transcriber import StreamingTranscriber, join_text

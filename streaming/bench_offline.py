@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from engines.checkpoints import cache_dir, default_files
-from engines.decoding import DecodingOptions
 from engines.engine import Engine
-from engines.text import to_traditional
+from engines.weights.checkpoints import cache_dir, default_files
+from engines.whisper.decoding import DecodingOptions
+from engines.whisper.text import to_traditional
 
 from .codecs import load_audio
 from .manifest import read_clips

@@ -41,7 +41,7 @@ class _Version(argparse.Action):
 
 
 def decoding_options(args: argparse.Namespace):
-    from engines.decoding import DecodingOptions
+    from engines.whisper.decoding import DecodingOptions
 
     language = None if args.language == "auto" else args.language
     return DecodingOptions(language=language, beam_size=args.beam_size, timestamps=args.timestamps, prompt=args.prompt)
@@ -69,7 +69,7 @@ def engine_options(
     if window_bucket is not None:
         extra["window_bucket"] = window_bucket
     if cuda_graphs != "graph":
-        from engines.cuda_graphs import GraphOptions
+        from engines.gpu.cuda_graphs import GraphOptions
 
         extra["cuda_graphs"] = False if cuda_graphs == "off" else GraphOptions(mode=cuda_graphs)
     return extra
@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(
         "train-medusa",
-        "engines.medusa_train:run_train",
+        "engines.speculative.medusa_train:run_train",
         "train Medusa draft heads by self-distillation (labels: the model's own greedy output)",
     )
     add_train_arguments(p)

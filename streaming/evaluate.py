@@ -13,9 +13,9 @@ from dataclasses import replace
 
 from tqdm import tqdm
 
-from engines.decoding import DecodingOptions
 from engines.engine import Engine
-from engines.text import is_traditional
+from engines.whisper.decoding import DecodingOptions
+from engines.whisper.text import is_traditional
 
 from .codecs import load_audio
 from .manifest import Clip

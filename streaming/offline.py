@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engines.alignment import Word
-from engines.audio import N_SAMPLES, SAMPLE_RATE
-from engines.decoding import DecodingOptions
 from engines.engine import Engine, Transcript
+from engines.whisper.alignment import Word
+from engines.whisper.audio import N_SAMPLES, SAMPLE_RATE
+from engines.whisper.decoding import DecodingOptions
 
 from .segmenter import SegmentClosed, Segmenter
 from .transcriber import shift

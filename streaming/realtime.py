@@ -70,8 +70,8 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
-from engines.decoding import DecodingOptions
 from engines.engine import Engine
+from engines.whisper.decoding import DecodingOptions
 
 from .adapters import WHISPER_LANGUAGES, ItemTranscriber, Outbox, join_text
 from .codecs import AudioDecoder, AudioFormatError

@@ -49,10 +49,10 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
-from engines.alignment import Word
-from engines.decoding import DecodingOptions
 from engines.engine import Engine
 from engines.options import LANGUAGES
+from engines.whisper.alignment import Word
+from engines.whisper.decoding import DecodingOptions
 
 from .codecs import AudioDecoder, AudioFormatError
 from .limits import REFUSAL_TIMEOUT, closing

@@ -47,9 +47,9 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from engines.alignment import Word
-from engines.decoding import DecodingOptions
 from engines.engine import Engine, Transcript
+from engines.whisper.alignment import Word
+from engines.whisper.decoding import DecodingOptions
 
 from .metrics import Metrics
 from .segmenter import (

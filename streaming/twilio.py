@@ -54,7 +54,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
-from engines.decoding import DecodingOptions
+from engines.whisper.decoding import DecodingOptions
 
 from .adapters import WHISPER_LANGUAGES, Complaints, Outbox
 from .codecs import AudioDecoder

@@ -49,7 +49,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
-from engines.decoding import DecodingOptions
+from engines.whisper.decoding import DecodingOptions
 
 from .adapters import WHISPER_LANGUAGES, ItemTranscriber, Outbox
 from .auth import WHISPERLIVE

@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from engines.decoding import DecodingOptions
+from engines.whisper.decoding import DecodingOptions
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 if not Path("/dev/nvidiactl").exists():
-    # no GPU: Triton kernels (engines/decode_kernels.py) run in Triton's interpreter, set before they are defined
+    # no GPU: Triton kernels (engines/gpu/decode_kernels.py) run in Triton's interpreter, set before they are defined
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
@@ -15,10 +15,10 @@ import torch
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from engines.checkpoints import Checkpoint, default_suppress_ids, default_vocabulary
 from engines.engine import Engine
-from engines.model import ModelDims, Whisper
-from engines.tokenizer import Tokenizer
+from engines.weights.checkpoints import Checkpoint, default_suppress_ids, default_vocabulary
+from engines.whisper.model import ModelDims, Whisper
+from engines.whisper.tokenizer import Tokenizer
 
 DEV_DIR = Path(os.environ.get("BREEZE_EVAL_DEV", Path(__file__).resolve().parents[2] / "shared" / "eval" / "dev"))
 """The dev clips of ../shared/eval (outside the repository); tests that need them skip without."""

@@ -7,9 +7,9 @@ import torch
 
 from engines.capacity import SimConfig, simulate
 from engines.capacity import main as capacity_main  # streaming.cli's main is the server's
-from engines.checkpoints import default_suppress_ids, default_vocabulary
 from engines.synthetic import SHAPES, WHISPER_SUPPRESS, random_engine, synthetic_vocabulary
-from engines.tokenizer import Tokenizer
+from engines.weights.checkpoints import default_suppress_ids, default_vocabulary
+from engines.whisper.tokenizer import Tokenizer
 from streaming.cli import main
 
 

@@ -1,4 +1,4 @@
-"""The bucketed step of engines/cuda_graphs.py: the same tokens as the plain batch.
+"""The bucketed step of engines/gpu/cuda_graphs.py: the same tokens as the plain batch.
 
 On the CPU the StepRunner runs its static-buffer step eagerly (padding rows, width, frame and
 context buckets, prompts folded into the next step, the fused cross-attention projection): that
@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from engines.batching import Batch, Decoder, Sequence, _Tree
-from engines.cuda_graphs import GraphOptions, bucket, step_inputs, tree_visibility
-from engines.decoding import DecodingOptions
-from engines.drafts import HypothesisDrafter
-from engines.model import ModelDims, Whisper
+from engines.gpu.cuda_graphs import GraphOptions, bucket, step_inputs, tree_visibility
+from engines.speculative.drafts import HypothesisDrafter
 from engines.synthetic import WHISPER_SUPPRESS, synthetic_vocabulary
-from engines.tokenizer import Tokenizer
+from engines.whisper.decoding import DecodingOptions
+from engines.whisper.model import ModelDims, Whisper
+from engines.whisper.tokenizer import Tokenizer
 
 DIMS = ModelDims(
     n_mels=80,
@@ -142,9 +142,9 @@ def test_bucketed_step_gives_the_plain_tokens(parts, speculative):
 )
 @pytest.mark.parametrize("beyond", ["plain", "attention kernel"])
 def test_row_kernel_steps_give_the_plain_tokens(parts, beyond):
-    """Buckets of at most 16 rows through the Triton row kernels (engines/decode_kernels.py; Triton's
+    """Buckets of at most 16 rows through the Triton row kernels (engines/gpu/decode_kernels.py; Triton's
     interpreter on the CPU), larger ones through the plain step or through the plain projections with
-    the self-attention kernel (engines/decode_attention.py) and a padded vocabulary projection, as the
+    the self-attention kernel (engines/gpu/decode_attention.py) and a padded vocabulary projection, as the
     GPU runs them: the same tokens and draft acceptance."""
     model, tok, suppress = parts
     fused = Whisper(DIMS).eval()

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from engines.batching import Decoder
-from engines.checkpoints import default_suppress_ids, default_vocabulary
-from engines.decoding import DecodingOptions, Draft, LogitFilter, repetition_period
-from engines.model import ModelDims, Whisper, causal_mask
-from engines.tokenizer import Tokenizer
+from engines.weights.checkpoints import default_suppress_ids, default_vocabulary
+from engines.whisper.decoding import DecodingOptions, Draft, LogitFilter, repetition_period
+from engines.whisper.model import ModelDims, Whisper, causal_mask
+from engines.whisper.tokenizer import Tokenizer
 
 DIMS = ModelDims(
     n_mels=80,

@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import TINY_DIMS, TINY_TEXT, tiny_model
 
-from engines.audio import N_FRAMES
-from engines.checkpoints import Checkpoint, default_suppress_ids, default_vocabulary
-from engines.decoding import DecodingOptions
 from engines.engine import Engine
+from engines.weights.checkpoints import Checkpoint, default_suppress_ids, default_vocabulary
+from engines.whisper.audio import N_FRAMES
+from engines.whisper.decoding import DecodingOptions
 
 OPTIONS = DecodingOptions(language="zh")
 

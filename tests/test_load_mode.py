@@ -18,7 +18,7 @@ from test_server import http_get
 from websockets.asyncio.client import connect
 
 from engines.synthetic import RANDOM_PREFIX, SHAPES, TOKENS_PER_SECOND, random_engine, synthetic_vocabulary
-from engines.tokenizer import Tokenizer
+from engines.whisper.tokenizer import Tokenizer
 from streaming.server import Server, ServerConfig
 
 

@@ -23,8 +23,8 @@ from test_twilio import CALL, STREAM, media_messages, mulaw8k, play, start_messa
 from test_whisperlive import OPTIONS, check_segments, float32, session
 from websockets.asyncio.client import connect
 
-from engines.decoding import DecodingOptions
 from engines.engine import Engine
+from engines.whisper.decoding import DecodingOptions
 from streaming.server import Server, ServerConfig, config_from_args
 from streaming.session import SessionConfig
 from streaming.transcriber import MAX_PROMPT_CHARS

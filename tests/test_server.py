@@ -22,7 +22,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from engines.engine import Engine
-from engines.text import convert
+from engines.whisper.text import convert
 from streaming.codecs import encode_mulaw, load_audio
 from streaming.options import add_model_arguments, add_serve_arguments
 from streaming.server import WEB_ROOT, Server, ServerConfig, config_from_args, run_serve
@@ -423,7 +423,7 @@ def test_serve_arguments():
 
 
 def test_cuda_graph_modes_reach_the_engine():
-    from engines.cuda_graphs import GraphOptions
+    from engines.gpu.cuda_graphs import GraphOptions
     from streaming.cli import engine_options
 
     assert config_from_args(serve_args()).cuda_graphs == "graph"

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from engines.decoding import DecodingOptions
 from engines.engine import Transcript
+from engines.whisper.decoding import DecodingOptions
 from streaming.metrics import Metrics
 from streaming.segmenter import SegmentClosed, SegmentEvent, SegmentGrew, SegmentStarted
 from streaming.transcriber import (

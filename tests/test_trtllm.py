@@ -30,13 +30,13 @@ import torch
 from conftest import TINY_TEXT
 
 from engines import trtllm
-from engines.checkpoints import load_checkpoint
-from engines.decoding import DecodingOptions
 from engines.engine import Engine
-from engines.model import Whisper
 from engines.options import add_backend_arguments
-from engines.tokenizer import Tokenizer
 from engines.trtllm import backend, build, convert
+from engines.weights.checkpoints import load_checkpoint
+from engines.whisper.decoding import DecodingOptions
+from engines.whisper.model import Whisper
+from engines.whisper.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_TRTLLM = importlib.util.find_spec("tensorrt_llm") is not None
@@ -564,7 +564,7 @@ def hf_tiny(tmp_path_factory):
 
 
 def openai_name(hf: str) -> str | None:
-    """transformers -> openai/whisper names, written independently of engines.checkpoints."""
+    """transformers -> openai/whisper names, written independently of engines.weights.checkpoints."""
     hf = hf.removeprefix("model.")
     fixed = {
         "encoder.embed_positions.weight": "encoder.positional_embedding",
@@ -660,7 +660,7 @@ def test_hf_to_pt_round_trip_is_exact(hf_tiny, tmp_path):
 
 def test_converted_pt_computes_what_the_hf_model_computes(hf_tiny, tmp_path):
     path, model = hf_tiny
-    from engines.model import KVCache
+    from engines.whisper.model import KVCache
 
     convert.convert(str(path), tmp_path / "tiny.pt", dtype="float32", progress=None)
     checkpoint = load_checkpoint(str(tmp_path / "tiny.pt"), progress=None)
@@ -1046,7 +1046,7 @@ class FakeExecutor:
 
 @pytest.fixture
 def vocabulary():
-    from engines.checkpoints import default_vocabulary
+    from engines.weights.checkpoints import default_vocabulary
 
     return default_vocabulary()
 
@@ -1069,7 +1069,7 @@ def executor_engine(vocabulary, reply, **kw):
 
 def token_of(vocabulary, text):
     """The id of `text` as one byte-level BPE token."""
-    from engines.tokenizer import _BYTES
+    from engines.whisper.tokenizer import _BYTES
 
     to_char = {byte: char for char, byte in _BYTES.items()}
     return vocabulary.index("".join(to_char[b] for b in text.encode()))

@@ -17,10 +17,10 @@ import torch
 from conftest import DEV_DIR, TINY_TEXT
 from test_server import RATE, check_contract, pcm16, silence, stream, voiced
 
-from engines.alignment import default_heads, dtw, median_filter, split_words
-from engines.checkpoints import default_vocabulary, load_checkpoint
-from engines.decoding import DecodingOptions
-from engines.tokenizer import _BYTES, Tokenizer
+from engines.weights.checkpoints import default_vocabulary, load_checkpoint
+from engines.whisper.alignment import default_heads, dtw, median_filter, split_words
+from engines.whisper.decoding import DecodingOptions
+from engines.whisper.tokenizer import _BYTES, Tokenizer
 from streaming.codecs import load_audio
 from streaming.server import Server, ServerConfig
 

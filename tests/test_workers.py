@@ -27,7 +27,7 @@ from protocol_audio import pcm16, two_phrases, voiced
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from engines.decoding import DecodingOptions
+from engines.whisper.decoding import DecodingOptions
 from streaming.replay import parse_prometheus
 from streaming.workers import EngineAddress, EngineService, RemoteEngine
 

@@ -45,9 +45,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engines.audio import FRAMES_PER_SECOND, N_FRAMES, SAMPLE_RATE, clip_mel, pad_mel
-from engines.decoding import DecodingOptions, repetition_period, segment_prompt
-from engines.model import ModelDims
+from engines.whisper.audio import FRAMES_PER_SECOND, N_FRAMES, SAMPLE_RATE, clip_mel, pad_mel
+from engines.whisper.decoding import DecodingOptions, repetition_period, segment_prompt
+from engines.whisper.model import ModelDims
 
 from . import BACKENDS, MANIFEST, TRTLLM_IMAGE, TRTLLM_SERIES, TRTLLM_VERSION, VOCABULARY
 
@@ -442,8 +442,8 @@ class TrtEncoder:
 def _create_encoder_engine(
     engine_dir: Path, model: str, device: str, script: str, self_test: bool, manifest: dict | None, engine_kwargs: dict
 ):
-    from engines.checkpoints import load_checkpoint
     from engines.engine import Engine
+    from engines.weights.checkpoints import load_checkpoint
 
     checkpoint = load_checkpoint(model)
     config = read_engine_config(engine_dir, "encoder")
@@ -522,7 +522,7 @@ class ExecutorEngine:
         device: str = "cuda",
         poll_seconds: float = 0.01,
     ):
-        from engines.tokenizer import Tokenizer
+        from engines.whisper.tokenizer import Tokenizer
 
         self.executor = executor
         self.trtllm = bindings
@@ -755,7 +755,7 @@ class ExecutorEngine:
 
     def transcript(self, pending: _Pending, result):
         from engines.engine import Transcript
-        from engines.text import chinese_text
+        from engines.whisper.text import chinese_text
 
         tokens = list(result.output_token_ids[0])
         if tokens[: len(pending.prompt)] == pending.prompt:  # in case the input was not excluded
@@ -793,7 +793,7 @@ def _vocabulary(engine_dir: Path, model: str, manifest: dict | None) -> tuple[li
             list(manifest.get("suppress_tokens") or []),
             manifest.get("name") or str(engine_dir),
         )
-    from engines.checkpoints import SPECIAL_SUPPRESS, default_suppress_ids, default_vocabulary, load_checkpoint
+    from engines.weights.checkpoints import SPECIAL_SUPPRESS, default_suppress_ids, default_vocabulary, load_checkpoint
 
     if model != "default":
         checkpoint = load_checkpoint(model)

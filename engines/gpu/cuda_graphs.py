@@ -22,13 +22,13 @@ n_ctx - 2, see Sequence.cap), so even a clamped padding node writing there is ha
 
 Three modes share the same static-buffer step, so they compute the same function:
 `graph` (torch.cuda.CUDAGraph, captured lazily per bucket into one shared memory pool),
-`compile` (the regions between attention calls compiled by Inductor, engines/fused.py, and the
+`compile` (the regions between attention calls compiled by Inductor, engines/gpu/fused.py, and the
 step then recorded into the same kind of graph: fewer, fused kernels), and `eager` (the same step
 run directly: the reference, and the only mode on the CPU). In the graphed modes, buckets of at
 most 16 rows (batch x width) run through hand-written Triton kernels instead (`row_kernels`,
-engines/decode_kernels.py: eight or nine kernels per layer), which is what a lightly loaded GPU steps;
+engines/gpu/decode_kernels.py: eight or nine kernels per layer), which is what a lightly loaded GPU steps;
 larger buckets keep PyTorch's projections but take their self-attention and its cache writes
-from one Triton kernel (`attention_kernel`, engines/decode_attention.py).
+from one Triton kernel (`attention_kernel`, engines/gpu/decode_attention.py).
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import decode_attention, decode_kernels
-from .fused import FusedDecoder
-from .model import KVCache, Whisper
+from engines.gpu import decode_attention, decode_kernels
+from engines.gpu.fused import FusedDecoder
+from engines.whisper.model import KVCache, Whisper
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 WIDTH_BUCKETS = (1, 4, 9)  # a plain step; a prompt (sot, language, task, notimestamps); last token + 8 draft nodes
@@ -81,9 +81,9 @@ class GraphOptions:
     cross_attention: str = "auto"
     encoder: bool = True  # the engine also replays its encoder as CUDA graphs (GraphedEncoder)
     # steps of at most decode_kernels.MAX_ROWS rows (batch x width) through the Triton row kernels
-    # (engines/decode_kernels.py): None = on CUDA where Triton is installed
+    # (engines/gpu/decode_kernels.py): None = on CUDA where Triton is installed
     row_kernels: bool | None = None
-    # steps of more rows: self-attention with its cache writes as one Triton kernel (engines/decode_attention.py)
+    # steps of more rows: self-attention with its cache writes as one Triton kernel (engines/gpu/decode_attention.py)
     # instead of two scatters and cuDNN's attention; None = on CUDA where Triton is installed
     attention_kernel: bool | None = None
     # the vocabulary projection's rows padded with zeros to a multiple of this; None = 64 on CUDA, where with

@@ -22,7 +22,7 @@
    token that occurs as a target plus 4,096 random others per step (~10x cheaper; accuracy is
    always measured over the full vocabulary). With h_j the hidden state whose base-head target
    is token y_j, head k (0-based) is trained with cross-entropy against y_{j+k+1}: offset k + 2
-   from the input token, the convention of engines/medusa.py. A held-out split (5% of the clips, grouped by the manifest's
+   from the input token, the convention of engines/speculative/medusa.py. A held-out split (5% of the clips, grouped by the manifest's
    text so the same sentence never lands on both sides) gives per-head top-1 / top-3 accuracy and
    the chain acceptance: the mean number of leading heads whose top-1 is right, so
    1 + that is the expected tokens per decoder forward of a top-1 Medusa chain.
@@ -49,8 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .medusa import MedusaHeads, save_heads
-from .options import add_train_arguments
+from engines.options import add_train_arguments
+from engines.speculative.medusa import MedusaHeads, save_heads
 
 CACHE_FORMAT = "breeze-stream-medusa-cache/1"
 CKPT_FORMAT = "breeze-stream-medusa-ckpt/1"
@@ -197,8 +197,8 @@ class Labeller:
     exactly the states a teacher-forced pass over prompt + labels would, so no second pass."""
 
     def __init__(self, checkpoint, device: torch.device, dtype: torch.dtype | None = None):
-        from .model import Whisper
-        from .tokenizer import Tokenizer
+        from engines.whisper.model import Whisper
+        from engines.whisper.tokenizer import Tokenizer
 
         self.device = device
         self.dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
@@ -213,9 +213,9 @@ class Labeller:
     def label(self, audios: list, options) -> list[tuple[list[int], Tensor, Tensor] | str]:
         """Per clip: (greedy tokens, hidden [n + 1, d] fp16 on the CPU, targets [n + 1]) or a skip
         reason. targets = tokens + <|endoftext|> (tokens alone when the length cap cut them)."""
-        from .audio import N_FRAMES, clip_mel, pad_mel
-        from .decoding import LogitFilter, repetition_period
-        from .model import causal_mask
+        from engines.whisper.audio import N_FRAMES, clip_mel, pad_mel
+        from engines.whisper.decoding import LogitFilter, repetition_period
+        from engines.whisper.model import causal_mask
 
         model, tok, device = self.model, self.tokenizer, self.device
         n_ctx = model.dims.n_text_ctx
@@ -274,9 +274,8 @@ class Labeller:
 def verify_labels(checkpoint, device: torch.device, clips: list[Clip], labeller: Labeller, options, log) -> None:
     """The labels must be what the engine itself outputs: compare a few clips with
     Engine.transcribe (speculation off where the engine has the switch)."""
+    from engines.engine import Engine
     from streaming.codecs import load_audio
-
-    from .engine import Engine
 
     try:
         engine = Engine(checkpoint, device=str(device), dtype=labeller.dtype, speculative="off")
@@ -301,9 +300,8 @@ def verify_labels(checkpoint, device: torch.device, clips: list[Clip], labeller:
 def build_cache(labeller: Labeller, clips: list[Clip], cache: HiddenCache, options, batch: int) -> None:
     from tqdm import tqdm
 
+    from engines.whisper.audio import SAMPLE_RATE
     from streaming.codecs import load_audio
-
-    from .audio import SAMPLE_RATE
 
     done = cache.done
     todo = [c for c in clips if c.id not in done]
@@ -566,9 +564,9 @@ def train_heads(
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .checkpoints import load_checkpoint
-    from .decoding import DecodingOptions
-    from .engine import resolve_device
+    from engines.engine import resolve_device
+    from engines.weights.checkpoints import load_checkpoint
+    from engines.whisper.decoding import DecodingOptions
 
     torch.manual_seed(args.seed)
     random.seed(args.seed)

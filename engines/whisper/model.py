@@ -1,7 +1,7 @@
 """A lean Whisper in PyTorch: encoder, and a decoder with a static self-attention KV cache.
 
 Parameter names are openai/whisper's, so an OpenAI-format checkpoint loads as it is and every
-other format is mapped onto these names (engines/checkpoints.py). The decoder never grows
+other format is mapped onto these names (engines/weights/checkpoints.py). The decoder never grows
 tensors: each sequence owns fixed cache rows of `n_text_ctx` positions, new keys/values are
 scattered in at their positions, and the caller's mask says which positions a query may see.
 That one mechanism serves plain greedy steps, beam search (rows reordered), speculative
@@ -64,7 +64,7 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> Ten
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
     """SDPA over [B, H, T, D] heads. `mask`: None, a mask for SDPA, or a callable attention
-    (q, k, v) -> out that applies its own masking (engines/cuda_graphs.py KeyLengths: per-row key counts)."""
+    (q, k, v) -> out that applies its own masking (engines/gpu/cuda_graphs.py KeyLengths: per-row key counts)."""
     if mask is not None and not isinstance(mask, Tensor):
         return mask(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -78,7 +78,7 @@ class MultiHeadAttention(nn.Module):
         self.key = Linear(n_state, n_state, bias=False)
         self.value = Linear(n_state, n_state)
         self.out = Linear(n_state, n_state)
-        self.fused: tuple[Tensor, Tensor] | nn.Module | None = None  # engines/fp16_weights.py makes it a module
+        self.fused: tuple[Tensor, Tensor] | nn.Module | None = None  # engines/weights/fp16.py makes it a module
 
     @torch.no_grad()
     def fuse_qkv(self) -> None:
@@ -198,7 +198,7 @@ class TextDecoder(nn.Module):
             ResidualAttentionBlock(n_state, n_head, cross_attention=True) for _ in range(n_layer)
         )
         self.ln = LayerNorm(n_state)
-        self.output: nn.Module | None = None  # the vocabulary projection, when packed (engines/fp16_weights.py)
+        self.output: nn.Module | None = None  # the vocabulary projection, when packed (engines/weights/fp16.py)
 
     def cross_kv(self, features: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Cross-attention keys/values of every layer: computed once per segment."""

@@ -8,7 +8,7 @@ layer norms, projections, biases, GELU and residual adds, as three functions tha
 shares (the weights are arguments, so one compiled graph serves all 32 layers; the rows are
 flattened to [N, D], so after the first recompilation one graph serves every batch and width).
 The KV-cache scatter and the attention kernels run as they are, and the CUDA graph of a step
-(engines/cuda_graphs.py) records both kinds. The encoder block, which has no cache, is compiled
+(engines/gpu/cuda_graphs.py) records both kinds. The encoder block, which has no cache, is compiled
 whole (its attention becomes Inductor's call to the same SDPA kernel).
 
 `backend` is torch.compile's: "inductor" on a GPU; tests run the same regions on the CPU with
@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import decode_attention
-from .decode_attention import MAX_WIDTH
-from .model import AudioEncoder, KVCache, LayerNorm, ResidualAttentionBlock, TextDecoder, attention
+from engines.gpu import decode_attention
+from engines.gpu.decode_attention import MAX_WIDTH
+from engines.whisper.model import AudioEncoder, KVCache, LayerNorm, ResidualAttentionBlock, TextDecoder, attention
 
 
 def _norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .decoding import Draft
-from .model import Whisper
+from engines.whisper.decoding import Draft
+from engines.whisper.model import Whisper
 
 
 class HypothesisDrafter:
@@ -39,7 +39,7 @@ class HypothesisDrafter:
 
 # Medusa candidate tree: each path lists the rank (0 = top-1) of the token taken from heads
 # 0, 1, ...: the top-2 of head 0 and the top-1 of head 1 after head 0's best. Deeper heads of
-# the shipped whisper-base heads are right 1-3% of the time (engines/heads/README.md), and on a
+# the shipped whisper-base heads are right 1-3% of the time (engines/speculative/heads/README.md), and on a
 # CPU every node costs a full output projection, so the tree stays this small.
 DEFAULT_TREE: tuple[tuple[int, ...], ...] = ((0,), (1,), (0, 0))
 

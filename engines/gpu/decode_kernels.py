@@ -13,7 +13,7 @@ Here each projection is one kernel that does all the pointwise work around it:
     g     = GELU(LN3(x) @ W1 + b1)
     x     = x + g @ W2 + b2
 
-plus the self-attention and the cross-attention (engines/decode_attention.py's kernels, or
+plus the self-attention and the cross-attention (engines/gpu/decode_attention.py's kernels, or
 PyTorch's SDPA for the cross-attention of plain steps over whole windows, where cuDNN is faster).
 Every weight is read once per step, and a row's layer norm is recomputed by every program from
 the row itself (a few KB, in L2) instead of being a kernel of its own. Two forms:
@@ -26,7 +26,7 @@ the row itself (a few KB, in L2) instead of being a kernel of its own. Two forms
   of 16) over the whole K; the padding's arithmetic costs nothing next to the weight reads.
 
 `KernelDecoder.hidden` is TextDecoder.hidden for rows 0..B-1 through these kernels; the StepRunner
-(engines/cuda_graphs.py) records it into its CUDA graphs for buckets of at most `MAX_ROWS` rows.
+(engines/gpu/cuda_graphs.py) records it into its CUDA graphs for buckets of at most `MAX_ROWS` rows.
 On the CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1), which is how the tests
 check them against the plain model.
 """
@@ -36,8 +36,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .decode_attention import cross_attention, launch_options, self_attention
-from .model import KVCache, LayerNorm, TextDecoder, attention
+from engines.gpu.decode_attention import cross_attention, launch_options, self_attention
+from engines.whisper.model import KVCache, LayerNorm, TextDecoder, attention
 
 try:
     import triton
@@ -54,7 +54,7 @@ def available() -> bool:
 
 
 if triton is not None:
-    from .decode_attention import dependent_start
+    from engines.gpu.decode_attention import dependent_start
 
     @triton.jit
     def _row_linear(

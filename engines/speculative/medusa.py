@@ -21,7 +21,7 @@ Whisper's logit rules), the rest are verified in the next forward.
 
 The linear layers are initialised to zero, and SiLU(0) = 0, so an untrained head is the
 identity: its logits equal the base head's, i.e. it predicts the *next* token again. Training
-(engines/medusa_train.py) moves head k to offset k + 2.
+(engines/speculative/medusa_train.py) moves head k to offset k + 2.
 
 Files: ``save_heads`` / ``load_heads`` keep the weights in safetensors with metadata (format,
 n_state, n_heads, base model, training-data recipe, held-out accuracy ...).
@@ -39,7 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .options import DEFAULT_HEADS
+from engines.options import DEFAULT_HEADS
 
 FORMAT = "breeze-stream-medusa/1"
 SHIPPED_HEADS = Path(__file__).resolve().parent / "heads" / "whisper-base-medusa4.safetensors"
@@ -92,7 +92,7 @@ class MedusaHeads(nn.Module):
 
     def logits(self, model, hidden: Tensor) -> Tensor:
         """Per-head logits ``[..., K, n_vocab]`` (float32) through the model's shared output
-        projection; ``model`` is an engines.model.Whisper."""
+        projection; ``model`` is an engines.whisper.model.Whisper."""
         return model.decoder.logits(self(hidden))
 
     @torch.no_grad()

@@ -14,8 +14,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from .model import Whisper, causal_mask
-from .tokenizer import Tokenizer
+from engines.whisper.model import Whisper, causal_mask
+from engines.whisper.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .model import Linear, MultiHeadAttention, Whisper
+from engines.whisper.model import Linear, MultiHeadAttention, Whisper
 
 
 class PackedLinear(nn.Module):

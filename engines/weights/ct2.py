@@ -14,7 +14,7 @@ from typing import BinaryIO
 
 import torch
 
-from engines.model import ModelDims
+from engines.whisper.model import ModelDims
 
 BINARY_VERSION = 6
 # CTranslate2's DataType enum order (include/ctranslate2/types.h).

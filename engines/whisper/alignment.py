@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .audio import FRAMES_PER_SECOND, HOP_LENGTH
-from .model import Whisper
-from .tokenizer import _BYTES, Tokenizer
+from engines.whisper.audio import FRAMES_PER_SECOND, HOP_LENGTH
+from engines.whisper.model import Whisper
+from engines.whisper.tokenizer import _BYTES, Tokenizer
 
 MEDIAN_FILTER_WIDTH = 7
 TOKENS_PER_SECOND = FRAMES_PER_SECOND // 2  # encoder positions per second of audio (50)
