@@ -22,38 +22,34 @@ import logging
 import math
 import threading
 import time
-import zlib
-from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, field, replace
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from engines.batching import Batch, Decoder, Sequence
 from engines.gpu.cuda_graphs import GraphedEncoder, GraphOptions
 from engines.gpu.fused import FusedEncoder
+from engines.scheduling import Admission, Request, fail, newest, resolve, superseded, window_frames
 from engines.speculative.drafts import HypothesisDrafter, MedusaDrafter
 from engines.speculative.medusa import SHIPPED_HEADS, MedusaHeads, load_heads
+from engines.synthetic import RANDOM_PREFIX, random_engine
+from engines.transcript import Transcript, shape_text, shape_words
 from engines.weights.checkpoints import Checkpoint, load_checkpoint
 from engines.weights.fp16 import available as fp16_available
 from engines.weights.fp16 import pack_fp16_weights
 from engines.whisper.alignment import Word, default_heads, word_timings
-from engines.whisper.audio import FRAMES_PER_SECOND, N_FRAMES, N_SAMPLES, SAMPLE_RATE, clip_mel, pad_mel
+from engines.whisper.audio import N_FRAMES, N_SAMPLES, SAMPLE_RATE, clip_mel, pad_mel
 from engines.whisper.decoding import DecodingOptions, DecodingResult, detect_language, segment_prompt
 from engines.whisper.model import Whisper
-from engines.whisper.text import chinese_pieces, chinese_text
 from engines.whisper.tokenizer import Tokenizer
-
-from .batching import Batch, Decoder, Sequence
-from .synthetic import RANDOM_PREFIX, random_engine
 
 log = logging.getLogger(__name__)
 
 CUDA_MAX_BATCH, CPU_MAX_BATCH = 128, 16
 CUDA_WINDOW_BUCKET, CPU_WINDOW_BUCKET = 5.0, 1.0  # seconds
-NO_SPEECH_THRESHOLD = 0.6
-LOGPROB_THRESHOLD = -1.0
-COMPRESSION_RATIO_THRESHOLD = 2.4
 
 
 def resolve_device(device: str) -> torch.device:
@@ -62,67 +58,6 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu")
     return torch.device(device)
-
-
-@dataclass
-class Transcript:
-    """One decoded segment, with what it cost."""
-
-    text: str  # after the text stage (Traditional Chinese, full-width punctuation, unless the script is as-is)
-    tokens: list[int]
-    language: str
-    no_speech_prob: float
-    avg_logprob: float
-    looped: bool
-    window_frames: int  # mel frames the encoder saw (3000 = the full 30 s window)
-    encoder_seconds: float
-    decoder_seconds: float
-    forwards: int
-    draft_proposed: dict[str, int] = field(default_factory=dict)
-    draft_accepted: dict[str, int] = field(default_factory=dict)
-    words: list[Word] | None = None  # timed words of a final that asked for them (seconds from the audio's start)
-    alignment_seconds: float = 0.0  # what finding the word timings took
-
-    @property
-    def has_speech(self) -> bool:
-        """Whisper's own rule for a silent segment, plus the blank and the loop cases."""
-        if not self.text.strip():
-            return False
-        if self.no_speech_prob > NO_SPEECH_THRESHOLD and self.avg_logprob < LOGPROB_THRESHOLD:
-            return False
-        return not self.repetitive
-
-    @property
-    def repetitive(self) -> bool:
-        """Whisper's compression-ratio test: text that gzip shrinks this much repeats itself."""
-        data = self.text.encode()
-        return len(data) >= 32 and len(data) / len(zlib.compress(data)) > COMPRESSION_RATIO_THRESHOLD
-
-    @property
-    def reliable(self) -> bool:
-        """Fit to condition the next segment on: openai/whisper carries no text forward from a
-        decode that needed its fallback (compression ratio or average log-probability past the
-        thresholds), nor from one that looped."""
-        return not (self.looped or self.repetitive or self.avg_logprob < LOGPROB_THRESHOLD)
-
-
-@dataclass(eq=False)  # requests are compared by identity (they hold arrays)
-class Request:
-    audio: np.ndarray  # float32 mono 16 kHz
-    options: DecodingOptions
-    window: float | None  # seconds of silence margin after the clip; None = the full 30 s window
-    previous: list[int] | None  # the segment's previous hypothesis: a draft
-    speculative: str  # off | hypothesis | medusa | both
-    final: bool  # finals go before partials and are never dropped
-    stream: object | None  # partials of one stream supersede each other
-    future: Future
-    seq: int = 0
-    encoder_seconds: float = 0.0
-    decoder_seconds: float = 0.0
-    forwards: int = 0  # spent on an earlier attempt (a short window that looped)
-    alone: bool = False  # its batch failed: it is retried by itself, so that only a bad request fails
-    words: bool = False  # a final that wants word timings
-    features: torch.Tensor | None = None  # its encoder output, kept for the word timings until it is answered
 
 
 SPECULATIVE_MODES = ("off", "hypothesis", "medusa", "both")
@@ -198,18 +133,8 @@ class Engine:
         # segments of similar length share one encoder call (one call per distinct window; on a GPU
         # coarser buckets batch more partials per call, as the capacity runs measured)
         self.window_bucket = window_bucket or (CUDA_WINDOW_BUCKET if cuda else CPU_WINDOW_BUCKET)
-        # partials are optional work: they may hold at most `max_partials` rows of the batch, and at most
-        # `partials_per_round` start between two decoder steps, so that their encoder calls and rows
-        # never stall the finals (a stream's newest partial waits; an older one is answered None)
-        # (BENCHMARKS.md, capacity: on an H200 at 200 streams, 8 of 128 rows and 2 per round cut the p95 by 2/3)
-        self.max_partials = (
-            max_partials if max_partials is not None else (max(4, max_batch // 16) if cuda else max_batch)
-        )
-        self.partials_per_round = partials_per_round or (2 if cuda else max_batch)
-        # on the CPU batching buys little (an encoder call for 3 windows costs what 3 calls cost) while every
-        # row slows the others' steps: finals run one at a time, each as soon as possible, and no partial
-        # starts beside a final; a GPU batches them all
-        self.partials_beside_finals = self.concurrent_finals = cuda
+        # partials are optional work, finals never wait for them (engines/scheduling.py)
+        self.admission = Admission.for_device(cuda, max_batch, max_partials, partials_per_round)
         # decoder steps as CUDA graphs per batch-size bucket (engines/gpu/cuda_graphs.py); eager on the CPU
         self.graphs = None
         if self.device.type == "cuda" and cuda_graphs:
@@ -410,7 +335,7 @@ class Engine:
                 )
                 error = RuntimeError(f"the engine worker crashed: {self.last_error}")
                 for request in self._held + [s.tag for s in self.batch.active]:
-                    _fail(request.future, error)
+                    fail(request.future, error)
                 self._held = []
                 self.batch = self._new_batch(self.batch.rows)
                 time.sleep(min(1.0, 0.01 * 2 ** min(self.restarts, 7)))
@@ -449,13 +374,13 @@ class Engine:
                 for group, *_ in encoded:
                     self._pipeline = [r for r in self._pipeline if r not in group]
                 if encoded:  # a partial that a newer request of its stream superseded while it was encoded
-                    newest = _newest(
+                    latest = newest(
                         self._queue
                         + self._pipeline
                         + [s.tag for s in self.batch.active]
                         + [r for group, *_ in encoded for r in group]
                     )
-                    encoded = [_without_stale(item, newest) for item in encoded]
+                    encoded = [_without_stale(item, latest) for item in encoded]
                 started = [r for group, *_ in encoded for r in group] + ([] if self.overlap_encoder else live)
                 self._held = started
             running = [s.tag for s in self.batch.active]
@@ -509,7 +434,7 @@ class Engine:
         retried one at a time (from the start), so only the one that fails again gets it."""
         if len(held) <= 1 or any(r.alone for r in held):
             for r in held:
-                _fail(r.future, exc)
+                fail(r.future, exc)
             return
         for r in held:
             r.alone = True
@@ -520,37 +445,25 @@ class Engine:
         """Takes the requests that start now (caller holds the lock): finals first, then partials;
         a partial superseded by a newer request of its stream (a partial, or the segment's final) is
         answered None, queued or running."""
-        latest = _newest(self._queue)  # a stream's newest request: partials before it are stale, even for its final
+        latest = newest(self._queue)  # a stream's newest request: partials before it are stale, even for its final
         for s in list(self.batch.active):
             r = s.tag
-            if _superseded(r, latest):
+            if superseded(r, latest):
                 self.batch.remove(s)
-                _resolve(r.future, None)
+                resolve(r.future, None)
         queue = []
         for r in self._queue:
             if r.future.cancelled():
                 continue
-            if _superseded(r, latest):
-                _resolve(r.future, None)
+            if superseded(r, latest):
+                resolve(r.future, None)
             else:
                 queue.append(r)
         queue.sort(key=lambda r: (not r.final, r.seq))
-        alone = [r for r in queue if r.alone]
-        if alone:  # retried after a failed batch: one at a time, in an empty batch
-            taken = [] if self.batch.active or self._pipeline else alone[:1]
-        else:
-            finals = [r for r in queue if r.final]
-            started = [
-                s.tag for s in self.batch.active
-            ] + self._pipeline  # rows taken, or reserved for the encoder's output
-            free = self.batch.rows - len(started)
-            final_active = any(r.final for r in started)
-            taken = finals[: free if self.concurrent_finals else min(free, int(not final_active))]
-            running = sum(not r.final for r in started)
-            room = min(free - len(taken), self.max_partials - running, self.partials_per_round)
-            if not self.partials_beside_finals and (finals or final_active):
-                room = 0
-            taken += [r for r in queue if not r.final][: max(0, room)]
+        started = [
+            s.tag for s in self.batch.active
+        ] + self._pipeline  # rows taken, or reserved for the encoder's output
+        taken = self.admission.take(queue, started, self.batch.rows)
         self._queue = [r for r in queue if r not in taken]
         return taken
 
@@ -658,19 +571,11 @@ class Engine:
             request.future.set_result(self._transcript(request, result, frames))
 
     def _frames(self, request: Request) -> int:
-        if request.window is None:
-            return N_FRAMES
-        frames = len(request.audio) // 160 + int(request.window * FRAMES_PER_SECOND)
-        step = 2 * max(1, round(self.window_bucket * FRAMES_PER_SECOND / 2))  # buckets so segments batch together
-        return min(N_FRAMES, math.ceil(frames / step) * step)
+        return window_frames(len(request.audio), request.window, self.window_bucket)
 
     def _transcript(self, request: Request, res: DecodingResult, frames: int) -> Transcript:
-        text = res.text
-        chinese = self.script == "traditional" and res.language in ("zh", "yue")
-        if chinese:
-            text = chinese_text(text)
         transcript = Transcript(
-            text=text,
+            text=shape_text(res.text, res.language, self.script),
             tokens=res.tokens,
             language=res.language,
             no_speech_prob=res.no_speech_prob,
@@ -687,9 +592,7 @@ class Engine:
         if request.words and features is not None and transcript.has_speech:
             t0 = time.perf_counter()
             transcript.words = self._word_timings(request, res, features)
-            if chinese:
-                for word, piece in zip(transcript.words, chinese_pieces([w.text for w in transcript.words])):
-                    word.text = piece
+            shape_words(transcript.words, res.language, self.script)
             self._sync()
             transcript.alignment_seconds = time.perf_counter() - t0
         return transcript
@@ -724,43 +627,12 @@ class Engine:
             torch.cuda.current_stream(self.device).synchronize()
 
 
-def _fail(future: Future, error: BaseException) -> None:
-    """Sets an exception unless the future is settled (or its caller cancelled it) meanwhile."""
-    try:
-        if not future.done():
-            future.set_exception(error)
-    except InvalidStateError:
-        pass
-
-
-def _resolve(future: Future, value: object) -> None:
-    """Sets a result unless the caller cancelled the future meanwhile (a client that left)."""
-    try:
-        future.set_result(value)
-    except InvalidStateError:
-        pass
-
-
-def _newest(requests: list[Request]) -> dict[object, int]:
-    """Each stream's newest request (its sequence number) among `requests`."""
-    newest: dict[object, int] = {}
-    for r in requests:
-        if r.stream is not None:
-            newest[r.stream] = max(newest.get(r.stream, -1), r.seq)
-    return newest
-
-
-def _superseded(request: Request, newest: dict[object, int]) -> bool:
-    """A partial whose stream has a newer request (a partial, or the segment's final) in `newest`."""
-    return not request.final and request.stream is not None and request.seq < newest.get(request.stream, -1)
-
-
 def _without_stale(item: tuple, newest: dict[object, int]) -> tuple:
     """An encoded group without its superseded partials (answered None)."""
     group, frames, features, error = item
-    keep = [i for i, r in enumerate(group) if not _superseded(r, newest)]
+    keep = [i for i, r in enumerate(group) if not superseded(r, newest)]
     for i in set(range(len(group))) - set(keep):
-        _resolve(group[i].future, None)
+        resolve(group[i].future, None)
     if len(keep) == len(group):
         return item
     return [group[i] for i in keep], frames, None if features is None else features[keep], error

@@ -24,7 +24,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from engines.engine import Transcript
+from engines.transcript import Transcript
 
 from .admission import LoadMeter
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engines.engine import Engine, Transcript
+from engines.engine import Engine
+from engines.transcript import Transcript
 from engines.whisper.alignment import Word
 from engines.whisper.audio import N_SAMPLES, SAMPLE_RATE
 from engines.whisper.decoding import DecodingOptions

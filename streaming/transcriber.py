@@ -47,7 +47,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from engines.engine import Engine, Transcript
+from engines.engine import Engine
+from engines.transcript import Transcript
 from engines.whisper.alignment import Word
 from engines.whisper.decoding import DecodingOptions
 

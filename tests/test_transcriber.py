@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from engines.engine import Transcript
+from engines.transcript import Transcript
 from engines.whisper.decoding import DecodingOptions
 from streaming.metrics import Metrics
 from streaming.segmenter import SegmentClosed, SegmentEvent, SegmentGrew, SegmentStarted

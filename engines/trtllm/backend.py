@@ -45,6 +45,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engines.scheduling import superseded, window_frames
+from engines.transcript import Transcript, shape_text
 from engines.whisper.audio import FRAMES_PER_SECOND, N_FRAMES, SAMPLE_RATE, clip_mel, pad_mel
 from engines.whisper.decoding import DecodingOptions, repetition_period, segment_prompt
 from engines.whisper.model import ModelDims
@@ -653,12 +655,8 @@ class ExecutorEngine:
     # -- the worker ----------------------------------------------------------------------------
 
     def frames(self, pending: _Pending) -> int:
-        """Mel frames of the encoder input: Engine's rule (30 s, or the clip plus a margin in buckets)."""
-        if pending.window is None:
-            return N_FRAMES
-        frames = len(pending.audio) // 160 + int(pending.window * FRAMES_PER_SECOND)
-        step = 2 * max(1, round(self.window_bucket * FRAMES_PER_SECOND / 2))
-        return min(N_FRAMES, math.ceil(frames / step) * step)
+        """Mel frames of the encoder input: Engine's rule (engines/scheduling.py)."""
+        return window_frames(len(pending.audio), pending.window, self.window_bucket)
 
     def request(self, pending: _Pending):
         """The Executor request of one segment (TensorRT-LLM 1.2 binding keywords, as ModelRunnerCpp uses them)."""
@@ -720,14 +718,10 @@ class ExecutorEngine:
         """Partials that a newer partial of their stream replaced: answered None (queued ones never
         start, running ones are cancelled in the Executor)."""
         for pending in incoming:
-            if not pending.final and pending.stream is not None and pending.seq < latest.get(pending.stream, 0):
+            if superseded(pending, latest):
                 pending.future.set_result(None)
         with self._lock:
-            stale = [
-                p
-                for p in self._running.values()
-                if not p.final and p.stream is not None and p.seq < latest.get(p.stream, 0)
-            ]
+            stale = [p for p in self._running.values() if superseded(p, latest)]
             for pending in stale:
                 del self._running[pending.request_id]
         for pending in stale:
@@ -754,9 +748,6 @@ class ExecutorEngine:
                 pending.future.set_exception(exc)
 
     def transcript(self, pending: _Pending, result):
-        from engines.engine import Transcript
-        from engines.whisper.text import chinese_text
-
         tokens = list(result.output_token_ids[0])
         if tokens[: len(pending.prompt)] == pending.prompt:  # in case the input was not excluded
             tokens = tokens[len(pending.prompt) :]
@@ -765,12 +756,9 @@ class ExecutorEngine:
             tokens = tokens[: tokens.index(self.tokenizer.eot)]
         log_probs = list(result.log_probs[0]) if getattr(result, "log_probs", None) else []
         avg_logprob = float(sum(log_probs[: len(tokens) + ended]) / max(1, len(tokens) + ended)) if log_probs else 0.0
-        text = self.tokenizer.decode(tokens)
         language = pending.options.language
-        if self.script == "traditional" and language in ("zh", "yue"):
-            text = chinese_text(text)
         return Transcript(
-            text=text,
+            text=shape_text(self.tokenizer.decode(tokens), language, self.script),
             tokens=tokens,
             language=language,
             no_speech_prob=0.0,
