@@ -47,34 +47,6 @@ def decoding_options(args: argparse.Namespace):
     return DecodingOptions(language=language, beam_size=args.beam_size, timestamps=args.timestamps, prompt=args.prompt)
 
 
-def load_engine(args: argparse.Namespace):
-    from engines.trtllm.backend import load_backend  # --backend torch is engines.engine.Engine.load
-
-    extra = engine_options(getattr(args, "fp32_weights", False), getattr(args, "cuda_graphs", "graph"))
-    return load_backend(args, speculative=getattr(args, "speculative", "both"), medusa=args.medusa, **extra)
-
-
-def engine_options(
-    fp32_weights: bool = False,
-    cuda_graphs: str = "graph",
-    max_batch: int | None = None,
-    window_bucket: float | None = None,
-) -> dict:
-    """Engine keyword arguments of --fp32-weights, --cuda-graphs, --max-batch and --window-bucket
-    (only where they differ from the defaults, so that backends without these options are not
-    handed them)."""
-    extra: dict = {"fp16_weights": False} if fp32_weights else {}
-    if max_batch is not None:
-        extra["max_batch"] = max_batch
-    if window_bucket is not None:
-        extra["window_bucket"] = window_bucket
-    if cuda_graphs != "graph":
-        from engines.gpu.cuda_graphs import GraphOptions
-
-        extra["cuda_graphs"] = False if cuda_graphs == "off" else GraphOptions(mode=cuda_graphs)
-    return extra
-
-
 def cmd_transcribe(args: argparse.Namespace) -> int:
     paths = [path for path in args.files if Path(path).is_file()]
     failures = len(args.files) - len(paths)
@@ -83,10 +55,11 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
             print(f"error: {path}: no such file", file=sys.stderr)
     if not paths:
         return 1  # reported before torch and the model load
+    from engines.backend import EngineConfig, create_engine
     from streaming.codecs import AudioFileError, load_audio
     from streaming.offline import transcribe_audio
 
-    engine = load_engine(args)
+    engine = create_engine(EngineConfig.from_arguments(args))
     options = decoding_options(args)
     out = []
     for path in paths:
@@ -130,9 +103,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1  # reported before torch and the model load
+    from engines.backend import EngineConfig, create_engine
     from streaming.evaluate import run_eval
 
-    engine = load_engine(args)
+    engine = create_engine(EngineConfig.from_arguments(args))
     report = run_eval(engine, clips, decoding_options(args), window=args.window)
     engine.close()
     if args.json:

@@ -51,8 +51,8 @@ from websockets.datastructures import Headers
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
+from engines.backend import EngineConfig, create_engine
 from engines.engine import Engine
-from engines.trtllm.backend import create_engine
 
 from .admission import Admission, AdmissionConfig
 from .auth import (
@@ -66,7 +66,6 @@ from .auth import (
     select_subprotocol,
     tls_context,
 )
-from .cli import engine_options
 from .keepalive import close_or_abort, keepalive
 from .limits import AuthConfig, Gate, Limits
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -104,19 +103,7 @@ PUBLISH_INTERVAL = 1.0  # seconds between updates of the admission gauges
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8765
-    model: str = "default"
-    device: str = "auto"
-    script: str = "traditional"
-    backend: str = "torch"  # torch | trtllm-encoder | trtllm (engines/trtllm/backend.py)
-    trtllm_engine_dir: str | None = None
-    self_test: bool = True
-    medusa: str | None = None  # Medusa heads file; None: the shipped heads where they fit the model
-    fp32_weights: bool = (
-        False  # CPU: float32 products instead of fbgemm's fp16-packed weights (engines/fp16_weights.py)
-    )
-    cuda_graphs: str = "graph"  # CUDA: graph | compile (Inductor-fused regions inside the graphs) | off
-    max_batch: int | None = None  # rows of the engine's running batch; None: the engine's default for the device
-    window_bucket: float | None = None  # seconds shortened encoder windows round up to; None: the engine's default
+    engine: EngineConfig = field(default_factory=EngineConfig)  # which backend, model, device (engines/backend.py)
     session: SessionConfig = field(default_factory=SessionConfig)
     web_root: Path = WEB_ROOT
     whisperlive: WhisperLiveConfig = field(default_factory=WhisperLiveConfig)
@@ -149,7 +136,7 @@ def native_session(connection: ServerConnection, server: Server) -> NativeSessio
 class Server:
     """`async with Server(config, engine=...) as server:` listens on `server.port` (0 picks a free one).
 
-    Without an engine it loads `config.model` in a thread after the socket is listening.
+    Without an engine it loads `config.engine` in a thread after the socket is listening.
     """
 
     def __init__(self, config: ServerConfig = ServerConfig(), engine: Engine | None = None) -> None:
@@ -240,9 +227,9 @@ class Server:
             log.info("engine process ready: model %s on %s", engine.name, engine.device)
             return engine
         try:
-            engine = load_engine(self.config)
+            engine = create_engine(self.config.engine)
         except Exception as exc:
-            log.error("loading the model %r failed: %s", self.config.model, exc)
+            log.error("loading the model %r failed: %s", self.config.engine.model, exc)
             self._load_error = exc
             raise
         self.admission.device = str(engine.device).split(":")[0]
@@ -424,9 +411,8 @@ class Server:
         return self._static(path)
 
     def engine_health(self) -> dict | None:
-        """The engine worker's state (engines.engine.Engine.health), where the engine reports one."""
-        health = getattr(self.engine, "health", None)
-        return health() if callable(health) else None
+        """The engine worker's state (engines.backend.Backend.health), once an engine is loaded."""
+        return None if self.engine is None else self.engine.health()
 
     def _health(self) -> Response:
         """Liveness: 503 while loading, after a failed load, or with the engine worker dead."""
@@ -491,20 +477,6 @@ class Server:
             return not_found(path)
         content_type = CONTENT_TYPES.get(file.suffix.lower(), "application/octet-stream")
         return respond(http.HTTPStatus.OK, file.read_bytes(), content_type)
-
-
-def load_engine(config: ServerConfig):
-    """The engine `config` names (backend, model, device and engine options), loaded in this process."""
-    return create_engine(
-        config.backend,
-        model=config.model,
-        device=config.device,
-        engine_dir=config.trtllm_engine_dir,
-        script=config.script,
-        self_test=config.self_test,
-        medusa=config.medusa,
-        **engine_options(config.fp32_weights, config.cuda_graphs, config.max_batch, config.window_bucket),
-    )
 
 
 def respond(status: http.HTTPStatus, body: str | bytes, content_type: str = "text/plain; charset=utf-8") -> Response:
@@ -626,17 +598,19 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         host=args.host,
         port=args.port,
-        model=args.model,
-        device=args.device,
-        script=args.script,
-        backend=args.backend,
-        trtllm_engine_dir=args.trtllm_engine_dir,
-        self_test=args.self_test,
-        medusa=args.medusa,
-        fp32_weights=args.fp32_weights,
-        cuda_graphs=args.cuda_graphs,
-        max_batch=args.max_batch,
-        window_bucket=args.window_bucket,
+        engine=EngineConfig(
+            model=args.model,
+            device=args.device,
+            script=args.script,
+            backend=args.backend,
+            trtllm_engine_dir=args.trtllm_engine_dir,
+            self_test=args.self_test,
+            medusa=args.medusa,
+            fp32_weights=args.fp32_weights,
+            cuda_graphs=args.cuda_graphs,
+            max_batch=args.max_batch,
+            window_bucket=args.window_bucket,
+        ),
         session=session,
         whisperlive=whisperlive,
         calls=calls,
@@ -683,7 +657,7 @@ async def serve_until_stopped(config: ServerConfig) -> int:
             web,
             config.host,
             server.port,
-            config.model,
+            config.engine.model,
         )
         if server.gate.keys is not None:
             log.info("API keys required (%d keys in %s)", len(server.gate.keys), config.auth.api_key_file)

@@ -218,8 +218,7 @@ class EngineService:
         self._loaded.set()
 
     def _state(self) -> dict[str, Any]:
-        stats = getattr(self.engine, "load_stats", None)
-        return {"health": self.engine.health(), "stats": stats() if callable(stats) else None}
+        return {"health": self.engine.health(), "stats": self.engine.load_stats()}
 
     def _accept_loop(self) -> None:
         for worker in itertools.count():
@@ -335,7 +334,7 @@ def _worker_main(config: Any, index: int) -> None:
 
 def run_workers(config: Any, workers: int) -> int:
     """Serves with `workers` front-end processes and this process as the engine; returns the exit status."""
-    from .server import load_engine
+    from engines.backend import create_engine
 
     if config.port == 0:
         log.error("--workers needs a fixed --port (the workers share it)")
@@ -367,14 +366,14 @@ def run_workers(config: Any, workers: int) -> int:
         )
         processes[-1].start()
     log.info(
-        "%d front-end workers on port %d; loading model %r in the engine process", workers, config.port, config.model
+        "%d front-end workers on port %d; loading model %r in the engine process", workers, config.port, config.engine.model
     )
     try:
         started = time.perf_counter()
         try:
-            engine = load_engine(config)
+            engine = create_engine(config.engine)
         except Exception as exc:
-            log.error("loading the model %r failed: %s", config.model, exc)
+            log.error("loading the model %r failed: %s", config.engine.model, exc)
             service.failed(str(exc))
             stopping.set()
             _wait_for(processes, config.limits.drain_timeout)

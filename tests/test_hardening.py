@@ -494,6 +494,12 @@ class SlowEngine:
             if final:
                 self.waiting[stream] -= seconds
 
+    def health(self) -> dict:
+        return self.engine.health()
+
+    def load_stats(self) -> dict:
+        return self.engine.load_stats()
+
 
 async def test_slow_engine_drops_partials_never_finals(tiny_engine):
     """Audio far faster than a slow engine: all finals arrive; the session's waiting audio stays
@@ -601,6 +607,12 @@ async def test_drain_timeout_bounds_the_shutdown(tiny_engine):
 
         async def transcribe_async(self, *args, **kwargs):
             await asyncio.Event().wait()
+
+        def health(self) -> dict:
+            return {"alive": True}
+
+        def load_stats(self) -> dict:
+            return {}
 
     for timeout, force in ((1.5, False), (30.0, True)):  # the timeout; a second signal (force_close)
         srv = Server(ServerConfig(port=0, limits=Limits(drain_timeout=timeout)), engine=Stuck())

@@ -53,6 +53,12 @@ class SerialEngine:
             return None
         return dataclasses.replace(transcript, encoder_seconds=transcript.encoder_seconds + cost)
 
+    def health(self) -> dict:
+        return self.engine.health()
+
+    def load_stats(self) -> dict:
+        return self.engine.load_stats()
+
 
 def url(server: Server, path: str = "/v1/stream") -> str:
     return f"ws://127.0.0.1:{server.port}{path}"

@@ -118,6 +118,9 @@ def test_an_answer_that_does_not_pickle_fails_its_request_alone(address):
         def health(self) -> dict:
             return {"alive": True}
 
+        def load_stats(self) -> dict:
+            return {}
+
     service = EngineService(address)
     service.loaded(Odd())
     remote = RemoteEngine.connect(address)

@@ -1,0 +1,148 @@
+"""The engine contract: what every backend offers the server, and the one way to start one.
+
+A backend decodes segments off the event loop and answers each with a Transcript, or None when a
+newer partial of the same stream superseded it (engines/scheduling.py). Three satisfy `Backend`:
+the torch engine (engines/engine.py), TensorRT-LLM's executor (engines/trtllm/executor.py) and
+the engine of another process (streaming/workers.py's RemoteEngine). `create_engine` turns an
+`EngineConfig` (the `--backend`, `--model`, `--device` ... options) into the first two.
+
+This module imports neither torch nor numpy at run time, so the command line can build a config
+before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from concurrent.futures import Future
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from engines.transcript import Transcript
+    from engines.whisper.decoding import DecodingOptions
+
+log = logging.getLogger(__name__)
+
+
+class BackendUnavailable(RuntimeError):
+    """The chosen backend cannot run here; the message lists every missing piece and its fix."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the server and the tools use of an engine (docs/architecture.md, the engine contract)."""
+
+    @property
+    def name(self) -> str: ...  # the model's name, for logs, /healthz and the protocols' session info
+
+    @property
+    def device(self) -> object: ...  # where it runs: torch.device or "cuda:0"-like text
+
+    def submit(
+        self,
+        audio: np.ndarray,
+        options: DecodingOptions = ...,
+        *,
+        window: float | None = None,
+        previous: list[int] | None = None,
+        speculative: str | None = None,
+        final: bool = True,
+        stream: object | None = None,
+        words: bool = False,
+    ) -> Future[Any]:
+        """Queues one segment; the future gets a Transcript, or None for a superseded partial."""
+        ...
+
+    async def transcribe_async(
+        self, audio: np.ndarray, options: DecodingOptions = ..., **kwargs: Any
+    ) -> Transcript | None: ...
+
+    def health(self) -> dict[str, Any]:
+        """The worker's state for /healthz: `alive` at least; `restarts`, `last_error` where known."""
+        ...
+
+    def load_stats(self) -> dict[str, float]:
+        """Running totals for /metrics (engines.engine.Engine.load_stats); {} where none are kept."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Which backend runs which model where, and the torch engine's options (engines/options.py
+    defines the command-line flags of the same names)."""
+
+    model: str = "default"
+    device: str = "auto"
+    backend: str = "torch"  # torch | trtllm-encoder | trtllm (engines/trtllm/)
+    script: str = "traditional"
+    trtllm_engine_dir: str | Path | None = None
+    self_test: bool = True  # the TensorRT-LLM backends' start-up self-test
+    speculative: str = "both"
+    medusa: str | None = None  # Medusa heads file; None: the shipped heads where they fit the model
+    fp32_weights: bool = False  # CPU: float32 products instead of fbgemm's fp16-packed weights
+    cuda_graphs: str = "graph"  # CUDA: graph | compile (Inductor-fused regions inside the graphs) | off
+    max_batch: int | None = None  # rows of the running batch; None: the engine's default for the device
+    window_bucket: float | None = None  # seconds shortened encoder windows round up to; None: the default
+
+    @classmethod
+    def from_arguments(cls, args: argparse.Namespace) -> EngineConfig:
+        """The config of parsed command-line arguments; options a command does not define keep their defaults."""
+        given = vars(args)
+        return cls(**{f.name: given[f.name] for f in fields(cls) if given.get(f.name) is not None})
+
+    def engine_options(self) -> dict[str, Any]:
+        """Keyword arguments of the torch engine (engines.engine.Engine) beyond model, device and
+        script: only those that differ from the engine's defaults, so that a backend that ignores
+        them logs only what was asked for."""
+        options: dict[str, Any] = {}
+        if self.speculative != "both":
+            options["speculative"] = self.speculative
+        if self.medusa is not None:
+            options["medusa"] = self.medusa
+        if self.fp32_weights:
+            options["fp16_weights"] = False
+        if self.max_batch is not None:
+            options["max_batch"] = self.max_batch
+        if self.window_bucket is not None:
+            options["window_bucket"] = self.window_bucket
+        if self.cuda_graphs != "graph":
+            from engines.gpu.cuda_graphs import GraphOptions
+
+            options["cuda_graphs"] = False if self.cuda_graphs == "off" else GraphOptions(mode=self.cuda_graphs)
+        return options
+
+
+def create_engine(config: EngineConfig) -> Backend:
+    """The backend `config` names, loaded; raises BackendUnavailable naming what is missing, and
+    engines.trtllm.self_test.SelfTestFailed when a TensorRT-LLM backend gives wrong results.
+
+    With a TensorRT-LLM backend, model "default" means the checkpoint the engines were built from
+    (the manifest's), not the embedded whisper-base."""
+    from engines.trtllm import BACKENDS
+
+    if config.backend not in BACKENDS:
+        raise BackendUnavailable(f"unknown backend {config.backend!r}; use one of {', '.join(BACKENDS)}")
+    if config.backend == "torch":
+        from engines.engine import Engine
+
+        return Engine.load(config.model, device=config.device, script=config.script, **config.engine_options())
+    from engines.trtllm.checks import check_environment, read_manifest
+    from engines.trtllm.encoder import load_encoder_engine
+    from engines.trtllm.executor import load_executor_engine
+
+    engine_dir = check_environment(config.backend, config.trtllm_engine_dir, config.device)
+    manifest = read_manifest(engine_dir)
+    model = config.model
+    if model == "default" and manifest and manifest.get("checkpoint"):
+        model = str(engine_dir / manifest["checkpoint"])
+        log.info("--model default with --backend %s: the engines' own checkpoint %s", config.backend, model)
+    device = "cuda" if config.device == "auto" else config.device
+    if config.backend == "trtllm-encoder":
+        return load_encoder_engine(engine_dir, model, device, config, manifest)
+    return load_executor_engine(engine_dir, model, config, manifest)
