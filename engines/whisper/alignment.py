@@ -73,10 +73,10 @@ def alignment_pass(
     for layer, head in heads:
         wanted.setdefault(layer, []).append(head)
     qk: dict[tuple[int, int], Tensor] = {}
-    for layer, block in enumerate(decoder.blocks):
+    for layer, block in enumerate(decoder.layers):
         x = x + block.attn.attend(*block.attn.qkv(block.attn_ln(x)), causal)
-        cross = block.cross_attn
-        q = cross.split_heads(cross.query(block.cross_attn_ln(x)))
+        cross, cross_ln = block.cross_layers()
+        q = cross.split_heads(cross.query(cross_ln(x)))
         k, v = cross.cross_kv(features[None])
         if layer in wanted:
             index = wanted[layer]
@@ -114,17 +114,17 @@ def dtw(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         trace[i, j] = step
     trace[0, :] = 2
     trace[:, 0] = 1
-    path = []
+    steps: list[tuple[int, int]] = []
     i, j = n, m
     while i > 0 or j > 0:
-        path.append((i - 1, j - 1))
+        steps.append((i - 1, j - 1))
         if trace[i, j] == 0:
             i, j = i - 1, j - 1
         elif trace[i, j] == 1:
             i -= 1
         else:
             j -= 1
-    path = np.array(path[::-1])
+    path = np.array(steps[::-1])
     return path[:, 0], path[:, 1]
 
 
@@ -204,7 +204,9 @@ def find_alignment(
 
 def merge_punctuation(words: list[Word]) -> list[Word]:
     """Opening marks join the word after them, closing marks the word before (whisper's rule)."""
-    following = words[-1] if words else None
+    if not words:
+        return []
+    following = words[-1]
     for previous in reversed(words[:-1]):
         if previous.text.startswith(" ") and previous.text.strip() in PREPEND_PUNCTUATION:
             following.text, following.tokens = previous.text + following.text, previous.tokens + following.tokens

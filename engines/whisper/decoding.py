@@ -213,13 +213,13 @@ def beam_search(
                 candidates[tuple(seq + [t])] = (scores[i] + lp, i)
         ranked = sorted(candidates.items(), key=lambda kv: kv[1][0], reverse=True)
         sequences, scores, sources = [], [], []
-        for seq, (score, src) in ranked:
-            if seq[-1] == tok.eot or repetition_period(list(seq)):
+        for candidate, (score, src) in ranked:
+            if candidate[-1] == tok.eot or repetition_period(list(candidate)):
                 if len(finished) < beams:
-                    looped |= seq[-1] != tok.eot
-                    finished[seq] = score
+                    looped |= candidate[-1] != tok.eot
+                    finished[candidate] = score
             else:
-                sequences.append(list(seq))
+                sequences.append(list(candidate))
                 scores.append(score)
                 sources.append(src)
             if len(sequences) == beams:
@@ -238,14 +238,14 @@ def beam_search(
             break
         finished[tuple(seq)] = score
 
-    def rank(item):
+    def rank(item: tuple[tuple[int, ...], float]) -> float:
         seq, score = item
         length = len(seq)
         penalty = length if options.length_penalty is None else ((5 + length) / 6) ** options.length_penalty
         return score / penalty
 
-    seq, score = max(finished.items(), key=rank)
-    toks = [t for t in seq if t != tok.eot]
+    best, score = max(finished.items(), key=rank)
+    toks = [t for t in best if t != tok.eot]
     return DecodingResult(
         tokens=toks,
         text=tok.decode(toks).strip(),

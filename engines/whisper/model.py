@@ -11,7 +11,9 @@ overwritten later) and batching of sequences at different lengths.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +53,8 @@ class Linear(nn.Linear):
 
 class Conv1d(nn.Conv1d):
     def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return super()._conv_forward(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        out: Tensor = super()._conv_forward(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return out
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> Tensor:
@@ -62,12 +65,17 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> Ten
     return torch.cat([torch.sin(scaled_time), torch.cos(scaled_time)], dim=1)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
+Mask = Tensor | Callable[[Tensor, Tensor, Tensor], Tensor] | None
+"""What a query may see: None (everything), a mask for SDPA, or an attention that masks itself."""
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Mask) -> Tensor:
     """SDPA over [B, H, T, D] heads. `mask`: None, a mask for SDPA, or a callable attention
     (q, k, v) -> out that applies its own masking (engines/gpu/cuda_graphs.py KeyLengths: per-row key counts)."""
     if mask is not None and not isinstance(mask, Tensor):
         return mask(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out: Tensor = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out
 
 
 class MultiHeadAttention(nn.Module):
@@ -97,22 +105,24 @@ class MultiHeadAttention(nn.Module):
     def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Query, key and value of `x`, split into heads."""
         if self.fused is None:
-            return tuple(self.split_heads(p(x)) for p in (self.query, self.key, self.value))
+            return self.split_heads(self.query(x)), self.split_heads(self.key(x)), self.split_heads(self.value(x))
         if isinstance(self.fused, nn.Module):
-            qkv = self.fused(x)
+            qkv: Tensor = self.fused(x)
         else:
             weight, bias = self.fused
             qkv = F.linear(x, weight.to(x.dtype), bias.to(x.dtype))
-        return tuple(self.split_heads(t) for t in qkv.chunk(3, dim=-1))
+        q, k, v = qkv.chunk(3, dim=-1)
+        return self.split_heads(q), self.split_heads(k), self.split_heads(v)
 
     def split_heads(self, x: Tensor) -> Tensor:
         b, t, _ = x.shape
         return x.view(b, t, self.n_head, -1).transpose(1, 2)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask) -> Tensor:
-        out = attention(q, k, v, mask)
-        b, h, t, d = out.shape
-        return self.out(out.transpose(1, 2).reshape(b, t, h * d))
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask) -> Tensor:
+        heads = attention(q, k, v, mask)
+        b, h, t, d = heads.shape
+        out: Tensor = self.out(heads.transpose(1, 2).reshape(b, t, h * d))
+        return out
 
     def forward(self, x: Tensor) -> Tensor:
         """Full self-attention without a cache (the encoder)."""
@@ -134,7 +144,13 @@ class ResidualAttentionBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.attn_ln(x))
-        return x + self.mlp(self.mlp_ln(x))
+        out: Tensor = x + self.mlp(self.mlp_ln(x))
+        return out
+
+    def cross_layers(self) -> tuple[MultiHeadAttention, LayerNorm]:
+        """The cross-attention and its layer norm (decoder blocks only)."""
+        assert self.cross_attn is not None and self.cross_attn_ln is not None, "an encoder block has no cross-attention"
+        return self.cross_attn, self.cross_attn_ln
 
     def decode(
         self,
@@ -164,12 +180,15 @@ class ResidualAttentionBlock(nn.Module):
         else:
             keys, values = k_cache[rows, :, :n_keys], v_cache[rows, :, :n_keys]
         x = x + attn.attend(q, keys.to(q.dtype), values.to(q.dtype), mask)
-        h = self.cross_attn_ln(x)
-        x = x + self.cross_attn.attend(self.cross_attn.split_heads(self.cross_attn.query(h)), *cross, cross_mask)
-        return x + self.mlp(self.mlp_ln(x))
+        cross_attn, cross_ln = self.cross_layers()
+        x = x + cross_attn.attend(cross_attn.split_heads(cross_attn.query(cross_ln(x))), *cross, cross_mask)
+        out: Tensor = x + self.mlp(self.mlp_ln(x))
+        return out
 
 
 class AudioEncoder(nn.Module):
+    positional_embedding: Tensor  # a buffer
+
     def __init__(self, n_mels: int, n_ctx: int, n_state: int, n_head: int, n_layer: int):
         super().__init__()
         self.conv1 = Conv1d(n_mels, n_state, kernel_size=3, padding=1)
@@ -186,7 +205,8 @@ class AudioEncoder(nn.Module):
         x = (x + self.positional_embedding[: x.shape[1]]).to(x.dtype)
         for block in self.blocks:
             x = block(x)
-        return self.ln_post(x)
+        out: Tensor = self.ln_post(x)
+        return out
 
 
 class TextDecoder(nn.Module):
@@ -200,13 +220,19 @@ class TextDecoder(nn.Module):
         self.ln = LayerNorm(n_state)
         self.output: nn.Module | None = None  # the vocabulary projection, when packed (engines/weights/fp16.py)
 
+    @property
+    def layers(self) -> list[ResidualAttentionBlock]:
+        """The blocks, typed (a ModuleList yields plain Modules)."""
+        return cast(list[ResidualAttentionBlock], list(self.blocks))
+
     def cross_kv(self, features: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Cross-attention keys/values of every layer: computed once per segment."""
-        return [block.cross_attn.cross_kv(features) for block in self.blocks]
+        return [block.cross_layers()[0].cross_kv(features) for block in self.layers]
 
     def embed(self, tokens: Tensor, positions: Tensor, dtype: torch.dtype) -> Tensor:
         """Token plus positional embeddings [B, T, n_state] in the cache's dtype."""
-        return (self.token_embedding(tokens) + self.positional_embedding[positions]).to(dtype)
+        embedded: Tensor = self.token_embedding(tokens)
+        return (embedded + self.positional_embedding[positions]).to(dtype)
 
     def hidden(
         self,
@@ -227,13 +253,15 @@ class TextDecoder(nn.Module):
         x = self.embed(tokens, positions, cache.dtype)
         slots = positions if slots is None else slots
         index = (torch.arange(x.shape[0], device=x.device) if rows is None else rows)[:, None]
-        for layer, block in enumerate(self.blocks):
+        for layer, block in enumerate(self.layers):
             x = block.decode(x, (cache.k[layer], cache.v[layer]), rows, cross[layer], slots, mask, cross_mask, index)
-        return self.ln(x)
+        out: Tensor = self.ln(x)
+        return out
 
     def logits(self, hidden: Tensor) -> Tensor:
         if self.output is not None:
-            return self.output(hidden).float()
+            projected: Tensor = self.output(hidden)
+            return projected.float()
         return (hidden @ self.token_embedding.weight.to(hidden.dtype).T).float()
 
 
@@ -289,8 +317,8 @@ class Whisper(nn.Module):
 
     def fuse(self) -> Whisper:
         """Fuses the self-attention projections (after loading and moving the weights)."""
-        for block in [*self.encoder.blocks, *self.decoder.blocks]:
-            block.attn.fuse_qkv()
+        for block in [*self.encoder.blocks, *self.decoder.layers]:
+            cast(ResidualAttentionBlock, block).attn.fuse_qkv()
         return self
 
     def new_cache(self, rows: int) -> KVCache:

@@ -10,12 +10,13 @@ import itertools
 import re
 import threading
 from functools import cache
+from typing import Any
 
 _lock = threading.Lock()
 
 
 @cache
-def _converter(config: str):
+def _converter(config: str) -> Any:
     """One converter per config: loading its dictionaries costs milliseconds, converting microseconds.
     opencc is imported here, not at module load, so the engine imports where it is absent (a GPU
     benchmark box) as long as no text is converted."""
@@ -31,7 +32,8 @@ def convert(text: str, config: str) -> str:
     engine converts from worker threads, and a conversion is far cheaper than contention.
     """
     with _lock:
-        return _converter(config).convert(text)
+        converted: str = _converter(config).convert(text)
+        return converted
 
 
 def is_traditional(text: str) -> bool:
