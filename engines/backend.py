@@ -4,7 +4,8 @@ A backend decodes segments off the event loop and answers each with a Transcript
 newer partial of the same stream superseded it (engines/scheduling.py). Three satisfy `Backend`:
 the torch engine (engines/engine.py), TensorRT-LLM's executor (engines/trtllm/executor.py) and
 the engine of another process (streaming/workers.py's RemoteEngine). `create_engine` turns an
-`EngineConfig` (the `--backend`, `--model`, `--device` ... options) into the first two.
+`EngineConfig` (engines/config.py: the `--backend`, `--model`, `--device` ... options) into the
+first two, or into the torch engine on random weights of a real shape (`random:SHAPE`, engines/synthetic.py).
 
 This module imports neither torch nor numpy at run time, so the command line can build a config
 before anything heavy loads.
@@ -12,12 +13,11 @@ before anything heavy loads.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from concurrent.futures import Future
-from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from engines.config import RANDOM_PREFIX, BackendUnavailable, EngineConfig
 
 if TYPE_CHECKING:
     import numpy as np
@@ -26,10 +26,6 @@ if TYPE_CHECKING:
     from engines.whisper.decoding import DecodingOptions
 
 log = logging.getLogger(__name__)
-
-
-class BackendUnavailable(RuntimeError):
-    """The chosen backend cannot run here; the message lists every missing piece and its fix."""
 
 
 @runtime_checkable
@@ -72,52 +68,6 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    """Which backend runs which model where, and the torch engine's options (engines/options.py
-    defines the command-line flags of the same names)."""
-
-    model: str = "default"
-    device: str = "auto"
-    backend: str = "torch"  # torch | trtllm-encoder | trtllm (engines/trtllm/)
-    script: str = "traditional"
-    trtllm_engine_dir: str | Path | None = None
-    self_test: bool = True  # the TensorRT-LLM backends' start-up self-test
-    speculative: str = "both"
-    medusa: str | None = None  # Medusa heads file; None: the shipped heads where they fit the model
-    fp32_weights: bool = False  # CPU: float32 products instead of fbgemm's fp16-packed weights
-    cuda_graphs: str = "graph"  # CUDA: graph | compile (Inductor-fused regions inside the graphs) | off
-    max_batch: int | None = None  # rows of the running batch; None: the engine's default for the device
-    window_bucket: float | None = None  # seconds shortened encoder windows round up to; None: the default
-
-    @classmethod
-    def from_arguments(cls, args: argparse.Namespace) -> EngineConfig:
-        """The config of parsed command-line arguments; options a command does not define keep their defaults."""
-        given = vars(args)
-        return cls(**{f.name: given[f.name] for f in fields(cls) if given.get(f.name) is not None})
-
-    def engine_options(self) -> dict[str, Any]:
-        """Keyword arguments of the torch engine (engines.engine.Engine) beyond model, device and
-        script: only those that differ from the engine's defaults, so that a backend that ignores
-        them logs only what was asked for."""
-        options: dict[str, Any] = {}
-        if self.speculative != "both":
-            options["speculative"] = self.speculative
-        if self.medusa is not None:
-            options["medusa"] = self.medusa
-        if self.fp32_weights:
-            options["fp16_weights"] = False
-        if self.max_batch is not None:
-            options["max_batch"] = self.max_batch
-        if self.window_bucket is not None:
-            options["window_bucket"] = self.window_bucket
-        if self.cuda_graphs != "graph":
-            from engines.gpu.cuda_graphs import GraphOptions
-
-            options["cuda_graphs"] = False if self.cuda_graphs == "off" else GraphOptions(mode=self.cuda_graphs)
-        return options
-
-
 def create_engine(config: EngineConfig) -> Backend:
     """The backend `config` names, loaded; raises BackendUnavailable naming what is missing, and
     engines.trtllm.self_test.SelfTestFailed when a TensorRT-LLM backend gives wrong results.
@@ -128,6 +78,12 @@ def create_engine(config: EngineConfig) -> Backend:
 
     if config.backend not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {config.backend!r}; use one of {', '.join(BACKENDS)}")
+    if config.backend == "torch" and config.model.startswith(RANDOM_PREFIX):
+        from engines.synthetic import random_engine
+
+        log.warning("model %s: RANDOM WEIGHTS of that shape, for load tests; transcripts are meaningless", config.model)
+        shape = config.model[len(RANDOM_PREFIX) :]
+        return random_engine(shape, config.device, script=config.script, **config.engine_options())
     if config.backend == "torch":
         from engines.engine import Engine
 

@@ -35,7 +35,6 @@ from engines.gpu.fused import FusedEncoder
 from engines.scheduling import Admission, Request, fail, newest, resolve, superseded, window_frames
 from engines.speculative.drafts import HypothesisDrafter, MedusaDrafter
 from engines.speculative.medusa import SHIPPED_HEADS, MedusaHeads, load_heads
-from engines.synthetic import RANDOM_PREFIX, random_engine
 from engines.transcript import Transcript, shape_text, shape_words
 from engines.weights.checkpoints import Checkpoint, load_checkpoint
 from engines.weights.fp16 import available as fp16_available
@@ -126,7 +125,7 @@ class Engine:
         # second of its audio, as a real model of the shape would, instead of stopping at <|endoftext|>
         self.tokens_per_second = tokens_per_second
         cuda = self.device.type == "cuda"
-        # rows of the running batch: a GPU serves hundreds of streams from one batch (engines.capacity
+        # rows of the running batch: a GPU serves hundreds of streams from one batch (bench.capacity
         # measured 200 Breeze-shape streams with 128 rows, BENCHMARKS.md); a CPU gains little past a few
         max_batch = max_batch or (CUDA_MAX_BATCH if cuda else CPU_MAX_BATCH)
         # shortened encoder windows are rounded up to multiples of this many seconds, so that
@@ -192,11 +191,8 @@ class Engine:
 
     @classmethod
     def load(cls, spec: str = "default", device: str = "auto", **kwargs) -> Engine:
-        """The engine of a model spec: a checkpoint (engines.weights.checkpoints), or `random:SHAPE`, random
-        weights of a real shape for load tests (engines.synthetic)."""
-        if spec.startswith(RANDOM_PREFIX):
-            log.warning("model %s: RANDOM WEIGHTS of that shape, for load tests; transcripts are meaningless", spec)
-            return random_engine(spec[len(RANDOM_PREFIX) :], device, **kwargs)
+        """The engine of a checkpoint spec (engines.weights.checkpoints); `random:SHAPE` models are
+        engines.backend.create_engine's."""
         return cls(load_checkpoint(spec), device=device, **kwargs)
 
     def _load_heads(self, checkpoint: Checkpoint, medusa: str | Path | None) -> MedusaHeads | None:

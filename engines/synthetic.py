@@ -7,7 +7,7 @@ the device and the decoder rigged so that it behaves like a model that transcrib
 
 - Random weights never stop at a real end of speech, so `<|endoftext|>` is suppressed and every
   request decodes `ceil(tokens_per_second x seconds of audio)` tokens (`Engine.tokens_per_second`;
-  5.43 tokens/s is the rate of the dev references, `engines.capacity --measure-rate`).
+  5.43 tokens/s is the rate of the dev references, `bench.capacity --measure-rate`).
 - The decoder's output depends on the position and the previous tokens only (cross-attention
   output projection scaled by 1e-4, the position embedding scaled up so that the argmax changes
   from one position to the next and never loops): a partial's tokens are then a prefix of the next
@@ -16,18 +16,19 @@ the device and the decoder rigged so that it behaves like a model that transcrib
   to two CJK characters each, so transcripts pass the hallucination filter like real Chinese text.
 
 `breeze-stream serve --model random:large-v2` serves such an engine (labelled random everywhere),
-`engines.capacity` and `engines.bench` time it. Nothing here is ever the default model.
+`bench.capacity` and `bench.engine` time it. Nothing here is ever the default model.
 """
 
 from __future__ import annotations
 
 import torch
 
+from engines.config import RANDOM_PREFIX
 from engines.whisper.model import ModelDims, Whisper
 from engines.whisper.tokenizer import LANGUAGES, byte_encoder
 
 from .options import (
-    TOKENS_PER_SECOND,  # Whisper tokens per second of speech, dev references (engines.capacity --measure-rate)
+    TOKENS_PER_SECOND,  # Whisper tokens per second of speech, dev references (bench.capacity --measure-rate)
 )
 
 SHAPES = {
@@ -70,7 +71,6 @@ SHAPES = {
     ),
 }
 SHAPES["breeze"] = SHAPES["large-v2"]
-RANDOM_PREFIX = "random:"
 """`--model random:SHAPE` names a random-weight model of SHAPE (a load test, never a transcriber)."""
 
 # Whisper's multilingual suppress_tokens (the embedded model's config.json suppress_ids; a test

@@ -14,9 +14,9 @@ import logging
 import sys
 from pathlib import Path
 
-from bench.options import add_load_arguments
+from bench.options import add_bench_arguments, add_capacity_arguments, add_load_arguments
 from bench.readme import add_readme_arguments
-from engines.options import add_bench_arguments, add_capacity_arguments, add_train_arguments
+from engines.options import add_train_arguments
 from streaming.options import (
     CLIPS_HELP,
     add_decoding_arguments,
@@ -55,7 +55,8 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
             print(f"error: {path}: no such file", file=sys.stderr)
     if not paths:
         return 1  # reported before torch and the model load
-    from engines.backend import EngineConfig, create_engine
+    from engines.backend import create_engine
+    from engines.config import EngineConfig
     from streaming.codecs import AudioFileError, load_audio
     from streaming.offline import transcribe_audio
 
@@ -103,7 +104,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1  # reported before torch and the model load
-    from engines.backend import EngineConfig, create_engine
+    from engines.backend import create_engine
+    from engines.config import EngineConfig
     from streaming.evaluate import run_eval
 
     engine = create_engine(EngineConfig.from_arguments(args))
@@ -206,14 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(
         "bench-engine",
-        "engines.bench:run_bench",
+        "bench.engine:run_bench",
         "encoder/decoder speed on random weights of a model shape (CUDA graphs, HF baseline)",
     )
     add_bench_arguments(p)
 
     p = command(
         "bench-capacity",
-        "engines.capacity:run_capacity",
+        "bench.capacity:run_capacity",
         "N simulated real-time streams through the engine scheduler (random weights)",
     )
     add_capacity_arguments(p)

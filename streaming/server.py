@@ -51,7 +51,8 @@ from websockets.datastructures import Headers
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
-from engines.backend import EngineConfig, create_engine
+from engines.backend import create_engine
+from engines.config import EngineConfig
 from engines.engine import Engine
 
 from .admission import Admission, AdmissionConfig

@@ -366,7 +366,10 @@ def run_workers(config: Any, workers: int) -> int:
         )
         processes[-1].start()
     log.info(
-        "%d front-end workers on port %d; loading model %r in the engine process", workers, config.port, config.engine.model
+        "%d front-end workers on port %d; loading model %r in the engine process",
+        workers,
+        config.port,
+        config.engine.model,
     )
     try:
         started = time.perf_counter()

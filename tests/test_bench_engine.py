@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from engines.capacity import SimConfig, simulate
-from engines.capacity import main as capacity_main  # streaming.cli's main is the server's
+from bench.capacity import SimConfig, simulate
+from bench.capacity import main as capacity_main  # streaming.cli's main is the server's
 from engines.synthetic import SHAPES, WHISPER_SUPPRESS, random_engine, synthetic_vocabulary
 from engines.weights.checkpoints import default_suppress_ids, default_vocabulary
 from engines.whisper.tokenizer import Tokenizer

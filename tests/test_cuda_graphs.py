@@ -7,31 +7,22 @@ bookkeeping. Graph capture itself needs a GPU; that test skips without one.
 """
 
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
+from bench.tiny import TINY_DIMS
 from engines.batching import Batch, Decoder, Sequence, _Tree
 from engines.gpu.cuda_graphs import GraphOptions, bucket, step_inputs, tree_visibility
 from engines.speculative.drafts import HypothesisDrafter
 from engines.synthetic import WHISPER_SUPPRESS, synthetic_vocabulary
 from engines.whisper.decoding import DecodingOptions
-from engines.whisper.model import ModelDims, Whisper
+from engines.whisper.model import Whisper
 from engines.whisper.tokenizer import Tokenizer
 
-DIMS = ModelDims(
-    n_mels=80,
-    n_audio_ctx=1500,
-    n_audio_state=64,
-    n_audio_head=2,
-    n_audio_layer=1,
-    n_vocab=51865,
-    n_text_ctx=448,
-    n_text_state=64,
-    n_text_head=2,
-    n_text_layer=2,
-)
+DIMS = replace(TINY_DIMS, n_text_layer=2)
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 import soundfile
-from hardening_helpers import REPO, phrases, tiny_pt
+from hardening_helpers import REPO
 
+from bench.clips import phrases
+from bench.tiny import save_tiny_model
 from streaming import replay
 from streaming.manifest import Clip, read_clips
 from streaming.options import add_replay_arguments
@@ -66,7 +68,7 @@ def test_eval_of_a_folder(tmp_path: Path):
             "eval",
             str(folder),
             "--model",
-            str(tiny_pt(tmp_path / "tiny.pt")),
+            str(save_tiny_model(tmp_path / "tiny.pt")),
             "--device",
             "cpu",
             "--json",

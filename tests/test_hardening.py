@@ -2,7 +2,7 @@
 
 Real servers on port 0 with the tiny rigged engine of conftest.py (it answers "好" for every
 segment), real WebSocket clients, and for SIGTERM the real command-line server in a subprocess.
-The fuzz tests are in tests/test_fuzz.py, the load run in tests/load_soak.py.
+The fuzz tests are in tests/test_fuzz.py, the load run in bench/soak.py.
 """
 
 from __future__ import annotations
@@ -22,12 +22,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_TEXT, receive_all
-from hardening_helpers import CliServer, FakeConnection, pcm16, phrases, silence, tiny_pt, voiced
+from conftest import receive_all
+from hardening_helpers import FakeConnection
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import engines.engine as engine_module
+from bench.cli_server import CliServer
+from bench.clips import pcm16, phrases, silence, voiced
+from bench.tiny import TINY_TEXT, save_tiny_model
 from engines.engine import Engine
 from streaming import auth
 from streaming.adapters import Outbox
@@ -633,7 +636,9 @@ async def test_drain_timeout_bounds_the_shutdown(tiny_engine):
 async def test_sigterm_with_five_streams(tmp_path: Path):
     """The real CLI server: SIGTERM while 5 streams are mid-segment; each gets its final and `end`
     before a 1001 close, and the process exits 0 within --drain-timeout."""
-    server = CliServer("--model", str(tiny_pt(tmp_path / "tiny.pt")), "--device", "cpu", "--drain-timeout", "10")
+    server = CliServer(
+        "--model", str(save_tiny_model(tmp_path / "tiny.pt")), "--device", "cpu", "--drain-timeout", "10"
+    )
     try:
         await asyncio.to_thread(server.start, 60)
         base = f"ws://127.0.0.1:{server.port}/v1/stream"

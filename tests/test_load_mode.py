@@ -13,12 +13,12 @@ import math
 import pytest
 import torch
 from conftest import receive_all
-from protocol_audio import pcm16, two_phrases
 from test_server import http_get
 from websockets.asyncio.client import connect
 
-from engines.backend import EngineConfig
-from engines.synthetic import RANDOM_PREFIX, SHAPES, TOKENS_PER_SECOND, random_engine, synthetic_vocabulary
+from bench.clips import pcm16, two_phrases
+from engines.config import RANDOM_PREFIX, EngineConfig
+from engines.synthetic import SHAPES, TOKENS_PER_SECOND, random_engine, synthetic_vocabulary
 from engines.whisper.tokenizer import Tokenizer
 from streaming.server import Server, ServerConfig
 

@@ -18,12 +18,12 @@ import socket
 import time
 
 import numpy as np
-from conftest import TINY_TEXT
-from hardening_helpers import pcm16, phrases
 from test_hardening import http_get
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from bench.clips import pcm16, phrases
+from bench.tiny import TINY_TEXT
 from engines.engine import Engine
 from streaming import limits
 from streaming.admission import Admission, AdmissionConfig, LoadMeter

@@ -14,11 +14,12 @@ import json
 import numpy as np
 import pytest
 import soxr
-from conftest import DEV_DIR, TINY_TEXT, receive_all
-from protocol_audio import RATE, dev_manifest, pcm16, silence, two_phrases, voiced
+from conftest import receive_all
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from bench.clips import DEV_DIR, RATE, dev_manifest, pcm16, silence, two_phrases, voiced
+from bench.tiny import TINY_TEXT
 from streaming.codecs import encode_alaw, encode_mulaw, load_audio
 from streaming.realtime import segmenter_config
 from streaming.scoring import score

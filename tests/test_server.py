@@ -17,11 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soxr
-from conftest import DEV_DIR, TINY_TEXT, receive_all
+from conftest import receive_all
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from engines.backend import EngineConfig
+from bench.clips import DEV_DIR
+from bench.tiny import TINY_TEXT
+from engines.config import EngineConfig
 from engines.engine import Engine
 from engines.whisper.text import convert
 from streaming.codecs import encode_mulaw, load_audio

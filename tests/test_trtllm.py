@@ -27,10 +27,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_TEXT
 
+from bench.tiny import TINY_TEXT
 from engines import trtllm
-from engines.backend import Backend, BackendUnavailable, EngineConfig, create_engine
+from engines.backend import Backend, create_engine
+from engines.config import BackendUnavailable, EngineConfig
 from engines.engine import Engine
 from engines.options import add_backend_arguments
 from engines.trtllm import build, checks, convert, encoder, executor, self_test

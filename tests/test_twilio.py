@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soxr
-from conftest import DEV_DIR, TINY_TEXT
-from protocol_audio import RATE, dev_manifest, pcm16, silence, two_phrases, voiced
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from bench.clips import DEV_DIR, RATE, dev_manifest, pcm16, silence, two_phrases, voiced
+from bench.tiny import TINY_TEXT
 from streaming.codecs import encode_mulaw, load_audio
 from streaming.scoring import score
 from streaming.server import Server, ServerConfig

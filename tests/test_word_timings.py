@@ -14,9 +14,10 @@ import pytest
 import soundfile as sf
 import soxr
 import torch
-from conftest import DEV_DIR, TINY_TEXT
 from test_server import RATE, check_contract, pcm16, silence, stream, voiced
 
+from bench.clips import DEV_DIR
+from bench.tiny import TINY_TEXT
 from engines.weights.checkpoints import default_vocabulary, load_checkpoint
 from engines.whisper.alignment import default_heads, dtw, median_filter, split_words
 from engines.whisper.decoding import DecodingOptions

@@ -22,11 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_TEXT, receive_all
-from protocol_audio import pcm16, two_phrases, voiced
+from conftest import receive_all
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from bench.clips import pcm16, two_phrases, voiced
+from bench.tiny import TINY_TEXT
 from engines.whisper.decoding import DecodingOptions
 from streaming.replay import parse_prometheus
 from streaming.workers import EngineAddress, EngineService, RemoteEngine

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from engines.backend import BackendUnavailable
+from engines.config import BackendUnavailable
 from engines.whisper.audio import N_FRAMES
 from engines.whisper.model import ModelDims
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engines.backend import BackendUnavailable, EngineConfig
+from engines.config import BackendUnavailable, EngineConfig
 from engines.whisper.audio import N_FRAMES
 
 from .checks import encoder_config_problems, read_engine_config

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engines.backend import BackendUnavailable, EngineConfig
+from engines.config import BackendUnavailable, EngineConfig
 from engines.scheduling import superseded, window_frames
 from engines.transcript import Transcript, shape_text
 from engines.whisper.audio import clip_mel, pad_mel

@@ -3,8 +3,8 @@
 Two measurements, each run as its own subcommand:
 
 ``rolling``  A rolling restart under a steady load. N replicas (`breeze-stream serve`, one process
-    group each) behind NGINX running deploy/nginx.conf (rendered for loopback exactly as
-    tests/test_scaleout.py does). S callers each stream replayed clips at real-time pace through
+    group each) behind NGINX running deploy/nginx.conf (rendered for loopback by bench/nginx.py,
+    as tests/test_scaleout.py renders it). S callers each stream replayed clips at real-time pace through
     NGINX, one session after another (K clips a session, streaming.replay's pacing and event
     log). After a warm-up, every replica is restarted in turn: SIGTERM, wait for the process to
     exit (it drains: finals, `end` with reason "shutdown", close 1001), start it again on the same
@@ -38,9 +38,9 @@ Two measurements, each run as its own subcommand:
 Everything is on loopback; every process runs in its own process group and is killed with it at
 the end. Needs Debian's `nginx`. Results: a JSON file (--json) and a short table on stdout.
 
-    python deploy/bench_scaleout.py rolling --replicas 3 --streams 6 --json rolling.json
-    python deploy/bench_scaleout.py rolling --replicas 3 --streams 6 --rounds 2 --settle 5 --nginx-server-params max_fails=0
-    python deploy/bench_scaleout.py scaling --model default --replicas 1,2,3 --streams 1,2,3 --keep-going --json scaling.json
+    python -m bench.scaleout rolling --replicas 3 --streams 6 --json rolling.json
+    python -m bench.scaleout rolling --replicas 3 --streams 6 --rounds 2 --settle 5 --nginx-server-params max_fails=0
+    python -m bench.scaleout scaling --model default --replicas 1,2,3 --streams 1,2,3 --keep-going --json scaling.json
 
 Results on the 2-core CPU box: BENCHMARKS.md, "Scale-out (CPU, loopback NGINX)"
 """
@@ -54,31 +54,21 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.clips import DEV_DIR
+from bench.nginx import DEPLOY, NGINX, SERVER_LINE, ProcessGroups, free_port, http_get, start_nginx
+from bench.tiny import save_tiny_model
+from streaming import replay
 
-from streaming import replay  # noqa: E402
-
-DEPLOY = ROOT / "deploy"
-DEV = Path(os.environ.get("BREEZE_EVAL_DEV", ROOT.parent / "shared" / "eval" / "dev"))
-NGINX = shutil.which("nginx") or next(
-    (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
-)
-SERVER_LINE = re.compile(r"^(\s*)server breeze:8765 resolve (.*);$", re.M)
 BREEZE = [sys.executable, "-m", "streaming.cli"]  # what the `breeze-stream` entry point runs
 
 # Short read sentences (1.7-4.6 s) for the rolling restart; longer Mandarin clips for scaling.
@@ -112,106 +102,6 @@ def log(message: str) -> None:
     print(f"[{datetime.now(timezone.utc).strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-# --- model ---------------------------------------------------------------------------------------
-
-TINY_TEXT = "好"
-
-
-def save_tiny_model(path: Path) -> Path:
-    """tests/conftest.py's tiny Whisper (1+1 layers, width 64, the real vocabulary, rigged to answer
-    TINY_TEXT to any audio) as an OpenAI-format .pt, which `breeze-stream serve --model PATH` loads."""
-    import torch
-
-    from engines.weights.checkpoints import default_vocabulary
-    from engines.whisper.model import ModelDims, Whisper
-
-    dims = ModelDims(
-        n_mels=80,
-        n_audio_ctx=1500,
-        n_audio_state=64,
-        n_audio_head=2,
-        n_audio_layer=1,
-        n_vocab=51865,
-        n_text_ctx=448,
-        n_text_state=64,
-        n_text_head=2,
-        n_text_layer=1,
-    )
-    torch.manual_seed(0)
-    model = Whisper(dims)
-    vocabulary = default_vocabulary()
-    eot = vocabulary.index("<|endoftext|>")
-    token = vocabulary.index(TINY_TEXT.encode().decode("latin-1"))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-        v = torch.nn.functional.normalize(torch.randn(dims.n_text_state), dim=0)
-        model.decoder.ln.weight.zero_()
-        model.decoder.ln.bias.copy_(v)
-        model.decoder.token_embedding.weight[eot] = 30 * v
-        model.decoder.token_embedding.weight[token] = 20 * v
-    torch.save(
-        {"dims": dataclasses.asdict(dims), "model_state_dict": {k: t.clone() for k, t in model.state_dict().items()}},
-        path,
-    )
-    return path
-
-
-# --- processes -----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int | None, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return None, ""
-
-
-def render_nginx_conf(text: str, ports: list[int], listen: int, temp: Path) -> str:
-    """deploy/nginx.conf for loopback replicas (as tests/test_scaleout.py renders it): one `server`
-    line per port with the file's parameters (without `resolve`), a loopback listen port, temp paths."""
-    match = SERVER_LINE.search(text)
-    assert match and len(SERVER_LINE.findall(text)) == 1, (
-        "deploy/nginx.conf: expected one `server breeze:8765 resolve ...;`"
-    )
-    indent, params = match.groups()
-    servers = "\n".join(f"{indent}server 127.0.0.1:{port} {params};" for port in ports)
-    text = text[: match.start()] + servers + text[match.end() :]
-    assert text.count("listen 8080;") == 1, "deploy/nginx.conf: expected one `listen 8080;`"
-    text = text.replace("listen 8080;", f"listen 127.0.0.1:{listen};")
-    temps = "".join(
-        f"\n    {kind}_temp_path {temp / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
-    return text.replace("http {", "http {" + temps, 1)
-
-
-def nginx_command(conf: Path, prefix: Path, test: bool = False) -> list[str]:
-    main = f"daemon off; pid {prefix / 'nginx.pid'};"
-    if os.geteuid() == 0:
-        main += " user root;"
-    return [
-        NGINX,
-        *(["-t", "-q"] if test else []),
-        "-c",
-        str(conf),
-        "-p",
-        str(prefix),
-        "-e",
-        str(prefix / "error.log"),
-        "-g",
-        main,
-    ]
-
-
 @dataclasses.dataclass
 class Replica:
     port: int
@@ -237,24 +127,10 @@ class Cluster:
         self.model = model
         self.flags = flags
         self.threads = threads
-        self.procs: list[subprocess.Popen] = []
+        self.groups = ProcessGroups()
         self.replicas: list[Replica] = []
         self.nginx_port: int | None = None
         self.nginx_prefix: Path | None = None
-
-    def _spawn(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-        with open(log_path, "ab") as out:
-            proc = subprocess.Popen(
-                args,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-                env={**os.environ, **(env or {})},
-                start_new_session=True,
-            )
-        self.procs.append(proc)
-        return proc
 
     def add_replicas(self, n: int) -> list[Replica]:
         for _ in range(n):
@@ -277,7 +153,7 @@ class Cluster:
         return self.replicas
 
     def start(self, replica: Replica) -> None:
-        replica.proc = self._spawn(replica.args, replica.log, replica.env)
+        replica.proc = self.groups.spawn(replica.args, replica.log, replica.env)
         replica.starts += 1
 
     def wait_ready(self, replica: Replica, timeout: float = 180.0) -> float:
@@ -298,24 +174,15 @@ class Cluster:
 
     def start_nginx(self) -> int:
         prefix = self.tmp / "nginx"
-        (prefix / "temp").mkdir(parents=True)
-        port = free_port()
-        conf = prefix / "nginx.conf"
-        text = (DEPLOY / "nginx.conf").read_text()
-        if self.server_params is not None:
-            text = SERVER_LINE.sub(lambda m: f"{m.group(1)}server breeze:8765 resolve {self.server_params};", text)
-        conf.write_text(render_nginx_conf(text, [r.port for r in self.replicas], port, prefix / "temp"))
-        check = subprocess.run(nginx_command(conf, prefix, test=True), capture_output=True, text=True, timeout=20)
-        if check.returncode:
-            raise RuntimeError(f"nginx -t:\n{check.stderr}")
-        proc = self._spawn(nginx_command(conf, prefix), prefix / "nginx.out")
-        deadline = time.monotonic() + 10
-        while http_get(port, "/nginx-healthz", timeout=1)[0] != 200:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"nginx did not start:\n{(prefix / 'nginx.out').read_text(errors='replace')}")
-            time.sleep(0.05)
-        self.nginx_port, self.nginx_prefix = port, prefix
-        return port
+
+        def params(text: str) -> str:  # the upstream `server` lines' parameters, where --nginx-server-params gives them
+            if self.server_params is None:
+                return text
+            return re.sub(r"^(\s*server 127\.0\.0\.1:\d+) .*;$", rf"\1 {self.server_params};", text, flags=re.M)
+
+        self.nginx_port = start_nginx(self.groups, prefix, [r.port for r in self.replicas], params)
+        self.nginx_prefix = prefix
+        return self.nginx_port
 
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.nginx_port}/v1/stream"
@@ -325,17 +192,7 @@ class Cluster:
         return path.read_text(errors="replace").splitlines() if path and path.exists() else []
 
     def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
+        self.groups.close()
 
 
 def nginx_sessions(lines: list[str], ports: list[int]) -> dict:
@@ -350,7 +207,7 @@ def nginx_sessions(lines: list[str], ports: list[int]) -> dict:
         upstream = re.search(r"upstream=(\S.*?) upstream_status=(\S.*?) session_s", line)
         if not status or not upstream:
             continue
-        addrs, statuses = upstream.group(1).split(", "), upstream.group(2).split(", ")
+        addrs = upstream.group(1).split(", ")
         if len(addrs) > 1:
             retried += 1
         if status.group(1) == "101":
@@ -370,7 +227,7 @@ def nginx_sessions(lines: list[str], ports: list[int]) -> dict:
 
 
 def load_clips(names: list[str]) -> list[tuple[replay.Clip, np.ndarray]]:
-    manifest = DEV / "manifest.jsonl"
+    manifest = DEV_DIR / "manifest.jsonl"
     by_name = {c.name: c for c in replay.read_inputs([str(manifest)])}
     missing = [n for n in names if n not in by_name]
     if missing:

@@ -41,9 +41,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bench import DTYPES
-from .options import TOKENS_PER_SECOND, add_capacity_arguments
-from .synthetic import random_engine
+from bench.engine import DTYPES
+from bench.options import add_capacity_arguments
+from engines.options import TOKENS_PER_SECOND
+from engines.synthetic import random_engine
 
 # durations (s) of the dev clips: the segment lengths a stream draws from
 DEV_SEGMENTS = (
@@ -432,9 +433,8 @@ def run_capacity(args: argparse.Namespace) -> int:
         return 0
     import datetime
 
+    from engines.engine import resolve_device
     from engines.gpu.cuda_graphs import GraphOptions
-
-    from .engine import resolve_device
 
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
@@ -465,7 +465,7 @@ def run_capacity(args: argparse.Namespace) -> int:
     )
     report = {
         "what": "engine scheduler (engines/engine.py), simulated real-time streams; not the socket server",
-        "command": "python -m engines.capacity " + " ".join(sys.argv[1:]),
+        "command": "python -m bench.capacity " + " ".join(sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -577,7 +577,7 @@ def _ms(seconds: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engines.capacity", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.capacity", description=__doc__.split("\n")[0])
     add_capacity_arguments(parser)
     return run_capacity(parser.parse_args(argv))
 

@@ -18,7 +18,7 @@ in one JSON file:
 
 The GPU figures go to BENCHMARKS.md with the device, date and command. The CPU form with
 `--shape tiny` runs in CI in seconds (tests/test_bench_engine.py). This module imports no
-server dependency: on a bare GPU box run `python -m engines.bench ...`.
+server dependency: on a bare GPU box run `python -m bench.engine ...`.
 """
 
 from __future__ import annotations
@@ -36,11 +36,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.options import add_bench_arguments
 from engines.gpu.cuda_graphs import GraphOptions, StepRunner, step_inputs
+from engines.synthetic import SHAPES, random_model, synthetic_vocabulary
 from engines.whisper.model import KVCache, ModelDims, Whisper
-
-from .options import add_bench_arguments
-from .synthetic import SHAPES, random_model, synthetic_vocabulary
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 STEP_MODES = {  # decoder step variants timed side by side (--modes); graphs recorded before they are timed
@@ -341,10 +340,9 @@ def bench_mixed(
 def bench_exact(model: Whisper, sequences: int = 8, tokens: int = 48) -> dict:
     """Greedy decodes of the same segments (half full windows, half 6 s) by the plain eager batch,
     the bucketed step run eagerly and the graphed step: identical tokens?"""
+    from engines.batching import Batch, Sequence
     from engines.whisper.decoding import DecodingOptions
     from engines.whisper.tokenizer import Tokenizer
-
-    from .batching import Batch, Sequence
 
     tok = Tokenizer(synthetic_vocabulary(model.dims.n_vocab))
     gen = torch.Generator(device=model.device).manual_seed(3)
@@ -408,10 +406,9 @@ def bench_step(
     mode: str = "graph",
 ) -> list[dict]:
     """The running batch's step() end to end (host work included), graphed (in `mode`) where CUDA is."""
+    from engines.batching import Batch, Sequence
     from engines.whisper.decoding import DecodingOptions
     from engines.whisper.tokenizer import Tokenizer
-
-    from .batching import Batch, Sequence
 
     tok = Tokenizer(synthetic_vocabulary(model.dims.n_vocab))
     mode = mode if model.device.type == "cuda" else "eager"
@@ -566,7 +563,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if not args.random_weights:
         print("error: bench-engine measures speed on random weights only; pass --random-weights", file=sys.stderr)
         return 2
-    from .engine import resolve_device
+    from engines.engine import resolve_device
 
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
@@ -583,7 +580,7 @@ def run_bench(args: argparse.Namespace) -> int:
         modes = [m for m in modes if m == "eager"] or ["eager"]
     timer = Timer(device, args.repeats)
     report: dict = {
-        "command": ("python -m engines.bench" if sys.argv[0].endswith("bench.py") else Path(sys.argv[0]).name)
+        "command": ("python -m bench.engine" if sys.argv[0].endswith("bench.py") else Path(sys.argv[0]).name)
         + " "
         + " ".join(sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -729,7 +726,7 @@ def print_summary(report: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engines.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.engine", description=__doc__.split("\n")[0])
     add_bench_arguments(parser)
     return run_bench(parser.parse_args(argv))
 

@@ -1,6 +1,6 @@
 """Dev-set CER of each protocol adapter against the native endpoint (the issue's figures).
 
-    .venv/bin/python tests/protocol_cer.py [--speed 8] [--concurrency 4] [--phone-variants]
+    .venv/bin/python -m bench.protocol_cer [--speed 8] [--concurrency 4] [--phone-variants]
 
 Every dev clip (0.5 s of silence before, 1 s after) goes, on one default-model engine, through:
 native /v1/stream (16 kHz pcm16), /v1/realtime with the openai SDK (GA, pcm16 24 kHz, server VAD;
@@ -15,27 +15,21 @@ import argparse
 import asyncio
 import base64
 import json
-import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import soxr
+from openai import AsyncOpenAI
+from websockets.asyncio.client import connect
 
-import numpy as np  # noqa: E402
-import soxr  # noqa: E402
-from conftest import DEV_DIR  # noqa: E402
-from openai import AsyncOpenAI  # noqa: E402
-from protocol_audio import RATE, dev_manifest, pcm16, silence  # noqa: E402
-from websockets.asyncio.client import connect  # noqa: E402
-
-from engines.engine import Engine  # noqa: E402
-from streaming.codecs import encode_mulaw, load_audio  # noqa: E402
-from streaming.scoring import corpus_score, score  # noqa: E402
-from streaming.server import Server, ServerConfig  # noqa: E402
-from streaming.twilio import CallConfig  # noqa: E402
-from streaming.whisperlive import WhisperLiveConfig  # noqa: E402
+from bench.clips import DEV_DIR, RATE, dev_manifest, pcm16, silence
+from engines.engine import Engine
+from streaming.codecs import encode_mulaw, load_audio
+from streaming.scoring import corpus_score, score
+from streaming.server import Server, ServerConfig
+from streaming.twilio import CallConfig
+from streaming.whisperlive import WhisperLiveConfig
 
 
 async def native(port: int, audio: np.ndarray, speed: float) -> str:

@@ -1,7 +1,7 @@
 """Load and soak run (issue 8): N concurrent real-time streams for S seconds against the real
 command-line server in a subprocess; not a CI test (it takes minutes), a benchmark.
 
-    .venv/bin/python tests/load_soak.py --streams 30 --seconds 120 --json out/load.json
+    .venv/bin/python -m bench.soak --streams 30 --seconds 120 --json out/load.json
 
 Each client streams, at real-time pace in 100 ms pcm_s16le frames, a whole number of phrases (a
 voiced buzz of 1.2 s between pauses: one VAD segment each) that fill the time, then `stop`, and
@@ -11,7 +11,7 @@ and minute 2; how long after `stop` the last `end` came (the run is bounded in t
 final latency (arrival minus when the audio at the final's `end` was sent); the server's counters;
 and that the active-sessions gauge is back to 0 and the server exits 0 on SIGTERM.
 
-`--model tiny` (the default) is conftest's rigged tiny Whisper (tests/hardening_helpers.py),
+`--model tiny` (the default) is the rigged tiny Whisper of the tests (bench/tiny.py),
 so the run measures the server (sockets, VAD, resampling, scheduling, memory), not a model.
 """
 
@@ -32,8 +32,9 @@ import numpy as np
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hardening_helpers import RATE, CliServer, pcm16, phrases, rss_bytes, tiny_pt  # noqa: E402
+from bench.cli_server import CliServer, rss_bytes
+from bench.clips import RATE, pcm16, phrases
+from bench.tiny import save_tiny_model
 
 FRAME = 0.1  # seconds of audio per frame
 PHRASE = phrases(1)  # 0.3 s silence, 1.2 s voiced, 0.8 s silence: one segment
@@ -96,7 +97,7 @@ async def client(port: int, index: int, repeats: int, result: dict) -> None:
 
 async def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        model = str(tiny_pt(Path(tmp) / "tiny.pt")) if args.model == "tiny" else args.model
+        model = str(save_tiny_model(Path(tmp) / "tiny.pt")) if args.model == "tiny" else args.model
         env = dict(item.split("=", 1) for item in args.server_env)
         server = CliServer(
             "--model",
@@ -190,7 +191,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", type=int, default=30)
     parser.add_argument("--seconds", type=float, default=120.0)
-    parser.add_argument("--model", default="tiny", help="'tiny' (rigged, tests/hardening_helpers.py) or a --model spec")
+    parser.add_argument("--model", default="tiny", help="'tiny' (rigged, bench/tiny.py) or a --model spec")
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
     parser.add_argument(
         "--server-env",
