@@ -25,7 +25,8 @@ from websockets.asyncio.client import connect
 
 from bench.clips import DEV_DIR, RATE, dev_manifest, pcm16, silence
 from engines.engine import Engine
-from streaming.codecs import encode_mulaw, load_audio
+from engines.whisper.audio import load_audio
+from streaming.codecs import encode_mulaw
 from streaming.scoring import corpus_score, score
 from streaming.server import Server, ServerConfig
 from streaming.twilio import CallConfig

@@ -95,8 +95,8 @@ def offline(clips, window: float) -> dict:
         ) from None
 
     from engines.engine import Engine
+    from engines.whisper.audio import load_audio
     from streaming.bench_offline import default_ct2_dir, engine_pass, error_rates, faster_whisper_pass
-    from streaming.codecs import load_audio
 
     torch.set_num_threads(2)
     logging.getLogger("faster_whisper").setLevel(logging.WARNING)  # a line per clip otherwise

@@ -25,10 +25,10 @@ import torch
 
 from engines.engine import Engine
 from engines.weights.checkpoints import cache_dir, default_files
+from engines.whisper.audio import load_audio
 from engines.whisper.decoding import DecodingOptions
 from engines.whisper.text import to_traditional
 
-from .codecs import load_audio
 from .manifest import read_clips
 from .scoring import corpus_score, score
 

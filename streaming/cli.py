@@ -57,7 +57,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         return 1  # reported before torch and the model load
     from engines.backend import create_engine
     from engines.config import EngineConfig
-    from streaming.codecs import AudioFileError, load_audio
+    from engines.whisper.audio import AudioFileError, load_audio
     from streaming.offline import transcribe_audio
 
     engine = create_engine(EngineConfig.from_arguments(args))

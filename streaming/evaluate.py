@@ -14,10 +14,10 @@ from dataclasses import replace
 from tqdm import tqdm
 
 from engines.engine import Engine
+from engines.whisper.audio import load_audio
 from engines.whisper.decoding import DecodingOptions
 from engines.whisper.text import is_traditional
 
-from .codecs import load_audio
 from .manifest import Clip
 from .offline import transcribe_audio
 from .scoring import Score, corpus_score, score

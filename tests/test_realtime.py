@@ -20,7 +20,8 @@ from websockets.exceptions import ConnectionClosed
 
 from bench.clips import DEV_DIR, RATE, dev_manifest, pcm16, silence, two_phrases, voiced
 from bench.tiny import TINY_TEXT
-from streaming.codecs import encode_alaw, encode_mulaw, load_audio
+from engines.whisper.audio import load_audio
+from streaming.codecs import encode_alaw, encode_mulaw
 from streaming.realtime import segmenter_config
 from streaming.scoring import score
 from streaming.segmenter import SegmenterConfig

@@ -25,8 +25,9 @@ from bench.clips import DEV_DIR
 from bench.tiny import TINY_TEXT
 from engines.config import EngineConfig
 from engines.engine import Engine
+from engines.whisper.audio import load_audio
 from engines.whisper.text import convert
-from streaming.codecs import encode_mulaw, load_audio
+from streaming.codecs import encode_mulaw
 from streaming.options import add_model_arguments, add_serve_arguments
 from streaming.server import WEB_ROOT, Server, ServerConfig, config_from_args, run_serve
 from streaming.session import SessionConfig

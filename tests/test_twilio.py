@@ -25,7 +25,8 @@ from websockets.exceptions import ConnectionClosed
 
 from bench.clips import DEV_DIR, RATE, dev_manifest, pcm16, silence, two_phrases, voiced
 from bench.tiny import TINY_TEXT
-from streaming.codecs import encode_mulaw, load_audio
+from engines.whisper.audio import load_audio
+from streaming.codecs import encode_mulaw
 from streaming.scoring import score
 from streaming.server import Server, ServerConfig
 from streaming.twilio import PHONE_SEGMENTER, CallConfig

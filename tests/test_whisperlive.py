@@ -18,7 +18,7 @@ from websockets.exceptions import ConnectionClosed
 
 from bench.clips import DEV_DIR, dev_manifest, pcm16, silence, two_phrases, voiced
 from bench.tiny import TINY_TEXT
-from streaming.codecs import load_audio
+from engines.whisper.audio import load_audio
 from streaming.scoring import score
 from streaming.server import Server, ServerConfig
 from streaming.session import SessionConfig

@@ -20,9 +20,9 @@ from bench.clips import DEV_DIR
 from bench.tiny import TINY_TEXT
 from engines.weights.checkpoints import default_vocabulary, load_checkpoint
 from engines.whisper.alignment import default_heads, dtw, median_filter, split_words
+from engines.whisper.audio import load_audio
 from engines.whisper.decoding import DecodingOptions
 from engines.whisper.tokenizer import _BYTES, Tokenizer
-from streaming.codecs import load_audio
 from streaming.server import Server, ServerConfig
 
 # openai/whisper, whisper/__init__.py: _ALIGNMENT_HEADS["base"], a base85 gzipped boolean array [layers, heads]

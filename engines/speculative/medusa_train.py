@@ -275,7 +275,7 @@ def verify_labels(checkpoint, device: torch.device, clips: list[Clip], labeller:
     """The labels must be what the engine itself outputs: compare a few clips with
     Engine.transcribe (speculation off where the engine has the switch)."""
     from engines.engine import Engine
-    from streaming.codecs import load_audio
+    from engines.whisper.audio import load_audio
 
     try:
         engine = Engine(checkpoint, device=str(device), dtype=labeller.dtype, speculative="off")
@@ -300,8 +300,7 @@ def verify_labels(checkpoint, device: torch.device, clips: list[Clip], labeller:
 def build_cache(labeller: Labeller, clips: list[Clip], cache: HiddenCache, options, batch: int) -> None:
     from tqdm import tqdm
 
-    from engines.whisper.audio import SAMPLE_RATE
-    from streaming.codecs import load_audio
+    from engines.whisper.audio import SAMPLE_RATE, load_audio
 
     done = cache.done
     todo = [c for c in clips if c.id not in done]

@@ -1,4 +1,5 @@
-"""Whisper's log-mel front end: 16 kHz audio -> normalised 80-bin (or 128-bin) log-mel frames.
+"""Whisper's audio front end: files to 16 kHz mono float32, and that audio to normalised 80-bin
+(or 128-bin) log-mel frames.
 
 Two ways of filling the 30 s window exist and they give different tokens on the same weights
 (reference notes): transformers pads the *waveform* with zeros before the STFT; faster-whisper
@@ -9,9 +10,14 @@ shortened window, and keep `waveform_padded_mel` for checking against transforme
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
+import soundfile
+import soxr
 import torch
 from torch import Tensor
 
@@ -83,3 +89,44 @@ def waveform_padded_mel(audio: np.ndarray | Tensor, n_mels: int = 80) -> Tensor:
     audio = torch.as_tensor(audio, dtype=torch.float32)[..., :N_SAMPLES]
     audio = torch.nn.functional.pad(audio, (0, N_SAMPLES - audio.shape[-1]))
     return _log_mel(audio, n_mels)
+
+
+class AudioFileError(Exception):
+    """A file can't be read as audio (missing, unreadable, empty or not audio)."""
+
+
+def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Mono float32 samples of an audio file at `sample_rate`.
+
+    soundfile reads WAV/FLAC/OGG (and whatever else its libsndfile knows); other formats go
+    through ffmpeg when it is installed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AudioFileError(f"{path}: no such file")
+    try:
+        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except soundfile.LibsndfileError as exc:  # error_string: its message without the path again
+        audio = _load_with_ffmpeg(path, sample_rate, reason=exc.error_string)
+    else:
+        audio = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+        if rate != sample_rate and audio.size:
+            audio = soxr.resample(audio, rate, sample_rate, quality="HQ")
+    if audio.size == 0:
+        raise AudioFileError(f"{path}: the file holds no audio samples")
+    return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def _load_with_ffmpeg(path: Path, sample_rate: int, reason: str) -> np.ndarray:
+    """Decode with the ffmpeg binary (mono float32 at `sample_rate`), for what libsndfile can't read."""
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
+        raise AudioFileError(f"{path}: not readable as WAV/FLAC/OGG ({reason}); install ffmpeg to read other formats")
+    command = [ffmpeg, "-nostdin", "-v", "error", "-i", str(path)]
+    command += ["-f", "f32le", "-ac", "1", "-ar", str(sample_rate), "-"]
+    result = subprocess.run(command, capture_output=True, check=False)
+    if result.returncode != 0:
+        lines = result.stderr.decode(errors="replace").strip().splitlines()
+        reason = lines[-1] if lines else f"exit status {result.returncode}"
+        raise AudioFileError(f"{path}: not an audio file ffmpeg can read ({reason})")
+    return np.frombuffer(result.stdout, "<f4").astype(np.float32)
