@@ -37,7 +37,8 @@ import numpy as np
 import torch
 
 from bench.options import add_bench_arguments
-from engines.gpu.cuda_graphs import GraphOptions, StepRunner, step_inputs
+from engines.gpu.cuda_graphs import GraphOptions, StepRunner
+from engines.gpu.step_inputs import step_inputs
 from engines.synthetic import SHAPES, random_model, synthetic_vocabulary
 from engines.whisper.model import KVCache, ModelDims, Whisper
 
@@ -144,7 +145,7 @@ def bench_encoder(
         shapes += [(b, short) for b in (batches[0], max(batches))]
     graphed = None
     if model.device.type == "cuda":
-        from engines.gpu.cuda_graphs import GraphedEncoder
+        from engines.gpu.encoder_graphs import GraphedEncoder
 
         graphed = GraphedEncoder(model.encoder, batch_buckets=tuple(sorted(set(batches))))
         if fused:  # Inductor-fused blocks (the engine's "compile" mode), graphed as well
@@ -462,7 +463,7 @@ def bench_probe(model: Whisper, pools: _Pools, batch: int, timer: Timer, copy_gb
     nbytes = 2 * k.numel() * k.element_size()
     out = []
     if model.device.type == "cuda":
-        from engines.gpu.cuda_graphs import cross_attention_report
+        from engines.gpu.cross_attention import cross_attention_report
 
         for b in sorted({1, 32, batch}):
             report = cross_attention_report(h, dh, k.shape[2], model.dtype, model.device, batch=b)

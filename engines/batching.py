@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engines.gpu.cuda_graphs import GraphOptions, StepRunner, step_inputs, tree_visibility
+from engines.gpu.cuda_graphs import GraphOptions, StepRunner
+from engines.gpu.step_inputs import step_inputs, tree_visibility
 from engines.whisper.decoding import (
     DecodingOptions,
     DecodingResult,

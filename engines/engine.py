@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from engines.batching import Batch, Decoder, Sequence
-from engines.gpu.cuda_graphs import GraphedEncoder, GraphOptions
+from engines.gpu.cuda_graphs import GraphOptions
+from engines.gpu.encoder_graphs import GraphedEncoder
 from engines.gpu.fused import FusedEncoder
 from engines.scheduling import Admission, Request, fail, newest, resolve, superseded, window_frames
 from engines.speculative.drafts import HypothesisDrafter, MedusaDrafter

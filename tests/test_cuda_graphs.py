@@ -15,7 +15,8 @@ import torch
 
 from bench.tiny import TINY_DIMS
 from engines.batching import Batch, Decoder, Sequence, _Tree
-from engines.gpu.cuda_graphs import GraphOptions, bucket, step_inputs, tree_visibility
+from engines.gpu.cuda_graphs import GraphOptions, bucket
+from engines.gpu.step_inputs import step_inputs, tree_visibility
 from engines.speculative.drafts import HypothesisDrafter
 from engines.synthetic import WHISPER_SUPPRESS, synthetic_vocabulary
 from engines.whisper.decoding import DecodingOptions

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engines.gpu.cuda_graphs import tree_visibility
 from engines.gpu.decode_attention import CROSS_BLOCK, MAX_WIDTH, cross_attention, self_attention
 from engines.gpu.fused import sdpa_self_attention
+from engines.gpu.step_inputs import tree_visibility
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOL = {} if DEVICE.type == "cpu" else {"rtol": 1e-3, "atol": 1e-3}

@@ -71,7 +71,7 @@ Mask = Tensor | Callable[[Tensor, Tensor, Tensor], Tensor] | None
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Mask) -> Tensor:
     """SDPA over [B, H, T, D] heads. `mask`: None, a mask for SDPA, or a callable attention
-    (q, k, v) -> out that applies its own masking (engines/gpu/cuda_graphs.py KeyLengths: per-row key counts)."""
+    (q, k, v) -> out that applies its own masking (engines/gpu/cross_attention.py KeyLengths: per-row key counts)."""
     if mask is not None and not isinstance(mask, Tensor):
         return mask(q, k, v)
     out: Tensor = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
