@@ -105,8 +105,7 @@ def copy_bandwidth(device: torch.device, timer: Timer) -> float | None:
         return None
     a = torch.empty(1 << 30, dtype=torch.uint8, device=device).random_()
     b = torch.empty_like(a)
-    ms = timer(lambda: b.copy_(a), iters=10)
-    del a, b
+    ms = timer(lambda: b.copy_(a), iters=10)  # a and b (2 GiB) are freed on return
     return 2 * (1 << 30) / ms / 1e6
 
 
@@ -155,13 +154,13 @@ def bench_encoder(
     for b, frames in shapes:
         mel = torch.randn(b, model.dims.n_mels, frames, device=model.device, dtype=dtype)
         n = max(1, iters // 4) if b > 8 else iters
-        ms = timer(lambda: model.encoder(mel), iters=n, repeats=3)
+        ms = timer(lambda mel=mel: model.encoder(mel), iters=n, repeats=3)
         row = {"batch": b, "mel_frames": frames, "seconds": frames / 100, "ms_per_call": ms, "ms_per_window": ms / b}
         if graphed is not None:
-            row["graph_ms_per_call"] = timer(lambda: graphed(mel), iters=n, repeats=3)
+            row["graph_ms_per_call"] = timer(lambda mel=mel: graphed(mel), iters=n, repeats=3)
             row["graph_ms_per_window"] = row["graph_ms_per_call"] / b
             if fused:
-                row["fused_ms_per_call"] = timer(lambda: fused(mel), iters=n, repeats=3)
+                row["fused_ms_per_call"] = timer(lambda mel=mel: fused(mel), iters=n, repeats=3)
                 row["fused_ms_per_window"] = row["fused_ms_per_call"] / b
                 row["fused_max_abs_diff"] = (fused(mel).float() - graphed(mel).float()).abs().max().item()
         out.append(row)
@@ -313,7 +312,11 @@ def bench_mixed(
             inputs = _chain_inputs(b, 1, position, dims.n_text_ctx, dims.n_vocab, rng)
             try:
                 key = runner.prepare(*inputs, frames)
-                fn = runner._step_fn(key) if runner.mode != "eager" else (lambda key=key: runner.body(key))
+                fn = (
+                    runner._step_fn(key)
+                    if runner.mode != "eager"
+                    else (lambda key=key, runner=runner: runner.body(key))
+                )
                 ms = timer(fn, iters=iters)
             except Exception as exc:
                 out.append({"kernel": kernel, "batch": b, "error": repr(exc)[:300]})
@@ -529,7 +532,11 @@ def bench_hf(
     }
     for b in batches:
         mel = torch.randn(b, dims.n_mels, 3000, device=device, dtype=dtype)  # transformers insists on the 30 s window
-        ms = timer(lambda: model.model.encoder(mel), iters=max(1, iters // 4) if b > 8 else iters, repeats=3)
+        ms = timer(
+            lambda mel=mel, model=model: model.model.encoder(mel),
+            iters=max(1, iters // 4) if b > 8 else iters,
+            repeats=3,
+        )
         result["encoder"].append({"batch": b, "mel_frames": 3000, "ms_per_call": ms, "ms_per_window": ms / b})
         print(f"hf encoder batch {b:3d}: {ms:8.2f} ms/call {ms / b:7.2f} ms/window", flush=True)
         del mel

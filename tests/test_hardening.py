@@ -25,7 +25,7 @@ import pytest
 from conftest import receive_all
 from hardening_helpers import FakeConnection
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 
 import engines.engine as engine_module
 from bench.cli_server import CliServer
@@ -324,7 +324,7 @@ async def test_tls(tiny_engine, tmp_path: Path, key_file: Path):
         writer.write(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert (await reader.read()).startswith(b"HTTP/1.1 200")
         writer.close()
-        with pytest.raises(Exception):  # plain ws:// to a TLS port
+        with pytest.raises(InvalidMessage):  # plain ws:// to a TLS port: no HTTP response comes back
             async with connect(url(srv), open_timeout=3):
                 pass
     with pytest.raises(auth.AuthConfigError):
@@ -621,7 +621,7 @@ async def test_drain_timeout_bounds_the_shutdown(tiny_engine):
         srv = Server(ServerConfig(port=0, limits=Limits(drain_timeout=timeout)), engine=Stuck())
         await srv.start()
         ws = await open_stream(srv)
-        await wait_until(lambda: sample(srv, "breeze_audio_seconds_total") >= 1.0)
+        await wait_until(lambda srv=srv: sample(srv, "breeze_audio_seconds_total") >= 1.0)
         started = time.monotonic()
         closing = asyncio.ensure_future(srv.close())
         if force:

@@ -52,14 +52,15 @@ def beta_sdk(server: Server) -> AsyncOpenAI:
     )
 
 
-def ga_session(fmt: dict, turn_detection: dict | None = {"type": "server_vad"}, language: str = "zh") -> dict:
+def ga_session(fmt: dict, turn_detection: str | None = "server_vad", language: str = "zh") -> dict:
+    """A GA session.update body; turn_detection None sends null (no VAD)."""
     return {
         "type": "transcription",
         "audio": {
             "input": {
                 "format": fmt,
                 "transcription": {"model": "gpt-4o-transcribe", "language": language},
-                "turn_detection": turn_detection,
+                "turn_detection": None if turn_detection is None else {"type": turn_detection},
                 "noise_reduction": {"type": "near_field"},
             }
         },
