@@ -98,7 +98,7 @@ def list_clips(spec: str | Path) -> list[Clip]:
                 rec = json.loads(line)
                 audio = Path(rec["audio"]).expanduser()
             except (ValueError, KeyError, TypeError) as exc:
-                raise SystemExit(f"error: {path}:{n}: expected a JSON object with an 'audio' field ({exc})")
+                raise SystemExit(f"error: {path}:{n}: expected a JSON object with an 'audio' field ({exc})") from None
             full = audio if audio.is_absolute() else root / audio
             _refuse_eval(full)
             group = rec.get("text") or str(audio)
