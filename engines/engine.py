@@ -16,7 +16,6 @@ loop itself fails the requests it held and the loop starts again (`health()` cou
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import math
@@ -33,9 +32,9 @@ from engines.batching import Batch, Decoder, Sequence
 from engines.gpu.cuda_graphs import GraphOptions
 from engines.gpu.encoder_graphs import GraphedEncoder
 from engines.gpu.fused import FusedEncoder
-from engines.scheduling import Admission, Request, fail, newest, resolve, superseded, window_frames
-from engines.speculative.drafts import HypothesisDrafter, MedusaDrafter
-from engines.speculative.medusa import SHIPPED_HEADS, MedusaHeads, load_heads
+from engines.gpu.streams import own_stream, sync
+from engines.scheduling import Admission, Request, fail, newest, resolve, superseded, window_frames, without_stale
+from engines.speculative.drafts import drafters, medusa_heads
 from engines.transcript import Transcript, shape_text, shape_words
 from engines.weights.checkpoints import Checkpoint, load_checkpoint
 from engines.weights.fp16 import available as fp16_available
@@ -100,6 +99,24 @@ class Engine:
         self.device = resolve_device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.name = checkpoint.name
+        self._load_model(checkpoint, fp16_weights, encoder)
+        self.heads = medusa_heads(checkpoint, medusa, self.device, self.dtype)
+        if speculative not in SPECULATIVE_MODES:
+            raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE_MODES)}, got {speculative!r}")
+        self.speculative = speculative
+        self.script = script
+        # load tests on random weights (engines/synthetic.py): each request decodes this many tokens per
+        # second of its audio, as a real model of the shape would, instead of stopping at <|endoftext|>
+        self.tokens_per_second = tokens_per_second
+        self._configure_batch(max_batch, window_bucket, max_partials, partials_per_round, cuda_graphs, node_budget)
+        if self.graphs is not None and self.graphs.encoder and encoder is None:
+            # launch-bound at small batches without graphs; "compile" also fuses each block's pointwise work
+            fused = self.graphs.mode == "compile"
+            self.encoder = GraphedEncoder(FusedEncoder(self.model.encoder) if fused else self.model.encoder)
+        self._start_worker(overlap_encoder, prioritize_steps, stall_timeout)
+
+    def _load_model(self, checkpoint: Checkpoint, fp16_weights: bool | None, encoder) -> None:
+        """The model on its device, its tokenizer and suppressed tokens, the encoder to call."""
         self.model = Whisper(checkpoint.dims)
         self.model.load_state_dict(checkpoint.state_dict)
         self.model.to(self.device, self.dtype).eval().fuse()
@@ -117,14 +134,17 @@ class Engine:
         # cross-attention heads whose weights follow the speech, for word timings (engines/whisper/alignment.py)
         dims = checkpoint.dims
         self.alignment_heads = checkpoint.alignment_heads or default_heads(dims.n_text_layer, dims.n_text_head)
-        self.heads = self._load_heads(checkpoint, medusa)
-        if speculative not in SPECULATIVE_MODES:
-            raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE_MODES)}, got {speculative!r}")
-        self.speculative = speculative
-        self.script = script
-        # load tests on random weights (engines/synthetic.py): each request decodes this many tokens per
-        # second of its audio, as a real model of the shape would, instead of stopping at <|endoftext|>
-        self.tokens_per_second = tokens_per_second
+
+    def _configure_batch(
+        self,
+        max_batch: int | None,
+        window_bucket: float | None,
+        max_partials: int | None,
+        partials_per_round: int | None,
+        cuda_graphs: bool | GraphOptions,
+        node_budget: int | None,
+    ) -> None:
+        """The running batch and the admission rules, with the device's defaults where not given."""
         cuda = self.device.type == "cuda"
         # rows of the running batch: a GPU serves hundreds of streams from one batch (bench.capacity
         # measured 200 Breeze-shape streams with 128 rows, BENCHMARKS.md); a CPU gains little past a few
@@ -142,10 +162,10 @@ class Engine:
         # on a GPU a step over many rows verifies shorter drafts (engines/batching.py, node_budget)
         self.node_budget = node_budget or (128 if cuda else None)
         self.batch = self._new_batch(max_batch)
-        if self.graphs is not None and self.graphs.encoder and encoder is None:
-            # launch-bound at small batches without graphs; "compile" also fuses each block's pointwise work
-            fused = self.graphs.mode == "compile"
-            self.encoder = GraphedEncoder(FusedEncoder(self.model.encoder) if fused else self.model.encoder)
+
+    def _start_worker(self, overlap_encoder: bool | None, prioritize_steps: bool, stall_timeout: float) -> None:
+        """The queue, the worker thread and, where it overlaps, the encoder thread."""
+        cuda = self.device.type == "cuda"
         self._queue: list[Request] = []
         self._cv = threading.Condition()
         # running totals for /metrics (load_stats), each written by one thread only, so without a lock
@@ -157,7 +177,9 @@ class Engine:
         # serial admission took ~40% of the worker's time at 200 streams (BENCHMARKS.md, call J); on the
         # CPU the two would only share the same cores. None: on CUDA.
         self.overlap_encoder = cuda if overlap_encoder is None else overlap_encoder
-        self.prioritize_steps = prioritize_steps  # the worker's CUDA stream before the encoder thread's (_own_stream)
+        self.prioritize_steps = (
+            prioritize_steps  # the worker's CUDA stream before the encoder thread's (engines/gpu/streams.py)
+        )
         self._pipeline: list[Request] = []  # admitted, with the encoder thread or its output not yet in the batch
         self._to_encode: list[Request] = []
         self._encoded: list[tuple[list[Request], int, torch.Tensor | None, Exception | None]] = []
@@ -195,27 +217,6 @@ class Engine:
         """The engine of a checkpoint spec (engines.weights.checkpoints); `random:SHAPE` models are
         engines.backend.create_engine's."""
         return cls(load_checkpoint(spec), device=device, **kwargs)
-
-    def _load_heads(self, checkpoint: Checkpoint, medusa: str | Path | None) -> MedusaHeads | None:
-        """Medusa heads from `medusa`, else the shipped ones when they fit this model, else none."""
-        if medusa is None:
-            if (
-                not SHIPPED_HEADS.exists()
-                or checkpoint.dims.n_text_state != 512
-                or "whisper-base" not in checkpoint.name
-            ):
-                return None
-            medusa = SHIPPED_HEADS
-        return load_heads(medusa, checkpoint.dims).to(self.device, self.dtype).eval()
-
-    def drafters(self, previous: list[int] | None, speculative: str) -> list:
-        """The draft sources of one request: the previous hypothesis first, Medusa past its end."""
-        out = []
-        if speculative in ("hypothesis", "both") and previous:
-            out.append(HypothesisDrafter(previous))
-        if speculative in ("medusa", "both") and self.heads is not None:
-            out.append(MedusaDrafter(self.model, self.heads))
-        return out
 
     # -- submitting work ---------------------------------------------------------------
 
@@ -318,7 +319,7 @@ class Engine:
         fails the requests it held, and the loop starts again (with a growing pause if it keeps crashing)."""
         while True:
             try:
-                with self._own_stream(high_priority=self.prioritize_steps):
+                with own_stream(self.device, high_priority=self.prioritize_steps):
                     self._run()
                 return
             except BaseException as exc:  # noqa: BLE001 - the worker must outlive any bug
@@ -377,7 +378,7 @@ class Engine:
                         + [s.tag for s in self.batch.active]
                         + [r for group, *_ in encoded for r in group]
                     )
-                    encoded = [_without_stale(item, latest) for item in encoded]
+                    encoded = [without_stale(item, latest) for item in encoded]
                 started = [r for group, *_ in encoded for r in group] + ([] if self.overlap_encoder else live)
                 self._held = started
             running = [s.tag for s in self.batch.active]
@@ -404,7 +405,7 @@ class Engine:
         """The encoder thread (overlap_encoder): encodes what the worker admitted, one window length
         at a time, a group holding a final first (a final handed over later still overtakes queued
         partials), on its own CUDA stream; hands the features back, or a failure with its group."""
-        with self._own_stream():
+        with own_stream(self.device):
             while True:
                 with self._cv:
                     while not self._to_encode and not self._encoder_stop:
@@ -482,7 +483,7 @@ class Engine:
         mel = torch.stack([pad_mel(clip_mel(self._samples(r), self.model.dims.n_mels), frames) for r in group])
         with torch.inference_mode():
             features = self.encoder(mel.to(self.device, self.dtype))
-        self._sync()
+        sync(self.device)
         for r in group:
             r.encoder_seconds += (time.perf_counter() - t0) / len(group)
         self._load.encoder_calls += 1
@@ -515,7 +516,7 @@ class Engine:
                 prompt,
                 lang,
                 r.options,
-                self.drafters(r.previous, r.speculative),
+                drafters(r.previous, r.speculative, self.model, self.heads),
                 frames=feats.shape[1],
                 tag=r,
                 prefix=prefix,
@@ -524,7 +525,7 @@ class Engine:
         ]
         t1 = time.perf_counter()
         self.batch.admit(feats, seqs)
-        self._sync()
+        sync(self.device)
         for r, _ in greedy:
             r.decoder_seconds += (time.perf_counter() - t1) / len(greedy)
         self._finish([s for s in seqs if s.done])
@@ -538,7 +539,7 @@ class Engine:
         t0 = time.perf_counter()
         active = list(self.batch.active)
         finished = self.batch.step()
-        self._sync()
+        sync(self.device)
         seconds = time.perf_counter() - t0
         self._load.steps += 1
         self._load.step_rows += len(active)
@@ -590,7 +591,7 @@ class Engine:
             t0 = time.perf_counter()
             transcript.words = self._word_timings(request, res, features)
             shape_words(transcript.words, res.language, self.script)
-            self._sync()
+            sync(self.device)
             transcript.alignment_seconds = time.perf_counter() - t0
         return transcript
 
@@ -607,29 +608,3 @@ class Engine:
             res.language,
             request.audio[:N_SAMPLES],
         )
-
-    def _own_stream(self, high_priority: bool = False):
-        """On CUDA, a stream of the calling thread's own (the worker's, the encoder thread's): work on
-        the legacy default stream would break a graph the other thread is recording, since that
-        stream synchronises with every other blocking stream. The worker's stream may take the higher
-        priority, so that where its decoder steps and the encoder's kernels are both ready the GPU
-        schedules the steps' blocks first (no gain measured yet: BENCHMARKS.md, fourth session)."""
-        if self.device.type != "cuda":
-            return contextlib.nullcontext()
-        return torch.cuda.stream(torch.cuda.Stream(self.device, priority=-1 if high_priority else 0))  # lower is higher
-
-    def _sync(self) -> None:
-        """Waits for this thread's CUDA stream (the encoder thread has its own)."""
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
-
-
-def _without_stale(item: tuple, newest: dict[object, int]) -> tuple:
-    """An encoded group without its superseded partials (answered None)."""
-    group, frames, features, error = item
-    keep = [i for i, r in enumerate(group) if not superseded(r, newest)]
-    for i in set(range(len(group))) - set(keep):
-        resolve(group[i].future, None)
-    if len(keep) == len(group):
-        return item
-    return [group[i] for i in keep], frames, None if features is None else features[keep], error

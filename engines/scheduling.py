@@ -132,3 +132,15 @@ def resolve(future: Future[Any], value: object) -> None:
         future.set_result(value)
     except InvalidStateError:
         pass
+
+
+def without_stale(item: tuple[Any, ...], newest: dict[object, int]) -> tuple[Any, ...]:
+    """An encoded group (requests, frames, features, error) without its superseded partials,
+    which are answered None."""
+    group, frames, features, error = item
+    keep = [i for i, r in enumerate(group) if not superseded(r, newest)]
+    for i in set(range(len(group))) - set(keep):
+        resolve(group[i].future, None)
+    if len(keep) == len(group):
+        return item
+    return [group[i] for i in keep], frames, None if features is None else features[keep], error

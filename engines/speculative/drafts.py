@@ -10,9 +10,13 @@ small tree of top-k candidates verified in the same forward.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
+from engines.speculative.medusa import SHIPPED_HEADS, MedusaHeads, load_heads
+from engines.weights.checkpoints import Checkpoint
 from engines.whisper.decoding import Draft
 from engines.whisper.model import Whisper
 
@@ -98,3 +102,26 @@ class MedusaDrafter:
         self.at = len(generated)
         self.proposals += 1
         return Draft(tokens, parents, self.source)
+
+
+def medusa_heads(
+    checkpoint: Checkpoint, medusa: str | Path | None, device: torch.device, dtype: torch.dtype
+) -> MedusaHeads | None:
+    """Medusa heads from `medusa`, else the shipped ones when they fit this model, else none."""
+    if medusa is None:
+        if not SHIPPED_HEADS.exists() or checkpoint.dims.n_text_state != 512 or "whisper-base" not in checkpoint.name:
+            return None
+        medusa = SHIPPED_HEADS
+    return load_heads(medusa, checkpoint.dims).to(device, dtype).eval()
+
+
+def drafters(
+    previous: list[int] | None, speculative: str, model: Whisper, heads: MedusaHeads | None
+) -> list[HypothesisDrafter | MedusaDrafter]:
+    """The draft sources of one request: the previous hypothesis first, Medusa past its end."""
+    out: list[HypothesisDrafter | MedusaDrafter] = []
+    if speculative in ("hypothesis", "both") and previous:
+        out.append(HypothesisDrafter(previous))
+    if speculative in ("medusa", "both") and heads is not None:
+        out.append(MedusaDrafter(model, heads))
+    return out
