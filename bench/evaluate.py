@@ -17,16 +17,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from engines.decoding import DecodingOptions
     from engines.engine import Engine
+    from engines.whisper.decoding import DecodingOptions
     from streaming.manifest import Clip
 
 
 def run_eval(engine: Engine, clips: list[Clip], options: DecodingOptions, window: float | None = None) -> dict:
     from tqdm import tqdm
 
-    from engines.text import is_traditional
-    from streaming.audio.codecs import load_audio
+    from engines.whisper.audio import load_audio
+    from engines.whisper.text import is_traditional
     from streaming.audio.offline import transcribe_audio
     from streaming.scoring import Score, corpus_score, score
 
@@ -93,9 +93,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1  # reported before torch and the model load
-    from streaming.cli import decoding_options, load_engine
+    from streaming.cli import decoding_options, engine_from_arguments
 
-    engine = load_engine(args)
+    engine = engine_from_arguments(args)
     report = run_eval(engine, clips, decoding_options(args), window=args.window)
     engine.close()
     if args.json:

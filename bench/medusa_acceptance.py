@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
-from engines.drafts import DEFAULT_TREE
-from engines.lookup import lookup_draft
-from engines.medusa import load_heads
+from engines.speculative.drafts import DEFAULT_TREE
+from engines.speculative.lookup import lookup_draft
+from engines.speculative.medusa import load_heads
 
 TREES = {
     "chain-1": ((0,),),
@@ -75,10 +75,10 @@ def label_clips(manifest: Path, model: str, cache: Path | None) -> dict:
     """{"clips": [{"audio", "prompt": text tokens of the prompt, "tokens", "targets", "hidden"}], "weight"}."""
     if cache is not None and cache.is_file():
         return torch.load(cache, weights_only=False)
-    from engines.checkpoints import load_checkpoint
-    from engines.decoding import DecodingOptions
-    from engines.medusa_train import Labeller
-    from streaming.codecs import load_audio
+    from engines.speculative.medusa_train import Labeller
+    from engines.weights.checkpoints import load_checkpoint
+    from engines.whisper.audio import load_audio
+    from engines.whisper.decoding import DecodingOptions
     from streaming.manifest import read_clips
 
     checkpoint = load_checkpoint(model, progress=None)
@@ -145,7 +145,7 @@ def walk(clip: dict, candidates: torch.Tensor | None, tree, lookup: tuple[int, i
 
 
 def report(data: dict, heads_path: Path | None, lookups: list[tuple[int, int]]) -> dict:
-    from engines.tokenizer import Tokenizer
+    from engines.whisper.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(data["vocabulary"])
     clips, weight = data["clips"], data["weight"]

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from engines.checkpoints import cache_dir, default_files
-from engines.decoding import DecodingOptions
 from engines.engine import Engine
-from engines.text import to_traditional
-from streaming.audio.codecs import load_audio
+from engines.weights.checkpoints import cache_dir, default_files
+from engines.whisper.audio import load_audio
+from engines.whisper.decoding import DecodingOptions
+from engines.whisper.text import to_traditional
 from streaming.manifest import read_clips
 from streaming.scoring import corpus_score, score
 

@@ -100,7 +100,7 @@ def read_inputs(inputs: Iterable[str]) -> list[Clip]:
 
 def load_clip_audio(path: str) -> np.ndarray:
     try:
-        from streaming.audio.codecs import load_audio
+        from engines.whisper.audio import load_audio
     except ImportError:  # pragma: no cover - codecs is part of the package
         import soundfile
         import soxr

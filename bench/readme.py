@@ -95,7 +95,7 @@ def offline(clips, window: float) -> dict:
         ) from None
 
     from engines.engine import Engine
-    from streaming.audio.codecs import load_audio
+    from engines.whisper.audio import load_audio
 
     from .offline import default_ct2_dir, engine_pass, error_rates, faster_whisper_pass
 

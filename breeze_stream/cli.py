@@ -14,9 +14,9 @@ import argparse
 import importlib
 import logging
 
-from bench.options import add_load_arguments, add_replay_arguments
+from bench.options import add_bench_arguments, add_capacity_arguments, add_load_arguments, add_replay_arguments
 from bench.readme import add_readme_arguments
-from engines.options import add_bench_arguments, add_capacity_arguments, add_train_arguments
+from engines.options import add_train_arguments
 from streaming.options import (
     CLIPS_HELP,
     add_decoding_arguments,
@@ -122,21 +122,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(
         "train-medusa",
-        "engines.medusa_train:run_train",
+        "engines.speculative.medusa_train:run_train",
         "train Medusa draft heads by self-distillation (labels: the model's own greedy output)",
     )
     add_train_arguments(p)
 
     p = command(
         "bench-engine",
-        "engines.bench:run_bench",
+        "bench.engine:run_bench",
         "encoder/decoder speed on random weights of a model shape (CUDA graphs, HF baseline)",
     )
     add_bench_arguments(p)
 
     p = command(
         "bench-capacity",
-        "engines.capacity:run_capacity",
+        "bench.capacity:run_capacity",
         "N simulated real-time streams through the engine scheduler (random weights)",
     )
     add_capacity_arguments(p)

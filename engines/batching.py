@@ -28,8 +28,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .cuda_graphs import GraphOptions, StepRunner, step_inputs, tree_visibility
-from .decoding import (
+from engines.gpu.cuda_graphs import GraphOptions, StepRunner
+from engines.gpu.step_inputs import step_inputs, tree_visibility
+from engines.whisper.decoding import (
     DecodingOptions,
     DecodingResult,
     Draft,
@@ -40,8 +41,8 @@ from .decoding import (
     repetition_period,
     segment_prompt,
 )
-from .model import Whisper
-from .tokenizer import Tokenizer
+from engines.whisper.model import Whisper
+from engines.whisper.tokenizer import Tokenizer
 
 
 @dataclass(eq=False)
@@ -145,7 +146,7 @@ class Batch:
         graphs: GraphOptions | bool | None = None,
         node_budget: int | None = None,
     ):
-        """`graphs` (engines/cuda_graphs.py): run steps through a StepRunner, bucketed and, on CUDA,
+        """`graphs` (engines/gpu/cuda_graphs.py): run steps through a StepRunner, bucketed and, on CUDA,
         replayed as CUDA graphs; prompts then join the next step instead of a forward of their own.
         None/False: plain eager forwards (the reference path). `node_budget`: draft nodes a step
         feeds at most over all rows; a full batch verifies shorter drafts, since wide trees over

@@ -16,44 +16,39 @@ loop itself fails the requests it held and the loop starts again (`health()` cou
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import math
 import threading
 import time
-import zlib
-from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, field, replace
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .alignment import Word, default_heads, word_timings
-from .audio import FRAMES_PER_SECOND, N_FRAMES, N_SAMPLES, SAMPLE_RATE, clip_mel, pad_mel
-from .batching import Batch, Decoder, Sequence
-from .checkpoints import Checkpoint, load_checkpoint
-from .cuda_graphs import GraphedEncoder, GraphOptions
-from .decoding import DecodingOptions, DecodingResult, detect_language, segment_prompt
-from .drafts import HypothesisDrafter, MedusaDrafter
-from .fp16_weights import available as fp16_available
-from .fp16_weights import pack_fp16_weights
-from .fused import FusedEncoder
-from .lookup import LookupDrafter
-from .medusa import SHIPPED_HEADS, MedusaHeads, load_heads
-from .model import Whisper
-from .synthetic import RANDOM_PREFIX, random_engine
-from .text import chinese_pieces, chinese_text
-from .tokenizer import Tokenizer
+from engines.batching import Batch, Decoder, Sequence
+from engines.gpu.cuda_graphs import GraphOptions
+from engines.gpu.encoder_graphs import GraphedEncoder
+from engines.gpu.fused import FusedEncoder
+from engines.gpu.streams import own_stream, sync
+from engines.scheduling import Admission, Request, fail, newest, resolve, superseded, window_frames, without_stale
+from engines.speculative.drafts import drafters, medusa_heads
+from engines.transcript import Transcript, shape_text, shape_words
+from engines.weights.checkpoints import Checkpoint, load_checkpoint
+from engines.weights.fp16 import available as fp16_available
+from engines.weights.fp16 import pack_fp16_weights
+from engines.whisper.alignment import Word, default_heads, word_timings
+from engines.whisper.audio import N_FRAMES, N_SAMPLES, SAMPLE_RATE, clip_mel, pad_mel
+from engines.whisper.decoding import DecodingOptions, DecodingResult, detect_language, segment_prompt
+from engines.whisper.model import Whisper
+from engines.whisper.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 CUDA_MAX_BATCH, CPU_MAX_BATCH = 128, 16
 CUDA_WINDOW_BUCKET, CPU_WINDOW_BUCKET = 5.0, 1.0  # seconds
-NO_SPEECH_THRESHOLD = 0.6
-LOGPROB_THRESHOLD = -1.0
-COMPRESSION_RATIO_THRESHOLD = 2.4
 
 
 def resolve_device(device: str) -> torch.device:
@@ -62,67 +57,6 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu")
     return torch.device(device)
-
-
-@dataclass
-class Transcript:
-    """One decoded segment, with what it cost."""
-
-    text: str  # after the text stage (Traditional Chinese, full-width punctuation, unless the script is as-is)
-    tokens: list[int]
-    language: str
-    no_speech_prob: float
-    avg_logprob: float
-    looped: bool
-    window_frames: int  # mel frames the encoder saw (3000 = the full 30 s window)
-    encoder_seconds: float
-    decoder_seconds: float
-    forwards: int
-    draft_proposed: dict[str, int] = field(default_factory=dict)
-    draft_accepted: dict[str, int] = field(default_factory=dict)
-    words: list[Word] | None = None  # timed words of a final that asked for them (seconds from the audio's start)
-    alignment_seconds: float = 0.0  # what finding the word timings took
-
-    @property
-    def has_speech(self) -> bool:
-        """Whisper's own rule for a silent segment, plus the blank and the loop cases."""
-        if not self.text.strip():
-            return False
-        if self.no_speech_prob > NO_SPEECH_THRESHOLD and self.avg_logprob < LOGPROB_THRESHOLD:
-            return False
-        return not self.repetitive
-
-    @property
-    def repetitive(self) -> bool:
-        """Whisper's compression-ratio test: text that gzip shrinks this much repeats itself."""
-        data = self.text.encode()
-        return len(data) >= 32 and len(data) / len(zlib.compress(data)) > COMPRESSION_RATIO_THRESHOLD
-
-    @property
-    def reliable(self) -> bool:
-        """Fit to condition the next segment on: openai/whisper carries no text forward from a
-        decode that needed its fallback (compression ratio or average log-probability past the
-        thresholds), nor from one that looped."""
-        return not (self.looped or self.repetitive or self.avg_logprob < LOGPROB_THRESHOLD)
-
-
-@dataclass(eq=False)  # requests are compared by identity (they hold arrays)
-class Request:
-    audio: np.ndarray  # float32 mono 16 kHz
-    options: DecodingOptions
-    window: float | None  # seconds of silence margin after the clip; None = the full 30 s window
-    previous: list[int] | None  # the segment's previous hypothesis: a draft
-    speculative: str  # off | hypothesis | medusa | both
-    final: bool  # finals go before partials and are never dropped
-    stream: object | None  # partials of one stream supersede each other
-    future: Future
-    seq: int = 0
-    encoder_seconds: float = 0.0
-    decoder_seconds: float = 0.0
-    forwards: int = 0  # spent on an earlier attempt (a short window that looped)
-    alone: bool = False  # its batch failed: it is retried by itself, so that only a bad request fails
-    words: bool = False  # a final that wants word timings
-    features: torch.Tensor | None = None  # its encoder output, kept for the word timings until it is answered
 
 
 SPECULATIVE_MODES = ("off", "hypothesis", "lookup", "medusa", "both")
@@ -165,10 +99,28 @@ class Engine:
         self.device = resolve_device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.name = checkpoint.name
+        self._load_model(checkpoint, fp16_weights, encoder)
+        self.heads = medusa_heads(checkpoint, medusa, self.device, self.dtype)
+        if speculative not in SPECULATIVE_MODES:
+            raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE_MODES)}, got {speculative!r}")
+        self.speculative = speculative
+        self.script = script
+        # load tests on random weights (engines/synthetic.py): each request decodes this many tokens per
+        # second of its audio, as a real model of the shape would, instead of stopping at <|endoftext|>
+        self.tokens_per_second = tokens_per_second
+        self._configure_batch(max_batch, window_bucket, max_partials, partials_per_round, cuda_graphs, node_budget)
+        if self.graphs is not None and self.graphs.encoder and encoder is None:
+            # launch-bound at small batches without graphs; "compile" also fuses each block's pointwise work
+            fused = self.graphs.mode == "compile"
+            self.encoder = GraphedEncoder(FusedEncoder(self.model.encoder) if fused else self.model.encoder)
+        self._start_worker(overlap_encoder, prioritize_steps, stall_timeout)
+
+    def _load_model(self, checkpoint: Checkpoint, fp16_weights: bool | None, encoder) -> None:
+        """The model on its device, its tokenizer and suppressed tokens, the encoder to call."""
         self.model = Whisper(checkpoint.dims)
         self.model.load_state_dict(checkpoint.state_dict)
         self.model.to(self.device, self.dtype).eval().fuse()
-        # on the CPU, matrix products through fbgemm's fp16 GEMM (engines/fp16_weights.py); None: where available
+        # on the CPU, matrix products through fbgemm's fp16 GEMM (engines/weights/fp16.py); None: where available
         if fp16_weights is None:
             fp16_weights = self.device.type == "cpu" and fp16_available()
         self.fp16_weights = fp16_weights
@@ -179,48 +131,41 @@ class Engine:
             self.model.encoder if encoder is None else encoder
         )  # mel -> features; engines.trtllm swaps in a TensorRT-LLM engine
         self.suppress_tokens = checkpoint.suppress_tokens
-        # cross-attention heads whose weights follow the speech, for word timings (engines/alignment.py)
+        # cross-attention heads whose weights follow the speech, for word timings (engines/whisper/alignment.py)
         dims = checkpoint.dims
         self.alignment_heads = checkpoint.alignment_heads or default_heads(dims.n_text_layer, dims.n_text_head)
-        self.heads = self._load_heads(checkpoint, medusa)
-        if speculative not in SPECULATIVE_MODES:
-            raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE_MODES)}, got {speculative!r}")
-        self.speculative = speculative
-        self.script = script
-        # load tests on random weights (engines/synthetic.py): each request decodes this many tokens per
-        # second of its audio, as a real model of the shape would, instead of stopping at <|endoftext|>
-        self.tokens_per_second = tokens_per_second
+
+    def _configure_batch(
+        self,
+        max_batch: int | None,
+        window_bucket: float | None,
+        max_partials: int | None,
+        partials_per_round: int | None,
+        cuda_graphs: bool | GraphOptions,
+        node_budget: int | None,
+    ) -> None:
+        """The running batch and the admission rules, with the device's defaults where not given."""
         cuda = self.device.type == "cuda"
-        # rows of the running batch: a GPU serves hundreds of streams from one batch (engines.capacity
+        # rows of the running batch: a GPU serves hundreds of streams from one batch (bench.capacity
         # measured 200 Breeze-shape streams with 128 rows, BENCHMARKS.md); a CPU gains little past a few
         max_batch = max_batch or (CUDA_MAX_BATCH if cuda else CPU_MAX_BATCH)
         # shortened encoder windows are rounded up to multiples of this many seconds, so that
         # segments of similar length share one encoder call (one call per distinct window; on a GPU
         # coarser buckets batch more partials per call, as the capacity runs measured)
         self.window_bucket = window_bucket or (CUDA_WINDOW_BUCKET if cuda else CPU_WINDOW_BUCKET)
-        # partials are optional work: they may hold at most `max_partials` rows of the batch, and at most
-        # `partials_per_round` start between two decoder steps, so that their encoder calls and rows
-        # never stall the finals (a stream's newest partial waits; an older one is answered None)
-        # (BENCHMARKS.md, capacity: on an H200 at 200 streams, 8 of 128 rows and 2 per round cut the p95 by 2/3)
-        self.max_partials = (
-            max_partials if max_partials is not None else (max(4, max_batch // 16) if cuda else max_batch)
-        )
-        self.partials_per_round = partials_per_round or (2 if cuda else max_batch)
-        # on the CPU batching buys little (an encoder call for 3 windows costs what 3 calls cost) while every
-        # row slows the others' steps: finals run one at a time, each as soon as possible, and no partial
-        # starts beside a final; a GPU batches them all
-        self.partials_beside_finals = self.concurrent_finals = cuda
-        # decoder steps as CUDA graphs per batch-size bucket (engines/cuda_graphs.py); eager on the CPU
+        # partials are optional work, finals never wait for them (engines/scheduling.py)
+        self.admission = Admission.for_device(cuda, max_batch, max_partials, partials_per_round)
+        # decoder steps as CUDA graphs per batch-size bucket (engines/gpu/cuda_graphs.py); eager on the CPU
         self.graphs = None
         if self.device.type == "cuda" and cuda_graphs:
             self.graphs = cuda_graphs if isinstance(cuda_graphs, GraphOptions) else GraphOptions()
         # on a GPU a step over many rows verifies shorter drafts (engines/batching.py, node_budget)
         self.node_budget = node_budget or (128 if cuda else None)
         self.batch = self._new_batch(max_batch)
-        if self.graphs is not None and self.graphs.encoder and encoder is None:
-            # launch-bound at small batches without graphs; "compile" also fuses each block's pointwise work
-            fused = self.graphs.mode == "compile"
-            self.encoder = GraphedEncoder(FusedEncoder(self.model.encoder) if fused else self.model.encoder)
+
+    def _start_worker(self, overlap_encoder: bool | None, prioritize_steps: bool, stall_timeout: float) -> None:
+        """The queue, the worker thread and, where it overlaps, the encoder thread."""
+        cuda = self.device.type == "cuda"
         self._queue: list[Request] = []
         self._cv = threading.Condition()
         # running totals for /metrics (load_stats), each written by one thread only, so without a lock
@@ -232,7 +177,9 @@ class Engine:
         # serial admission took ~40% of the worker's time at 200 streams (BENCHMARKS.md, call J); on the
         # CPU the two would only share the same cores. None: on CUDA.
         self.overlap_encoder = cuda if overlap_encoder is None else overlap_encoder
-        self.prioritize_steps = prioritize_steps  # the worker's CUDA stream before the encoder thread's (_own_stream)
+        self.prioritize_steps = (
+            prioritize_steps  # the worker's CUDA stream before the encoder thread's (engines/gpu/streams.py)
+        )
         self._pipeline: list[Request] = []  # admitted, with the encoder thread or its output not yet in the batch
         self._to_encode: list[Request] = []
         self._encoded: list[tuple[list[Request], int, torch.Tensor | None, Exception | None]] = []
@@ -267,40 +214,9 @@ class Engine:
 
     @classmethod
     def load(cls, spec: str = "default", device: str = "auto", **kwargs) -> Engine:
-        """The engine of a model spec: a checkpoint (engines.checkpoints), or `random:SHAPE`, random
-        weights of a real shape for load tests (engines.synthetic)."""
-        if spec.startswith(RANDOM_PREFIX):
-            log.warning("model %s: RANDOM WEIGHTS of that shape, for load tests; transcripts are meaningless", spec)
-            return random_engine(spec[len(RANDOM_PREFIX) :], device, **kwargs)
+        """The engine of a checkpoint spec (engines.weights.checkpoints); `random:SHAPE` models are
+        engines.backend.create_engine's."""
         return cls(load_checkpoint(spec), device=device, **kwargs)
-
-    def _load_heads(self, checkpoint: Checkpoint, medusa: str | Path | None) -> MedusaHeads | None:
-        """Medusa heads from `medusa`, else the shipped ones when they fit this model, else none."""
-        if medusa is None:
-            if (
-                not SHIPPED_HEADS.exists()
-                or checkpoint.dims.n_text_state != 512
-                or "whisper-base" not in checkpoint.name
-            ):
-                return None
-            medusa = SHIPPED_HEADS
-        return load_heads(medusa, checkpoint.dims).to(self.device, self.dtype).eval()
-
-    def drafters(
-        self, previous: list[int] | None, speculative: str, context: list[int] | None = None, draft_text: str = ""
-    ) -> list:
-        """The draft sources of one request: the previous hypothesis first, then prompt lookup over
-        `context` (the prompt's text tokens), `draft_text` (a stream's earlier finals) and the
-        segment's own output, then Medusa."""
-        out = []
-        if speculative in ("hypothesis", "both") and previous:
-            out.append(HypothesisDrafter(previous))
-        if speculative in ("lookup", "both"):
-            earlier = self.tokenizer.encode(" " + draft_text.strip()) if draft_text.strip() else []
-            out.append(LookupDrafter([*(context or []), *earlier]))
-        if speculative in ("medusa", "both") and self.heads is not None:
-            out.append(MedusaDrafter(self.model, self.heads))
-        return out
 
     # -- submitting work ---------------------------------------------------------------
 
@@ -403,7 +319,7 @@ class Engine:
         fails the requests it held, and the loop starts again (with a growing pause if it keeps crashing)."""
         while True:
             try:
-                with self._own_stream(high_priority=self.prioritize_steps):
+                with own_stream(self.device, high_priority=self.prioritize_steps):
                     self._run()
                 return
             except BaseException as exc:  # noqa: BLE001 - the worker must outlive any bug
@@ -417,7 +333,7 @@ class Engine:
                 )
                 error = RuntimeError(f"the engine worker crashed: {self.last_error}")
                 for request in self._held + [s.tag for s in self.batch.active]:
-                    _fail(request.future, error)
+                    fail(request.future, error)
                 self._held = []
                 self.batch = self._new_batch(self.batch.rows)
                 time.sleep(min(1.0, 0.01 * 2 ** min(self.restarts, 7)))
@@ -456,13 +372,13 @@ class Engine:
                 for group, *_ in encoded:
                     self._pipeline = [r for r in self._pipeline if r not in group]
                 if encoded:  # a partial that a newer request of its stream superseded while it was encoded
-                    newest = _newest(
+                    latest = newest(
                         self._queue
                         + self._pipeline
                         + [s.tag for s in self.batch.active]
                         + [r for group, *_ in encoded for r in group]
                     )
-                    encoded = [_without_stale(item, newest) for item in encoded]
+                    encoded = [without_stale(item, latest) for item in encoded]
                 started = [r for group, *_ in encoded for r in group] + ([] if self.overlap_encoder else live)
                 self._held = started
             running = [s.tag for s in self.batch.active]
@@ -489,7 +405,7 @@ class Engine:
         """The encoder thread (overlap_encoder): encodes what the worker admitted, one window length
         at a time, a group holding a final first (a final handed over later still overtakes queued
         partials), on its own CUDA stream; hands the features back, or a failure with its group."""
-        with self._own_stream():
+        with own_stream(self.device):
             while True:
                 with self._cv:
                     while not self._to_encode and not self._encoder_stop:
@@ -516,7 +432,7 @@ class Engine:
         retried one at a time (from the start), so only the one that fails again gets it."""
         if len(held) <= 1 or any(r.alone for r in held):
             for r in held:
-                _fail(r.future, exc)
+                fail(r.future, exc)
             return
         for r in held:
             r.alone = True
@@ -527,37 +443,25 @@ class Engine:
         """Takes the requests that start now (caller holds the lock): finals first, then partials;
         a partial superseded by a newer request of its stream (a partial, or the segment's final) is
         answered None, queued or running."""
-        latest = _newest(self._queue)  # a stream's newest request: partials before it are stale, even for its final
+        latest = newest(self._queue)  # a stream's newest request: partials before it are stale, even for its final
         for s in list(self.batch.active):
             r = s.tag
-            if _superseded(r, latest):
+            if superseded(r, latest):
                 self.batch.remove(s)
-                _resolve(r.future, None)
+                resolve(r.future, None)
         queue = []
         for r in self._queue:
             if r.future.cancelled():
                 continue
-            if _superseded(r, latest):
-                _resolve(r.future, None)
+            if superseded(r, latest):
+                resolve(r.future, None)
             else:
                 queue.append(r)
         queue.sort(key=lambda r: (not r.final, r.seq))
-        alone = [r for r in queue if r.alone]
-        if alone:  # retried after a failed batch: one at a time, in an empty batch
-            taken = [] if self.batch.active or self._pipeline else alone[:1]
-        else:
-            finals = [r for r in queue if r.final]
-            started = [
-                s.tag for s in self.batch.active
-            ] + self._pipeline  # rows taken, or reserved for the encoder's output
-            free = self.batch.rows - len(started)
-            final_active = any(r.final for r in started)
-            taken = finals[: free if self.concurrent_finals else min(free, int(not final_active))]
-            running = sum(not r.final for r in started)
-            room = min(free - len(taken), self.max_partials - running, self.partials_per_round)
-            if not self.partials_beside_finals and (finals or final_active):
-                room = 0
-            taken += [r for r in queue if not r.final][: max(0, room)]
+        started = [
+            s.tag for s in self.batch.active
+        ] + self._pipeline  # rows taken, or reserved for the encoder's output
+        taken = self.admission.take(queue, started, self.batch.rows)
         self._queue = [r for r in queue if r not in taken]
         return taken
 
@@ -579,12 +483,18 @@ class Engine:
         mel = torch.stack([pad_mel(clip_mel(self._samples(r), self.model.dims.n_mels), frames) for r in group])
         with torch.inference_mode():
             features = self.encoder(mel.to(self.device, self.dtype))
-        self._sync()
+        sync(self.device)
         for r in group:
             r.encoder_seconds += (time.perf_counter() - t0) / len(group)
         self._load.encoder_calls += 1
         self._load.encoder_windows += len(group)
         return features
+
+    def _lookup_context(self, request: Request, prompt_text: list[int]) -> list[int]:
+        """What prompt lookup drafts from: the prompt's text tokens, then the stream's earlier
+        finals (`DecodingOptions.draft_text`, which the model never reads)."""
+        earlier = request.options.draft_text.strip()
+        return [*prompt_text, *(self.tokenizer.encode(" " + earlier) if earlier else [])]
 
     def _begin(self, group: list[Request], frames: int, features: torch.Tensor) -> None:
         """Admits encoded requests to the batch (beam searches run on their own)."""
@@ -612,7 +522,7 @@ class Engine:
                 prompt,
                 lang,
                 r.options,
-                self.drafters(r.previous, r.speculative, prompt[1:prefix], r.options.draft_text),
+                drafters(r.previous, r.speculative, self.model, self.heads, self._lookup_context(r, prompt[1:prefix])),
                 frames=feats.shape[1],
                 tag=r,
                 prefix=prefix,
@@ -621,7 +531,7 @@ class Engine:
         ]
         t1 = time.perf_counter()
         self.batch.admit(feats, seqs)
-        self._sync()
+        sync(self.device)
         for r, _ in greedy:
             r.decoder_seconds += (time.perf_counter() - t1) / len(greedy)
         self._finish([s for s in seqs if s.done])
@@ -635,7 +545,7 @@ class Engine:
         t0 = time.perf_counter()
         active = list(self.batch.active)
         finished = self.batch.step()
-        self._sync()
+        sync(self.device)
         seconds = time.perf_counter() - t0
         self._load.steps += 1
         self._load.step_rows += len(active)
@@ -665,19 +575,11 @@ class Engine:
             request.future.set_result(self._transcript(request, result, frames))
 
     def _frames(self, request: Request) -> int:
-        if request.window is None:
-            return N_FRAMES
-        frames = len(request.audio) // 160 + int(request.window * FRAMES_PER_SECOND)
-        step = 2 * max(1, round(self.window_bucket * FRAMES_PER_SECOND / 2))  # buckets so segments batch together
-        return min(N_FRAMES, math.ceil(frames / step) * step)
+        return window_frames(len(request.audio), request.window, self.window_bucket)
 
     def _transcript(self, request: Request, res: DecodingResult, frames: int) -> Transcript:
-        text = res.text
-        chinese = self.script == "traditional" and res.language in ("zh", "yue")
-        if chinese:
-            text = chinese_text(text)
         transcript = Transcript(
-            text=text,
+            text=shape_text(res.text, res.language, self.script),
             tokens=res.tokens,
             language=res.language,
             no_speech_prob=res.no_speech_prob,
@@ -694,15 +596,13 @@ class Engine:
         if request.words and features is not None and transcript.has_speech:
             t0 = time.perf_counter()
             transcript.words = self._word_timings(request, res, features)
-            if chinese:
-                for word, piece in zip(transcript.words, chinese_pieces([w.text for w in transcript.words])):
-                    word.text = piece
-            self._sync()
+            shape_words(transcript.words, res.language, self.script)
+            sync(self.device)
             transcript.alignment_seconds = time.perf_counter() - t0
         return transcript
 
     def _word_timings(self, request: Request, res: DecodingResult, features: torch.Tensor) -> list[Word]:
-        """Timed words of a decoded final (one more decoder pass over its tokens, engines/alignment.py)."""
+        """Timed words of a decoded final (one more decoder pass over its tokens, engines/whisper/alignment.py)."""
         sot_sequence = self.tokenizer.prompt(res.language, request.options.task, timestamps=True)
         return word_timings(
             self.model,
@@ -714,60 +614,3 @@ class Engine:
             res.language,
             request.audio[:N_SAMPLES],
         )
-
-    def _own_stream(self, high_priority: bool = False):
-        """On CUDA, a stream of the calling thread's own (the worker's, the encoder thread's): work on
-        the legacy default stream would break a graph the other thread is recording, since that
-        stream synchronises with every other blocking stream. The worker's stream may take the higher
-        priority, so that where its decoder steps and the encoder's kernels are both ready the GPU
-        schedules the steps' blocks first (no gain measured yet: BENCHMARKS.md, fourth session)."""
-        if self.device.type != "cuda":
-            return contextlib.nullcontext()
-        return torch.cuda.stream(torch.cuda.Stream(self.device, priority=-1 if high_priority else 0))  # lower is higher
-
-    def _sync(self) -> None:
-        """Waits for this thread's CUDA stream (the encoder thread has its own)."""
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
-
-
-def _fail(future: Future, error: BaseException) -> None:
-    """Sets an exception unless the future is settled (or its caller cancelled it) meanwhile."""
-    try:
-        if not future.done():
-            future.set_exception(error)
-    except InvalidStateError:
-        pass
-
-
-def _resolve(future: Future, value: object) -> None:
-    """Sets a result unless the caller cancelled the future meanwhile (a client that left)."""
-    try:
-        future.set_result(value)
-    except InvalidStateError:
-        pass
-
-
-def _newest(requests: list[Request]) -> dict[object, int]:
-    """Each stream's newest request (its sequence number) among `requests`."""
-    newest: dict[object, int] = {}
-    for r in requests:
-        if r.stream is not None:
-            newest[r.stream] = max(newest.get(r.stream, -1), r.seq)
-    return newest
-
-
-def _superseded(request: Request, newest: dict[object, int]) -> bool:
-    """A partial whose stream has a newer request (a partial, or the segment's final) in `newest`."""
-    return not request.final and request.stream is not None and request.seq < newest.get(request.stream, -1)
-
-
-def _without_stale(item: tuple, newest: dict[object, int]) -> tuple:
-    """An encoded group without its superseded partials (answered None)."""
-    group, frames, features, error = item
-    keep = [i for i, r in enumerate(group) if not _superseded(r, newest)]
-    for i in set(range(len(group))) - set(keep):
-        _resolve(group[i].future, None)
-    if len(keep) == len(group):
-        return item
-    return [group[i] for i in keep], frames, None if features is None else features[keep], error

@@ -7,7 +7,7 @@ the device and the decoder rigged so that it behaves like a model that transcrib
 
 - Random weights never stop at a real end of speech, so `<|endoftext|>` is suppressed and every
   request decodes `ceil(tokens_per_second x seconds of audio)` tokens (`Engine.tokens_per_second`;
-  5.43 tokens/s is the rate of the dev references, `engines.capacity --measure-rate`).
+  5.43 tokens/s is the rate of the dev references, `bench.capacity --measure-rate`).
 - The decoder's output depends on the position and the previous tokens only (cross-attention
   output projection scaled by 1e-4, the position embedding scaled up so that the argmax changes
   from one position to the next and never loops): a partial's tokens are then a prefix of the next
@@ -16,18 +16,20 @@ the device and the decoder rigged so that it behaves like a model that transcrib
   to two CJK characters each, so transcripts pass the hallucination filter like real Chinese text.
 
 `breeze-stream serve --model random:large-v2` serves such an engine (labelled random everywhere),
-`engines.capacity` and `engines.bench` time it. Nothing here is ever the default model.
+`bench.capacity` and `bench.engine` time it. Nothing here is ever the default model.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .model import ModelDims, Whisper
+from engines.config import RANDOM_PREFIX
+from engines.whisper.model import ModelDims, Whisper
+from engines.whisper.tokenizer import LANGUAGES, byte_encoder
+
 from .options import (
-    TOKENS_PER_SECOND,  # Whisper tokens per second of speech, dev references (engines.capacity --measure-rate)
+    TOKENS_PER_SECOND,  # Whisper tokens per second of speech, dev references (bench.capacity --measure-rate)
 )
-from .tokenizer import LANGUAGES, byte_encoder
 
 SHAPES = {
     # Breeze-ASR-25 is Whisper large-v2's shape
@@ -69,7 +71,6 @@ SHAPES = {
     ),
 }
 SHAPES["breeze"] = SHAPES["large-v2"]
-RANDOM_PREFIX = "random:"
 """`--model random:SHAPE` names a random-weight model of SHAPE (a load test, never a transcriber)."""
 
 # Whisper's multilingual suppress_tokens (the embedded model's config.json suppress_ids; a test
@@ -219,7 +220,7 @@ def random_checkpoint(shape: str, device: torch.device, dtype: torch.dtype, seed
     """A Checkpoint of random weights of `shape` (a key of SHAPES), rigged as the module doc says,
     its tensors on `device`: what `random_engine` serves and `train-medusa --model random:SHAPE`
     trains heads on (to time them, not to use them)."""
-    from .checkpoints import Checkpoint
+    from engines.weights.checkpoints import Checkpoint
 
     if shape not in SHAPES:
         raise ValueError(
@@ -251,7 +252,7 @@ def random_engine(
     """An Engine on random weights of `shape` (a key of SHAPES), rigged as the module doc says,
     decoding `tokens_per_second` tokens per second of audio (None: requests set their own
     `max_new_tokens`). `engine_options` go to Engine (max_batch, speculative, cuda_graphs, ...)."""
-    from .engine import Engine, resolve_device
+    from engines.engine import Engine, resolve_device
 
     dev = resolve_device(device)
     dtype = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)

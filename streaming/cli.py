@@ -12,44 +12,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from engines.decoding import DecodingOptions
+    from engines.backend import Backend
+    from engines.whisper.decoding import DecodingOptions
     from streaming.audio.offline import Segment
 
 
 def decoding_options(args: argparse.Namespace) -> DecodingOptions:
-    from engines.decoding import DecodingOptions
+    from engines.whisper.decoding import DecodingOptions
 
     language = None if args.language == "auto" else args.language
     return DecodingOptions(language=language, beam_size=args.beam_size, timestamps=args.timestamps, prompt=args.prompt)
 
 
-def load_engine(args: argparse.Namespace) -> Any:
-    """The engine the options name: engines.engine.Engine, or a TensorRT-LLM backend."""
-    from engines.trtllm.backend import load_backend  # --backend torch is engines.engine.Engine.load
+def engine_from_arguments(args: argparse.Namespace) -> Backend:
+    """The engine the command's options name (engines.backend.create_engine)."""
+    from engines.backend import create_engine
+    from engines.config import EngineConfig
 
-    extra = engine_options(getattr(args, "fp32_weights", False), getattr(args, "cuda_graphs", "graph"))
-    return load_backend(args, speculative=getattr(args, "speculative", "both"), medusa=args.medusa, **extra)
-
-
-def engine_options(
-    fp32_weights: bool = False,
-    cuda_graphs: str = "graph",
-    max_batch: int | None = None,
-    window_bucket: float | None = None,
-) -> dict[str, Any]:
-    """Engine keyword arguments of --fp32-weights, --cuda-graphs, --max-batch and --window-bucket
-    (only where they differ from the defaults, so that backends without these options are not
-    handed them)."""
-    extra: dict[str, Any] = {"fp16_weights": False} if fp32_weights else {}
-    if max_batch is not None:
-        extra["max_batch"] = max_batch
-    if window_bucket is not None:
-        extra["window_bucket"] = window_bucket
-    if cuda_graphs != "graph":
-        from engines.cuda_graphs import GraphOptions
-
-        extra["cuda_graphs"] = False if cuda_graphs == "off" else GraphOptions(mode=cuda_graphs)
-    return extra
+    return create_engine(EngineConfig.from_arguments(args))
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
@@ -60,10 +40,10 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
             print(f"error: {path}: no such file", file=sys.stderr)
     if not paths:
         return 1  # reported before torch and the model load
-    from streaming.audio.codecs import AudioFileError, load_audio
+    from engines.whisper.audio import AudioFileError, load_audio
     from streaming.audio.offline import transcribe_audio
 
-    engine = load_engine(args)
+    engine = engine_from_arguments(args)
     options = decoding_options(args)
     out = []
     for path in paths:

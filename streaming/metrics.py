@@ -25,7 +25,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from engines.engine import Transcript
+from engines.backend import Backend
+from engines.transcript import Transcript
 
 from .server.admission import LoadMeter
 
@@ -142,7 +143,7 @@ class Metrics:
             multiprocess_mode="livemax",
         )
 
-    def watch_engine(self, engine: Callable[[], object | None]) -> None:
+    def watch_engine(self, engine: Callable[[], Backend | None]) -> None:
         """Export the load figures of `engine()` (its `load_stats()`) at every scrape."""
         self.engine_load = EngineLoadCollector(engine)
         self.registry.register(self.engine_load)
@@ -193,17 +194,17 @@ ENGINE_GAUGES = (
 
 class EngineLoadCollector:
     """The engine's own running totals, read when /metrics is scraped: nothing is counted twice and
-    the engine's step loop pays only for integer additions. Engines without `load_stats` (the
-    TensorRT-LLM executor) export none of these names."""
+    the engine's step loop pays only for integer additions. Engines that keep none of these
+    figures (the TensorRT-LLM executor) export none of these names."""
 
-    def __init__(self, engine: Callable[[], object | None]) -> None:
+    def __init__(self, engine: Callable[[], Backend | None]) -> None:
         self.engine = engine
 
     def collect(self) -> Iterator[Metric]:
-        load_stats = getattr(self.engine(), "load_stats", None)
-        if not callable(load_stats):
+        engine = self.engine()
+        if engine is None:
             return
-        figures = load_stats()
+        figures = engine.load_stats()
         for key, name, documentation in ENGINE_COUNTERS:
             if key in figures:
                 yield CounterMetricFamily(name, documentation, value=figures[key])

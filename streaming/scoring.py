@@ -19,7 +19,7 @@ import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from engines.text import convert
+from engines.whisper.text import convert
 
 LANGUAGES = ("zh", "mix", "en")
 

@@ -13,9 +13,9 @@ from unittest import mock
 import numpy as np
 from test_word_timings import PHRASES, first_word_errors, synthetic_phrases
 
-import engines.alignment
-from engines.decoding import DecodingOptions
+import engines.whisper.alignment
 from engines.engine import Engine
+from engines.whisper.decoding import DecodingOptions
 
 
 def start_errors(engine: Engine, audio: np.ndarray, onsets: list[float]) -> list[float]:
@@ -31,7 +31,7 @@ def main() -> None:
     audio, onsets = synthetic_phrases()
     engine = Engine.load("default", device="cpu")
     errors = start_errors(engine, audio, onsets)
-    with mock.patch.object(engines.alignment, "trim_silence", lambda words, audio: words):
+    with mock.patch.object(engines.whisper.alignment, "trim_silence", lambda words, audio: words):
         untrimmed = start_errors(engine, audio, onsets)
     print(
         f"{len(PHRASES)} phrases, {len(audio) / 16000:.1f} s; first-word start error: mean {np.mean(errors):.3f} s, "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from engines.model import Whisper, causal_mask
+from engines.whisper.model import Whisper, causal_mask
 
 
 def run_against_plain(model: Whisper, hidden, batch: int, width: int):

@@ -5,12 +5,14 @@ import json
 import pytest
 import torch
 
+from bench.capacity import SimConfig, simulate
+from bench.capacity import (
+    main as capacity_main,  # breeze_stream.cli's main is the server's
+)
 from breeze_stream.cli import main
-from engines.capacity import SimConfig, simulate
-from engines.capacity import main as capacity_main  # breeze_stream.cli's main is the server's
-from engines.checkpoints import default_suppress_ids, default_vocabulary
 from engines.synthetic import SHAPES, WHISPER_SUPPRESS, random_engine, synthetic_vocabulary
-from engines.tokenizer import Tokenizer
+from engines.weights.checkpoints import default_suppress_ids, default_vocabulary
+from engines.whisper.tokenizer import Tokenizer
 
 
 @pytest.fixture

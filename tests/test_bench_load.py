@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
-from conftest import TINY_TEXT
-from hardening_helpers import RATE, CliServer, tiny_pt, voiced
 
 from bench import load as bench_load
+from bench.cli_server import CliServer
+from bench.clips import RATE, voiced
 from bench.load import ClipLoop, plan_streams
+from bench.tiny import TINY_TEXT, save_tiny_model
 from streaming.metrics import Metrics
 from streaming.server.app import Server, ServerConfig
 
@@ -151,7 +152,7 @@ async def test_sync_starts_together_in_manifest_order(server: Server, manifest: 
 
 async def test_a_killed_server_is_reported_as_disconnects(manifest: Path, tmp_path: Path, capsys):
     """SIGKILL of the real CLI server mid-run: every stream is a disconnect (1006), no hang, no crash."""
-    server = CliServer("--model", str(tiny_pt(tmp_path / "tiny.pt")), "--device", "cpu")
+    server = CliServer("--model", str(save_tiny_model(tmp_path / "tiny.pt")), "--device", "cpu")
     out = tmp_path / "report.json"
     try:
         await asyncio.to_thread(server.start, 60)
@@ -277,9 +278,15 @@ def test_clip_loop_reads_like_the_joined_array():
     assert loop[0:4].dtype == np.int16
 
 
-def test_engine_load_metrics_absent_without_load_stats(tiny_engine):
-    """An engine without load_stats (the TensorRT-LLM executor), or none yet: no load names, no failure."""
-    for engine in (None, object()):
+def test_engine_load_metrics_absent_without_figures(tiny_engine):
+    """No engine yet, or one that keeps none of the figures (the TensorRT-LLM executor answers {}):
+    no load names, no failure."""
+
+    class NoFigures:
+        def load_stats(self) -> dict:
+            return {}
+
+    for engine in (None, NoFigures()):
         metrics = Metrics()
         metrics.watch_engine(lambda engine=engine: engine)
         text = metrics.render().decode()

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engines import checkpoints, ct2
-from engines.checkpoints import expected_shapes, load_checkpoint
-from engines.model import ModelDims, Whisper, sinusoids
+from engines.weights import checkpoints, ct2
+from engines.weights.checkpoints import expected_shapes, load_checkpoint
+from engines.whisper.model import ModelDims, Whisper, sinusoids
 
 transformers = pytest.importorskip("transformers")
 

@@ -17,8 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import soxr
-from hardening_helpers import REPO, CliServer, pcm16, phrases, tiny_pt
+from hardening_helpers import REPO
 from websockets.asyncio.client import connect
+
+from bench.cli_server import CliServer
+from bench.clips import pcm16, phrases
+from bench.tiny import save_tiny_model
 
 
 def test_decoder_alive_at_exit_is_released():
@@ -39,7 +43,9 @@ def test_decoder_alive_at_exit_is_released():
 
 async def test_server_exits_without_leak_reports(tmp_path: Path):
     """The CLI server with resampling sessions open (native 8 kHz and a Twilio call), stopped by SIGINT."""
-    server = CliServer("--model", str(tiny_pt(tmp_path / "tiny.pt")), "--device", "cpu", "--drain-timeout", "0.5")
+    server = CliServer(
+        "--model", str(save_tiny_model(tmp_path / "tiny.pt")), "--device", "cpu", "--drain-timeout", "0.5"
+    )
     try:
         await asyncio.to_thread(server.start, 60)
         audio = soxr.resample(phrases(3), 16000, 8000)

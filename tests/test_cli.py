@@ -67,7 +67,7 @@ def test_parsing_imports_nothing_heavy():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     modules = set(result.stdout.split())
     assert "breeze_stream.cli" in modules
-    for heavy in ("torch", "numpy", "websockets", "streaming.server.app", "engines.engine", "engines.model"):
+    for heavy in ("torch", "numpy", "websockets", "streaming.server.app", "engines.engine", "engines.whisper.model"):
         assert heavy not in modules, heavy
 
 
@@ -150,10 +150,11 @@ def test_serve_defaults_match_the_configs():
 
 
 def test_engine_option_names_match_the_engines():
-    from engines import bench
-    from engines.options import DTYPE_NAMES, SHAPE_NAMES
+    from bench.engine import DTYPES
+    from bench.options import DTYPE_NAMES, SHAPE_NAMES
+    from engines.synthetic import SHAPES
 
-    assert SHAPE_NAMES == tuple(sorted(bench.SHAPES)) and DTYPE_NAMES == tuple(sorted(bench.DTYPES))
+    assert SHAPE_NAMES == tuple(sorted(SHAPES)) and DTYPE_NAMES == tuple(sorted(DTYPES))
 
 
 @pytest.mark.parametrize("command", ("transcribe", "eval"))
@@ -177,15 +178,16 @@ def test_unreadable_file_names_it_once(tmp_path):
 
 
 def tiny_pt_path(tmp_path):
-    from hardening_helpers import tiny_pt
+    from bench.tiny import save_tiny_model
 
-    return tiny_pt(tmp_path / "tiny.pt")
+    return save_tiny_model(tmp_path / "tiny.pt")
 
 
 def test_transcribe_json_to_a_file(tmp_path):
     import numpy as np
     import soundfile
-    from hardening_helpers import pcm16, phrases
+
+    from bench.clips import pcm16, phrases
 
     wav = tmp_path / "two.wav"
     soundfile.write(wav, np.frombuffer(pcm16(phrases(2)), "<i2"), 16000, subtype="PCM_16")

@@ -9,17 +9,15 @@ import pytest
 import soundfile
 import soxr
 
-from streaming.audio import codecs
+from engines.whisper.audio import AudioFileError, load_audio
 from streaming.audio.codecs import (
     ALAW_TO_PCM16,
     ENCODINGS,
     MULAW_TO_PCM16,
     AudioDecoder,
-    AudioFileError,
     AudioFormatError,
     encode_alaw,
     encode_mulaw,
-    load_audio,
 )
 
 
@@ -225,6 +223,6 @@ def test_unreadable_files_raise_audio_file_error(tmp_path, monkeypatch):
     zero_bytes.write_bytes(b"")
     with pytest.raises(AudioFileError):
         load_audio(zero_bytes)
-    monkeypatch.setattr(codecs.shutil, "which", lambda name: None)
+    monkeypatch.setattr("engines.whisper.audio.shutil.which", lambda name: None)
     with pytest.raises(AudioFileError, match="install ffmpeg"):
         load_audio(text)

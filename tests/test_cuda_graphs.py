@@ -1,4 +1,4 @@
-"""The bucketed step of engines/cuda_graphs.py: the same tokens as the plain batch.
+"""The bucketed step of engines/gpu/cuda_graphs.py: the same tokens as the plain batch.
 
 On the CPU the StepRunner runs its static-buffer step eagerly (padding rows, width, frame and
 context buckets, prompts folded into the next step, the fused cross-attention projection): that
@@ -7,31 +7,23 @@ bookkeeping. Graph capture itself needs a GPU; that test skips without one.
 """
 
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
+from bench.tiny import TINY_DIMS
 from engines.batching import Batch, Decoder, Sequence, _Tree
-from engines.cuda_graphs import GraphOptions, bucket, step_inputs, tree_visibility
-from engines.decoding import DecodingOptions
-from engines.drafts import HypothesisDrafter
-from engines.model import ModelDims, Whisper
+from engines.gpu.cuda_graphs import GraphOptions, bucket
+from engines.gpu.step_inputs import step_inputs, tree_visibility
+from engines.speculative.drafts import HypothesisDrafter
 from engines.synthetic import WHISPER_SUPPRESS, synthetic_vocabulary
-from engines.tokenizer import Tokenizer
+from engines.whisper.decoding import DecodingOptions
+from engines.whisper.model import Whisper
+from engines.whisper.tokenizer import Tokenizer
 
-DIMS = ModelDims(
-    n_mels=80,
-    n_audio_ctx=1500,
-    n_audio_state=64,
-    n_audio_head=2,
-    n_audio_layer=1,
-    n_vocab=51865,
-    n_text_ctx=448,
-    n_text_state=64,
-    n_text_head=2,
-    n_text_layer=2,
-)
+DIMS = replace(TINY_DIMS, n_text_layer=2)
 
 
 @pytest.fixture(scope="module")
@@ -142,9 +134,9 @@ def test_bucketed_step_gives_the_plain_tokens(parts, speculative):
 )
 @pytest.mark.parametrize("beyond", ["plain", "attention kernel"])
 def test_row_kernel_steps_give_the_plain_tokens(parts, beyond):
-    """Buckets of at most 16 rows through the Triton row kernels (engines/decode_kernels.py; Triton's
+    """Buckets of at most 16 rows through the Triton row kernels (engines/gpu/decode_kernels.py; Triton's
     interpreter on the CPU), larger ones through the plain step or through the plain projections with
-    the self-attention kernel (engines/decode_attention.py) and a padded vocabulary projection, as the
+    the self-attention kernel (engines/gpu/decode_attention.py) and a padded vocabulary projection, as the
     GPU runs them: the same tokens and draft acceptance."""
     model, tok, suppress = parts
     fused = Whisper(DIMS).eval()

@@ -1,4 +1,4 @@
-"""engines/decode_attention.py: the attention kernels compute what the cache scatter and SDPA compute.
+"""engines/gpu/decode_attention.py: the attention kernels compute what the cache scatter and SDPA compute.
 
 On a machine without a GPU the kernel runs in Triton's interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1), in float32; on a GPU the same tests run there. Its speed is in BENCHMARKS.md."""
@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engines.cuda_graphs import tree_visibility
-from engines.decode_attention import CROSS_BLOCK, MAX_WIDTH, cross_attention, self_attention
-from engines.fused import sdpa_self_attention
+from engines.gpu.decode_attention import CROSS_BLOCK, MAX_WIDTH, cross_attention, self_attention
+from engines.gpu.fused import sdpa_self_attention
+from engines.gpu.step_inputs import tree_visibility
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOL = {} if DEVICE.type == "cpu" else {"rtol": 1e-3, "atol": 1e-3}

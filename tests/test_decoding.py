@@ -1,28 +1,19 @@
 """Decoding rules, the static-cache greedy loop and exact speculative verification."""
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
 
+from bench.tiny import TINY_DIMS
 from engines.batching import Decoder
-from engines.checkpoints import default_suppress_ids, default_vocabulary
-from engines.decoding import DecodingOptions, Draft, LogitFilter, repetition_period
-from engines.model import ModelDims, Whisper, causal_mask
-from engines.tokenizer import Tokenizer
+from engines.weights.checkpoints import default_suppress_ids, default_vocabulary
+from engines.whisper.decoding import DecodingOptions, Draft, LogitFilter, repetition_period
+from engines.whisper.model import Whisper, causal_mask
+from engines.whisper.tokenizer import Tokenizer
 
-DIMS = ModelDims(
-    n_mels=80,
-    n_audio_ctx=1500,
-    n_audio_state=64,
-    n_audio_head=2,
-    n_audio_layer=1,
-    n_vocab=51865,
-    n_text_ctx=448,
-    n_text_state=64,
-    n_text_head=2,
-    n_text_layer=2,
-)
+DIMS = replace(TINY_DIMS, n_text_layer=2)
 
 
 @pytest.fixture(scope="module")

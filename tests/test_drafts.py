@@ -3,9 +3,9 @@
 import torch
 from test_decoding import decoder, features  # noqa: F401  (module fixture and helper)
 
-from engines.decoding import DecodingOptions
-from engines.drafts import HypothesisDrafter, MedusaDrafter
-from engines.medusa import MedusaHeads
+from engines.speculative.drafts import HypothesisDrafter, MedusaDrafter
+from engines.speculative.medusa import MedusaHeads
+from engines.whisper.decoding import DecodingOptions
 
 
 def test_hypothesis_draft_continues_the_old_hypothesis():

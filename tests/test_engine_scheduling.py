@@ -6,12 +6,12 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_DIMS, TINY_TEXT, tiny_model
 
-from engines.audio import N_FRAMES
-from engines.checkpoints import Checkpoint, default_suppress_ids, default_vocabulary
-from engines.decoding import DecodingOptions
+from bench.tiny import TINY_DIMS, TINY_TEXT, tiny_model
 from engines.engine import Engine
+from engines.weights.checkpoints import Checkpoint, default_suppress_ids, default_vocabulary
+from engines.whisper.audio import N_FRAMES
+from engines.whisper.decoding import DecodingOptions
 
 OPTIONS = DecodingOptions(language="zh")
 
@@ -146,7 +146,9 @@ def test_a_partial_superseded_while_it_is_encoded_is_answered_none(tiny_checkpoi
 
 def test_the_encoder_thread_takes_a_final_before_queued_partials(tiny_checkpoint):
     engine = Engine(tiny_checkpoint, device="cpu", overlap_encoder=True)
-    engine.partials_beside_finals = engine.concurrent_finals = True  # as on a GPU: partials start beside finals
+    engine.admission.partials_beside_finals = engine.admission.concurrent_finals = (
+        True  # as on a GPU: partials start beside finals
+    )
     entered, release = threading.Event(), threading.Event()
     order = []
     encode = engine._encode
@@ -205,7 +207,7 @@ def test_a_stalled_worker_is_reported_dead_and_recovers(tiny_checkpoint):
 
 def test_an_encoder_failure_on_its_thread_fails_only_its_request(tiny_checkpoint):
     engine = Engine(tiny_checkpoint, device="cpu", overlap_encoder=True)
-    engine.partials_beside_finals = engine.concurrent_finals = True  # as on a GPU: encoded together
+    engine.admission.partials_beside_finals = engine.admission.concurrent_finals = True  # as on a GPU: encoded together
     encoder = engine.encoder
 
     def poisoned_encoder(mel):

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 import soundfile
-from hardening_helpers import REPO, phrases, tiny_pt
+from hardening_helpers import REPO
 
 from bench import replay
+from bench.clips import phrases
 from bench.options import add_replay_arguments
+from bench.tiny import save_tiny_model
 from streaming.manifest import Clip, read_clips
 
 REFERENCES = {"a-short": "好", "b-longer": "你好", "c-english": "good"}
@@ -66,7 +68,7 @@ def test_eval_of_a_folder(tmp_path: Path):
             "eval",
             str(folder),
             "--model",
-            str(tiny_pt(tmp_path / "tiny.pt")),
+            str(save_tiny_model(tmp_path / "tiny.pt")),
             "--device",
             "cpu",
             "--json",

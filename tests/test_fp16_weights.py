@@ -1,4 +1,4 @@
-"""fp16-packed weights on the CPU (engines/fp16_weights.py): float32 results, exact speculation."""
+"""fp16-packed weights on the CPU (engines/weights/fp16.py): float32 results, exact speculation."""
 
 import pytest
 import torch
@@ -6,12 +6,12 @@ import torch.nn.functional as F
 from test_decoding import DIMS
 
 from engines.batching import Decoder
-from engines.checkpoints import default_suppress_ids, default_vocabulary
-from engines.decoding import DecodingOptions
-from engines.drafts import HypothesisDrafter
-from engines.fp16_weights import PackedLinear, pack_fp16_weights
-from engines.model import Linear, Whisper
-from engines.tokenizer import Tokenizer
+from engines.speculative.drafts import HypothesisDrafter
+from engines.weights.checkpoints import default_suppress_ids, default_vocabulary
+from engines.weights.fp16 import PackedLinear, pack_fp16_weights
+from engines.whisper.decoding import DecodingOptions
+from engines.whisper.model import Linear, Whisper
+from engines.whisper.tokenizer import Tokenizer
 
 
 def random_model(seed: int = 0) -> Whisper:

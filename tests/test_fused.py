@@ -1,4 +1,4 @@
-"""engines/fused.py: the compiled regions compute what the plain model computes.
+"""engines/gpu/fused.py: the compiled regions compute what the plain model computes.
 
 Inductor only generates code on a GPU here, so the regions are traced and decomposed with the
 "aot_eager" backend: that checks the wiring (which weights, which layer norm, the residuals, the
@@ -9,9 +9,9 @@ import torch
 from decoder_check import run_against_plain
 from torch._dynamo.utils import counters
 
-from engines.fused import FusedDecoder, FusedEncoder
-from engines.model import ModelDims
+from engines.gpu.fused import FusedDecoder, FusedEncoder
 from engines.synthetic import random_model
+from engines.whisper.model import ModelDims
 
 DIMS = ModelDims(
     n_mels=80,
@@ -67,7 +67,7 @@ def test_fused_decoder_matches_hidden_and_writes_the_same_cache(model, batch, wi
 
 
 def test_fused_regions_refuse_packed_weights(model):
-    from engines.fp16_weights import available, pack_fp16_weights
+    from engines.weights.fp16 import available, pack_fp16_weights
 
     if not available():
         pytest.skip("this PyTorch build has no fbgemm fp16 GEMM")

@@ -30,12 +30,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hardening_helpers import FakeConnection, pcm16, voiced
+from hardening_helpers import FakeConnection
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as sync_connect
 
+from bench.clips import pcm16, voiced
 from streaming.audio.codecs import ALAW_TO_PCM16, ENCODINGS, MULAW_TO_PCM16, AudioDecoder, encode_alaw, encode_mulaw
 from streaming.audio.transcriber import TranscriberConfig
 from streaming.metrics import Metrics

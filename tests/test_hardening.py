@@ -2,7 +2,7 @@
 
 Real servers on port 0 with the tiny rigged engine of conftest.py (it answers "好" for every
 segment), real WebSocket clients, and for SIGTERM the real command-line server in a subprocess.
-The fuzz tests are in tests/test_fuzz.py, the load run in tests/load_soak.py.
+The fuzz tests are in tests/test_fuzz.py, the load run in bench/soak.py.
 """
 
 from __future__ import annotations
@@ -22,12 +22,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_TEXT, receive_all
-from hardening_helpers import CliServer, FakeConnection, pcm16, phrases, silence, tiny_pt, voiced
+from conftest import receive_all
+from hardening_helpers import FakeConnection
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 
 import engines.engine as engine_module
+from bench.cli_server import CliServer
+from bench.clips import pcm16, phrases, silence, voiced
+from bench.tiny import TINY_TEXT, save_tiny_model
 from engines.engine import Engine
 from streaming.audio.codecs import AudioDecoder
 from streaming.audio.transcriber import TranscriberConfig
@@ -321,7 +324,7 @@ async def test_tls(tiny_engine, tmp_path: Path, key_file: Path):
         writer.write(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert (await reader.read()).startswith(b"HTTP/1.1 200")
         writer.close()
-        with pytest.raises(Exception):  # noqa: B017 - plain ws:// to a TLS port fails by the handshake or the socket
+        with pytest.raises(InvalidMessage):  # plain ws:// to a TLS port: no HTTP response comes back
             async with connect(url(srv), open_timeout=3):
                 pass
     with pytest.raises(auth.AuthConfigError):
@@ -494,6 +497,12 @@ class SlowEngine:
             if final:
                 self.waiting[stream] -= seconds
 
+    def health(self) -> dict:
+        return self.engine.health()
+
+    def load_stats(self) -> dict:
+        return self.engine.load_stats()
+
 
 async def test_slow_engine_drops_partials_never_finals(tiny_engine):
     """Audio far faster than a slow engine: all finals arrive; the session's waiting audio stays
@@ -602,6 +611,12 @@ async def test_drain_timeout_bounds_the_shutdown(tiny_engine):
         async def transcribe_async(self, *args, **kwargs):
             await asyncio.Event().wait()
 
+        def health(self) -> dict:
+            return {"alive": True}
+
+        def load_stats(self) -> dict:
+            return {}
+
     for timeout, force in ((1.5, False), (30.0, True)):  # the timeout; a second signal (force_close)
         srv = Server(ServerConfig(port=0, limits=Limits(drain_timeout=timeout)), engine=Stuck())
         await srv.start()
@@ -621,7 +636,9 @@ async def test_drain_timeout_bounds_the_shutdown(tiny_engine):
 async def test_sigterm_with_five_streams(tmp_path: Path):
     """The real CLI server: SIGTERM while 5 streams are mid-segment; each gets its final and `end`
     before a 1001 close, and the process exits 0 within --drain-timeout."""
-    server = CliServer("--model", str(tiny_pt(tmp_path / "tiny.pt")), "--device", "cpu", "--drain-timeout", "10")
+    server = CliServer(
+        "--model", str(save_tiny_model(tmp_path / "tiny.pt")), "--device", "cpu", "--drain-timeout", "10"
+    )
     try:
         await asyncio.to_thread(server.start, 60)
         base = f"ws://127.0.0.1:{server.port}/v1/stream"

@@ -13,12 +13,13 @@ import math
 import pytest
 import torch
 from conftest import receive_all
-from protocol_audio import pcm16, two_phrases
 from test_server import http_get
 from websockets.asyncio.client import connect
 
-from engines.synthetic import RANDOM_PREFIX, SHAPES, TOKENS_PER_SECOND, random_engine, synthetic_vocabulary
-from engines.tokenizer import Tokenizer
+from bench.clips import pcm16, two_phrases
+from engines.config import RANDOM_PREFIX, EngineConfig
+from engines.synthetic import SHAPES, TOKENS_PER_SECOND, random_engine, synthetic_vocabulary
+from engines.whisper.tokenizer import Tokenizer
 from streaming.server.app import Server, ServerConfig
 
 
@@ -53,7 +54,7 @@ def test_unknown_shape_is_named():
 async def test_server_serves_a_random_model_and_says_so():
     """`serve --model random:tiny`: loads, labels itself random in ready and /healthz, and every
     segment's final carries the forced number of tokens."""
-    config = ServerConfig(port=0, model=f"{RANDOM_PREFIX}tiny", device="cpu")
+    config = ServerConfig(port=0, engine=EngineConfig(model=f"{RANDOM_PREFIX}tiny", device="cpu"))
     async with Server(config) as server:
         await server.wait_ready()
         status, _, body = await http_get(server.port, "/healthz")

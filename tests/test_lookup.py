@@ -4,10 +4,10 @@ engine's wiring (prompt text and a stream's earlier finals as the context)."""
 import torch
 from test_decoding import decoder, features  # noqa: F401  (module fixture and helper)
 
-from engines.decoding import DecodingOptions
-from engines.drafts import HypothesisDrafter, MedusaDrafter
-from engines.lookup import LookupDrafter, lookup_draft
-from engines.medusa import MedusaHeads
+from engines.speculative.drafts import HypothesisDrafter, MedusaDrafter
+from engines.speculative.lookup import LookupDrafter, lookup_draft
+from engines.speculative.medusa import MedusaHeads
+from engines.whisper.decoding import DecodingOptions
 
 
 def test_the_newest_occurrence_of_the_longest_tail_is_continued():

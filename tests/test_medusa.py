@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from engines.medusa import SHIPPED_HEADS, MedusaHeads, load_heads, read_heads_meta, save_heads
-from engines.medusa_train import evaluate, head_loss, head_targets, is_held_out, list_clips, train_heads
-from engines.medusa_train import main as train_main
-from engines.model import ModelDims, Whisper
+from engines.speculative.medusa import SHIPPED_HEADS, MedusaHeads, load_heads, read_heads_meta, save_heads
+from engines.speculative.medusa_train import evaluate, head_loss, head_targets, is_held_out, list_clips, train_heads
+from engines.speculative.medusa_train import main as train_main
+from engines.whisper.model import ModelDims, Whisper
 
 TINY = ModelDims(
     n_mels=80,
@@ -289,7 +289,7 @@ def test_inputs(tmp_path):
     _write_wav(tmp_path / "y.wav", 0.2, 1)
     clips = list_clips(tmp_path)
     assert sorted(c.id for c in clips) == ["a/x.wav", "y.wav"]
-    from engines.medusa_train import _eval_root
+    from engines.speculative.medusa_train import _eval_root
 
     with pytest.raises(SystemExit, match="evaluation data"):
         list_clips(_eval_root() / "dev")
@@ -299,7 +299,7 @@ def test_inputs(tmp_path):
 
 
 def test_shipped_heads_load_for_whisper_base():
-    assert SHIPPED_HEADS.is_file(), "engines/heads/whisper-base-medusa4.safetensors is missing"
+    assert SHIPPED_HEADS.is_file(), "engines/speculative/heads/whisper-base-medusa4.safetensors is missing"
     assert SHIPPED_HEADS.stat().st_size < 10_000_000
     heads = load_heads(SHIPPED_HEADS, BASE)
     assert heads.n_heads == 4 and heads.n_state == 512

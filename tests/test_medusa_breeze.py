@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from engines.medusa import load_heads, read_heads_meta
-from engines.medusa_train import main as train_main
+from engines.speculative.medusa import load_heads, read_heads_meta
+from engines.speculative.medusa_train import main as train_main
 from engines.synthetic import SHAPES
 
 transformers = pytest.importorskip("transformers")

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from engines.audio import clip_mel, pad_mel, waveform_padded_mel
-from engines.checkpoints import hf_to_openai
-from engines.model import ModelDims, Whisper, causal_mask
+from engines.weights.checkpoints import hf_to_openai
+from engines.whisper.audio import clip_mel, pad_mel, waveform_padded_mel
+from engines.whisper.model import ModelDims, Whisper, causal_mask
 
 transformers = pytest.importorskip("transformers")
 

@@ -18,12 +18,12 @@ import socket
 import time
 
 import numpy as np
-from conftest import TINY_TEXT
-from hardening_helpers import pcm16, phrases
 from test_hardening import http_get
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from bench.clips import pcm16, phrases
+from bench.tiny import TINY_TEXT
 from engines.engine import Engine
 from streaming.audio.transcriber import TranscriberConfig
 from streaming.protocols.base import SessionConfig
@@ -52,6 +52,12 @@ class SerialEngine:
         if transcript is None:
             return None
         return dataclasses.replace(transcript, encoder_seconds=transcript.encoder_seconds + cost)
+
+    def health(self) -> dict:
+        return self.engine.health()
+
+    def load_stats(self) -> dict:
+        return self.engine.load_stats()
 
 
 def url(server: Server, path: str = "/v1/stream") -> str:

@@ -15,16 +15,17 @@ import json
 import numpy as np
 import pytest
 import soxr
-from conftest import TINY_TEXT, receive_all
-from protocol_audio import RATE, pcm16, silence, two_phrases, voiced
+from conftest import receive_all
 from test_realtime import COMPLETED, append_all, beta_sdk, completed, events_until, ga_session, sdk
 from test_server import serve_args
 from test_twilio import CALL, STREAM, media_messages, mulaw8k, play, start_message, subscribe, transcript
 from test_whisperlive import OPTIONS, check_segments, float32, session
 from websockets.asyncio.client import connect
 
-from engines.decoding import DecodingOptions
+from bench.clips import RATE, pcm16, silence, two_phrases, voiced
+from bench.tiny import TINY_TEXT
 from engines.engine import Engine
+from engines.whisper.decoding import DecodingOptions
 from streaming.audio.transcriber import MAX_PROMPT_CHARS
 from streaming.protocols.base import SessionConfig
 from streaming.protocols.whisperlive import WhisperLiveConfig

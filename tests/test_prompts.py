@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from engines.batching import Batch, Decoder, Sequence
-from engines.checkpoints import default_files, default_suppress_ids, default_vocabulary, hf_to_openai
-from engines.cuda_graphs import GraphOptions
-from engines.decoding import DecodingOptions, LogitFilter, segment_prompt
-from engines.drafts import HypothesisDrafter, MedusaDrafter
-from engines.medusa import MedusaHeads
-from engines.model import ModelDims, Whisper
-from engines.tokenizer import Tokenizer
+from engines.gpu.cuda_graphs import GraphOptions
+from engines.speculative.drafts import HypothesisDrafter, MedusaDrafter
+from engines.speculative.medusa import MedusaHeads
+from engines.weights.checkpoints import default_files, default_suppress_ids, default_vocabulary, hf_to_openai
+from engines.whisper.decoding import DecodingOptions, LogitFilter, segment_prompt
+from engines.whisper.model import ModelDims, Whisper
+from engines.whisper.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")

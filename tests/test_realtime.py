@@ -14,12 +14,14 @@ import json
 import numpy as np
 import pytest
 import soxr
-from conftest import DEV_DIR, TINY_TEXT, receive_all
-from protocol_audio import RATE, dev_manifest, pcm16, silence, two_phrases, voiced
+from conftest import receive_all
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from streaming.audio.codecs import encode_alaw, encode_mulaw, load_audio
+from bench.clips import DEV_DIR, RATE, dev_manifest, pcm16, silence, two_phrases, voiced
+from bench.tiny import TINY_TEXT
+from engines.whisper.audio import load_audio
+from streaming.audio.codecs import encode_alaw, encode_mulaw
 from streaming.audio.segmenter import SegmenterConfig
 from streaming.protocols.realtime import segmenter_config
 from streaming.scoring import score
@@ -50,14 +52,15 @@ def beta_sdk(server: Server) -> AsyncOpenAI:
     )
 
 
-def ga_session(fmt: dict, turn_detection: dict | None = {"type": "server_vad"}, language: str = "zh") -> dict:  # noqa: B006 - read, never mutated
+def ga_session(fmt: dict, turn_detection: str | None = "server_vad", language: str = "zh") -> dict:
+    """A GA session.update body; turn_detection None sends null (no VAD)."""
     return {
         "type": "transcription",
         "audio": {
             "input": {
                 "format": fmt,
                 "transcription": {"model": "gpt-4o-transcribe", "language": language},
-                "turn_detection": turn_detection,
+                "turn_detection": None if turn_detection is None else {"type": turn_detection},
                 "noise_reduction": {"type": "near_field"},
             }
         },

@@ -24,36 +24,37 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import TINY_TEXT
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-ROOT = Path(__file__).resolve().parents[1]
-DEPLOY = ROOT / "deploy"
-NGINX = shutil.which("nginx") or next(
-    (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
+from bench.nginx import (
+    DEPLOY,
+    NGINX,
+    ROOT,
+    ProcessGroups,
+    free_port,
+    http_get,
+    nginx_command,
+    render_nginx_conf,
+    start_nginx,
 )
+from bench.tiny import TINY_TEXT, save_tiny_model
+
 needs_nginx = pytest.mark.skipif(
     NGINX is None, reason="nginx is not installed (Debian: apt-get install nginx; .ci/run does)"
 )
 
 RATE = 16000
 FRAME = 3200  # bytes of pcm_s16le: 0.1 s
-SERVER_LINE = re.compile(r"^(\s*)server breeze:8765 resolve (.*);$", re.M)
 
 
 # --- audio ---------------------------------------------------------------------------------------
@@ -73,23 +74,6 @@ def silence(seconds: float) -> bytes:
 
 
 # --- processes -----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int | None, str, dict]:
-    """(status, body, headers); status None when nothing answers."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as response:
-            return response.status, response.read().decode(), dict(response.headers)
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode(), dict(exc.headers)
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return None, "", {}
 
 
 def metric(port: int, name: str, labels: str = "") -> float | None:
@@ -131,17 +115,9 @@ class Cluster:
     def __init__(self, model: Path, tmp: Path) -> None:
         self.model = model
         self.tmp = tmp
-        self.procs: list[subprocess.Popen] = []
+        self.groups = ProcessGroups()
         self.replicas: list[Replica] = []
         self.nginx_port: int | None = None
-
-    def _spawn(self, args: list[str], log: Path) -> subprocess.Popen:
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
-            )  # its own process group, killed as one
-        self.procs.append(proc)
-        return proc
 
     def start_replicas(self, n: int, *flags: str, model: Path | None = None, wait: bool = True) -> list[Replica]:
         started = []
@@ -163,7 +139,7 @@ class Cluster:
                 str(port),
                 *flags,
             ]
-            started.append(Replica(port, self._spawn(args, log), log))
+            started.append(Replica(port, self.groups.spawn(args, log), log))
         if wait:
             for replica in started:
                 self.wait_ready(replica)
@@ -182,91 +158,20 @@ class Cluster:
         pytest.fail(f"replica :{replica.port} not ready within {timeout:g} s:\n{replica.log_tail()}")
 
     def start_nginx(self, upstream: list[Replica], edit: Callable[[str], str] = lambda text: text) -> int:
-        prefix = self.tmp / f"nginx-{len(self.procs)}"
-        (prefix / "temp").mkdir(parents=True)
-        port = free_port()
-        conf = prefix / "nginx.conf"
-        conf.write_text(
-            edit(
-                render_nginx_conf(
-                    (DEPLOY / "nginx.conf").read_text(), [r.port for r in upstream], port, prefix / "temp"
-                )
-            )
-        )
-        check = subprocess.run(nginx_command(conf, prefix, test=True), capture_output=True, text=True, timeout=20)
-        assert check.returncode == 0, f"nginx -t:\n{check.stderr}"
-        proc = self._spawn(nginx_command(conf, prefix), prefix / "nginx.out")
-        deadline = time.monotonic() + 10
-        while http_get(port, "/nginx-healthz", timeout=1)[0] != 200:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(
-                    f"nginx did not start:\n{(prefix / 'nginx.out').read_text(errors='replace')}"
-                    f"{(prefix / 'error.log').read_text(errors='replace') if (prefix / 'error.log').exists() else ''}"
-                )
-            time.sleep(0.05)
-        self.nginx_port = port
-        return port
+        prefix = self.tmp / f"nginx-{len(self.groups.procs)}"
+        self.nginx_port = start_nginx(self.groups, prefix, [r.port for r in upstream], edit)
+        return self.nginx_port
 
     def url(self, port: int | None = None) -> str:
         return f"ws://127.0.0.1:{port or self.nginx_port}/v1/stream"
 
     def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-
-
-def render_nginx_conf(text: str, ports: list[int], listen: int, temp: Path) -> str:
-    """deploy/nginx.conf for loopback replicas: its one upstream `server` line becomes one line per
-    port (same parameters, without `resolve`, which open-source NGINX has only from 1.27.3 and a
-    loopback address does not need), `listen 8080` a loopback port, and temp paths go under `temp`."""
-    match = SERVER_LINE.search(text)
-    assert match and len(SERVER_LINE.findall(text)) == 1, (
-        "deploy/nginx.conf: expected one `server breeze:8765 resolve ...;`"
-    )
-    indent, params = match.groups()
-    servers = "\n".join(f"{indent}server 127.0.0.1:{port} {params};" for port in ports)
-    text = text[: match.start()] + servers + text[match.end() :]
-    assert text.count("listen 8080;") == 1, "deploy/nginx.conf: expected one `listen 8080;`"
-    text = text.replace("listen 8080;", f"listen 127.0.0.1:{listen};")
-    temps = "".join(
-        f"\n    {kind}_temp_path {temp / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
-    return text.replace("http {", "http {" + temps, 1)
-
-
-def nginx_command(conf: Path, prefix: Path, test: bool = False) -> list[str]:
-    main = f"daemon off; pid {prefix / 'nginx.pid'};"
-    if os.geteuid() == 0:
-        main += " user root;"  # workers must reach the tmp prefix; the test never binds a privileged port
-    return [
-        NGINX,
-        *(["-t", "-q"] if test else []),
-        "-c",
-        str(conf),
-        "-p",
-        str(prefix),
-        "-e",
-        str(prefix / "error.log"),
-        "-g",
-        main,
-    ]
+        self.groups.close()
 
 
 @pytest.fixture(scope="session")
-def tiny_model_file(tiny_checkpoint, tmp_path_factory) -> Path:
-    """conftest's tiny model as an OpenAI-format .pt, which `breeze-stream serve --model PATH` loads."""
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    torch.save({"dims": dataclasses.asdict(tiny_checkpoint.dims), "model_state_dict": tiny_checkpoint.state_dict}, path)
-    return path
+def tiny_model_file(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny.pt")
 
 
 @pytest.fixture

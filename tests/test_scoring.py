@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engines.text import is_traditional, to_traditional
+from engines.whisper.text import is_traditional, to_traditional
 from streaming.scoring import Score, corpus_score, edit_distance, score, tokens
 
 

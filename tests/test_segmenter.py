@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streaming.audio.codecs import load_audio
+from engines.whisper.audio import load_audio
 from streaming.audio.segmenter import (
     SAMPLE_RATE,
     SegmentClosed,

@@ -17,13 +17,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soxr
-from conftest import DEV_DIR, TINY_TEXT, receive_all
+from conftest import receive_all
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from bench.clips import DEV_DIR
+from bench.tiny import TINY_TEXT
+from engines.config import EngineConfig
 from engines.engine import Engine
-from engines.text import convert
-from streaming.audio.codecs import encode_mulaw, load_audio
+from engines.whisper.audio import load_audio
+from engines.whisper.text import convert
+from streaming.audio.codecs import encode_mulaw
 from streaming.options import add_model_arguments, add_serve_arguments
 from streaming.protocols.base import SessionConfig
 from streaming.server.app import Server, ServerConfig
@@ -385,7 +389,7 @@ async def test_failed_model_load_is_reported(monkeypatch):
         raise FileNotFoundError(f"{spec}: no such file or directory")
 
     monkeypatch.setattr(Engine, "load", staticmethod(broken_load))
-    async with Server(ServerConfig(port=0, model="/nowhere.pt")) as srv:
+    async with Server(ServerConfig(port=0, engine=EngineConfig(model="/nowhere.pt"))) as srv:
         with pytest.raises(FileNotFoundError):
             await srv.wait_ready()
         status, _, body = await http_get(srv.port, "/healthz")
@@ -416,7 +420,7 @@ def test_serve_arguments():
             "3",
         )
     )
-    assert config.port == 0 and config.model == "default" and config.session.language == "auto"
+    assert config.port == 0 and config.engine.model == "default" and config.session.language == "auto"
     assert config.session.max_frame_bytes == 4096 and config.session.transcriber.partial_window is None
     segmenter = config.session.transcriber.segmenter
     assert segmenter.hangover_ms == 300 and segmenter.aggressiveness == 3 and segmenter.pre_roll_ms == 300
@@ -425,17 +429,11 @@ def test_serve_arguments():
 
 
 def test_cuda_graph_modes_reach_the_engine():
-    from engines.cuda_graphs import GraphOptions
-    from streaming.cli import engine_options
+    from engines.gpu.cuda_graphs import GraphOptions
 
-    assert config_from_args(serve_args()).cuda_graphs == "graph"
+    assert config_from_args(serve_args()).engine.cuda_graphs == "graph"
     config = config_from_args(serve_args("--cuda-graphs", "compile", "--fp32-weights"))
-    assert engine_options(config.fp32_weights, config.cuda_graphs) == {
-        "fp16_weights": False,
-        "cuda_graphs": GraphOptions(mode="compile"),
-    }
-    assert engine_options(cuda_graphs="off") == {"cuda_graphs": False}
-    assert engine_options() == {}  # defaults are not passed (other backends do not take them)
+    assert config.engine.engine_options() == {"fp16_weights": False, "cuda_graphs": GraphOptions(mode="compile")}
     with pytest.raises(SystemExit):
         serve_args("--cuda-graphs", "sometimes")
 

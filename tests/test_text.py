@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engines.text import chinese_pieces, chinese_text, full_width_punctuation
+from engines.whisper.text import chinese_pieces, chinese_text, full_width_punctuation
 from streaming.scoring import score, tokens
 
 CASES = [

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from engines.decoding import DecodingOptions
-from engines.engine import Transcript
+from engines.transcript import Transcript
+from engines.whisper.decoding import DecodingOptions
 from streaming.audio.segmenter import SegmentClosed, SegmentEvent, SegmentGrew, SegmentStarted
 from streaming.audio.transcriber import (
     Event,

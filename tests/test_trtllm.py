@@ -27,16 +27,18 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_TEXT
 
+from bench.tiny import TINY_TEXT
 from engines import trtllm
-from engines.checkpoints import load_checkpoint
-from engines.decoding import DecodingOptions
+from engines.backend import Backend, create_engine
+from engines.config import BackendUnavailable, EngineConfig
 from engines.engine import Engine
-from engines.model import Whisper
 from engines.options import add_backend_arguments
-from engines.tokenizer import Tokenizer
-from engines.trtllm import backend, build, convert
+from engines.trtllm import build, checks, convert, encoder, executor, self_test
+from engines.weights.checkpoints import load_checkpoint
+from engines.whisper.decoding import DecodingOptions
+from engines.whisper.model import Whisper
+from engines.whisper.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_TRTLLM = importlib.util.find_spec("tensorrt_llm") is not None
@@ -490,8 +492,8 @@ def test_whole_build_with_faked_tools(tiny_checkpoint, tmp_path, monkeypatch, en
     assert saved["versions"]["tensorrt_llm_pinned"] == trtllm.TRTLLM_VERSION
     assert saved["checkpoint"] == "assets/large-v2.pt" and saved["source"]["path"] == str(pt.resolve())
     assert json.loads((tmp_path / "e/vocabulary.json").read_text(encoding="utf-8")) == tiny_checkpoint.vocabulary
-    assert backend.engine_dir_problems(tmp_path / "e", "trtllm-encoder") == []
-    assert bool(backend.engine_dir_problems(tmp_path / "e", "trtllm")) == encoder_only
+    assert checks.engine_dir_problems(tmp_path / "e", "trtllm-encoder") == []
+    assert bool(checks.engine_dir_problems(tmp_path / "e", "trtllm")) == encoder_only
 
 
 def test_build_converts_a_hf_directory(hf_tiny, tmp_path, monkeypatch):
@@ -564,7 +566,7 @@ def hf_tiny(tmp_path_factory):
 
 
 def openai_name(hf: str) -> str | None:
-    """transformers -> openai/whisper names, written independently of engines.checkpoints."""
+    """transformers -> openai/whisper names, written independently of engines.weights.checkpoints."""
     hf = hf.removeprefix("model.")
     fixed = {
         "encoder.embed_positions.weight": "encoder.positional_embedding",
@@ -660,7 +662,7 @@ def test_hf_to_pt_round_trip_is_exact(hf_tiny, tmp_path):
 
 def test_converted_pt_computes_what_the_hf_model_computes(hf_tiny, tmp_path):
     path, model = hf_tiny
-    from engines.model import KVCache
+    from engines.whisper.model import KVCache
 
     convert.convert(str(path), tmp_path / "tiny.pt", dtype="float32", progress=None)
     checkpoint = load_checkpoint(str(tmp_path / "tiny.pt"), progress=None)
@@ -749,10 +751,10 @@ def test_backend_arguments():
 def test_torch_backend_is_the_plain_engine(tiny_checkpoint, tmp_path):
     pt = convert.save_openai(tiny_checkpoint, tmp_path / "tiny.pt", None)
     args = argparse.Namespace(model=str(pt), device="cpu", backend="torch", trtllm_engine_dir=None, self_test=True)
-    engine = backend.load_backend(args)
+    engine = create_engine(EngineConfig.from_arguments(args))
     try:
-        assert isinstance(engine, Engine) and engine.encoder is engine.model.encoder
-        assert engine.transcribe(backend.self_test_clip(1.0)).text == TINY_TEXT
+        assert isinstance(engine, Engine) and isinstance(engine, Backend) and engine.encoder is engine.model.encoder
+        assert engine.transcribe(self_test.self_test_clip(1.0)).text == TINY_TEXT
     finally:
         engine.close()
 
@@ -760,8 +762,8 @@ def test_torch_backend_is_the_plain_engine(tiny_checkpoint, tmp_path):
 @pytest.mark.skipif(HAVE_TRTLLM and HAVE_CUDA, reason="checks the errors of a machine without TensorRT-LLM")
 @pytest.mark.parametrize("name", ["trtllm-encoder", "trtllm"])
 def test_missing_everything_is_named_at_once(name):
-    with pytest.raises(backend.BackendUnavailable) as err:
-        backend.create_engine(name, engine_dir=None)
+    with pytest.raises(BackendUnavailable) as err:
+        create_engine(EngineConfig(backend=name))
     text = str(err.value)
     assert f"--backend {name} cannot start" in text
     assert "--trtllm-engine-dir" in text and "build-trtllm" in text
@@ -773,58 +775,58 @@ def test_missing_everything_is_named_at_once(name):
 
 
 def test_unknown_backend():
-    with pytest.raises(backend.BackendUnavailable, match="unknown backend 'onnx'"):
-        backend.create_engine("onnx")
+    with pytest.raises(BackendUnavailable, match="unknown backend 'onnx'"):
+        create_engine(EngineConfig(backend="onnx"))
 
 
 def test_engine_dir_problems(tmp_path):
-    assert "does not exist" in backend.engine_dir_problems(tmp_path / "none", "trtllm")[0]
+    assert "does not exist" in checks.engine_dir_problems(tmp_path / "none", "trtllm")[0]
     (tmp_path / "encoder").mkdir()
     (tmp_path / "encoder" / "config.json").write_text("{}")
-    problems = backend.engine_dir_problems(tmp_path, "trtllm")
+    problems = checks.engine_dir_problems(tmp_path, "trtllm")
     assert problems == [
         f"engine directory {tmp_path} is incomplete: no encoder/rank0.engine, decoder/config.json, "
         "decoder/rank0.engine (build them with `breeze-stream build-trtllm --model MODEL --out DIR`)"
     ]
     (tmp_path / "encoder" / "rank0.engine").write_bytes(b"")
-    assert backend.engine_dir_problems(tmp_path, "trtllm-encoder") == []
+    assert checks.engine_dir_problems(tmp_path, "trtllm-encoder") == []
     for part in ("config.json", "rank0.engine"):
         (tmp_path / "decoder").mkdir(exist_ok=True)
         (tmp_path / "decoder" / part).write_text("{}")
     (tmp_path / "manifest.json").write_text(json.dumps({"components": ["encoder"]}))
-    assert "built without the decoder" in backend.engine_dir_problems(tmp_path, "trtllm")[0]
+    assert "built without the decoder" in checks.engine_dir_problems(tmp_path, "trtllm")[0]
     (tmp_path / "manifest.json").write_text("{not json")
-    with pytest.raises(backend.BackendUnavailable, match="unreadable"):
-        backend.engine_dir_problems(tmp_path, "trtllm")
+    with pytest.raises(BackendUnavailable, match="unreadable"):
+        checks.engine_dir_problems(tmp_path, "trtllm")
 
 
 def test_tensorrt_llm_import_problems():
     none = lambda name: None  # noqa: E731
     some = lambda name: object()  # noqa: E731
-    problems, version = backend.trtllm_problems(none)
+    problems, version = checks.trtllm_problems(none)
     assert "not installed" in problems[0] and version is None
 
     def broken(name):
         raise ImportError("libcuda.so.1: cannot open shared object file")
 
-    problems, _ = backend.trtllm_problems(some, broken)
+    problems, _ = checks.trtllm_problems(some, broken)
     assert "does not import (ImportError: libcuda.so.1" in problems[0]
-    problems, version = backend.trtllm_problems(some, lambda name: SimpleNamespace(__version__="1.3.0"))
+    problems, version = checks.trtllm_problems(some, lambda name: SimpleNamespace(__version__="1.3.0"))
     assert "pinned to 1.2.x" in problems[0] and version == "1.3.0"
-    assert backend.trtllm_problems(some, lambda name: SimpleNamespace(__version__="1.2.1")) == ([], "1.2.1")
+    assert checks.trtllm_problems(some, lambda name: SimpleNamespace(__version__="1.2.1")) == ([], "1.2.1")
 
 
 def test_cuda_and_manifest_problems():
-    assert "--device cpu" in backend.cuda_problems("cpu")[0]
-    assert "no CUDA GPU" in backend.cuda_problems("auto", lambda: False)[0]
-    assert backend.cuda_problems("cuda:1", lambda: True) == []
+    assert "--device cpu" in checks.cuda_problems("cpu")[0]
+    assert "no CUDA GPU" in checks.cuda_problems("auto", lambda: False)[0]
+    assert checks.cuda_problems("cuda:1", lambda: True) == []
     manifest = {"versions": {"tensorrt_llm": "1.2.0"}, "gpus": [{"name": "NVIDIA H100", "compute_cap": "9.0"}]}
-    problems = backend.manifest_problems(manifest, "1.2.1", (8, 9))
+    problems = checks.manifest_problems(manifest, "1.2.1", (8, 9))
     assert len(problems) == 2
     assert "built with TensorRT-LLM 1.2.0 but 1.2.1" in problems[0] and "--force" in problems[0]
     assert "compute capability 9.0 (NVIDIA H100) but this GPU is 8.9" in problems[1]
-    assert backend.manifest_problems(manifest, "1.2.0", (9, 0)) == []
-    assert backend.manifest_problems(None, "1.2.1", (9, 0)) == []
+    assert checks.manifest_problems(manifest, "1.2.0", (9, 0)) == []
+    assert checks.manifest_problems(None, "1.2.1", (9, 0)) == []
 
 
 # ---- 4. engine configuration validation --------------------------------------------------------
@@ -870,37 +872,37 @@ def decoder_config(n_vocab=51865, **build_config) -> dict:
 
 def test_encoder_config_validation(tiny_checkpoint):
     dims = tiny_checkpoint.dims
-    assert backend.encoder_config_problems(encoder_config(dims), dims) == []
+    assert checks.encoder_config_problems(encoder_config(dims), dims) == []
     bad = encoder_config(dims, max_input_len=1000)
     bad["pretrained_config"].update(n_mels=128, hidden_size=1280, architecture="DecoderModel")
-    problems = backend.encoder_config_problems(bad, dims)
+    problems = checks.encoder_config_problems(bad, dims)
     assert len(problems) == 4
     assert any("n_mels 128 != the checkpoint's 80" in p for p in problems)
     assert any("max_input_len 1000 < 3000" in p for p in problems)
 
 
 def test_decoder_config_validation():
-    assert backend.decoder_config_problems(decoder_config(), 51865) == []
+    assert checks.decoder_config_problems(decoder_config(), 51865) == []
     bad = decoder_config(
         51866, max_encoder_input_len=1500, plugin_config={"paged_kv_cache": False, "remove_input_padding": False}
     )
-    problems = backend.decoder_config_problems(bad, 51865)
+    problems = checks.decoder_config_problems(bad, 51865)
     assert len(problems) == 4 and any("in-flight batching" in p for p in problems)
 
 
 def test_engine_config_files(tmp_path):
-    with pytest.raises(backend.BackendUnavailable, match="unreadable"):
-        backend.read_engine_config(tmp_path, "encoder")
+    with pytest.raises(BackendUnavailable, match="unreadable"):
+        checks.read_engine_config(tmp_path, "encoder")
     (tmp_path / "encoder").mkdir()
     (tmp_path / "encoder" / "config.json").write_text(json.dumps({"architecture": "x"}))
-    with pytest.raises(backend.BackendUnavailable, match="not a trtllm-build engine config"):
-        backend.read_engine_config(tmp_path, "encoder")
+    with pytest.raises(BackendUnavailable, match="not a trtllm-build engine config"):
+        checks.read_engine_config(tmp_path, "encoder")
 
 
 # ---- our side of the TensorRT-LLM boundary, with fakes ----------------------------------------
 
 
-class FakeTrtEncoder(backend.TrtEncoder):
+class FakeTrtEncoder(encoder.TrtEncoder):
     """TrtEncoder whose engine run is a PyTorch encoder that reads the packed inputs the way the
     TensorRT-LLM engine does (per-clip lengths and position ids), and packs its output alike."""
 
@@ -937,15 +939,15 @@ def test_encoder_packing_slices_and_shapes(tiny_checkpoint, remove_padding):
     config = encoder_config(
         tiny_checkpoint.dims, max_batch_size=2, plugin_config={"remove_input_padding": remove_padding}
     )
-    encoder = FakeTrtEncoder(model.encoder, config)
+    trt = FakeTrtEncoder(model.encoder, config)
     mel = torch.randn(5, 80, 400)
     with torch.no_grad():
-        got, want = encoder(mel), model.encoder(mel)
+        got, want = trt(mel), model.encoder(mel)
     assert got.shape == want.shape == (5, 200, 64)
     assert torch.allclose(got, want, atol=1e-5)
-    assert encoder.runs == [2, 2, 1]  # sliced to the engine's max_batch_size
+    assert trt.runs == [2, 2, 1]  # sliced to the engine's max_batch_size
     with pytest.raises(ValueError, match="even number up to 3000"):
-        encoder(torch.zeros(1, 80, 3002))
+        trt(torch.zeros(1, 80, 3002))
 
 
 def test_encoder_hook_self_test_and_freeing(tiny_checkpoint):
@@ -955,11 +957,11 @@ def test_encoder_hook_self_test_and_freeing(tiny_checkpoint):
     engine = Engine(tiny_checkpoint, device="cpu", encoder=stand_in)
     try:
         assert engine.encoder is stand_in
-        backend.finish_encoder_engine(engine, stand_in, self_test=True)
+        encoder.finish_encoder_engine(engine, stand_in, self_test=True)
         assert engine.backend == "trtllm-encoder"
         assert all(p.device.type == "meta" for p in engine.model.encoder.parameters())  # PyTorch encoder freed
         runs = len(stand_in.runs)
-        assert engine.transcribe(backend.self_test_clip(1.0)).text == TINY_TEXT
+        assert engine.transcribe(self_test.self_test_clip(1.0)).text == TINY_TEXT
         assert len(stand_in.runs) > runs  # the engine's encoder did the work
     finally:
         engine.close()
@@ -971,19 +973,19 @@ def test_encoder_self_test_catches_a_wrong_engine(tiny_checkpoint):
     wrong = FakeTrtEncoder(Whisper(tiny_checkpoint.dims).encoder, encoder_config(tiny_checkpoint.dims))  # other weights
     engine = Engine(tiny_checkpoint, device="cpu", encoder=wrong)
     try:
-        with pytest.raises(backend.SelfTestFailed, match="disagrees with PyTorch's"):
-            backend.finish_encoder_engine(engine, wrong, self_test=True)
+        with pytest.raises(self_test.SelfTestFailed, match="disagrees with PyTorch's"):
+            encoder.finish_encoder_engine(engine, wrong, self_test=True)
         nan = FakeTrtEncoder(model.encoder, encoder_config(tiny_checkpoint.dims), scale=float("nan"))
-        with pytest.raises(backend.SelfTestFailed, match="NaN"):
-            backend.self_test_encoder(engine, nan)
+        with pytest.raises(self_test.SelfTestFailed, match="NaN"):
+            self_test.self_test_encoder(engine, nan)
     finally:
         engine.close()
 
 
 def test_self_test_clip_is_deterministic_speech_like():
-    clip = backend.self_test_clip()
+    clip = self_test.self_test_clip()
     assert clip.dtype == np.float32 and len(clip) == 32000
-    assert np.array_equal(clip, backend.self_test_clip())
+    assert np.array_equal(clip, self_test.self_test_clip())
     assert 0.05 < np.abs(clip).max() <= 0.35 and np.abs(clip[:100]).max() < 0.05  # fades in
 
 
@@ -1046,7 +1048,7 @@ class FakeExecutor:
 
 @pytest.fixture
 def vocabulary():
-    from engines.checkpoints import default_vocabulary
+    from engines.weights.checkpoints import default_vocabulary
 
     return default_vocabulary()
 
@@ -1054,7 +1056,7 @@ def vocabulary():
 def executor_engine(vocabulary, reply, **kw):
     hold = kw.pop("hold", False)
     fake = FakeExecutor(reply, hold=hold)
-    engine = backend.ExecutorEngine(
+    engine = executor.ExecutorEngine(
         fake,
         FakeBindings,
         name="fake",
@@ -1069,7 +1071,7 @@ def executor_engine(vocabulary, reply, **kw):
 
 def token_of(vocabulary, text):
     """The id of `text` as one byte-level BPE token."""
-    from engines.tokenizer import _BYTES
+    from engines.whisper.tokenizer import _BYTES
 
     to_char = {byte: char for char, byte in _BYTES.items()}
     return vocabulary.index("".join(to_char[b] for b in text.encode()))
@@ -1160,8 +1162,8 @@ def test_executor_refuses_what_it_cannot_do(vocabulary):
             engine.submit(np.zeros(100, np.float32), DecodingOptions(beam_size=4))
         with pytest.raises(RuntimeError, match="TensorRT-LLM: CUDA out of memory"):
             engine.transcribe(np.zeros(16000, np.float32))
-        with pytest.raises(backend.SelfTestFailed, match="decoding the self-test clip failed"):
-            backend.self_test_pipeline(engine)
+        with pytest.raises(self_test.SelfTestFailed, match="decoding the self-test clip failed"):
+            self_test.self_test_pipeline(engine)
     finally:
         engine.close()
     with pytest.raises(RuntimeError, match="closed"):
@@ -1172,16 +1174,42 @@ def test_pipeline_self_test(vocabulary):
     eot = Tokenizer(vocabulary).eot
     engine, _ = executor_engine(vocabulary, lambda r: ([token_of(vocabulary, "好"), eot], [-0.1, -0.1]))
     try:
-        assert backend.self_test_pipeline(engine).text == "好"
+        assert self_test.self_test_pipeline(engine).text == "好"
     finally:
         engine.close()
     silent, _ = executor_engine(vocabulary, lambda r: ([], []), hold=True)
     try:
-        with pytest.raises(backend.SelfTestFailed, match="not decoded within 0.2 s"):
-            backend.self_test_pipeline(silent, timeout=0.2)
+        with pytest.raises(self_test.SelfTestFailed, match="not decoded within 0.2 s"):
+            self_test.self_test_pipeline(silent, timeout=0.2)
     finally:
         silent.executor.hold.clear()  # let the held request finish, so close() returns
         silent.close()
+
+
+def test_executor_is_a_backend_the_server_can_watch(vocabulary):
+    eot = Tokenizer(vocabulary).eot
+    engine, _ = executor_engine(vocabulary, lambda r: ([eot], [0.0]))
+    try:
+        assert isinstance(engine, Backend)
+        assert engine.health()["alive"] and engine.health()["restarts"] == 0
+        assert engine.load_stats() == {}  # /metrics exports none of the torch engine's totals
+    finally:
+        engine.close()
+    assert not engine.health()["alive"]
+
+
+def test_engine_config_of_the_command_line_passes_only_what_differs():
+    from engines.gpu.cuda_graphs import GraphOptions
+
+    parser = argparse.ArgumentParser()
+    add_backend_arguments(parser)
+    args = parser.parse_args(["--backend", "trtllm", "--no-self-test"])
+    args.model, args.device, args.fp32_weights, args.cuda_graphs, args.medusa = "m.pt", "cpu", True, "compile", None
+    config = EngineConfig.from_arguments(args)
+    assert (config.backend, config.self_test, config.model, config.device) == ("trtllm", False, "m.pt", "cpu")
+    assert config.engine_options() == {"fp16_weights": False, "cuda_graphs": GraphOptions(mode="compile")}
+    assert EngineConfig(cuda_graphs="off").engine_options() == {"cuda_graphs": False}
+    assert EngineConfig().engine_options() == {}  # defaults are not passed (the executor backend logs what it ignores)
 
 
 def test_executor_engine_async(vocabulary):
@@ -1198,9 +1226,9 @@ def test_executor_engine_async(vocabulary):
 
 def test_trtllm_vocabulary_comes_from_the_engine_dir(tmp_path, vocabulary):
     (tmp_path / "vocabulary.json").write_text(json.dumps(vocabulary[:10] + ["x"]), encoding="utf-8")
-    got = backend._vocabulary(tmp_path, "default", {"suppress_tokens": [3], "name": "Breeze"})
+    got = executor._vocabulary(tmp_path, "default", {"suppress_tokens": [3], "name": "Breeze"})
     assert got == (vocabulary[:10] + ["x"], [3], "Breeze")
-    vocab, suppress, name = backend._vocabulary(tmp_path / "none", "default", None)
+    vocab, suppress, name = executor._vocabulary(tmp_path / "none", "default", None)
     assert vocab == vocabulary and 50359 in suppress and 50358 in suppress and name == str(tmp_path / "none")
 
 
@@ -1280,20 +1308,20 @@ def test_installed_tools_define_every_flag_we_pass():
 
 @needs_engines
 def test_real_trtllm_encoder_backend_self_tests():
-    engine = backend.create_engine("trtllm-encoder", engine_dir=ENGINE_DIR)
+    engine = create_engine(EngineConfig(backend="trtllm-encoder", trtllm_engine_dir=ENGINE_DIR))
     try:
         assert engine.backend == "trtllm-encoder"
-        assert engine.transcribe(backend.self_test_clip()) is not None
+        assert engine.transcribe(self_test.self_test_clip()) is not None
     finally:
         engine.close()
 
 
 @needs_engines
 def test_real_trtllm_executor_backend_self_tests():
-    if "decoder" not in (backend.read_manifest(Path(ENGINE_DIR)) or {}).get("components", ["decoder"]):
+    if "decoder" not in (checks.read_manifest(Path(ENGINE_DIR)) or {}).get("components", ["decoder"]):
         pytest.skip("the engines were built --encoder-only")
-    engine = backend.create_engine("trtllm", engine_dir=ENGINE_DIR)
+    engine = create_engine(EngineConfig(backend="trtllm", trtllm_engine_dir=ENGINE_DIR))
     try:
-        assert engine.transcribe(backend.self_test_clip()) is not None
+        assert engine.transcribe(self_test.self_test_clip()) is not None
     finally:
         engine.close()

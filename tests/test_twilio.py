@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soxr
-from conftest import DEV_DIR, TINY_TEXT
-from protocol_audio import RATE, dev_manifest, pcm16, silence, two_phrases, voiced
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from streaming.audio.codecs import encode_mulaw, load_audio
+from bench.clips import DEV_DIR, RATE, dev_manifest, pcm16, silence, two_phrases, voiced
+from bench.tiny import TINY_TEXT
+from engines.whisper.audio import load_audio
+from streaming.audio.codecs import encode_mulaw
 from streaming.protocols.calls import PHONE_SEGMENTER, CallConfig
 from streaming.scoring import score
 from streaming.server.app import Server, ServerConfig

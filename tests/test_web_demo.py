@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
-from conftest import TINY_TEXT  # what the tiny rigged model says for any audio
 
+from bench.tiny import TINY_TEXT  # what the tiny rigged model says for any audio
 from streaming.scoring import score
 from streaming.server.app import Server, ServerConfig
 

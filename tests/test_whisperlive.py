@@ -13,12 +13,12 @@ import time
 
 import numpy as np
 import pytest
-from conftest import DEV_DIR, TINY_TEXT
-from protocol_audio import dev_manifest, pcm16, silence, two_phrases, voiced
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from streaming.audio.codecs import load_audio
+from bench.clips import DEV_DIR, dev_manifest, pcm16, silence, two_phrases, voiced
+from bench.tiny import TINY_TEXT
+from engines.whisper.audio import load_audio
 from streaming.protocols.base import SessionConfig
 from streaming.protocols.whisperlive import WhisperLiveConfig
 from streaming.scoring import score

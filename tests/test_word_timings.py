@@ -14,14 +14,15 @@ import pytest
 import soundfile as sf
 import soxr
 import torch
-from conftest import DEV_DIR, TINY_TEXT
 from test_server import RATE, check_contract, pcm16, silence, stream, voiced
 
-from engines.alignment import default_heads, dtw, median_filter, split_words
-from engines.checkpoints import default_vocabulary, load_checkpoint
-from engines.decoding import DecodingOptions
-from engines.tokenizer import _BYTES, Tokenizer
-from streaming.audio.codecs import load_audio
+from bench.clips import DEV_DIR
+from bench.tiny import TINY_TEXT
+from engines.weights.checkpoints import default_vocabulary, load_checkpoint
+from engines.whisper.alignment import default_heads, dtw, median_filter, split_words
+from engines.whisper.audio import load_audio
+from engines.whisper.decoding import DecodingOptions
+from engines.whisper.tokenizer import _BYTES, Tokenizer
 from streaming.server.app import Server, ServerConfig
 
 # openai/whisper, whisper/__init__.py: _ALIGNMENT_HEADS["base"], a base85 gzipped boolean array [layers, heads]

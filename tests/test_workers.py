@@ -22,13 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_TEXT, receive_all
-from protocol_audio import pcm16, two_phrases, voiced
+from conftest import receive_all
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from bench.analysis import parse_prometheus
-from engines.decoding import DecodingOptions
+from bench.clips import pcm16, two_phrases, voiced
+from bench.tiny import TINY_TEXT
+from engines.whisper.decoding import DecodingOptions
 from streaming.server.workers import EngineAddress, EngineService, RemoteEngine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,6 +118,9 @@ def test_an_answer_that_does_not_pickle_fails_its_request_alone(address):
 
         def health(self) -> dict:
             return {"alive": True}
+
+        def load_stats(self) -> dict:
+            return {}
 
     service = EngineService(address)
     service.loaded(Odd())

@@ -28,7 +28,7 @@ for i in range(n):
         w.writeframes((np.clip(x, -1, 1) * 32767).astype("<i2").tobytes())
 PY
 train() {  # train EPOCHS [--resume]: one train-medusa run, its log in $OUT/r
-  python3 -m engines.medusa_train --model "$MODEL" --device "$DEVICE" --audio "$WORK/clips" \
+  python3 -m engines.speculative.medusa_train --model "$MODEL" --device "$DEVICE" --audio "$WORK/clips" \
     --out "$WORK/heads.safetensors" --heads 4 --layers 4 --epochs "$@" --max-tokens ${TOKENS:-48} \
     --label-batch 16 --batch-size 512 --verify 0 --holdout 0.1 > "$OUT/r/train-$1.json" 2> "$OUT/r/train-$1.log"
 }
@@ -45,7 +45,7 @@ grep -a -q "^labelling" "$OUT/r/train-2.log" && { echo "FAIL: run 2 labelled aga
 grep -a "ms/step" "$OUT/r/train-2.log"
 python3 - "$OUT/r/train-1.json" "$OUT/r/train-2.json" "$WORK/heads.safetensors" <<'PY'
 import json, sys
-from engines.medusa import read_heads_meta
+from engines.speculative.medusa import read_heads_meta
 for path in sys.argv[1:3]:
     s = json.loads(open(path).read().strip().splitlines()[-1])
     print(f"{path.rsplit('/', 1)[-1]}: {s['clips']} clips, {s['positions']} positions, labels {s['label_seconds']} s, "

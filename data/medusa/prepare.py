@@ -57,8 +57,8 @@ LATIN = re.compile(r"[A-Za-z\uff21-\uff3a\uff41-\uff5a]")
 # what may stand in a sentence besides CJK ideographs: Chinese punctuation, digits, spaces
 ALLOWED = re.compile(r"^[\u4e00-\u9fff\u3000-\u303f\uff01-\uff20\uff3b-\uff40\uff5b-\uff65，。、！？；：「」『』（）《》〈〉—…·0-9 ]+$")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for streaming.codecs
-from streaming.codecs import MULAW_TO_PCM16, encode_mulaw  # noqa: E402  (numpy + soundfile + soxr only)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for streaming.audio.codecs
+from streaming.audio.codecs import MULAW_TO_PCM16, encode_mulaw  # noqa: E402  (numpy + soundfile + soxr only)
 
 
 # ---- text ------------------------------------------------------------------------------------

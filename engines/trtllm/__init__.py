@@ -10,7 +10,12 @@ encoder engine under our own PyTorch speculative decoder.
   Whisper converter takes).
 - `build`: `breeze-stream build-trtllm`, the checkpoint conversion and `trtllm-build` commands, and
   a manifest of what was built.
-- `backend`: `--backend torch|trtllm-encoder|trtllm`, environment checks, start-up self-test.
+- `checks`: what a backend lacks here (engine directory, TensorRT-LLM, GPU, versions), all at once.
+- `self_test`: the start-up self-test on a generated clip.
+- `encoder`: `--backend trtllm-encoder`, TensorRT-LLM's encoder engine under our PyTorch decoder.
+- `executor`: `--backend trtllm`, the whole model on TensorRT-LLM's C++ Executor.
+
+engines.backend.create_engine starts either (`--backend torch` is engines.engine.Engine).
 
 Nothing here imports TensorRT-LLM at module level: `--dry-run`, the converter, the checks and
 the tests run without it.

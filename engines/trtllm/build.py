@@ -480,7 +480,7 @@ class Builder:
         self.python = sys.executable
         self.trtllm_build = shutil.which("trtllm-build") or "trtllm-build"
         self.source = resolve_source(options.model)
-        self.checkpoint = None  # engines.checkpoints.Checkpoint of the .pt (vocabulary, dims)
+        self.checkpoint = None  # engines.weights.checkpoints.Checkpoint of the .pt (vocabulary, dims)
         self.fetched: dict[str, object] = {}
         self.commands: list[list[str]] = []
         self.steps = plan(options, self)
@@ -554,7 +554,7 @@ class Builder:
         self._check_dims()
 
     def _load_pt(self) -> None:
-        from engines.checkpoints import load_checkpoint
+        from engines.weights.checkpoints import load_checkpoint
 
         self.checkpoint = load_checkpoint(str(self.options.pt), progress=self.say)
         self._check_dims()

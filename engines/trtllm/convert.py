@@ -3,7 +3,7 @@
 TensorRT-LLM's Whisper converter (`examples/models/core/whisper/convert_checkpoint.py`, 1.2.x)
 takes only OpenAI's format: `torch.load(<model_dir>/<model_name>.pt)`, a dict with `dims` (the ten
 ModelDimensions integers) and `model_state_dict` (openai/whisper parameter names). It does not
-read Hugging Face directories. `engines.checkpoints.load_checkpoint` already maps every format we
+read Hugging Face directories. `engines.weights.checkpoints.load_checkpoint` already maps every format we
 support (Hugging Face directory or hub id, CTranslate2, our cache, OpenAI) onto openai names, so
 this converter only has to write that state dict out:
 
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from engines.checkpoints import Checkpoint, check_state_dict, expected_shapes, load_checkpoint
-from engines.model import ModelDims
+from engines.weights.checkpoints import Checkpoint, check_state_dict, expected_shapes, load_checkpoint
+from engines.whisper.model import ModelDims
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "keep": None}
 

@@ -1,4 +1,4 @@
-"""Audio input decoding: wire encodings of the native protocol and audio files, to 16 kHz float32.
+"""Audio input decoding: wire encodings of the native protocol, to 16 kHz float32 (files: engines/whisper/audio.py).
 
 Everything downstream (VAD, Whisper) works on mono float32 at 16 kHz in [-1, 1]; this module is
 the one place that knows about byte layouts, G.711 companding and resampling.
@@ -7,13 +7,9 @@ the one place that knows about byte layouts, G.711 companding and resampling.
 from __future__ import annotations
 
 import atexit
-import shutil
-import subprocess
 import weakref
-from pathlib import Path
 
 import numpy as np
-import soundfile
 import soxr
 
 SAMPLE_RATE = 16000
@@ -33,10 +29,6 @@ class AudioFormatError(ValueError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
-
-
-class AudioFileError(Exception):
-    """A file can't be read as audio (missing, unreadable, empty or not audio)."""
 
 
 # --- G.711 (ITU-T G.711, the classic Sun/CCITT reference algorithms) -------------------------
@@ -203,40 +195,3 @@ def _close_live_decoders() -> None:
     keep their decoders; free their resamplers before the extension module goes away."""
     for decoder in list(_LIVE_DECODERS):
         decoder.close()
-
-
-def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Mono float32 samples of an audio file at `sample_rate`.
-
-    soundfile reads WAV/FLAC/OGG (and whatever else its libsndfile knows); other formats go
-    through ffmpeg when it is installed.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise AudioFileError(f"{path}: no such file")
-    try:
-        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
-    except soundfile.LibsndfileError as exc:  # error_string: its message without the path again
-        audio = _load_with_ffmpeg(path, sample_rate, reason=exc.error_string)
-    else:
-        audio = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
-        if rate != sample_rate and audio.size:
-            audio = soxr.resample(audio, rate, sample_rate, quality="HQ")
-    if audio.size == 0:
-        raise AudioFileError(f"{path}: the file holds no audio samples")
-    return np.ascontiguousarray(audio, dtype=np.float32)
-
-
-def _load_with_ffmpeg(path: Path, sample_rate: int, reason: str) -> np.ndarray:
-    """Decode with the ffmpeg binary (mono float32 at `sample_rate`), for what libsndfile can't read."""
-    ffmpeg = shutil.which("ffmpeg")
-    if ffmpeg is None:
-        raise AudioFileError(f"{path}: not readable as WAV/FLAC/OGG ({reason}); install ffmpeg to read other formats")
-    command = [ffmpeg, "-nostdin", "-v", "error", "-i", str(path)]
-    command += ["-f", "f32le", "-ac", "1", "-ar", str(sample_rate), "-"]
-    result = subprocess.run(command, capture_output=True, check=False)
-    if result.returncode != 0:
-        lines = result.stderr.decode(errors="replace").strip().splitlines()
-        reason = lines[-1] if lines else f"exit status {result.returncode}"
-        raise AudioFileError(f"{path}: not an audio file ffmpeg can read ({reason})")
-    return np.frombuffer(result.stdout, "<f4").astype(np.float32)

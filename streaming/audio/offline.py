@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engines.alignment import Word
-from engines.audio import N_SAMPLES, SAMPLE_RATE
-from engines.decoding import DecodingOptions
-from engines.engine import Engine, Transcript
+from engines.backend import Backend
+from engines.transcript import Transcript
+from engines.whisper.alignment import Word
+from engines.whisper.audio import N_SAMPLES, SAMPLE_RATE
+from engines.whisper.decoding import DecodingOptions
 
 from .segmenter import SegmentClosed, Segmenter
 from .transcriber import shift
@@ -38,7 +39,7 @@ def speech_spans(audio: np.ndarray) -> list[tuple[int, int]]:
 
 
 def transcribe_audio(
-    engine: Engine, audio: np.ndarray, options: DecodingOptions, window: float | None = None, words: bool = False
+    engine: Backend, audio: np.ndarray, options: DecodingOptions, window: float | None = None, words: bool = False
 ) -> list[Segment]:
     """Segments with text; segments the model finds no speech in are left out. `window`: the
     encoder sees each segment plus this many seconds of silence (None: the full 30 s window).

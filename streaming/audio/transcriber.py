@@ -49,9 +49,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from engines.alignment import Word
-from engines.decoding import DecodingOptions
-from engines.engine import Transcript
+from engines.transcript import Transcript
+from engines.whisper.alignment import Word
+from engines.whisper.decoding import DecodingOptions
 
 from ..metrics import Metrics
 from .segmenter import (
@@ -73,7 +73,8 @@ class TranscriptionEngine(Protocol):
     """What the streaming side needs of an engine: engines.engine.Engine in this process, or
     streaming.server.workers.RemoteEngine in a worker of `serve --workers N`."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     async def transcribe_async(
         self, audio: np.ndarray, options: DecodingOptions = ..., **kwargs: Any

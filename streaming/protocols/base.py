@@ -23,7 +23,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
-from engines.tokenizer import LANGUAGES as WHISPER_LANGUAGES
+from engines.whisper.tokenizer import LANGUAGES as WHISPER_LANGUAGES
 
 from ..audio.codecs import AudioDecoder
 from ..audio.transcriber import StreamingTranscriber, TranscriberConfig, TranscriptionEngine

@@ -51,9 +51,9 @@ from typing import Any
 from websockets.asyncio.server import ServerConnection
 from websockets.frames import CloseCode
 
-from engines.alignment import Word
-from engines.decoding import DecodingOptions
 from engines.options import LANGUAGES
+from engines.whisper.alignment import Word
+from engines.whisper.decoding import DecodingOptions
 
 from ..audio.codecs import AudioDecoder, AudioFormatError
 from ..audio.transcriber import Event, Failure, Final, Partial, StreamingTranscriber, check_prompt

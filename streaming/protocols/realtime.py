@@ -65,7 +65,7 @@ import numpy as np
 from websockets.asyncio.server import ServerConnection
 from websockets.frames import CloseCode
 
-from engines.decoding import DecodingOptions
+from engines.whisper.decoding import DecodingOptions
 
 from ..audio.codecs import AudioDecoder, AudioFormatError
 from ..audio.segmenter import (

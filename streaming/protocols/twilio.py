@@ -48,7 +48,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
-from engines.decoding import DecodingOptions
+from engines.whisper.decoding import DecodingOptions
 
 from ..audio.codecs import AudioDecoder
 from ..audio.transcriber import Event, Failure, Final, Partial, StreamingTranscriber, check_prompt

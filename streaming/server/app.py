@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server as WebSocketServer
@@ -44,10 +44,9 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
-from engines.trtllm.backend import create_engine
+from engines.backend import Backend, create_engine
+from engines.config import EngineConfig
 
-from ..audio.transcriber import TranscriptionEngine
-from ..cli import engine_options
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..metrics import Metrics
 from ..protocols.base import ProtocolSession, SessionConfig, SessionContext
@@ -70,16 +69,6 @@ from .workers import EngineAddress, RemoteEngine
 log = logging.getLogger(__name__)
 
 
-class ServedEngine(TranscriptionEngine, Protocol):
-    """What the server uses of an engine besides transcription: engines.engine.Engine, RemoteEngine
-    (streaming.server.workers) or a TensorRT-LLM backend."""
-
-    @property
-    def device(self) -> object: ...
-
-    def close(self) -> None: ...
-
-
 FORCE_CLOSE_TIMEOUT = 1.0  # seconds a connection still open at the drain timeout gets for its close handshake
 FRAME_SLACK = 4  # the WebSocket layer cuts frames over FRAME_SLACK x the limit without reading them
 PUBLISH_INTERVAL = 1.0  # seconds between updates of the admission gauges
@@ -89,19 +78,7 @@ PUBLISH_INTERVAL = 1.0  # seconds between updates of the admission gauges
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8765
-    model: str = "default"
-    device: str = "auto"
-    script: str = "traditional"
-    backend: str = "torch"  # torch | trtllm-encoder | trtllm (engines/trtllm/backend.py)
-    trtllm_engine_dir: str | None = None
-    self_test: bool = True
-    medusa: str | None = None  # Medusa heads file; None: the shipped heads where they fit the model
-    fp32_weights: bool = (
-        False  # CPU: float32 products instead of fbgemm's fp16-packed weights (engines/fp16_weights.py)
-    )
-    cuda_graphs: str = "graph"  # CUDA: graph | compile (Inductor-fused regions inside the graphs) | off
-    max_batch: int | None = None  # rows of the engine's running batch; None: the engine's default for the device
-    window_bucket: float | None = None  # seconds shortened encoder windows round up to; None: the engine's default
+    engine: EngineConfig = field(default_factory=EngineConfig)  # which backend, model, device (engines/backend.py)
     session: SessionConfig = field(default_factory=SessionConfig)
     web_root: Path = WEB_ROOT
     whisperlive: WhisperLiveConfig = field(default_factory=WhisperLiveConfig)
@@ -121,10 +98,10 @@ class ServerConfig:
 class Server:
     """`async with Server(config, engine=...) as server:` listens on `server.port` (0 picks a free one).
 
-    Without an engine it loads `config.model` in a thread after the socket is listening.
+    Without an engine it loads `config.engine` in a thread after the socket is listening.
     """
 
-    def __init__(self, config: ServerConfig = ServerConfig(), engine: ServedEngine | None = None) -> None:
+    def __init__(self, config: ServerConfig = ServerConfig(), engine: Backend | None = None) -> None:
         self.config = config
         self.engine = engine
         self.metrics = Metrics()
@@ -144,7 +121,7 @@ class Server:
         self.calls = CallHub(config.calls)  # transcripts of Twilio calls, to subscribers, webhook and log
         self.whisperlive: WhisperLiveListener | None = None
         self._sessions: set[ProtocolSession] = set()
-        self._loading: asyncio.Future[ServedEngine] | None = None
+        self._loading: asyncio.Future[Backend] | None = None
         self._load_error: Exception | None = None
         self._ws: WebSocketServer | None = None
 
@@ -194,7 +171,7 @@ class Server:
             self._loading = in_daemon_thread(self._load, "breeze-load")  # exit never waits for a load
         self._publishing = asyncio.ensure_future(self._publish_capacity())
 
-    def _load(self) -> ServedEngine:
+    def _load(self) -> Backend:
         started = time.perf_counter()
         if self.config.engine_address is not None:  # a worker of `serve --workers N`
             try:
@@ -208,9 +185,9 @@ class Server:
             log.info("engine process ready: model %s on %s", remote.name, remote.device)
             return remote
         try:
-            engine = load_engine(self.config)
+            engine = create_engine(self.config.engine)
         except Exception as exc:
-            log.error("loading the model %r failed: %s", self.config.model, exc)
+            log.error("loading the model %r failed: %s", self.config.engine.model, exc)
             self._load_error = exc
             raise
         self.admission.device = str(engine.device).split(":")[0]
@@ -218,7 +195,7 @@ class Server:
         log.info("model %s loaded on %s in %.1f s", engine.name, engine.device, time.perf_counter() - started)
         return engine
 
-    async def wait_ready(self) -> ServedEngine:
+    async def wait_ready(self) -> Backend:
         """The engine, once loaded; raises what loading raised."""
         if self._loading is not None:
             return await asyncio.shield(self._loading)
@@ -390,9 +367,8 @@ class Server:
         return self._static(path)
 
     def engine_health(self) -> dict[str, Any] | None:
-        """The engine worker's state (engines.engine.Engine.health), where the engine reports one."""
-        health = getattr(self.engine, "health", None)
-        return health() if callable(health) else None
+        """The engine worker's state (engines.backend.Backend.health), once an engine is loaded."""
+        return None if self.engine is None else self.engine.health()
 
     def _health(self) -> Response:
         """Liveness: 503 while loading, after a failed load, or with the engine worker dead."""
@@ -445,18 +421,3 @@ class Server:
 
     def _static(self, path: str) -> Response:
         return static_file(self.config.web_root, path) or not_found(path, WEBSOCKET_PATHS)
-
-
-def load_engine(config: ServerConfig) -> ServedEngine:
-    """The engine `config` names (backend, model, device and engine options), loaded in this process."""
-    engine: ServedEngine = create_engine(
-        config.backend,
-        model=config.model,
-        device=config.device,
-        engine_dir=config.trtllm_engine_dir,
-        script=config.script,
-        self_test=config.self_test,
-        medusa=config.medusa,
-        **engine_options(config.fp32_weights, config.cuda_graphs, config.max_batch, config.window_bucket),
-    )
-    return engine

@@ -8,6 +8,9 @@ import asyncio
 import logging
 import signal
 
+from engines.backend import Backend, create_engine
+from engines.config import EngineConfig
+
 from ..audio.segmenter import SegmenterConfig
 from ..audio.transcriber import TranscriberConfig, check_prompt
 from ..options import SEGMENTER_FLAGS
@@ -16,7 +19,7 @@ from ..protocols.calls import CallConfig
 from ..protocols.routes import WEBSOCKET_PATHS
 from ..protocols.whisperlive import WhisperLiveConfig
 from .admission import AdmissionConfig
-from .app import Server, ServerConfig, load_engine
+from .app import Server, ServerConfig
 from .auth import parse_origins, read_keys, tls_context
 from .gate import AuthConfig, Limits
 from .workers import RemoteEngine, run_workers
@@ -90,17 +93,19 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         host=args.host,
         port=args.port,
-        model=args.model,
-        device=args.device,
-        script=args.script,
-        backend=args.backend,
-        trtllm_engine_dir=args.trtllm_engine_dir,
-        self_test=args.self_test,
-        medusa=args.medusa,
-        fp32_weights=args.fp32_weights,
-        cuda_graphs=args.cuda_graphs,
-        max_batch=args.max_batch,
-        window_bucket=args.window_bucket,
+        engine=EngineConfig(
+            model=args.model,
+            device=args.device,
+            script=args.script,
+            backend=args.backend,
+            trtllm_engine_dir=args.trtllm_engine_dir,
+            self_test=args.self_test,
+            medusa=args.medusa,
+            fp32_weights=args.fp32_weights,
+            cuda_graphs=args.cuda_graphs,
+            max_batch=args.max_batch,
+            window_bucket=args.window_bucket,
+        ),
         session=session,
         whisperlive=whisperlive,
         calls=calls,
@@ -147,7 +152,7 @@ async def serve_until_stopped(config: ServerConfig) -> int:
             web,
             config.host,
             server.port,
-            config.model,
+            config.engine.model,
         )
         if server.gate.keys is not None:
             log.info("API keys required (%d keys in %s)", len(server.gate.keys), config.auth.api_key_file)
@@ -182,7 +187,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if not getattr(args, "verbose", False):
         logging.getLogger("websockets").setLevel(logging.WARNING)  # one INFO line per HTTP request otherwise
     if config.workers:
-        return run_workers(config, config.workers, load_engine, run_server)
+        return run_workers(config, config.workers, start_engine, run_server)
     return run_server(config)
 
 
@@ -193,3 +198,8 @@ def run_server(config: ServerConfig) -> int:
     except ImportError:
         return asyncio.run(serve_until_stopped(config))
     return uvloop.run(serve_until_stopped(config))
+
+
+def start_engine(config: ServerConfig) -> Backend:
+    """The engine of `config` in this process: the engine process of `serve --workers N`."""
+    return create_engine(config.engine)

@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from engines.decoding import DecodingOptions
+from engines.whisper.decoding import DecodingOptions
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +136,8 @@ class RemoteEngine:
             health.update(alive=False, last_error=self._lost or f"no word from the engine process for {silent:.0f} s")
         return health
 
-    def load_stats(self) -> dict[str, Any] | None:
-        return self._state.get("stats")
+    def load_stats(self) -> dict[str, float]:
+        return self._state.get("stats") or {}
 
     def close(self, timeout: float = 0.0) -> None:
         self._closing = True
@@ -219,8 +219,7 @@ class EngineService:
         self._loaded.set()
 
     def _state(self) -> dict[str, Any]:
-        stats = getattr(self.engine, "load_stats", None)
-        return {"health": self.engine.health(), "stats": stats() if callable(stats) else None}
+        return {"health": self.engine.health(), "stats": self.engine.load_stats()}
 
     def _accept_loop(self) -> None:
         for worker in itertools.count():
@@ -366,14 +365,17 @@ def run_workers(config: Any, workers: int, load_engine: Callable[[Any], Any], se
         )
         processes[-1].start()
     log.info(
-        "%d front-end workers on port %d; loading model %r in the engine process", workers, config.port, config.model
+        "%d front-end workers on port %d; loading model %r in the engine process",
+        workers,
+        config.port,
+        config.engine.model,
     )
     try:
         started = time.perf_counter()
         try:
             engine = load_engine(config)
         except Exception as exc:
-            log.error("loading the model %r failed: %s", config.model, exc)
+            log.error("loading the model %r failed: %s", config.engine.model, exc)
             service.failed(str(exc))
             stopping.set()
             _wait_for(processes, config.limits.drain_timeout)

@@ -1,0 +1,1 @@
+"""Speculative decoding: draft sources (previous hypothesis, Medusa heads) and the heads' training."""

@@ -1,0 +1,1 @@
+"""Model weights: checkpoints (OpenAI, Hugging Face, CTranslate2), their reading and conversion, fp16 packing."""

@@ -1,0 +1,54 @@
+"""Half-precision weights on the CPU: every matrix product through fbgemm's fp16 GEMM.
+
+PyTorch's float32 `linear` on a small CPU is slow for Whisper's shapes (the 51,865-token
+vocabulary projection of a few draft nodes reads 106 MB of float32 weights for ~10 rows of
+output). fbgemm keeps the weights packed in fp16, converts them on the fly and accumulates in
+float32: on the 2-core box that is 2-10x faster for every product of the model (BENCHMARKS.md).
+The embedded whisper-base is stored in fp16 (its CTranslate2 package), so its weights lose
+nothing; a float32 checkpoint is rounded to fp16 once. Activations stay float32 and every output
+row depends on its own input row only, so verifying a draft gives the same logits as a plain
+step: speculative decoding stays exact. Attention, convolutions and layer norms stay float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from engines.whisper.model import Linear, MultiHeadAttention, Whisper
+
+
+class PackedLinear(nn.Module):
+    """y = x W^T + b with W packed in fp16 for fbgemm (torch.ops.quantized.linear_dynamic_fp16)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None):
+        super().__init__()
+        bias = None if bias is None else bias.detach().float()
+        self._packed = torch.ops.quantized.linear_prepack_fp16(weight.detach().float(), bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.quantized.linear_dynamic_fp16(x.float(), self._packed)
+
+
+def available() -> bool:
+    return {"fbgemm", "x86"} & set(torch.backends.quantized.supported_engines) != set()
+
+
+def pack_fp16_weights(model: Whisper) -> Whisper:
+    """Swaps every Linear of `model`, the fused self-attention projections and the vocabulary
+    projection for PackedLinear, in place. CPU only: fbgemm has no CUDA kernels."""
+    if model.device.type != "cpu":
+        raise ValueError("fp16-packed weights are for the CPU (fbgemm); a GPU runs fp16 or bf16 natively")
+    if not available():
+        raise RuntimeError("this PyTorch build has no fbgemm kernels; run with float32 weights")
+    for module in list(model.modules()):
+        fused_qkv = isinstance(module, MultiHeadAttention) and module.fused is not None
+        for name, child in list(module.named_children()):
+            if fused_qkv and name in ("query", "key", "value"):
+                continue  # the fused projection below does their work
+            if isinstance(child, Linear):
+                setattr(module, name, PackedLinear(child.weight, child.bias))
+        if fused_qkv and not isinstance(module.fused, PackedLinear):
+            module.fused = PackedLinear(*module.fused)
+    model.decoder.output = PackedLinear(model.decoder.token_embedding.weight, None)
+    return model
