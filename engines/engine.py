@@ -490,7 +490,7 @@ class Engine:
         self._load.encoder_windows += len(group)
         return features
 
-    def _lookup_context(self, request: Request, prompt_text: list[int]) -> list[int]:
+    def lookup_context(self, request: Request, prompt_text: list[int]) -> list[int]:
         """What prompt lookup drafts from: the prompt's text tokens, then the stream's earlier
         finals (`DecodingOptions.draft_text`, which the model never reads)."""
         earlier = request.options.draft_text.strip()
@@ -522,7 +522,7 @@ class Engine:
                 prompt,
                 lang,
                 r.options,
-                drafters(r.previous, r.speculative, self.model, self.heads, self._lookup_context(r, prompt[1:prefix])),
+                drafters(r.previous, r.speculative, self.model, self.heads, self.lookup_context(r, prompt[1:prefix])),
                 frames=feats.shape[1],
                 tag=r,
                 prefix=prefix,
