@@ -16,10 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class CliServer:
-    """`python -m streaming.cli serve ...` in a subprocess; `port` from its 'listening on' log line."""
+    """`python -m breeze_stream serve ...` in a subprocess; `port` from its 'listening on' log line."""
 
     def __init__(self, *args: str, env: dict | None = None) -> None:
-        self.args = [sys.executable, "-m", "streaming.cli", "serve", "--host", "127.0.0.1", "--port", "0", *args]
+        self.args = [sys.executable, "-m", "breeze_stream", "serve", "--host", "127.0.0.1", "--port", "0", *args]
         self.proc = subprocess.Popen(
             self.args,
             cwd=REPO,

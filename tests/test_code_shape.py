@@ -31,7 +31,7 @@ def test_a_tree_that_keeps_the_rules_passes(tmp_path):
         tmp_path,
         {
             "engines/model.py": "import math\n",
-            "engines/engine.py": "from engines.whisper.model import math\nfrom . import model\n" + function("run", 80),
+            "engines/engine.py": "from engines.model import math\nfrom . import model\n" + function("run", 80),
             "streaming/server.py": "from engines.engine import run\n",
             "bench/load.py": "from streaming import server\nfrom engines import engine\n",
         },
@@ -63,7 +63,7 @@ def test_forbidden_arrows_are_reported(tmp_path):
         },
     )
     assert check(root) == [
-        "forbidden import: engines.whisper.model imports streaming.server (engines must not import streaming)",
+        "forbidden import: engines.model imports streaming.server (engines must not import streaming)",
         "forbidden import: streaming.server imports bench.load (streaming must not import bench)",
         "forbidden import: web.app imports bench (web must not import bench)",
     ]
@@ -93,3 +93,19 @@ def test_the_command_lists_violations_and_fails(tmp_path):
     assert result.returncode == 1
     assert result.stdout == "import circle: engines.a <-> engines.b\n"
     assert "1 violation(s)" in result.stderr
+
+
+def run(*command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", *command], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_the_tree_is_ruff_clean_and_formatted():
+    lint = run("ruff", "check", ".")
+    assert lint.returncode == 0, lint.stdout
+    formatted = run("ruff", "format", "--check", ".")
+    assert formatted.returncode == 0, formatted.stdout
+
+
+def test_the_whisper_room_passes_strict_types():
+    result = run("mypy", "engines/whisper")
+    assert result.returncode == 0, result.stdout
