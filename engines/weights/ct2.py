@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import struct
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import BinaryIO
 
 import torch
@@ -223,3 +224,36 @@ def _dims(model: Ct2Model, sd: dict[str, torch.Tensor], n_audio_layer: int, n_te
         n_text_head=int(model.options["decoder/num_heads"]),
         n_text_layer=n_text_layer,
     )
+
+
+class Concatenated:
+    """Reads several files as one stream, so model.bin's two parts are never joined on disk."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths, self.f = list(paths), None
+
+    def readinto(self, buf) -> int:
+        view, n = memoryview(buf).cast("B"), 0
+        while n < len(view):
+            if self.f is None:
+                if not self.paths:
+                    break
+                self.f = open(self.paths.pop(0), "rb")
+            got = self.f.readinto(view[n:])
+            if got:
+                n += got
+            else:
+                self.f.close()
+                self.f = None
+        return n
+
+    def read(self, size: int) -> bytes:
+        buf = bytearray(size)
+        return bytes(buf[: self.readinto(buf)])
+
+    def __enter__(self) -> Concatenated:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.f is not None:
+            self.f.close()
