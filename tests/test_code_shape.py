@@ -93,3 +93,19 @@ def test_the_command_lists_violations_and_fails(tmp_path):
     assert result.returncode == 1
     assert result.stdout == "import circle: engines.a <-> engines.b\n"
     assert "1 violation(s)" in result.stderr
+
+
+def run(*command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", *command], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_the_tree_is_ruff_clean_and_formatted():
+    lint = run("ruff", "check", ".")
+    assert lint.returncode == 0, lint.stdout
+    formatted = run("ruff", "format", "--check", ".")
+    assert formatted.returncode == 0, formatted.stdout
+
+
+def test_the_whisper_room_passes_strict_types():
+    result = run("mypy", "engines/whisper")
+    assert result.returncode == 0, result.stdout
