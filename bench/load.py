@@ -1,7 +1,7 @@
 """Load generator: many concurrent real-time streams against a running server, from one command.
 
 `breeze-stream bench-load MANIFEST_OR_AUDIO... --url ws://HOST:PORT/v1/stream --streams N --duration S`
-plays N streams over the native protocol (DESIGN.md) at real-time pace. Each stream loops the
+plays N streams over the native protocol (docs/architecture.md) at real-time pace. Each stream loops the
 clips in its own seeded shuffle, with `--gap` seconds of silence before, between and after them,
 until it holds `--duration` seconds of audio (whole clips only: the last one may run past), then
 sends `stop` and waits for `end`. Stream i starts i * ramp / N seconds after the first (`--ramp`,
@@ -10,7 +10,7 @@ every stream at once with the clips in manifest order (the synchronized load of 
 
 The streams are dealt round-robin to `--processes` spawned OS processes, each with its own event
 loop (uvloop where installed). Each process times its streams on its own send clock with
-`streaming.replay.run_stream`, which also defines the latencies (DESIGN.md, Measuring), and sends
+`streaming.replay.run_stream`, which also defines the latencies (docs/architecture.md, Measuring), and sends
 their summaries back here to be merged:
 
 - latency (s; n, p50, p95, p99, max, mean): final (arrival - send time of the audio at the final's
