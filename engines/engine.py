@@ -59,7 +59,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-SPECULATIVE_MODES = ("off", "hypothesis", "medusa", "both")
+SPECULATIVE_MODES = ("off", "hypothesis", "lookup", "medusa", "both")
 
 
 @dataclass
@@ -516,7 +516,15 @@ class Engine:
                 prompt,
                 lang,
                 r.options,
-                drafters(r.previous, r.speculative, self.model, self.heads),
+                drafters(
+                    r.previous,
+                    r.speculative,
+                    self.model,
+                    self.heads,
+                    self.tokenizer,
+                    prompt[1:prefix],
+                    r.options.draft_text,
+                ),
                 frames=feats.shape[1],
                 tag=r,
                 prefix=prefix,
