@@ -2,7 +2,7 @@
 
 Each simulated stream speaks in segments (lengths drawn from the dev set's clip durations,
 pauses of 0.3-1.0 s between them) in real time and follows the streaming policy of
-streaming/transcriber.py: a partial decode of the segment so far every 0.5 s of new speech on
+streaming/audio/transcriber.py: a partial decode of the segment so far every 0.5 s of new speech on
 a shortened encoder window (segment + 2 s), at most one partial in flight per stream, none
 while the previous segment's final is pending; a final decode of the whole segment when it
 ends (full 30 s window by default), with the last partial's tokens as its draft. Requests go

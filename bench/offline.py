@@ -7,7 +7,7 @@ Three passes over the manifest in one process, so the machine's noise hits all a
    ../shared/reference/ctranslate2-whisper.md): the token-for-token reference;
 3. our engine, greedy, language zh, full window, compared clip by clip with pass 2 (on the CPU
    with fp16-packed weights, the engine's default there: float32 arithmetic on the model's own
-   fp16 weights, engines/fp16_weights.py);
+   fp16 weights, engines/weights/fp16.py);
 4. our engine with a shortened encoder window (`--window`, default 2 s of silence after the
    clip, falling back to the full window on a repetition loop): the faster setting.
 faster-whisper is an optional benchmark dependency (`pip install -e '.[bench]'`).

@@ -5,7 +5,7 @@ Two measurements, each run as its own subcommand:
 ``rolling``  A rolling restart under a steady load. N replicas (`breeze-stream serve`, one process
     group each) behind NGINX running deploy/nginx.conf (rendered for loopback by bench/nginx.py,
     as tests/test_scaleout.py renders it). S callers each stream replayed clips at real-time pace through
-    NGINX, one session after another (K clips a session, streaming.replay's pacing and event
+    NGINX, one session after another (K clips a session, bench.replay's pacing and event
     log). After a warm-up, every replica is restarted in turn: SIGTERM, wait for the process to
     exit (it drains: finals, `end` with reason "shutdown", close 1001), start it again on the same
     port, wait for /readyz 200, let the load settle, next. A caller whose session ends (drained or
@@ -18,7 +18,7 @@ Two measurements, each run as its own subcommand:
     - an explicit close (a close frame with a code other than 1006) without `end`;
     - neither (no `end`, no close frame: 1006 or a client-side timeout) -- target 0;
     - finals lost in sessions that received `end` -- target 0, two ways: a segment with a
-      non-blank partial and no final (streaming.replay's "lost finals"), and a clip whose audio was
+      non-blank partial and no final (bench.replay's "lost finals"), and a clip whose audio was
       sent in full before the drain began (the SIGTERM that preceded the `end`; for sessions that
       ended normally: every clip sent) without any final;
     - finals after `end`, duplicate finals, error events.
@@ -69,7 +69,7 @@ from bench.clips import DEV_DIR
 from bench.nginx import DEPLOY, NGINX, SERVER_LINE, ProcessGroups, free_port, http_get, start_nginx
 from bench.tiny import save_tiny_model
 
-BREEZE = [sys.executable, "-m", "streaming.cli"]  # what the `breeze-stream` entry point runs
+BREEZE = [sys.executable, "-m", "breeze_stream"]  # what the `breeze-stream` entry point runs
 
 # Short read sentences (1.7-4.6 s) for the rolling restart; longer Mandarin clips for scaling.
 ROLLING_CLIPS = [

@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(
         "build-trtllm",
-        "engines.trtllm.build:run_build",
+        "engines.trtllm.builder:run_build",
         "TensorRT-LLM 1.2.x engines for a Whisper checkpoint (--dry-run prints the commands)",
     )
     from engines.trtllm.build import add_build_arguments  # standard library only

@@ -3,7 +3,7 @@
 A backend decodes segments off the event loop and answers each with a Transcript, or None when a
 newer partial of the same stream superseded it (engines/scheduling.py). Three satisfy `Backend`:
 the torch engine (engines/engine.py), TensorRT-LLM's executor (engines/trtllm/executor.py) and
-the engine of another process (streaming/workers.py's RemoteEngine). `create_engine` turns an
+the engine of another process (streaming/server/workers.py's RemoteEngine). `create_engine` turns an
 `EngineConfig` (engines/config.py: the `--backend`, `--model`, `--device` ... options) into the
 first two, or into the torch engine on random weights of a real shape (`random:SHAPE`, engines/synthetic.py).
 

@@ -490,12 +490,6 @@ class Engine:
         self._load.encoder_windows += len(group)
         return features
 
-    def lookup_context(self, request: Request, prompt_text: list[int]) -> list[int]:
-        """What prompt lookup drafts from: the prompt's text tokens, then the stream's earlier
-        finals (`DecodingOptions.draft_text`, which the model never reads)."""
-        earlier = request.options.draft_text.strip()
-        return [*prompt_text, *(self.tokenizer.encode(" " + earlier) if earlier else [])]
-
     def _begin(self, group: list[Request], frames: int, features: torch.Tensor) -> None:
         """Admits encoded requests to the batch (beam searches run on their own)."""
         for r, f in zip(group, features):
@@ -522,7 +516,15 @@ class Engine:
                 prompt,
                 lang,
                 r.options,
-                drafters(r.previous, r.speculative, self.model, self.heads, self.lookup_context(r, prompt[1:prefix])),
+                drafters(
+                    r.previous,
+                    r.speculative,
+                    self.model,
+                    self.heads,
+                    self.tokenizer,
+                    prompt[1:prefix],
+                    r.options.draft_text,
+                ),
                 frames=feats.shape[1],
                 tag=r,
                 prefix=prefix,

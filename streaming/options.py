@@ -304,7 +304,7 @@ def _add_admission_arguments(group: argparse._ArgumentGroup) -> None:
         default=None,
         metavar="SHARE",
         help="share of the engine's time the finals of admitted sessions may take (default 0.5 on a "
-        "CPU, where finals queue one by one behind partials, 0.8 on a GPU)",
+        "CPU, where finals queue one by one behind partials, 0.6 on a GPU)",
     )
     group.add_argument(
         "--admission-max-wait",

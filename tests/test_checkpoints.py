@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from engines.weights import checkpoints, ct2
-from engines.weights.checkpoints import expected_shapes, load_checkpoint
+from engines.weights.checkpoints import load_checkpoint
+from engines.weights.shapes import expected_shapes
 from engines.whisper.model import ModelDims, Whisper, sinusoids
 
 transformers = pytest.importorskip("transformers")
@@ -426,7 +427,7 @@ def test_default_structure(default_checkpoint):
 
 def test_default_facts_from_the_reference_notes(default_checkpoint):
     files = checkpoints.default_files()[0]
-    with checkpoints._Concat([files["model.bin.part1"], files["model.bin.part2"]]) as f:
+    with ct2.Concatenated([files["model.bin.part1"], files["model.bin.part2"]]) as f:
         model = ct2.read_model_bin(f, "model.bin")
     assert len(model.variables) + len(model.options) == 212
     assert model.aliases == {"decoder/projection/weight": "decoder/embeddings/weight"}

@@ -1,8 +1,6 @@
 """Prompt-lookup drafts: the n-gram search, exactness of the decode they speed up, and the
 engine's wiring (prompt text and a stream's earlier finals as the context)."""
 
-from types import SimpleNamespace
-
 import torch
 from test_decoding import decoder, features  # noqa: F401  (module fixture and helper)
 
@@ -48,19 +46,15 @@ def test_lookup_drafts_keep_the_decode_exact(decoder):  # noqa: F811
     assert spec[2].draft_accepted["hypothesis"] > 0 and spec[2].forwards < plain[2].forwards
 
 
-def test_drafters_by_mode(tiny_engine):
-    model, heads = tiny_engine.model, tiny_engine.heads
-    both = drafters([1, 2], "both", model, heads, context=[7, 8])
+def test_engine_drafters_by_mode(tiny_engine):
+    tok = tiny_engine.tokenizer
+
+    def sources(previous, mode, **kw):
+        return drafters(previous, mode, tiny_engine.model, tiny_engine.heads, tok, **kw)
+
+    both = sources([1, 2], "both", context=[7, 8], draft_text="你好")
     assert [d.source for d in both][:2] == ["hypothesis", "lookup"]
-    assert both[1].context == [7, 8]
-    assert [d.source for d in drafters([1, 2], "lookup", model, heads)] == ["lookup"]
-    assert [d.source for d in drafters([1, 2], "hypothesis", model, heads)] == ["hypothesis"]
-    assert drafters([1, 2], "off", model, heads) == []
-
-
-def test_lookup_context_is_the_prompt_then_earlier_finals(tiny_engine):
-    """Prompt lookup searches the prompt's text tokens, then the stream's earlier finals."""
-    request = SimpleNamespace(options=DecodingOptions(draft_text="你好"))
-    context = tiny_engine.lookup_context(request, [7, 8])
-    assert context == [7, 8, *tiny_engine.tokenizer.encode(" 你好")]
-    assert tiny_engine.lookup_context(SimpleNamespace(options=DecodingOptions()), [7, 8]) == [7, 8]
+    assert both[1].context == [7, 8, *tok.encode(" 你好")]
+    assert [d.source for d in sources([1, 2], "lookup")] == ["lookup"]
+    assert [d.source for d in sources([1, 2], "hypothesis")] == ["hypothesis"]
+    assert sources([1, 2], "off") == []

@@ -219,14 +219,14 @@ def test_floor_and_utilization_default_by_device():
     admission = Admission(AdmissionConfig(), meter, clock=clock)
     assert admission.capacity == 8 and admission.utilization == 0.5, "a CPU engine by default"
     admission.device = "cuda"
-    assert admission.capacity == 32 and admission.utilization == 0.8
+    assert admission.capacity == 32 and admission.utilization == 0.6
     meter.session_opened()
     for _ in range(10):  # one session, a 1 s segment every 2 s, 0.01 engine seconds per audio second
         clock.now += 2.0
         meter.queued(1.0), meter.final_decoded(1.0, 0.01, 0.01), meter.queued(-1.0)
     gpu = admission.capacity
     admission.device = "cpu"
-    assert abs(admission.capacity / gpu - 0.5 / 0.8) < 1e-9, "the same measurements, the CPU's utilization"
+    assert abs(admission.capacity / gpu - 0.5 / 0.6) < 1e-9, "the same measurements, the CPU's utilization"
     pinned = Admission(AdmissionConfig(floor=5, utilization=0.7), LoadMeter(clock=clock), clock=clock)
     pinned.device = "cuda"
     assert pinned.capacity == 5 and pinned.utilization == 0.7, "what the command line sets wins"

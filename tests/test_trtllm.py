@@ -34,7 +34,7 @@ from engines.backend import Backend, create_engine
 from engines.config import BackendUnavailable, EngineConfig
 from engines.engine import Engine
 from engines.options import add_backend_arguments
-from engines.trtllm import build, checks, convert, encoder, executor, self_test
+from engines.trtllm import build, builder, checks, convert, encoder, executor, self_test
 from engines.weights.checkpoints import load_checkpoint
 from engines.whisper.decoding import DecodingOptions
 from engines.whisper.model import Whisper
@@ -318,7 +318,7 @@ def test_rendered_commands_parse_back_to_the_same_words():
 
 def test_dry_run_prints_the_commands_and_touches_nothing(tmp_path, capsys):
     out = tmp_path / "engines"
-    assert build.main(["--model", build.BREEZE_REPO, "--out", str(out), "--dry-run"]) == 0
+    assert builder.main(["--model", build.BREEZE_REPO, "--out", str(out), "--dry-run"]) == 0
     text = capsys.readouterr().out
     assert not out.exists()
     assert f"TensorRT-LLM {trtllm.TRTLLM_VERSION}" in text and trtllm.TRTLLM_IMAGE in text
@@ -326,7 +326,7 @@ def test_dry_run_prints_the_commands_and_touches_nothing(tmp_path, capsys):
     joined = text.replace(" \\\n    ", " ")
     for cmd in external(
         build.plan(
-            build.options_from_args(
+            builder.options_from_args(
                 argparse.Namespace(
                     model=build.BREEZE_REPO,
                     out=out,
@@ -350,7 +350,7 @@ def test_dry_run_prints_the_commands_and_touches_nothing(tmp_path, capsys):
 
 
 def test_dry_run_warns_about_short_decoder_context(capsys):
-    assert build.main(["--model", "x.pt", "--out", "/tmp/x", "--max-seq-len", "114", "--dry-run"]) == 0
+    assert builder.main(["--model", "x.pt", "--out", "/tmp/x", "--max-seq-len", "114", "--dry-run"]) == 0
     assert "leaves 110 new tokens" in capsys.readouterr().out
 
 
@@ -373,22 +373,22 @@ def test_option_validation_lists_every_problem(tmp_path, capsys):
     assert options(max_seq_len=14, max_input_len=14).problems() == [
         "--max-seq-len (14) must exceed --max-input-len (14): it counts the prompt and the new tokens"
     ]
-    assert build.main(["--model", "m", "--out", str(tmp_path / "e"), "--max-batch", "0", "--dry-run"]) == 2
+    assert builder.main(["--model", "m", "--out", str(tmp_path / "e"), "--max-batch", "0", "--dry-run"]) == 2
     assert "--max-batch must be at least 1" in capsys.readouterr().err
 
 
 def test_int8_and_int4_are_exclusive():
     parser = argparse.ArgumentParser()
-    build.add_build_arguments(parser)
+    builder.add_build_arguments(parser)
     args = parser.parse_args(["--model", "m", "--out", "o", "--int8-weight-only"])
-    assert build.options_from_args(args).weight_only == "int8"
+    assert builder.options_from_args(args).weight_only == "int8"
     with pytest.raises(SystemExit):
         parser.parse_args(["--model", "m", "--out", "o", "--int8-weight-only", "--int4-weight-only"])
 
 
 def test_preflight_names_everything_missing(tmp_path):
     o = options(out=tmp_path / "e", examples=tmp_path / "nowhere")
-    problems = build.preflight(o, version="", which=lambda name: None, gpus=None)
+    problems = builder.preflight(o, version="", which=lambda name: None, gpus=None)
     text = "\n".join(problems)
     assert len(problems) == 4
     assert "TensorRT-LLM is not installed" in text and trtllm.TRTLLM_IMAGE in text
@@ -401,21 +401,21 @@ def test_preflight_names_everything_missing(tmp_path):
     (examples / "convert_checkpoint.py").write_text("")
     gpus = [{"name": "NVIDIA H100", "compute_cap": "9.0"}]
     ok = options(out=tmp_path / "e", examples=examples)
-    assert build.preflight(ok, version="1.2.1", which=lambda name: "/usr/bin/" + name, gpus=gpus) == []
-    newer = build.preflight(ok, version="1.3.0rc14", which=lambda name: "/usr/bin/" + name, gpus=gpus)
+    assert builder.preflight(ok, version="1.2.1", which=lambda name: "/usr/bin/" + name, gpus=gpus) == []
+    newer = builder.preflight(ok, version="1.3.0rc14", which=lambda name: "/usr/bin/" + name, gpus=gpus)
     assert len(newer) == 1 and "pinned to 1.2.x" in newer[0] and "README" in newer[0]
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / "manifest.json").write_text("{}")
-    assert "--force" in build.preflight(ok, version="1.2.1", which=lambda n: n, gpus=gpus)[0]
+    assert "--force" in builder.preflight(ok, version="1.2.1", which=lambda n: n, gpus=gpus)[0]
     missing_pt = options(model=str(tmp_path / "no.pt"), out=tmp_path / "f", examples=examples)
-    assert build.preflight(missing_pt, version="1.2.1", which=lambda n: n, gpus=gpus) == [
+    assert builder.preflight(missing_pt, version="1.2.1", which=lambda n: n, gpus=gpus) == [
         f"--model {tmp_path / 'no.pt'}: no such file"
     ]
 
 
 def test_real_build_refuses_cleanly_without_tensorrt_llm(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(build, "trtllm_version", lambda: None)
-    assert build.main(["--model", build.BREEZE_REPO, "--out", str(tmp_path / "e")]) == 1
+    monkeypatch.setattr(builder, "trtllm_version", lambda: None)
+    assert builder.main(["--model", build.BREEZE_REPO, "--out", str(tmp_path / "e")]) == 1
     err = capsys.readouterr().err
     assert "TensorRT-LLM is not installed" in err and "--dry-run" in err
     assert not (tmp_path / "e").exists()
@@ -423,7 +423,7 @@ def test_real_build_refuses_cleanly_without_tensorrt_llm(tmp_path, capsys, monke
 
 def test_parse_nvidia_smi():
     text = "NVIDIA H100 80GB HBM3, 9.0, 570.124.06, 81559 MiB\nNVIDIA L4, 8.9, 570.124.06, 23034 MiB\n\n"
-    assert build.parse_nvidia_smi(text) == [
+    assert builder.parse_nvidia_smi(text) == [
         {
             "name": "NVIDIA H100 80GB HBM3",
             "compute_cap": "9.0",
@@ -439,7 +439,7 @@ def test_parse_nvidia_smi():
             "sm": "sm_89",
         },
     ]
-    assert build.parse_nvidia_smi("") == []
+    assert builder.parse_nvidia_smi("") == []
 
 
 def fake_tools(commands: list[list[str]]):
@@ -471,16 +471,16 @@ def fake_tools(commands: list[list[str]]):
 def test_whole_build_with_faked_tools(tiny_checkpoint, tmp_path, monkeypatch, encoder_only):
     pt = convert.save_openai(tiny_checkpoint, tmp_path / "tiny.pt")
     commands: list[list[str]] = []
-    monkeypatch.setattr(build.subprocess, "run", fake_tools(commands))
+    monkeypatch.setattr(builder.subprocess, "run", fake_tools(commands))
     gpus = [
         {"name": "NVIDIA H100", "compute_cap": "9.0", "driver_version": "570", "memory_total": "80 GB", "sm": "sm_90"}
     ]
-    monkeypatch.setattr(build, "gpu_info", lambda: gpus)
+    monkeypatch.setattr(builder, "gpu_info", lambda: gpus)
     o = options(model=str(pt), out=tmp_path / "e", encoder_only=encoder_only)
-    builder = build.Builder(o, progress=lambda message: None)
-    manifest = builder.run()
+    run = builder.Builder(o, progress=lambda message: None)
+    manifest = run.run()
 
-    assert commands == external(builder.steps) == manifest["commands"]
+    assert commands == external(run.steps) == manifest["commands"]
     assert (tmp_path / "e/assets/large-v2.pt").resolve() == pt.resolve()
     assert not (tmp_path / "e/checkpoint").exists()  # removed after the build
     saved = json.loads((tmp_path / "e/manifest.json").read_text())
@@ -500,10 +500,10 @@ def test_build_converts_a_hf_directory(hf_tiny, tmp_path, monkeypatch):
     """A non-OpenAI source goes through our converter; its own vocabulary reaches vocabulary.json."""
     path, _ = hf_tiny
     commands: list[list[str]] = []
-    monkeypatch.setattr(build.subprocess, "run", fake_tools(commands))
-    monkeypatch.setattr(build, "gpu_info", lambda: None)
-    monkeypatch.setattr(build.Builder, "_check_dims", lambda self: None)  # tiny: n_audio_ctx is not 1500
-    manifest = build.Builder(options(model=str(path), out=tmp_path / "e"), progress=lambda m: None).run()
+    monkeypatch.setattr(builder.subprocess, "run", fake_tools(commands))
+    monkeypatch.setattr(builder, "gpu_info", lambda: None)
+    monkeypatch.setattr(builder.Builder, "_check_dims", lambda self: None)  # tiny: n_audio_ctx is not 1500
+    manifest = builder.Builder(options(model=str(path), out=tmp_path / "e"), progress=lambda m: None).run()
     assert manifest["source"] == {"converted_from": str(path)} and manifest["gpus"] is None
     assert (
         load_checkpoint(str(tmp_path / "e/assets/large-v2.pt"), progress=None).dims == load_checkpoint(str(path)).dims
@@ -512,17 +512,17 @@ def test_build_converts_a_hf_directory(hf_tiny, tmp_path, monkeypatch):
 
 def test_build_checks_the_checkpoint_fits_the_recipe(hf_tiny, tmp_path, monkeypatch):
     path, _ = hf_tiny
-    monkeypatch.setattr(build.subprocess, "run", fake_tools([]))
+    monkeypatch.setattr(builder.subprocess, "run", fake_tools([]))
     with pytest.raises(build.BuildError, match="n_audio_ctx 24"):
-        build.Builder(options(model=str(path), out=tmp_path / "e"), progress=lambda m: None).run()
+        builder.Builder(options(model=str(path), out=tmp_path / "e"), progress=lambda m: None).run()
 
 
 def test_a_non_openai_pt_is_refused_before_tensorrt_llm_sees_it(tmp_path, monkeypatch):
     bad = tmp_path / "bad.pt"
     torch.save({"state_dict": {}}, bad)
-    monkeypatch.setattr(build.subprocess, "run", fake_tools([]))
+    monkeypatch.setattr(builder.subprocess, "run", fake_tools([]))
     with pytest.raises(ValueError, match="not an OpenAI Whisper checkpoint"):
-        build.Builder(options(model=str(bad), out=tmp_path / "e"), progress=lambda m: None).run()
+        builder.Builder(options(model=str(bad), out=tmp_path / "e"), progress=lambda m: None).run()
 
 
 def test_build_is_registered_in_the_cli(capsys):

@@ -20,6 +20,7 @@ from engines.speculative.medusa import SHIPPED_HEADS, MedusaHeads, load_heads
 from engines.weights.checkpoints import Checkpoint
 from engines.whisper.decoding import Draft
 from engines.whisper.model import Whisper
+from engines.whisper.tokenizer import Tokenizer
 
 
 class HypothesisDrafter:
@@ -121,16 +122,19 @@ def drafters(
     speculative: str,
     model: Whisper,
     heads: MedusaHeads | None,
+    tokenizer: Tokenizer,
     context: list[int] | None = None,
+    draft_text: str = "",
 ) -> list[HypothesisDrafter | LookupDrafter | MedusaDrafter]:
     """The draft sources of one request: the previous hypothesis first, then prompt lookup over
-    `context` (the prompt's text tokens and a stream's earlier finals) and the segment's own
-    output, then Medusa."""
+    `context` (the prompt's text tokens), `draft_text` (a stream's earlier finals) and the
+    segment's own output, then Medusa."""
     out: list[HypothesisDrafter | LookupDrafter | MedusaDrafter] = []
     if speculative in ("hypothesis", "both") and previous:
         out.append(HypothesisDrafter(previous))
     if speculative in ("lookup", "both"):
-        out.append(LookupDrafter(context or []))
+        earlier = tokenizer.encode(" " + draft_text.strip()) if draft_text.strip() else []
+        out.append(LookupDrafter([*(context or []), *earlier]))
     if speculative in ("medusa", "both") and heads is not None:
         out.append(MedusaDrafter(model, heads))
     return out

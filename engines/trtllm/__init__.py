@@ -8,8 +8,8 @@ encoder engine under our own PyTorch speculative decoder.
 
 - `convert`: any checkpoint `load_checkpoint` reads -> an OpenAI-format `.pt` (what TensorRT-LLM's
   Whisper converter takes).
-- `build`: `breeze-stream build-trtllm`, the checkpoint conversion and `trtllm-build` commands, and
-  a manifest of what was built.
+- `build`: the plan of `breeze-stream build-trtllm`: the checkpoint conversion and `trtllm-build`
+  commands; `builder` runs it and writes a manifest of what was built.
 - `checks`: what a backend lacks here (engine directory, TensorRT-LLM, GPU, versions), all at once.
 - `self_test`: the start-up self-test on a generated clip.
 - `encoder`: `--backend trtllm-encoder`, TensorRT-LLM's encoder engine under our PyTorch decoder.

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from engines.weights.checkpoints import Checkpoint, check_state_dict, expected_shapes, load_checkpoint
+from engines.weights.checkpoints import Checkpoint, load_checkpoint
+from engines.weights.shapes import check_state_dict, expected_shapes
 from engines.whisper.model import ModelDims
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "keep": None}

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from engines.weights import ct2
+from engines.weights.shapes import check_state_dict
 from engines.whisper.model import ModelDims
 
 DEFAULT_NAME = "whisper-base (embedded)"
@@ -151,7 +152,7 @@ def convert_default(files: dict[str, Path], path: Path, key: str, progress: Prog
     start = time.perf_counter()
     check_default_model(parts)
     source = f"{parts[0]} + model.bin.part2"
-    with _Concat(parts) as f:
+    with ct2.Concatenated(parts) as f:
         model = ct2.read_model_bin(f, source)
     checkpoint = _from_ct2(model, DEFAULT_NAME, source, files["config.json"], files["vocabulary.txt"])
     try:
@@ -183,39 +184,6 @@ def default_vocabulary() -> list[str]:
 
 def default_suppress_ids() -> list[int]:
     return json.loads(default_files()[0]["config.json"].read_text())["suppress_ids"]
-
-
-class _Concat:
-    """Reads several files as one stream, so model.bin's two parts are never joined on disk."""
-
-    def __init__(self, paths: list[Path]):
-        self.paths, self.f = list(paths), None
-
-    def readinto(self, buf) -> int:
-        view, n = memoryview(buf).cast("B"), 0
-        while n < len(view):
-            if self.f is None:
-                if not self.paths:
-                    break
-                self.f = open(self.paths.pop(0), "rb")
-            got = self.f.readinto(view[n:])
-            if got:
-                n += got
-            else:
-                self.f.close()
-                self.f = None
-        return n
-
-    def read(self, size: int) -> bytes:
-        buf = bytearray(size)
-        return bytes(buf[: self.readinto(buf)])
-
-    def __enter__(self) -> _Concat:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.f is not None:
-            self.f.close()
 
 
 # ---- our own format: safetensors with everything else in its metadata -----------------------
@@ -501,60 +469,3 @@ def _finish(
         suppress_tokens=sorted(tokens),
         alignment_heads=None if heads is None else [(int(layer), int(head)) for layer, head in heads],
     )
-
-
-def expected_shapes(dims: ModelDims) -> dict[str, tuple[int, ...]]:
-    """Every parameter of openai's Whisper(dims), with its shape."""
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def add(prefix: str, n: int, out: int | None = None, bias: bool = True) -> None:
-        shapes[prefix + ".weight"] = (out or n, n)
-        if bias:
-            shapes[prefix + ".bias"] = (out or n,)
-
-    def ln(prefix: str, n: int) -> None:
-        shapes[prefix + ".weight"] = shapes[prefix + ".bias"] = (n,)
-
-    def block(prefix: str, n: int, cross: bool) -> None:
-        for attn in ("attn", "cross_attn") if cross else ("attn",):
-            add(f"{prefix}.{attn}.query", n)
-            add(f"{prefix}.{attn}.key", n, bias=False)
-            add(f"{prefix}.{attn}.value", n)
-            add(f"{prefix}.{attn}.out", n)
-            ln(f"{prefix}.{attn}_ln", n)
-        shapes[f"{prefix}.mlp.0.weight"], shapes[f"{prefix}.mlp.0.bias"] = (4 * n, n), (4 * n,)
-        shapes[f"{prefix}.mlp.2.weight"], shapes[f"{prefix}.mlp.2.bias"] = (n, 4 * n), (n,)
-        ln(f"{prefix}.mlp_ln", n)
-
-    a, t = dims.n_audio_state, dims.n_text_state
-    shapes["encoder.conv1.weight"], shapes["encoder.conv1.bias"] = (a, dims.n_mels, 3), (a,)
-    shapes["encoder.conv2.weight"], shapes["encoder.conv2.bias"] = (a, a, 3), (a,)
-    shapes["encoder.positional_embedding"] = (dims.n_audio_ctx, a)
-    for i in range(dims.n_audio_layer):
-        block(f"encoder.blocks.{i}", a, cross=False)
-    ln("encoder.ln_post", a)
-    shapes["decoder.token_embedding.weight"] = (dims.n_vocab, t)
-    shapes["decoder.positional_embedding"] = (dims.n_text_ctx, t)
-    for i in range(dims.n_text_layer):
-        block(f"decoder.blocks.{i}", t, cross=True)
-    ln("decoder.ln", t)
-    return shapes
-
-
-def check_state_dict(state_dict: dict[str, torch.Tensor], dims: ModelDims, source: str) -> None:
-    """Fail at load time, naming the file, rather than deep inside load_state_dict or a forward."""
-    shapes = expected_shapes(dims)
-    missing = sorted(shapes.keys() - state_dict.keys())
-    unexpected = sorted(state_dict.keys() - shapes.keys())
-    wrong = [
-        f"{k} {tuple(state_dict[k].shape)} != {shapes[k]}"
-        for k in shapes.keys() & state_dict.keys()
-        if tuple(state_dict[k].shape) != shapes[k]
-    ]
-    if missing or unexpected or wrong:
-        problems = [
-            f"missing {missing[:5]}" if missing else "",
-            f"unexpected {unexpected[:5]}" if unexpected else "",
-            f"wrong shapes {wrong[:5]}" if wrong else "",
-        ]
-        raise ValueError(f"{source}: weights do not match Whisper {dims}: " + "; ".join(p for p in problems if p))

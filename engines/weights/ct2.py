@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import struct
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import BinaryIO
 
 import torch
@@ -190,29 +191,69 @@ def _to_openai(model: Ct2Model, source: str) -> tuple[ModelDims, dict[str, torch
     if not torch.equal(_weight(model, "decoder/projection/weight"), embedding):
         raise ValueError(f"{source}: decoder/projection/weight differs from the token embedding (whisper ties them)")
 
-    # aliased variables arrive as one tensor under several names; give each name its own storage
-    # (safetensors refuses to save shared tensors, and in-place edits must not leak across names)
+    _own_storage(sd)
+    return _dims(model, sd, n_audio_layer, n_text_layer), sd
+
+
+def _own_storage(sd: dict[str, torch.Tensor]) -> None:
+    """Aliased variables arrive as one tensor under several names; gives each name its own storage
+    (safetensors refuses to save shared tensors, and in-place edits must not leak across names)."""
     seen: set[int] = set()
     for name, tensor in sd.items():
         if tensor.untyped_storage().data_ptr() in seen:
             sd[name] = tensor.clone()
         seen.add(sd[name].untyped_storage().data_ptr())
 
+
+def _dims(model: Ct2Model, sd: dict[str, torch.Tensor], n_audio_layer: int, n_text_layer: int) -> ModelDims:
+    """The model's dimensions, read off its tensors and its options."""
     conv1, audio_pos, text_pos = (
         sd["encoder.conv1.weight"],
         sd["encoder.positional_embedding"],
         sd["decoder.positional_embedding"],
     )
-    dims = ModelDims(
+    return ModelDims(
         n_mels=conv1.shape[1],
         n_audio_ctx=audio_pos.shape[0],
         n_audio_state=audio_pos.shape[1],
         n_audio_head=int(model.options["encoder/num_heads"]),
         n_audio_layer=n_audio_layer,
-        n_vocab=embedding.shape[0],
+        n_vocab=sd["decoder.token_embedding.weight"].shape[0],
         n_text_ctx=text_pos.shape[0],
         n_text_state=text_pos.shape[1],
         n_text_head=int(model.options["decoder/num_heads"]),
         n_text_layer=n_text_layer,
     )
-    return dims, sd
+
+
+class Concatenated:
+    """Reads several files as one stream, so model.bin's two parts are never joined on disk."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths, self.f = list(paths), None
+
+    def readinto(self, buf) -> int:
+        view, n = memoryview(buf).cast("B"), 0
+        while n < len(view):
+            if self.f is None:
+                if not self.paths:
+                    break
+                self.f = open(self.paths.pop(0), "rb")
+            got = self.f.readinto(view[n:])
+            if got:
+                n += got
+            else:
+                self.f.close()
+                self.f = None
+        return n
+
+    def read(self, size: int) -> bytes:
+        buf = bytearray(size)
+        return bytes(buf[: self.readinto(buf)])
+
+    def __enter__(self) -> Concatenated:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.f is not None:
+            self.f.close()

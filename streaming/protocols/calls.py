@@ -24,7 +24,7 @@ PHONE_SEGMENTER = SegmenterConfig(pre_roll_ms=450, end_padding_ms=300)
 """VAD and segment settings for 8 kHz phone audio (CallConfig.segmenter). Band-limited mu-law audio
 loses the high-frequency energy of onsets and word-final fricatives, so webrtcvad finds speech
 later and loses it sooner: a longer pre-roll and end padding keep those sounds. On the dev set sent
-as 8 kHz mu-law calls (tests/protocol_cer.py, whisper-base) zh CER went from 15.8% with the
+as 8 kHz mu-law calls (bench/protocol_cer.py, whisper-base) zh CER went from 15.8% with the
 native settings to 14.8% (16 kHz native endpoint: 15.1%); webrtcvad mode 1 alone gave 14.9% but
 15.6% with the longer padding, and mode 3 17.2%; a 600 ms hangover changed nothing but latency."""
 

@@ -39,7 +39,10 @@ time (a queue of one server at load rho waits rho / (2 (1 - rho)) service times 
 keeping the admitted sessions' latency within twice the unloaded figure needs rho near a half
 (measured in BENCHMARKS.md, issue 27: four streams kept p95 within 1.9x, eight went to 6x).
 A GPU decodes its finals together in one batch of up to 128 rows, each in milliseconds of the
-engine's time, so it may run its finals near full use.
+engine's time, so it may run its finals at higher use; but its steps slow down as rows and
+encoder calls pile up: on an H100 (BENCHMARKS.md, issue 20, call 3) 0.8 admitted 312 Breeze-shape
+streams at p95 2.2x the unloaded figure, where 200 streams gave 1.3x; 0.6 admits three quarters
+of that.
 
 Until something is measured (a fresh server, or one idle for many horizons) the capacity is
 `floor` sessions, and a server without sessions always admits. Hysteresis keeps `/readyz` from
@@ -62,7 +65,7 @@ MODES = ("measured", "off")
 MIN_AUDIO = 1.0  # seconds of decoded final audio (faded) below which the rtf is not known
 MIN_SESSION_TIME = 10.0  # session-seconds (faded) below which the speech rate is taken as 1 (all speech)
 READMIT_FREE = 0.1  # share of the capacity that must be free to admit again after refusing
-DEVICE_DEFAULTS = {"cpu": (8, 0.5), "cuda": (32, 0.8)}
+DEVICE_DEFAULTS = {"cpu": (8, 0.5), "cuda": (32, 0.6)}
 """(floor, utilization) where the command line leaves them out, by the engine's device type."""
 
 
