@@ -134,7 +134,7 @@ frames = st.integers(0, 40).flatmap(lambda n: st.lists(frame(), min_size=n, max_
 sequences = st.tuples(start_message(), frames).map(lambda t: [t[0], *t[1]])
 
 
-# --- the oracle: what DESIGN.md and streaming.protocols.native promise for a sequence ------------------------
+# --- the oracle: what docs/architecture.md and streaming.protocols.native promise for a sequence ------------------------
 
 
 def _start_problems(message: str | bytes) -> tuple[set[str], int] | None:

@@ -92,7 +92,7 @@ async def stream(
 
 
 def check_contract(events: list[dict], duration: float) -> dict[int, dict]:
-    """DESIGN.md's ordering rules (and the retraction rule of streaming.protocols.native); returns the finals by segment."""
+    """docs/architecture.md's ordering rules (and the retraction rule of streaming.protocols.native); returns the finals by segment."""
     assert events[0]["type"] == "ready" and events[-1]["type"] == "end", events
     finals: dict[int, dict] = {}
     stable: dict[int, str] = {}
