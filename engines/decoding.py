@@ -34,6 +34,8 @@ class DecodingOptions:
     prompt: str = ""
     # earlier segments' text (openai/whisper's condition_on_previous_text), after `prompt`
     previous_text: str = ""
+    # text that prompt-lookup drafts may copy from (a stream's earlier finals); the model never reads it
+    draft_text: str = ""
 
 
 @dataclass

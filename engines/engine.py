@@ -40,6 +40,7 @@ from .drafts import HypothesisDrafter, MedusaDrafter
 from .fp16_weights import available as fp16_available
 from .fp16_weights import pack_fp16_weights
 from .fused import FusedEncoder
+from .lookup import LookupDrafter
 from .medusa import SHIPPED_HEADS, MedusaHeads, load_heads
 from .model import Whisper
 from .synthetic import RANDOM_PREFIX, random_engine
@@ -124,7 +125,7 @@ class Request:
     features: torch.Tensor | None = None  # its encoder output, kept for the word timings until it is answered
 
 
-SPECULATIVE_MODES = ("off", "hypothesis", "medusa", "both")
+SPECULATIVE_MODES = ("off", "hypothesis", "lookup", "medusa", "both")
 
 
 @dataclass
@@ -285,11 +286,18 @@ class Engine:
             medusa = SHIPPED_HEADS
         return load_heads(medusa, checkpoint.dims).to(self.device, self.dtype).eval()
 
-    def drafters(self, previous: list[int] | None, speculative: str) -> list:
-        """The draft sources of one request: the previous hypothesis first, Medusa past its end."""
+    def drafters(
+        self, previous: list[int] | None, speculative: str, context: list[int] | None = None, draft_text: str = ""
+    ) -> list:
+        """The draft sources of one request: the previous hypothesis first, then prompt lookup over
+        `context` (the prompt's text tokens), `draft_text` (a stream's earlier finals) and the
+        segment's own output, then Medusa."""
         out = []
         if speculative in ("hypothesis", "both") and previous:
             out.append(HypothesisDrafter(previous))
+        if speculative in ("lookup", "both"):
+            earlier = self.tokenizer.encode(" " + draft_text.strip()) if draft_text.strip() else []
+            out.append(LookupDrafter([*(context or []), *earlier]))
         if speculative in ("medusa", "both") and self.heads is not None:
             out.append(MedusaDrafter(self.model, self.heads))
         return out
@@ -604,7 +612,7 @@ class Engine:
                 prompt,
                 lang,
                 r.options,
-                self.drafters(r.previous, r.speculative),
+                self.drafters(r.previous, r.speculative, prompt[1:prefix], r.options.draft_text),
                 frames=feats.shape[1],
                 tag=r,
                 prefix=prefix,

@@ -30,7 +30,9 @@
 
 Inputs: a folder (every .wav/.flac/.ogg/.mp3 below it; a manifest.jsonl inside it is used instead
 when present) or a manifest.jsonl whose lines hold {"audio": path relative to the manifest,
-"text": optional}. Training on the project's evaluation sets (../shared/eval) is refused.
+"text": optional, "group": optional (the held-out split's unit; default the text)}. Training on
+the project's evaluation sets (../shared/eval) is refused. `--model random:SHAPE` (random weights
+of a real shape, e.g. random:large-v2 for Breeze-ASR-25) times labelling and training.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .medusa import MedusaHeads, save_heads
+from .medusa import MedusaHeads, load_heads, read_heads_meta, save_heads
 from .options import add_train_arguments
 
 CACHE_FORMAT = "breeze-stream-medusa-cache/1"
@@ -98,10 +100,10 @@ def list_clips(spec: str | Path) -> list[Clip]:
                 rec = json.loads(line)
                 audio = Path(rec["audio"]).expanduser()
             except (ValueError, KeyError, TypeError) as exc:
-                raise SystemExit(f"error: {path}:{n}: expected a JSON object with an 'audio' field ({exc})")
+                raise SystemExit(f"error: {path}:{n}: expected a JSON object with an 'audio' field ({exc})") from None
             full = audio if audio.is_absolute() else root / audio
             _refuse_eval(full)
-            group = rec.get("text") or str(audio)
+            group = rec.get("group") or rec.get("text") or str(audio)
             clips.append(Clip(str(audio), full, str(group), rec.get("recipe")))
     elif path.is_dir():
         for f in sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file()):
@@ -203,7 +205,8 @@ class Labeller:
         self.device = device
         self.dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         self.name = checkpoint.name
-        self.model = Whisper(checkpoint.dims)
+        with torch.device(device):  # a large model (Breeze) is built where it runs, not first on the host
+            self.model = Whisper(checkpoint.dims)
         self.model.load_state_dict(checkpoint.state_dict)
         self.model.to(device, self.dtype).eval()
         self.tokenizer = Tokenizer(checkpoint.vocabulary)
@@ -531,11 +534,16 @@ def train_heads(
             ema_acc = acc if ema_acc is None else 0.95 * ema_acc + 0.05 * acc
             bar.set_postfix(loss=f"{ema_loss:.3f}", acc="/".join(f"{a:.2f}" for a in ema_acc.tolist()))
         bar.close()
+        seconds = time.perf_counter() - t0
         record = {
             "epoch": epoch,
             "train_loss": round(ema_loss or 0.0, 4),
-            "seconds": round(time.perf_counter() - t0, 1),
+            "seconds": round(seconds, 1),
+            "ms_per_step": round(1000 * seconds / steps_per_epoch, 2),
         }
+        log(
+            f"epoch {epoch + 1}: {steps_per_epoch} steps of {batch_size} positions, {record['ms_per_step']:.1f} ms/step"
+        )
         if eval_set is not None:
             record["heldout"] = evaluate(heads.eval(), weight, *eval_set)
             heads.train()
@@ -569,6 +577,7 @@ def run_train(args: argparse.Namespace) -> int:
     from .checkpoints import load_checkpoint
     from .decoding import DecodingOptions
     from .engine import resolve_device
+    from .synthetic import RANDOM_PREFIX, random_checkpoint
 
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -584,8 +593,16 @@ def run_train(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
 
     device = resolve_device(args.device)
-    checkpoint = load_checkpoint(args.model, progress=lambda m: print(m, file=sys.stderr))
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    if args.model.startswith(RANDOM_PREFIX):  # random weights of a real shape: times training, trains nothing useful
+        checkpoint = random_checkpoint(
+            args.model[len(RANDOM_PREFIX) :],
+            device,
+            dtype or (torch.float16 if device.type == "cuda" else torch.float32),
+            args.seed,
+        )
+    else:
+        checkpoint = load_checkpoint(args.model, progress=lambda m: print(m, file=sys.stderr))
     if device.type == "cuda" and dtype == torch.float32:  # true fp32, as on the CPU
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
@@ -627,6 +644,11 @@ def run_train(args: argparse.Namespace) -> int:
     weight = labeller.model.decoder.token_embedding.weight.detach().to(device, torch.float32).clone()
     dims, name = checkpoint.dims, labeller.name
     del labeller, checkpoint
+    peak_labels = None
+    if device.type == "cuda":  # the frozen model's peak, then the heads' own from here on
+        peak_labels = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
     wanted = {c.id for c in clips}
     groups = {c.id: c.group for c in clips}
@@ -652,6 +674,9 @@ def run_train(args: argparse.Namespace) -> int:
     sampled = args.softmax == "sampled" or (args.softmax == "auto" and device.type != "cuda")
     negatives = args.negatives if sampled else None
     heads = MedusaHeads(dims.n_text_state, args.heads, args.layers)
+    if args.init:  # warm start, e.g. from heads trained on another data set
+        heads.load_state_dict(load_heads(args.init, dims).state_dict())
+        recipe = f"{recipe} (from {Path(args.init).name}: {read_heads_meta(args.init).get('data_recipe', 'unknown')})"
     t1 = time.perf_counter()
     history = train_heads(
         heads,
@@ -695,6 +720,10 @@ def run_train(args: argparse.Namespace) -> int:
         "label_seconds": round(label_seconds, 1),
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.perf_counter() - t_start, 1),
+        "peak_gpu_gib_model": round(peak_labels, 2) if peak_labels is not None else None,
+        "peak_gpu_gib_training": round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if peak_labels is not None
+        else None,
         "heldout": final,
         "untrained": before,
     }

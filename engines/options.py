@@ -16,7 +16,7 @@ from engines.trtllm import BACKENDS
 SHAPE_NAMES = ("base", "breeze", "large-v2", "tiny")
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
 DEVICE_HELP = "auto (CUDA when there is a GPU, else the CPU) | cpu | cuda | cuda:N"
-SPECULATIVE = ("off", "hypothesis", "medusa", "both")
+SPECULATIVE = ("off", "hypothesis", "lookup", "medusa", "both")
 LANGUAGES = ("zh", "en", "auto")
 """What --language takes in every command and the native protocol's start message: auto detects."""
 
@@ -217,7 +217,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             "--model",
             default="default",
-            help="the frozen base model: 'default' (embedded whisper-base), a local path or a hub id",
+            help="the frozen base model: 'default' (embedded whisper-base), a local path or a hub id "
+            "(MediaTek-Research/Breeze-ASR-25), or random:SHAPE (random weights, to time training)",
         )
     if "--device" not in have:
         parser.add_argument("--device", default="auto", help=DEVICE_HELP)
@@ -243,6 +244,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="epochs over the cached hidden states (default 40; on a CPU, 10 gets most of the gain)",
     )
     parser.add_argument("--resume", action="store_true", help="continue from <out>.ckpt")
+    parser.add_argument(
+        "--init", metavar="HEADS.safetensors", help="start from these heads (same shape) instead of untrained ones"
+    )
     parser.add_argument("--cache", metavar="DIR", help="label / hidden-state cache (default <out>.cache)")
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default %(default)s)")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")

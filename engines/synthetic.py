@@ -215,6 +215,31 @@ def rig_decoder(model: Whisper) -> None:
             block.cross_attn.out.bias.mul_(1e-4)
 
 
+def random_checkpoint(shape: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """A Checkpoint of random weights of `shape` (a key of SHAPES), rigged as the module doc says,
+    its tensors on `device`: what `random_engine` serves and `train-medusa --model random:SHAPE`
+    trains heads on (to time them, not to use them)."""
+    from .checkpoints import Checkpoint
+
+    if shape not in SHAPES:
+        raise ValueError(
+            f"unknown model shape {shape!r} for {RANDOM_PREFIX}SHAPE; use one of {', '.join(sorted(SHAPES))}"
+        )
+    dims = SHAPES[shape]
+    model = random_model(dims, device, dtype, seed)
+    rig_decoder(model)
+    vocabulary = synthetic_vocabulary(dims.n_vocab)
+    eot = vocabulary.index("<|endoftext|>")
+    return Checkpoint(
+        name=f"{RANDOM_PREFIX}{shape} (random weights, load test)",
+        dims=dims,
+        state_dict=model.state_dict(),
+        vocabulary=vocabulary,
+        suppress_tokens=sorted(set(WHISPER_SUPPRESS) | {eot}),
+        alignment_heads=None,
+    )
+
+
 def random_engine(
     shape: str,
     device: str = "auto",
@@ -226,32 +251,15 @@ def random_engine(
     """An Engine on random weights of `shape` (a key of SHAPES), rigged as the module doc says,
     decoding `tokens_per_second` tokens per second of audio (None: requests set their own
     `max_new_tokens`). `engine_options` go to Engine (max_batch, speculative, cuda_graphs, ...)."""
-    from .checkpoints import Checkpoint
     from .engine import Engine, resolve_device
 
-    if shape not in SHAPES:
-        raise ValueError(
-            f"unknown model shape {shape!r} for {RANDOM_PREFIX}SHAPE; use one of {', '.join(sorted(SHAPES))}"
-        )
-    dims = SHAPES[shape]
     dev = resolve_device(device)
     dtype = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
-    model = random_model(dims, dev, dtype, seed)
-    rig_decoder(model)
-    vocabulary = synthetic_vocabulary(dims.n_vocab)
-    eot = vocabulary.index("<|endoftext|>")
-    checkpoint = Checkpoint(
-        name=f"{RANDOM_PREFIX}{shape} (random weights, load test)",
-        dims=dims,
-        state_dict=model.state_dict(),
-        vocabulary=vocabulary,
-        suppress_tokens=sorted(set(WHISPER_SUPPRESS) | {eot}),
-        alignment_heads=None,
-    )
+    checkpoint = random_checkpoint(shape, dev, dtype, seed)
     engine_options.setdefault("script", "as-is")
     with torch.device(dev):  # build the engine's copy on the device, not 1.5 G parameters on the host
         engine = Engine(checkpoint, device=str(dev), dtype=dtype, tokens_per_second=tokens_per_second, **engine_options)
-    del checkpoint, model
+    del checkpoint
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return engine

@@ -34,7 +34,7 @@ from .server.admission import LoadMeter
 disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus-client leaves it unannotated
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 ERROR_CODES = ("bad_request", "unsupported_encoding", "frame_too_large", "unauthorized", "overloaded", "internal")
-DRAFT_SOURCES = ("hypothesis", "medusa")
+DRAFT_SOURCES = ("hypothesis", "lookup", "medusa")
 REJECT_REASONS = ("unauthorized", "origin", "overloaded", "capacity", "per_client", "draining", "loading")
 # final latency includes the silence hangover (about 0.5 s by default), so buckets start there
 LATENCY_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 30.0)

@@ -88,6 +88,8 @@ async def test_native_start_prompt_reaches_every_decode(server: Server, engine: 
     assert len(engine.finals()) == 2 and any(not final for final, _ in engine.requests)
     assert {options.prompt for _, options in engine.requests} == {PROMPT}
     assert {options.previous_text for _, options in engine.requests} == {""}  # condition_on_previous is off
+    # the first final's text still reaches the second segment's decodes, for prompt-lookup drafts only
+    assert [final.draft_text for final in engine.finals()] == ["", TINY_TEXT]
 
 
 async def test_native_default_prompt_and_condition_on_previous(server: Server, engine: RecordingEngine):
@@ -98,6 +100,7 @@ async def test_native_default_prompt_and_condition_on_previous(server: Server, e
     first, second = engine.finals()
     assert (first.prompt, first.previous_text) == ("server default", "")
     assert (second.prompt, second.previous_text) == ("server default", TINY_TEXT)
+    assert second.draft_text == ""  # the model reads it in the prompt: lookup finds it there
 
 
 async def test_native_update_applies_from_the_next_segment(server: Server, engine: RecordingEngine):

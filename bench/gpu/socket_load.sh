@@ -6,11 +6,11 @@
 # runs bench-load at each N for DURATION s; py-spy samples every server process during the last N.
 source bench/gpu/common.sh
 DURATION=${DURATION:-40}
-WARM_STREAMS=${WARM_STREAMS:-200}
+WARM_STREAMS=${WARM_STREAMS:-200}  # 0: no warm-up load
 WARM_S=${WARM_S:-25}
 CLIENTS=${CLIENTS:-4}
 load() {  # load TAG N SECONDS
-  python3 -m breeze_stream bench-load "$MANIFEST" --url $URL --streams $2 --duration $3 --processes $CLIENTS --language zh \
+  python3 -m breeze_stream bench-load "$MANIFEST" --url $URL --streams $2 --duration $3 --processes $(( $2 < CLIENTS ? $2 : CLIENTS )) --language zh \
     --quiet --json "$OUT/r/load-$1-$2.json" 2> "$OUT/r/load-$1-$2.err"
 }
 profile() {  # profile TAG: 12 s of py-spy on every server process, 15 s from now
@@ -23,7 +23,7 @@ profile() {  # profile TAG: 12 s of py-spy on every server process, 15 s from no
 for spec in "$@"; do
   tag=${spec%%:*}; rest=${spec#*:}; args=${rest%%|*}; counts=${rest#*|}
   start_server $tag --device ${DEVICE:-cuda} $args || continue
-  load $tag-warm $WARM_STREAMS $WARM_S > /dev/null
+  [ "$WARM_STREAMS" -gt 0 ] && load $tag-warm $WARM_STREAMS $WARM_S > /dev/null
   for n in $counts; do
     profiler=""
     if [ "$n" = "${counts##* }" ]; then profile $tag-$n & profiler=$!; fi

@@ -57,8 +57,8 @@ LATIN = re.compile(r"[A-Za-z\uff21-\uff3a\uff41-\uff5a]")
 # what may stand in a sentence besides CJK ideographs: Chinese punctuation, digits, spaces
 ALLOWED = re.compile(r"^[\u4e00-\u9fff\u3000-\u303f\uff01-\uff20\uff3b-\uff40\uff5b-\uff65，。、！？；：「」『』（）《》〈〉—…·0-9 ]+$")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for streaming.codecs
-from streaming.codecs import MULAW_TO_PCM16, encode_mulaw  # noqa: E402  (numpy + soundfile + soxr only)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for streaming.audio.codecs
+from streaming.audio.codecs import MULAW_TO_PCM16, encode_mulaw  # noqa: E402  (numpy + soundfile + soxr only)
 
 
 # ---- text ------------------------------------------------------------------------------------
@@ -186,6 +186,19 @@ def add_noise(audio: np.ndarray, snr_db: float, kind: str, rng: np.random.Genera
     return audio + noise * np.sqrt(p_sig / (p_noise * 10 ** (snr_db / 10)))
 
 
+def channel(audio: np.ndarray, rng: np.random.Generator, info: dict) -> np.ndarray:
+    """Telephone channel (probability 0.3), then noise (0.6); what was drawn goes into `info`."""
+    if rng.random() < 0.3:
+        audio = telephone(audio)
+        info["telephone"] = True
+    if rng.random() < 0.6:
+        snr = float(rng.uniform(20, 35))
+        kind = str(rng.choice(["white", "pink"]))
+        audio = add_noise(audio, snr, kind, rng)
+        info["noise"] = {"kind": kind, "snr_db": round(snr, 1)}
+    return audio
+
+
 def augment(audio: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
     info: dict = {}
     speed = float(rng.choice([0.9, 1.0, 1.0, 1.1]))
@@ -195,14 +208,7 @@ def augment(audio: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, di
     lead, tail = rng.uniform(0.1, 0.6), rng.uniform(0.2, 0.8)
     audio = np.concatenate([np.zeros(int(lead * SAMPLE_RATE), np.float32), audio,
                             np.zeros(int(tail * SAMPLE_RATE), np.float32)])
-    if rng.random() < 0.3:
-        audio = telephone(audio)
-        info["telephone"] = True
-    if rng.random() < 0.6:
-        snr = float(rng.uniform(20, 35))
-        kind = str(rng.choice(["white", "pink"]))
-        audio = add_noise(audio, snr, kind, rng)
-        info["noise"] = {"kind": kind, "snr_db": round(snr, 1)}
+    audio = channel(audio, rng, info)
     peak_db = float(rng.uniform(-20, -3))
     audio = audio / max(float(np.abs(audio).max()), 1e-6) * 10 ** (peak_db / 20)
     info["peak_dbfs"] = round(peak_db, 1)

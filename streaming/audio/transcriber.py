@@ -135,6 +135,8 @@ MAX_PROMPT_CHARS = 1000
 """Longest prompt a client may send; the model reads at most its last 223 tokens anyway."""
 MAX_CARRIED_CHARS = 1000
 """Earlier finals' text kept for condition_on_previous (the model reads the end of it)."""
+MAX_DRAFT_CHARS = 200
+"""Earlier finals' text that prompt-lookup drafts search without condition_on_previous."""
 
 
 def check_prompt(value: object, name: str = "prompt") -> str:
@@ -259,15 +261,16 @@ class StreamingTranscriber:
         return self._next_segment if self._open is None else self._open.index + 1
 
     def _decode_options(self, segment: _Segment) -> DecodingOptions:
-        if not self.config.condition_on_previous or not self._carried:
+        if not self._carried:
             return segment.options
+        if not self.config.condition_on_previous:  # prompt-lookup drafts may copy from it; the model never reads it
+            return replace(segment.options, draft_text=self._carried[-MAX_DRAFT_CHARS:])
         return replace(segment.options, previous_text=self._carried)
 
     def _carry(self, transcript: Transcript) -> None:
-        """condition_on_previous: keeps a reliable final's text for the next segments' prompts;
-        an unreliable decode clears it, so a loop or a hallucination is not fed forward."""
-        if not self.config.condition_on_previous:
-            return
+        """Keeps a reliable final's text for the next segments: their prompt with
+        condition_on_previous, else prompt-lookup drafts only; an unreliable decode clears it, so
+        a loop or a hallucination is not fed forward."""
         if not transcript.reliable:
             self._carried = ""
         elif transcript.has_speech:
