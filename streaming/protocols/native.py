@@ -64,6 +64,21 @@ log = logging.getLogger(__name__)
 START_EXAMPLE = '{"type": "start", "sample_rate": 16000, "encoding": "pcm_s16le", "channels": 1, "language": "zh"}'
 
 
+def segment_event(event: Partial | Final) -> dict[str, Any]:
+    """A partial or final as the native protocol sends it (call subscribers get the same; native
+    finals add stats and words)."""
+    out: dict[str, Any] = {
+        "type": "partial" if isinstance(event, Partial) else "final",
+        "segment": event.segment,
+        "start": round(event.start, 3),
+        "end": round(event.end, 3),
+        "text": event.text,
+    }
+    if isinstance(event, Partial):
+        out["stable"] = event.stable
+    return out
+
+
 @dataclass(frozen=True)
 class Start:
     decoder: AudioDecoder
@@ -311,24 +326,11 @@ class NativeSession(ProtocolSession):
 
     def _on_event(self, event: Event) -> None:
         if isinstance(event, Partial):
-            self._out.send(
-                {
-                    "type": "partial",
-                    "segment": event.segment,
-                    "start": round(event.start, 3),
-                    "end": round(event.end, 3),
-                    "text": event.text,
-                    "stable": event.stable,
-                }
-            )
+            self._out.send(segment_event(event))
         elif isinstance(event, Final):
             t = event.transcript
             final: dict[str, Any] = {
-                "type": "final",
-                "segment": event.segment,
-                "start": round(event.start, 3),
-                "end": round(event.end, 3),
-                "text": event.text,
+                **segment_event(event),
                 "stats": {
                     "decoder_forwards": t.forwards,
                     "tokens": len(t.tokens),

@@ -53,6 +53,7 @@ from engines.whisper.decoding import DecodingOptions
 from ..audio.codecs import AudioDecoder
 from ..audio.transcriber import Event, Failure, Final, Partial, StreamingTranscriber, check_prompt
 from .base import WHISPER_LANGUAGES, Complaints, ProtocolSession, SessionContext
+from .native import segment_event
 
 log = logging.getLogger(__name__)
 
@@ -321,30 +322,9 @@ class TwilioSession(ProtocolSession):
         assert call_sid is not None  # tracks start with the stream
         ids = {"track": track, "call_sid": self.call_sid, "stream_sid": self.stream_sid}
         if isinstance(event, Partial):
-            self._hub.publish(
-                call_sid,
-                {
-                    "type": "partial",
-                    "segment": event.segment,
-                    "start": round(event.start, 3),
-                    "end": round(event.end, 3),
-                    "text": event.text,
-                    "stable": event.stable,
-                    **ids,
-                },
-            )
+            self._hub.publish(call_sid, {**segment_event(event), **ids})
         elif isinstance(event, Final):
-            self._hub.publish(
-                call_sid,
-                {
-                    "type": "final",
-                    "segment": event.segment,
-                    "start": round(event.start, 3),
-                    "end": round(event.end, 3),
-                    "text": event.text,
-                    **ids,
-                },
-            )
+            self._hub.publish(call_sid, {**segment_event(event), **ids})
         elif isinstance(event, Failure):
             self._metrics.errors.labels("internal").inc()
             log.error(
