@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         "engines.trtllm.builder:run_build",
         "TensorRT-LLM 1.2.x engines for a Whisper checkpoint (--dry-run prints the commands)",
     )
-    from engines.trtllm.build import add_build_arguments  # standard library only
+    from engines.trtllm.builder import add_build_arguments  # standard library only
 
     add_build_arguments(p)
 
