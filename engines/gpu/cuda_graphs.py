@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engines.gpu import decode_attention, decode_kernels
+from engines.gpu import decode_attention, decode_kernels, row_kernels
 from engines.gpu.cross_attention import KeyLengths, choose_cross_attention
 from engines.gpu.fused import FusedDecoder
 from engines.whisper.model import KVCache, Whisper
@@ -85,8 +85,8 @@ class GraphOptions:
     # that pass a check on this GPU; sdpa on the CPU)
     cross_attention: str = "auto"
     encoder: bool = True  # the engine also replays its encoder as CUDA graphs (GraphedEncoder)
-    # steps of at most decode_kernels.MAX_ROWS rows (batch x width) through the Triton row kernels
-    # (engines/gpu/decode_kernels.py): None = on CUDA where Triton is installed
+    # steps of at most row_kernels.MAX_ROWS rows (batch x width) through the Triton row kernels
+    # (engines/gpu/decode_kernels.py, row_kernels.py): None = on CUDA where Triton is installed
     row_kernels: bool | None = None
     # steps of more rows: self-attention with its cache writes as one Triton kernel (engines/gpu/decode_attention.py)
     # instead of two scatters and cuDNN's attention; None = on CUDA where Triton is installed
@@ -185,11 +185,10 @@ class StepRunner:
             self.fused = FusedDecoder(
                 model.decoder, backend="inductor" if self.mode == "compile" else None, attention_kernel=attention_kernel
             )
-        row_kernels = self._triton(options.row_kernels, decode_kernels)
         self.kernels = None
-        if row_kernels:
+        if self._triton(options.row_kernels, row_kernels):
             self.kernels = decode_kernels.KernelDecoder(
-                model.decoder, dependent=decode_kernels.dependent_launch(self.device)
+                model.decoder, dependent=row_kernels.dependent_launch(self.device)
             )
 
     def _triton(self, wanted: bool | None, kernels) -> bool:
@@ -276,7 +275,7 @@ class StepRunner:
             (self.cross_k[layer, :batch, :, :frames], self.cross_v[layer, :batch, :, :frames])
             for layer in range(self.model.dims.n_text_layer)
         ]
-        if self.kernels is not None and batch * width <= decode_kernels.MAX_ROWS:
+        if self.kernels is not None and batch * width <= row_kernels.MAX_ROWS:
             hidden = self.kernels.hidden(io.tokens, io.positions, self.cache, cross, mask, cross_mask, io.slots)
         elif self.fused is not None:
             hidden = self.fused.hidden(io.tokens, io.positions, self.cache, cross, mask, cross_mask, io.slots)
