@@ -38,6 +38,10 @@ from engines.whisper.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
+# what the encoder thread hands the worker: a group of one window length, its frames, and the
+# features or the exception of its encoder call
+Encoded = tuple[list[Request], int, torch.Tensor | None, Exception | None]
+
 
 @dataclass
 class EngineLoad:
@@ -90,7 +94,7 @@ class EngineWorker:
         )
         self._pipeline: list[Request] = []  # admitted, with the encoder thread or its output not yet in the batch
         self._to_encode: list[Request] = []
-        self._encoded: list[tuple[list[Request], int, torch.Tensor | None, Exception | None]] = []
+        self._encoded: list[Encoded] = []
         self._encoder_thread: threading.Thread | None = None
         self._encoder_stop = False  # set by the worker when it exits: nothing more will be handed over
         if self.overlap_encoder:
@@ -120,6 +124,10 @@ class EngineWorker:
             node_budget=self.node_budget,
         )
 
+    def _running(self) -> list[Request]:
+        """The requests the batch is decoding."""
+        return [_request(s) for s in self.batch.active]
+
     def _busy(self) -> bool:
         return bool(self._queue or self._pipeline or self.batch.active or self._held)
 
@@ -143,7 +151,7 @@ class EngineWorker:
                     exc_info=True,
                 )
                 error = RuntimeError(f"the engine worker crashed: {self.last_error}")
-                for request in self._held + [s.tag for s in self.batch.active]:
+                for request in self._held + self._running():
                     fail(request.future, error)
                 self._held = []
                 self.batch = self._new_batch(self.batch.rows)
@@ -184,15 +192,12 @@ class EngineWorker:
                     self._pipeline = [r for r in self._pipeline if r not in group]
                 if encoded:  # a partial that a newer request of its stream superseded while it was encoded
                     latest = newest(
-                        self._queue
-                        + self._pipeline
-                        + [s.tag for s in self.batch.active]
-                        + [r for group, *_ in encoded for r in group]
+                        self._queue + self._pipeline + self._running() + [r for group, *_ in encoded for r in group]
                     )
                     encoded = [without_stale(item, latest) for item in encoded]
                 started = [r for group, *_ in encoded for r in group] + ([] if self.overlap_encoder else live)
                 self._held = started
-            running = [s.tag for s in self.batch.active]
+            running = self._running()
             try:
                 if live and not self.overlap_encoder:
                     self._start(live)
@@ -201,14 +206,14 @@ class EngineWorker:
                         continue
                     if error is not None:
                         self._isolate([r for r in group if not r.future.done()], error)
-                    else:
+                    elif features is not None:
                         self._begin(group, frames, features)
                 if self.batch.active:
                     self._step()
                 self._progress = time.monotonic()
             except Exception as exc:  # one bad batch must not kill the worker, nor fail every request in it
                 log.exception("engine step failed")
-                held = list({id(r): r for r in started + running + [s.tag for s in self.batch.active]}.values())
+                held = list({id(r): r for r in started + running + self._running()}.values())
                 self.batch = self._new_batch(self.batch.rows)
                 self._isolate([r for r in held if not r.future.done()], exc)
 
@@ -227,9 +232,9 @@ class EngineWorker:
                     frames = min(groups, key=lambda f: not any(r.final for r in groups[f]))
                     group = groups[frames]
                     self._to_encode = [r for r in self._to_encode if r not in group]
+                item: Encoded
                 try:
-                    features = self._encode(group, frames)
-                    item = (group, frames, features, None)
+                    item = (group, frames, self._encode(group, frames), None)
                     self._progress = time.monotonic()
                 except Exception as exc:
                     log.exception("encoder call failed")
@@ -256,7 +261,7 @@ class EngineWorker:
         answered None, queued or running."""
         latest = newest(self._queue)  # a stream's newest request: partials before it are stale, even for its final
         for s in list(self.batch.active):
-            r = s.tag
+            r = _request(s)
             if superseded(r, latest):
                 self.batch.remove(s)
                 resolve(r.future, None)
@@ -269,9 +274,7 @@ class EngineWorker:
             else:
                 queue.append(r)
         queue.sort(key=lambda r: (not r.final, r.seq))
-        started = [
-            s.tag for s in self.batch.active
-        ] + self._pipeline  # rows taken, or reserved for the encoder's output
+        started = self._running() + self._pipeline  # rows taken, or reserved for the encoder's output
         taken = self.admission.take(queue, started, self.batch.rows)
         self._queue = [r for r in queue if r not in taken]
         return taken
@@ -316,10 +319,11 @@ class EngineWorker:
         if not greedy:
             return
         feats = torch.stack([f for _, f in greedy])
-        languages = [r.options.language for r, _ in greedy]
-        if None in languages:
+        requested = [r.options.language for r, _ in greedy]
+        detected = [""] * len(greedy)  # where every request names its language
+        if None in requested:
             detected = detect_language(self.model, self.tokenizer, self.model.decoder.cross_kv(feats))
-            languages = [lang or d for lang, d in zip(languages, detected)]
+        languages = [lang or d for lang, d in zip(requested, detected)]
         n_ctx = self.model.dims.n_text_ctx
         prompts = [segment_prompt(self.tokenizer, lang, r.options, n_ctx) for (r, _), lang in zip(greedy, languages)]
         seqs = [
@@ -365,14 +369,14 @@ class EngineWorker:
         self._load.step_seconds += seconds
         share = seconds / len(active)
         for s in active:
-            s.tag.decoder_seconds += share
+            _request(s).decoder_seconds += share
         self._finish(finished)
 
     def _finish(self, finished: list[Sequence]) -> None:
         for s in finished:
             if s.row >= 0:
                 self.batch.remove(s)
-            request = s.tag
+            request = _request(s)
             result = s.result(self.tokenizer)
             frames = self._frames(request)
             # short windows can loop: a final is redone on the full window; a partial keeps its
@@ -427,3 +431,10 @@ class EngineWorker:
             res.language,
             request.audio[:N_SAMPLES],
         )
+
+
+def _request(sequence: Sequence) -> Request:
+    """The request a sequence of the engine's batch decodes (its tag)."""
+    request = sequence.tag
+    assert isinstance(request, Request), "every sequence the engine admits carries its request"
+    return request

@@ -25,11 +25,28 @@ check them against the plain model.
 
 from __future__ import annotations
 
-from torch import Tensor
+from dataclasses import dataclass
+
+from torch import Tensor, nn
 
 from engines.gpu.decode_attention import cross_attention, self_attention
 from engines.gpu.row_kernels import GEMV_ROWS, row_linear
 from engines.whisper.model import KVCache, LayerNorm, TextDecoder, attention
+
+Norm = tuple[Tensor, Tensor, float]  # a layer norm's weight, bias and eps
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One decoder layer's weights as the row kernels take them: (weight, bias[, norm before])."""
+
+    qkv: tuple[Tensor, Tensor, Norm]  # fused query/key/value projection, after attn_ln
+    out: tuple[Tensor, Tensor]
+    query: tuple[Tensor, Tensor, Norm]  # the cross-attention's query, after cross_attn_ln
+    cross_out: tuple[Tensor, Tensor]
+    fc1: tuple[Tensor, Tensor, Norm]  # after mlp_ln
+    fc2: tuple[Tensor, Tensor]
+    heads: int
 
 
 class KernelDecoder:
@@ -46,23 +63,24 @@ class KernelDecoder:
         if cross not in ("auto", "kernel", "sdpa"):
             raise ValueError(f"cross must be auto, kernel or sdpa, got {cross!r}")
         self.decoder, self.dependent, self.cross = decoder, dependent, cross
-        self.layers = []
-        for block in decoder.blocks:
+        self.layers: list[_Layer] = []
+        for block in decoder.layers:
             qkv = block.attn.fused
             if not isinstance(qkv, tuple):
                 raise ValueError(
                     "the row kernels need the model's plain fused query/key/value weights (Whisper.fuse())"
                 )
+            cross_attn, cross_ln = block.cross_layers()
             self.layers.append(
-                {
-                    "qkv": (*qkv, _norm(block.attn_ln)),
-                    "out": (block.attn.out.weight, block.attn.out.bias),
-                    "query": (block.cross_attn.query.weight, block.cross_attn.query.bias, _norm(block.cross_attn_ln)),
-                    "cross_out": (block.cross_attn.out.weight, block.cross_attn.out.bias),
-                    "fc1": (block.mlp[0].weight, block.mlp[0].bias, _norm(block.mlp_ln)),
-                    "fc2": (block.mlp[2].weight, block.mlp[2].bias),
-                    "heads": block.attn.n_head,
-                }
+                _Layer(
+                    qkv=(*qkv, _norm(block.attn_ln)),
+                    out=_linear(block.attn.out),
+                    query=(*_linear(cross_attn.query), _norm(cross_ln)),
+                    cross_out=_linear(cross_attn.out),
+                    fc1=(*_linear(block.mlp[0]), _norm(block.mlp_ln)),
+                    fc2=_linear(block.mlp[2]),
+                    heads=block.attn.n_head,
+                )
             )
 
     def hidden(
@@ -84,28 +102,31 @@ class KernelDecoder:
             self.cross == "kernel" or self.cross == "auto" and (width > 1 or used is not None)
         )
         for layer, p in enumerate(self.layers):
-            heads = p["heads"]
             k_cache, v_cache = cache.k[layer], cache.v[layer]
-            w, b, norm = p["qkv"]
+            w, b, norm = p.qkv
             q = row_linear(x, w, b, norm=norm, kv=(k_cache, v_cache, flat_slots, width), dependent=dep)
             a = self_attention(q, k_cache, v_cache, slots, mask, store=False, dependent=dep)
-            x = row_linear(a, *p["out"], residual=x, dependent=dep)
-            w, b, norm = p["query"]
+            x = row_linear(a, *p.out, residual=x, dependent=dep)
+            w, b, norm = p.query
             q = row_linear(x, w, b, norm=norm, dependent=dep)
             if kernel:
                 a = cross_attention(q, *cross[layer], used, dependent=dep)
             else:
-                a = _rows(attention(q.view(batch, width, heads, -1).transpose(1, 2), *cross[layer], cross_mask))
-            x = row_linear(a, *p["cross_out"], residual=x, dependent=dep)
-            w, b, norm = p["fc1"]
-            x = row_linear(
-                row_linear(x, w, b, norm=norm, gelu=True, dependent=dep), *p["fc2"], residual=x, dependent=dep
-            )
+                a = _rows(attention(q.view(batch, width, p.heads, -1).transpose(1, 2), *cross[layer], cross_mask))
+            x = row_linear(a, *p.cross_out, residual=x, dependent=dep)
+            w, b, norm = p.fc1
+            x = row_linear(row_linear(x, w, b, norm=norm, gelu=True, dependent=dep), *p.fc2, residual=x, dependent=dep)
         return self.decoder.ln(x).view(batch, width, -1)
 
 
-def _norm(ln: LayerNorm) -> tuple[Tensor, Tensor, float]:
+def _norm(ln: LayerNorm) -> Norm:
     return ln.weight, ln.bias, ln.eps
+
+
+def _linear(layer: nn.Module) -> tuple[Tensor, Tensor]:
+    """The weight and bias of one of the model's linear layers (all have a bias here)."""
+    assert isinstance(layer, nn.Linear) and layer.bias is not None, f"expected a linear layer, got {layer}"
+    return layer.weight, layer.bias
 
 
 def _rows(a: Tensor) -> Tensor:

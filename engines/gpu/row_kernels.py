@@ -357,7 +357,7 @@ def row_linear(
     else:
         k_cache = v_cache = slots = out
         width, strides, head_dim = 1, (0, 0, 0), 1
-    args = (x, weight, bias, out if residual is None else residual, out, gamma, beta, eps)
+    args: tuple[object, ...] = (x, weight, bias, out if residual is None else residual, out, gamma, beta, eps)
     args += (k_cache, v_cache, slots, width, *strides, m, n, x.stride(0), d)
     flags = dict(
         K=k, HEAD_DIM=head_dim, NORM=norm is not None, GELU=gelu, RESIDUAL=residual is not None, KV=kv is not None

@@ -9,6 +9,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -89,7 +90,7 @@ class HiddenCache:
         self.folder = folder
         self.key = key
         self.index_path = folder / "index.json"
-        self.index = {"format": CACHE_FORMAT, "key": key, "shards": [], "skipped": {}}
+        self.index: dict[str, Any] = {"format": CACHE_FORMAT, "key": key, "shards": [], "skipped": {}}  # index.json
         if self.index_path.is_file():
             index = json.loads(self.index_path.read_text())
             if index.get("format") != CACHE_FORMAT or index.get("key") != key:

@@ -7,6 +7,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -163,7 +164,7 @@ def train_heads(
         t0 = time.perf_counter()
         loss = _epoch(heads, opt, sched, weight, hidden, targets, batch_size, gen, bar, sampling)
         seconds = time.perf_counter() - t0
-        record = {
+        record: dict[str, Any] = {
             "epoch": epoch,
             "train_loss": round(loss or 0.0, 4),
             "seconds": round(seconds, 1),
