@@ -75,7 +75,7 @@ def label_clips(manifest: Path, model: str, cache: Path | None) -> dict:
     """{"clips": [{"audio", "prompt": text tokens of the prompt, "tokens", "targets", "hidden"}], "weight"}."""
     if cache is not None and cache.is_file():
         return torch.load(cache, weights_only=False)
-    from engines.speculative.medusa_train import Labeller
+    from engines.speculative.medusa_labels import Labeller
     from engines.weights.checkpoints import load_checkpoint
     from engines.whisper.audio import load_audio
     from engines.whisper.decoding import DecodingOptions

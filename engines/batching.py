@@ -284,7 +284,7 @@ class Batch:
         if not self.active:
             return []
         if self.runner is not None:
-            return self._step_runner()
+            return self._step_runner(self.runner)
         device, n_ctx = self.model.device, self.model.dims.n_text_ctx
         seqs = self.active
         share = self._draft_share(len(seqs))
@@ -313,7 +313,7 @@ class Batch:
         """Draft tokens each of n sequences may feed in this step."""
         return self.model.dims.n_text_ctx if self.node_budget is None else max(0, self.node_budget // n - 1)
 
-    def _step_runner(self) -> list[Sequence]:
+    def _step_runner(self, runner: StepRunner) -> list[Sequence]:
         """step() through the StepRunner: inputs built on the host, one bucketed (graphed) forward;
         sequences admitted since the last step feed their prompts in it (no-speech probability
         from the first prompt node, first token from the last)."""
@@ -331,9 +331,9 @@ class Batch:
             if trees[-1].source:
                 s.proposed[trees[-1].source] += len(trees[-1].tokens) - 1
             starts.append(len(s.prompt) + len(s.generated) - 1)
-        width = self.runner.width(max(len(t.tokens) for t in trees))
+        width = runner.width(max(len(t.tokens) for t in trees))
         tokens, positions, slots, mask = step_inputs(trees, starts, width, n_ctx, self.tokenizer.eot)
-        logits, hidden = self.runner.forward(tokens, positions, slots, mask, [s.frames for s in seqs])
+        logits, hidden = runner.forward(tokens, positions, slots, mask, [s.frames for s in seqs])
         for s in seqs:
             s.forwards += 1
         fresh = [i for i, s in enumerate(seqs) if s in self._pending]
@@ -440,9 +440,10 @@ class Decoder:
         """features [B, frames, D] -> one result per segment; `drafters[b]` draft for segment b
         in their order (greedy only)."""
         batch = features.shape[0]
-        languages = [options.language] * batch
         if options.language is None:
             languages = detect_language(self.model, self.tokenizer, self.model.decoder.cross_kv(features))
+        else:
+            languages = [options.language] * batch
         if options.beam_size > 1:
             return [
                 beam_search(

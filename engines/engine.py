@@ -1,49 +1,38 @@
 """The engine: one model per process, shared by every session, run off the event loop.
 
-Requests from all sessions go into one queue. A worker thread runs the in-flight batch
-(engines/batching.py): between decoder steps it admits waiting requests (finals first, partials
-that a newer partial of the same stream superseded are dropped, even mid-decode), runs their
-encoder together, and each step advances every admitted segment by one verification forward.
-On a GPU the encoder calls run on a second thread and CUDA stream (`overlap_encoder`), so the
-decoder steps go on while new segments are encoded; the worker admits them when they are ready.
-Model code never runs on the asyncio loop: callers await `asyncio.wrap_future`.
-
-Faults stay with the request that caused them: when a batch raises, its requests are retried
-one at a time, so only a request that fails by itself gets the exception; a crash of the worker
-loop itself fails the requests it held and the loop starts again (`health()` counts restarts).
+`Engine` is what callers use: it loads the model, takes segments (`submit`, `transcribe_async`)
+and reports its health and load. Its worker (engines/worker.py) runs them in one in-flight batch on
+a thread of its own; model code never runs on the asyncio loop: callers await `asyncio.wrap_future`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import math
-import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from engines.batching import Batch, Decoder, Sequence
 from engines.gpu.cuda_graphs import GraphOptions
 from engines.gpu.encoder_graphs import GraphedEncoder
 from engines.gpu.fused import FusedEncoder
-from engines.gpu.streams import own_stream, sync
-from engines.scheduling import Admission, Request, fail, newest, resolve, superseded, window_frames, without_stale
-from engines.speculative.drafts import drafters, medusa_heads
-from engines.transcript import Transcript, shape_text, shape_words
+from engines.scheduling import Admission, Request
+from engines.speculative.drafts import medusa_heads
+from engines.transcript import Transcript
 from engines.weights.checkpoints import Checkpoint, load_checkpoint
 from engines.weights.fp16 import available as fp16_available
 from engines.weights.fp16 import pack_fp16_weights
-from engines.whisper.alignment import Word, default_heads, word_timings
-from engines.whisper.audio import N_FRAMES, N_SAMPLES, SAMPLE_RATE, clip_mel, pad_mel
-from engines.whisper.decoding import DecodingOptions, DecodingResult, detect_language, segment_prompt
+from engines.whisper.alignment import default_heads
+from engines.whisper.audio import SAMPLE_RATE
+from engines.whisper.decoding import DecodingOptions
 from engines.whisper.model import Whisper
 from engines.whisper.tokenizer import Tokenizer
+from engines.worker import EngineWorker
 
 log = logging.getLogger(__name__)
 
@@ -62,19 +51,9 @@ def resolve_device(device: str) -> torch.device:
 SPECULATIVE_MODES = ("off", "hypothesis", "lookup", "medusa", "both")
 
 
-@dataclass
-class EngineLoad:
-    """Running totals of the engine's work: the worker thread writes the step figures, whichever
-    thread encodes writes the encoder ones; /metrics reads them (a read may straddle one update)."""
+class Engine(EngineWorker):
+    """One model and the worker that serves it; thread-safe, shared by every session."""
 
-    steps: int = 0  # decoder steps of the running batch (admission forwards not counted)
-    step_rows: int = 0  # rows those steps advanced, summed
-    step_seconds: float = 0.0
-    encoder_calls: int = 0
-    encoder_windows: int = 0  # segments those calls encoded, summed
-
-
-class Engine:
     def __init__(
         self,
         checkpoint: Checkpoint,
@@ -162,55 +141,6 @@ class Engine:
         # on a GPU a step over many rows verifies shorter drafts (engines/batching.py, node_budget)
         self.node_budget = node_budget or (128 if cuda else None)
         self.batch = self._new_batch(max_batch)
-
-    def _start_worker(self, overlap_encoder: bool | None, prioritize_steps: bool, stall_timeout: float) -> None:
-        """The queue, the worker thread and, where it overlaps, the encoder thread."""
-        cuda = self.device.type == "cuda"
-        self._queue: list[Request] = []
-        self._cv = threading.Condition()
-        # running totals for /metrics (load_stats), each written by one thread only, so without a lock
-        self._load = EngineLoad()
-        self._seq = itertools.count()
-        self._closed = False
-        self._held: list[Request] = []  # taken from the queue by the worker, not yet in the batch
-        # on a GPU the encoder runs on a thread and CUDA stream of its own, beside the decoder steps:
-        # serial admission took ~40% of the worker's time at 200 streams (BENCHMARKS.md, call J); on the
-        # CPU the two would only share the same cores. None: on CUDA.
-        self.overlap_encoder = cuda if overlap_encoder is None else overlap_encoder
-        self.prioritize_steps = (
-            prioritize_steps  # the worker's CUDA stream before the encoder thread's (engines/gpu/streams.py)
-        )
-        self._pipeline: list[Request] = []  # admitted, with the encoder thread or its output not yet in the batch
-        self._to_encode: list[Request] = []
-        self._encoded: list[tuple[list[Request], int, torch.Tensor | None, Exception | None]] = []
-        self._encoder_thread: threading.Thread | None = None
-        self._encoder_stop = False  # set by the worker when it exits: nothing more will be handed over
-        if self.overlap_encoder:
-            self._encoder_thread = threading.Thread(target=self._encode_loop, name="breeze-encoder", daemon=True)
-            self._encoder_thread.start()
-        self.restarts = 0  # times the worker loop crashed and was started again
-        self.last_error: str | None = None
-        # a worker that holds work but has finished nothing for this long is reported dead by health()
-        # (a hung kernel or a deadlock: /healthz turns 503 so that an orchestrator restarts the process);
-        # longer than any first compilation or graph recording
-        self.stall_timeout = stall_timeout
-        self._progress = time.monotonic()  # the worker's or encoder thread's last finished piece of work
-        if cuda:
-            torch.cuda.synchronize(
-                self.device
-            )  # the pools' zeros (default stream) before the worker's stream reads them
-        self._worker = threading.Thread(target=self._supervise, name="breeze-engine", daemon=True)
-        self._worker.start()
-
-    def _new_batch(self, rows: int) -> Batch:
-        return Batch(
-            self.model,
-            self.tokenizer,
-            self.suppress_tokens,
-            rows=rows,
-            graphs=self.graphs,
-            node_budget=self.node_budget,
-        )
 
     @classmethod
     def load(cls, spec: str = "default", device: str = "auto", **kwargs) -> Engine:
@@ -308,311 +238,3 @@ class Engine:
             "queued": len(self._queue),
             "running": len(self.batch.active),
         }
-
-    def _busy(self) -> bool:
-        return bool(self._queue or self._pipeline or self.batch.active or self._held)
-
-    # -- the worker ----------------------------------------------------------------------
-
-    def _supervise(self) -> None:
-        """The worker thread. One failed batch is handled in `_run`; a crash of the loop itself
-        fails the requests it held, and the loop starts again (with a growing pause if it keeps crashing)."""
-        while True:
-            try:
-                with own_stream(self.device, high_priority=self.prioritize_steps):
-                    self._run()
-                return
-            except BaseException as exc:  # noqa: BLE001 - the worker must outlive any bug
-                self.restarts += 1
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.critical(
-                    "engine worker crashed (%s); restarting it (restart %d)",
-                    self.last_error,
-                    self.restarts,
-                    exc_info=True,
-                )
-                error = RuntimeError(f"the engine worker crashed: {self.last_error}")
-                for request in self._held + [s.tag for s in self.batch.active]:
-                    fail(request.future, error)
-                self._held = []
-                self.batch = self._new_batch(self.batch.rows)
-                time.sleep(min(1.0, 0.01 * 2 ** min(self.restarts, 7)))
-
-    def _ensure_worker(self) -> None:
-        """Starts a new worker thread if the last one is gone (its recovery failed)."""
-        if self._worker.is_alive() or self._closed:
-            return
-        with self._cv:
-            if self._worker.is_alive() or self._closed:
-                return
-            self.restarts += 1
-            log.critical("the engine worker thread is gone; starting a new one")
-            self._worker = threading.Thread(target=self._supervise, name="breeze-engine", daemon=True)
-            self._worker.start()
-
-    def _run(self) -> None:
-        while True:
-            self._held = []
-            with self._cv:
-                while True:
-                    if self._closed and not self._busy():
-                        self._encoder_stop = True
-                        self._cv.notify_all()
-                        return
-                    # a request retried on the full window is already running; others may have been cancelled
-                    live = [r for r in self._admit() if r.future.running() or r.future.set_running_or_notify_cancel()]
-                    encoded, self._encoded = self._encoded, []
-                    if live or encoded or self.batch.active:
-                        break
-                    self._cv.wait()
-                if self.overlap_encoder and live:  # the encoder thread takes them; their rows stay reserved
-                    self._pipeline += live
-                    self._to_encode += live
-                    self._cv.notify_all()
-                for group, *_ in encoded:
-                    self._pipeline = [r for r in self._pipeline if r not in group]
-                if encoded:  # a partial that a newer request of its stream superseded while it was encoded
-                    latest = newest(
-                        self._queue
-                        + self._pipeline
-                        + [s.tag for s in self.batch.active]
-                        + [r for group, *_ in encoded for r in group]
-                    )
-                    encoded = [without_stale(item, latest) for item in encoded]
-                started = [r for group, *_ in encoded for r in group] + ([] if self.overlap_encoder else live)
-                self._held = started
-            running = [s.tag for s in self.batch.active]
-            try:
-                if live and not self.overlap_encoder:
-                    self._start(live)
-                for group, frames, features, error in encoded:
-                    if not group:
-                        continue
-                    if error is not None:
-                        self._isolate([r for r in group if not r.future.done()], error)
-                    else:
-                        self._begin(group, frames, features)
-                if self.batch.active:
-                    self._step()
-                self._progress = time.monotonic()
-            except Exception as exc:  # one bad batch must not kill the worker, nor fail every request in it
-                log.exception("engine step failed")
-                held = list({id(r): r for r in started + running + [s.tag for s in self.batch.active]}.values())
-                self.batch = self._new_batch(self.batch.rows)
-                self._isolate([r for r in held if not r.future.done()], exc)
-
-    def _encode_loop(self) -> None:
-        """The encoder thread (overlap_encoder): encodes what the worker admitted, one window length
-        at a time, a group holding a final first (a final handed over later still overtakes queued
-        partials), on its own CUDA stream; hands the features back, or a failure with its group."""
-        with own_stream(self.device):
-            while True:
-                with self._cv:
-                    while not self._to_encode and not self._encoder_stop:
-                        self._cv.wait()
-                    if not self._to_encode:
-                        return
-                    groups = self._by_window(self._to_encode)
-                    frames = min(groups, key=lambda f: not any(r.final for r in groups[f]))
-                    group = groups[frames]
-                    self._to_encode = [r for r in self._to_encode if r not in group]
-                try:
-                    features = self._encode(group, frames)
-                    item = (group, frames, features, None)
-                    self._progress = time.monotonic()
-                except Exception as exc:
-                    log.exception("encoder call failed")
-                    item = (group, frames, None, exc)
-                with self._cv:
-                    self._encoded.append(item)
-                    self._cv.notify_all()
-
-    def _isolate(self, held: list[Request], exc: Exception) -> None:
-        """The requests of a failed batch: one that failed by itself gets the exception; several are
-        retried one at a time (from the start), so only the one that fails again gets it."""
-        if len(held) <= 1 or any(r.alone for r in held):
-            for r in held:
-                fail(r.future, exc)
-            return
-        for r in held:
-            r.alone = True
-        with self._cv:
-            self._queue[:0] = held
-
-    def _admit(self) -> list[Request]:
-        """Takes the requests that start now (caller holds the lock): finals first, then partials;
-        a partial superseded by a newer request of its stream (a partial, or the segment's final) is
-        answered None, queued or running."""
-        latest = newest(self._queue)  # a stream's newest request: partials before it are stale, even for its final
-        for s in list(self.batch.active):
-            r = s.tag
-            if superseded(r, latest):
-                self.batch.remove(s)
-                resolve(r.future, None)
-        queue = []
-        for r in self._queue:
-            if r.future.cancelled():
-                continue
-            if superseded(r, latest):
-                resolve(r.future, None)
-            else:
-                queue.append(r)
-        queue.sort(key=lambda r: (not r.final, r.seq))
-        started = [
-            s.tag for s in self.batch.active
-        ] + self._pipeline  # rows taken, or reserved for the encoder's output
-        taken = self.admission.take(queue, started, self.batch.rows)
-        self._queue = [r for r in queue if r not in taken]
-        return taken
-
-    def _start(self, requests: list[Request]) -> None:
-        """Encodes new requests (grouped by window length) and admits them to the batch."""
-        for frames, group in self._by_window(requests).items():
-            self._begin(group, frames, self._encode(group, frames))
-
-    def _by_window(self, requests: list[Request]) -> dict[int, list[Request]]:
-        groups: dict[int, list[Request]] = {}
-        for r in requests:
-            groups.setdefault(self._frames(r), []).append(r)
-        return groups
-
-    def _encode(self, group: list[Request], frames: int) -> torch.Tensor:
-        """Encoder features [n, frames / 2, D] of a group of one window length."""
-        t0 = time.perf_counter()
-        # on a GPU the log-mel is computed there too: on the host it costs ~10 ms per 10 s of audio
-        mel = torch.stack([pad_mel(clip_mel(self._samples(r), self.model.dims.n_mels), frames) for r in group])
-        with torch.inference_mode():
-            features = self.encoder(mel.to(self.device, self.dtype))
-        sync(self.device)
-        for r in group:
-            r.encoder_seconds += (time.perf_counter() - t0) / len(group)
-        self._load.encoder_calls += 1
-        self._load.encoder_windows += len(group)
-        return features
-
-    def _begin(self, group: list[Request], frames: int, features: torch.Tensor) -> None:
-        """Admits encoded requests to the batch (beam searches run on their own)."""
-        for r, f in zip(group, features):
-            if r.words:
-                r.features = f
-        beams = [(r, f) for r, f in zip(group, features) if r.options.beam_size > 1]
-        for r, f in beams:  # beam search runs on its own, outside the greedy batch
-            t1 = time.perf_counter()
-            res = Decoder(self.model, self.tokenizer, self.suppress_tokens).decode(f[None], r.options)[0]
-            r.decoder_seconds += time.perf_counter() - t1
-            r.future.set_result(self._transcript(r, res, frames))
-        greedy = [(r, f) for r, f in zip(group, features) if r.options.beam_size == 1]
-        if not greedy:
-            return
-        feats = torch.stack([f for _, f in greedy])
-        languages = [r.options.language for r, _ in greedy]
-        if None in languages:
-            detected = detect_language(self.model, self.tokenizer, self.model.decoder.cross_kv(feats))
-            languages = [lang or d for lang, d in zip(languages, detected)]
-        n_ctx = self.model.dims.n_text_ctx
-        prompts = [segment_prompt(self.tokenizer, lang, r.options, n_ctx) for (r, _), lang in zip(greedy, languages)]
-        seqs = [
-            Sequence(
-                prompt,
-                lang,
-                r.options,
-                drafters(
-                    r.previous,
-                    r.speculative,
-                    self.model,
-                    self.heads,
-                    self.tokenizer,
-                    prompt[1:prefix],
-                    r.options.draft_text,
-                ),
-                frames=feats.shape[1],
-                tag=r,
-                prefix=prefix,
-            )
-            for (r, _), lang, (prompt, prefix) in zip(greedy, languages, prompts)
-        ]
-        t1 = time.perf_counter()
-        self.batch.admit(feats, seqs)
-        sync(self.device)
-        for r, _ in greedy:
-            r.decoder_seconds += (time.perf_counter() - t1) / len(greedy)
-        self._finish([s for s in seqs if s.done])
-
-    def _samples(self, request: Request):
-        if self.device.type == "cuda":
-            return torch.from_numpy(request.audio).to(self.device)
-        return request.audio
-
-    def _step(self) -> None:
-        t0 = time.perf_counter()
-        active = list(self.batch.active)
-        finished = self.batch.step()
-        sync(self.device)
-        seconds = time.perf_counter() - t0
-        self._load.steps += 1
-        self._load.step_rows += len(active)
-        self._load.step_seconds += seconds
-        share = seconds / len(active)
-        for s in active:
-            s.tag.decoder_seconds += share
-        self._finish(finished)
-
-    def _finish(self, finished: list[Sequence]) -> None:
-        for s in finished:
-            if s.row >= 0:
-                self.batch.remove(s)
-            request = s.tag
-            result = s.result(self.tokenizer)
-            frames = self._frames(request)
-            # short windows can loop: a final is redone on the full window; a partial keeps its
-            # hypothesis without the repeated tail (Sequence.push cut it), since a full-window
-            # partial would cost a 30 s encoder pass and stall the stream's next partials
-            if result.looped and frames < N_FRAMES and (request.final or request.stream is None):
-                log.info("repetition loop on a %d-frame window; retrying with the full window", frames)
-                request.window = None
-                request.forwards += result.forwards
-                with self._cv:
-                    self._queue.insert(0, request)
-                continue
-            request.future.set_result(self._transcript(request, result, frames))
-
-    def _frames(self, request: Request) -> int:
-        return window_frames(len(request.audio), request.window, self.window_bucket)
-
-    def _transcript(self, request: Request, res: DecodingResult, frames: int) -> Transcript:
-        transcript = Transcript(
-            text=shape_text(res.text, res.language, self.script),
-            tokens=res.tokens,
-            language=res.language,
-            no_speech_prob=res.no_speech_prob,
-            avg_logprob=res.avg_logprob,
-            looped=res.looped,
-            window_frames=frames,
-            encoder_seconds=request.encoder_seconds,
-            decoder_seconds=request.decoder_seconds,
-            forwards=res.forwards + request.forwards,
-            draft_proposed=res.draft_proposed,
-            draft_accepted=res.draft_accepted,
-        )
-        features, request.features = request.features, None
-        if request.words and features is not None and transcript.has_speech:
-            t0 = time.perf_counter()
-            transcript.words = self._word_timings(request, res, features)
-            shape_words(transcript.words, res.language, self.script)
-            sync(self.device)
-            transcript.alignment_seconds = time.perf_counter() - t0
-        return transcript
-
-    def _word_timings(self, request: Request, res: DecodingResult, features: torch.Tensor) -> list[Word]:
-        """Timed words of a decoded final (one more decoder pass over its tokens, engines/whisper/alignment.py)."""
-        sot_sequence = self.tokenizer.prompt(res.language, request.options.task, timestamps=True)
-        return word_timings(
-            self.model,
-            self.tokenizer,
-            self.alignment_heads,
-            features,
-            sot_sequence,
-            res.tokens,
-            res.language,
-            request.audio[:N_SAMPLES],
-        )

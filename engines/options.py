@@ -50,6 +50,7 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """`breeze-stream train-medusa`'s options: the base model and audio, the heads' training, the labels."""
     have = parser._option_string_actions  # the CLI may already have added --model / --device
     if "--model" not in have:
         parser.add_argument(
@@ -67,6 +68,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="training audio: a folder of audio files or a manifest.jsonl ({'audio': path, 'text': ...})",
     )
     parser.add_argument("--out", required=True, metavar="HEADS.safetensors", help="where to write the heads")
+    _add_head_training_arguments(parser)
+    _add_label_arguments(parser)
+
+
+def _add_head_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The heads' shape and their training on the cached hidden states."""
     parser.add_argument("--heads", type=int, default=DEFAULT_HEADS, help="number of Medusa heads (default 4)")
     parser.add_argument(
         "--layers",
@@ -85,7 +92,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--init", metavar="HEADS.safetensors", help="start from these heads (same shape) instead of untrained ones"
     )
-    parser.add_argument("--cache", metavar="DIR", help="label / hidden-state cache (default <out>.cache)")
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default %(default)s)")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     parser.add_argument("--batch-size", type=int, default=128, help="token positions per step")
@@ -103,6 +109,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="random vocabulary entries per step of the sampled softmax (default %(default)s)",
     )
     parser.add_argument("--holdout", type=float, default=0.05, help="fraction of clips held out (default 0.05)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch")
+
+
+def _add_label_arguments(parser: argparse.ArgumentParser) -> None:
+    """The labels: the frozen model's greedy decodes of the audio and its hidden states, cached."""
+    parser.add_argument("--cache", metavar="DIR", help="label / hidden-state cache (default <out>.cache)")
     parser.add_argument(
         "--language", default="zh", choices=LANGUAGES, help="decoding language of the labels (default zh)"
     )
@@ -126,8 +139,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-tokens", type=int, default=224, help="cap on label length (the engine's default)")
     parser.add_argument("--limit", type=int, help="use only the first N clips")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch")
     parser.add_argument(
         "--data-recipe",
         help="id of the training data recorded in the heads file "

@@ -211,9 +211,10 @@ def rig_decoder(model: Whisper) -> None:
     """Makes the decoder's output depend on positions and previous tokens only (see module doc)."""
     with torch.no_grad():
         model.decoder.positional_embedding.normal_(0, 1.0)  # dominant: a different argmax at every position, no loops
-        for block in model.decoder.blocks:
-            block.cross_attn.out.weight.mul_(1e-4)
-            block.cross_attn.out.bias.mul_(1e-4)
+        for block in model.decoder.layers:
+            cross_attn, _ = block.cross_layers()
+            cross_attn.out.weight.mul_(1e-4)
+            cross_attn.out.bias.mul_(1e-4)
 
 
 def random_checkpoint(shape: str, device: torch.device, dtype: torch.dtype, seed: int = 0):

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 if not Path("/dev/nvidiactl").exists():
-    # no GPU: Triton kernels (engines/gpu/decode_kernels.py) run in Triton's interpreter, set before they are defined
+    # no GPU: Triton kernels (engines/gpu/row_kernels.py) run in Triton's interpreter, set before they are defined
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest

@@ -1,4 +1,4 @@
-"""engines/gpu/decode_kernels.py: the row kernels compute what the plain model computes.
+"""engines/gpu/row_kernels.py and decode_kernels.py: the row kernels compute what the plain model computes.
 
 On a machine without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1), in float32, so the comparison with the plain model is tight. On a GPU the
@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from decoder_check import run_against_plain
 
-from engines.gpu.decode_kernels import GEMV_ROWS, MAX_ROWS, KernelDecoder, dependent_launch, row_linear
+from engines.gpu.decode_kernels import KernelDecoder
+from engines.gpu.row_kernels import GEMV_ROWS, MAX_ROWS, dependent_launch, row_linear
 from engines.synthetic import random_model
 from engines.whisper.model import ModelDims
 

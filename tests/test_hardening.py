@@ -27,7 +27,7 @@ from hardening_helpers import FakeConnection
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 
-import engines.engine as engine_module
+import engines.worker as worker_module
 from bench.cli_server import CliServer
 from bench.clips import pcm16, phrases, silence, voiced
 from bench.tiny import TINY_TEXT, save_tiny_model
@@ -707,7 +707,7 @@ POISON_PEAK = 12345  # int16 peak of the stream whose segments make the encoder 
 async def test_engine_failure_fails_only_its_request(tiny_engine, monkeypatch):
     """An exception in the engine's batch: the request that causes it fails alone (its session gets
     `internal`), the requests batched with it are retried and their sessions see nothing."""
-    real = engine_module.clip_mel
+    real = worker_module.clip_mel
     failures = []
 
     def clip_mel(audio, *args, **kwargs):
@@ -717,7 +717,7 @@ async def test_engine_failure_fails_only_its_request(tiny_engine, monkeypatch):
             raise FloatingPointError("poisoned segment")
         return real(audio, *args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "clip_mel", clip_mel)
+    monkeypatch.setattr(worker_module, "clip_mel", clip_mel)
     poisoned = np.concatenate([silence(0.2), voiced(1.5, peak=POISON_PEAK / 32768)])
     async with Server(ServerConfig(port=0), engine=tiny_engine) as srv:
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from engines.speculative.medusa import SHIPPED_HEADS, MedusaHeads, load_heads, read_heads_meta, save_heads
-from engines.speculative.medusa_train import evaluate, head_loss, head_targets, is_held_out, list_clips, train_heads
+from engines.speculative.medusa_labels import is_held_out, list_clips
 from engines.speculative.medusa_train import main as train_main
+from engines.speculative.medusa_training import evaluate, head_loss, head_targets, train_heads
 from engines.whisper.model import ModelDims, Whisper
 
 TINY = ModelDims(
@@ -281,6 +282,10 @@ def test_train_command_end_to_end(tiny_model, tmp_path, capsys):
         == 0
     )
     assert "resumed" in capsys.readouterr().err
+    # --label-only stops after the (already complete) cache and says what it holds
+    assert train_main(args + ["--label-only"]) == 0
+    labels = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert labels["clips"] + labels["skipped"] == 6 and labels["cache"].endswith("heads.safetensors.cache")
 
 
 def test_inputs(tmp_path):
@@ -289,7 +294,7 @@ def test_inputs(tmp_path):
     _write_wav(tmp_path / "y.wav", 0.2, 1)
     clips = list_clips(tmp_path)
     assert sorted(c.id for c in clips) == ["a/x.wav", "y.wav"]
-    from engines.speculative.medusa_train import _eval_root
+    from engines.speculative.medusa_labels import _eval_root
 
     with pytest.raises(SystemExit, match="evaluation data"):
         list_clips(_eval_root() / "dev")

@@ -89,7 +89,7 @@ def choose_cross_attention(
         return _CHOICE[key]
     report = cross_attention_report(heads, dim, frames, dtype, device, batch)
     valid = {k: r["ms"] for k, r in report.items() if r.get("ok")}
-    _CHOICE[key] = min(valid, key=valid.get) if valid else "sdpa"
+    _CHOICE[key] = min(valid, key=valid.__getitem__) if valid else "sdpa"
     return _CHOICE[key]
 
 

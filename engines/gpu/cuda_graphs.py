@@ -42,6 +42,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -49,7 +50,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engines.gpu import decode_attention, decode_kernels
+from engines.gpu import decode_attention, decode_kernels, row_kernels
 from engines.gpu.cross_attention import KeyLengths, choose_cross_attention
 from engines.gpu.fused import FusedDecoder
 from engines.whisper.model import KVCache, Whisper
@@ -85,8 +86,8 @@ class GraphOptions:
     # that pass a check on this GPU; sdpa on the CPU)
     cross_attention: str = "auto"
     encoder: bool = True  # the engine also replays its encoder as CUDA graphs (GraphedEncoder)
-    # steps of at most decode_kernels.MAX_ROWS rows (batch x width) through the Triton row kernels
-    # (engines/gpu/decode_kernels.py): None = on CUDA where Triton is installed
+    # steps of at most row_kernels.MAX_ROWS rows (batch x width) through the Triton row kernels
+    # (engines/gpu/decode_kernels.py, row_kernels.py): None = on CUDA where Triton is installed
     row_kernels: bool | None = None
     # steps of more rows: self-attention with its cache writes as one Triton kernel (engines/gpu/decode_attention.py)
     # instead of two scatters and cuDNN's attention; None = on CUDA where Triton is installed
@@ -156,7 +157,7 @@ class StepRunner:
         self.frame_buckets = tuple(sorted({f for f in options.frame_buckets if f < self.n_frames} | {self.n_frames}))
         self.context_buckets = tuple(sorted({c for c in options.context_buckets if c < self.n_ctx} | {self.n_ctx}))
         self._buffers: dict[tuple[int, int], _Buffers] = {}
-        self._steps: dict[tuple, object] = {}
+        self._steps: dict[tuple, Callable[[], None]] = {}
         self._lock = threading.Lock()  # buffers made by the worker or the recording thread
         self._queued: set[tuple] = set()  # keys handed to the recording thread
         self._recorder: ThreadPoolExecutor | None = None
@@ -185,11 +186,10 @@ class StepRunner:
             self.fused = FusedDecoder(
                 model.decoder, backend="inductor" if self.mode == "compile" else None, attention_kernel=attention_kernel
             )
-        row_kernels = self._triton(options.row_kernels, decode_kernels)
         self.kernels = None
-        if row_kernels:
+        if self._triton(options.row_kernels, row_kernels):
             self.kernels = decode_kernels.KernelDecoder(
-                model.decoder, dependent=decode_kernels.dependent_launch(self.device)
+                model.decoder, dependent=row_kernels.dependent_launch(self.device)
             )
 
     def _triton(self, wanted: bool | None, kernels) -> bool:
@@ -236,7 +236,7 @@ class StepRunner:
             logits=scores.view(batch, width, -1)[..., : dims.n_vocab],
         )
 
-    def _masks(self, key, io: _Buffers | None = None) -> tuple[Tensor, Tensor | None]:
+    def _masks(self, key, io: _Buffers | None = None) -> tuple[Tensor, Tensor | KeyLengths | None]:
         """The self- and cross-attention masks of `key` among `io`'s (default: the bucket's static buffers)."""
         batch, width, frames, context, masked = key
         io = io or self._io(batch, width)
@@ -249,7 +249,7 @@ class StepRunner:
                     (batch, 1, width, context), -math.inf, dtype=self.cache.dtype, device=self.device
                 )
                 mask[:, :, :, 0] = 0
-            cross_mask = None
+            cross_mask: Tensor | KeyLengths | None = None
             if masked and self.cross_attention != "sdpa":
                 if io.key_lengths is None:
                     io.key_lengths = KeyLengths(
@@ -276,7 +276,7 @@ class StepRunner:
             (self.cross_k[layer, :batch, :, :frames], self.cross_v[layer, :batch, :, :frames])
             for layer in range(self.model.dims.n_text_layer)
         ]
-        if self.kernels is not None and batch * width <= decode_kernels.MAX_ROWS:
+        if self.kernels is not None and batch * width <= row_kernels.MAX_ROWS:
             hidden = self.kernels.hidden(io.tokens, io.positions, self.cache, cross, mask, cross_mask, io.slots)
         elif self.fused is not None:
             hidden = self.fused.hidden(io.tokens, io.positions, self.cache, cross, mask, cross_mask, io.slots)
@@ -285,7 +285,7 @@ class StepRunner:
         io.hidden.copy_(hidden)
         torch.mm(hidden.flatten(0, 1), self._vocab_weight.T, out=io.scores)
 
-    def _step_fn(self, key):
+    def _step_fn(self, key) -> Callable[[], None]:
         """The step of `key`, recorded now if it is not yet (on the calling thread)."""
         fn = self._steps.get(key)
         if fn is not None:
@@ -298,7 +298,7 @@ class StepRunner:
         self._steps[key] = fn
         return fn
 
-    def _record(self, key):
+    def _record(self, key) -> Callable[[], None]:
         """Warm-up runs (where Triton and the compile mode compile) over scratch buffers of the
         bucket's shape, then the graph of `key` over its static buffers; returns its replay. The
         warm-up runs execute: their rows are no-op rows (keys and values to slot n_ctx - 1), and
@@ -307,6 +307,7 @@ class StepRunner:
         t0 = time.perf_counter()
         batch, width = key[:2]
         scratch = self._new_io(batch, width)
+        assert self._warm_stream is not None, "steps are recorded in the graphed modes only"
         self._masks(key)  # the static masks exist before recording (made inside, their fills would be recorded)
         self._reset(key, scratch)
         self._warm_stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -380,7 +381,7 @@ class StepRunner:
             lengths = np.ones(batch, dtype=np.int32)
             lengths[:n] = frames
             cross_buf.set(lengths)
-        elif masked:
+        elif cross_buf is not None:  # masked
             cm = np.ones((batch, 1, 1, n_frames), dtype=bool)
             cm[:n, 0, 0] = np.arange(n_frames)[None, :] < np.asarray(frames)[:, None]
             cross_buf.copy_(torch.from_numpy(np.where(cm, 0.0, -np.inf).astype(np.float32)))
@@ -449,8 +450,8 @@ class StepRunner:
             return
         if self._cross_weight is None:
             weights, biases = [], []
-            for block in decoder.blocks:
-                attn = block.cross_attn
+            for block in decoder.layers:
+                attn, _ = block.cross_layers()
                 weights += [attn.key.weight, attn.value.weight]
                 biases += [torch.zeros_like(attn.value.bias), attn.value.bias]
             self._cross_weight = torch.cat(weights).to(self.cache.dtype)

@@ -245,7 +245,7 @@ def cross_attention(
     frames (a program per sequence, head and chunk of frames, then one combining the chunks): rows
     [B*W, D] (heads side by side) from the queries q [B*W, D] and k, v [B, H, F, Dh]; with `used`
     ([B*H] int32, KeyLengths.used), sequence b's head h sees only its first used[b*H + h] frames.
-    dependent: both kernels launched as programmatic dependent launches (decode_kernels.dependent_launch).
+    dependent: both kernels launched as programmatic dependent launches (row_kernels.dependent_launch).
     chunk: frames per program (a multiple of CROSS_BLOCK)."""
     batch, heads, frames, head_dim = k.shape
     d = heads * head_dim

@@ -106,6 +106,7 @@ def _ln(ln: LayerNorm) -> tuple[Tensor, Tensor, float]:
 
 
 def _weights(linear: nn.Module) -> tuple[Tensor, Tensor | None]:
+    assert isinstance(linear, nn.Linear), f"expected a linear layer, got {linear}"
     return linear.weight, linear.bias
 
 
@@ -136,14 +137,15 @@ class FusedDecoder:
         self.norm_linear = _compile(norm_linear, backend)
         self.out_norm_linear = _compile(out_norm_linear, backend)
         self.out_mlp_norm = _compile(out_mlp_norm, backend)
-        blocks = list(decoder.blocks)
+        blocks = decoder.layers
         self.first = (*_ln(blocks[0].attn_ln), *_qkv(blocks[0]))
-        self.middle = [(*_weights(b.attn.out), *_ln(b.cross_attn_ln), *_weights(b.cross_attn.query)) for b in blocks]
+        cross = [b.cross_layers() for b in blocks]  # (attention, its layer norm)
+        self.middle = [(*_weights(b.attn.out), *_ln(ln), *_weights(attn.query)) for b, (attn, ln) in zip(blocks, cross)]
         self.tail = []
-        for b, after in zip(blocks, blocks[1:] + [None]):
+        for b, (attn, _), after in zip(blocks, cross, [*blocks[1:], None]):
             following = (*_ln(after.attn_ln), *_qkv(after)) if after is not None else (*_ln(decoder.ln), None, None)
             self.tail.append(
-                (*_weights(b.cross_attn.out), *_ln(b.mlp_ln), *_weights(b.mlp[0]), *_weights(b.mlp[2]), *following)
+                (*_weights(attn.out), *_ln(b.mlp_ln), *_weights(b.mlp[0]), *_weights(b.mlp[2]), *following)
             )
 
     def hidden(
@@ -165,7 +167,7 @@ class FusedDecoder:
         attend_self = (
             decode_attention.self_attention if self.attention_kernel and width <= MAX_WIDTH else sdpa_self_attention
         )
-        for layer, block in enumerate(decoder.blocks):
+        for layer, block in enumerate(decoder.layers):
             a = attend_self(h, cache.k[layer], cache.v[layer], slots, mask)
             x, h = self.out_norm_linear(x, a, *self.middle[layer])
             heads = block.attn.n_head
@@ -211,7 +213,7 @@ class FusedEncoder(nn.Module):
                 *_weights(b.mlp[0]),
                 *_weights(b.mlp[2]),
             )
-            for b in encoder.blocks
+            for b in encoder.layers
         ]
 
     def forward(self, mel: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ from torch import Tensor
 from engines.speculative.lookup import LookupDrafter
 from engines.speculative.medusa import SHIPPED_HEADS, MedusaHeads, load_heads
 from engines.weights.checkpoints import Checkpoint
-from engines.whisper.decoding import Draft
+from engines.whisper.decoding import Draft, Drafter
 from engines.whisper.model import Whisper
 from engines.whisper.tokenizer import Tokenizer
 
@@ -92,7 +92,9 @@ class MedusaDrafter:
             logits = self.model.decoder.logits(self.heads(self.hidden)[:depth])  # only the heads the tree uses
         candidates = logits.topk(self.top_k, dim=-1).indices.tolist()
         self.hidden = None
-        tokens, parents, index = [], [], {(): -1}
+        tokens: list[int] = []
+        parents: list[int] = []
+        index: dict[tuple[int, ...], int] = {(): -1}
         for path in self.tree:
             if len(tokens) == limit:
                 break
@@ -125,11 +127,11 @@ def drafters(
     tokenizer: Tokenizer,
     context: list[int] | None = None,
     draft_text: str = "",
-) -> list[HypothesisDrafter | LookupDrafter | MedusaDrafter]:
+) -> list[Drafter]:
     """The draft sources of one request: the previous hypothesis first, then prompt lookup over
     `context` (the prompt's text tokens), `draft_text` (a stream's earlier finals) and the
     segment's own output, then Medusa."""
-    out: list[HypothesisDrafter | LookupDrafter | MedusaDrafter] = []
+    out: list[Drafter] = []
     if speculative in ("hypothesis", "both") and previous:
         out.append(HypothesisDrafter(previous))
     if speculative in ("lookup", "both"):

@@ -17,8 +17,13 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import MANIFEST, MANIFEST_FORMAT, TRTLLM_IMAGE, TRTLLM_SERIES, TRTLLM_VERSION, VOCABULARY, WHISPER_EXAMPLES
+
+if TYPE_CHECKING:
+    from engines.weights.checkpoints import Checkpoint
+
 from .build import (
     BREEZE_FILE,
     BREEZE_REPO,
@@ -155,7 +160,7 @@ class Builder:
         self.python = sys.executable
         self.trtllm_build = shutil.which("trtllm-build") or "trtllm-build"
         self.source = resolve_source(options.model)
-        self.checkpoint = None  # engines.weights.checkpoints.Checkpoint of the .pt (vocabulary, dims)
+        self.checkpoint: Checkpoint | None = None  # of the .pt (vocabulary, dims), once fetched or converted
         self.fetched: dict[str, object] = {}
         self.commands: list[list[str]] = []
         self.steps = plan(options, self)
@@ -164,6 +169,7 @@ class Builder:
         for i, step in enumerate(self.steps, 1):
             self.say(f"[{i}/{len(self.steps)}] {step.title}")
             if step.in_process:
+                assert step.run is not None, "an in-process step carries its function"
                 step.run()
             else:
                 self.commands.append(list(step.argv))
@@ -234,8 +240,13 @@ class Builder:
         self.checkpoint = load_checkpoint(str(self.options.pt), progress=self.say)
         self._check_dims()
 
+    def _pt_checkpoint(self) -> Checkpoint:
+        if self.checkpoint is None:
+            raise BuildError("the .pt was neither fetched, linked nor converted")
+        return self.checkpoint
+
     def _check_dims(self) -> None:
-        dims = self.checkpoint.dims
+        dims = self._pt_checkpoint().dims
         problems = []
         if dims.n_audio_ctx * 2 != ENCODER_INPUT_LEN:
             problems.append(
@@ -261,8 +272,9 @@ class Builder:
     def write_manifest(self) -> None:
         o = self.options
         vocabulary = o.out / VOCABULARY
-        vocabulary.write_text(json.dumps(self.checkpoint.vocabulary, ensure_ascii=False), encoding="utf-8")
-        self.manifest = build_manifest(o, self.checkpoint, self.fetched, self.commands)
+        checkpoint = self._pt_checkpoint()
+        vocabulary.write_text(json.dumps(checkpoint.vocabulary, ensure_ascii=False), encoding="utf-8")
+        self.manifest = build_manifest(o, checkpoint, self.fetched, self.commands)
         tmp = o.out / f".{MANIFEST}.tmp"
         tmp.write_text(json.dumps(self.manifest, indent=2, ensure_ascii=False) + "\n")
         os.replace(tmp, o.out / MANIFEST)

@@ -123,17 +123,18 @@ def manifest_problems(manifest: dict | None, version: str | None, capability: tu
 
 def check_environment(backend: str, engine_dir: str | Path | None, device: str = "auto") -> Path:
     """Raises BackendUnavailable listing everything missing for `backend`; the engine directory."""
-    problems = engine_dir_problems(Path(engine_dir) if engine_dir is not None else None, backend)
+    path = Path(engine_dir) if engine_dir is not None else None
+    problems = engine_dir_problems(path, backend)  # names a missing directory
     trt, version = trtllm_problems()
     problems += trt
     cuda = cuda_problems(device)
     problems += cuda
-    if not problems:
+    if not problems and path is not None:
         index = torch.device(device if device.startswith("cuda") else "cuda").index or 0
-        problems += manifest_problems(read_manifest(Path(engine_dir)), version, torch.cuda.get_device_capability(index))
-    if problems:
+        problems += manifest_problems(read_manifest(path), version, torch.cuda.get_device_capability(index))
+    if problems or path is None:
         raise BackendUnavailable(f"--backend {backend} cannot start:\n  - " + "\n  - ".join(problems))
-    return Path(engine_dir)
+    return path
 
 
 def read_engine_config(engine_dir: Path, component: str) -> dict:

@@ -67,8 +67,8 @@ class TrtEncoder:
             raise ValueError(
                 f"encoder input of {mel.shape[-1]} mel frames: the engine takes an even number up to {self.max_frames}"
             )
-        out = [self._run(chunk) for chunk in mel.split(self.max_batch)]
-        out = out[0] if len(out) == 1 else torch.cat(out)
+        parts = [self._run(chunk) for chunk in mel.split(self.max_batch)]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return out.to(mel.dtype)  # the decoder's dtype, whatever precision the engine was built in
 
     def pack(self, mel: torch.Tensor) -> dict[str, torch.Tensor]:

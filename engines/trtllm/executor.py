@@ -60,6 +60,7 @@ class _Pending:
     stream: object | None
     prompt: list[int]
     seq: int
+    language: str  # options.language, which submit requires
     frames: int = 0
     request_id: int | None = None
     started: float = 0.0
@@ -195,7 +196,9 @@ class ExecutorEngine:
         prompt, _ = segment_prompt(
             self.tokenizer, options.language, options, self.max_seq_len, max_text=self.max_input_len - start - 1
         )  # 1: <|startofprev|>
-        pending = _Pending(Future(), np.asarray(audio, dtype=np.float32), options, window, final, stream, prompt, 0)
+        pending = _Pending(
+            Future(), np.asarray(audio, dtype=np.float32), options, window, final, stream, prompt, 0, options.language
+        )
         with self._lock:
             if self._closed:
                 raise RuntimeError("engine is closed")
@@ -307,14 +310,14 @@ class ExecutorEngine:
             if superseded(pending, latest):
                 pending.future.set_result(None)
         with self._lock:
-            stale = [p for p in self._running.values() if superseded(p, latest)]
-            for pending in stale:
-                del self._running[pending.request_id]
-        for pending in stale:
+            stale = [(rid, p) for rid, p in self._running.items() if superseded(p, latest)]
+            for rid, _ in stale:
+                del self._running[rid]
+        for rid, pending in stale:
             try:
-                self.executor.cancel_request(pending.request_id)
+                self.executor.cancel_request(rid)
             except Exception:  # noqa: BLE001 -- it may have finished meanwhile
-                log.debug("cancel of request %s failed", pending.request_id, exc_info=True)
+                log.debug("cancel of request %s failed", rid, exc_info=True)
             if not pending.future.done():
                 pending.future.set_result(None)
 
@@ -342,7 +345,7 @@ class ExecutorEngine:
             tokens = tokens[: tokens.index(self.tokenizer.eot)]
         log_probs = list(result.log_probs[0]) if getattr(result, "log_probs", None) else []
         avg_logprob = float(sum(log_probs[: len(tokens) + ended]) / max(1, len(tokens) + ended)) if log_probs else 0.0
-        language = pending.options.language
+        language = pending.language
         return Transcript(
             text=shape_text(self.tokenizer.decode(tokens), language, self.script),
             tokens=tokens,

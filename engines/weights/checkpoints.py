@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import overload
 
 import torch
 from safetensors import safe_open
@@ -207,6 +208,14 @@ def save_cached(checkpoint: Checkpoint, path: Path, key: str = "") -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@overload
+def load_cached(path: Path, key: None = None) -> Checkpoint: ...
+
+
+@overload
+def load_cached(path: Path, key: str) -> Checkpoint | None: ...
 
 
 def load_cached(path: Path, key: str | None = None) -> Checkpoint | None:

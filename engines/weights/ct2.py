@@ -7,11 +7,12 @@ shared/reference/ctranslate2-whisper.md for the layout and the name mapping chec
 
 from __future__ import annotations
 
+import io
 import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Protocol
 
 import torch
 
@@ -45,10 +46,18 @@ class Ct2Model:
         raise ValueError(f"alias cycle at {name}")
 
 
+class Stream(Protocol):
+    """What model.bin is read from: an open binary file, or Concatenated parts."""
+
+    def read(self, size: int, /) -> bytes: ...
+
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+
 class _Reader:
     """Sequential reads that fail loudly, naming the file and offset, when the data runs out."""
 
-    def __init__(self, f: BinaryIO, source: str):
+    def __init__(self, f: Stream, source: str):
         self.f, self.source, self.offset = f, source, 0
 
     def bytes(self, n: int) -> bytearray:
@@ -73,7 +82,7 @@ class _Reader:
         return raw[:-1].decode("utf-8")
 
 
-def read_model_bin(f: BinaryIO, source: str = "model.bin") -> Ct2Model:
+def read_model_bin(f: Stream, source: str = "model.bin") -> Ct2Model:
     """Parse a whole model.bin stream; `source` names the file in error messages."""
     r = _Reader(f, source)
     version = r.unpack("I")
@@ -230,9 +239,10 @@ class Concatenated:
     """Reads several files as one stream, so model.bin's two parts are never joined on disk."""
 
     def __init__(self, paths: list[Path]):
-        self.paths, self.f = list(paths), None
+        self.paths = list(paths)
+        self.f: io.BufferedReader | None = None
 
-    def readinto(self, buf) -> int:
+    def readinto(self, buf: memoryview | bytearray) -> int:
         view, n = memoryview(buf).cast("B"), 0
         while n < len(view):
             if self.f is None:

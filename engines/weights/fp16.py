@@ -48,7 +48,7 @@ def pack_fp16_weights(model: Whisper) -> Whisper:
                 continue  # the fused projection below does their work
             if isinstance(child, Linear):
                 setattr(module, name, PackedLinear(child.weight, child.bias))
-        if fused_qkv and not isinstance(module.fused, PackedLinear):
+        if isinstance(module, MultiHeadAttention) and isinstance(module.fused, tuple):
             module.fused = PackedLinear(*module.fused)
     model.decoder.output = PackedLinear(model.decoder.token_embedding.weight, None)
     return model

@@ -160,7 +160,7 @@ class ResidualAttentionBlock(nn.Module):
         cross: tuple[Tensor, Tensor],
         slots: Tensor,
         mask: Tensor,
-        cross_mask: Tensor | None,
+        cross_mask: Mask,
         index: Tensor,
     ) -> Tensor:
         """One decoder layer over new tokens: their keys/values go into cache slots `slots` [B, T]
@@ -196,6 +196,11 @@ class AudioEncoder(nn.Module):
         self.register_buffer("positional_embedding", sinusoids(n_ctx, n_state))
         self.blocks = nn.ModuleList(ResidualAttentionBlock(n_state, n_head) for _ in range(n_layer))
         self.ln_post = LayerNorm(n_state)
+
+    @property
+    def layers(self) -> list[ResidualAttentionBlock]:
+        """The blocks, typed (a ModuleList yields plain Modules)."""
+        return cast(list[ResidualAttentionBlock], list(self.blocks))
 
     def forward(self, mel: Tensor) -> Tensor:
         """mel [B, n_mels, 2 * n] -> features [B, n, n_state]; n may be shorter than n_ctx
@@ -242,7 +247,7 @@ class TextDecoder(nn.Module):
         rows: Tensor | None,
         cross: list[tuple[Tensor, Tensor]],
         mask: Tensor,
-        cross_mask: Tensor | None = None,
+        cross_mask: Mask = None,
         slots: Tensor | None = None,
     ) -> Tensor:
         """Last hidden states [B, T, n_state] of `tokens` [B, T] at `positions` [B, T].
@@ -317,7 +322,7 @@ class Whisper(nn.Module):
 
     def fuse(self) -> Whisper:
         """Fuses the self-attention projections (after loading and moving the weights)."""
-        for block in [*self.encoder.blocks, *self.decoder.layers]:
+        for block in [*self.encoder.layers, *self.decoder.layers]:
             cast(ResidualAttentionBlock, block).attn.fuse_qkv()
         return self
 
