@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engines.synthetic import SHAPES
 from engines.weights import checkpoints, ct2
 from engines.weights.checkpoints import load_checkpoint
 from engines.weights.shapes import expected_shapes
@@ -46,18 +47,7 @@ TINY_DIMS = ModelDims(
     n_text_head=4,
     n_text_layer=2,
 )
-BASE_DIMS = ModelDims(
-    n_mels=80,
-    n_audio_ctx=1500,
-    n_audio_state=512,
-    n_audio_head=8,
-    n_audio_layer=6,
-    n_vocab=51865,
-    n_text_ctx=448,
-    n_text_state=512,
-    n_text_head=8,
-    n_text_layer=6,
-)
+BASE_DIMS = SHAPES["base"]  # whisper-base, the embedded default
 SPECIALS = {
     "<|startoftranscript|>": 50258,
     "<|translate|>": 50358,

@@ -12,6 +12,7 @@ from engines.speculative.medusa import SHIPPED_HEADS, MedusaHeads, load_heads, r
 from engines.speculative.medusa_labels import is_held_out, list_clips
 from engines.speculative.medusa_train import main as train_main
 from engines.speculative.medusa_training import evaluate, head_loss, head_targets, train_heads
+from engines.synthetic import SHAPES
 from engines.whisper.model import ModelDims, Whisper
 
 TINY = ModelDims(
@@ -26,18 +27,7 @@ TINY = ModelDims(
     n_text_head=2,
     n_text_layer=1,
 )
-BASE = ModelDims(
-    n_mels=80,
-    n_audio_ctx=1500,
-    n_audio_state=512,
-    n_audio_head=8,
-    n_audio_layer=6,
-    n_vocab=51865,
-    n_text_ctx=448,
-    n_text_state=512,
-    n_text_head=8,
-    n_text_layer=6,
-)
+BASE = SHAPES["base"]  # whisper-base, the embedded default
 
 
 @pytest.fixture(scope="module")
