@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from engines.weights.checkpoints import hf_to_openai
+from engines.weights.checkpoints import hf_dims, hf_to_openai
 from engines.whisper.audio import clip_mel, pad_mel, waveform_padded_mel
-from engines.whisper.model import ModelDims, Whisper, causal_mask
+from engines.whisper.model import Whisper, causal_mask
 
 transformers = pytest.importorskip("transformers")
 
@@ -35,19 +35,7 @@ def tiny_hf_model(seed: int = 0):
 
 
 def ours_from_hf(hf) -> Whisper:
-    c = hf.config
-    dims = ModelDims(
-        c.num_mel_bins,
-        c.max_source_positions,
-        c.d_model,
-        c.encoder_attention_heads,
-        c.encoder_layers,
-        c.vocab_size,
-        c.max_target_positions,
-        c.d_model,
-        c.decoder_attention_heads,
-        c.decoder_layers,
-    )
+    dims = hf_dims(hf.config.to_dict())
     model = Whisper(dims)
     model.load_state_dict(hf_to_openai(hf.state_dict()))
     return model.eval()

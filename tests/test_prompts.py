@@ -13,9 +13,9 @@ from engines.batching import Batch, Decoder, Sequence
 from engines.gpu.cuda_graphs import GraphOptions
 from engines.speculative.drafts import HypothesisDrafter, MedusaDrafter
 from engines.speculative.medusa import MedusaHeads
-from engines.weights.checkpoints import default_files, default_suppress_ids, default_vocabulary, hf_to_openai
+from engines.weights.checkpoints import default_files, default_suppress_ids, default_vocabulary, hf_dims, hf_to_openai
 from engines.whisper.decoding import DecodingOptions, LogitFilter, segment_prompt
-from engines.whisper.model import ModelDims, Whisper
+from engines.whisper.model import Whisper
 from engines.whisper.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -100,19 +100,7 @@ def models():
     with torch.no_grad():
         for p in hf.parameters():
             p.normal_(0, 0.1)  # varied outputs that do not collapse into a loop at once
-    c = hf.config
-    dims = ModelDims(
-        c.num_mel_bins,
-        c.max_source_positions,
-        c.d_model,
-        c.encoder_attention_heads,
-        c.encoder_layers,
-        c.vocab_size,
-        c.max_target_positions,
-        c.d_model,
-        c.decoder_attention_heads,
-        c.decoder_layers,
-    )
+    dims = hf_dims(hf.config.to_dict())
     ours = Whisper(dims)
     ours.load_state_dict(hf_to_openai(hf.state_dict()))
     return hf, ours.eval()

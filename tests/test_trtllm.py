@@ -27,6 +27,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from test_checkpoints import TINY
 
 from bench.tiny import TINY_TEXT
 from engines import trtllm
@@ -537,26 +538,12 @@ def test_build_is_registered_in_the_cli(capsys):
 
 # ---- 2. the HF -> OpenAI .pt converter ---------------------------------------------------------
 
-HF_TINY = dict(
-    vocab_size=51865,
-    num_mel_bins=80,
-    d_model=64,
-    encoder_layers=2,
-    encoder_attention_heads=4,
-    decoder_layers=2,
-    decoder_attention_heads=4,
-    encoder_ffn_dim=256,
-    decoder_ffn_dim=256,
-    max_source_positions=24,
-    max_target_positions=32,
-)
-
 
 @pytest.fixture(scope="module")
 def hf_tiny(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(1)
-    model = transformers.WhisperForConditionalGeneration(transformers.WhisperConfig(**HF_TINY)).eval()
+    model = transformers.WhisperForConditionalGeneration(transformers.WhisperConfig(**TINY)).eval()
     with torch.no_grad():  # random layer norms and biases too, so a swapped name cannot hide
         for p in model.parameters():
             p.normal_(0, 0.05)
@@ -670,7 +657,7 @@ def test_converted_pt_computes_what_the_hf_model_computes(hf_tiny, tmp_path):
     ours.load_state_dict(checkpoint.state_dict)
     ours.eval()
     torch.manual_seed(2)
-    mel = torch.randn(1, 80, 2 * HF_TINY["max_source_positions"])
+    mel = torch.randn(1, 80, 2 * TINY["max_source_positions"])
     tokens = torch.tensor([[50258, 50260, 50359, 50363, 400, 1000]])
     with torch.no_grad():
         hf_logits = model(input_features=mel, decoder_input_ids=tokens).logits

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import overload
+from typing import Any, overload
 
 import torch
 from safetensors import safe_open
@@ -320,21 +320,27 @@ def hf_to_openai(hf: dict[str, torch.Tensor], source: str = "checkpoint") -> dic
     return state_dict
 
 
+def hf_dims(config: dict[str, Any]) -> ModelDims:
+    """The dimensions of a Hugging Face WhisperConfig (its config.json as a dict); KeyError names
+    a missing field."""
+    return ModelDims(
+        n_mels=config["num_mel_bins"],
+        n_audio_ctx=config["max_source_positions"],
+        n_audio_state=config["d_model"],
+        n_audio_head=config["encoder_attention_heads"],
+        n_audio_layer=config["encoder_layers"],
+        n_vocab=config["vocab_size"],
+        n_text_ctx=config["max_target_positions"],
+        n_text_state=config["d_model"],
+        n_text_head=config["decoder_attention_heads"],
+        n_text_layer=config["decoder_layers"],
+    )
+
+
 def load_hf_dir(path: Path, name: str | None = None) -> Checkpoint:
     config = json.loads((path / "config.json").read_text())
     try:
-        dims = ModelDims(
-            n_mels=config["num_mel_bins"],
-            n_audio_ctx=config["max_source_positions"],
-            n_audio_state=config["d_model"],
-            n_audio_head=config["encoder_attention_heads"],
-            n_audio_layer=config["encoder_layers"],
-            n_vocab=config["vocab_size"],
-            n_text_ctx=config["max_target_positions"],
-            n_text_state=config["d_model"],
-            n_text_head=config["decoder_attention_heads"],
-            n_text_layer=config["decoder_layers"],
-        )
+        dims = hf_dims(config)
     except KeyError as e:
         raise ValueError(f"{path / 'config.json'}: not a Whisper config (no {e.args[0]})") from None
     state_dict = hf_to_openai(_read_hf_weights(path), str(path))
