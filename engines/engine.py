@@ -52,6 +52,14 @@ def resolve_device(device: str) -> torch.device:
 SPECULATIVE_MODES = ("off", "hypothesis", "lookup", "medusa", "both")
 
 
+def offline_speculative(device: str) -> str:
+    """Draft sources of offline segments, which have no previous hypothesis to draft from: none on
+    the CPU, where Medusa's heads and prompt lookup cost more per forward than their few accepted
+    tokens save (dev set: 816 forwards in 11.7 s without drafts, 752 in 13.8 s with both, the same
+    tokens; BENCHMARKS.md, issue 25); both on a GPU, where a forward's extra nodes are nearly free."""
+    return "off" if resolve_device(device).type == "cpu" else "both"
+
+
 class Engine(EngineWorker):
     """One model and the worker that serves it; thread-safe, shared by every session."""
 

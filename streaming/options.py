@@ -130,8 +130,9 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--speculative",
         choices=SPECULATIVE,
-        default="both",
-        help="draft sources for exact speculative decoding (default both; medusa needs heads)",
+        default=None,
+        help="draft sources for exact speculative decoding (medusa needs heads; default: off on the CPU, "
+        "where offline segments have no previous hypothesis and other drafts cost more than they save; both on a GPU)",
     )
     parser.add_argument(
         "--script",

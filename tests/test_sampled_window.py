@@ -1,4 +1,5 @@
-"""The full encoder window with its silence padding sampled (engines/whisper/sampled.py)."""
+"""The CPU's offline defaults: the full encoder window with its silence padding sampled
+(engines/whisper/sampled.py), and no drafts for segments without a previous hypothesis."""
 
 from __future__ import annotations
 
@@ -92,3 +93,20 @@ def test_padding_stride_option_takes_whole_numbers_from_one():
     for bad in ("0", "-2", "1.5", "x"):
         with pytest.raises(argparse.ArgumentTypeError):
             stride_argument(bad)
+
+
+@pytest.mark.parametrize("given, expected", [([], "off"), (["--speculative", "both"], "both")])
+def test_offline_commands_draft_nothing_on_the_cpu_unless_asked(tmp_path, given: list[str], expected: str):
+    """eval and transcribe: offline segments have no previous hypothesis, and on the CPU the other
+    drafts cost more than they save, so the CPU default is no drafts; an explicit choice stands."""
+    from bench.tiny import save_tiny_model
+    from breeze_stream.cli import build_parser
+    from streaming.cli import engine_from_arguments
+
+    model = save_tiny_model(tmp_path / "tiny.pt")
+    args = build_parser().parse_args(["eval", "clips.jsonl", "--model", str(model), "--device", "cpu", *given])
+    engine = engine_from_arguments(args)
+    try:
+        assert engine.speculative == expected
+    finally:
+        engine.close()
