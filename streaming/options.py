@@ -212,6 +212,13 @@ def _add_stream_arguments(parser: argparse.ArgumentParser) -> None:
         'initial_prompt, Twilio <Parameter name="prompt">)',
     )
     parser.add_argument(
+        "--no-early-finals",
+        dest="early_finals",
+        action="store_false",
+        help="start a segment's final when the silence hangover closes it, not once the silence has "
+        "outlasted the end padding (the early final decodes the same audio; dropped if speech resumes)",
+    )
+    parser.add_argument(
         "--condition-on-previous",
         action="store_true",
         help="add each stream's earlier finals to the prompt of its next segments (Whisper's "

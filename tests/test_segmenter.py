@@ -303,3 +303,18 @@ def test_dev_clips_are_covered_by_segments():
         inside_total += (loud & inside).sum()
         loud_total += loud.sum()
     assert inside_total >= 0.97 * loud_total
+
+
+def test_growth_tells_where_a_silent_close_would_end():
+    """Once the silence outlasts the end padding, growth events carry the end a close on that
+    silence will have, and the audio up to it is the closed segment's audio (early finals)."""
+    from bench.clips import voiced
+
+    events = run(np.concatenate([seconds(0.5), voiced(1.2), seconds(1.0)]), chunk=640)
+    (close,) = closed(events)
+    grown = [e for e in events if isinstance(e, SegmentGrew)]
+    settled = [g for g in grown if g.settled_end is not None]
+    assert settled and {g.settled_end for g in settled} == {close.end}
+    assert all(g.settled_end is None for g in grown if g.end < close.end)
+    assert settled[0].end - close.end < 640 + 480  # within a chunk and a VAD frame of the padding passing
+    assert np.array_equal(settled[0].audio[: close.end - close.start], close.audio)

@@ -16,6 +16,7 @@ import pytest
 
 from engines.transcript import Transcript
 from engines.whisper.decoding import DecodingOptions
+from streaming.audio.hypotheses import agreed_prefix
 from streaming.audio.segmenter import SegmentClosed, SegmentEvent, SegmentGrew, SegmentStarted
 from streaming.audio.transcriber import (
     Event,
@@ -24,7 +25,6 @@ from streaming.audio.transcriber import (
     Partial,
     StreamingTranscriber,
     TranscriberConfig,
-    agreed_prefix,
 )
 from streaming.metrics import Metrics
 
@@ -104,6 +104,11 @@ def started(index: int, start: float) -> SegmentStarted:
 
 def grew(index: int, start: float, end: float) -> SegmentGrew:
     return SegmentGrew(index, s(start), s(end), np.zeros(s(end) - s(start), np.float32))
+
+
+def settled(index: int, start: float, end: float, speech_end: float) -> SegmentGrew:
+    """Growth after the silence outlasted the end padding: a close now would end at `speech_end`."""
+    return SegmentGrew(index, s(start), s(end), np.zeros(s(end) - s(start), np.float32), s(speech_end))
 
 
 def closed(index: int, start: float, end: float) -> SegmentClosed:
@@ -368,3 +373,41 @@ async def test_without_condition_on_previous_finals_do_not_wait():
     h = Harness(partial_interval=0.0)
     await h.feed(started(0, 0.0), closed(0, 0.0, 1.0), started(1, 1.5), closed(1, 1.5, 2.5))
     assert len(h.engine.calls) == 2 and all(c.options.previous_text == "" for c in h.engine.calls)
+
+
+async def test_early_final_decodes_the_settled_audio_and_is_the_final():
+    h = Harness()
+    await h.feed(started(0, 0.5), grew(0, 0.5, 1.1))
+    await h.answer(h.engine.calls[0], transcript("你", [7]))
+    await h.feed(settled(0, 0.5, 1.8, 1.7))
+    early = h.engine.calls[1]
+    assert (early.samples, early.window, early.final, early.previous) == (s(1.7) - s(0.5), None, True, [7])
+    await h.feed(settled(0, 0.5, 2.3, 1.7))  # more silence: no second final, no partial beside it
+    await h.answer(early, transcript("你好"))
+    assert len(h.engine.calls) == 2 and not any(isinstance(e, Final) for e in h.events)
+    await h.feed(closed(0, 0.5, 1.7))
+    assert len(h.engine.calls) == 2
+    assert h.events[-1] == Final(0, 0.5, 1.7, "你好", h.events[-1].transcript)
+    assert h.count("finals") == 1 and h.count("tokens") == 3
+
+
+async def test_speech_after_the_settled_point_drops_the_early_final():
+    h = Harness(partial_interval=0)
+    await h.feed(started(0, 0.5), settled(0, 0.5, 1.8, 1.7))
+    (early,) = h.engine.calls
+    await h.feed(grew(0, 0.5, 2.5))  # voiced again
+    await h.answer(early, transcript("你"))
+    await h.feed(closed(0, 0.5, 2.9))
+    final = h.engine.calls[-1]
+    assert final is not early and final.final and final.samples == s(2.9) - s(0.5)
+    await h.answer(final, transcript("你好嗎"))
+    assert [e.text for e in h.events if isinstance(e, Final)] == ["你好嗎"]
+
+
+@pytest.mark.parametrize("config", [{"early_finals": False}, {"condition_on_previous": True}])
+async def test_no_early_final_when_off_or_conditioned(config: dict):
+    h = Harness(partial_interval=0, **config)
+    await h.feed(started(0, 0.5), settled(0, 0.5, 1.8, 1.7))
+    assert h.engine.calls == []
+    await h.feed(closed(0, 0.5, 1.7))
+    assert [c.final for c in h.engine.calls] == [True]

@@ -99,12 +99,15 @@ class SegmentGrew:
     """The announced open segment now spans [start, end); sent at most once per `feed`.
 
     `audio` is a read-only view of that span, safe to keep: the segmenter never writes to it again.
+    `settled_end`: where the segment's audio ends if it closes on this silence (the last voiced
+    frame plus the end padding), once that padding has passed; None while speech may go on in it.
     """
 
     index: int
     start: int
     end: int
     audio: np.ndarray
+    settled_end: int | None = None
 
 
 @dataclass(frozen=True)
@@ -258,7 +261,9 @@ class Segmenter:
         if segment is not None and segment.index is not None and segment.reported_end < self._tape.end:
             segment.reported_end = self._tape.end
             audio_so_far = self._tape.view(segment.start, self._tape.end)
-            events.append(SegmentGrew(segment.index, segment.start, self._tape.end, audio_so_far))
+            last = segment.last_voiced_end
+            settled = None if last is None or self._tape.end < last + self._end_padding else last + self._end_padding
+            events.append(SegmentGrew(segment.index, segment.start, self._tape.end, audio_so_far, settled))
         self._trim()
         return events
 

@@ -11,7 +11,8 @@ The transcriber owns a session's `Segmenter` and turns its segments into engine 
   (LocalAgreement-2, by characters); once announced it never shrinks, and later partial texts
   keep it as their prefix;
 - when a segment closes, a *final* decode of the whole segment on the full 30 s window, with
-  word timings when `words` is set (in stream seconds, like the segment's start and end);
+  word timings when `words` is set (in stream seconds, like the segment's start and end); it
+  starts early, on the same audio, once the silence has outlasted the end padding (`early_finals`);
 - every decode gets the segment's last partial tokens as `previous`: the engine verifies them
   as a draft (speculative decoding), so an unchanged prefix costs one forward, not one per token;
 - a final whose transcript holds no speech is not sent; if partials with text were sent for
@@ -54,6 +55,7 @@ from engines.whisper.alignment import Word
 from engines.whisper.decoding import DecodingOptions
 
 from ..metrics import Metrics
+from .hypotheses import agreed_prefix, join_text, shift
 from .segmenter import (
     SAMPLE_RATE,
     SegmentClosed,
@@ -101,6 +103,11 @@ class TranscriberConfig:
     session's reading until the engine catches up (finals are never dropped; 0: no limit)."""
     words: bool = False
     """Finals carry word timings (one more decoder pass per final; partials never do)."""
+    early_finals: bool = True
+    """A final starts once the silence has outlasted the end padding, on the audio the segment holds
+    if it closes there: the same decode, hangover - end padding sooner. If speech resumes first, it
+    is dropped (its compute lost) and the segment's final comes at its close. Not with
+    condition_on_previous (a final's prompt needs the previous final)."""
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
 
 
@@ -154,47 +161,6 @@ def check_prompt(value: object, name: str = "prompt") -> str:
     return value
 
 
-def _spaced(c: str) -> bool:
-    return c.isascii() and c.isalnum()
-
-
-def join_text(parts: list[str]) -> str:
-    """Segment texts as one transcript: a space only between two Latin words or numbers."""
-    out = ""
-    for part in parts:
-        part = part.strip()
-        if not part:
-            continue
-        if out and _spaced(out[-1]) and _spaced(part[0]):
-            out += " "
-        out += part
-    return out
-
-
-def agreed_prefix(a: str, b: str) -> str:
-    """Longest common prefix of two hypotheses, not ending inside a Latin word or number."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    if 0 < n and _wordchar(a[n - 1]) and (_wordchar(a[n : n + 1]) or _wordchar(b[n : n + 1])):
-        while n > 0 and _wordchar(a[n - 1]):
-            n -= 1
-    return a[:n]
-
-
-def _wordchar(c: str) -> bool:
-    return c.isascii() and c.isalnum()
-
-
-def shift(words: list[Word] | None, offset: float) -> list[Word] | None:
-    """Word timings of a segment's audio moved onto the stream's clock (the segment starts at `offset`)."""
-    if words is None:
-        return None
-    return [replace(w, start=offset + w.start, end=offset + w.end) for w in words]
-
-
 @dataclass
 class _Segment:
     index: int
@@ -207,6 +173,7 @@ class _Segment:
     stable: str = ""
     tokens: list[int] = field(default_factory=list)  # tokens of the last partial
     options: DecodingOptions = field(default_factory=DecodingOptions)  # in force when it started
+    early: tuple[int, asyncio.Future[Transcript | None]] | None = None  # a final started on its audio up to this end
 
 
 class StreamingTranscriber:
@@ -347,6 +314,11 @@ class StreamingTranscriber:
             elif isinstance(event, SegmentGrew):
                 assert self._open is not None and self._open.index == event.index, (event, self._open)
                 self._open.end, self._open.audio = event.end, event.audio
+                early = self._open.early
+                if early is not None and early[0] != event.settled_end:
+                    self._open.early = None  # speech went on: that final's audio is not the segment's
+                if event.settled_end is not None:
+                    self._maybe_early_final(self._open, event.settled_end)
             elif isinstance(event, SegmentClosed):
                 segment = self._open  # the segmenter closes only the segment it announced last
                 assert segment is not None and segment.index == event.index, (event, segment)
@@ -394,6 +366,7 @@ class StreamingTranscriber:
             or self._interval <= 0
             or (self._partial is not None and not self._partial.done())
             or (self._last_final is not None and not self._last_final.done())
+            or segment.early is not None  # its final is under way: a partial would only delay it
             or segment.end - segment.decoded_end < self._interval
         ):
             return
@@ -447,21 +420,14 @@ class StreamingTranscriber:
             await asyncio.wait({before})  # the previous final's text goes into this one's prompt
         asked = time.monotonic()
         try:
-            transcript = await self._engine.transcribe_async(
-                segment.audio,
-                self._decode_options(segment),
-                window=self.config.final_window,
-                previous=segment.tokens or None,
-                speculative=self.config.speculative,
-                final=True,
-                stream=self,
-                words=self.config.words,
-            )
+            if segment.early is not None and segment.early[0] == segment.end:
+                transcript = await segment.early[1]  # started on this very audio before the segment closed
+            else:
+                transcript = await self._decode_final(segment, segment.audio)
         except Exception as exc:
             self._fail(exc, f"final decode of segment {segment.index}")
             return
         assert transcript is not None  # only partials are ever dropped
-        self._metrics.count_decode(transcript)
         self._metrics.load.final_decoded(
             len(segment.audio) / SAMPLE_RATE,
             transcript.encoder_seconds + transcript.decoder_seconds,
@@ -490,6 +456,41 @@ class StreamingTranscriber:
                 self._emit(Partial(segment.index, start, end, "", ""))
         if self._on_resolved is not None and not self._closed:
             self._on_resolved(segment.index)
+
+    async def _decode_final(self, segment: _Segment, audio: np.ndarray) -> Transcript | None:
+        transcript = await self._engine.transcribe_async(
+            audio,
+            self._decode_options(segment),
+            window=self.config.final_window,
+            previous=segment.tokens or None,
+            speculative=self.config.speculative,
+            final=True,
+            stream=self,
+            words=self.config.words,
+        )
+        if transcript is not None:  # a dropped early final's work counts too
+            self._metrics.count_decode(transcript)
+        return transcript
+
+    def _maybe_early_final(self, segment: _Segment, end: int) -> None:
+        """Starts the final on the audio the open segment will hold if it closes at `end` (once)."""
+        config = self.config
+        if not config.early_finals or config.condition_on_previous or self._failed or self._closed:
+            return
+        if segment.early is not None:
+            return
+        result: asyncio.Future[Transcript | None] = asyncio.get_running_loop().create_future()
+        result.add_done_callback(lambda f: f.cancelled() or f.exception())  # a dropped one's error is not news
+        segment.early = (end, result)
+        self._spawn(self._early_final(segment, segment.audio[: end - segment.start], result))
+
+    async def _early_final(
+        self, segment: _Segment, audio: np.ndarray, result: asyncio.Future[Transcript | None]
+    ) -> None:
+        try:
+            result.set_result(await self._decode_final(segment, audio))
+        except Exception as exc:
+            result.set_exception(exc)
 
     def _fail(self, exc: Exception, what: str) -> None:
         log.error("%s failed: %s", what, exc, exc_info=exc)

@@ -38,6 +38,7 @@ def session_config(args: argparse.Namespace) -> SessionConfig:
         max_queued_audio=args.max_queued_audio,
         segmenter=segmenter,
         condition_on_previous=args.condition_on_previous,
+        early_finals=args.early_finals,
     )
     if args.max_send_queue < 1 or args.max_frame_bytes < 1 or args.max_queued_audio < 0 or args.idle_timeout < 0:
         raise ValueError(
