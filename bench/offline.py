@@ -1,6 +1,7 @@
 """`breeze-stream bench-offline`: our engine and faster-whisper on the same weights, one run.
 
-Three passes over the manifest in one process, so the machine's noise hits all alike:
+Five passes over the manifest in one process, interleaved clip by clip, so that the machine's
+noise hits all alike (a drifting machine would otherwise favour whichever pass met its good minutes):
 1. faster-whisper int8 with its defaults (beam 1, timestamps, temperature fallback): the speed
    and accuracy baseline;
 2. faster-whisper float32, plain greedy without timestamps (the settings of
@@ -21,8 +22,10 @@ import argparse
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from engines.engine import Engine, offline_speculative
@@ -30,7 +33,7 @@ from engines.weights.checkpoints import cache_dir, default_files
 from engines.whisper.audio import load_audio
 from engines.whisper.decoding import DecodingOptions
 from engines.whisper.text import to_traditional
-from streaming.manifest import read_clips
+from streaming.manifest import Clip, read_clips
 from streaming.scoring import corpus_score, score
 
 
@@ -51,45 +54,58 @@ def default_ct2_dir() -> Path:
     return out
 
 
-def faster_whisper_pass(model, clips, audios, **options) -> tuple[list[dict], float]:
-    """faster-whisper over the clips (language from each clip): rows of text and tokens, seconds spent."""
-    rows, total = [], 0.0
-    for clip, audio in zip(clips, audios):
-        language = "en" if clip.lang == "en" else "zh"
-        start = time.perf_counter()
-        segments, _ = model.transcribe(audio, language=language, **options)
+Step = Callable[[Clip, np.ndarray], dict]
+"""One clip through one pass: its row of text and tokens."""
+
+
+def faster_whisper_step(model, **options) -> Step:
+    """faster-whisper on a clip (language from the clip)."""
+
+    def run(clip: Clip, audio: np.ndarray) -> dict:
+        segments, _ = model.transcribe(audio, language="en" if clip.lang == "en" else "zh", **options)
         segments = list(segments)
-        total += time.perf_counter() - start
-        rows.append(
-            {"text": "".join(s.text for s in segments).strip(), "tokens": [t for s in segments for t in s.tokens]}
-        )
-    return rows, total
+        return {"text": "".join(s.text for s in segments).strip(), "tokens": [t for s in segments for t in s.tokens]}
+
+    return run
 
 
-def engine_pass(engine: Engine, clips, audios, window: float | None) -> tuple[list[dict], float]:
-    """Our engine, greedy, over the clips (language from each clip): rows of text and tokens, seconds spent."""
-    rows, total = [], 0.0
-    for clip, audio in zip(clips, audios):
-        start = time.perf_counter()
+def engine_step(engine: Engine, window: float | None) -> Step:
+    """Our engine, greedy, on a clip (language from the clip)."""
+
+    def run(clip: Clip, audio: np.ndarray) -> dict:
         t = engine.transcribe(audio, DecodingOptions(language="en" if clip.lang == "en" else "zh"), window=window)
-        total += time.perf_counter() - start
-        rows.append({"text": t.text, "tokens": t.tokens})
-    return rows, total
+        return {"text": t.text, "tokens": t.tokens}
+
+    return run
 
 
-def our_passes(device: str, clips, audios, window: float) -> dict[str, tuple[list[dict], float]]:
-    """Rows and seconds of our three passes: "full" (Whisper's window computed in full), "default"
-    (the engine's defaults: on the CPU the full window with its padding sampled), "short" (the
-    clip plus `window` seconds)."""
+def our_steps(device: str, window: float) -> tuple[dict[str, Step], list[Engine]]:
+    """Our three passes: "full" (Whisper's window computed in full), "default" (the engine's
+    defaults: on the CPU the full window with its padding sampled), "short" (the clip plus `window`
+    seconds); and the engines to close."""
     speculative = offline_speculative(device)  # exact: the drafts change the time, never the tokens
     exact = Engine.load("default", device=device, padding_stride=1, speculative=speculative)
-    passes = {"full": engine_pass(exact, clips, audios, None)}
-    exact.close()
     engine = Engine.load("default", device=device, speculative=speculative)
-    passes["default"] = engine_pass(engine, clips, audios, None)
-    passes["short"] = engine_pass(engine, clips, audios, window)
-    engine.close()
-    return passes
+    steps = {
+        "full": engine_step(exact, None),
+        "default": engine_step(engine, None),
+        "short": engine_step(engine, window),
+    }
+    return steps, [exact, engine]
+
+
+def interleaved(steps: dict[str, Step], clips, audios) -> dict[str, tuple[list[dict], float]]:
+    """Rows and seconds of each pass, every clip through all passes before the next clip: a
+    machine whose speed drifts (other tenants of its host) slows every pass alike, where passes
+    run one after another would each meet a different machine."""
+    rows: dict[str, list[dict]] = {name: [] for name in steps}
+    seconds = dict.fromkeys(steps, 0.0)
+    for clip, audio in zip(clips, audios):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            rows[name].append(step(clip, audio))
+            seconds[name] += time.perf_counter() - start
+    return {name: (rows[name], seconds[name]) for name in steps}
 
 
 def error_rates(clips, texts) -> dict:
@@ -111,8 +127,6 @@ def run_bench_offline(args: argparse.Namespace) -> int:
     ct2_dir = str(default_ct2_dir())
 
     int8 = WhisperModel(ct2_dir, device="cpu", compute_type="int8", cpu_threads=2)
-    int8_rows, int8_time = faster_whisper_pass(int8, clips, audios, beam_size=1)
-    del int8
     fp32 = WhisperModel(ct2_dir, device="cpu", compute_type="float32", cpu_threads=2)
     greedy = dict(
         beam_size=1,
@@ -124,11 +138,14 @@ def run_bench_offline(args: argparse.Namespace) -> int:
         log_prob_threshold=None,
         compression_ratio_threshold=None,
     )
-    fp32_rows, fp32_time = faster_whisper_pass(fp32, clips, audios, **greedy)
-    del fp32
-
-    passes = our_passes(args.device if args.device != "auto" else "cpu", clips, audios, args.window)
-    (ours_rows, ours_time), (default_rows, default_time), (short_rows, short_time) = passes.values()
+    ours, engines = our_steps(args.device if args.device != "auto" else "cpu", args.window)
+    steps = {"int8": faster_whisper_step(int8, beam_size=1), "fp32": faster_whisper_step(fp32, **greedy), **ours}
+    passes = interleaved(steps, clips, audios)
+    for engine in engines:
+        engine.close()
+    (int8_rows, int8_time), (fp32_rows, fp32_time) = passes["int8"], passes["fp32"]
+    (ours_rows, ours_time), (default_rows, default_time) = passes["full"], passes["default"]
+    short_rows, short_time = passes["short"]
 
     per_clip = []
     for clip, a, ref, ours in zip(clips, int8_rows, fp32_rows, ours_rows):

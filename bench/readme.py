@@ -3,9 +3,10 @@
 One run, each figure beside its peer measured in the same run, so that a busy machine slows both:
 
 1. offline speed and accuracy: faster-whisper int8 with its defaults (beam 1) and our engine
-   (greedy, full 30 s window, then the shortened window of `--window`) on the same clips and the
-   same whisper-base weights, in this process (bench.offline); speed as the ratio of
-   the two times, not as absolute real-time factors;
+   (greedy: the full 30 s window computed in full, the defaults, the shortened window of
+   `--window`) on the same clips and the same whisper-base weights, in this process, every clip
+   through all four before the next (bench.offline); speed as the ratio of the times, not as
+   absolute real-time factors;
 2. live latency: the default server started as a subprocess (`breeze-stream serve`), the clips
    replayed to it at real-time pace by one stream, then by three streams at once (bench.replay:
    final latency from the segment's end, first-partial latency, streaming CER); three streams
@@ -96,16 +97,18 @@ def offline(clips, window: float) -> dict:
 
     from engines.whisper.audio import load_audio
 
-    from .offline import default_ct2_dir, error_rates, faster_whisper_pass, our_passes
+    from .offline import default_ct2_dir, error_rates, faster_whisper_step, interleaved, our_steps
 
     torch.set_num_threads(2)
     logging.getLogger("faster_whisper").setLevel(logging.WARNING)  # a line per clip otherwise
     audios = [load_audio(clip.audio) for clip in clips]
     seconds = sum(len(a) for a in audios) / 16000
     peer = WhisperModel(str(default_ct2_dir()), device="cpu", compute_type="int8", cpu_threads=2)
-    peer_rows, peer_time = faster_whisper_pass(peer, clips, audios, beam_size=1)
-    del peer
-    passes = our_passes("cpu", clips, audios, window)
+    ours, engines = our_steps("cpu", window)
+    passes = interleaved({"peer": faster_whisper_step(peer, beam_size=1), **ours}, clips, audios)
+    for engine in engines:
+        engine.close()
+    peer_rows, peer_time = passes.pop("peer")
     texts = lambda rows: [r["text"] for r in rows]  # noqa: E731
     report = {
         "audio_seconds": round(seconds, 2),
