@@ -461,11 +461,11 @@ class StreamingTranscriber:
             self._fail(exc, f"final decode of segment {segment.index}")
             return
         assert transcript is not None  # only partials are ever dropped
+        waited = time.monotonic() - asked
         self._metrics.count_decode(transcript)
+        self._metrics.final_engine.observe(waited)
         self._metrics.load.final_decoded(
-            len(segment.audio) / SAMPLE_RATE,
-            transcript.encoder_seconds + transcript.decoder_seconds,
-            time.monotonic() - asked,
+            len(segment.audio) / SAMPLE_RATE, transcript.encoder_seconds + transcript.decoder_seconds, waited
         )
         if before is not None:  # finals go out in segment order
             await asyncio.wait({before})
