@@ -84,6 +84,12 @@ class Metrics:
             buckets=ENGINE_BUCKETS,
             registry=r,
         )
+        self.early_finals = Counter(
+            "breeze_early_finals",
+            "Finals started during the silence hangover, by outcome: used, or void (speech resumed).",
+            ["outcome"],
+            registry=r,
+        )
         self.errors = Counter("breeze_errors", "Error events sent to clients, by code.", ["code"], registry=r)
         self.rejected = Counter(  # streaming.server.gate: refusals before a session starts
             "breeze_connections_rejected", "WebSocket upgrades refused, by reason.", ["reason"], registry=r

@@ -18,8 +18,8 @@ from engines.whisper.alignment import Word
 from engines.whisper.audio import N_SAMPLES, SAMPLE_RATE
 from engines.whisper.decoding import DecodingOptions
 
+from .hypothesis_text import shift
 from .segmenter import SegmentClosed, Segmenter
-from .transcriber import shift
 
 
 @dataclass

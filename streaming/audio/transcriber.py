@@ -11,7 +11,10 @@ The transcriber owns a session's `Segmenter` and turns its segments into engine 
   (LocalAgreement-2, by characters); once announced it never shrinks, and later partial texts
   keep it as their prefix;
 - when a segment closes, a *final* decode of the whole segment on the full 30 s window, with
-  word timings when `words` is set (in stream seconds, like the segment's start and end);
+  word timings when `words` is set (in stream seconds, like the segment's start and end); it
+  starts early, as soon as the silence after the speech holds the segment's end padding, so
+  that the engine works while the hangover runs out (`early_finals`); the same decode, so the
+  same text, and cancelled where speech resumes;
 - every decode gets the segment's last partial tokens as `previous`: the engine verifies them
   as a draft (speculative decoding), so an unchanged prefix costs one forward, not one per token;
 - a final whose transcript holds no speech is not sent; if partials with text were sent for
@@ -38,7 +41,6 @@ own wire format.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections import deque
@@ -54,14 +56,17 @@ from engines.whisper.alignment import Word
 from engines.whisper.decoding import DecodingOptions
 
 from ..metrics import Metrics
+from .hypothesis_text import agreed_prefix, join_text, shift
 from .segmenter import (
     SAMPLE_RATE,
     SegmentClosed,
     SegmentDiscarded,
+    SegmentEnding,
     Segmenter,
     SegmenterConfig,
     SegmentEvent,
     SegmentGrew,
+    SegmentResumed,
     SegmentStarted,
 )
 from .turns import TurnSegmenter
@@ -91,6 +96,11 @@ class TranscriberConfig:
     the engine falls back to the full window when a short window makes the decoder loop."""
     final_window: float | None = None
     """The encoder window of finals, as for partials (None: the full 30 s window)."""
+    early_finals: bool = True
+    """Start a segment's final once the silence after its speech holds the end padding (the
+    segmenter's `SegmentEnding`), not once the whole hangover has passed: the engine works during
+    the rest of the hangover (280 ms by default) and the final goes out when the segment closes.
+    The work is void, and cancelled, where speech resumes within the hangover."""
     speculative: str | None = None
     """Draft sources (off | hypothesis | medusa | both); None: the engine's default."""
     condition_on_previous: bool = False
@@ -132,67 +142,10 @@ class Failure:
 
 Event = Partial | Final | Failure
 
-MAX_PROMPT_CHARS = 1000
-"""Longest prompt a client may send; the model reads at most its last 223 tokens anyway."""
 MAX_CARRIED_CHARS = 1000
 """Earlier finals' text kept for condition_on_previous (the model reads the end of it)."""
 MAX_DRAFT_CHARS = 200
 """Earlier finals' text that prompt-lookup drafts search without condition_on_previous."""
-
-
-def check_prompt(value: object, name: str = "prompt") -> str:
-    """A client's prompt (None: none), or ValueError saying what to send instead."""
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise ValueError(f"{name} must be a string of the names and terms to expect, got {json.dumps(value)[:60]}")
-    if len(value) > MAX_PROMPT_CHARS:
-        raise ValueError(
-            f"{name} has {len(value)} characters, more than the {MAX_PROMPT_CHARS} allowed; send the names "
-            "and terms to expect (the model reads about the last 200 words of it)"
-        )
-    return value
-
-
-def _spaced(c: str) -> bool:
-    return c.isascii() and c.isalnum()
-
-
-def join_text(parts: list[str]) -> str:
-    """Segment texts as one transcript: a space only between two Latin words or numbers."""
-    out = ""
-    for part in parts:
-        part = part.strip()
-        if not part:
-            continue
-        if out and _spaced(out[-1]) and _spaced(part[0]):
-            out += " "
-        out += part
-    return out
-
-
-def agreed_prefix(a: str, b: str) -> str:
-    """Longest common prefix of two hypotheses, not ending inside a Latin word or number."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    if 0 < n and _wordchar(a[n - 1]) and (_wordchar(a[n : n + 1]) or _wordchar(b[n : n + 1])):
-        while n > 0 and _wordchar(a[n - 1]):
-            n -= 1
-    return a[:n]
-
-
-def _wordchar(c: str) -> bool:
-    return c.isascii() and c.isalnum()
-
-
-def shift(words: list[Word] | None, offset: float) -> list[Word] | None:
-    """Word timings of a segment's audio moved onto the stream's clock (the segment starts at `offset`)."""
-    if words is None:
-        return None
-    return [replace(w, start=offset + w.start, end=offset + w.end) for w in words]
 
 
 @dataclass
@@ -207,6 +160,9 @@ class _Segment:
     stable: str = ""
     tokens: list[int] = field(default_factory=list)  # tokens of the last partial
     options: DecodingOptions = field(default_factory=DecodingOptions)  # in force when it started
+    early: asyncio.Task[Transcript | None] | None = None  # its final, started at a SegmentEnding
+    early_end: int = -1  # the end of the audio the early final decodes
+    early_asked: float = 0.0  # when it was started
 
 
 class StreamingTranscriber:
@@ -239,7 +195,7 @@ class StreamingTranscriber:
         self._open: _Segment | None = None
         self._partial: asyncio.Task[None] | None = None
         self._last_final: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._received = 0  # samples fed
         self._arrivals: deque[tuple[int, float]] = deque()  # (samples fed after a chunk, its arrival time)
         self._failed = False
@@ -339,6 +295,8 @@ class StreamingTranscriber:
     def _handle(self, events: list[SegmentEvent]) -> None:
         for event in events:
             if isinstance(event, SegmentStarted):
+                if self._open is not None:  # a segment a Realtime clear dropped: its final is not needed
+                    self._drop_early(self._open)
                 self._open = _Segment(
                     event.index, event.start, event.start, np.zeros(0, np.float32), event.start, options=self._options
                 )
@@ -347,6 +305,12 @@ class StreamingTranscriber:
             elif isinstance(event, SegmentGrew):
                 assert self._open is not None and self._open.index == event.index, (event, self._open)
                 self._open.end, self._open.audio = event.end, event.audio
+            elif isinstance(event, SegmentEnding):
+                assert self._open is not None and self._open.index == event.index, (event, self._open)
+                self._start_early(self._open, event)
+            elif isinstance(event, SegmentResumed):
+                assert self._open is not None and self._open.index == event.index, (event, self._open)
+                self._drop_early(self._open)
             elif isinstance(event, SegmentClosed):
                 segment = self._open  # the segmenter closes only the segment it announced last
                 assert segment is not None and segment.index == event.index, (event, segment)
@@ -394,6 +358,7 @@ class StreamingTranscriber:
             or self._interval <= 0
             or (self._partial is not None and not self._partial.done())
             or (self._last_final is not None and not self._last_final.done())
+            or segment.early is not None
             or segment.end - segment.decoded_end < self._interval
         ):
             return
@@ -442,21 +407,51 @@ class StreamingTranscriber:
 
     # --- finals ---------------------------------------------------------------------------------
 
+    def _final_request(self, segment: _Segment, audio: np.ndarray) -> Coroutine[Any, Any, Transcript | None]:
+        return self._engine.transcribe_async(
+            audio,
+            self._decode_options(segment),
+            window=self.config.final_window,
+            previous=segment.tokens or None,
+            speculative=self.config.speculative,
+            final=True,
+            stream=self,
+            words=self.config.words,
+        )
+
+    def _start_early(self, segment: _Segment, event: SegmentEnding) -> None:
+        """The final of `segment` as it will be if the silence lasts, started now. Not where its
+        prompt waits for the previous final's text (condition_on_previous)."""
+        if not self.config.early_finals or self._failed or self._closed:
+            return
+        if self.config.condition_on_previous and self._last_final is not None and not self._last_final.done():
+            return
+        self._drop_early(segment)
+        segment.early_end, segment.early_asked = event.end, time.monotonic()
+        task = asyncio.get_running_loop().create_task(self._final_request(segment, event.audio))
+        task.add_done_callback(_retrieve)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        segment.early = task
+
+    def _drop_early(self, segment: _Segment) -> None:
+        """Speech resumed (or the segment closed elsewhere): its early final is void."""
+        if segment.early is not None:
+            segment.early.cancel()
+            self._metrics.early_finals.labels("void").inc()
+        segment.early, segment.early_end = None, -1
+
     async def _final(self, segment: _Segment, arrival: float, before: asyncio.Task[None] | None) -> None:
+        early = segment.early if segment.early_end == segment.end else None
+        if early is None:
+            self._drop_early(segment)
+        else:
+            self._metrics.early_finals.labels("used").inc()
         if self.config.condition_on_previous and before is not None:
             await asyncio.wait({before})  # the previous final's text goes into this one's prompt
-        asked = time.monotonic()
+        asked = segment.early_asked if early is not None else time.monotonic()
         try:
-            transcript = await self._engine.transcribe_async(
-                segment.audio,
-                self._decode_options(segment),
-                window=self.config.final_window,
-                previous=segment.tokens or None,
-                speculative=self.config.speculative,
-                final=True,
-                stream=self,
-                words=self.config.words,
-            )
+            transcript = await (early if early is not None else self._final_request(segment, segment.audio))
         except Exception as exc:
             self._fail(exc, f"final decode of segment {segment.index}")
             return
@@ -497,3 +492,9 @@ class StreamingTranscriber:
             self._failed = True
             self._room.set()
             self._emit(Failure(exc))
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Reads a dropped early final's outcome, so that its failure is not logged as never retrieved."""
+    if not task.cancelled():
+        task.exception()

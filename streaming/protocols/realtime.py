@@ -68,13 +68,14 @@ from websockets.frames import CloseCode
 from engines.whisper.decoding import DecodingOptions
 
 from ..audio.codecs import AudioDecoder, AudioFormatError
+from ..audio.hypothesis_text import join_text
 from ..audio.segmenter import (
     SAMPLE_RATE,
     SegmentClosed,
     SegmentEvent,
     SegmentStarted,
 )
-from ..audio.transcriber import Event, Failure, Final, Partial, StreamingTranscriber, join_text
+from ..audio.transcriber import Event, Failure, Final, Partial, StreamingTranscriber
 from ..audio.turns import TurnSegmenter
 from .base import ProtocolSession, SessionContext
 from .realtime_items import Item, error_body, item_view, new_id, parse_event

@@ -11,8 +11,9 @@ import signal
 from engines.backend import Backend, create_engine
 from engines.config import EngineConfig
 
+from ..audio.hypothesis_text import check_prompt
 from ..audio.segmenter import SegmenterConfig
-from ..audio.transcriber import TranscriberConfig, check_prompt
+from ..audio.transcriber import TranscriberConfig
 from ..options import SEGMENTER_FLAGS
 from ..protocols.base import SessionConfig
 from ..protocols.calls import CallConfig
@@ -34,6 +35,7 @@ def session_config(args: argparse.Namespace) -> SessionConfig:
         partial_interval=args.partial_interval,
         partial_window=args.partial_window,
         final_window=args.final_window,
+        early_finals=args.early_finals,
         speculative=args.speculative,
         max_queued_audio=args.max_queued_audio,
         segmenter=segmenter,
