@@ -65,8 +65,9 @@ def metrics_url(ws_url: str) -> str:
 
 
 def parse_prometheus(text: str) -> dict[str, float]:
-    """Metric name -> value summed over its label sets; a histogram's buckets also one by one, as
-    `NAME_bucket:LE` (LE as exported, "+Inf" included), for `histogram_quantile`."""
+    """Metric name -> value summed over its label sets; each labelled sample also under its own
+    `NAME{LABELS}` key (as exported), and a histogram's buckets as `NAME_bucket:LE` (LE a float,
+    inf included) for `histogram_quantile`."""
     totals: dict[str, float] = {}
     for line in text.splitlines():
         line = line.strip()
@@ -90,6 +91,8 @@ def parse_prometheus(text: str) -> dict[str, float]:
         except ValueError:
             continue
         totals[name] = totals.get(name, 0.0) + value
+        if labels and not name.endswith("_bucket"):
+            totals[f"{name}{labels}}}"] = totals.get(f"{name}{labels}}}", 0.0) + value
         le = re.search(r'le="([^"]+)"', labels) if name.endswith("_bucket") else None
         if le:
             key = f"{name}:{float(le.group(1))!r}"

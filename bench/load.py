@@ -562,6 +562,12 @@ def server_figures(before: dict | None, after: dict | None, samples: list[dict])
             delta("breeze_final_engine_seconds_sum"), delta("breeze_final_engine_seconds_count")
         ),
         "final_engine_p50_p95": quantiles("breeze_final_engine_seconds"),
+        # a labelled counter appears with its first increment: absent beside its other label, it is 0
+        "early_finals": {
+            o: delta(f'breeze_early_finals_total{{outcome="{o}"}}')
+            or (0.0 if "breeze_early_finals_total" in after else None)
+            for o in ("used", "void")
+        },
         "sessions_active": sampled("breeze_sessions_active"),
         "engine": None,
     }

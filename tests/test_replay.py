@@ -242,6 +242,7 @@ breeze_final_latency_seconds_bucket{le="+Inf"} 4
 """
     before = parse_prometheus(text)
     assert before["breeze_decoder_seconds_total"] == 2.0
+    assert before['breeze_decoder_seconds_total{device="cpu"}'] == 1.0
     assert before["breeze_final_latency_seconds_bucket"] == 4
     after = dict(
         before, breeze_encoder_seconds_total=6.0, breeze_decoder_seconds_total=3.0, breeze_audio_seconds_total=30.0
