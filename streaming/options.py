@@ -218,7 +218,7 @@ def _add_process_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="ROWS",
-        help="rows of the engine's running batch: segments decoded at once (default 128 on a GPU, 16 on the CPU)",
+        help="rows of the engine's running batch: segments decoded at once (default 16)",
     )
     parser.add_argument(
         "--window-bucket",
@@ -226,7 +226,7 @@ def _add_process_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="SECONDS",
         help="shortened encoder windows round up to multiples of this, so that segments of similar "
-        "length share an encoder call (default 5 on a GPU, 1 on the CPU)",
+        "length share an encoder call (default 1)",
     )
     parser.add_argument(
         "--workers",
