@@ -83,7 +83,7 @@ def machine() -> dict:
 
 
 def offline(clips, window: float) -> dict:
-    """faster-whisper int8 and our engine (full window, shortened window) on the same clips."""
+    """faster-whisper int8 and our engine (full window, defaults, shortened window) on the same clips."""
     import torch
 
     try:
@@ -94,10 +94,9 @@ def offline(clips, window: float) -> dict:
             "pip install -e '.[bench]' (or --parts replay,memory)"
         ) from None
 
-    from engines.engine import Engine
     from engines.whisper.audio import load_audio
 
-    from .offline import default_ct2_dir, engine_pass, error_rates, faster_whisper_pass
+    from .offline import default_ct2_dir, error_rates, faster_whisper_pass, our_passes
 
     torch.set_num_threads(2)
     logging.getLogger("faster_whisper").setLevel(logging.WARNING)  # a line per clip otherwise
@@ -106,20 +105,18 @@ def offline(clips, window: float) -> dict:
     peer = WhisperModel(str(default_ct2_dir()), device="cpu", compute_type="int8", cpu_threads=2)
     peer_rows, peer_time = faster_whisper_pass(peer, clips, audios, beam_size=1)
     del peer
-    engine = Engine.load("default", device="cpu")
-    full_rows, full_time = engine_pass(engine, clips, audios, None)
-    short_rows, short_time = engine_pass(engine, clips, audios, window)
-    engine.close()
+    passes = our_passes("cpu", clips, audios, window)
     texts = lambda rows: [r["text"] for r in rows]  # noqa: E731
-    return {
+    report = {
         "audio_seconds": round(seconds, 2),
         "window": window,
         "faster_whisper_int8": {**error_rates(clips, texts(peer_rows)), "seconds": peer_time},
-        "ours_full_window": {**error_rates(clips, texts(full_rows)), "seconds": full_time},
-        "ours_short_window": {**error_rates(clips, texts(short_rows)), "seconds": short_time},
-        "speedup_full_window": peer_time / full_time,
-        "speedup_short_window": peer_time / short_time,
     }
+    for name, (rows, spent) in passes.items():
+        key = {"full": "full_window", "default": "default", "short": "short_window"}[name]
+        report[f"ours_{key}"] = {**error_rates(clips, texts(rows)), "seconds": spent}
+        report[f"speedup_{key}"] = peer_time / spent
+    return report
 
 
 # --- 2./3. the server -------------------------------------------------------------------------------
@@ -311,7 +308,8 @@ def format_table(report: dict) -> str:
         )
         for name, label in (
             ("faster_whisper_int8", "faster-whisper int8 (beam 1)"),
-            ("ours_full_window", "ours, 30 s window"),
+            ("ours_full_window", "ours, 30 s window in full"),
+            ("ours_default", "ours, defaults (padding sampled)"),
             ("ours_short_window", f"ours, clip + {o['window']:g} s window"),
         ):
             r = o[name]

@@ -34,6 +34,7 @@ class EngineConfig:
     cuda_graphs: str = "graph"  # CUDA: graph | compile (Inductor-fused regions inside the graphs) | off
     max_batch: int | None = None  # rows of the running batch; None: the engine's default for the device
     window_bucket: float | None = None  # seconds shortened encoder windows round up to; None: the default
+    padding_stride: int | None = None  # full windows' padding sampled every N positions; None: the device's default
 
     @classmethod
     def from_arguments(cls, args: argparse.Namespace) -> EngineConfig:
@@ -56,6 +57,8 @@ class EngineConfig:
             options["max_batch"] = self.max_batch
         if self.window_bucket is not None:
             options["window_bucket"] = self.window_bucket
+        if self.padding_stride is not None:
+            options["padding_stride"] = self.padding_stride
         if self.cuda_graphs != "graph":
             from engines.gpu.cuda_graphs import GraphOptions
 

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 # in one run, 0.40 against 0.47 s with finals on clip + 2 s windows), in a quarter of the GPU memory
 CUDA_MAX_BATCH, CPU_MAX_BATCH = 16, 16
 CUDA_WINDOW_BUCKET, CPU_WINDOW_BUCKET = 1.0, 1.0  # seconds
+CPU_PADDING_STRIDE = 4  # positions of a full window's padding that one sampled position stands for
 
 
 def resolve_device(device: str) -> torch.device:
@@ -52,6 +53,14 @@ def resolve_device(device: str) -> torch.device:
 
 
 SPECULATIVE_MODES = ("off", "hypothesis", "lookup", "medusa", "both")
+
+
+def offline_speculative(device: str) -> str:
+    """Draft sources of offline segments, which have no previous hypothesis to draft from: none on
+    the CPU, where Medusa's heads and prompt lookup cost more per forward than their few accepted
+    tokens save (dev set: 816 forwards in 11.7 s without drafts, 752 in 13.8 s with both, the same
+    tokens; BENCHMARKS.md, issue 25); both on a GPU, where a forward's extra nodes are nearly free."""
+    return "off" if resolve_device(device).type == "cpu" else "both"
 
 
 class Engine(EngineWorker):
@@ -68,6 +77,7 @@ class Engine(EngineWorker):
         medusa: str | Path | None = None,
         cuda_graphs: bool | GraphOptions = True,
         window_bucket: float | None = None,
+        padding_stride: int | None = None,
         encoder=None,
         max_partials: int | None = None,
         partials_per_round: int | None = None,
@@ -91,6 +101,11 @@ class Engine(EngineWorker):
         # second of its audio, as a real model of the shape would, instead of stopping at <|endoftext|>
         self.tokens_per_second = tokens_per_second
         self._configure_batch(max_batch, window_bucket, max_partials, partials_per_round, cuda_graphs, node_budget)
+        # full 30 s windows with the silence padding sampled (engines/whisper/sampled.py): on the CPU
+        # 2-3x less encoder time at the dev set's accuracy (BENCHMARKS.md, issue 25); a GPU computes it all
+        if padding_stride is not None and padding_stride < 1:
+            raise ValueError(f"padding_stride must be >= 1, got {padding_stride}")
+        self.padding_stride = padding_stride or (1 if self.device.type == "cuda" else CPU_PADDING_STRIDE)
         if self.graphs is not None and self.graphs.encoder and encoder is None:
             # launch-bound at small batches without graphs; "compile" also fuses each block's pointwise work
             fused = self.graphs.mode == "compile"

@@ -34,6 +34,7 @@ from engines.whisper.alignment import Word, word_timings
 from engines.whisper.audio import N_FRAMES, N_SAMPLES, clip_mel, pad_mel
 from engines.whisper.decoding import DecodingResult, detect_language, segment_prompt
 from engines.whisper.model import Whisper
+from engines.whisper.sampled import encode_sampled
 from engines.whisper.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class EngineWorker:
     heads: MedusaHeads | None
     script: str
     window_bucket: float
+    padding_stride: int  # full windows: the padding sampled every this many positions (1: all of it)
     admission: Admission
     graphs: GraphOptions | None
     node_budget: int | None
@@ -294,9 +296,12 @@ class EngineWorker:
         """Encoder features [n, frames / 2, D] of a group of one window length."""
         t0 = time.perf_counter()
         # on a GPU the log-mel is computed there too: on the host it costs ~10 ms per 10 s of audio
-        mel = torch.stack([pad_mel(clip_mel(self._samples(r), self.model.dims.n_mels), frames) for r in group])
+        mels = [clip_mel(self._samples(r), self.model.dims.n_mels).to(self.device, self.dtype) for r in group]
         with torch.inference_mode():
-            features = self.encoder(mel.to(self.device, self.dtype))
+            if frames == N_FRAMES and self.padding_stride > 1 and self.encoder is self.model.encoder:
+                features = torch.cat([encode_sampled(self.model.encoder, m, self.padding_stride) for m in mels])
+            else:
+                features = self.encoder(torch.stack([pad_mel(m, frames) for m in mels]))
         sync(self.device)
         for r in group:
             r.encoder_seconds += (time.perf_counter() - t0) / len(group)

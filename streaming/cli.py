@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,8 +29,12 @@ def engine_from_arguments(args: argparse.Namespace) -> Backend:
     """The engine the command's options name (engines.backend.create_engine)."""
     from engines.backend import create_engine
     from engines.config import EngineConfig
+    from engines.engine import offline_speculative
 
-    return create_engine(EngineConfig.from_arguments(args))
+    config = EngineConfig.from_arguments(args)
+    if getattr(args, "speculative", "") is None:  # transcribe and eval: the device's offline default
+        config = replace(config, speculative=offline_speculative(config.device))
+    return create_engine(config)
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:

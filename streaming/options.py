@@ -57,6 +57,13 @@ def window_argument(value: str) -> float | None:
     return seconds
 
 
+def stride_argument(value: str) -> int:
+    """`--padding-stride`: a whole number of positions, at least 1."""
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError("a padding stride is a whole number of positions, 1 or more")
+    return int(value)
+
+
 def add_language_argument(parser: argparse.ArgumentParser, default: str | None = "zh", help: str | None = None) -> None:
     """--language: zh, en or auto (detect), as the native protocol's start message takes it."""
     parser.add_argument(
@@ -89,6 +96,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "fp16-packed ones (the default where fbgemm exists: 2-10x faster, same transcripts)",
     )
     parser.add_argument(
+        "--padding-stride",
+        type=stride_argument,
+        default=None,
+        metavar="N",
+        help="full 30 s encoder windows: the silence padding after the audio sampled every N positions, "
+        "each sample weighted as N (1: computed in full, Whisper's own window; default 4 on the CPU, 1 on a GPU)",
+    )
+    parser.add_argument(
         "--cuda-graphs",
         choices=["graph", "compile", "off"],
         default="graph",
@@ -115,8 +130,9 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--speculative",
         choices=SPECULATIVE,
-        default="both",
-        help="draft sources for exact speculative decoding (default both; medusa needs heads)",
+        default=None,
+        help="draft sources for exact speculative decoding (medusa needs heads; default: off on the CPU, "
+        "where offline segments have no previous hypothesis and other drafts cost more than they save; both on a GPU)",
     )
     parser.add_argument(
         "--script",

@@ -366,6 +366,7 @@ async def test_dev_clip_over_the_phone(default_engine):
             native_events = [json.loads(m) async for m in native]
     phone = "".join(f["text"] for f in finals(events, "inbound"))
     wideband = "".join(e["text"] for e in native_events if e["type"] == "final")
-    phone_cer = score(entry["text"], phone, entry["lang"]).rate
+    phone_score = score(entry["text"], phone, entry["lang"])
     wideband_cer = score(entry["text"], wideband, entry["lang"]).rate
-    assert phone and phone_cer <= wideband_cer + 0.05, (phone, wideband, entry["text"])
+    margin = max(0.05, 1 / phone_score.ref_tokens)  # 5 points, or one character of a short reference
+    assert phone and phone_score.rate <= wideband_cer + margin, (phone, wideband, entry["text"])

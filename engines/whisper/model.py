@@ -124,9 +124,10 @@ class MultiHeadAttention(nn.Module):
         out: Tensor = self.out(heads.transpose(1, 2).reshape(b, t, h * d))
         return out
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Full self-attention without a cache (the encoder)."""
-        return self.attend(*self.qkv(x), None)
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Full self-attention without a cache (the encoder); `mask`: an additive bias on the
+        scores (engines/whisper/sampled.py weights sampled keys with it)."""
+        return self.attend(*self.qkv(x), mask)
 
     def cross_kv(self, xa: Tensor) -> tuple[Tensor, Tensor]:
         return self.split_heads(self.key(xa)), self.split_heads(self.value(xa))
@@ -142,8 +143,8 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp = nn.Sequential(Linear(n_state, 4 * n_state), nn.GELU(), Linear(4 * n_state, n_state))
         self.mlp_ln = LayerNorm(n_state)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.attn_ln(x))
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.attn_ln(x), mask)
         out: Tensor = x + self.mlp(self.mlp_ln(x))
         return out
 

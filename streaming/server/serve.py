@@ -107,6 +107,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             cuda_graphs=args.cuda_graphs,
             max_batch=args.max_batch,
             window_bucket=args.window_bucket,
+            padding_stride=args.padding_stride,
         ),
         session=session,
         whisperlive=whisperlive,

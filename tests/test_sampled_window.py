@@ -1,0 +1,112 @@
+"""The CPU's offline defaults: the full encoder window with its silence padding sampled
+(engines/whisper/sampled.py), and no drafts for segments without a previous hypothesis."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+import torch
+
+import engines.worker
+from bench.clips import silence, voiced
+from bench.tiny import tiny_model
+from engines.engine import Engine
+from engines.whisper.audio import clip_mel, pad_mel
+from engines.whisper.sampled import MARGIN_POSITIONS, encode_sampled, padding_blocks
+from streaming.options import stride_argument
+
+
+@pytest.mark.parametrize("clip_frames", [0, 1, 199, 200, 1000, 2899, 2900, 2999, 3000, 3600])
+@pytest.mark.parametrize("stride", [1, 3, 4, 8])
+def test_blocks_cover_the_window_after_the_clip_and_its_margin(clip_frames: int, stride: int):
+    dense, blocks = padding_blocks(clip_frames, stride)
+    assert dense == min(1500, (clip_frames + 1) // 2 + MARGIN_POSITIONS)
+    assert dense + sum(blocks) == 1500
+    assert all(1 <= size <= stride for size in blocks)
+    assert all(size == stride for size in blocks[:-1])
+
+
+def _speech(seconds: float) -> np.ndarray:
+    return np.concatenate([silence(0.2), voiced(seconds - 0.4), silence(0.2)])
+
+
+@torch.inference_mode()
+def test_stride_one_is_the_full_window():
+    encoder = tiny_model().encoder
+    for seconds in (0.7, 3.0, 12.5):
+        mel = clip_mel(_speech(seconds))
+        full = encoder(pad_mel(mel)[None])
+        torch.testing.assert_close(encode_sampled(encoder, mel, 1), full, atol=1e-4, rtol=1e-4)
+
+
+@torch.inference_mode()
+def test_a_clip_that_fills_the_window_is_encoded_in_full():
+    encoder = tiny_model().encoder
+    mel = clip_mel(voiced(30.0))
+    torch.testing.assert_close(encode_sampled(encoder, mel, 4), encoder(pad_mel(mel)[None]), atol=1e-4, rtol=1e-4)
+
+
+@torch.inference_mode()
+def test_sampled_padding_stays_closer_to_the_full_window_than_a_short_one(default_engine: Engine):
+    """The claim behind the CPU default: the speech frames' features with the padding sampled every
+    4 positions differ from the full window's far less than those of the clip plus 2 s alone."""
+    encoder = default_engine.model.encoder
+    for seconds in (2.0, 6.0):
+        mel = clip_mel(_speech(seconds))
+        speech = mel.shape[-1] // 2
+        full = encoder(pad_mel(mel)[None])[0, :speech]
+        sampled = encode_sampled(encoder, mel, 4)[0, :speech]
+        short = encoder(pad_mel(mel, mel.shape[-1] + 200)[None])[0, :speech]
+        sampled_error = ((sampled - full).norm() / full.norm()).item()
+        short_error = ((short - full).norm() / full.norm()).item()
+        assert sampled_error < short_error / 2, (seconds, sampled_error, short_error)
+
+
+def test_the_cpu_engine_samples_full_windows_and_only_those(monkeypatch, tiny_checkpoint):
+    calls: list[int] = []
+
+    def spy(encoder, mel, stride):
+        calls.append(stride)
+        return encode_sampled(encoder, mel, stride)
+
+    monkeypatch.setattr(engines.worker, "encode_sampled", spy)
+    engine = Engine(tiny_checkpoint, device="cpu", padding_stride=3)
+    try:
+        audio = _speech(2.0)
+        full = engine.transcribe(audio)
+        assert calls == [3] and full.window_frames == 3000
+        short = engine.transcribe(audio, window=1.0)
+        assert calls == [3] and short.window_frames < 3000
+    finally:
+        engine.close()
+    default = Engine(tiny_checkpoint, device="cpu")
+    assert default.padding_stride == 4
+    default.close()
+    with pytest.raises(ValueError):
+        Engine(tiny_checkpoint, device="cpu", padding_stride=-1)
+
+
+def test_padding_stride_option_takes_whole_numbers_from_one():
+    assert stride_argument("1") == 1 and stride_argument("4") == 4
+    for bad in ("0", "-2", "1.5", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            stride_argument(bad)
+
+
+@pytest.mark.parametrize("given, expected", [([], "off"), (["--speculative", "both"], "both")])
+def test_offline_commands_draft_nothing_on_the_cpu_unless_asked(tmp_path, given: list[str], expected: str):
+    """eval and transcribe: offline segments have no previous hypothesis, and on the CPU the other
+    drafts cost more than they save, so the CPU default is no drafts; an explicit choice stands."""
+    from bench.tiny import save_tiny_model
+    from breeze_stream.cli import build_parser
+    from streaming.cli import engine_from_arguments
+
+    model = save_tiny_model(tmp_path / "tiny.pt")
+    args = build_parser().parse_args(["eval", "clips.jsonl", "--model", str(model), "--device", "cpu", *given])
+    engine = engine_from_arguments(args)
+    try:
+        assert engine.speculative == expected
+    finally:
+        engine.close()
