@@ -7,6 +7,7 @@ Percentiles are numpy's default (linear interpolation between closest ranks).
 from __future__ import annotations
 
 import math
+import re
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -64,25 +65,58 @@ def metrics_url(ws_url: str) -> str:
 
 
 def parse_prometheus(text: str) -> dict[str, float]:
-    """Metric name -> value summed over its label sets."""
+    """Metric name -> value summed over its label sets; each labelled sample also under its own
+    `NAME{LABELS}` key (as exported), and a histogram's buckets as `NAME_bucket:LE` (LE a float,
+    inf included) for `histogram_quantile`."""
     totals: dict[str, float] = {}
     for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
+        labels = ""
         if "{" in line:
-            name, rest = line[: line.index("{")], line[line.rindex("}") + 1 :]
+            name, labels, rest = (
+                line[: line.index("{")],
+                line[line.index("{") : line.rindex("}")],
+                line[line.rindex("}") + 1 :],
+            )
         else:
             name, _, rest = line.partition(" ")
         fields = rest.split()
+        name = name.strip()
         if not name or not fields:
             continue
         try:
             value = float(fields[0])
         except ValueError:
             continue
-        totals[name.strip()] = totals.get(name.strip(), 0.0) + value
+        totals[name] = totals.get(name, 0.0) + value
+        if labels and not name.endswith("_bucket"):
+            totals[f"{name}{labels}}}"] = totals.get(f"{name}{labels}}}", 0.0) + value
+        le = re.search(r'le="([^"]+)"', labels) if name.endswith("_bucket") else None
+        if le:
+            key = f"{name}:{float(le.group(1))!r}"
+            totals[key] = totals.get(key, 0.0) + value
     return totals
+
+
+def histogram_quantile(before: dict[str, float], after: dict[str, float], name: str, q: float) -> float | None:
+    """The q-quantile of histogram `name`'s observations between two readings, interpolated linearly
+    within its bucket (as Prometheus' histogram_quantile); None without observations. Past the last
+    finite bucket it answers that bucket's bound."""
+    prefix = f"{name}_bucket:"
+    bounds = sorted(float(k[len(prefix) :]) for k in after if k.startswith(prefix))
+    counts = [after[f"{prefix}{b!r}"] - before.get(f"{prefix}{b!r}", 0.0) for b in bounds]
+    if not counts or counts[-1] <= 0:
+        return None
+    rank, lower, below = q * counts[-1], 0.0, 0.0
+    for bound, count in zip(bounds, counts):
+        if count >= rank:
+            if bound == math.inf:
+                return lower
+            return lower + (bound - lower) * (rank - below) / (count - below) if count > below else bound
+        lower, below = bound, count
+    return lower
 
 
 def fetch_metrics(url: str, timeout: float = 5.0) -> dict[str, float] | None:

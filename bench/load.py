@@ -55,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from .analysis import analyze_stream, fetch_metrics, metrics_url, score_group, server_rtf, stats
+from .analysis import analyze_stream, fetch_metrics, histogram_quantile, metrics_url, score_group, server_rtf, stats
 from .pacing import (
     SAMPLE_RATE,
     Clip,
@@ -545,6 +545,9 @@ def server_figures(before: dict | None, after: dict | None, samples: list[dict])
             "samples": len(values),
         }
 
+    def quantiles(name: str) -> list[float | None]:
+        return [histogram_quantile(before, after, name, q) for q in (0.5, 0.95)]
+
     figures: dict[str, Any] = {
         "available": True,
         "rtf": server_rtf(before, after),
@@ -552,6 +555,19 @@ def server_figures(before: dict | None, after: dict | None, samples: list[dict])
         "final_latency_mean": ratio(
             delta("breeze_final_latency_seconds_sum"), delta("breeze_final_latency_seconds_count")
         ),
+        # the server's own view of a final: its latency from the segment's end reaching the server, and
+        # the engine's share of it (request to transcript), so that a load run shows where the time goes
+        "final_latency_p50_p95": quantiles("breeze_final_latency_seconds"),
+        "final_engine_mean": ratio(
+            delta("breeze_final_engine_seconds_sum"), delta("breeze_final_engine_seconds_count")
+        ),
+        "final_engine_p50_p95": quantiles("breeze_final_engine_seconds"),
+        # a labelled counter appears with its first increment: absent beside its other label, it is 0
+        "early_finals": {
+            o: delta(f'breeze_early_finals_total{{outcome="{o}"}}')
+            or (0.0 if "breeze_early_finals_total" in after else None)
+            for o in ("used", "void")
+        },
         "sessions_active": sampled("breeze_sessions_active"),
         "engine": None,
     }
@@ -623,6 +639,9 @@ def summary_line(report: dict) -> str:
             rate = acc[key]["rate"]
             parts.append(f"{label}={_fmt(None if rate is None else 100 * rate, '.1f')}%")
     parts.append(f"server_rtf={_fmt(server['rtf']['rtf'] if server.get('rtf') else None, '.3f')}")
+    engine_p50, engine_p95 = server.get("final_engine_p50_p95") or (None, None)
+    if engine_p95 is not None:
+        parts.append(f"final-in-engine p50={_fmt(engine_p50)} p95={_fmt(engine_p95)} s")
     engine = server.get("engine")
     if engine:
         parts += [

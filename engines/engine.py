@@ -36,8 +36,11 @@ from engines.worker import EngineWorker
 
 log = logging.getLogger(__name__)
 
-CUDA_MAX_BATCH, CPU_MAX_BATCH = 128, 16
-CUDA_WINDOW_BUCKET, CPU_WINDOW_BUCKET = 5.0, 1.0  # seconds
+# through the server's sockets on an H100 (BENCHMARKS.md, issue 20) 16 rows and 1 s buckets gave a p95
+# at or below that of 128 rows and 5 s buckets at every count measured (300 streams: 0.66 against 0.68 s
+# in one run, 0.40 against 0.47 s with finals on clip + 2 s windows), in a quarter of the GPU memory
+CUDA_MAX_BATCH, CPU_MAX_BATCH = 16, 16
+CUDA_WINDOW_BUCKET, CPU_WINDOW_BUCKET = 1.0, 1.0  # seconds
 CPU_PADDING_STRIDE = 4  # positions of a full window's padding that one sampled position stands for
 
 
@@ -140,12 +143,13 @@ class Engine(EngineWorker):
     ) -> None:
         """The running batch and the admission rules, with the device's defaults where not given."""
         cuda = self.device.type == "cuda"
-        # rows of the running batch: a GPU serves hundreds of streams from one batch (bench.capacity
-        # measured 200 Breeze-shape streams with 128 rows, BENCHMARKS.md); a CPU gains little past a few
+        # rows of the running batch: on a GPU, 16 rows serve 300-400 streams through the sockets (above);
+        # a CPU gains little past a few
         max_batch = max_batch or (CUDA_MAX_BATCH if cuda else CPU_MAX_BATCH)
         # shortened encoder windows are rounded up to multiples of this many seconds, so that
-        # segments of similar length share one encoder call (one call per distinct window; on a GPU
-        # coarser buckets batch more partials per call, as the capacity runs measured)
+        # segments of similar length share one encoder call (one call per distinct window; coarser
+        # buckets batched more partials per call in the engine-only capacity runs, but their longer
+        # windows cost more than they saved through the sockets)
         self.window_bucket = window_bucket or (CUDA_WINDOW_BUCKET if cuda else CPU_WINDOW_BUCKET)
         # partials are optional work, finals never wait for them (engines/scheduling.py)
         self.admission = Admission.for_device(cuda, max_batch, max_partials, partials_per_round)

@@ -75,8 +75,9 @@ class Admission:
     def for_device(
         cls, cuda: bool, rows: int, max_partials: int | None = None, partials_per_round: int | None = None
     ) -> Admission:
-        """The defaults of a device. On a GPU, 8 of 128 rows and 2 a round cut the p95 by 2/3 at 200
-        streams (BENCHMARKS.md, capacity). On the CPU batching buys little (an encoder call for 3
+        """The defaults of a device. On a GPU, a sixteenth of the rows (at least 4) and 2 a round:
+        8 of 128 rows cut the p95 by 2/3 at 200 streams in the engine-only capacity runs, and 4 of
+        16 served 300-400 streams through the sockets (BENCHMARKS.md). On the CPU batching buys little (an encoder call for 3
         windows costs what 3 calls cost) while every row slows the others' steps: finals run one at a
         time, each as soon as possible, and no partial starts beside a final."""
         return cls(

@@ -39,6 +39,8 @@ DRAFT_SOURCES = ("hypothesis", "lookup", "medusa")
 REJECT_REASONS = ("unauthorized", "origin", "overloaded", "capacity", "per_client", "draining", "loading")
 # final latency includes the silence hangover (about 0.5 s by default), so buckets start there
 LATENCY_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 30.0)
+# the engine's share of a final's latency: what is left of the latency budget once the hangover is spent
+ENGINE_BUCKETS = (0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 
 
 class Metrics:
@@ -74,6 +76,18 @@ class Metrics:
             "breeze_final_latency_seconds",
             "From the audio at a segment's end reaching the server to its final being sent.",
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.final_engine = Histogram(
+            "breeze_final_engine_seconds",
+            "From a final's request to the engine to its transcript: engine queue, encoder and decoder.",
+            buckets=ENGINE_BUCKETS,
+            registry=r,
+        )
+        self.early_finals = Counter(
+            "breeze_early_finals",
+            "Finals started during the silence hangover, by outcome: used, or void (speech resumed).",
+            ["outcome"],
             registry=r,
         )
         self.errors = Counter("breeze_errors", "Error events sent to clients, by code.", ["code"], registry=r)

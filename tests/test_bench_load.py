@@ -103,6 +103,12 @@ async def test_staggered_streams_over_two_processes(server: Server, manifest: Pa
     server_figures = report["server"]
     assert server_figures["available"] and server_figures["rtf"]["rtf"] > 0
     assert server_figures["finals"] == counts["finals"]
+    # the engine's share of a final is part of the final's latency, which the client measures from its own clock
+    engine_p50, engine_p95 = server_figures["final_engine_p50_p95"]
+    assert 0 < engine_p50 <= engine_p95 and 0 < server_figures["final_engine_mean"] < latency["final"]["max"]
+    assert "final-in-engine p50=" in line
+    early = server_figures["early_finals"]  # every segment here ends in silence: its final started early
+    assert early["used"] == counts["finals"] and early["void"] is not None
     engine = server_figures["engine"]
     assert engine["steps"] > 0 and engine["rows_per_step"] >= 1 and engine["step_ms"] > 0
     assert engine["encoder_calls"] > 0 and engine["windows_per_encoder_call"] >= 1

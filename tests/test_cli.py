@@ -124,6 +124,7 @@ def test_serve_defaults_match_the_configs():
         "partial_interval": transcriber.partial_interval,
         "partial_window": transcriber.partial_window,
         "final_window": transcriber.final_window,
+        "early_finals": transcriber.early_finals,
         "max_queued_audio": transcriber.max_queued_audio,
         "max_frame_bytes": session.max_frame_bytes,
         "idle_timeout": session.idle_timeout,

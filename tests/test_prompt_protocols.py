@@ -26,7 +26,7 @@ from bench.clips import RATE, pcm16, silence, two_phrases, voiced
 from bench.tiny import TINY_TEXT
 from engines.engine import Engine
 from engines.whisper.decoding import DecodingOptions
-from streaming.audio.transcriber import MAX_PROMPT_CHARS
+from streaming.audio.hypothesis_text import MAX_PROMPT_CHARS
 from streaming.protocols.base import SessionConfig
 from streaming.protocols.whisperlive import WhisperLiveConfig
 from streaming.server.app import Server, ServerConfig

@@ -242,6 +242,7 @@ breeze_final_latency_seconds_bucket{le="+Inf"} 4
 """
     before = parse_prometheus(text)
     assert before["breeze_decoder_seconds_total"] == 2.0
+    assert before['breeze_decoder_seconds_total{device="cpu"}'] == 1.0
     assert before["breeze_final_latency_seconds_bucket"] == 4
     after = dict(
         before, breeze_encoder_seconds_total=6.0, breeze_decoder_seconds_total=3.0, breeze_audio_seconds_total=30.0
@@ -538,3 +539,20 @@ async def test_each_clip_streams_in_its_own_language(tiny_engine, tmp_path):
         report = json.loads(out.read_text(encoding="utf-8"))
         assert report["config"]["language"] == "en" and report["config"]["sessions"][0]["language"] == "en"
         assert len(report["clips"]) == 3
+
+
+def test_histogram_quantiles_between_two_readings():
+    def reading(counts: dict[str, int]) -> dict[str, float]:
+        lines = [f'breeze_final_engine_seconds_bucket{{le="{le}"}} {n}' for le, n in counts.items()]
+        return parse_prometheus("\n".join(lines))
+
+    before = reading({"0.1": 5, "0.2": 5, "0.5": 5, "+Inf": 5})
+    # ten new observations: 4 under 0.1 s, 4 in (0.1, 0.2], 2 in (0.2, 0.5]
+    after = reading({"0.1": 9, "0.2": 13, "0.5": 15, "+Inf": 15})
+    assert before["breeze_final_engine_seconds_bucket"] == 20  # summed over label sets, as before
+    assert analysis.histogram_quantile(before, after, "breeze_final_engine_seconds", 0.5) == approx(0.125)
+    assert analysis.histogram_quantile(before, after, "breeze_final_engine_seconds", 0.95) == approx(0.425)
+    assert analysis.histogram_quantile(before, before, "breeze_final_engine_seconds", 0.5) is None
+    # an observation past the last finite bound answers that bound
+    later = reading({"0.1": 9, "0.2": 13, "0.5": 15, "+Inf": 25})
+    assert analysis.histogram_quantile(after, later, "breeze_final_engine_seconds", 0.5) == 0.5

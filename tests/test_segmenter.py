@@ -20,10 +20,12 @@ from streaming.audio.segmenter import (
     SAMPLE_RATE,
     SegmentClosed,
     SegmentDiscarded,
+    SegmentEnding,
     Segmenter,
     SegmenterConfig,
     SegmentEvent,
     SegmentGrew,
+    SegmentResumed,
     SegmentStarted,
 )
 
@@ -84,6 +86,8 @@ def summary(events: list[SegmentEvent]) -> list[tuple]:
     for e in events:
         if isinstance(e, SegmentClosed):
             out.append(("closed", e.index, e.start, e.end, e.reason, e.audio.tobytes()))
+        elif isinstance(e, SegmentEnding):
+            out.append(("ending", e.index, e.start, e.end, e.audio.tobytes()))
         elif not isinstance(e, SegmentGrew):
             out.append((type(e).__name__, *vars(e).values()))
     return out
@@ -130,6 +134,45 @@ def test_close_reports_speech_end_not_hangover_end(two_utterances):
     assert len(closed_at) == 2
     for position, end in closed_at:
         assert position - end == (config.hangover_ms - config.end_padding_ms) * SAMPLE_RATE // 1000
+
+
+@needs_espeak
+def test_ending_announces_the_closing_audio_a_hangover_early(two_utterances):
+    audio, _ = two_utterances
+    config = SegmenterConfig()
+    segmenter = Segmenter(config)
+    endings: dict[int, tuple[int, SegmentEnding]] = {}
+    closes: list[tuple[int, SegmentClosed]] = []
+    for i in range(0, audio.size, 160):
+        for event in segmenter.feed(audio[i : i + 160]):
+            if isinstance(event, SegmentEnding):
+                endings[event.index] = (segmenter.position, event)
+            elif isinstance(event, SegmentResumed):
+                del endings[event.index]
+            elif isinstance(event, SegmentClosed):
+                closes.append((segmenter.position, event))
+    assert len(closes) == 2
+    frame = config.frame_ms * SAMPLE_RATE // 1000
+    hangover, padding = -(-config.hangover_ms // config.frame_ms), -(-config.end_padding_ms // config.frame_ms)
+    for position, close in closes:
+        announced_at, ending = endings[close.index]
+        # the audio a final needs, known before the hangover runs out: what the close then carries
+        assert (ending.start, ending.end) == (close.start, close.end)
+        assert ending.audio.tobytes() == close.audio.tobytes()
+        assert position - announced_at == (hangover - padding) * frame
+
+
+@needs_espeak
+def test_a_pause_shorter_than_the_hangover_voids_the_ending():
+    word = say("Seven.")
+    first, last = speech_span(word, 0)
+    word = word[first:last]
+    audio = np.concatenate([seconds(0.5), word, seconds(0.36), word, seconds(1)])
+    events = [e for e in run(audio, chunk=160) if not isinstance(e, SegmentGrew)]
+    kinds = [type(e).__name__ for e in events]
+    # one segment: its speech seemed over in the pause, came back, then ended for good
+    assert kinds == ["SegmentStarted", "SegmentEnding", "SegmentResumed", "SegmentEnding", "SegmentClosed"]
+    assert events[1].end < events[3].end == events[4].end
 
 
 @needs_espeak
@@ -257,7 +300,11 @@ def test_blips_below_min_speech_are_reported_not_announced():
     events = run(audio, config=SegmenterConfig(min_speech_ms=3000))
     assert [type(e) for e in events] == [SegmentDiscarded]
     assert 0 < events[0].voiced_ms < 3000
-    assert [type(e) for e in run(audio) if not isinstance(e, SegmentGrew)] == [SegmentStarted, SegmentClosed]
+    assert [type(e) for e in run(audio) if not isinstance(e, SegmentGrew)] == [
+        SegmentStarted,
+        SegmentEnding,
+        SegmentClosed,
+    ]
 
 
 @needs_espeak
@@ -303,18 +350,3 @@ def test_dev_clips_are_covered_by_segments():
         inside_total += (loud & inside).sum()
         loud_total += loud.sum()
     assert inside_total >= 0.97 * loud_total
-
-
-def test_growth_tells_where_a_silent_close_would_end():
-    """Once the silence outlasts the end padding, growth events carry the end a close on that
-    silence will have, and the audio up to it is the closed segment's audio (early finals)."""
-    from bench.clips import voiced
-
-    events = run(np.concatenate([seconds(0.5), voiced(1.2), seconds(1.0)]), chunk=640)
-    (close,) = closed(events)
-    grown = [e for e in events if isinstance(e, SegmentGrew)]
-    settled = [g for g in grown if g.settled_end is not None]
-    assert settled and {g.settled_end for g in settled} == {close.end}
-    assert all(g.settled_end is None for g in grown if g.end < close.end)
-    assert settled[0].end - close.end < 640 + 480  # within a chunk and a VAD frame of the padding passing
-    assert np.array_equal(settled[0].audio[: close.end - close.start], close.audio)

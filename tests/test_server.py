@@ -321,6 +321,7 @@ async def test_http(tiny_engine, web_root: Path):
             "breeze_encoder_seconds_total",
             "breeze_decoder_seconds_total",
             "breeze_final_latency_seconds_bucket",
+            "breeze_final_engine_seconds_bucket",
             'breeze_draft_tokens_proposed_total{source="hypothesis"}',
             'breeze_draft_tokens_accepted_total{source="medusa"}',
             'breeze_errors_total{code="internal"}',
@@ -328,6 +329,7 @@ async def test_http(tiny_engine, web_root: Path):
             assert name in text, name
         assert "breeze_finals_total 2.0" in text and "breeze_segments_total 2.0" in text
         assert "breeze_final_latency_seconds_count 2.0" in text
+        assert "breeze_final_engine_seconds_count 2.0" in text
         assert (
             "_created" not in text
         )  # counters export no creation timestamps (breeze_sessions_created read as a count)

@@ -16,8 +16,14 @@ import pytest
 
 from engines.transcript import Transcript
 from engines.whisper.decoding import DecodingOptions
-from streaming.audio.hypotheses import agreed_prefix
-from streaming.audio.segmenter import SegmentClosed, SegmentEvent, SegmentGrew, SegmentStarted
+from streaming.audio.segmenter import (
+    SegmentClosed,
+    SegmentEnding,
+    SegmentEvent,
+    SegmentGrew,
+    SegmentResumed,
+    SegmentStarted,
+)
 from streaming.audio.transcriber import (
     Event,
     Failure,
@@ -25,6 +31,7 @@ from streaming.audio.transcriber import (
     Partial,
     StreamingTranscriber,
     TranscriberConfig,
+    agreed_prefix,
 )
 from streaming.metrics import Metrics
 
@@ -106,13 +113,12 @@ def grew(index: int, start: float, end: float) -> SegmentGrew:
     return SegmentGrew(index, s(start), s(end), np.zeros(s(end) - s(start), np.float32))
 
 
-def settled(index: int, start: float, end: float, speech_end: float) -> SegmentGrew:
-    """Growth after the silence outlasted the end padding: a close now would end at `speech_end`."""
-    return SegmentGrew(index, s(start), s(end), np.zeros(s(end) - s(start), np.float32), s(speech_end))
-
-
 def closed(index: int, start: float, end: float) -> SegmentClosed:
     return SegmentClosed(index, s(start), s(end), np.zeros(s(end) - s(start), np.float32), "silence")
+
+
+def ending(index: int, start: float, end: float) -> SegmentEnding:
+    return SegmentEnding(index, s(start), s(end), np.zeros(s(end) - s(start), np.float32))
 
 
 class Harness:
@@ -375,39 +381,72 @@ async def test_without_condition_on_previous_finals_do_not_wait():
     assert len(h.engine.calls) == 2 and all(c.options.previous_text == "" for c in h.engine.calls)
 
 
-async def test_early_final_decodes_the_settled_audio_and_is_the_final():
+def early_finals(h: Harness, outcome: str) -> float:
+    return h.metrics.registry.get_sample_value("breeze_early_finals_total", {"outcome": outcome}) or 0.0
+
+
+async def test_early_final_starts_in_the_hangover_and_goes_out_at_the_close():
     h = Harness()
     await h.feed(started(0, 0.5), grew(0, 0.5, 1.1))
-    await h.answer(h.engine.calls[0], transcript("你", [7]))
-    await h.feed(settled(0, 0.5, 1.8, 1.7))
-    early = h.engine.calls[1]
-    assert (early.samples, early.window, early.final, early.previous) == (s(1.7) - s(0.5), None, True, [7])
-    await h.feed(settled(0, 0.5, 2.3, 1.7))  # more silence: no second final, no partial beside it
-    await h.answer(early, transcript("你好"))
-    assert len(h.engine.calls) == 2 and not any(isinstance(e, Final) for e in h.events)
-    await h.feed(closed(0, 0.5, 1.7))
-    assert len(h.engine.calls) == 2
-    assert h.events[-1] == Final(0, 0.5, 1.7, "你好", h.events[-1].transcript)
-    assert h.count("finals") == 1 and h.count("tokens") == 3
+    await h.answer(h.engine.calls[0], transcript("你好", [7, 8]))
+    await h.feed(grew(0, 0.5, 1.8), ending(0, 0.5, 1.6))
+    early = h.engine.calls[1]  # the final's request, before the segment closes
+    assert (early.samples, early.window, early.final, early.previous) == (s(1.1), None, True, [7, 8])
+    await h.answer(early, transcript("你好嗎"))
+    await h.feed(grew(0, 0.5, 2.1))
+    assert len(h.engine.calls) == 2  # no partial beside the early final
+    assert [type(e) for e in h.events] == [Partial]  # nothing final before the segment closes
+    await h.feed(closed(0, 0.5, 1.6))
+    assert len(h.engine.calls) == 2  # the early request was the final: no second one
+    assert h.events[-1] == Final(0, 0.5, 1.6, "你好嗎", h.events[-1].transcript)
+    assert early_finals(h, "used") == 1 and early_finals(h, "void") == 0
+    assert h.count("final_engine_seconds_count") == 1
 
 
-async def test_speech_after_the_settled_point_drops_the_early_final():
-    h = Harness(partial_interval=0)
-    await h.feed(started(0, 0.5), settled(0, 0.5, 1.8, 1.7))
-    (early,) = h.engine.calls
-    await h.feed(grew(0, 0.5, 2.5))  # voiced again
-    await h.answer(early, transcript("你"))
-    await h.feed(closed(0, 0.5, 2.9))
+async def test_speech_that_resumes_voids_the_early_final():
+    h = Harness()
+    await h.feed(started(0, 0.0), grew(0, 0.0, 1.0), ending(0, 0.0, 0.9))
+    early = h.engine.calls[0]
+    assert early.final and early.samples == s(0.9)
+    await h.feed(SegmentResumed(0), grew(0, 0.0, 1.6))
+    assert early.future.cancelled()  # withdrawn from the engine
+    partial = h.engine.calls[1]  # partials go on with the segment
+    assert not partial.final and partial.samples == s(1.6)
+    await h.answer(partial, transcript("我們"))
+    await h.feed(closed(0, 0.0, 2.0))
+    final = h.engine.calls[2]
+    assert final.final and final.samples == s(2.0)
+    await h.answer(final, transcript("我們走"))
+    assert h.events[-1].text == "我們走" and len(h.engine.calls) == 3
+    assert early_finals(h, "used") == 0 and early_finals(h, "void") == 1
+
+
+async def test_a_close_at_another_end_does_not_take_the_early_final():
+    h = Harness()
+    await h.feed(started(0, 0.0), grew(0, 0.0, 1.0), ending(0, 0.0, 0.9))
+    early = h.engine.calls[0]
+    h.segmenter.at_flush = [closed(0, 0.0, 1.0)]  # the stream stopped mid-hangover, cut at its end
+    finishing = asyncio.ensure_future(h.transcriber.finish())
+    await settle()
+    assert early.future.cancelled()
+    final = h.engine.calls[1]
+    assert final.final and final.samples == s(1.0)
+    await h.answer(final, transcript("好"))
+    await finishing
+    assert [(e.segment, e.text) for e in h.events] == [(0, "好")]
+
+
+async def test_no_early_final_where_its_prompt_waits_or_it_is_off():
+    h = Harness(condition_on_previous=True)
+    await h.feed(started(0, 0.0), closed(0, 0.0, 1.0), started(1, 1.5), grew(1, 1.5, 2.0), ending(1, 1.5, 1.9))
+    assert len(h.engine.calls) == 1  # final 0's text goes into segment 1's prompt: nothing starts before it
+    await h.answer(h.engine.calls[0], transcript("一"))
+    await h.feed(closed(1, 1.5, 1.9))
     final = h.engine.calls[-1]
-    assert final is not early and final.final and final.samples == s(2.9) - s(0.5)
-    await h.answer(final, transcript("你好嗎"))
-    assert [e.text for e in h.events if isinstance(e, Final)] == ["你好嗎"]
+    assert final.final and final.samples == s(0.4) and final.options.previous_text == "一"
 
-
-@pytest.mark.parametrize("config", [{"early_finals": False}, {"condition_on_previous": True}])
-async def test_no_early_final_when_off_or_conditioned(config: dict):
-    h = Harness(partial_interval=0, **config)
-    await h.feed(started(0, 0.5), settled(0, 0.5, 1.8, 1.7))
-    assert h.engine.calls == []
-    await h.feed(closed(0, 0.5, 1.7))
-    assert [c.final for c in h.engine.calls] == [True]
+    off = Harness(early_finals=False)
+    await off.feed(started(0, 0.0), grew(0, 0.0, 0.4), ending(0, 0.0, 0.3))
+    assert off.engine.calls == []
+    await off.feed(closed(0, 0.0, 0.3))
+    assert [c.final for c in off.engine.calls] == [True]

@@ -18,7 +18,7 @@ from engines.whisper.alignment import Word
 from engines.whisper.audio import N_SAMPLES, SAMPLE_RATE
 from engines.whisper.decoding import DecodingOptions
 
-from .hypotheses import shift
+from .hypothesis_text import shift
 from .segmenter import SegmentClosed, Segmenter
 
 

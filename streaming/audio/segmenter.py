@@ -99,15 +99,12 @@ class SegmentGrew:
     """The announced open segment now spans [start, end); sent at most once per `feed`.
 
     `audio` is a read-only view of that span, safe to keep: the segmenter never writes to it again.
-    `settled_end`: where the segment's audio ends if it closes on this silence (the last voiced
-    frame plus the end padding), once that padding has passed; None while speech may go on in it.
     """
 
     index: int
     start: int
     end: int
     audio: np.ndarray
-    settled_end: int | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +119,26 @@ class SegmentClosed:
 
 
 @dataclass(frozen=True)
+class SegmentEnding:
+    """The open segment's speech may be over: `end_padding_ms` of silence followed its last voiced
+    frame. `audio` ([start, end)) is what `SegmentClosed` will carry if the silence lasts the
+    hangover, so a caller can start the final's work now instead of after it; `SegmentResumed`
+    says the silence did not last."""
+
+    index: int
+    start: int
+    end: int
+    audio: np.ndarray
+
+
+@dataclass(frozen=True)
+class SegmentResumed:
+    """Speech came back before the hangover ran out: the segment's last `SegmentEnding` is void."""
+
+    index: int
+
+
+@dataclass(frozen=True)
 class SegmentDiscarded:
     """An opened segment closed with too little voiced audio to be speech; it gets no index."""
 
@@ -130,7 +147,7 @@ class SegmentDiscarded:
     voiced_ms: int
 
 
-SegmentEvent = SegmentStarted | SegmentGrew | SegmentClosed | SegmentDiscarded
+SegmentEvent = SegmentStarted | SegmentGrew | SegmentEnding | SegmentResumed | SegmentClosed | SegmentDiscarded
 
 
 class _Tape:
@@ -194,6 +211,7 @@ class _Open:
         self.voiced = 0
         self.silent_run = 0
         self.last_voiced_end: int | None = None
+        self.ending = False  # a SegmentEnding was sent for the current silence
         self._frame = frame
 
     def add(self, frame: _Frame) -> None:
@@ -224,6 +242,7 @@ class Segmenter:
         self._max_length = c.max_segment_ms * ms
         self._cut_search = c.cut_search_ms * ms
         self._hangover_frames = math.ceil(c.hangover_ms / c.frame_ms)
+        self._ending_frames = max(1, math.ceil(c.end_padding_ms / c.frame_ms))  # silence that holds the padding
         self._min_voiced_frames = max(1, math.ceil(c.min_speech_ms / c.frame_ms))
         self._smooth_frames = max(1, round(c.cut_smooth_ms / c.frame_ms))
         self._tape = _Tape()
@@ -261,9 +280,7 @@ class Segmenter:
         if segment is not None and segment.index is not None and segment.reported_end < self._tape.end:
             segment.reported_end = self._tape.end
             audio_so_far = self._tape.view(segment.start, self._tape.end)
-            last = segment.last_voiced_end
-            settled = None if last is None or self._tape.end < last + self._end_padding else last + self._end_padding
-            events.append(SegmentGrew(segment.index, segment.start, self._tape.end, audio_so_far, settled))
+            events.append(SegmentGrew(segment.index, segment.start, self._tape.end, audio_so_far))
         self._trim()
         return events
 
@@ -291,6 +308,7 @@ class Segmenter:
         segment.add(frame)
         self._confirm(segment, events)
         now = frame.start + self._frame
+        self._announce_ending(segment, frame, now, events)
         if segment.silent_run >= self._hangover_frames:
             self._close(segment, self._speech_end(segment, now), "silence", events)
         elif now - segment.start >= self._max_length:
@@ -315,6 +333,19 @@ class Segmenter:
             segment.index = self._next_index
             self._next_index += 1
             events.append(SegmentStarted(segment.index, segment.start))
+
+    def _announce_ending(self, segment: _Open, frame: _Frame, now: int, events: list[SegmentEvent]) -> None:
+        """SegmentEnding once the silence after the last voiced frame holds the end padding (the
+        segment's audio is then what closing it would give), SegmentResumed if speech comes back."""
+        if segment.index is None:
+            return
+        if frame.voiced and segment.ending:
+            segment.ending = False
+            events.append(SegmentResumed(segment.index))
+        elif segment.silent_run == self._ending_frames < self._hangover_frames and segment.last_voiced_end is not None:
+            segment.ending = True
+            end = self._speech_end(segment, now)
+            events.append(SegmentEnding(segment.index, segment.start, end, self._tape.view(segment.start, end)))
 
     def _speech_end(self, segment: _Open, limit: int) -> int:
         """Last voiced frame plus padding, within `limit`; the segment start when nothing was voiced."""

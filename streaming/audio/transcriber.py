@@ -12,7 +12,9 @@ The transcriber owns a session's `Segmenter` and turns its segments into engine 
   keep it as their prefix;
 - when a segment closes, a *final* decode of the whole segment on the full 30 s window, with
   word timings when `words` is set (in stream seconds, like the segment's start and end); it
-  starts early, on the same audio, once the silence has outlasted the end padding (`early_finals`);
+  starts early, as soon as the silence after the speech holds the segment's end padding, so
+  that the engine works while the hangover runs out (`early_finals`); the same decode, so the
+  same text, and cancelled where speech resumes;
 - every decode gets the segment's last partial tokens as `previous`: the engine verifies them
   as a draft (speculative decoding), so an unchanged prefix costs one forward, not one per token;
 - a final whose transcript holds no speech is not sent; if partials with text were sent for
@@ -39,7 +41,6 @@ own wire format.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections import deque
@@ -55,15 +56,17 @@ from engines.whisper.alignment import Word
 from engines.whisper.decoding import DecodingOptions
 
 from ..metrics import Metrics
-from .hypotheses import agreed_prefix, join_text, shift
+from .hypothesis_text import agreed_prefix, join_text, shift
 from .segmenter import (
     SAMPLE_RATE,
     SegmentClosed,
     SegmentDiscarded,
+    SegmentEnding,
     Segmenter,
     SegmenterConfig,
     SegmentEvent,
     SegmentGrew,
+    SegmentResumed,
     SegmentStarted,
 )
 from .turns import TurnSegmenter
@@ -93,6 +96,11 @@ class TranscriberConfig:
     the engine falls back to the full window when a short window makes the decoder loop."""
     final_window: float | None = None
     """The encoder window of finals, as for partials (None: the full 30 s window)."""
+    early_finals: bool = True
+    """Start a segment's final once the silence after its speech holds the end padding (the
+    segmenter's `SegmentEnding`), not once the whole hangover has passed: the engine works during
+    the rest of the hangover (280 ms by default) and the final goes out when the segment closes.
+    The work is void, and cancelled, where speech resumes within the hangover."""
     speculative: str | None = None
     """Draft sources (off | hypothesis | medusa | both); None: the engine's default."""
     condition_on_previous: bool = False
@@ -103,11 +111,6 @@ class TranscriberConfig:
     session's reading until the engine catches up (finals are never dropped; 0: no limit)."""
     words: bool = False
     """Finals carry word timings (one more decoder pass per final; partials never do)."""
-    early_finals: bool = True
-    """A final starts once the silence has outlasted the end padding, on the audio the segment holds
-    if it closes there: the same decode, hangover - end padding sooner. If speech resumes first, it
-    is dropped (its compute lost) and the segment's final comes at its close. Not with
-    condition_on_previous (a final's prompt needs the previous final)."""
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
 
 
@@ -139,26 +142,10 @@ class Failure:
 
 Event = Partial | Final | Failure
 
-MAX_PROMPT_CHARS = 1000
-"""Longest prompt a client may send; the model reads at most its last 223 tokens anyway."""
 MAX_CARRIED_CHARS = 1000
 """Earlier finals' text kept for condition_on_previous (the model reads the end of it)."""
 MAX_DRAFT_CHARS = 200
 """Earlier finals' text that prompt-lookup drafts search without condition_on_previous."""
-
-
-def check_prompt(value: object, name: str = "prompt") -> str:
-    """A client's prompt (None: none), or ValueError saying what to send instead."""
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise ValueError(f"{name} must be a string of the names and terms to expect, got {json.dumps(value)[:60]}")
-    if len(value) > MAX_PROMPT_CHARS:
-        raise ValueError(
-            f"{name} has {len(value)} characters, more than the {MAX_PROMPT_CHARS} allowed; send the names "
-            "and terms to expect (the model reads about the last 200 words of it)"
-        )
-    return value
 
 
 @dataclass
@@ -173,7 +160,9 @@ class _Segment:
     stable: str = ""
     tokens: list[int] = field(default_factory=list)  # tokens of the last partial
     options: DecodingOptions = field(default_factory=DecodingOptions)  # in force when it started
-    early: tuple[int, asyncio.Future[Transcript | None]] | None = None  # a final started on its audio up to this end
+    early: asyncio.Task[Transcript | None] | None = None  # its final, started at a SegmentEnding
+    early_end: int = -1  # the end of the audio the early final decodes
+    early_asked: float = 0.0  # when it was started
 
 
 class StreamingTranscriber:
@@ -206,7 +195,7 @@ class StreamingTranscriber:
         self._open: _Segment | None = None
         self._partial: asyncio.Task[None] | None = None
         self._last_final: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._received = 0  # samples fed
         self._arrivals: deque[tuple[int, float]] = deque()  # (samples fed after a chunk, its arrival time)
         self._failed = False
@@ -306,6 +295,8 @@ class StreamingTranscriber:
     def _handle(self, events: list[SegmentEvent]) -> None:
         for event in events:
             if isinstance(event, SegmentStarted):
+                if self._open is not None:  # a segment a Realtime clear dropped: its final is not needed
+                    self._drop_early(self._open)
                 self._open = _Segment(
                     event.index, event.start, event.start, np.zeros(0, np.float32), event.start, options=self._options
                 )
@@ -314,11 +305,12 @@ class StreamingTranscriber:
             elif isinstance(event, SegmentGrew):
                 assert self._open is not None and self._open.index == event.index, (event, self._open)
                 self._open.end, self._open.audio = event.end, event.audio
-                early = self._open.early
-                if early is not None and early[0] != event.settled_end:
-                    self._open.early = None  # speech went on: that final's audio is not the segment's
-                if event.settled_end is not None:
-                    self._maybe_early_final(self._open, event.settled_end)
+            elif isinstance(event, SegmentEnding):
+                assert self._open is not None and self._open.index == event.index, (event, self._open)
+                self._start_early(self._open, event)
+            elif isinstance(event, SegmentResumed):
+                assert self._open is not None and self._open.index == event.index, (event, self._open)
+                self._drop_early(self._open)
             elif isinstance(event, SegmentClosed):
                 segment = self._open  # the segmenter closes only the segment it announced last
                 assert segment is not None and segment.index == event.index, (event, segment)
@@ -366,7 +358,7 @@ class StreamingTranscriber:
             or self._interval <= 0
             or (self._partial is not None and not self._partial.done())
             or (self._last_final is not None and not self._last_final.done())
-            or segment.early is not None  # its final is under way: a partial would only delay it
+            or segment.early is not None
             or segment.end - segment.decoded_end < self._interval
         ):
             return
@@ -415,23 +407,60 @@ class StreamingTranscriber:
 
     # --- finals ---------------------------------------------------------------------------------
 
+    def _final_request(self, segment: _Segment, audio: np.ndarray) -> Coroutine[Any, Any, Transcript | None]:
+        return self._engine.transcribe_async(
+            audio,
+            self._decode_options(segment),
+            window=self.config.final_window,
+            previous=segment.tokens or None,
+            speculative=self.config.speculative,
+            final=True,
+            stream=self,
+            words=self.config.words,
+        )
+
+    def _start_early(self, segment: _Segment, event: SegmentEnding) -> None:
+        """The final of `segment` as it will be if the silence lasts, started now. Not where its
+        prompt waits for the previous final's text (condition_on_previous)."""
+        if not self.config.early_finals or self._failed or self._closed:
+            return
+        if self.config.condition_on_previous and self._last_final is not None and not self._last_final.done():
+            return
+        self._drop_early(segment)
+        segment.early_end, segment.early_asked = event.end, time.monotonic()
+        task = asyncio.get_running_loop().create_task(self._final_request(segment, event.audio))
+        task.add_done_callback(_retrieve)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        segment.early = task
+
+    def _drop_early(self, segment: _Segment) -> None:
+        """Speech resumed (or the segment closed elsewhere): its early final is void."""
+        if segment.early is not None:
+            segment.early.cancel()
+            self._metrics.early_finals.labels("void").inc()
+        segment.early, segment.early_end = None, -1
+
     async def _final(self, segment: _Segment, arrival: float, before: asyncio.Task[None] | None) -> None:
+        early = segment.early if segment.early_end == segment.end else None
+        if early is None:
+            self._drop_early(segment)
+        else:
+            self._metrics.early_finals.labels("used").inc()
         if self.config.condition_on_previous and before is not None:
             await asyncio.wait({before})  # the previous final's text goes into this one's prompt
-        asked = time.monotonic()
+        asked = segment.early_asked if early is not None else time.monotonic()
         try:
-            if segment.early is not None and segment.early[0] == segment.end:
-                transcript = await segment.early[1]  # started on this very audio before the segment closed
-            else:
-                transcript = await self._decode_final(segment, segment.audio)
+            transcript = await (early if early is not None else self._final_request(segment, segment.audio))
         except Exception as exc:
             self._fail(exc, f"final decode of segment {segment.index}")
             return
         assert transcript is not None  # only partials are ever dropped
+        waited = time.monotonic() - asked
+        self._metrics.count_decode(transcript)
+        self._metrics.final_engine.observe(waited)
         self._metrics.load.final_decoded(
-            len(segment.audio) / SAMPLE_RATE,
-            transcript.encoder_seconds + transcript.decoder_seconds,
-            time.monotonic() - asked,
+            len(segment.audio) / SAMPLE_RATE, transcript.encoder_seconds + transcript.decoder_seconds, waited
         )
         if before is not None:  # finals go out in segment order
             await asyncio.wait({before})
@@ -457,44 +486,15 @@ class StreamingTranscriber:
         if self._on_resolved is not None and not self._closed:
             self._on_resolved(segment.index)
 
-    async def _decode_final(self, segment: _Segment, audio: np.ndarray) -> Transcript | None:
-        transcript = await self._engine.transcribe_async(
-            audio,
-            self._decode_options(segment),
-            window=self.config.final_window,
-            previous=segment.tokens or None,
-            speculative=self.config.speculative,
-            final=True,
-            stream=self,
-            words=self.config.words,
-        )
-        if transcript is not None:  # a dropped early final's work counts too
-            self._metrics.count_decode(transcript)
-        return transcript
-
-    def _maybe_early_final(self, segment: _Segment, end: int) -> None:
-        """Starts the final on the audio the open segment will hold if it closes at `end` (once)."""
-        config = self.config
-        if not config.early_finals or config.condition_on_previous or self._failed or self._closed:
-            return
-        if segment.early is not None:
-            return
-        result: asyncio.Future[Transcript | None] = asyncio.get_running_loop().create_future()
-        result.add_done_callback(lambda f: f.cancelled() or f.exception())  # a dropped one's error is not news
-        segment.early = (end, result)
-        self._spawn(self._early_final(segment, segment.audio[: end - segment.start], result))
-
-    async def _early_final(
-        self, segment: _Segment, audio: np.ndarray, result: asyncio.Future[Transcript | None]
-    ) -> None:
-        try:
-            result.set_result(await self._decode_final(segment, audio))
-        except Exception as exc:
-            result.set_exception(exc)
-
     def _fail(self, exc: Exception, what: str) -> None:
         log.error("%s failed: %s", what, exc, exc_info=exc)
         if not self._failed:
             self._failed = True
             self._room.set()
             self._emit(Failure(exc))
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Reads a dropped early final's outcome, so that its failure is not logged as never retrieved."""
+    if not task.cancelled():
+        task.exception()

@@ -10,10 +10,12 @@ import numpy as np
 
 from .segmenter import (
     SegmentClosed,
+    SegmentEnding,
     Segmenter,
     SegmenterConfig,
     SegmentEvent,
     SegmentGrew,
+    SegmentResumed,
     SegmentStarted,
 )
 
@@ -63,7 +65,9 @@ class TurnSegmenter:
     def _translate(self, events: list[SegmentEvent]) -> list[SegmentEvent]:
         out: list[SegmentEvent] = []
         for event in events:
-            if isinstance(event, (SegmentStarted, SegmentGrew, SegmentClosed)):
+            if isinstance(event, SegmentResumed):
+                event = replace(event, index=self._indices[event.index])
+            elif isinstance(event, (SegmentStarted, SegmentGrew, SegmentEnding, SegmentClosed)):
                 if isinstance(event, SegmentStarted):
                     self._indices[event.index] = self._next_index
                     self._next_index += 1

@@ -56,7 +56,8 @@ from engines.whisper.alignment import Word
 from engines.whisper.decoding import DecodingOptions
 
 from ..audio.codecs import AudioDecoder, AudioFormatError
-from ..audio.transcriber import Event, Failure, Final, Partial, StreamingTranscriber, check_prompt
+from ..audio.hypothesis_text import check_prompt
+from ..audio.transcriber import Event, Failure, Final, Partial, StreamingTranscriber
 from .base import ProtocolError, ProtocolSession, SessionContext
 
 log = logging.getLogger(__name__)

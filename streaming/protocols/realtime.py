@@ -68,7 +68,7 @@ from websockets.frames import CloseCode
 from engines.whisper.decoding import DecodingOptions
 
 from ..audio.codecs import AudioDecoder, AudioFormatError
-from ..audio.hypotheses import join_text
+from ..audio.hypothesis_text import join_text
 from ..audio.segmenter import (
     SAMPLE_RATE,
     SegmentClosed,

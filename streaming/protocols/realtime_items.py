@@ -8,7 +8,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..audio.hypotheses import join_text
+from ..audio.hypothesis_text import join_text
 from .realtime_settings import ClientError
 
 

@@ -10,8 +10,8 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..audio.hypothesis_text import check_prompt
 from ..audio.segmenter import SegmenterConfig
-from ..audio.transcriber import check_prompt
 from .base import WHISPER_LANGUAGES, SessionConfig
 
 SEMANTIC_HANGOVER_MS = {"low": 1200, "medium": 800, "auto": 800, "high": 500}

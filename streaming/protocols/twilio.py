@@ -51,7 +51,8 @@ from websockets.frames import CloseCode
 from engines.whisper.decoding import DecodingOptions
 
 from ..audio.codecs import AudioDecoder
-from ..audio.transcriber import Event, Failure, Final, Partial, StreamingTranscriber, check_prompt
+from ..audio.hypothesis_text import check_prompt
+from ..audio.transcriber import Event, Failure, Final, Partial, StreamingTranscriber
 from .base import WHISPER_LANGUAGES, Complaints, ProtocolSession, SessionContext
 from .native import segment_event
 

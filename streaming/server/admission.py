@@ -38,7 +38,7 @@ compete with them for the same cores: a queue of finals there waits in units of 
 time (a queue of one server at load rho waits rho / (2 (1 - rho)) service times on average), so
 keeping the admitted sessions' latency within twice the unloaded figure needs rho near a half
 (measured in BENCHMARKS.md, issue 27: four streams kept p95 within 1.9x, eight went to 6x).
-A GPU decodes its finals together in one batch of up to 128 rows, each in milliseconds of the
+A GPU decodes its finals together in one batch of rows, each in milliseconds of the
 engine's time, so it may run its finals at higher use; but its steps slow down as rows and
 encoder calls pile up: on an H100 (BENCHMARKS.md, issue 20, call 3) 0.8 admitted 312 Breeze-shape
 streams at p95 2.2x the unloaded figure, where 200 streams gave 1.3x; 0.6 admits three quarters

@@ -11,8 +11,9 @@ import signal
 from engines.backend import Backend, create_engine
 from engines.config import EngineConfig
 
+from ..audio.hypothesis_text import check_prompt
 from ..audio.segmenter import SegmenterConfig
-from ..audio.transcriber import TranscriberConfig, check_prompt
+from ..audio.transcriber import TranscriberConfig
 from ..options import SEGMENTER_FLAGS
 from ..protocols.base import SessionConfig
 from ..protocols.calls import CallConfig
@@ -34,11 +35,11 @@ def session_config(args: argparse.Namespace) -> SessionConfig:
         partial_interval=args.partial_interval,
         partial_window=args.partial_window,
         final_window=args.final_window,
+        early_finals=args.early_finals,
         speculative=args.speculative,
         max_queued_audio=args.max_queued_audio,
         segmenter=segmenter,
         condition_on_previous=args.condition_on_previous,
-        early_finals=args.early_finals,
     )
     if args.max_send_queue < 1 or args.max_frame_bytes < 1 or args.max_queued_audio < 0 or args.idle_timeout < 0:
         raise ValueError(

@@ -1,11 +1,29 @@
-"""The text of hypotheses: segments joined into one transcript, the prefix two hypotheses agree
-on (the stable prefix of partials), word times moved onto the stream's clock."""
+"""The text of hypotheses: clients' prompts checked, segment texts joined into a transcript, the
+prefix two partials agree on (LocalAgreement-2), a segment's word timings on the stream's clock."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 from engines.whisper.alignment import Word
+
+MAX_PROMPT_CHARS = 1000
+"""Longest prompt a client may send; the model reads at most its last 223 tokens anyway."""
+
+
+def check_prompt(value: object, name: str = "prompt") -> str:
+    """A client's prompt (None: none), or ValueError saying what to send instead."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string of the names and terms to expect, got {json.dumps(value)[:60]}")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise ValueError(
+            f"{name} has {len(value)} characters, more than the {MAX_PROMPT_CHARS} allowed; send the names "
+            "and terms to expect (the model reads about the last 200 words of it)"
+        )
+    return value
 
 
 def _spaced(c: str) -> bool:
@@ -32,14 +50,10 @@ def agreed_prefix(a: str, b: str) -> str:
         if x != y:
             break
         n += 1
-    if 0 < n and _wordchar(a[n - 1]) and (_wordchar(a[n : n + 1]) or _wordchar(b[n : n + 1])):
-        while n > 0 and _wordchar(a[n - 1]):
+    if 0 < n and _spaced(a[n - 1]) and (_spaced(a[n : n + 1]) or _spaced(b[n : n + 1])):
+        while n > 0 and _spaced(a[n - 1]):
             n -= 1
     return a[:n]
-
-
-def _wordchar(c: str) -> bool:
-    return c.isascii() and c.isalnum()
 
 
 def shift(words: list[Word] | None, offset: float) -> list[Word] | None:
