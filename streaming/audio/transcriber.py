@@ -367,15 +367,7 @@ class StreamingTranscriber:
 
     async def _run_partial(self, segment: _Segment, audio: np.ndarray, end: int) -> None:
         try:
-            transcript = await self._engine.transcribe_async(
-                audio,
-                self._decode_options(segment),
-                window=self.config.partial_window,
-                previous=segment.tokens or None,
-                speculative=self.config.speculative,
-                final=False,
-                stream=self,
-            )
+            transcript = await self._request(segment, audio, final=False)
         except Exception as exc:
             self._fail(exc, f"partial decode of segment {segment.index}")
             return
@@ -407,16 +399,18 @@ class StreamingTranscriber:
 
     # --- finals ---------------------------------------------------------------------------------
 
-    def _final_request(self, segment: _Segment, audio: np.ndarray) -> Coroutine[Any, Any, Transcript | None]:
+    def _request(self, segment: _Segment, audio: np.ndarray, final: bool) -> Coroutine[Any, Any, Transcript | None]:
+        """A decode of `segment`'s `audio` (its last partial's tokens as the draft): a partial on the
+        partial window, or a final on the final window, with word timings where asked."""
         return self._engine.transcribe_async(
             audio,
             self._decode_options(segment),
-            window=self.config.final_window,
+            window=self.config.final_window if final else self.config.partial_window,
             previous=segment.tokens or None,
             speculative=self.config.speculative,
-            final=True,
+            final=final,
             stream=self,
-            words=self.config.words,
+            words=final and self.config.words,
         )
 
     def _start_early(self, segment: _Segment, event: SegmentEnding) -> None:
@@ -428,7 +422,7 @@ class StreamingTranscriber:
             return
         self._drop_early(segment)
         segment.early_end, segment.early_asked = event.end, time.monotonic()
-        task = asyncio.get_running_loop().create_task(self._final_request(segment, event.audio))
+        task = asyncio.get_running_loop().create_task(self._request(segment, event.audio, final=True))
         task.add_done_callback(_retrieve)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -451,7 +445,7 @@ class StreamingTranscriber:
             await asyncio.wait({before})  # the previous final's text goes into this one's prompt
         asked = segment.early_asked if early is not None else time.monotonic()
         try:
-            transcript = await (early if early is not None else self._final_request(segment, segment.audio))
+            transcript = await (early if early is not None else self._request(segment, segment.audio, final=True))
         except Exception as exc:
             self._fail(exc, f"final decode of segment {segment.index}")
             return
