@@ -174,6 +174,31 @@ def bench_encoder(
     return out
 
 
+@torch.inference_mode()
+def bench_sampled(
+    model: Whisper, batches: list[int], clips: list[float], stride: int, timer: Timer, iters: int, dtype
+) -> list[dict]:
+    """Full windows with their padding sampled (a final's encoder call), per clip length: graphed
+    on a GPU with the engine's 1 s bucket of dense positions, eager on the CPU."""
+    from engines.whisper.sampled import SampledEncoder, dense_positions
+
+    sampled = SampledEncoder(model.encoder, stride)
+    run = sampled
+    if model.device.type == "cuda":
+        from engines.gpu.encoder_graphs import GraphedEncoder
+
+        run = GraphedEncoder(sampled, batch_buckets=tuple(sorted(set(batches))))
+    out = []
+    for seconds in clips:
+        dense = dense_positions(round(seconds * 100), bucket=50 if model.device.type == "cuda" else 1)
+        for b in batches:
+            mel = torch.randn(b, model.dims.n_mels, 2 * dense, device=model.device, dtype=dtype)
+            ms = timer(lambda mel=mel: run(mel), iters=max(1, iters // 4) if b > 8 else iters, repeats=3)
+            out.append({"batch": b, "clip_seconds": seconds, "dense": dense, "stride": stride, "ms_per_call": ms})
+            print(f"sampled window batch {b:3d} clip {seconds:4.1f} s (dense {dense}): {ms:8.2f} ms/call", flush=True)
+    return out
+
+
 class _Pools:
     """The pools of a running batch (rows = the largest batch), filled with random values."""
 
@@ -617,6 +642,9 @@ def run_bench(args: argparse.Namespace) -> int:
         report["encoder"] = bench_encoder(
             model, batches, args.encoder_frames, args.short_window, timer, args.iters, dtype, fused="compile" in modes
         )
+        if args.sampled_clips:
+            clips = [float(c) for c in args.sampled_clips.split(",")]
+            report["sampled"] = bench_sampled(model, batches, clips, args.padding_stride, timer, args.iters, dtype)
         save()
     frames_list = [min(f, dims.n_audio_ctx) for f in _ints(args.frames)]
     pools = None

@@ -190,6 +190,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         default=7.0,
         help="also time the encoder on a window this many seconds long (0: no)",
     )
+    parser.add_argument(
+        "--sampled-clips",
+        default="3,8,15",
+        help="also time full windows with the padding sampled (engines/whisper/sampled.py, --padding-stride) "
+        "for clips of these seconds ('': no)",
+    )
+    parser.add_argument("--padding-stride", type=int, default=4, help="the sampled windows' stride (default 4)")
     parser.add_argument("--drafts", default="0,1,2,4,8,16", help="draft lengths of the verification table")
     parser.add_argument("--draft-batch", default="1,32", help="batches of the verification table")
     parser.add_argument("--iters", type=int, default=20, help="calls per timing (median of 5 timings)")

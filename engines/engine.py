@@ -28,9 +28,10 @@ from engines.weights.checkpoints import Checkpoint, load_checkpoint
 from engines.weights.fp16 import available as fp16_available
 from engines.weights.fp16 import pack_fp16_weights
 from engines.whisper.alignment import default_heads
-from engines.whisper.audio import SAMPLE_RATE
+from engines.whisper.audio import FRAMES_PER_SECOND, SAMPLE_RATE
 from engines.whisper.decoding import DecodingOptions
 from engines.whisper.model import Whisper
+from engines.whisper.sampled import SampledEncoder
 from engines.whisper.tokenizer import Tokenizer
 from engines.worker import EngineWorker
 
@@ -106,10 +107,18 @@ class Engine(EngineWorker):
         if padding_stride is not None and padding_stride < 1:
             raise ValueError(f"padding_stride must be >= 1, got {padding_stride}")
         self.padding_stride = padding_stride or (1 if self.device.type == "cuda" else CPU_PADDING_STRIDE)
+        # an encoder swapped in (TensorRT-LLM's) computes whole windows
+        self.sampled_encoder = None
+        if self.padding_stride > 1 and encoder is None:
+            self.sampled_encoder = SampledEncoder(self.model.encoder, self.padding_stride)
+        # on a GPU one graph per count of dense positions: counted in window buckets
+        self.dense_bucket = round(self.window_bucket * FRAMES_PER_SECOND / 2) if self.device.type == "cuda" else 1
         if self.graphs is not None and self.graphs.encoder and encoder is None:
             # launch-bound at small batches without graphs; "compile" also fuses each block's pointwise work
             fused = self.graphs.mode == "compile"
             self.encoder = GraphedEncoder(FusedEncoder(self.model.encoder) if fused else self.model.encoder)
+            if self.sampled_encoder is not None:
+                self.sampled_encoder = GraphedEncoder(self.sampled_encoder)
         self._start_worker(overlap_encoder, prioritize_steps, stall_timeout)
 
     def _load_model(self, checkpoint: Checkpoint, fp16_weights: bool | None, encoder) -> None:

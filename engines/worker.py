@@ -34,7 +34,7 @@ from engines.whisper.alignment import Word, word_timings
 from engines.whisper.audio import N_FRAMES, N_SAMPLES, clip_mel, pad_mel
 from engines.whisper.decoding import DecodingResult, detect_language, segment_prompt
 from engines.whisper.model import Whisper
-from engines.whisper.sampled import encode_sampled
+from engines.whisper.sampled import dense_positions, sampled_mel
 from engines.whisper.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,8 @@ class EngineWorker:
     script: str
     window_bucket: float
     padding_stride: int  # full windows: the padding sampled every this many positions (1: all of it)
+    sampled_encoder: Callable[[torch.Tensor], torch.Tensor] | None  # engines/whisper/sampled.py; None: stride 1
+    dense_bucket: int  # a sampled window's dense positions rounded up to a multiple of this
     admission: Admission
     graphs: GraphOptions | None
     node_budget: int | None
@@ -298,8 +300,8 @@ class EngineWorker:
         # on a GPU the log-mel is computed there too: on the host it costs ~10 ms per 10 s of audio
         mels = [clip_mel(self._samples(r), self.model.dims.n_mels).to(self.device, self.dtype) for r in group]
         with torch.inference_mode():
-            if frames == N_FRAMES and self.padding_stride > 1 and self.encoder is self.model.encoder:
-                features = torch.cat([encode_sampled(self.model.encoder, m, self.padding_stride) for m in mels])
+            if frames == N_FRAMES and self.sampled_encoder is not None:
+                features = self._encode_sampled(mels)
             else:
                 features = self.encoder(torch.stack([pad_mel(m, frames) for m in mels]))
         sync(self.device)
@@ -308,6 +310,19 @@ class EngineWorker:
         self._load.encoder_calls += 1
         self._load.encoder_windows += len(group)
         return features
+
+    def _encode_sampled(self, mels: list[torch.Tensor]) -> torch.Tensor:
+        """Full windows with their padding sampled, one encoder call per count of dense positions."""
+        assert self.sampled_encoder is not None
+        by_dense: dict[int, list[int]] = {}
+        for i, m in enumerate(mels):
+            by_dense.setdefault(dense_positions(m.shape[-1], self.dense_bucket), []).append(i)
+        features: list[torch.Tensor] = [None] * len(mels)  # type: ignore[list-item]
+        for dense, rows in by_dense.items():
+            out = self.sampled_encoder(torch.stack([sampled_mel(mels[i], dense) for i in rows]))
+            for i, f in zip(rows, out):
+                features[i] = f
+        return torch.stack(features)
 
     def _begin(self, group: list[Request], frames: int, features: torch.Tensor) -> None:
         """Admits encoded requests to the batch (beam searches run on their own)."""

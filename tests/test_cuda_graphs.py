@@ -16,11 +16,13 @@ import torch
 from bench.tiny import TINY_DIMS
 from engines.batching import Batch, Decoder, Sequence, _Tree
 from engines.gpu.cuda_graphs import GraphOptions, bucket
+from engines.gpu.encoder_graphs import GraphedEncoder
 from engines.gpu.step_inputs import step_inputs, tree_visibility
 from engines.speculative.drafts import HypothesisDrafter
 from engines.synthetic import WHISPER_SUPPRESS, synthetic_vocabulary
 from engines.whisper.decoding import DecodingOptions
 from engines.whisper.model import Whisper
+from engines.whisper.sampled import SampledEncoder, dense_positions, sampled_mel
 from engines.whisper.tokenizer import Tokenizer
 
 DIMS = replace(TINY_DIMS, n_text_layer=2)
@@ -204,3 +206,24 @@ def test_graph_replay_equals_eager_step_on_gpu(parts):
     runners["background"]._recorder.shutdown(wait=True)  # its recordings ran beside the steps
     stats = runners["background"].stats
     assert stats.captures > 0 and stats.eager + stats.stand_ins > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@torch.inference_mode()
+def test_sampled_windows_replay_as_graphs_on_gpu(parts):
+    """Finals' full windows with the padding sampled (engines/whisper/sampled.py) recorded once per
+    (batch, dense count) and replayed: the eager call's features, for clips of several lengths."""
+    model = Whisper(DIMS).cuda().half().eval()
+    model.load_state_dict(parts[0].state_dict())
+    sampled = SampledEncoder(model.encoder, 4)
+    graphed = GraphedEncoder(sampled)
+    torch.manual_seed(1)
+    for clip_frames, rows in [(180, 1), (420, 3), (190, 2), (2990, 1)]:
+        dense = dense_positions(clip_frames, bucket=50)
+        mels = torch.randn(rows, DIMS.n_mels, clip_frames, device="cuda", dtype=torch.half)
+        batch = torch.stack([sampled_mel(m, dense) for m in mels])
+        torch.testing.assert_close(graphed(batch), sampled(batch), atol=2e-3, rtol=2e-3)
+    assert graphed.stats.captures == 4 and graphed.stats.replays == 4
+    again = torch.stack([sampled_mel(m, 150) for m in torch.randn(1, DIMS.n_mels, 150, device="cuda").half()])
+    torch.testing.assert_close(graphed(again), sampled(again), atol=2e-3, rtol=2e-3)
+    assert graphed.stats.captures == 4 and graphed.stats.replays == 5

@@ -9,19 +9,26 @@ import numpy as np
 import pytest
 import torch
 
-import engines.worker
 from bench.clips import silence, voiced
 from bench.tiny import tiny_model
 from engines.engine import Engine
 from engines.whisper.audio import clip_mel, pad_mel
-from engines.whisper.sampled import MARGIN_POSITIONS, encode_sampled, padding_blocks
+from engines.whisper.sampled import (
+    MARGIN_POSITIONS,
+    SampledEncoder,
+    dense_positions,
+    encode_sampled,
+    padding_blocks,
+    sampled_mel,
+)
 from streaming.options import stride_argument
 
 
 @pytest.mark.parametrize("clip_frames", [0, 1, 199, 200, 1000, 2899, 2900, 2999, 3000, 3600])
 @pytest.mark.parametrize("stride", [1, 3, 4, 8])
 def test_blocks_cover_the_window_after_the_clip_and_its_margin(clip_frames: int, stride: int):
-    dense, blocks = padding_blocks(clip_frames, stride)
+    dense = dense_positions(clip_frames)
+    blocks = padding_blocks(dense, stride)
     assert dense == min(1500, (clip_frames + 1) // 2 + MARGIN_POSITIONS)
     assert dense + sum(blocks) == 1500
     assert all(1 <= size <= stride for size in blocks)
@@ -64,28 +71,59 @@ def test_sampled_padding_stays_closer_to_the_full_window_than_a_short_one(defaul
         assert sampled_error < short_error / 2, (seconds, sampled_error, short_error)
 
 
-def test_the_cpu_engine_samples_full_windows_and_only_those(monkeypatch, tiny_checkpoint):
-    calls: list[int] = []
-
-    def spy(encoder, mel, stride):
-        calls.append(stride)
-        return encode_sampled(encoder, mel, stride)
-
-    monkeypatch.setattr(engines.worker, "encode_sampled", spy)
+def test_the_cpu_engine_samples_full_windows_and_only_those(tiny_checkpoint):
     engine = Engine(tiny_checkpoint, device="cpu", padding_stride=3)
+    calls: list[tuple[int, int]] = []
+    sampled = engine.sampled_encoder
+    assert isinstance(sampled, SampledEncoder) and sampled.stride == 3 and engine.dense_bucket == 1
+
+    def spy(mel: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(mel.shape[::2]))
+        return sampled(mel)
+
+    engine.sampled_encoder = spy
     try:
         audio = _speech(2.0)
         full = engine.transcribe(audio)
-        assert calls == [3] and full.window_frames == 3000
+        assert calls == [(1, 2 * dense_positions(clip_mel(audio).shape[-1]))] and full.window_frames == 3000
         short = engine.transcribe(audio, window=1.0)
-        assert calls == [3] and short.window_frames < 3000
+        assert len(calls) == 1 and short.window_frames < 3000
     finally:
         engine.close()
     default = Engine(tiny_checkpoint, device="cpu")
     assert default.padding_stride == 4
     default.close()
+    exact = Engine(tiny_checkpoint, device="cpu", padding_stride=1)
+    assert exact.sampled_encoder is None
+    exact.close()
     with pytest.raises(ValueError):
         Engine(tiny_checkpoint, device="cpu", padding_stride=-1)
+
+
+@torch.inference_mode()
+def test_clips_of_one_dense_count_encode_together_as_each_alone():
+    """The engine encodes the finals of one dense count in one call (on a GPU, one graph): each
+    row must be what that clip gives alone, whatever its length within the count."""
+    encoder = tiny_model().encoder
+    mels = [clip_mel(_speech(seconds)) for seconds in (2.1, 2.6, 2.9)]
+    dense = max(dense_positions(m.shape[-1], bucket=50) for m in mels)
+    assert all(dense == dense_positions(m.shape[-1], bucket=50) for m in mels)
+    together = SampledEncoder(encoder, 4)(torch.stack([sampled_mel(m, dense) for m in mels]))
+    assert together.shape[:2] == (3, 1500)
+    for m, row in zip(mels, together):
+        alone = SampledEncoder(encoder, 4)(sampled_mel(m, dense)[None])[0]
+        torch.testing.assert_close(row, alone, atol=1e-5, rtol=1e-5)
+    # more dense positions than the clip needs: still the full window at stride 1
+    full = encoder(pad_mel(mels[0])[None])
+    torch.testing.assert_close(
+        SampledEncoder(encoder, 1)(sampled_mel(mels[0], dense)[None]), full, atol=1e-4, rtol=1e-4
+    )
+
+
+def test_dense_positions_round_up_to_their_bucket_and_stop_at_the_window():
+    assert dense_positions(199) == 150 and dense_positions(199, bucket=50) == 150
+    assert dense_positions(201, bucket=50) == 200 and dense_positions(2999, bucket=50) == 1500
+    assert dense_positions(2999, bucket=7) == 1500
 
 
 def test_padding_stride_option_takes_whole_numbers_from_one():

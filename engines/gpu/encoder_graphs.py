@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -19,7 +20,10 @@ class GraphedEncoder:
     values; their outputs are ignored); the output is cloned, so callers may keep it."""
 
     def __init__(
-        self, encoder: torch.nn.Module, batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32), max_graphs: int = 64
+        self,
+        encoder: Callable[[Tensor], Tensor],
+        batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32),
+        max_graphs: int = 64,
     ):
         self.encoder = encoder
         self.batch_buckets = tuple(sorted(batch_buckets))

@@ -25,30 +25,69 @@ from .model import AudioEncoder
 MARGIN_POSITIONS = 50  # 1 s after the clip computed densely: the convolutions' edge and the nearest padding
 
 
-def padding_blocks(clip_frames: int, stride: int, n_ctx: int = 1500) -> tuple[int, list[int]]:
-    """Positions computed densely (the clip's and the margin's), and the sizes of the blocks
-    that one sampled position each stands for after them (they sum to the rest of the window)."""
-    dense = min(n_ctx, (clip_frames + 1) // 2 + MARGIN_POSITIONS)
-    return dense, [min(stride, n_ctx - start) for start in range(dense, n_ctx, stride)]
+def dense_positions(clip_frames: int, bucket: int = 1, n_ctx: int = 1500) -> int:
+    """Positions computed densely: the clip's and the margin's, rounded up to a multiple of
+    `bucket` (a GPU records one encoder graph per count; more dense positions only come closer
+    to the full window)."""
+    dense = (clip_frames + 1) // 2 + MARGIN_POSITIONS
+    return min(n_ctx, -(-dense // bucket) * bucket)
+
+
+def padding_blocks(dense: int, stride: int, n_ctx: int = 1500) -> list[int]:
+    """The sizes of the blocks that one sampled position each stands for after the dense
+    positions (they sum to the rest of the window)."""
+    return [min(stride, n_ctx - start) for start in range(dense, n_ctx, stride)]
+
+
+class SampledEncoder:
+    """mel [B, n_mels, 2 * dense] (the clips' log-mel padded with 0.0 to twice the dense
+    positions, `dense_positions`) -> features [B, n_ctx, D] of the full window with its padding
+    sampled every `stride` positions. Its layout per dense count is made once, so that a call
+    reads no host data and can be recorded in a CUDA graph (engines/gpu/encoder_graphs.py)."""
+
+    def __init__(self, encoder: AudioEncoder, stride: int):
+        self.encoder = encoder
+        self.stride = stride
+        self._layouts: dict[tuple[int, torch.device, torch.dtype], tuple[Tensor, Tensor | None, Tensor]] = {}
+
+    def _layout(self, dense: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Positional embeddings of the sampled positions, the log-count bias (None where every
+        position is dense), and the index that repeats each output over its block."""
+        key = (dense, device, dtype)
+        if key not in self._layouts:
+            n_ctx = self.encoder.positional_embedding.shape[0]
+            blocks = padding_blocks(dense, self.stride, n_ctx)
+            middles = [dense + i * self.stride + (size - 1) // 2 for i, size in enumerate(blocks)]
+            positions = self.encoder.positional_embedding[middles].to(dtype)
+            counts = [1] * dense + blocks
+            bias = torch.tensor([math.log(c) for c in counts], dtype=dtype, device=device)[None, None, None, :]
+            index = torch.arange(len(counts), device=device).repeat_interleave(torch.tensor(counts, device=device))
+            self._layouts[key] = (positions, bias if blocks else None, index)
+        return self._layouts[key]
+
+    def __call__(self, mel: Tensor) -> Tensor:
+        encoder = self.encoder
+        dense = mel.shape[-1] // 2
+        positions, bias, index = self._layout(dense, mel.device, mel.dtype)
+        x = F.gelu(encoder.conv2(F.gelu(encoder.conv1(mel)))).permute(0, 2, 1)
+        silent = torch.zeros(1, mel.shape[1], 16, dtype=mel.dtype, device=mel.device)
+        padding = F.gelu(encoder.conv2(F.gelu(encoder.conv1(silent))))[0, :, 4]  # away from both edges
+        x = x + encoder.positional_embedding[:dense].to(x.dtype)
+        sampled = (padding + positions).expand(mel.shape[0], -1, -1)
+        x = torch.cat([x, sampled], 1).to(mel.dtype)
+        for block in encoder.layers:
+            x = block(x, bias)
+        features: Tensor = encoder.ln_post(x)
+        return features[:, index]
+
+
+def sampled_mel(mel: Tensor, dense: int) -> Tensor:
+    """A clip's log-mel [n_mels, frames] as SampledEncoder takes it for `dense` positions."""
+    return F.pad(mel[..., : 2 * dense], (0, max(0, 2 * dense - mel.shape[-1])))
 
 
 def encode_sampled(encoder: AudioEncoder, mel: Tensor, stride: int) -> Tensor:
-    """Features [1, n_ctx, D] of the clip's log-mel `mel` [n_mels, frames] (unpadded) in the full
+    """Features [1, n_ctx, D] of one clip's log-mel `mel` [n_mels, frames] (unpadded) in the full
     window, with the padding sampled every `stride` positions."""
-    n_ctx = encoder.positional_embedding.shape[0]
-    dense, blocks = padding_blocks(mel.shape[-1], stride, n_ctx)
-    # the dense positions read frames up to 2 * dense; beyond the clip the frames are 0.0 as in the window
-    frames = min(2 * n_ctx, 2 * dense + 4)
-    x = F.pad(mel[None, :, :frames], (0, frames - min(frames, mel.shape[-1])))
-    x = F.gelu(encoder.conv2(F.gelu(encoder.conv1(x)))).permute(0, 2, 1)[:, :dense]
-    silent = torch.zeros(1, mel.shape[0], 16, dtype=mel.dtype, device=mel.device)
-    padding = F.gelu(encoder.conv2(F.gelu(encoder.conv1(silent))))[0, :, 4]  # away from both edges
-    middles = [dense + i * stride + (size - 1) // 2 for i, size in enumerate(blocks)]
-    positions = encoder.positional_embedding
-    x = torch.cat([x + positions[:dense], (padding + positions[middles])[None]], 1).to(x.dtype)
-    bias = torch.tensor([0.0] * dense + [math.log(size) for size in blocks], dtype=x.dtype, device=x.device)
-    mask = bias[None, None, None, :] if blocks else None
-    for block in encoder.layers:
-        x = block(x, mask)
-    repeats = torch.tensor([1] * dense + blocks, device=x.device)
-    return torch.repeat_interleave(encoder.ln_post(x), repeats, dim=1)
+    dense = dense_positions(mel.shape[-1], n_ctx=encoder.positional_embedding.shape[0])
+    return SampledEncoder(encoder, stride)(sampled_mel(mel, dense)[None])
