@@ -54,6 +54,9 @@ class Sequence:
     options: DecodingOptions
     drafters: list[Drafter]
     frames: int  # encoder frames this segment's cross-attention may see
+    # [frames]: log of the window frames each key stands for (engines/whisper/sampled.py's
+    # SampledFeatures); None: one each
+    cross_bias: Tensor | None = None
     tag: object = None  # the caller's handle (the engine's request)
     prefix: int = 0  # prompt tokens before <|startoftranscript|>: <|startofprev|> and the previous text
     row: int = -1
@@ -172,6 +175,7 @@ class Batch:
                 graphs if isinstance(graphs, GraphOptions) else GraphOptions(),
             )
         self._pending: dict[Sequence, None] = {}  # admitted, prompt not fed yet (runner path)
+        self._bias: tuple[tuple[Sequence, ...], Tensor] = ((), torch.empty(0))  # _cross_bias's last rows and mask
 
     @property
     def free(self) -> int:
@@ -268,8 +272,10 @@ class Batch:
             (self.cross_k[layer, lo:hi, :, :frames], self.cross_v[layer, lo:hi, :, :frames])
             for layer in range(model.dims.n_text_layer)
         ]
-        cross_mask = None
-        if any(s.frames != frames for s in seqs):
+        cross_mask: Tensor | None = None
+        if any(s.cross_bias is not None for s in seqs):
+            cross_mask = self._cross_bias(seqs, frames)
+        elif any(s.frames != frames for s in seqs):
             visible = (
                 torch.arange(frames, device=device)[None, :]
                 < torch.tensor([s.frames for s in seqs], device=device)[:, None]
@@ -277,6 +283,17 @@ class Batch:
             cross_mask = visible[:, None, None, :]
         rows = None if lo == 0 else torch.arange(lo, hi, device=device)
         return model.decoder.hidden(tokens, positions, self.cache, rows, cross, mask[:, None], cross_mask, slots=slots)
+
+    def _cross_bias(self, seqs: list[Sequence], frames: int) -> Tensor:
+        """The additive cross-attention mask [B, 1, 1, frames] of rows whose keys stand for
+        several frames each: their log counts, -inf past a row's own keys. Kept while the rows stay."""
+        key = tuple(seqs)  # the sequences themselves (compared by identity), not ids that could be reused
+        if self._bias[0] != key:
+            bias = torch.full((len(seqs), frames), -torch.inf, dtype=self.model.dtype, device=self.model.device)
+            for i, s in enumerate(seqs):
+                bias[i, : s.frames] = 0.0 if s.cross_bias is None else s.cross_bias
+            self._bias = (key, bias[:, None, None, :])
+        return self._bias[1]
 
     @torch.inference_mode()
     def step(self) -> list[Sequence]:

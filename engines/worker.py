@@ -34,14 +34,14 @@ from engines.whisper.alignment import Word, word_timings
 from engines.whisper.audio import N_FRAMES, N_SAMPLES, clip_mel, pad_mel
 from engines.whisper.decoding import DecodingResult, detect_language, segment_prompt
 from engines.whisper.model import Whisper
-from engines.whisper.sampled import dense_positions, sampled_mel
+from engines.whisper.sampled import SampledEncoder, SampledFeatures, dense_positions, sampled_mel
 from engines.whisper.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 # what the encoder thread hands the worker: a group of one window length, its frames, and the
 # features or the exception of its encoder call
-Encoded = tuple[list[Request], int, torch.Tensor | None, Exception | None]
+Encoded = tuple[list[Request], int, torch.Tensor | SampledFeatures | None, Exception | None]
 
 
 @dataclass
@@ -294,11 +294,13 @@ class EngineWorker:
             groups.setdefault(self._frames(r), []).append(r)
         return groups
 
-    def _encode(self, group: list[Request], frames: int) -> torch.Tensor:
-        """Encoder features [n, frames / 2, D] of a group of one window length."""
+    def _encode(self, group: list[Request], frames: int) -> torch.Tensor | SampledFeatures:
+        """Encoder features [n, frames / 2, D] of a group of one window length (SampledFeatures:
+        full windows with their padding sampled, for the eager batch)."""
         t0 = time.perf_counter()
         # on a GPU the log-mel is computed there too: on the host it costs ~10 ms per 10 s of audio
         mels = [clip_mel(self._samples(r), self.model.dims.n_mels).to(self.device, self.dtype) for r in group]
+        features: torch.Tensor | SampledFeatures
         with torch.inference_mode():
             if frames == N_FRAMES and self.sampled_encoder is not None:
                 features = self._encode_sampled(mels)
@@ -311,67 +313,94 @@ class EngineWorker:
         self._load.encoder_windows += len(group)
         return features
 
-    def _encode_sampled(self, mels: list[torch.Tensor]) -> torch.Tensor:
-        """Full windows with their padding sampled, one encoder call per count of dense positions."""
+    def _encode_sampled(self, mels: list[torch.Tensor]) -> torch.Tensor | SampledFeatures:
+        """Full windows with their padding sampled, one encoder call per count of dense positions.
+        The eager batch (the CPU) takes them unrepeated (SampledFeatures); a graphed one, whose
+        pools and graphs are shaped for whole windows, repeated over the window."""
         assert self.sampled_encoder is not None
         by_dense: dict[int, list[int]] = {}
         for i, m in enumerate(mels):
             by_dense.setdefault(dense_positions(m.shape[-1], self.dense_bucket), []).append(i)
-        features: list[torch.Tensor] = [None] * len(mels)  # type: ignore[list-item]
-        for dense, rows in by_dense.items():
-            out = self.sampled_encoder(torch.stack([sampled_mel(mels[i], dense) for i in rows]))
-            for i, f in zip(rows, out):
-                features[i] = f
-        return torch.stack(features)
+        compact = self.batch.runner is None and isinstance(self.sampled_encoder, SampledEncoder)
+        rows: list[tuple[torch.Tensor, list[int]]] = [None] * len(mels)  # type: ignore[list-item]
+        for dense, index in by_dense.items():
+            batch = torch.stack([sampled_mel(mels[i], dense) for i in index])
+            if compact:
+                assert isinstance(self.sampled_encoder, SampledEncoder)
+                out, counts = self.sampled_encoder.compact(batch), self.sampled_encoder.counts(dense)
+            else:
+                out, counts = self.sampled_encoder(batch), []
+            for i, f in zip(index, out):
+                rows[i] = (f, counts)
+        if compact:
+            return SampledFeatures.stack(rows)
+        return torch.stack([f for f, _ in rows])
 
-    def _begin(self, group: list[Request], frames: int, features: torch.Tensor) -> None:
-        """Admits encoded requests to the batch (beam searches run on their own)."""
-        for r, f in zip(group, features):
+    def _begin(self, group: list[Request], frames: int, encoded: torch.Tensor | SampledFeatures) -> None:
+        """Admits encoded requests to the batch (beam searches run on their own). SampledFeatures go
+        to the greedy batch as they are; word timings, beam search and language detection see them
+        repeated over the window."""
+        window: torch.Tensor | None = encoded if isinstance(encoded, torch.Tensor) else None
+        if isinstance(encoded, SampledFeatures) and any(
+            r.words or r.options.beam_size > 1 or r.options.language is None for r in group
+        ):
+            window = encoded.expanded()
+        for r, f in zip(group, window if window is not None else [None] * len(group)):
             if r.words:
                 r.features = f
-        beams = [(r, f) for r, f in zip(group, features) if r.options.beam_size > 1]
-        for r, f in beams:  # beam search runs on its own, outside the greedy batch
-            t1 = time.perf_counter()
-            res = Decoder(self.model, self.tokenizer, self.suppress_tokens).decode(f[None], r.options)[0]
-            r.decoder_seconds += time.perf_counter() - t1
-            r.future.set_result(self._transcript(r, res, frames))
-        greedy = [(r, f) for r, f in zip(group, features) if r.options.beam_size == 1]
+        for i, r in enumerate(group):  # beam search runs on its own, outside the greedy batch
+            if r.options.beam_size > 1:
+                assert window is not None
+                t1 = time.perf_counter()
+                res = Decoder(self.model, self.tokenizer, self.suppress_tokens).decode(window[i : i + 1], r.options)[0]
+                r.decoder_seconds += time.perf_counter() - t1
+                r.future.set_result(self._transcript(r, res, frames))
+        greedy = [i for i, r in enumerate(group) if r.options.beam_size == 1]
         if not greedy:
             return
-        feats = torch.stack([f for _, f in greedy])
-        requested = [r.options.language for r, _ in greedy]
+        requests = [group[i] for i in greedy]
+        requested = [r.options.language for r in requests]
         detected = [""] * len(greedy)  # where every request names its language
         if None in requested:
-            detected = detect_language(self.model, self.tokenizer, self.model.decoder.cross_kv(feats))
+            assert window is not None
+            detected = detect_language(self.model, self.tokenizer, self.model.decoder.cross_kv(window[greedy]))
         languages = [lang or d for lang, d in zip(requested, detected)]
-        n_ctx = self.model.dims.n_text_ctx
-        prompts = [segment_prompt(self.tokenizer, lang, r.options, n_ctx) for (r, _), lang in zip(greedy, languages)]
-        seqs = [
-            Sequence(
-                prompt,
-                lang,
-                r.options,
-                drafters(
-                    r.previous,
-                    r.speculative,
-                    self.model,
-                    self.heads,
-                    self.tokenizer,
-                    prompt[1:prefix],
-                    r.options.draft_text,
-                ),
-                frames=feats.shape[1],
-                tag=r,
-                prefix=prefix,
-            )
-            for (r, _), lang, (prompt, prefix) in zip(greedy, languages, prompts)
-        ]
+        feats = encoded[greedy]
+        seqs = self._sequences(requests, languages, feats)
         t1 = time.perf_counter()
-        self.batch.admit(feats, seqs)
+        self.batch.admit(feats.features if isinstance(feats, SampledFeatures) else feats, seqs)
         sync(self.device)
-        for r, _ in greedy:
+        for r in requests:
             r.decoder_seconds += (time.perf_counter() - t1) / len(greedy)
         self._finish([s for s in seqs if s.done])
+
+    def _sequences(
+        self, requests: list[Request], languages: list[str], features: torch.Tensor | SampledFeatures
+    ) -> list[Sequence]:
+        """The batch's sequences of greedy requests: prompts, drafts, and the encoder positions
+        each one's cross-attention sees (with their log counts where they stand for several frames)."""
+        n_ctx = self.model.dims.n_text_ctx
+        if isinstance(features, SampledFeatures):
+            lengths, bias = features.lengths(), features.log_counts()
+            biases: list[torch.Tensor | None] = [row[:n] for row, n in zip(bias, lengths)]
+        else:
+            lengths, biases = [features.shape[1]] * len(requests), [None] * len(requests)
+        seqs = []
+        for r, lang, frames, cross_bias in zip(requests, languages, lengths, biases):
+            prompt, prefix = segment_prompt(self.tokenizer, lang, r.options, n_ctx)
+            drafts = drafters(
+                r.previous,
+                r.speculative,
+                self.model,
+                self.heads,
+                self.tokenizer,
+                prompt[1:prefix],
+                r.options.draft_text,
+            )
+            seqs.append(
+                Sequence(prompt, lang, r.options, drafts, frames=frames, tag=r, prefix=prefix, cross_bias=cross_bias)
+            )
+        return seqs
 
     def _samples(self, request: Request):
         if self.device.type == "cuda":

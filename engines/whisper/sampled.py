@@ -15,6 +15,7 @@ away from the clip is one vector.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -65,10 +66,12 @@ class SampledEncoder:
             self._layouts[key] = (positions, bias if blocks else None, index)
         return self._layouts[key]
 
-    def __call__(self, mel: Tensor) -> Tensor:
+    def compact(self, mel: Tensor) -> Tensor:
+        """Features [B, n, D] of the dense positions and of one sampled position per padding
+        block, not repeated (`counts` says how many frames each stands for)."""
         encoder = self.encoder
         dense = mel.shape[-1] // 2
-        positions, bias, index = self._layout(dense, mel.device, mel.dtype)
+        positions, bias, _ = self._layout(dense, mel.device, mel.dtype)
         x = F.gelu(encoder.conv2(F.gelu(encoder.conv1(mel)))).permute(0, 2, 1)
         silent = torch.zeros(1, mel.shape[1], 16, dtype=mel.dtype, device=mel.device)
         padding = F.gelu(encoder.conv2(F.gelu(encoder.conv1(silent))))[0, :, 4]  # away from both edges
@@ -78,7 +81,56 @@ class SampledEncoder:
         for block in encoder.layers:
             x = block(x, bias)
         features: Tensor = encoder.ln_post(x)
-        return features[:, index]
+        return features
+
+    def counts(self, dense: int) -> list[int]:
+        """The frames of the full window that each position of `compact`'s output stands for."""
+        return [1] * dense + padding_blocks(dense, self.stride, self.encoder.positional_embedding.shape[0])
+
+    def __call__(self, mel: Tensor) -> Tensor:
+        _, _, index = self._layout(mel.shape[-1] // 2, mel.device, mel.dtype)
+        return self.compact(mel)[:, index]
+
+
+@dataclass(frozen=True)
+class SampledFeatures:
+    """Encoder outputs of full windows with their padding sampled, not repeated: position j of row
+    b stands for `counts[b, j]` identical frames of the full window (0: padding past the row's own
+    positions). Attending to one such key with a log(count) bias on its score is attending to its
+    `count` copies, so the decoder's cross-attention reads n keys instead of the window's 1500."""
+
+    features: Tensor  # [B, n, D]
+    counts: Tensor  # [B, n] int64, each row summing to the window's frames
+
+    @classmethod
+    def stack(cls, rows: list[tuple[Tensor, list[int]]]) -> SampledFeatures:
+        """Rows of (features [n_i, D], counts), padded to the longest."""
+        width = max(len(counts) for _, counts in rows)
+        first = rows[0][0]
+        features = first.new_zeros(len(rows), width, first.shape[-1])
+        counts = torch.zeros(len(rows), width, dtype=torch.long, device=first.device)
+        for b, (f, c) in enumerate(rows):
+            features[b, : len(c)] = f[: len(c)]
+            counts[b, : len(c)] = torch.tensor(c)
+        return cls(features, counts)
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    def __getitem__(self, rows: list[int]) -> SampledFeatures:
+        return SampledFeatures(self.features[rows], self.counts[rows])
+
+    def lengths(self) -> list[int]:
+        """Positions in use per row."""
+        return [int(n) for n in (self.counts > 0).sum(1).tolist()]
+
+    def log_counts(self) -> Tensor:
+        """[B, n] in the features' dtype: the bias on the scores of each key (-inf for padding)."""
+        return self.counts.to(self.features.dtype).log()
+
+    def expanded(self) -> Tensor:
+        """The window's features [B, n_ctx, D], each position repeated over its block."""
+        return torch.stack([f.repeat_interleave(c, dim=0) for f, c in zip(self.features, self.counts)])
 
 
 def sampled_mel(mel: Tensor, dense: int) -> Tensor:
