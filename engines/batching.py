@@ -23,12 +23,13 @@ later, and an accepted tree path is moved to the slots of its positions.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from engines.gpu.cuda_graphs import GraphOptions, StepRunner
+from engines.draft_tree import Tree
 from engines.gpu.step_inputs import step_inputs, tree_visibility
 from engines.whisper.decoding import (
     DecodingOptions,
@@ -41,8 +42,11 @@ from engines.whisper.decoding import (
     repetition_period,
     segment_prompt,
 )
-from engines.whisper.model import Whisper
+from engines.whisper.model import Whisper, grown
 from engines.whisper.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # engines.gpu loads Triton (~70 MiB resident): imported where a step is graphed
+    from engines.gpu.cuda_graphs import GraphOptions, StepRunner
 
 
 @dataclass(eq=False)
@@ -98,45 +102,6 @@ class Sequence:
         )
 
 
-@dataclass
-class _Tree:
-    """The nodes one sequence feeds in a step: node 0 is its last chosen token, the rest its draft
-    (nodes after their parents). Node i sits at position start + depth[i] and slot start + i."""
-
-    tokens: list[int]
-    parents: list[int]
-    depth: list[int]
-    source: str
-
-    @classmethod
-    def chain(cls, tokens: list[int]) -> _Tree:
-        """Tokens fed in a row (a prompt): each one follows the one before."""
-        return cls(list(tokens), list(range(-1, len(tokens) - 1)), list(range(len(tokens))), "")
-
-    @classmethod
-    def build(cls, last: int, draft: Draft | None) -> _Tree:
-        if draft is None:
-            return cls([last], [-1], [0], "")
-        parents = [-1] + [p + 1 for p in draft.parents]
-        depth = [0]
-        for p in parents[1:]:
-            depth.append(depth[p] + 1)
-        return cls([last] + draft.tokens, parents, depth, draft.source)
-
-    def child(self, node: int, token: int) -> int | None:
-        return next(
-            (i for i in range(node + 1, len(self.tokens)) if self.parents[i] == node and self.tokens[i] == token), None
-        )
-
-    def path(self, node: int) -> list[int]:
-        """Draft tokens from the root to `node` (what that node's prediction assumes); none for padding."""
-        out = []
-        while 0 < node < len(self.tokens):
-            out.append(self.tokens[node])
-            node = self.parents[node]
-        return out[::-1]
-
-
 class Batch:
     """The running batch: up to `rows` sequences decoded together, one forward per step."""
 
@@ -158,15 +123,20 @@ class Batch:
         dims = model.dims
         self.rows = rows
         self.node_budget = node_budget
-        self.cache = model.new_cache(rows)
+        # a graphed step's pools are static, every row, slot and frame allocated at once; the eager
+        # path's grow to what its sequences need (`_reserve`) and go when the batch empties
+        pooled = rows if graphs else 0
+        self.cache = model.new_cache(pooled, dims.n_text_ctx if graphs else 0)
         head_dim = dims.n_text_state // dims.n_text_head
-        shape = (dims.n_text_layer, rows, dims.n_text_head, dims.n_audio_ctx, head_dim)
+        shape = (dims.n_text_layer, pooled, dims.n_text_head, dims.n_audio_ctx if graphs else 0, head_dim)
         self.cross_k = torch.zeros(shape, dtype=model.dtype, device=model.device)
         self.cross_v = torch.zeros(shape, dtype=model.dtype, device=model.device)
         self.active: list[Sequence] = []
         self._filters: dict[DecodingOptions, LogitFilter] = {}
         self.runner: StepRunner | None = None
         if graphs:
+            from engines.gpu.cuda_graphs import GraphOptions, StepRunner
+
             self.runner = StepRunner(
                 model,
                 self.cache,
@@ -207,6 +177,7 @@ class Batch:
         first = len(self.active)
         rows = slice(first, first + len(sequences))
         frames = features.shape[1]
+        self._reserve(first + len(sequences), frames, 0)
         if self.runner is not None:
             self.runner.store_cross(features, first)
         else:
@@ -242,7 +213,7 @@ class Batch:
             s.no_speech_prob = p
             s.forwards = 1
         self._choose(
-            sequences, logits[:, 1:], hidden[index, last][:, None], [_Tree.build(s.prompt[-1], None) for s in sequences]
+            sequences, logits[:, 1:], hidden[index, last][:, None], [Tree.build(s.prompt[-1], None) for s in sequences]
         )
 
     def _feed(self, prompts: list[list[int]], seqs: list[Sequence]) -> Tensor:
@@ -252,10 +223,10 @@ class Batch:
         device = self.model.device
         tokens = torch.tensor([p + [self.tokenizer.eot] * (width - len(p)) for p in prompts], device=device)
         positions = torch.arange(width, device=device).expand_as(tokens)
-        return self._forward(seqs, tokens, positions, positions, [_Tree.chain(p) for p in prompts], width)
+        return self._forward(seqs, tokens, positions, positions, [Tree.chain(p) for p in prompts], width)
 
     def _forward(
-        self, seqs: list[Sequence], tokens: Tensor, positions: Tensor, slots: Tensor, trees: list[_Tree], width: int
+        self, seqs: list[Sequence], tokens: Tensor, positions: Tensor, slots: Tensor, trees: list[Tree], width: int
     ) -> Tensor:
         """One decoder forward over `seqs` (which must be rows 0..n-1 or a run of rows)."""
         model, n_ctx = self.model, self.model.dims.n_text_ctx
@@ -266,7 +237,9 @@ class Batch:
         mask = (keys < slots[:, :1])[:, None, :].repeat(1, width, 1)  # everything before the first fed node
         sees = np.stack([tree_visibility(tuple(t.parents), width) for t in trees])
         mask.scatter_(2, slots[:, None, :].expand(-1, width, -1), torch.from_numpy(sees).to(device))
-        mask = mask[..., : int(slots.max()) + 1]  # read only the cache slots in use
+        n_slots = int(slots.max()) + 1
+        mask = mask[..., :n_slots]  # read only the cache slots in use
+        self._reserve(hi, 0, n_slots)
         frames = max(s.frames for s in seqs)
         cross = [
             (self.cross_k[layer, lo:hi, :, :frames], self.cross_v[layer, lo:hi, :, :frames])
@@ -308,7 +281,7 @@ class Batch:
         trees = []
         for s in seqs:
             limit = min(s.options.max_draft, s.cap - len(s.generated) - 1, share)
-            trees.append(_Tree.build(s.generated[-1], _draft(s.drafters, s.generated, limit)))
+            trees.append(Tree.build(s.generated[-1], _draft(s.drafters, s.generated, limit)))
             if trees[-1].source:
                 s.proposed[trees[-1].source] += len(trees[-1].tokens) - 1
         width = max(len(t.tokens) for t in trees)
@@ -340,11 +313,11 @@ class Batch:
         trees, starts = [], []
         for s in seqs:
             if s in self._pending:  # its <|startoftranscript|> sequence, after the previous-text prompt admit fed
-                trees.append(_Tree.chain(s.prompt[s.prefix :]))
+                trees.append(Tree.chain(s.prompt[s.prefix :]))
                 starts.append(s.prefix)
                 continue
             limit = min(s.options.max_draft, s.cap - len(s.generated) - 1, share)
-            trees.append(_Tree.build(s.generated[-1], _draft(s.drafters, s.generated, limit)))
+            trees.append(Tree.build(s.generated[-1], _draft(s.drafters, s.generated, limit)))
             if trees[-1].source:
                 s.proposed[trees[-1].source] += len(trees[-1].tokens) - 1
             starts.append(len(s.prompt) + len(s.generated) - 1)
@@ -374,7 +347,7 @@ class Batch:
                     [seqs[i] for i in group],
                     last,
                     hidden[index, length - 1 : length],
-                    [_Tree.build(seqs[i].prompt[-1], None) for i in group],
+                    [Tree.build(seqs[i].prompt[-1], None) for i in group],
                 )
             for i in fresh:
                 del self._pending[seqs[i]]
@@ -383,7 +356,7 @@ class Batch:
             self.remove(s)
         return finished
 
-    def _choose(self, seqs: list[Sequence], logits: Tensor, hidden: Tensor, trees: list[_Tree]) -> None:
+    def _choose(self, seqs: list[Sequence], logits: Tensor, hidden: Tensor, trees: list[Tree]) -> None:
         """Filters the logits of every node, then walks each tree along the argmax."""
         width = logits.shape[1]
         groups: dict[DecodingOptions, list[int]] = {}
@@ -422,6 +395,7 @@ class Batch:
                 if hasattr(drafter, "observe"):
                     drafter.observe(hidden[i, node])
 
+    @torch.inference_mode()  # the eager pools are made in inference mode; the worker removes superseded partials outside it
     def remove(self, seq: Sequence) -> None:
         """Takes `seq` out; the last active sequence moves into its row so rows stay 0..n-1."""
         self._pending.pop(seq, None)
@@ -433,6 +407,20 @@ class Batch:
                 pool[:, seq.row] = pool[:, last.row]
             last.row = seq.row
         seq.row = -1
+        if not self.active and self.runner is None:  # the eager pools go until the next admission
+            self.cache.k = self.cache.v = self.cross_k = self.cross_v = self.cross_k[:, :0, :, :0]
+
+    def _reserve(self, rows: int, frames: int, slots: int) -> None:
+        """Grows the eager path's pools to hold `rows` rows, `frames` cross-attention frames and
+        `slots` cache slots (with zeros: masked keys must still be finite numbers)."""
+        if self.runner is None:
+            dims = self.model.dims
+            self.cross_k, self.cross_v = (
+                grown(p, rows, frames, 128, dims.n_audio_ctx) for p in (self.cross_k, self.cross_v)
+            )
+            self.cache.k, self.cache.v = (
+                grown(p, rows, slots, 32, dims.n_text_ctx) for p in (self.cache.k, self.cache.v)
+            )
 
 
 def _draft(drafters: list[Drafter], generated: list[int], limit: int) -> Draft | None:

@@ -14,13 +14,11 @@ import time
 from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from engines.gpu.cuda_graphs import GraphOptions
-from engines.gpu.encoder_graphs import GraphedEncoder
-from engines.gpu.fused import FusedEncoder
 from engines.scheduling import Admission, Request
 from engines.speculative.drafts import medusa_heads
 from engines.transcript import Transcript
@@ -35,6 +33,9 @@ from engines.whisper.sampled import SampledEncoder
 from engines.whisper.tokenizer import Tokenizer
 from engines.worker import EngineWorker
 
+if TYPE_CHECKING:  # engines.gpu loads Triton (~70 MiB resident): imported on a GPU only
+    from engines.gpu.cuda_graphs import GraphOptions
+
 log = logging.getLogger(__name__)
 
 # through the server's sockets on an H100 (BENCHMARKS.md, issue 20) 16 rows and 1 s buckets gave a p95
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 CUDA_MAX_BATCH, CPU_MAX_BATCH = 16, 16
 CUDA_WINDOW_BUCKET, CPU_WINDOW_BUCKET = 1.0, 1.0  # seconds
 CPU_PADDING_STRIDE = 4  # positions of a full window's padding that one sampled position stands for
+CPU_ENCODER_ROWS = 1  # windows per encoder call on the CPU (engines/worker.py)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -113,7 +115,11 @@ class Engine(EngineWorker):
             self.sampled_encoder = SampledEncoder(self.model.encoder, self.padding_stride)
         # on a GPU one graph per count of dense positions: counted in window buckets
         self.dense_bucket = round(self.window_bucket * FRAMES_PER_SECOND / 2) if self.device.type == "cuda" else 1
+        self.encoder_rows = None if self.device.type == "cuda" else CPU_ENCODER_ROWS
         if self.graphs is not None and self.graphs.encoder and encoder is None:
+            from engines.gpu.encoder_graphs import GraphedEncoder
+            from engines.gpu.fused import FusedEncoder
+
             # launch-bound at small batches without graphs; "compile" also fuses each block's pointwise work
             fused = self.graphs.mode == "compile"
             self.encoder = GraphedEncoder(FusedEncoder(self.model.encoder) if fused else self.model.encoder)
@@ -165,6 +171,8 @@ class Engine(EngineWorker):
         # decoder steps as CUDA graphs per batch-size bucket (engines/gpu/cuda_graphs.py); eager on the CPU
         self.graphs = None
         if self.device.type == "cuda" and cuda_graphs:
+            from engines.gpu.cuda_graphs import GraphOptions
+
             self.graphs = cuda_graphs if isinstance(cuda_graphs, GraphOptions) else GraphOptions()
         # on a GPU a step over many rows verifies shorter drafts (engines/batching.py, node_budget)
         self.node_budget = node_budget or (128 if cuda else None)

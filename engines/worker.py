@@ -20,11 +20,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from engines.batching import Batch, Decoder, Sequence
-from engines.gpu.cuda_graphs import GraphOptions
 from engines.gpu.streams import own_stream, sync
 from engines.scheduling import Admission, Request, fail, newest, resolve, superseded, window_frames, without_stale
 from engines.speculative.drafts import drafters
@@ -34,8 +34,11 @@ from engines.whisper.alignment import Word, word_timings
 from engines.whisper.audio import N_FRAMES, N_SAMPLES, clip_mel, pad_mel
 from engines.whisper.decoding import DecodingResult, detect_language, segment_prompt
 from engines.whisper.model import Whisper
-from engines.whisper.sampled import SampledEncoder, SampledFeatures, dense_positions, sampled_mel
+from engines.whisper.sampled import SampledEncoder, SampledFeatures, encode_windows
 from engines.whisper.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from engines.gpu.cuda_graphs import GraphOptions
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,9 @@ class EngineWorker:
     padding_stride: int  # full windows: the padding sampled every this many positions (1: all of it)
     sampled_encoder: Callable[[torch.Tensor], torch.Tensor] | None  # engines/whisper/sampled.py; None: stride 1
     dense_bucket: int  # a sampled window's dense positions rounded up to a multiple of this
+    # windows per encoder call at most (None: a group's all): on the CPU one, since a call for four costs
+    # what four calls cost there while its activations (hundreds of MiB for ten 20 s windows) add up
+    encoder_rows: int | None
     admission: Admission
     graphs: GraphOptions | None
     node_budget: int | None
@@ -305,7 +311,11 @@ class EngineWorker:
             if frames == N_FRAMES and self.sampled_encoder is not None:
                 features = self._encode_sampled(mels)
             else:
-                features = self.encoder(torch.stack([pad_mel(m, frames) for m in mels]))
+                padded = [pad_mel(m, frames) for m in mels]
+                step = self.encoder_rows or len(padded)
+                features = torch.cat(
+                    [self.encoder(torch.stack(padded[i : i + step])) for i in range(0, len(padded), step)]
+                )
         sync(self.device)
         for r in group:
             r.encoder_seconds += (time.perf_counter() - t0) / len(group)
@@ -314,27 +324,11 @@ class EngineWorker:
         return features
 
     def _encode_sampled(self, mels: list[torch.Tensor]) -> torch.Tensor | SampledFeatures:
-        """Full windows with their padding sampled, one encoder call per count of dense positions.
-        The eager batch (the CPU) takes them unrepeated (SampledFeatures); a graphed one, whose
-        pools and graphs are shaped for whole windows, repeated over the window."""
+        """Full windows with their padding sampled: the eager batch (the CPU) takes them unrepeated;
+        a graphed one, whose pools and graphs are shaped for whole windows, repeated."""
         assert self.sampled_encoder is not None
-        by_dense: dict[int, list[int]] = {}
-        for i, m in enumerate(mels):
-            by_dense.setdefault(dense_positions(m.shape[-1], self.dense_bucket), []).append(i)
         compact = self.batch.runner is None and isinstance(self.sampled_encoder, SampledEncoder)
-        rows: list[tuple[torch.Tensor, list[int]]] = [None] * len(mels)  # type: ignore[list-item]
-        for dense, index in by_dense.items():
-            batch = torch.stack([sampled_mel(mels[i], dense) for i in index])
-            if compact:
-                assert isinstance(self.sampled_encoder, SampledEncoder)
-                out, counts = self.sampled_encoder.compact(batch), self.sampled_encoder.counts(dense)
-            else:
-                out, counts = self.sampled_encoder(batch), []
-            for i, f in zip(index, out):
-                rows[i] = (f, counts)
-        if compact:
-            return SampledFeatures.stack(rows)
-        return torch.stack([f for f, _ in rows])
+        return encode_windows(self.sampled_encoder, mels, self.dense_bucket, self.encoder_rows, compact)
 
     def _begin(self, group: list[Request], frames: int, encoded: torch.Tensor | SampledFeatures) -> None:
         """Admits encoded requests to the batch (beam searches run on their own). SampledFeatures go

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from bench.tiny import TINY_DIMS
-from engines.batching import Batch, Decoder, Sequence, _Tree
+from engines.batching import Batch, Decoder, Sequence
+from engines.draft_tree import Tree
 from engines.gpu.cuda_graphs import GraphOptions, bucket
 from engines.gpu.encoder_graphs import GraphedEncoder
 from engines.gpu.step_inputs import step_inputs, tree_visibility
@@ -53,7 +54,7 @@ def test_bucket():
 
 
 def test_step_inputs_mask_matches_tree_ancestry():
-    trees = [_Tree.build(7, None), _Tree([1, 2, 3, 4], [-1, 0, 0, 1], [0, 1, 1, 2], "medusa")]
+    trees = [Tree.build(7, None), Tree([1, 2, 3, 4], [-1, 0, 0, 1], [0, 1, 1, 2], "medusa")]
     tokens, positions, slots, mask = step_inputs(trees, [5, 446], 4, 448, 99)
     assert tokens.tolist() == [[7, 99, 99, 99], [1, 2, 3, 4]]
     assert slots.tolist() == [[5, 6, 7, 8], [446, 447, 447, 447]]  # clamped padding/tree slots

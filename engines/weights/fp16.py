@@ -36,7 +36,9 @@ def available() -> bool:
 
 def pack_fp16_weights(model: Whisper) -> Whisper:
     """Swaps every Linear of `model`, the fused self-attention projections and the vocabulary
-    projection for PackedLinear, in place. CPU only: fbgemm has no CUDA kernels."""
+    projection for PackedLinear, in place, and keeps no float32 copy of what was packed (the fused
+    projections' query/key/value views go, the token embedding is kept in fp16 for its lookups).
+    CPU only: fbgemm has no CUDA kernels."""
     if model.device.type != "cpu":
         raise ValueError("fp16-packed weights are for the CPU (fbgemm); a GPU runs fp16 or bf16 natively")
     if not available():
@@ -45,10 +47,14 @@ def pack_fp16_weights(model: Whisper) -> Whisper:
         fused_qkv = isinstance(module, MultiHeadAttention) and module.fused is not None
         for name, child in list(module.named_children()):
             if fused_qkv and name in ("query", "key", "value"):
-                continue  # the fused projection below does their work
-            if isinstance(child, Linear):
+                delattr(module, name)  # the fused projection below does their work: no float32 copy kept
+            elif isinstance(child, Linear):
                 setattr(module, name, PackedLinear(child.weight, child.bias))
         if isinstance(module, MultiHeadAttention) and isinstance(module.fused, tuple):
             module.fused = PackedLinear(*module.fused)
-    model.decoder.output = PackedLinear(model.decoder.token_embedding.weight, None)
+    embedding = model.decoder.token_embedding
+    model.decoder.output = PackedLinear(embedding.weight, None)
+    # the lookups read fp16 rows too (the output projection rounds the same matrix): half the memory, and
+    # a float32 sum with the positional embedding, so exact for the fp16 weights of the embedded model
+    embedding.weight = nn.Parameter(embedding.weight.detach().half(), requires_grad=False)
     return model

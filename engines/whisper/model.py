@@ -278,8 +278,12 @@ class KVCache:
     values at its positions, so rolling back a rejected draft is free (the mask hides it until
     it is overwritten)."""
 
-    def __init__(self, dims: ModelDims, rows: int, dtype: torch.dtype, device: torch.device | str):
-        shape = (dims.n_text_layer, rows, dims.n_text_head, dims.n_text_ctx, dims.n_text_state // dims.n_text_head)
+    def __init__(
+        self, dims: ModelDims, rows: int, dtype: torch.dtype, device: torch.device | str, slots: int | None = None
+    ):
+        """`slots`: positions per row (None: the decoder's context; fewer where the pools grow, engines/batching.py)."""
+        slots = dims.n_text_ctx if slots is None else slots
+        shape = (dims.n_text_layer, rows, dims.n_text_head, slots, dims.n_text_state // dims.n_text_head)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.dtype = dtype
@@ -294,6 +298,19 @@ class KVCache:
         """Beam search: row i takes the contents of row source_rows[i]."""
         self.k[:, : len(source_rows)] = self.k[:, source_rows]
         self.v[:, : len(source_rows)] = self.v[:, source_rows]
+
+
+def grown(pool: Tensor, rows: int, width: int, step: int, cap: int) -> Tensor:
+    """`pool` [layers, rows, heads, width, head_dim] with at least `rows` rows and `width` positions:
+    itself where it holds them, else a copy in a larger pool (its width rounded up to `step`,
+    at most `cap`; zeros beyond the copy)."""
+    layers, have_rows, heads, have_width, head_dim = pool.shape
+    if rows <= have_rows and width <= have_width:
+        return pool
+    width = max(have_width, min(cap, -(-width // step) * step))
+    out = pool.new_zeros(layers, max(rows, have_rows), heads, width, head_dim)
+    out[:, :have_rows, :, :have_width] = pool
+    return out
 
 
 def causal_mask(positions: Tensor, n_ctx: int) -> Tensor:
@@ -319,7 +336,8 @@ class Whisper(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.decoder.token_embedding.weight.dtype
+        """The activations' dtype (the token embedding may be kept in fp16 apart: engines/weights/fp16.py)."""
+        return self.decoder.positional_embedding.dtype
 
     def fuse(self) -> Whisper:
         """Fuses the self-attention projections (after loading and moving the weights)."""
@@ -327,5 +345,5 @@ class Whisper(nn.Module):
             cast(ResidualAttentionBlock, block).attn.fuse_qkv()
         return self
 
-    def new_cache(self, rows: int) -> KVCache:
-        return KVCache(self.dims, rows, self.dtype, self.device)
+    def new_cache(self, rows: int, slots: int | None = None) -> KVCache:
+        return KVCache(self.dims, rows, self.dtype, self.device, slots)

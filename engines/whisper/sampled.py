@@ -15,6 +15,7 @@ away from the clip is one vector.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -143,3 +144,31 @@ def encode_sampled(encoder: AudioEncoder, mel: Tensor, stride: int) -> Tensor:
     window, with the padding sampled every `stride` positions."""
     dense = dense_positions(mel.shape[-1], n_ctx=encoder.positional_embedding.shape[0])
     return SampledEncoder(encoder, stride)(sampled_mel(mel, dense)[None])
+
+
+def encode_windows(
+    encoder: SampledEncoder | Callable[[Tensor], Tensor],
+    mels: list[Tensor],
+    bucket: int,
+    rows: int | None,
+    compact: bool,
+) -> Tensor | SampledFeatures:
+    """Full windows of clips' log-mels [n_mels, frames] with their padding sampled: one encoder call
+    per count of dense positions (rounded up to `bucket`), of at most `rows` windows (None: all).
+    `compact` (`encoder` a SampledEncoder): SampledFeatures, unrepeated; else features [n, n_ctx, D]."""
+    by_dense: dict[int, list[int]] = {}
+    for i, m in enumerate(mels):
+        by_dense.setdefault(dense_positions(m.shape[-1], bucket), []).append(i)
+    out: list[tuple[Tensor, list[int]]] = [(mels[0], [])] * len(mels)
+    step = rows or len(mels)
+    for dense, group in by_dense.items():
+        for index in (group[i : i + step] for i in range(0, len(group), step)):
+            batch = torch.stack([sampled_mel(mels[i], dense) for i in index])
+            if compact:
+                assert isinstance(encoder, SampledEncoder)
+                features, counts = encoder.compact(batch), encoder.counts(dense)
+            else:
+                features, counts = encoder(batch), []
+            for i, f in zip(index, features):
+                out[i] = (f, counts)
+    return SampledFeatures.stack(out) if compact else torch.stack([f for f, _ in out])

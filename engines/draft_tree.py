@@ -1,0 +1,47 @@
+"""The nodes one sequence of the running batch feeds in a decoder step (engines/batching.py): its
+last chosen token and its draft, a chain or a tree."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engines.whisper.decoding import Draft
+
+
+@dataclass
+class Tree:
+    """The nodes one sequence feeds in a step: node 0 is its last chosen token, the rest its draft
+    (nodes after their parents). Node i sits at position start + depth[i] and slot start + i."""
+
+    tokens: list[int]
+    parents: list[int]
+    depth: list[int]
+    source: str
+
+    @classmethod
+    def chain(cls, tokens: list[int]) -> Tree:
+        """Tokens fed in a row (a prompt): each one follows the one before."""
+        return cls(list(tokens), list(range(-1, len(tokens) - 1)), list(range(len(tokens))), "")
+
+    @classmethod
+    def build(cls, last: int, draft: Draft | None) -> Tree:
+        if draft is None:
+            return cls([last], [-1], [0], "")
+        parents = [-1] + [p + 1 for p in draft.parents]
+        depth = [0]
+        for p in parents[1:]:
+            depth.append(depth[p] + 1)
+        return cls([last] + draft.tokens, parents, depth, draft.source)
+
+    def child(self, node: int, token: int) -> int | None:
+        return next(
+            (i for i in range(node + 1, len(self.tokens)) if self.parents[i] == node and self.tokens[i] == token), None
+        )
+
+    def path(self, node: int) -> list[int]:
+        """Draft tokens from the root to `node` (what that node's prediction assumes); none for padding."""
+        out = []
+        while 0 < node < len(self.tokens):
+            out.append(self.tokens[node])
+            node = self.parents[node]
+        return out[::-1]

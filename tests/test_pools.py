@@ -1,0 +1,58 @@
+"""The running batch's pools on the eager path (the CPU): they hold what the admitted sequences
+need, not the batch's every row at full width, and go when the batch empties; a graphed step's
+are static (tests/test_cuda_graphs.py checks both give the same tokens)."""
+
+from __future__ import annotations
+
+import torch
+
+from bench.tiny import tiny_model
+from engines.batching import Batch, Sequence
+from engines.gpu.cuda_graphs import GraphOptions
+from engines.weights.checkpoints import default_suppress_ids, default_vocabulary
+from engines.whisper.decoding import DecodingOptions
+from engines.whisper.model import grown
+from engines.whisper.tokenizer import Tokenizer
+
+
+def test_a_pool_grows_only_where_it_must_and_keeps_its_contents():
+    pool = torch.arange(2 * 3 * 2 * 5 * 4, dtype=torch.float32).view(2, 3, 2, 5, 4)
+    assert grown(pool, 3, 5, 8, 100) is pool and grown(pool, 1, 2, 8, 100) is pool
+    wider = grown(pool, 2, 6, 8, 100)
+    assert wider.shape == (2, 3, 2, 8, 4)  # width rounded up to the step, rows kept
+    assert torch.equal(wider[:, :, :, :5], pool) and not wider[:, :, :, 5:].any()
+    more = grown(pool, 5, 0, 8, 100)
+    assert more.shape == (2, 5, 2, 5, 4) and torch.equal(more[:, :3], pool) and not more[:, 3:].any()
+    assert grown(pool, 1, 90, 64, 100).shape[3] == 100  # never past the cap
+
+
+@torch.inference_mode()
+def test_the_eager_batch_holds_what_its_sequences_need_and_releases_it():
+    model = tiny_model().eval()
+    tok = Tokenizer(default_vocabulary())
+    batch = Batch(model, tok, default_suppress_ids(), rows=16)
+    pools = lambda: [tuple(p.shape) for p in (batch.cache.k, batch.cache.v, batch.cross_k, batch.cross_v)]  # noqa: E731
+    assert all(shape[1] == 0 for shape in pools())  # nothing before the first admission
+    torch.manual_seed(0)
+    options = DecodingOptions(max_new_tokens=20)
+    seqs = [Sequence(tok.prompt("zh"), "zh", options, [], frames=300) for _ in range(2)]
+    batch.admit(model.encoder(torch.randn(2, 80, 600)), seqs)
+    k, _, cross_k, _ = pools()
+    assert k[1] == cross_k[1] == 2  # two rows of sixteen
+    assert cross_k[3] == 384 and k[3] == 32  # 300 frames in steps of 128; the prompt's slots in steps of 32
+    with torch.inference_mode(False):  # as the worker drops a superseded partial: outside inference mode
+        batch.remove(seqs[0])
+    while batch.active:
+        batch.step()
+    assert all(shape[1] == 0 for shape in pools())  # released with the last sequence
+    assert seqs[1].result(tok).tokens
+
+
+def test_a_graphed_batch_allocates_its_pools_once_in_full():
+    model = tiny_model().eval()
+    batch = Batch(
+        model, Tokenizer(default_vocabulary()), default_suppress_ids(), rows=4, graphs=GraphOptions(mode="eager")
+    )
+    dims = model.dims
+    assert batch.cross_k.shape[1] == 4 and batch.cross_k.shape[3] == dims.n_audio_ctx
+    assert batch.cache.k.shape[3] == dims.n_text_ctx
