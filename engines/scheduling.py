@@ -79,9 +79,11 @@ class Admission:
         8 of 128 rows cut the p95 by 2/3 at 200 streams in the engine-only capacity runs, and 4 of
         16 served 300-400 streams through the sockets (BENCHMARKS.md). On the CPU batching buys little (an encoder call for 3
         windows costs what 3 calls cost) while every row slows the others' steps: finals run one at a
-        time, each as soon as possible, and no partial starts beside a final."""
+        time, each as soon as possible, no partial starts beside a final, and partials hold at most 4
+        rows (each row's cross-attention keys cost ~25 KB a frame: ten streams' partials at once held
+        240 MiB of them; BENCHMARKS.md, issue 25)."""
         return cls(
-            max_partials=max_partials if max_partials is not None else (max(4, rows // 16) if cuda else rows),
+            max_partials=max_partials if max_partials is not None else (max(4, rows // 16) if cuda else min(4, rows)),
             partials_per_round=partials_per_round or (2 if cuda else rows),
             concurrent_finals=cuda,
             partials_beside_finals=cuda,

@@ -10,7 +10,7 @@ from engines.speculative.drafts import HypothesisDrafter
 from engines.weights.checkpoints import default_suppress_ids, default_vocabulary
 from engines.weights.fp16 import PackedLinear, pack_fp16_weights
 from engines.whisper.decoding import DecodingOptions
-from engines.whisper.model import Linear, Whisper
+from engines.whisper.model import Linear, Whisper, causal_mask
 from engines.whisper.tokenizer import Tokenizer
 
 
@@ -72,3 +72,38 @@ def test_speculation_is_exact_with_packed_weights():
 def test_packing_refuses_a_gpu_model():
     with pytest.raises(ValueError, match="CPU"):
         pack_fp16_weights(random_model().to("meta"))
+
+
+@torch.inference_mode()
+def test_the_packed_step_is_the_modules_step_bit_for_bit():
+    """engines/weights/packed_step.py runs the decoder without its modules: the same numbers, for
+    prompts, drafts in the cache's rows, sampled cross-attention biases and row subsets."""
+    model = pack_fp16_weights(random_model(4))
+    assert model.decoder.packed_hidden is not None
+    torch.manual_seed(6)
+    features = model.encoder(torch.randn(3, 80, 400))
+    cross = model.decoder.cross_kv(features)
+    tokens = torch.randint(0, DIMS.n_vocab, (3, 5))
+    positions = torch.arange(5).expand(3, -1)
+    bias = torch.randn(3, 1, 1, features.shape[1])
+    bias[0, ..., 150:] = -torch.inf
+    outputs = []
+    for packed in (model.decoder.packed_hidden, None):
+        model.decoder.packed_hidden = packed
+        cache = model.new_cache(4)
+        mask = causal_mask(positions, DIMS.n_text_ctx)
+        first = model.decoder.hidden(tokens, positions, cache, None, cross, mask, bias)
+        # then one node for rows 1 and 2 only, at position 5
+        rows = torch.tensor([1, 2])
+        later = model.decoder.hidden(
+            tokens[1:, :1],
+            torch.full((2, 1), 5),
+            cache,
+            rows,
+            [(k[1:], v[1:]) for k, v in cross],
+            causal_mask(torch.full((2, 1), 5), DIMS.n_text_ctx),
+            bias[1:],
+        )
+        outputs.append((first, later, cache.k.clone(), cache.v.clone()))
+    for a, b in zip(*outputs):
+        assert torch.equal(a, b)

@@ -57,4 +57,8 @@ def pack_fp16_weights(model: Whisper) -> Whisper:
     # the lookups read fp16 rows too (the output projection rounds the same matrix): half the memory, and
     # a float32 sum with the positional embedding, so exact for the fp16 weights of the embedded model
     embedding.weight = nn.Parameter(embedding.weight.detach().half(), requires_grad=False)
+    if model.dtype == torch.float32:
+        from engines.weights.packed_step import PackedDecoder
+
+        model.decoder.packed_hidden = PackedDecoder(model.decoder).hidden
     return model

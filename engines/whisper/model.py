@@ -225,6 +225,8 @@ class TextDecoder(nn.Module):
         )
         self.ln = LayerNorm(n_state)
         self.output: nn.Module | None = None  # the vocabulary projection, when packed (engines/weights/fp16.py)
+        # `hidden` without the modules, when every product is packed (engines/weights/packed_step.py)
+        self.packed_hidden: Callable[..., Tensor] | None = None
 
     @property
     def layers(self) -> list[ResidualAttentionBlock]:
@@ -256,6 +258,8 @@ class TextDecoder(nn.Module):
         `rows` picks the cache rows of these sequences (None: rows 0..B-1). Keys/values go to
         cache slot = position unless `slots` says otherwise: the nodes of a draft tree share
         positions but each needs a slot of its own."""
+        if self.packed_hidden is not None and not callable(cross_mask):
+            return self.packed_hidden(tokens, positions, cache, rows, cross, mask, cross_mask, slots)
         x = self.embed(tokens, positions, cache.dtype)
         slots = positions if slots is None else slots
         index = (torch.arange(x.shape[0], device=x.device) if rows is None else rows)[:, None]
