@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from engines import compute
 from engines.scheduling import Admission, Request
 from engines.speculative.drafts import medusa_heads
 from engines.transcript import Transcript
@@ -94,8 +95,13 @@ class Engine(EngineWorker):
         self.device = resolve_device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.name = checkpoint.name
-        self._load_model(checkpoint, fp16_weights, encoder)
-        self.heads = medusa_heads(checkpoint, medusa, self.device, self.dtype)
+
+        def load() -> None:
+            self._load_model(checkpoint, fp16_weights, encoder)
+            self.heads = medusa_heads(checkpoint, medusa, self.device, self.dtype)
+
+        # on the CPU on the compute thread, like all of the engine's torch work (engines/compute.py)
+        compute.run(load) if self.device.type == "cpu" else load()
         if speculative not in SPECULATIVE_MODES:
             raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE_MODES)}, got {speculative!r}")
         self.speculative = speculative

@@ -20,10 +20,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
+from engines import compute
 from engines.batching import Batch, Decoder, Sequence
 from engines.gpu.streams import own_stream, sync
 from engines.scheduling import Admission, Request, fail, newest, resolve, superseded, window_frames, without_stale
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
     from engines.gpu.cuda_graphs import GraphOptions
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # what the encoder thread hands the worker: a group of one window length, its frames, and the
 # features or the exception of its encoder call
@@ -209,23 +212,31 @@ class EngineWorker:
                 self._held = started
             running = self._running()
             try:
-                if live and not self.overlap_encoder:
-                    self._start(live)
-                for group, frames, features, error in encoded:
-                    if not group:
-                        continue
-                    if error is not None:
-                        self._isolate([r for r in group if not r.future.done()], error)
-                    elif features is not None:
-                        self._begin(group, frames, features)
-                if self.batch.active:
-                    self._step()
+                self._compute(partial(self._work, live, encoded))
                 self._progress = time.monotonic()
             except Exception as exc:  # one bad batch must not kill the worker, nor fail every request in it
                 log.exception("engine step failed")
                 held = list({id(r): r for r in started + running + self._running()}.values())
                 self.batch = self._new_batch(self.batch.rows)
                 self._isolate([r for r in held if not r.future.done()], exc)
+
+    def _work(self, live: list[Request], encoded: list[Encoded]) -> None:
+        """A round's model work: new requests encoded and admitted, then one decoder step."""
+        if live and not self.overlap_encoder:
+            self._start(live)
+        for group, frames, features, error in encoded:
+            if not group:
+                continue
+            if error is not None:
+                self._isolate([r for r in group if not r.future.done()], error)
+            elif features is not None:
+                self._begin(group, frames, features)
+        if self.batch.active:
+            self._step()
+
+    def _compute(self, work: Callable[[], T]) -> T:
+        """On the CPU, torch work runs on the process's one compute thread (engines/compute.py)."""
+        return compute.run(work) if self.device.type == "cpu" else work()
 
     def _encode_loop(self) -> None:
         """The encoder thread (overlap_encoder): encodes what the worker admitted, one window length
@@ -273,7 +284,7 @@ class EngineWorker:
         for s in list(self.batch.active):
             r = _request(s)
             if superseded(r, latest):
-                self.batch.remove(s)
+                self._compute(partial(self.batch.remove, s))
                 resolve(r.future, None)
         queue = []
         for r in self._queue:
@@ -416,6 +427,8 @@ class EngineWorker:
         self._finish(finished)
 
     def _finish(self, finished: list[Sequence]) -> None:
+        if finished:  # progress before the answers (the compute thread sets them before the worker wakes)
+            self._progress = time.monotonic()
         for s in finished:
             if s.row >= 0:
                 self.batch.remove(s)
