@@ -12,6 +12,8 @@ and decoder steps here, on one long-lived thread, and no other thread of the eng
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import queue
 import threading
 from collections.abc import Callable
@@ -51,3 +53,16 @@ def run(work: Callable[[], T]) -> T:
     done: Future[object] = Future()
     _jobs.put((work, done))
     return done.result()  # type: ignore[return-value]
+
+
+def release_free_memory() -> None:
+    """Hands the heap's free pages back to the system (glibc's malloc_trim; nothing elsewhere): the
+    float32 weights that loading frees stay resident in the loading thread's heap otherwise (the
+    server's resident set after loading: 635 against 512 MiB)."""
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is not None:
+        trim(0)

@@ -99,6 +99,8 @@ class Engine(EngineWorker):
         def load() -> None:
             self._load_model(checkpoint, fp16_weights, encoder)
             self.heads = medusa_heads(checkpoint, medusa, self.device, self.dtype)
+            if self.device.type == "cpu":
+                compute.release_free_memory()
 
         # on the CPU on the compute thread, like all of the engine's torch work (engines/compute.py)
         compute.run(load) if self.device.type == "cpu" else load()
