@@ -189,7 +189,11 @@ class Engine(EngineWorker):
     @classmethod
     def load(cls, spec: str = "default", device: str = "auto", **kwargs) -> Engine:
         """The engine of a checkpoint spec (engines.weights.checkpoints); `random:SHAPE` models are
-        engines.backend.create_engine's."""
+        engines.backend.create_engine's. On the CPU the checkpoint is read on the compute thread too
+        (engines/compute.py: a parallel region on the caller's thread, where that thread lives on, would
+        leave a second OpenMP team beside the compute thread's)."""
+        if resolve_device(device).type == "cpu":
+            return cls(compute.run(lambda: load_checkpoint(spec)), device=device, **kwargs)
         return cls(load_checkpoint(spec), device=device, **kwargs)
 
     # -- submitting work ---------------------------------------------------------------
