@@ -7,8 +7,9 @@ computed from a silent window instead are further off still (BENCHMARKS.md, issu
 clip and a margin after it are computed exactly as in the full window; beyond them one position in
 `stride` (the middle of its block) stands for the block: its key counts as many keys as the block
 holds (a log-count bias on the attention scores, which is what repeating the key would do), and
-its output is repeated over the block, so the decoder sees 1500 frames as usual. `stride` 1 is
-the full window itself. The padding of the mel is 0.0 (audio.pad_mel), so its convolution output
+its output is repeated over the block where 1500 frames are wanted (a GPU's graphed decoder, word
+timings), while the CPU's decoder attends to the sampled positions themselves with the same
+log-count bias (SampledFeatures). `stride` 1 is the full window itself. The padding of the mel is 0.0 (audio.pad_mel), so its convolution output
 away from the clip is one vector.
 """
 
