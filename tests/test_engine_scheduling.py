@@ -206,9 +206,8 @@ def test_a_stalled_worker_is_reported_dead_and_recovers(tiny_checkpoint):
 
 
 def test_an_encoder_failure_on_its_thread_fails_only_its_request(tiny_checkpoint):
-    engine = Engine(
-        tiny_checkpoint, device="cpu", overlap_encoder=True, padding_stride=1
-    )  # whole windows: engine.encoder
+    # padding_stride 1: the finals' full windows go through engine.encoder, which the test poisons
+    engine = Engine(tiny_checkpoint, device="cpu", overlap_encoder=True, padding_stride=1)
     engine.admission.partials_beside_finals = engine.admission.concurrent_finals = True  # as on a GPU: encoded together
     encoder = engine.encoder
 
