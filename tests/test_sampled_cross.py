@@ -4,34 +4,19 @@ the block's repeated copies, so the batch decodes the same tokens as over the re
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
-import pytest
 import torch
+from test_cuda_graphs import parts  # noqa: F401 - the random two-layer model and its tokenizer
 
 from bench.clips import silence, voiced
-from bench.tiny import TINY_DIMS, TINY_TEXT
+from bench.tiny import TINY_TEXT
 from engines.batching import Batch, Sequence
 from engines.engine import Engine
-from engines.synthetic import WHISPER_SUPPRESS, synthetic_vocabulary
 from engines.whisper.audio import clip_mel
 from engines.whisper.decoding import DecodingOptions
 from engines.whisper.model import Whisper
 from engines.whisper.sampled import SampledEncoder, SampledFeatures, dense_positions, sampled_mel
 from engines.whisper.tokenizer import Tokenizer
-
-DIMS = replace(TINY_DIMS, n_text_layer=2)
-
-
-@pytest.fixture(scope="module")
-def parts():
-    torch.manual_seed(0)
-    model = Whisper(DIMS)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.1)
-    return model.eval(), Tokenizer(synthetic_vocabulary()), WHISPER_SUPPRESS
 
 
 def _sampled(model: Whisper, seconds: list[float], stride: int = 4) -> SampledFeatures:
@@ -47,7 +32,7 @@ def _sampled(model: Whisper, seconds: list[float], stride: int = 4) -> SampledFe
 
 
 @torch.inference_mode()
-def test_sampled_features_expand_to_the_repeated_window(parts):
+def test_sampled_features_expand_to_the_repeated_window(parts):  # noqa: F811 - the fixture
     model, _, _ = parts
     sampled = _sampled(model, [1.0, 6.0])
     encoder = SampledEncoder(model.encoder, 4)
@@ -70,7 +55,7 @@ def _decode(batch: Batch, tok: Tokenizer, features: torch.Tensor, seqs: list[Seq
 
 
 @torch.inference_mode()
-def test_the_batch_decodes_the_sampled_positions_as_the_repeated_window(parts):
+def test_the_batch_decodes_the_sampled_positions_as_the_repeated_window(parts):  # noqa: F811 - the fixture
     """Rows of different dense counts in one batch, random weights (long, varied decodes): the same
     tokens and nearly the same log-probabilities as the batch over the repeated frames."""
     model, tok, suppress = parts
