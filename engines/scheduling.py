@@ -64,11 +64,11 @@ def window_frames(samples: int, window: float | None, bucket: float) -> int:
 
 @dataclass
 class Admission:
-    """How many of the batch's rows partials may take, and whether finals run side by side."""
+    """How many of the batch's rows partials may take, and how fast finals join it."""
 
     max_partials: int  # rows partials may hold at most
     partials_per_round: int  # partials that may start between two decoder steps
-    concurrent_finals: bool  # finals share the batch (else one at a time)
+    finals_per_round: int  # finals that may start between two decoder steps (they share the batch)
     partials_beside_finals: bool  # partials start while a final is queued or running
 
     @classmethod
@@ -77,15 +77,17 @@ class Admission:
     ) -> Admission:
         """The defaults of a device. On a GPU, a sixteenth of the rows (at least 4) and 2 a round:
         8 of 128 rows cut the p95 by 2/3 at 200 streams in the engine-only capacity runs, and 4 of
-        16 served 300-400 streams through the sockets (BENCHMARKS.md). On the CPU batching buys little (an encoder call for 3
-        windows costs what 3 calls cost) while every row slows the others' steps: finals run one at a
-        time, each as soon as possible, no partial starts beside a final, and partials hold at most 4
-        rows (each row's cross-attention keys cost ~25 KB a frame: ten streams' partials at once held
-        240 MiB of them; BENCHMARKS.md, issue 25)."""
+        16 served 300-400 streams through the sockets (BENCHMARKS.md). On the CPU an encoder call
+        for 3 windows costs what 3 calls cost, but a decoder step reads the same weights for 1 row
+        or 4: finals start one a round (each encoded, then decoding beside those already running,
+        so the last of several that end together does not wait for the others' decoding), no
+        partial starts beside a final, and partials hold at most 4 rows (each row's cross-attention
+        keys cost ~25 KB a frame: ten streams' partials at once held 240 MiB of them; BENCHMARKS.md,
+        issue 25)."""
         return cls(
             max_partials=max_partials if max_partials is not None else (max(4, rows // 16) if cuda else min(4, rows)),
             partials_per_round=partials_per_round or (2 if cuda else rows),
-            concurrent_finals=cuda,
+            finals_per_round=rows if cuda else 1,
             partials_beside_finals=cuda,
         )
 
@@ -98,7 +100,7 @@ class Admission:
         finals = [r for r in queue if r.final]
         free = rows - len(started)
         final_active = any(r.final for r in started)
-        taken = finals[: free if self.concurrent_finals else min(free, int(not final_active))]
+        taken = finals[: min(free, self.finals_per_round)]
         running = sum(not r.final for r in started)
         room = min(free - len(taken), self.max_partials - running, self.partials_per_round)
         if not self.partials_beside_finals and (finals or final_active):

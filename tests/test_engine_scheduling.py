@@ -2,6 +2,7 @@
 
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from bench.tiny import TINY_DIMS, TINY_TEXT, tiny_model
 from engines.engine import Engine
+from engines.scheduling import Admission
 from engines.weights.checkpoints import Checkpoint, default_suppress_ids, default_vocabulary
 from engines.whisper.audio import N_FRAMES
 from engines.whisper.decoding import DecodingOptions
@@ -56,7 +58,7 @@ def test_a_looping_partial_keeps_its_short_window(looping_engine):
     assert t.text == TINY_TEXT
 
 
-def test_cpu_partials_respect_their_row_cap_and_finals_run_one_at_a_time(tiny_checkpoint):
+def test_cpu_partials_respect_their_row_cap_and_finals_join_one_a_round(tiny_checkpoint):
     engine = Engine(tiny_checkpoint, device="cpu", max_partials=1, partials_per_round=1)
     seen = []
     admit = engine.batch.admit
@@ -64,9 +66,8 @@ def test_cpu_partials_respect_their_row_cap_and_finals_run_one_at_a_time(tiny_ch
     def recording_admit(features, sequences):
         admit(features, sequences)
         active = [s.tag for s in engine.batch.active]
-        seen.append(
-            (sum(not r.final for r in active), sum(r.final for r in active), sum(not s.tag.final for s in sequences))
-        )
+        new_finals = sum(s.tag.final for s in sequences)
+        seen.append((sum(not r.final for r in active), sum(r.final for r in active), new_finals, len(sequences)))
 
     engine.batch.admit = recording_admit
     try:
@@ -76,10 +77,30 @@ def test_cpu_partials_respect_their_row_cap_and_finals_run_one_at_a_time(tiny_ch
     finally:
         engine.close()
     assert all(r is not None and r.text == TINY_TEXT for r in results)  # every partial served, none dropped
-    assert max(partials for partials, _, _ in seen) <= 1
-    # on the CPU finals run one at a time, and no partial starts while a final is in the batch
-    assert max(finals for _, finals, _ in seen) == 1
-    assert all(new == 0 for _, finals, new in seen if finals)
+    assert max(partials for partials, _, _, _ in seen) <= 1
+    # on the CPU a final starts alone (its encoder call holds up the steps once), then decodes
+    # beside finals already running; no partial starts while a final is in the batch
+    assert all(new <= 1 for _, _, new, _ in seen)
+    assert all(admitted == new for _, finals, new, admitted in seen if finals)
+
+
+def test_cpu_admission_starts_one_final_a_round_beside_running_finals():
+    """Finals that end together: on the CPU each is encoded alone and then decodes beside those
+    already running (a step reads the weights once for all rows); partials wait for them all."""
+
+    @dataclass
+    class Queued:
+        final: bool
+        alone: bool = False
+
+    running, queue = [Queued(True)], [Queued(True), Queued(True), Queued(False)]
+    cpu = Admission.for_device(False, rows=16)
+    assert cpu.take(queue, running, 16) == queue[:1]
+    assert cpu.take(queue[2:], running, 16) == []  # no partial beside a final
+    assert cpu.take(queue[2:], [], 16) == queue[2:]
+    gpu = Admission.for_device(True, rows=16)
+    assert gpu.take(queue, running, 16) == queue  # a GPU starts them all, partials beside
+    assert cpu.take(queue, [Queued(True)] * 16, 16) == []  # no free row
 
 
 def test_a_final_supersedes_its_streams_partials(looping_engine):
@@ -146,9 +167,8 @@ def test_a_partial_superseded_while_it_is_encoded_is_answered_none(tiny_checkpoi
 
 def test_the_encoder_thread_takes_a_final_before_queued_partials(tiny_checkpoint):
     engine = Engine(tiny_checkpoint, device="cpu", overlap_encoder=True)
-    engine.admission.partials_beside_finals = engine.admission.concurrent_finals = (
-        True  # as on a GPU: partials start beside finals
-    )
+    engine.admission.partials_beside_finals = True  # as on a GPU: partials start beside finals
+    engine.admission.finals_per_round = engine.batch.rows
     entered, release = threading.Event(), threading.Event()
     order = []
     encode = engine._encode
@@ -208,7 +228,8 @@ def test_a_stalled_worker_is_reported_dead_and_recovers(tiny_checkpoint):
 def test_an_encoder_failure_on_its_thread_fails_only_its_request(tiny_checkpoint):
     # padding_stride 1: the finals' full windows go through engine.encoder, which the test poisons
     engine = Engine(tiny_checkpoint, device="cpu", overlap_encoder=True, padding_stride=1)
-    engine.admission.partials_beside_finals = engine.admission.concurrent_finals = True  # as on a GPU: encoded together
+    engine.admission.partials_beside_finals = True  # as on a GPU: encoded together
+    engine.admission.finals_per_round = engine.batch.rows
     encoder = engine.encoder
 
     def poisoned_encoder(mel):
