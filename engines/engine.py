@@ -26,6 +26,7 @@ from engines.transcript import Transcript
 from engines.weights.checkpoints import Checkpoint, load_checkpoint
 from engines.weights.fp16 import available as fp16_available
 from engines.weights.fp16 import pack_fp16_weights
+from engines.weights.mapped import MAPPED_NAME
 from engines.whisper.alignment import default_heads
 from engines.whisper.audio import FRAMES_PER_SECOND, SAMPLE_RATE
 from engines.whisper.decoding import DecodingOptions
@@ -145,7 +146,7 @@ class Engine(EngineWorker):
             fp16_weights = self.device.type == "cpu" and fp16_available()
         self.fp16_weights = fp16_weights
         if fp16_weights:
-            pack_fp16_weights(self.model)
+            pack_fp16_weights(self.model, checkpoint.state_dict.get(MAPPED_NAME))
         self.tokenizer = Tokenizer(checkpoint.vocabulary)
         self.encoder = (
             self.model.encoder if encoder is None else encoder

@@ -224,6 +224,8 @@ class EngineWorker:
         """A round's model work: new requests encoded and admitted, then one decoder step."""
         if live and not self.overlap_encoder:
             self._start(live)
+            if self.device.type == "cpu":  # what the encoder freed, glibc keeps (engines/compute.py)
+                compute.release_free_memory(every=compute.TRIM_INTERVAL)
         for group, frames, features, error in encoded:
             if not group:
                 continue

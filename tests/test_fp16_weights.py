@@ -53,6 +53,27 @@ def test_packing_swaps_every_product_and_keeps_the_logits():
         torch.testing.assert_close(model.decoder.logits(hidden), reference.decoder.logits(hidden), rtol=1e-4, atol=1e-4)
 
 
+def test_lookups_read_the_checkpoints_mapped_embedding(tmp_path):
+    """A model loaded from our .safetensors looks its tokens up in the file's memory-mapped fp16 table
+    (no resident copy), with the same embeddings as a copy; a table that is not the model's is copied."""
+    from safetensors.torch import save_file
+
+    from engines.weights.mapped import MAPPED_NAME, mapped_tensor
+
+    state = {k: v.half() for k, v in random_model().state_dict().items()}
+    save_file(state, str(tmp_path / "m.safetensors"))
+    source = mapped_tensor(tmp_path / "m.safetensors", MAPPED_NAME)
+    assert source._file_map is not None and torch.equal(source, state[MAPPED_NAME])
+    copied, mapped = pack_fp16_weights(random_model()), pack_fp16_weights(random_model(), source)
+    assert mapped.decoder.token_embedding.weight.data_ptr() == source.data_ptr()
+    tokens, positions = torch.tensor([[1, 50, 7]]), torch.tensor([[0, 1, 2]])
+    with torch.inference_mode():
+        expected = copied.decoder.embed(tokens, positions, torch.float32)
+        assert torch.equal(mapped.decoder.embed(tokens, positions, torch.float32), expected)
+    other = pack_fp16_weights(random_model(1), source)
+    assert other.decoder.token_embedding.weight.data_ptr() != source.data_ptr()
+
+
 @torch.inference_mode()
 def test_speculation_is_exact_with_packed_weights():
     model = pack_fp16_weights(random_model(3))

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from engines.weights import ct2
+from engines.weights.mapped import MAPPED_DTYPES, MAPPED_NAME, mapped_tensor
 from engines.weights.shapes import check_state_dict
 from engines.whisper.model import ModelDims
 
@@ -229,6 +230,8 @@ def load_cached(path: Path, key: str | None = None) -> Checkpoint | None:
         if key is not None and meta.get("key") != key:
             return None
         state_dict = {name: f.get_tensor(name) for name in f.keys()}
+    if state_dict.get(MAPPED_NAME, torch.empty(0)).dtype in MAPPED_DTYPES.values():
+        state_dict[MAPPED_NAME] = mapped_tensor(path, MAPPED_NAME)
     heads = json.loads(meta["alignment_heads"])
     checkpoint = Checkpoint(
         name=meta["name"],

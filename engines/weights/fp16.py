@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from engines.weights.mapped import drop_mapped_pages
 from engines.whisper.model import Linear, MultiHeadAttention, Whisper
 
 
@@ -34,11 +35,12 @@ def available() -> bool:
     return {"fbgemm", "x86"} & set(torch.backends.quantized.supported_engines) != set()
 
 
-def pack_fp16_weights(model: Whisper) -> Whisper:
+def pack_fp16_weights(model: Whisper, embedding: Tensor | None = None) -> Whisper:
     """Swaps every Linear of `model`, the fused self-attention projections and the vocabulary
     projection for PackedLinear, in place, and keeps no float32 copy of what was packed (the fused
     projections' query/key/value views go, the token embedding is kept in fp16 for its lookups).
-    CPU only: fbgemm has no CUDA kernels."""
+    CPU only: fbgemm has no CUDA kernels. `embedding`: the checkpoint's token embedding, kept as the
+    lookup table where it is the model's in fp16 (not copied: a memory-mapped one stays mostly on disk)."""
     if model.device.type != "cpu":
         raise ValueError("fp16-packed weights are for the CPU (fbgemm); a GPU runs fp16 or bf16 natively")
     if not available():
@@ -52,13 +54,24 @@ def pack_fp16_weights(model: Whisper) -> Whisper:
                 setattr(module, name, PackedLinear(child.weight, child.bias))
         if isinstance(module, MultiHeadAttention) and isinstance(module.fused, tuple):
             module.fused = PackedLinear(*module.fused)
-    embedding = model.decoder.token_embedding
-    model.decoder.output = PackedLinear(embedding.weight, None)
+    table = model.decoder.token_embedding
+    model.decoder.output = PackedLinear(table.weight, None)
     # the lookups read fp16 rows too (the output projection rounds the same matrix): half the memory, and
     # a float32 sum with the positional embedding, so exact for the fp16 weights of the embedded model
-    embedding.weight = nn.Parameter(embedding.weight.detach().half(), requires_grad=False)
+    table.weight = nn.Parameter(_lookup_table(table.weight, embedding), requires_grad=False)
     if model.dtype == torch.float32:
         from engines.weights.packed_step import PackedDecoder
 
         model.decoder.packed_hidden = PackedDecoder(model.decoder).hidden
     return model
+
+
+def _lookup_table(weight: Tensor, source: Tensor | None) -> Tensor:
+    """The fp16 token embedding for lookups: `source` itself where it is that table already (the
+    checkpoint's fp16 tensor the model was loaded from, memory-mapped by engines/weights/checkpoints.py:
+    only the rows looked up become resident), else a copy of `weight` in fp16."""
+    table = weight.detach().half()
+    if source is not None and source.dtype == torch.float16 and torch.equal(source, table):
+        drop_mapped_pages(source)  # loading (and the comparison) read all of it
+        return source
+    return table
