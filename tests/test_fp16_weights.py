@@ -128,3 +128,26 @@ def test_the_packed_step_is_the_modules_step_bit_for_bit():
         outputs.append((first, later, cache.k.clone(), cache.v.clone()))
     for a, b in zip(*outputs):
         assert torch.equal(a, b)
+
+
+@torch.inference_mode()
+def test_the_packed_step_runs_only_the_nodes_it_is_given():
+    """Rows of a step are padded to the widest draft; with `nodes` the products skip the padding,
+    and every real node's hidden state and cache entry is what the padded step gives, bit for bit."""
+    model = pack_fp16_weights(random_model(4))
+    torch.manual_seed(7)
+    cross = model.decoder.cross_kv(model.encoder(torch.randn(3, 80, 400)))
+    tokens = torch.randint(0, DIMS.n_vocab, (3, 5))
+    positions = torch.arange(5).expand(3, -1)
+    mask = causal_mask(positions, DIMS.n_text_ctx)
+    sizes = [5, 2, 1]
+    nodes = torch.tensor([row * 5 + n for row, size in enumerate(sizes) for n in range(size)])
+    padded_cache, ragged_cache = model.new_cache(3), model.new_cache(3)
+    padded = model.decoder.hidden(tokens, positions, padded_cache, None, cross, mask)
+    ragged = model.decoder.hidden(tokens, positions, ragged_cache, None, cross, mask, nodes=nodes)
+    assert ragged.shape == (sum(sizes), DIMS.n_text_state)
+    assert torch.equal(ragged, padded.flatten(0, 1)[nodes])
+    for row, size in enumerate(sizes):
+        for pool in ("k", "v"):
+            got, want = getattr(ragged_cache, pool), getattr(padded_cache, pool)
+            assert torch.equal(got[:, row, :, :size], want[:, row, :, :size])

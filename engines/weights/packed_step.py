@@ -65,17 +65,32 @@ class PackedDecoder:
         mask: Tensor,
         cross_mask: Tensor | None = None,
         slots: Tensor | None = None,
+        nodes: Tensor | None = None,
     ) -> Tensor:
-        """As TextDecoder.hidden (a callable cross mask, a GPU's, is not taken)."""
+        """As TextDecoder.hidden (a callable cross mask, a GPU's, is not taken). With `nodes`, the
+        products, norms and MLPs run on those nodes alone (rows of different draft widths: the
+        padding of the narrower ones costs nothing) and only attention sees the padded rows."""
         x = (F.embedding(tokens, self.embedding) + self.positions[positions]).to(cache.dtype)
         slots = positions if slots is None else slots
         batch, width, state = x.shape
+
+        def packed(t: Tensor) -> Tensor:  # [B, W, C] -> the nodes' [N, C]
+            return t if nodes is None else t.reshape(batch * width, -1)[nodes]
+
+        def padded(t: Tensor) -> Tensor:  # the nodes' [N, C] -> [B, W, C], zeros at the padding
+            if nodes is None:
+                return t
+            out = t.new_zeros(batch * width, t.shape[-1])
+            out[nodes] = t
+            return out.view(batch, width, -1)
+
+        x = packed(x)
         heads, head_dim = self.n_head, state // self.n_head
         index = (torch.arange(batch) if rows is None else rows)[:, None]
         n_keys = mask.shape[-1]
         sdpa = F.scaled_dot_product_attention
         for layer, (attn_ln, qkv, out, cross_ln, query, cross_out, mlp_ln, fc1, fc2) in enumerate(self.layers):
-            q, k, v = _linear(F.layer_norm(x, *attn_ln), qkv).chunk(3, dim=-1)
+            q, k, v = padded(_linear(F.layer_norm(x, *attn_ln), qkv)).chunk(3, dim=-1)
             k_cache, v_cache = cache.k[layer], cache.v[layer]
             k_cache[index, :, slots] = k.view(batch, width, heads, head_dim)
             v_cache[index, :, slots] = v.view(batch, width, heads, head_dim)
@@ -85,9 +100,9 @@ class PackedDecoder:
                 keys, values = k_cache[rows, :, :n_keys], v_cache[rows, :, :n_keys]
             q = q.view(batch, width, heads, head_dim).transpose(1, 2)
             a = sdpa(q, keys, values, attn_mask=mask).transpose(1, 2).reshape(batch, width, state)
-            x = x + _linear(a, out)
-            q = _linear(F.layer_norm(x, *cross_ln), query).view(batch, width, heads, head_dim).transpose(1, 2)
+            x = x + _linear(packed(a), out)
+            q = padded(_linear(F.layer_norm(x, *cross_ln), query)).view(batch, width, heads, head_dim).transpose(1, 2)
             c = sdpa(q, *cross[layer], attn_mask=cross_mask).transpose(1, 2).reshape(batch, width, state)
-            x = x + _linear(c, cross_out)
+            x = x + _linear(packed(c), cross_out)
             x = x + _linear(F.gelu(_linear(F.layer_norm(x, *mlp_ln), fc1)), fc2)
         return F.layer_norm(x, *self.ln)

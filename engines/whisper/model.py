@@ -252,21 +252,23 @@ class TextDecoder(nn.Module):
         mask: Tensor,
         cross_mask: Mask = None,
         slots: Tensor | None = None,
+        nodes: Tensor | None = None,
     ) -> Tensor:
-        """Last hidden states [B, T, n_state] of `tokens` [B, T] at `positions` [B, T].
+        """Last hidden states [B, T, n_state] of `tokens` [B, T] at `positions` [B, T]; with
+        `nodes` (indices into the B * T tokens: rows padded to the widest), those nodes' [N, n_state].
 
         `rows` picks the cache rows of these sequences (None: rows 0..B-1). Keys/values go to
         cache slot = position unless `slots` says otherwise: the nodes of a draft tree share
         positions but each needs a slot of its own."""
         if self.packed_hidden is not None and not callable(cross_mask):
-            return self.packed_hidden(tokens, positions, cache, rows, cross, mask, cross_mask, slots)
+            return self.packed_hidden(tokens, positions, cache, rows, cross, mask, cross_mask, slots, nodes)
         x = self.embed(tokens, positions, cache.dtype)
         slots = positions if slots is None else slots
         index = (torch.arange(x.shape[0], device=x.device) if rows is None else rows)[:, None]
         for layer, block in enumerate(self.layers):
             x = block.decode(x, (cache.k[layer], cache.v[layer]), rows, cross[layer], slots, mask, cross_mask, index)
         out: Tensor = self.ln(x)
-        return out
+        return out if nodes is None else out.flatten(0, 1)[nodes]
 
     def logits(self, hidden: Tensor) -> Tensor:
         if self.output is not None:
