@@ -28,7 +28,7 @@ class EngineConfig:
     script: str = "traditional"
     trtllm_engine_dir: str | Path | None = None
     self_test: bool = True  # the TensorRT-LLM backends' start-up self-test
-    speculative: str = "both"
+    speculative: str | None = None  # draft sources; None: the engine's default for the device
     medusa: str | None = None  # Medusa heads file; None: the shipped heads where they fit the model
     fp32_weights: bool = False  # CPU: float32 products instead of fbgemm's fp16-packed weights
     cuda_graphs: str = "graph"  # CUDA: graph | compile (Inductor-fused regions inside the graphs) | off
@@ -47,7 +47,7 @@ class EngineConfig:
         script: only those that differ from the engine's defaults, so that a backend that ignores
         them logs only what was asked for."""
         options: dict[str, Any] = {}
-        if self.speculative != "both":
+        if self.speculative is not None:
             options["speculative"] = self.speculative
         if self.medusa is not None:
             options["medusa"] = self.medusa

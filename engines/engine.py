@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from engines import compute
+from engines.options import SPECULATIVE
 from engines.scheduling import Admission, Request
 from engines.speculative.drafts import medusa_heads
 from engines.transcript import Transcript
@@ -57,15 +58,20 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-SPECULATIVE_MODES = ("off", "hypothesis", "lookup", "medusa", "both")
-
-
 def offline_speculative(device: str) -> str:
     """Draft sources of offline segments, which have no previous hypothesis to draft from: none on
     the CPU, where Medusa's heads and prompt lookup cost more per forward than their few accepted
     tokens save (dev set: 816 forwards in 11.7 s without drafts, 752 in 13.8 s with both, the same
     tokens; BENCHMARKS.md, issue 25); both on a GPU, where a forward's extra nodes are nearly free."""
     return "off" if resolve_device(device).type == "cpu" else "both"
+
+
+def streaming_speculative(device: torch.device) -> str:
+    """Draft sources of streaming segments: the previous hypothesis and prompt lookup on the CPU,
+    where Medusa's heads cost more than they save there too (every proposal runs the heads and an
+    output projection, and they were right for 2.5% of their nodes on the dev set: four streams'
+    final p95 2.99 -> 1.68 s without them; BENCHMARKS.md, issue 25); all three on a GPU."""
+    return "hypothesis+lookup" if device.type == "cpu" else "both"
 
 
 class Engine(EngineWorker):
@@ -78,7 +84,7 @@ class Engine(EngineWorker):
         dtype: torch.dtype | None = None,
         script: str = "traditional",
         max_batch: int | None = None,
-        speculative: str = "both",
+        speculative: str | None = None,
         medusa: str | Path | None = None,
         cuda_graphs: bool | GraphOptions = True,
         window_bucket: float | None = None,
@@ -105,8 +111,9 @@ class Engine(EngineWorker):
 
         # on the CPU on the compute thread, like all of the engine's torch work (engines/compute.py)
         compute.run(load) if self.device.type == "cpu" else load()
-        if speculative not in SPECULATIVE_MODES:
-            raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE_MODES)}, got {speculative!r}")
+        speculative = speculative or streaming_speculative(self.device)
+        if speculative not in SPECULATIVE:
+            raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE)}, got {speculative!r}")
         self.speculative = speculative
         self.script = script
         # load tests on random weights (engines/synthetic.py): each request decodes this many tokens per
@@ -215,8 +222,8 @@ class Engine(EngineWorker):
         same stream superseded this one. `words`: a final's transcript carries word timings
         (partials never do: they stay cheap)."""
         speculative = speculative or self.speculative
-        if speculative not in SPECULATIVE_MODES:
-            raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE_MODES)}, got {speculative!r}")
+        if speculative not in SPECULATIVE:
+            raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE)}, got {speculative!r}")
         if self.tokens_per_second is not None:
             length = max(1, math.ceil(self.tokens_per_second * len(audio) / SAMPLE_RATE))
             options = replace(options, max_new_tokens=length)

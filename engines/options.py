@@ -14,7 +14,7 @@ from pathlib import Path
 from engines.trtllm import BACKENDS
 
 DEVICE_HELP = "auto (CUDA when there is a GPU, else the CPU) | cpu | cuda | cuda:N"
-SPECULATIVE = ("off", "hypothesis", "lookup", "medusa", "both")
+SPECULATIVE = ("off", "hypothesis", "lookup", "medusa", "hypothesis+lookup", "both")
 LANGUAGES = ("zh", "en", "auto")
 """What --language takes in every command and the native protocol's start message: auto detects."""
 

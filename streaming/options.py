@@ -208,8 +208,9 @@ def _add_stream_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--speculative",
         choices=SPECULATIVE,
-        default="both",
-        help="draft sources for exact speculative decoding; medusa needs heads (default %(default)s)",
+        default=None,
+        help="draft sources for exact speculative decoding; medusa needs heads (default: hypothesis+lookup on "
+        "the CPU, where Medusa's heads cost more than they save; both, i.e. all three, on a GPU)",
     )
     parser.add_argument(
         "--prompt",

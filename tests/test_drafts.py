@@ -84,3 +84,27 @@ def test_medusa_drafter_stops_proposing_after_repeated_misses():
         generated.append(2)
     drafter.observe(logits)
     assert drafter.propose(generated, 4) is None
+
+
+def test_draft_modes_name_their_sources(decoder):  # noqa: F811
+    """`both` is every source; `hypothesis+lookup` (the CPU's streaming default) leaves Medusa out."""
+    from engines.speculative.drafts import drafters
+    from engines.speculative.lookup import LookupDrafter
+
+    heads = MedusaHeads(decoder.model.dims.n_text_state, 4)
+    tokenizer = decoder.tokenizer
+
+    def kinds(mode: str) -> list[type]:
+        return [type(d) for d in drafters([5, 6], mode, decoder.model, heads, tokenizer)]
+
+    assert kinds("both") == [HypothesisDrafter, LookupDrafter, MedusaDrafter]
+    assert kinds("hypothesis+lookup") == [HypothesisDrafter, LookupDrafter]
+    assert kinds("medusa") == [MedusaDrafter]
+    assert kinds("off") == []
+
+
+def test_the_cpu_engine_streams_without_medusa_drafts():
+    from engines.engine import streaming_speculative
+
+    assert streaming_speculative(torch.device("cpu")) == "hypothesis+lookup"
+    assert streaming_speculative(torch.device("cuda")) == "both"

@@ -128,15 +128,16 @@ def drafters(
     context: list[int] | None = None,
     draft_text: str = "",
 ) -> list[Drafter]:
-    """The draft sources of one request: the previous hypothesis first, then prompt lookup over
-    `context` (the prompt's text tokens), `draft_text` (a stream's earlier finals) and the
-    segment's own output, then Medusa."""
+    """The draft sources of one request (`speculative`: off, both, or sources joined by +): the
+    previous hypothesis first, then prompt lookup over `context` (the prompt's text tokens),
+    `draft_text` (a stream's earlier finals) and the segment's own output, then Medusa."""
     out: list[Drafter] = []
-    if speculative in ("hypothesis", "both") and previous:
+    sources = ("hypothesis", "lookup", "medusa") if speculative == "both" else speculative.split("+")
+    if "hypothesis" in sources and previous:
         out.append(HypothesisDrafter(previous))
-    if speculative in ("lookup", "both"):
+    if "lookup" in sources:
         earlier = tokenizer.encode(" " + draft_text.strip()) if draft_text.strip() else []
         out.append(LookupDrafter([*(context or []), *earlier]))
-    if speculative in ("medusa", "both") and heads is not None:
+    if "medusa" in sources and heads is not None:
         out.append(MedusaDrafter(model, heads))
     return out
