@@ -58,11 +58,10 @@ class SampledEncoder:
         position is dense), and the index that repeats each output over its block."""
         key = (dense, device, dtype)
         if key not in self._layouts:
-            n_ctx = self.encoder.positional_embedding.shape[0]
-            blocks = padding_blocks(dense, self.stride, n_ctx)
+            counts = self.counts(dense)
+            blocks = counts[dense:]
             middles = [dense + i * self.stride + (size - 1) // 2 for i, size in enumerate(blocks)]
             positions = self.encoder.positional_embedding[middles].to(dtype)
-            counts = [1] * dense + blocks
             bias = torch.tensor([math.log(c) for c in counts], dtype=dtype, device=device)[None, None, None, :]
             index = torch.arange(len(counts), device=device).repeat_interleave(torch.tensor(counts, device=device))
             self._layouts[key] = (positions, bias if blocks else None, index)
