@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 CUDA_MAX_BATCH, CPU_MAX_BATCH = 16, 8
 CUDA_WINDOW_BUCKET, CPU_WINDOW_BUCKET = 1.0, 1.0  # seconds
 CPU_PADDING_STRIDE = 4  # positions of a full window's padding that one sampled position stands for
+CPU_SAMPLED_LAYOUTS = 16  # dense counts whose sampled-window layouts the CPU keeps (engines/whisper/sampled.py)
 CPU_ENCODER_ROWS = 1  # windows per encoder call on the CPU (engines/worker.py)
 
 
@@ -130,7 +131,8 @@ class Engine(EngineWorker):
         # an encoder swapped in (TensorRT-LLM's) computes whole windows
         self.sampled_encoder = None
         if self.padding_stride > 1 and encoder is None:
-            self.sampled_encoder = SampledEncoder(self.model.encoder, self.padding_stride)
+            layouts = None if self.device.type == "cuda" else CPU_SAMPLED_LAYOUTS
+            self.sampled_encoder = SampledEncoder(self.model.encoder, self.padding_stride, layouts)
         # on a GPU one graph per count of dense positions: counted in window buckets
         self.dense_bucket = round(self.window_bucket * FRAMES_PER_SECOND / 2) if self.device.type == "cuda" else 1
         self.encoder_rows = None if self.device.type == "cuda" else CPU_ENCODER_ROWS
