@@ -42,7 +42,7 @@ from engines.whisper.decoding import (
     repetition_period,
     segment_prompt,
 )
-from engines.whisper.model import Whisper, grown
+from engines.whisper.model import Whisper, grow_layers
 from engines.whisper.tokenizer import Tokenizer
 
 if TYPE_CHECKING:  # engines.gpu loads Triton (~70 MiB resident): imported where a step is graphed
@@ -129,8 +129,10 @@ class Batch:
         self.cache = model.new_cache(pooled, dims.n_text_ctx if graphs else 0)
         head_dim = dims.n_text_state // dims.n_text_head
         shape = (dims.n_text_layer, pooled, dims.n_text_head, dims.n_audio_ctx if graphs else 0, head_dim)
-        self.cross_k = torch.zeros(shape, dtype=model.dtype, device=model.device)
-        self.cross_v = torch.zeros(shape, dtype=model.dtype, device=model.device)
+        self.cross_k: Tensor | list[Tensor] = torch.zeros(shape, dtype=model.dtype, device=model.device)
+        self.cross_v: Tensor | list[Tensor] = torch.zeros(shape, dtype=model.dtype, device=model.device)
+        if not graphs:
+            self._release()
         self.active: list[Sequence] = []
         self._filters: dict[DecodingOptions, LogitFilter] = {}
         self.runner: StepRunner | None = None
@@ -182,8 +184,8 @@ class Batch:
             self.runner.store_cross(features, first)
         else:
             for layer, (k, v) in enumerate(self.model.decoder.cross_kv(features)):
-                self.cross_k[layer, rows, :, :frames] = k
-                self.cross_v[layer, rows, :, :frames] = v
+                self.cross_k[layer][rows, :, :frames] = k
+                self.cross_v[layer][rows, :, :frames] = v
         for i, seq in enumerate(sequences):
             seq.row = first + i
             seq.cap = min(seq.options.max_new_tokens, self.model.dims.n_text_ctx - len(seq.prompt))
@@ -248,7 +250,7 @@ class Batch:
         self._reserve(hi, 0, n_slots)
         frames = max(s.frames for s in seqs)
         cross = [
-            (self.cross_k[layer, lo:hi, :, :frames], self.cross_v[layer, lo:hi, :, :frames])
+            (self.cross_k[layer][lo:hi, :, :frames], self.cross_v[layer][lo:hi, :, :frames])
             for layer in range(model.dims.n_text_layer)
         ]
         cross_mask: Tensor | None = None
@@ -423,24 +425,30 @@ class Batch:
         if last is not seq:
             i = self.active.index(seq)
             self.active[i] = last
-            for pool in (self.cache.k, self.cache.v, self.cross_k, self.cross_v):
-                pool[:, seq.row] = pool[:, last.row]
+            for layer in (*self.cache.k, *self.cache.v, *self.cross_k, *self.cross_v):
+                layer[seq.row] = layer[last.row]
             last.row = seq.row
         seq.row = -1
         if not self.active and self.runner is None:  # the eager pools go until the next admission
-            self.cache.k = self.cache.v = self.cross_k = self.cross_v = self.cross_k[:, :0, :, :0]
+            self._release()
+
+    def _release(self) -> None:
+        """Empties the eager path's pools: a list of each layer's, so that they grow a layer at a time."""
+        empty = self.cross_k[0][:0, :, :0]
+        layers = self.model.dims.n_text_layer
+        self.cache.k, self.cache.v, self.cross_k, self.cross_v = ([empty] * layers for _ in range(4))
 
     def _reserve(self, rows: int, frames: int, slots: int) -> None:
         """Grows the eager path's pools to hold `rows` rows, `frames` cross-attention frames and
         `slots` cache slots (with zeros: masked keys must still be finite numbers)."""
         if self.runner is None:
             dims = self.model.dims
-            self.cross_k, self.cross_v = (
-                grown(p, rows, frames, 128, dims.n_audio_ctx) for p in (self.cross_k, self.cross_v)
-            )
-            self.cache.k, self.cache.v = (
-                grown(p, rows, slots, 32, dims.n_text_ctx) for p in (self.cache.k, self.cache.v)
-            )
+            for pools in (self.cross_k, self.cross_v):
+                assert isinstance(pools, list)
+                grow_layers(pools, rows, frames, 128, dims.n_audio_ctx)
+            for pools in (self.cache.k, self.cache.v):
+                assert isinstance(pools, list)
+                grow_layers(pools, rows, slots, 32, dims.n_text_ctx)
 
 
 def node_index(trees: list[Tree], width: int, device: torch.device, always: bool = False) -> Tensor | None:

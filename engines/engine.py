@@ -43,10 +43,13 @@ log = logging.getLogger(__name__)
 
 # through the server's sockets on an H100 (BENCHMARKS.md, issue 20) 16 rows and 1 s buckets gave a p95
 # at or below that of 128 rows and 5 s buckets at every count measured (300 streams: 0.66 against 0.68 s
-# in one run, 0.40 against 0.47 s with finals on clip + 2 s windows), in a quarter of the GPU memory
-CUDA_MAX_BATCH, CPU_MAX_BATCH = 16, 16
+# in one run, 0.40 against 0.47 s with finals on clip + 2 s windows), in a quarter of the GPU memory.
+# On the CPU 8: the rows' cross-attention keys/values cost ~25 KB a frame each, and ten streams' finals
+# filled 15 rows of 1152 frames (~430 MiB); 8 rows leave room for four streams' finals beside 4 partials
+CUDA_MAX_BATCH, CPU_MAX_BATCH = 16, 8
 CUDA_WINDOW_BUCKET, CPU_WINDOW_BUCKET = 1.0, 1.0  # seconds
 CPU_PADDING_STRIDE = 4  # positions of a full window's padding that one sampled position stands for
+CPU_SAMPLED_LAYOUTS = 16  # dense counts whose sampled-window layouts the CPU keeps (engines/whisper/sampled.py)
 CPU_ENCODER_ROWS = 1  # windows per encoder call on the CPU (engines/worker.py)
 
 
@@ -128,7 +131,8 @@ class Engine(EngineWorker):
         # an encoder swapped in (TensorRT-LLM's) computes whole windows
         self.sampled_encoder = None
         if self.padding_stride > 1 and encoder is None:
-            self.sampled_encoder = SampledEncoder(self.model.encoder, self.padding_stride)
+            layouts = None if self.device.type == "cuda" else CPU_SAMPLED_LAYOUTS
+            self.sampled_encoder = SampledEncoder(self.model.encoder, self.padding_stride, layouts)
         # on a GPU one graph per count of dense positions: counted in window buckets
         self.dense_bucket = round(self.window_bucket * FRAMES_PER_SECOND / 2) if self.device.type == "cuda" else 1
         self.encoder_rows = None if self.device.type == "cuda" else CPU_ENCODER_ROWS

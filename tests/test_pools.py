@@ -11,19 +11,30 @@ from engines.batching import Batch, Sequence
 from engines.gpu.cuda_graphs import GraphOptions
 from engines.weights.checkpoints import default_suppress_ids, default_vocabulary
 from engines.whisper.decoding import DecodingOptions
-from engines.whisper.model import grown
+from engines.whisper.model import grow_layers, grown
 from engines.whisper.tokenizer import Tokenizer
 
 
 def test_a_pool_grows_only_where_it_must_and_keeps_its_contents():
-    pool = torch.arange(2 * 3 * 2 * 5 * 4, dtype=torch.float32).view(2, 3, 2, 5, 4)
+    pool = torch.arange(3 * 2 * 5 * 4, dtype=torch.float32).view(3, 2, 5, 4)
     assert grown(pool, 3, 5, 8, 100) is pool and grown(pool, 1, 2, 8, 100) is pool
     wider = grown(pool, 2, 6, 8, 100)
-    assert wider.shape == (2, 3, 2, 8, 4)  # width rounded up to the step, rows kept
-    assert torch.equal(wider[:, :, :, :5], pool) and not wider[:, :, :, 5:].any()
+    assert wider.shape == (3, 2, 8, 4)  # width rounded up to the step, rows kept
+    assert torch.equal(wider[:, :, :5], pool) and not wider[:, :, 5:].any()
     more = grown(pool, 5, 0, 8, 100)
-    assert more.shape == (2, 5, 2, 5, 4) and torch.equal(more[:, :3], pool) and not more[:, 3:].any()
-    assert grown(pool, 1, 90, 64, 100).shape[3] == 100  # never past the cap
+    assert more.shape == (5, 2, 5, 4) and torch.equal(more[:3], pool) and not more[3:].any()
+    assert grown(pool, 1, 90, 64, 100).shape[2] == 100  # never past the cap
+
+
+def test_layers_grow_in_place_one_by_one():
+    layers = [torch.full((1, 2, 3, 4), float(i)) for i in range(3)]
+    pools = list(layers)
+    grow_layers(pools, 2, 3, 8, 100)
+    assert [p.shape for p in pools] == [(2, 2, 8, 4)] * 3  # rows grown, the width rounded up to the step
+    assert all(torch.equal(p[:1, :, :3], old) and p.sum() == old.sum() for p, old in zip(pools, layers))
+    same = list(pools)
+    grow_layers(pools, 2, 3, 8, 100)
+    assert all(p is q for p, q in zip(pools, same))  # nothing to grow: the same tensors
 
 
 @torch.inference_mode()
@@ -31,20 +42,24 @@ def test_the_eager_batch_holds_what_its_sequences_need_and_releases_it():
     model = tiny_model().eval()
     tok = Tokenizer(default_vocabulary())
     batch = Batch(model, tok, default_suppress_ids(), rows=16)
-    pools = lambda: [tuple(p.shape) for p in (batch.cache.k, batch.cache.v, batch.cross_k, batch.cross_v)]  # noqa: E731
-    assert all(shape[1] == 0 for shape in pools())  # nothing before the first admission
+
+    def pools() -> list[tuple[int, ...]]:  # each pool a list of its layers' [rows, heads, width, head_dim]
+        return [tuple(p.shape) for pool in (batch.cache.k, batch.cache.v, batch.cross_k, batch.cross_v) for p in pool]
+
+    assert len(pools()) == 4 * model.dims.n_text_layer
+    assert all(shape[0] == 0 for shape in pools())  # nothing before the first admission
     torch.manual_seed(0)
     options = DecodingOptions(max_new_tokens=20)
     seqs = [Sequence(tok.prompt("zh"), "zh", options, [], frames=300) for _ in range(2)]
     batch.admit(model.encoder(torch.randn(2, 80, 600)), seqs)
-    k, _, cross_k, _ = pools()
-    assert k[1] == cross_k[1] == 2  # two rows of sixteen
-    assert cross_k[3] == 384 and k[3] == 32  # 300 frames in steps of 128; the prompt's slots in steps of 32
+    k, cross_k = batch.cache.k[0].shape, batch.cross_k[-1].shape
+    assert k[0] == cross_k[0] == 2  # two rows of sixteen
+    assert cross_k[2] == 384 and k[2] == 32  # 300 frames in steps of 128; the prompt's slots in steps of 32
     with torch.inference_mode(False):  # as the worker drops a superseded partial: outside inference mode
         batch.remove(seqs[0])
     while batch.active:
         batch.step()
-    assert all(shape[1] == 0 for shape in pools())  # released with the last sequence
+    assert all(shape[0] == 0 for shape in pools())  # released with the last sequence
     assert seqs[1].result(tok).tokens
 
 

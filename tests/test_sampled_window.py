@@ -148,3 +148,16 @@ def test_offline_commands_draft_nothing_on_the_cpu_unless_asked(tmp_path, given:
         assert engine.speculative == expected
     finally:
         engine.close()
+
+
+@torch.inference_mode()
+def test_a_bounded_encoder_keeps_the_latest_layouts_and_encodes_the_same():
+    """The CPU keeps a few dense counts' layouts (each clip length has its own count there): one
+    made again after it went gives the same features."""
+    encoder = tiny_model().encoder
+    bounded, unbounded = SampledEncoder(encoder, 4, layouts=2), SampledEncoder(encoder, 4)
+    mels = [sampled_mel(m, dense_positions(m.shape[-1])) for m in (clip_mel(_speech(s)) for s in (1.0, 1.5, 2.0, 1.0))]
+    for mel in mels:
+        assert torch.equal(bounded(mel[None]), unbounded(mel[None]))
+    assert [dense for dense, _, _ in bounded._layouts] == [m.shape[-1] // 2 for m in mels[2:]]  # the last two
+    assert len(unbounded._layouts) == 3

@@ -142,6 +142,7 @@ class StepRunner:
         self, model: Whisper, cache: KVCache, cross_k: Tensor, cross_v: Tensor, options: GraphOptions = GraphOptions()
     ):
         self.model, self.cache, self.cross_k, self.cross_v = model, cache, cross_k, cross_v
+        assert isinstance(cache.k, Tensor), "a graphed step's cache is one static tensor, not grown layers"
         self.device = cache.k.device
         mode = options.mode
         if mode != "eager" and self.device.type != "cuda":

@@ -278,7 +278,8 @@ class TextDecoder(nn.Module):
 
 
 class KVCache:
-    """Preallocated self-attention keys/values: [layers, rows, heads, n_ctx, head_dim].
+    """Preallocated self-attention keys/values: [layers, rows, heads, n_ctx, head_dim] (a list of
+    each layer's [rows, heads, n_ctx, head_dim] where the running batch grows them, engines/batching.py).
 
     Rows are sequences (segments or beams). Nothing is ever appended: a step scatters its keys and
     values at its positions, so rolling back a rejected draft is free (the mask hides it until
@@ -290,33 +291,42 @@ class KVCache:
         """`slots`: positions per row (None: the decoder's context; fewer where the pools grow, engines/batching.py)."""
         slots = dims.n_text_ctx if slots is None else slots
         shape = (dims.n_text_layer, rows, dims.n_text_head, slots, dims.n_text_state // dims.n_text_head)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k: Tensor | list[Tensor] = torch.zeros(shape, dtype=dtype, device=device)
+        self.v: Tensor | list[Tensor] = torch.zeros(shape, dtype=dtype, device=device)
         self.dtype = dtype
 
     def move(self, row: int, source_slots: list[int], target_slots: list[int]) -> None:
         """Copies keys/values between slots of one row (an accepted tree path to its positions)."""
-        src, dst = torch.tensor(source_slots, device=self.k.device), torch.tensor(target_slots, device=self.k.device)
-        self.k[:, row, :, dst] = self.k[:, row, :, src]
-        self.v[:, row, :, dst] = self.v[:, row, :, src]
+        device = self.k[0].device
+        src, dst = torch.tensor(source_slots, device=device), torch.tensor(target_slots, device=device)
+        for layer in (*self.k, *self.v):
+            layer[row, :, dst] = layer[row, :, src]
 
     def reorder(self, source_rows: Tensor) -> None:
         """Beam search: row i takes the contents of row source_rows[i]."""
-        self.k[:, : len(source_rows)] = self.k[:, source_rows]
-        self.v[:, : len(source_rows)] = self.v[:, source_rows]
+        for layer in (*self.k, *self.v):
+            layer[: len(source_rows)] = layer[source_rows]
 
 
 def grown(pool: Tensor, rows: int, width: int, step: int, cap: int) -> Tensor:
-    """`pool` [layers, rows, heads, width, head_dim] with at least `rows` rows and `width` positions:
-    itself where it holds them, else a copy in a larger pool (its width rounded up to `step`,
-    at most `cap`; zeros beyond the copy)."""
-    layers, have_rows, heads, have_width, head_dim = pool.shape
+    """One layer's `pool` [rows, heads, width, head_dim] with at least `rows` rows and `width`
+    positions: itself where it holds them, else a copy in a larger pool (its width rounded up to
+    `step`, at most `cap`; zeros beyond the copy)."""
+    have_rows, heads, have_width, head_dim = pool.shape
     if rows <= have_rows and width <= have_width:
         return pool
     width = max(have_width, min(cap, -(-width // step) * step))
-    out = pool.new_zeros(layers, max(rows, have_rows), heads, width, head_dim)
-    out[:, :have_rows, :, :have_width] = pool
+    out = pool.new_zeros(max(rows, have_rows), heads, width, head_dim)
+    out[:have_rows, :, :have_width] = pool
     return out
+
+
+def grow_layers(pools: list[Tensor], rows: int, width: int, step: int, cap: int) -> None:
+    """`grown` for every layer of `pools`, in place and one layer at a time: each old layer goes
+    before the next is copied, so a growth holds one layer twice rather than the whole pool (ten
+    streams' pools reach ~450 MiB on the CPU; BENCHMARKS.md, issue 25)."""
+    for layer in range(len(pools)):
+        pools[layer] = grown(pools[layer], rows, width, step, cap)
 
 
 def causal_mask(positions: Tensor, n_ctx: int) -> Tensor:

@@ -16,6 +16,7 @@ away from the clip is one vector.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,10 +49,17 @@ class SampledEncoder:
     sampled every `stride` positions. Its layout per dense count is made once, so that a call
     reads no host data and can be recorded in a CUDA graph (engines/gpu/encoder_graphs.py)."""
 
-    def __init__(self, encoder: AudioEncoder, stride: int):
+    def __init__(self, encoder: AudioEncoder, stride: int, layouts: int | None = None):
+        """`layouts`: how many dense counts' layouts to keep, the most recently used (None: every one,
+        as a CUDA graph recorded for a count reads its layout's tensors). Unbucketed, as on the CPU,
+        every clip length has a count of its own and a layout of up to 0.7 MiB: ten streams kept
+        hundreds of them (BENCHMARKS.md, issue 25)."""
         self.encoder = encoder
         self.stride = stride
-        self._layouts: dict[tuple[int, torch.device, torch.dtype], tuple[Tensor, Tensor | None, Tensor]] = {}
+        self.keep = layouts
+        self._layouts: OrderedDict[tuple[int, torch.device, torch.dtype], tuple[Tensor, Tensor | None, Tensor]] = (
+            OrderedDict()
+        )
 
     def _layout(self, dense: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor]:
         """Positional embeddings of the sampled positions, the log-count bias (None where every
@@ -65,6 +73,9 @@ class SampledEncoder:
             bias = torch.tensor([math.log(c) for c in counts], dtype=dtype, device=device)[None, None, None, :]
             index = torch.arange(len(counts), device=device).repeat_interleave(torch.tensor(counts, device=device))
             self._layouts[key] = (positions, bias if blocks else None, index)
+            if self.keep is not None and len(self._layouts) > self.keep:
+                self._layouts.popitem(last=False)
+        self._layouts.move_to_end(key)
         return self._layouts[key]
 
     def compact(self, mel: Tensor) -> Tensor:
