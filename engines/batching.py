@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engines.draft_tree import Tree
+from engines.draft_tree import Tree, node_index
 from engines.gpu.step_inputs import step_inputs, tree_visibility
 from engines.whisper.decoding import (
     DecodingOptions,
@@ -449,15 +449,6 @@ class Batch:
             for pools in (self.cache.k, self.cache.v):
                 assert isinstance(pools, list)
                 grow_layers(pools, rows, slots, 32, dims.n_text_ctx)
-
-
-def node_index(trees: list[Tree], width: int, device: torch.device, always: bool = False) -> Tensor | None:
-    """Indices of the trees' own nodes among B * `width` padded ones, row by row; None where every
-    tree is `width` wide (unless `always`)."""
-    sizes = [len(t.tokens) for t in trees]
-    if not always and min(sizes) == width:
-        return None
-    return torch.tensor([row * width + n for row, size in enumerate(sizes) for n in range(size)], device=device)
 
 
 def _draft(drafters: list[Drafter], generated: list[int], limit: int) -> Draft | None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+from torch import Tensor
+
 from engines.whisper.decoding import Draft
 
 
@@ -45,3 +48,12 @@ class Tree:
             out.append(self.tokens[node])
             node = self.parents[node]
         return out[::-1]
+
+
+def node_index(trees: list[Tree], width: int, device: torch.device, always: bool = False) -> Tensor | None:
+    """Indices of the trees' own nodes among B * `width` padded ones, row by row; None where every
+    tree is `width` wide (unless `always`)."""
+    sizes = [len(t.tokens) for t in trees]
+    if not always and min(sizes) == width:
+        return None
+    return torch.tensor([row * width + n for row, size in enumerate(sizes) for n in range(size)], device=device)
