@@ -341,37 +341,31 @@ class Batch:
         for s in seqs:
             s.forwards += 1
         fresh = [i for i, s in enumerate(seqs) if s in self._pending]
-        if not fresh:
-            nodes = node_index(trees, width, logits.device, always=True)
-            self._choose(seqs, logits.flatten(0, 1)[nodes], hidden.flatten(0, 1)[nodes], trees)
-        else:
-            rest = [i for i in range(len(seqs)) if seqs[i] not in self._pending]
-            if rest:
-                index = torch.tensor(rest, device=logits.device)
-                nodes = node_index([trees[i] for i in rest], width, logits.device, always=True)
-                self._choose(
-                    [seqs[i] for i in rest],
-                    logits[index].flatten(0, 1)[nodes],
-                    hidden[index].flatten(0, 1)[nodes],
-                    [trees[i] for i in rest],
-                )
-            no_speech = self.tokenizer.no_speech
-            for length in sorted({len(seqs[i].prompt) - seqs[i].prefix for i in fresh}):
-                group = [i for i in fresh if len(seqs[i].prompt) - seqs[i].prefix == length]
-                index = torch.tensor(group, device=logits.device)
-                last = logits[index, length - 1]
-                if no_speech is not None:
-                    probs = logits[index, 0].softmax(-1)[:, no_speech].tolist()
-                    for i, p in zip(group, probs):
-                        seqs[i].no_speech_prob = p
-                self._choose(
-                    [seqs[i] for i in group],
-                    last,
-                    hidden[index, length - 1],
-                    [Tree.build(seqs[i].prompt[-1], None) for i in group],
-                )
-            for i in fresh:
-                del self._pending[seqs[i]]
+        rest = [i for i, s in enumerate(seqs) if s not in self._pending]
+        if rest:
+            nodes = node_index([trees[i] for i in rest], width, logits.device, rows=rest)
+            self._choose(
+                [seqs[i] for i in rest],
+                logits.flatten(0, 1)[nodes],
+                hidden.flatten(0, 1)[nodes],
+                [trees[i] for i in rest],
+            )
+        no_speech = self.tokenizer.no_speech
+        for length in sorted({len(seqs[i].prompt) - seqs[i].prefix for i in fresh}):
+            group = [i for i in fresh if len(seqs[i].prompt) - seqs[i].prefix == length]
+            index = torch.tensor(group, device=logits.device)
+            if no_speech is not None:
+                probs = logits[index, 0].softmax(-1)[:, no_speech].tolist()
+                for i, p in zip(group, probs):
+                    seqs[i].no_speech_prob = p
+            self._choose(
+                [seqs[i] for i in group],
+                logits[index, length - 1],
+                hidden[index, length - 1],
+                [Tree.build(seqs[i].prompt[-1], None) for i in group],
+            )
+        for i in fresh:
+            del self._pending[seqs[i]]
         finished = [s for s in seqs if s.done]
         for s in finished:
             self.remove(s)

@@ -50,10 +50,11 @@ class Tree:
         return out[::-1]
 
 
-def node_index(trees: list[Tree], width: int, device: torch.device, always: bool = False) -> Tensor | None:
-    """Indices of the trees' own nodes among B * `width` padded ones, row by row; None where every
-    tree is `width` wide (unless `always`)."""
+def node_index(trees: list[Tree], width: int, device: torch.device, rows: list[int] | None = None) -> Tensor | None:
+    """Indices of the trees' own nodes among the batch's rows of `width` padded nodes, tree by tree
+    (`rows`: each tree's row, else 0, 1, ...); without `rows`, None where every tree is `width` wide."""
     sizes = [len(t.tokens) for t in trees]
-    if not always and min(sizes) == width:
+    if rows is None and min(sizes) == width:
         return None
-    return torch.tensor([row * width + n for row, size in enumerate(sizes) for n in range(size)], device=device)
+    rows = rows if rows is not None else list(range(len(trees)))
+    return torch.tensor([row * width + n for row, size in zip(rows, sizes) for n in range(size)], device=device)
