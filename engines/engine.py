@@ -22,7 +22,7 @@ import torch
 from engines import compute
 from engines.options import SPECULATIVE
 from engines.scheduling import Admission, Request
-from engines.speculative.drafts import medusa_heads
+from engines.speculative.drafts import draft_sources, heads_file
 from engines.transcript import Transcript
 from engines.weights.checkpoints import Checkpoint, load_checkpoint
 from engines.weights.fp16 import available as fp16_available
@@ -44,9 +44,11 @@ log = logging.getLogger(__name__)
 # through the server's sockets on an H100 (BENCHMARKS.md, issue 20) 16 rows and 1 s buckets gave a p95
 # at or below that of 128 rows and 5 s buckets at every count measured (300 streams: 0.66 against 0.68 s
 # in one run, 0.40 against 0.47 s with finals on clip + 2 s windows), in a quarter of the GPU memory.
-# On the CPU 8: the rows' cross-attention keys/values cost ~25 KB a frame each, and ten streams' finals
-# filled 15 rows of 1152 frames (~430 MiB); 8 rows leave room for four streams' finals beside 4 partials
-CUDA_MAX_BATCH, CPU_MAX_BATCH = 16, 8
+# On the CPU 4: the rows' cross-attention keys/values cost ~25 KB a frame each (ten streams' finals filled
+# 15 rows of 1152 frames, ~430 MiB, with 16), a step's cost grows with its nodes (8 rows of drafts cost
+# twice 4), and four streams' finals fit (each takes its own stream's partial's row): four staggered
+# streams' final p95 1.82 s with 8 rows, 1.91 s with 4; ten streams' peak 861 -> 721-750 MiB
+CUDA_MAX_BATCH, CPU_MAX_BATCH = 16, 4
 CUDA_WINDOW_BUCKET, CPU_WINDOW_BUCKET = 1.0, 1.0  # seconds
 CPU_PADDING_STRIDE = 4  # positions of a full window's padding that one sampled position stands for
 CPU_SAMPLED_LAYOUTS = 16  # dense counts whose sampled-window layouts the CPU keeps (engines/whisper/sampled.py)
@@ -106,18 +108,21 @@ class Engine(EngineWorker):
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.name = checkpoint.name
 
+        speculative = speculative or streaming_speculative(self.device)
+        if speculative not in SPECULATIVE:
+            raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE)}, got {speculative!r}")
+        self.speculative = speculative
+        self.heads_file = heads_file(checkpoint, medusa)
+
         def load() -> None:
             self._load_model(checkpoint, fp16_weights, encoder)
-            self.heads = medusa_heads(checkpoint, medusa, self.device, self.dtype)
+            if medusa is not None or "medusa" in draft_sources(speculative):
+                _ = self.heads  # now: a named file fails at the start, and the default drafts use them
             if self.device.type == "cpu":
                 compute.release_free_memory()
 
         # on the CPU on the compute thread, like all of the engine's torch work (engines/compute.py)
         compute.run(load) if self.device.type == "cpu" else load()
-        speculative = speculative or streaming_speculative(self.device)
-        if speculative not in SPECULATIVE:
-            raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE)}, got {speculative!r}")
-        self.speculative = speculative
         self.script = script
         # load tests on random weights (engines/synthetic.py): each request decodes this many tokens per
         # second of its audio, as a real model of the shape would, instead of stopping at <|endoftext|>

@@ -20,7 +20,8 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
+from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import torch
@@ -29,10 +30,10 @@ from engines import compute
 from engines.batching import Batch, Decoder, Sequence
 from engines.gpu.streams import own_stream, sync
 from engines.scheduling import Admission, Request, fail, newest, resolve, superseded, window_frames, without_stale
-from engines.speculative.drafts import drafters
-from engines.speculative.medusa import MedusaHeads
+from engines.speculative.drafts import draft_sources, drafters
+from engines.speculative.medusa import MedusaHeads, load_heads
 from engines.transcript import Transcript, shape_text, shape_words
-from engines.whisper.alignment import Word, word_timings
+from engines.whisper.alignment import word_timings
 from engines.whisper.audio import N_FRAMES, N_SAMPLES, clip_mel, pad_mel
 from engines.whisper.decoding import DecodingResult, detect_language, segment_prompt
 from engines.whisper.model import Whisper
@@ -74,7 +75,7 @@ class EngineWorker:
     encoder: Callable[[torch.Tensor], torch.Tensor]  # mel -> features
     suppress_tokens: list[int]
     alignment_heads: list[tuple[int, int]]
-    heads: MedusaHeads | None
+    heads_file: Path | None  # Medusa heads (engines/speculative/drafts.py), loaded by `heads`
     script: str
     window_bucket: float
     padding_stride: int  # full windows: the padding sampled every this many positions (1: all of it)
@@ -87,6 +88,13 @@ class EngineWorker:
     graphs: GraphOptions | None
     node_budget: int | None
     batch: Batch
+
+    @cached_property
+    def heads(self) -> MedusaHeads | None:
+        """Medusa heads, loaded where the engine's drafts use them or a request first asks for them
+        (the CPU's default drafts do not: 16 MiB of the server's memory; BENCHMARKS.md, issue 25)."""
+        path = self.heads_file
+        return None if path is None else load_heads(path, self.model.dims).to(self.device, self.dtype).eval()
 
     def _start_worker(self, overlap_encoder: bool | None, prioritize_steps: bool, stall_timeout: float) -> None:
         """The queue, the worker thread and, where it overlaps, the encoder thread."""
@@ -399,7 +407,7 @@ class EngineWorker:
                 r.previous,
                 r.speculative,
                 self.model,
-                self.heads,
+                self.heads if "medusa" in draft_sources(r.speculative) else None,  # loaded when first asked for
                 self.tokenizer,
                 prompt[1:prefix],
                 r.options.draft_text,
@@ -469,26 +477,16 @@ class EngineWorker:
         )
         features, request.features = request.features, None
         if request.words and features is not None and transcript.has_speech:
-            t0 = time.perf_counter()
-            transcript.words = self._word_timings(request, res, features)
+            t0 = (
+                time.perf_counter()
+            )  # timed words: one more decoder pass over the tokens (engines/whisper/alignment.py)
+            sot = self.tokenizer.prompt(res.language, request.options.task, timestamps=True)
+            args = (self.alignment_heads, features, sot, res.tokens, res.language, request.audio[:N_SAMPLES])
+            transcript.words = word_timings(self.model, self.tokenizer, *args)
             shape_words(transcript.words, res.language, self.script)
             sync(self.device)
             transcript.alignment_seconds = time.perf_counter() - t0
         return transcript
-
-    def _word_timings(self, request: Request, res: DecodingResult, features: torch.Tensor) -> list[Word]:
-        """Timed words of a decoded final (one more decoder pass over its tokens, engines/whisper/alignment.py)."""
-        sot_sequence = self.tokenizer.prompt(res.language, request.options.task, timestamps=True)
-        return word_timings(
-            self.model,
-            self.tokenizer,
-            self.alignment_heads,
-            features,
-            sot_sequence,
-            res.tokens,
-            res.language,
-            request.audio[:N_SAMPLES],
-        )
 
 
 def _request(sequence: Sequence) -> Request:

@@ -235,7 +235,7 @@ def _add_process_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="ROWS",
-        help="rows of the engine's running batch: segments decoded at once (default 16 on a GPU, 8 on the CPU)",
+        help="rows of the engine's running batch: segments decoded at once (default 16 on a GPU, 4 on the CPU)",
     )
     parser.add_argument(
         "--window-bucket",

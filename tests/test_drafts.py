@@ -108,3 +108,22 @@ def test_the_cpu_engine_streams_without_medusa_drafts():
 
     assert streaming_speculative(torch.device("cpu")) == "hypothesis+lookup"
     assert streaming_speculative(torch.device("cuda")) == "both"
+
+
+def test_medusa_heads_are_read_when_a_request_first_asks_for_them():
+    """The CPU's default drafts leave Medusa out, so its heads stay on disk (16 MiB of the server)
+    until a request's drafts name them."""
+    import numpy as np
+
+    from engines.engine import Engine
+
+    engine = Engine.load("default", device="cpu")
+    try:
+        assert engine.heads_file is not None and "heads" not in vars(engine)
+        speech_like = np.random.default_rng(0).normal(0, 0.1, 16000).astype(np.float32)
+        engine.transcribe(speech_like, DecodingOptions(language="zh"))  # hypothesis+lookup
+        assert "heads" not in vars(engine)
+        engine.transcribe(speech_like, DecodingOptions(language="zh"), speculative="both")
+        assert isinstance(vars(engine)["heads"], MedusaHeads)
+    finally:
+        engine.close()

@@ -71,3 +71,24 @@ def test_a_graphed_batch_allocates_its_pools_once_in_full():
     dims = model.dims
     assert batch.cross_k.shape[1] == 4 and batch.cross_k.shape[3] == dims.n_audio_ctx
     assert batch.cache.k.shape[3] == dims.n_text_ctx
+
+
+def _resident_mib() -> float:
+    status = open("/proc/self/status").read()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) / 1024
+
+
+def test_outgrown_pool_layers_go_back_to_the_system():
+    """A pool's layers sit in pages of their own: glibc's heap would keep a freed layer resident
+    wherever a later allocation sits above it (ten streams' peak 822 -> 721-750 MiB, BENCHMARKS.md)."""
+    torch.empty(30 << 20, dtype=torch.uint8)  # freed at once: glibc's heap now takes blocks up to 30 MiB
+    pools, pinned = [], []
+    for _ in range(16):
+        layer = [torch.zeros(0, 8, 0, 128)]
+        grow_layers(layer, 1, 1024, 128, 1024)  # a 4 MiB layer
+        pools.append(layer[0].fill_(1.0))
+        pinned.append(torch.ones(256))  # small blocks after each layer, as a heap would hold them
+    assert all(p.shape == (1, 8, 1024, 128) and p.sum() == 8 * 1024 * 128 for p in pools)
+    before = _resident_mib()
+    del pools
+    assert before - _resident_mib() >= 48  # of 64 MiB

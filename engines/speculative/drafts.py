@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from engines.speculative.lookup import LookupDrafter
-from engines.speculative.medusa import SHIPPED_HEADS, MedusaHeads, load_heads
+from engines.speculative.medusa import SHIPPED_HEADS, MedusaHeads
 from engines.weights.checkpoints import Checkpoint
 from engines.whisper.decoding import Draft, Drafter
 from engines.whisper.model import Whisper
@@ -108,15 +108,20 @@ class MedusaDrafter:
         return Draft(tokens, parents, self.source)
 
 
-def medusa_heads(
-    checkpoint: Checkpoint, medusa: str | Path | None, device: torch.device, dtype: torch.dtype
-) -> MedusaHeads | None:
-    """Medusa heads from `medusa`, else the shipped ones when they fit this model, else none."""
-    if medusa is None:
-        if not SHIPPED_HEADS.exists() or checkpoint.dims.n_text_state != 512 or "whisper-base" not in checkpoint.name:
-            return None
-        medusa = SHIPPED_HEADS
-    return load_heads(medusa, checkpoint.dims).to(device, dtype).eval()
+def heads_file(checkpoint: Checkpoint, medusa: str | Path | None) -> Path | None:
+    """The Medusa heads of a model: `medusa`, else the shipped ones when they fit it, else none."""
+    if medusa is not None:
+        return Path(medusa)
+    if not SHIPPED_HEADS.exists() or checkpoint.dims.n_text_state != 512 or "whisper-base" not in checkpoint.name:
+        return None
+    return SHIPPED_HEADS
+
+
+def draft_sources(speculative: str) -> tuple[str, ...]:
+    """The draft sources a `speculative` mode names: off, both (all three), or sources joined by +."""
+    if speculative == "off":
+        return ()
+    return ("hypothesis", "lookup", "medusa") if speculative == "both" else tuple(speculative.split("+"))
 
 
 def drafters(
@@ -132,7 +137,7 @@ def drafters(
     previous hypothesis first, then prompt lookup over `context` (the prompt's text tokens),
     `draft_text` (a stream's earlier finals) and the segment's own output, then Medusa."""
     out: list[Drafter] = []
-    sources = ("hypothesis", "lookup", "medusa") if speculative == "both" else speculative.split("+")
+    sources = draft_sources(speculative)
     if "hypothesis" in sources and previous:
         out.append(HypothesisDrafter(previous))
     if "lookup" in sources:

@@ -11,6 +11,8 @@ overwritten later) and batching of sequences at different lengths.
 
 from __future__ import annotations
 
+import math
+import mmap
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
@@ -316,9 +318,22 @@ def grown(pool: Tensor, rows: int, width: int, step: int, cap: int) -> Tensor:
     if rows <= have_rows and width <= have_width:
         return pool
     width = max(have_width, min(cap, -(-width // step) * step))
-    out = pool.new_zeros(max(rows, have_rows), heads, width, head_dim)
+    out = _zeros(pool, (max(rows, have_rows), heads, width, head_dim))
     out[:have_rows, :, :have_width] = pool
     return out
+
+
+def _zeros(like: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Zeros like `like` in `shape`; on the CPU in pages of their own (an anonymous memory map),
+    which go back to the system when the tensor goes: from glibc's heap, a pool outgrown or
+    released left a hole that the next activations filled, and the process kept growing."""
+    if like.device.type != "cpu":
+        return like.new_zeros(shape)
+    count = math.prod(shape)
+    if count == 0:
+        return like.new_zeros(shape)
+    pages = mmap.mmap(-1, count * like.element_size())
+    return torch.frombuffer(pages, dtype=like.dtype, count=count).view(shape)
 
 
 def grow_layers(pools: list[Tensor], rows: int, width: int, step: int, cap: int) -> None:
