@@ -79,6 +79,13 @@ def streaming_speculative(device: torch.device) -> str:
     return "hypothesis+lookup" if device.type == "cpu" else "both"
 
 
+def _known(speculative: str) -> str:
+    """`speculative` where it names a draft mode (engines/options.py), else a ValueError."""
+    if speculative not in SPECULATIVE:
+        raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE)}, got {speculative!r}")
+    return speculative
+
+
 class Engine(EngineWorker):
     """One model and the worker that serves it; thread-safe, shared by every session."""
 
@@ -108,10 +115,7 @@ class Engine(EngineWorker):
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.name = checkpoint.name
 
-        speculative = speculative or streaming_speculative(self.device)
-        if speculative not in SPECULATIVE:
-            raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE)}, got {speculative!r}")
-        self.speculative = speculative
+        self.speculative = speculative = _known(speculative or streaming_speculative(self.device))
         self.heads_file = heads_file(checkpoint, medusa)
 
         def load() -> None:
@@ -230,9 +234,7 @@ class Engine(EngineWorker):
         """Queues one segment; the future gets a Transcript, or None when a newer partial of the
         same stream superseded this one. `words`: a final's transcript carries word timings
         (partials never do: they stay cheap)."""
-        speculative = speculative or self.speculative
-        if speculative not in SPECULATIVE:
-            raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE)}, got {speculative!r}")
+        speculative = _known(speculative or self.speculative)
         if self.tokens_per_second is not None:
             length = max(1, math.ceil(self.tokens_per_second * len(audio) / SAMPLE_RATE))
             options = replace(options, max_new_tokens=length)

@@ -127,3 +127,15 @@ def test_medusa_heads_are_read_when_a_request_first_asks_for_them():
         assert isinstance(vars(engine)["heads"], MedusaHeads)
     finally:
         engine.close()
+
+
+def test_an_unknown_draft_mode_is_refused_where_it_is_named(tiny_checkpoint, tiny_engine):
+    import numpy as np
+    import pytest
+
+    from engines.engine import Engine
+
+    with pytest.raises(ValueError, match="speculative must be one of"):
+        Engine(tiny_checkpoint, device="cpu", speculative="medusa+guess")
+    with pytest.raises(ValueError, match="hypothesis\\+lookup"):  # the message lists the modes
+        tiny_engine.submit(np.zeros(1600, np.float32), DecodingOptions(language="zh"), speculative="guess")
