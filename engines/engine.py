@@ -115,12 +115,12 @@ class Engine(EngineWorker):
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.name = checkpoint.name
 
-        self.speculative = speculative = _known(speculative or streaming_speculative(self.device))
+        self.speculative = _known(speculative or streaming_speculative(self.device))
         self.heads_file = heads_file(checkpoint, medusa)
 
         def load() -> None:
             self._load_model(checkpoint, fp16_weights, encoder)
-            if medusa is not None or "medusa" in draft_sources(speculative):
+            if medusa is not None or "medusa" in draft_sources(self.speculative):
                 _ = self.heads  # now: a named file fails at the start, and the default drafts use them
             if self.device.type == "cpu":
                 compute.release_free_memory()

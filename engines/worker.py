@@ -477,9 +477,8 @@ class EngineWorker:
         )
         features, request.features = request.features, None
         if request.words and features is not None and transcript.has_speech:
-            t0 = (
-                time.perf_counter()
-            )  # timed words: one more decoder pass over the tokens (engines/whisper/alignment.py)
+            # timed words: one more decoder pass over the tokens (engines/whisper/alignment.py)
+            t0 = time.perf_counter()
             sot = self.tokenizer.prompt(res.language, request.options.task, timestamps=True)
             args = (self.alignment_heads, features, sot, res.tokens, res.language, request.audio[:N_SAMPLES])
             transcript.words = word_timings(self.model, self.tokenizer, *args)

@@ -327,10 +327,8 @@ def _zeros(like: Tensor, shape: tuple[int, ...]) -> Tensor:
     """Zeros like `like` in `shape`; on the CPU in pages of their own (an anonymous memory map),
     which go back to the system when the tensor goes: from glibc's heap, a pool outgrown or
     released left a hole that the next activations filled, and the process kept growing."""
-    if like.device.type != "cpu":
-        return like.new_zeros(shape)
     count = math.prod(shape)
-    if count == 0:
+    if like.device.type != "cpu" or count == 0:  # (a map cannot be empty)
         return like.new_zeros(shape)
     pages = mmap.mmap(-1, count * like.element_size())
     return torch.frombuffer(pages, dtype=like.dtype, count=count).view(shape)
