@@ -92,3 +92,17 @@ def test_outgrown_pool_layers_go_back_to_the_system():
     before = _resident_mib()
     del pools
     assert before - _resident_mib() >= 48  # of 64 MiB
+
+
+def test_pool_pages_stay_private_to_the_process():
+    """A forked child (a subprocess started by fork) writing to a pool must not change the parent's."""
+    import os
+
+    layer = [torch.zeros(0, 2, 0, 4)]
+    grow_layers(layer, 1, 8, 8, 8)
+    pid = os.fork()
+    if pid == 0:  # the child: a write through numpy (no torch threads after a fork), then out
+        layer[0].numpy()[:] = 5.0
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert not layer[0].any()

@@ -330,7 +330,7 @@ def _zeros(like: Tensor, shape: tuple[int, ...]) -> Tensor:
     count = math.prod(shape)
     if like.device.type != "cpu" or count == 0:  # (a map cannot be empty)
         return like.new_zeros(shape)
-    pages = mmap.mmap(-1, count * like.element_size())
+    pages = mmap.mmap(-1, count * like.element_size(), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # not shared
     return torch.frombuffer(pages, dtype=like.dtype, count=count).view(shape)
 
 
