@@ -337,13 +337,15 @@ class Batch:
             starts.append(len(s.prompt) + len(s.generated) - 1)
         width = runner.width(max(len(t.tokens) for t in trees))
         tokens, positions, slots, mask = step_inputs(trees, starts, width, n_ctx, self.tokenizer.eot)
+        fresh = [i for i, s in enumerate(seqs) if s in self._pending]
+        rest = [i for i, s in enumerate(seqs) if s not in self._pending]
+        # before the forward: a copy from the host's pageable memory waits for the stream's kernels, and
+        # after the replay it would hold back the launches of everything that follows it
+        nodes = node_index([trees[i] for i in rest], width, self.model.device, rows=rest) if rest else None
         logits, hidden = runner.forward(tokens, positions, slots, mask, [s.frames for s in seqs])
         for s in seqs:
             s.forwards += 1
-        fresh = [i for i, s in enumerate(seqs) if s in self._pending]
-        rest = [i for i, s in enumerate(seqs) if s not in self._pending]
-        if rest:
-            nodes = node_index([trees[i] for i in rest], width, logits.device, rows=rest)
+        if nodes is not None:
             self._choose(
                 [seqs[i] for i in rest],
                 logits.flatten(0, 1)[nodes],

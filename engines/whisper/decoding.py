@@ -134,8 +134,12 @@ class LogitFilter:
 
     def apply(self, logits: Tensor, prefixes: list[list[int]]) -> Tensor:
         """logits [N, V] for N positions whose generated prefixes are `prefixes`."""
-        first = torch.tensor([len(p) == 0 for p in prefixes], device=logits.device)
-        logits = logits + torch.where(first[:, None], self.first, self.always)
+        starting = [len(p) == 0 for p in prefixes]
+        if any(starting):
+            first = torch.tensor(starting, device=logits.device)
+            logits = logits + torch.where(first[:, None], self.first, self.always)
+        else:  # most steps: no [N, V] mask, and on a GPU no host copy, which would wait for the step's kernels
+            logits = logits + self.always
         if self.options.timestamps:
             for row, prefix in enumerate(prefixes):
                 self._timestamp_rules(logits[row], prefix)
