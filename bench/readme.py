@@ -36,6 +36,8 @@ from pathlib import Path
 
 from streaming.options import CLIPS_HELP
 
+from .cli_server import rss_bytes
+
 
 def add_readme_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("clips", metavar="MANIFEST_OR_FOLDER", help=CLIPS_HELP)
@@ -172,8 +174,7 @@ class ServerProcess:
         raise RuntimeError("the server did not become ready:\n" + "".join(self.log))
 
     def rss_mib(self) -> float:
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        return int(re.search(r"^VmRSS:\s*(\d+) kB", status, re.M).group(1)) / 1024
+        return rss_bytes(self.proc.pid) / 2**20
 
     def stop(self) -> None:
         self.proc.terminate()

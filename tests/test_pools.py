@@ -4,8 +4,11 @@ are static (tests/test_cuda_graphs.py checks both give the same tokens)."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
+from bench.cli_server import rss_bytes
 from bench.tiny import tiny_model
 from engines.batching import Batch, Sequence
 from engines.gpu.cuda_graphs import GraphOptions
@@ -73,11 +76,6 @@ def test_a_graphed_batch_allocates_its_pools_once_in_full():
     assert batch.cache.k.shape[3] == dims.n_text_ctx
 
 
-def _resident_mib() -> float:
-    status = open("/proc/self/status").read()
-    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) / 1024
-
-
 def test_outgrown_pool_layers_go_back_to_the_system():
     """A pool's layers sit in pages of their own: glibc's heap would keep a freed layer resident
     wherever a later allocation sits above it (ten streams' peak 822 -> 721-750 MiB, BENCHMARKS.md)."""
@@ -89,15 +87,13 @@ def test_outgrown_pool_layers_go_back_to_the_system():
         pools.append(layer[0].fill_(1.0))
         pinned.append(torch.ones(256))  # small blocks after each layer, as a heap would hold them
     assert all(p.shape == (1, 8, 1024, 128) and p.sum() == 8 * 1024 * 128 for p in pools)
-    before = _resident_mib()
+    before = rss_bytes(os.getpid())
     del pools
-    assert before - _resident_mib() >= 48  # of 64 MiB
+    assert before - rss_bytes(os.getpid()) >= 48 << 20  # of 64 MiB
 
 
 def test_pool_pages_stay_private_to_the_process():
     """A forked child (a subprocess started by fork) writing to a pool must not change the parent's."""
-    import os
-
     layer = [torch.zeros(0, 2, 0, 4)]
     grow_layers(layer, 1, 8, 8, 8)
     pid = os.fork()
